@@ -1,0 +1,74 @@
+"""Backend choice for the local attention ops.
+
+A backend is a module with ``attn_fwd``, ``attn_bwd`` and ``attn_bwd_delta`` (the interface
+documented in ``ringflash.blockwise``): ``"triton"`` (``ringflash.kernels``) or ``"torch"``
+(``ringflash.blockwise``). By default CUDA tensors use Triton when it is importable and everything
+else uses the blockwise PyTorch backend; ``use_backend`` overrides the choice within a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "torch")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("ringflash_backend", default=None)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ringflash attention calls inside the block on backend ``"triton"`` or ``"torch"``.
+
+    ``"triton"`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` set before
+    Triton is imported).
+
+    Example:
+        >>> with ringflash.use_backend("torch"):
+        ...     out = ringflash.flash_attn_func(q, k, v, causal=True)
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    if name == "triton" and not triton_available():
+        raise ValueError("backend 'triton' asked for, but the triton package is not installed")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def backend_name(device: torch.device) -> str:
+    """The backend that a call on ``device`` uses now."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module for ``name``."""
+    if name == "triton":
+        from . import kernels
+
+        return kernels
+    if name == "torch":
+        from . import blockwise
+
+        return blockwise
+    raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+
+
+def backend_for(x: torch.Tensor) -> ModuleType:
+    """The backend module that a call on tensor ``x`` uses now."""
+    return get_backend(backend_name(x.device))

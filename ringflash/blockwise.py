@@ -1,0 +1,260 @@
+"""Blockwise PyTorch attention backend: online softmax over key blocks, for CPU and any device.
+
+The same interface as the Triton kernels in ``ringflash.kernels`` (see ``attn_fwd`` /
+``attn_bwd``). Scores exist only one ``(block_q x block_k)`` tile per head at a time, so memory is
+O(seqlen * block), never ``seqlen_q x seqlen_k``. Half-precision inputs are computed in float32.
+
+Internally a query tile is laid out ``[B, Hk, G, bq, D]`` (G = query heads per KV head) and viewed
+as ``[B, Hk, G*bq, D]`` for the matrix products, so GQA/MQA never repeats K or V and the dK/dV
+products sum over the head group for free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
+from .merge import merge_into_
+
+BLOCK_Q = 512
+BLOCK_K = 512
+
+
+def _key_range(lo: float, hi: float, i0: int, i1: int, Sk: int) -> tuple[int, int]:
+    j_start = 0 if lo == -math.inf else max(0, int(i0 + lo))
+    j_end = Sk if hi == math.inf else min(Sk, int(i1 - 1 + hi) + 1)
+    return j_start, j_end
+
+
+def _tile_mask(lo, hi, i0, i1, j0, j1, device):
+    i = torch.arange(i0, i1, device=device)[:, None]
+    j = torch.arange(j0, j1, device=device)[None, :]
+    return visible(i, j, lo, hi)
+
+
+def _q_tile(x: torch.Tensor, i0: int, i1: int, Hk: int) -> torch.Tensor:
+    """``[B, S, Hq, D]`` rows i0:i1 -> float32 ``[B, Hk, G, bq, D]``."""
+    B, _, Hq, D = x.shape
+    return x[:, i0:i1].float().view(B, i1 - i0, Hk, Hq // Hk, D).permute(0, 2, 3, 1, 4)
+
+
+def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_acc):
+    """Attention of padded ``q [B,Sq,Hq,D]`` over ``k, v [B,Sk,Hk,*]``.
+
+    With ``out_acc`` / ``lse_acc`` (float32 views) the result is merged into them; otherwise it is
+    written there as is. Both are always given by the callers below.
+    """
+    B, Sq, Hq, _ = q.shape
+    Sk, Hk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = Hq // Hk
+    lo, hi = diag_bounds(diag, causal, window_size)
+    kh = k.permute(0, 2, 1, 3)  # [B, Hk, Sk, D]
+    vh = v.permute(0, 2, 1, 3)
+    for i0 in range(0, Sq, BLOCK_Q):
+        i1 = min(Sq, i0 + BLOCK_Q)
+        bq = i1 - i0
+        qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, -1)
+        m = torch.full((B, Hk, G * bq, 1), -math.inf, device=q.device)
+        l = torch.zeros((B, Hk, G * bq, 1), device=q.device)
+        acc = torch.zeros((B, Hk, G * bq, Dv), device=q.device)
+        j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
+        for j0 in range(j_start, j_end, BLOCK_K):
+            j1 = min(j_end, j0 + BLOCK_K)
+            if is_fully_masked(lo, hi, i0, i1, j0, j1):
+                continue
+            s = torch.matmul(qb, kh[:, :, j0:j1].float().transpose(-1, -2))
+            if softcap > 0:
+                s = torch.tanh(s.div_(softcap)).mul_(softcap)
+            if not is_masked_free(lo, hi, i0, i1, j0, j1):
+                mask = _tile_mask(lo, hi, i0, i1, j0, j1, q.device)
+                s.view(B, Hk, G, bq, -1).masked_fill_(~mask, -math.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = s.sub_(m_safe).exp_()
+            alpha = torch.exp(m - m_safe)
+            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha).add_(torch.matmul(p, vh[:, :, j0:j1].float()))
+            m = m_new
+        has_key = l > 0
+        lse_b = torch.where(has_key, m + torch.log(l), torch.full_like(l, -math.inf))
+        out_b = acc / torch.where(has_key, l, torch.ones_like(l))
+        # [B, Hk, G*bq, *] -> [B, bq, Hq, Dv] and [B, Hq, bq]
+        out_b = out_b.view(B, Hk, G, bq, Dv).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, Dv)
+        lse_b = lse_b.view(B, Hq, bq)
+        if out_acc.accumulate:
+            merge_into_(out_acc.t[:, i0:i1], lse_acc[:, :, i0:i1], out_b, lse_b)
+        else:
+            out_acc.t[:, i0:i1].copy_(out_b)
+            lse_acc[:, :, i0:i1].copy_(lse_b)
+
+
+def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv):
+    """Gradients of padded attention, recomputed from the saved LSE; adds into float32 dq/dk/dv."""
+    B, Sq, Hq, _ = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    lo, hi = diag_bounds(diag, causal, window_size)
+    kh = k.permute(0, 2, 1, 3)
+    vh = v.permute(0, 2, 1, 3)
+    dkh = dk.permute(0, 2, 1, 3)
+    dvh = dv.permute(0, 2, 1, 3)
+    # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse.float())
+    for i0 in range(0, Sq, BLOCK_Q):
+        i1 = min(Sq, i0 + BLOCK_Q)
+        bq = i1 - i0
+        qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, -1)
+        dob = _q_tile(do, i0, i1, Hk).reshape(B, Hk, G * bq, -1)
+        lse_b = lse_safe[:, :, i0:i1].reshape(B, Hk, G * bq, 1)
+        delta_b = delta[:, :, i0:i1].reshape(B, Hk, G * bq, 1)
+        dqb = torch.zeros_like(qb)
+        j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
+        for j0 in range(j_start, j_end, BLOCK_K):
+            j1 = min(j_end, j0 + BLOCK_K)
+            if is_fully_masked(lo, hi, i0, i1, j0, j1):
+                continue
+            kb = kh[:, :, j0:j1].float()
+            vb = vh[:, :, j0:j1].float()
+            s = torch.matmul(qb, kb.transpose(-1, -2))
+            if softcap > 0:
+                t = torch.tanh(s / softcap)
+                s = t * softcap
+            p = s.sub_(lse_b).exp_()
+            if not is_masked_free(lo, hi, i0, i1, j0, j1):
+                mask = _tile_mask(lo, hi, i0, i1, j0, j1, q.device)
+                p.view(B, Hk, G, bq, -1).masked_fill_(~mask, 0.0)
+            dvh[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dob)
+            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
+            if softcap > 0:
+                ds.mul_(1.0 - t * t)
+            dqb.add_(torch.matmul(ds, kb))
+            dkh[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qb)
+        dq_tile = (dqb * scale).view(B, Hk, G, bq, -1).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, -1)
+        dq[:, i0:i1] += dq_tile
+
+
+class _Target:
+    """A float32 output buffer and whether results merge into it (accumulate) or overwrite it."""
+
+    def __init__(self, t: torch.Tensor, accumulate: bool):
+        self.t = t
+        self.accumulate = accumulate
+
+
+def _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    diags = diag_offset.tolist() if isinstance(diag_offset, torch.Tensor) else diag_offset
+    for b in range(len(cq) - 1):
+        d = diags[b] if diags is not None else (ck[b + 1] - ck[b]) - (cq[b + 1] - cq[b])
+        yield cq[b], cq[b + 1], ck[b], ck[b + 1], d
+
+
+def attn_fwd(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    diag_offset=None,
+    out=None,
+    lse=None,
+):
+    """Forward attention returning ``(out, lse)``.
+
+    Padded: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, *]``, lse ``[B, Hq, Sq]``. Packed (``cu_seqlens_*``
+    given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``diag_offset`` is the key
+    index aligned with query 0 (an int, or one per packed sequence); by default ``Sk - Sq`` per
+    sequence. With ``out``/``lse`` given (float32), the result is merged into them in place
+    (accumulate mode) and they are returned; otherwise ``out`` is in ``q.dtype``, ``lse`` float32.
+    Inputs are trusted: the public functions in ``ringflash.ops`` validate them.
+    """
+    accumulate = out is not None
+    Dv = v.shape[-1]
+    if not accumulate:
+        out = torch.empty(q.shape[:-1] + (Dv,), dtype=torch.float32, device=q.device)
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    args = (softmax_scale, causal, window_size, softcap)
+    if cu_seqlens_q is None:
+        diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
+        _fwd_dense(q, k, v, *args, diag, _Target(out, accumulate), lse)
+    else:
+        for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
+            lse_seg = lse[:, qa:qb].unsqueeze(0)
+            if kb == ka:
+                if not accumulate:
+                    out[qa:qb].zero_()
+                    lse_seg.fill_(-math.inf)
+                continue
+            _fwd_dense(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], *args, d,
+                       _Target(out[None, qa:qb], accumulate), lse_seg)
+    if accumulate:
+        return out, lse
+    return out.to(q.dtype), lse
+
+
+def attn_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    diag_offset=None,
+    delta=None,
+    dq=None,
+    dk=None,
+    dv=None,
+):
+    """Backward of ``attn_fwd`` from the saved ``(out, lse)``; returns ``(dq, dk, dv)``.
+
+    ``out`` and ``lse`` are the final (fully merged) forward results; ``delta`` (rowsum of
+    ``dout * out``, laid out like ``lse``) is computed when not given. With float32 ``dq``/``dk``/
+    ``dv`` given, gradients are added into them and they are returned (ring steps); otherwise the
+    gradients come back in the inputs' dtypes.
+    """
+    accumulate = dq is not None
+    if delta is None:
+        delta = attn_bwd_delta(dout, out, packed=cu_seqlens_q is not None)
+    if not accumulate:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    args = (softmax_scale, causal, window_size, softcap)
+    if cu_seqlens_q is None:
+        diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
+        _bwd_dense(dout, q, k, v, lse, delta, *args, diag, dq, dk, dv)
+    else:
+        for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
+            if kb == ka or qb == qa:
+                continue
+            _bwd_dense(dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb],
+                       lse[:, qa:qb].unsqueeze(0), delta[:, qa:qb].unsqueeze(0), *args, d,
+                       dq[None, qa:qb], dk[None, ka:kb], dv[None, ka:kb])
+    if accumulate:
+        return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
+    d = (dout.float() * out.float()).sum(-1)
+    return d.transpose(-1, -2).contiguous() if packed else d.transpose(1, 2).contiguous()

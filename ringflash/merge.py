@@ -1,0 +1,102 @@
+"""Exact merging of attention partials by log-sum-exp.
+
+For one query row with partials ``(o_a, lse_a)`` over key set A and ``(o_b, lse_b)`` over a
+disjoint set B::
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    o   = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b
+
+A partial with ``lse = -inf`` saw no key and carries no weight; when every partial of a row is
+``-inf`` the merged row is ``lse = -inf``, output 0, never NaN. Arithmetic is float32.
+
+Layouts: ``out [B, S, H, D]`` with ``lse [B, H, S]``, or packed ``out [T, H, D]`` with ``lse [H, T]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _lse_as_out(lse: torch.Tensor) -> torch.Tensor:
+    """View an LSE laid out ``[..., H, S]`` so it broadcasts against an output ``[..., S, H, D]``."""
+    return lse.transpose(-1, -2).unsqueeze(-1)
+
+
+def _check_pair(out: torch.Tensor, lse: torch.Tensor, name: str) -> None:
+    if out.dim() not in (3, 4) or lse.dim() != out.dim() - 1:
+        raise ValueError(
+            f"{name}: expected out [B, S, H, D] with lse [B, H, S] or out [T, H, D] with lse [H, T], "
+            f"got out {tuple(out.shape)} and lse {tuple(lse.shape)}"
+        )
+    if tuple(lse.transpose(-1, -2).shape) != tuple(out.shape[:-1]):
+        raise ValueError(f"{name}: lse shape {tuple(lse.shape)} does not match out shape {tuple(out.shape)}")
+
+
+def merge_attn_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention partials over disjoint key sets into the exact joint result.
+
+    Args:
+        out_a, out_b: ``[B, S, H, D]`` (or packed ``[T, H, D]``), each normalised over its own keys.
+        lse_a, lse_b: ``[B, H, S]`` (or ``[H, T]``), natural-log sum of exp of each set's scores.
+
+    Returns:
+        ``(out, lse)``: ``out`` in ``out_a``'s dtype, ``lse`` float32.
+
+    Example:
+        >>> out, lse = merge_attn_states(o1, lse1, o2, lse2)
+    """
+    _check_pair(out_a, lse_a, "out_a/lse_a")
+    _check_pair(out_b, lse_b, "out_b/lse_b")
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(f"partials differ in shape: {tuple(out_a.shape)} vs {tuple(out_b.shape)}")
+    out = torch.empty(out_a.shape, dtype=torch.float32, device=out_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device)
+    out.copy_(out_a)
+    lse.copy_(lse_a)
+    merge_into_(out, lse, out_b, lse_b)
+    return out.to(out_a.dtype), lse
+
+
+def merge_into_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Merge the partial ``(out_b, lse_b)`` into the float32 running state ``(out, lse)`` in place."""
+    lse_b = lse_b.float()
+    m = torch.maximum(lse, lse_b)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    wa = torch.exp(lse - m)
+    wb = torch.exp(lse_b - m)
+    s = wa + wb
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    wa_o, wb_o = _lse_as_out(wa * inv), _lse_as_out(wb * inv)
+    out.mul_(wa_o).add_(out_b.float() * wb_o)
+    lse.copy_(m + torch.log(s))
+
+
+def combine_attn_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine ``N`` partials stacked along dim 0 (KV splits, ranks) into the exact result.
+
+    Args:
+        outs: ``[N, B, S, H, D]`` (or ``[N, T, H, D]``).
+        lses: ``[N, B, H, S]`` (or ``[N, H, T]``).
+
+    Returns:
+        ``(out, lse)``: ``out`` in ``outs``' dtype without the leading dim, ``lse`` float32.
+
+    Example:
+        >>> out, lse = combine_attn_partials(torch.stack([o1, o2, o3]), torch.stack([l1, l2, l3]))
+    """
+    if outs.dim() < 4 or lses.dim() != outs.dim() - 1 or outs.shape[0] != lses.shape[0]:
+        raise ValueError(
+            "expected outs [N, B, S, H, D] / [N, T, H, D] and lses [N, B, H, S] / [N, H, T], "
+            f"got {tuple(outs.shape)} and {tuple(lses.shape)}"
+        )
+    _check_pair(outs[0], lses[0], "outs/lses")
+    lses32 = lses.float()
+    m = lses32.amax(dim=0)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    w = torch.exp(lses32 - m)
+    s = w.sum(dim=0)
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    out = (outs.float() * _lse_as_out(w * inv)).sum(dim=0)
+    return out.to(outs.dtype), m + torch.log(s)
