@@ -1,0 +1,26 @@
+"""ringflash: exact attention for sequences too long for one device.
+
+Local flash attention (Triton kernels on GPU, a blockwise PyTorch backend elsewhere) returning
+the output and its log-sum-exp, and exact LSE merging of partial results.
+"""
+
+from .backends import use_backend
+from .merge import combine_attn_partials, merge_attn_states
+from .ops import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "merge_attn_states",
+    "combine_attn_partials",
+    "use_backend",
+]

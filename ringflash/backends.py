@@ -9,7 +9,6 @@ else uses the blockwise PyTorch backend; ``use_backend`` overrides the choice wi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 from types import ModuleType
@@ -17,7 +16,9 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("triton", "torch")
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("ringflash_backend", default=None)
+# A plain list (innermost choice last) rather than a ContextVar: torch.compile can read and guard
+# on a module-level list, not on ContextVar.get.
+_forced: list[str] = []
 
 
 @functools.cache
@@ -41,18 +42,17 @@ def use_backend(name: str):
         raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
     if name == "triton" and not triton_available():
         raise ValueError("backend 'triton' asked for, but the triton package is not installed")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def backend_name(device: torch.device) -> str:
     """The backend that a call on ``device`` uses now."""
-    forced = _forced.get()
-    if forced is not None:
-        return forced
+    if _forced:
+        return _forced[-1]
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 

@@ -195,8 +195,15 @@ def attn_fwd(
                     out[qa:qb].zero_()
                     lse_seg.fill_(-math.inf)
                 continue
-            _fwd_dense(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], *args, d,
-                       _Target(out[None, qa:qb], accumulate), lse_seg)
+            _fwd_dense(
+                q[None, qa:qb],
+                k[None, ka:kb],
+                v[None, ka:kb],
+                *args,
+                d,
+                _Target(out[None, qa:qb], accumulate),
+                lse_seg,
+            )
     if accumulate:
         return out, lse
     return out.to(q.dtype), lse
@@ -246,9 +253,19 @@ def attn_bwd(
         for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
             if kb == ka or qb == qa:
                 continue
-            _bwd_dense(dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb],
-                       lse[:, qa:qb].unsqueeze(0), delta[:, qa:qb].unsqueeze(0), *args, d,
-                       dq[None, qa:qb], dk[None, ka:kb], dv[None, ka:kb])
+            _bwd_dense(
+                dout[None, qa:qb],
+                q[None, qa:qb],
+                k[None, ka:kb],
+                v[None, ka:kb],
+                lse[:, qa:qb].unsqueeze(0),
+                delta[:, qa:qb].unsqueeze(0),
+                *args,
+                d,
+                dq[None, qa:qb],
+                dk[None, ka:kb],
+                dv[None, ka:kb],
+            )
     if accumulate:
         return dq, dk, dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,81 @@
+"""The ``ringflash`` command: ``ringflash env`` reports versions, devices and backends."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def env_report() -> list[tuple[str, str]]:
+    """Versions, devices, attention backends and distributed backends, as (name, value) rows."""
+    import torch
+    import torch.distributed as dist
+
+    from .backends import backend_name, triton_available
+
+    rows = [
+        ("ringflash", _version("ringflash")),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", _version("triton")),
+        ("deepspeed", _version("deepspeed")),
+        ("transformers", _version("transformers")),
+        ("mpi4py", _version("mpi4py")),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"))
+    else:
+        rows.append(("cuda", "not available"))
+    rows.append(("cpu threads", str(torch.get_num_threads())))
+    dists = [
+        n
+        for n, ok in (
+            ("nccl", dist.is_nccl_available()),
+            ("gloo", dist.is_gloo_available()),
+            ("mpi", dist.is_mpi_available()),
+        )
+        if ok
+    ]
+    rows.append(("torch.distributed", ", ".join(dists) if dist.is_available() else "not available"))
+    rows.append(("triton importable", "yes" if triton_available() else "no"))
+    rows.append(("backend on cpu", backend_name(torch.device("cpu"))))
+    if torch.cuda.is_available():
+        rows.append(("backend on cuda", backend_name(torch.device("cuda"))))
+    return rows
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    rows = env_report()
+    width = max(len(n) for n, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringflash", description="Exact attention for long sequences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_env = sub.add_parser("env", help="versions, devices and the backend each function uses")
+    p_env.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ringflash`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

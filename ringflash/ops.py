@@ -1,0 +1,410 @@
+"""Local (one-device) attention: autograd, torch.library custom ops and the public functions.
+
+The forward saves ``(q, k, v, out, lse)`` and the backward recomputes the probabilities from the
+LSE (flash attention's recomputation). Both directions are ``torch.library`` custom ops so that
+``torch.compile(fullgraph=True)`` traces models that call them. The backend (Triton kernels or the
+blockwise PyTorch path) is chosen per call by ``ringflash.backends`` and passed into the op.
+
+A gradient that flows into the returned LSE is honoured: since d lse / d s = p, it folds into the
+backward's ``delta = rowsum(dout * out)`` as ``delta - dlse``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import backend_name, get_backend
+from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
+from .merge import combine_attn_partials, merge_attn_states
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "merge_attn_states",
+    "combine_attn_partials",
+]
+
+Tensor = torch.Tensor
+
+
+def _opts(scale, causal, wl, wr, softcap):
+    return dict(softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap)
+
+
+# ---------------------------------------------------------------- padded [B, S, H, D] ops
+
+
+@torch.library.custom_op("ringflash::attn_fwd", mutates_args=())
+def _attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool,
+    wl: int,
+    wr: int,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    out, lse = get_backend(backend).attn_fwd(q, k, v, **_opts(scale, causal, wl, wr, softcap))
+    return out, lse
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, scale, causal, wl, wr, softcap, backend):
+    B, S, H, _ = q.shape
+    return q.new_empty(B, S, H, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@torch.library.custom_op("ringflash::attn_bwd", mutates_args=())
+def _attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    scale: float,
+    causal: bool,
+    wl: int,
+    wr: int,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    be = get_backend(backend)
+    dq, dk, dv = be.attn_bwd(dout, q, k, v, out, lse, delta=delta, **_opts(scale, causal, wl, wr, softcap))
+    return dq, dk, dv
+
+
+@_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, delta, scale, causal, wl, wr, softcap, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, scale, causal, wl, wr, softcap, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.opts = (scale, causal, wl, wr, softcap, backend)
+
+
+def _delta(dout, out, dlse, packed):
+    delta = (dout.float() * out.float()).sum(-1)
+    delta = delta.transpose(-1, -2) if packed else delta.transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse
+    return delta.contiguous()
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    delta = _delta(dout, out, dlse, packed=False)
+    dq, dk, dv = _attn_bwd(dout.contiguous(), q, k, v, out, lse, delta, *ctx.opts)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ---------------------------------------------------------------- packed [T, H, D] ops
+
+
+@torch.library.custom_op("ringflash::attn_varlen_fwd", mutates_args=())
+def _attn_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    wl: int,
+    wr: int,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    out, lse = get_backend(backend).attn_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        **_opts(scale, causal, wl, wr, softcap),
+    )
+    return out, lse
+
+
+@_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, softcap, backend):
+    T, H, _ = q.shape
+    return q.new_empty(T, H, v.shape[-1]), q.new_empty(H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("ringflash::attn_varlen_bwd", mutates_args=())
+def _attn_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    wl: int,
+    wr: int,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = get_backend(backend).attn_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        delta=delta,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        **_opts(scale, causal, wl, wr, softcap),
+    )
+    return dq, dk, dv
+
+
+@_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, delta, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, softcap, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, *opts = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.lens = (max_q, max_k)
+    ctx.opts = tuple(opts)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    delta = _delta(dout, out, dlse, packed=True)
+    dq, dk, dv = _attn_varlen_bwd(
+        dout.contiguous(), q, k, v, out, lse, delta, cu_q, cu_k, *ctx.lens, *ctx.opts
+    )
+    return (dq, dk, dv) + (None,) * 10
+
+
+_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def _resolve_scale(softmax_scale, q):
+    return float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+
+
+def _finish(out, lse, return_attn_probs):
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Exact attention ``softmax(q k^T * scale) v`` on one device, flash-attn style.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``. k, v: ``[B, Sk, Hk, D]`` with ``Hq % Hk == 0`` (GQA/MQA).
+            float16, bfloat16 or float32; ``D <= 256``.
+        dropout_p: must be 0.0 (dropout is not supported).
+        softmax_scale: defaults to ``D ** -0.5``.
+        causal: causal mask aligned to the bottom-right when ``Sq != Sk``.
+        window_size: ``(left, right)`` sliding window, -1 for unbounded.
+        softcap: when > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: must be None (not supported).
+        deterministic: accepted for compatibility; the backward is always deterministic.
+        return_attn_probs: also return the LSE, as ``(out, lse, None)``.
+
+    Returns:
+        ``out [B, Sq, Hq, D]`` in q's dtype; with ``return_attn_probs`` also ``lse [B, Hq, Sq]``,
+        float32 natural log, ``-inf`` (and output 0) for rows that see no key.
+
+    Example:
+        >>> q = torch.randn(2, 1024, 8, 64, dtype=torch.bfloat16, device="cuda")
+        >>> k = v = torch.randn(2, 1024, 2, 64, dtype=torch.bfloat16, device="cuda")
+        >>> out = flash_attn_func(q, k, v, causal=True)
+    """
+    wl, wr = check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    check_qkv(q, k, v)
+    scale = _resolve_scale(softmax_scale, q)
+    out, lse = _attn_fwd(q, k, v, scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
+    return _finish(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention over packed variable-length sequences.
+
+    Args:
+        q: ``[total_q, Hq, D]``. k, v: ``[total_k, Hk, D]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]``, cumulative lengths starting at 0; sequence
+            ``b`` is ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``. Lengths may be 0.
+        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths.
+        Other arguments: as in :func:`flash_attn_func`; masks align per sequence.
+
+    Returns:
+        ``out [total_q, Hq, D]``; with ``return_attn_probs`` also ``lse [Hq, total_q]`` (float32).
+
+    Example:
+        >>> cu = torch.tensor([0, 100, 350], dtype=torch.int32)
+        >>> out = flash_attn_varlen_func(q, k, v, cu, cu, 250, 250, causal=True)
+    """
+    wl, wr = check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    check_qkv(q, k, v, packed=True)
+    check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+            f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
+    check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
+    scale = _resolve_scale(softmax_scale, q)
+    out, lse = _attn_varlen_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        scale,
+        bool(causal),
+        wl,
+        wr,
+        float(softcap),
+        backend_name(q.device),
+    )
+    return _finish(out, lse, return_attn_probs)
+
+
+def _split_packed(x, n, name, layout):
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != n:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be {layout} with {n} at dim 2, got {shape}")
+    return x.unbind(dim=2)
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """:func:`flash_attn_func` with K and V packed together.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``. kv: ``[B, Sk, 2, Hk, D]``. Other arguments as in :func:`flash_attn_func`.
+
+    Returns:
+        As :func:`flash_attn_func`; gradients flow into ``kv``.
+
+    Example:
+        >>> out = flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), causal=True)
+    """
+    k, v = _split_packed(kv, 2, "kv", "[B, S, 2, H, D]")
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """:func:`flash_attn_func` with Q, K and V packed together.
+
+    Args:
+        qkv: ``[B, S, 3, H, D]``. Other arguments as in :func:`flash_attn_func`.
+
+    Returns:
+        As :func:`flash_attn_func`; gradients flow into ``qkv``.
+
+    Example:
+        >>> out = flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2), causal=True)
+    """
+    q, k, v = _split_packed(qkv, 3, "qkv", "[B, S, 3, H, D]")
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )

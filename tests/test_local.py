@@ -1,0 +1,190 @@
+"""Local attention through the public API against the float64 oracle (blockwise backend on CPU)."""
+
+import math
+
+import pytest
+import torch
+
+import ringflash as rf
+from ringflash.reference import attention_ref, attention_varlen_ref
+from tests.oracle import assert_matches
+
+# (B, Sq, Sk, Hq, Hk, D, causal, window, softcap)
+CASES = [
+    (2, 17, 17, 4, 4, 32, False, (-1, -1), 0.0),
+    (1, 127, 127, 8, 2, 64, True, (-1, -1), 0.0),
+    (2, 33, 70, 8, 2, 80, True, (-1, -1), 0.0),  # seqlen_q < seqlen_k
+    (2, 70, 33, 4, 1, 64, True, (-1, -1), 0.0),  # seqlen_q > seqlen_k: fully masked top rows
+    (1, 1, 45, 4, 1, 128, True, (-1, -1), 0.0),
+    (1, 100, 100, 4, 2, 32, False, (9, 4), 0.0),  # sliding window
+    (1, 64, 90, 4, 2, 32, True, (20, -1), 0.0),
+    (2, 40, 40, 2, 2, 64, True, (-1, -1), 30.0),  # softcap
+    (1, 1000, 1000, 2, 1, 32, True, (-1, -1), 0.0),
+    (1, 20, 20, 2, 1, 256, False, (-1, -1), 0.0),
+]
+
+
+def case_id(c):
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap = c
+    parts = [f"B{B}-Sq{Sq}-Sk{Sk}-H{Hq}:{Hk}-D{D}"]
+    if causal:
+        parts.append("causal")
+    if window != (-1, -1):
+        parts.append(f"win{window[0]}:{window[1]}")
+    if softcap:
+        parts.append(f"cap{softcap:g}")
+    return "-".join(parts)
+
+
+def _inputs(shapes, dtype):
+    lowp = [torch.randn(s).to(dtype) for s in shapes]
+    return lowp, [t.double().requires_grad_() for t in lowp]
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_flash_attn_func_matches_oracle(case, dtype, small_blocks):
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap = case
+    (q, k, v), (q64, k64, v64) = _inputs([(B, Sq, Hq, D), (B, Sk, Hk, D), (B, Sk, Hk, D)], dtype)
+    opts = dict(causal=causal, window_size=window, softcap=softcap)
+    ref_out, ref_lse = attention_ref(q64, k64, v64, **opts)
+    dout = torch.randn(ref_out.shape).to(dtype)
+    ref_grads = _grads(ref_out, (q64, k64, v64), dout.double())
+
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, none = rf.flash_attn_func(qs, ks, vs, return_attn_probs=True, **opts)
+    assert none is None and out.dtype == dtype and lse.dtype == torch.float32
+    grads = _grads(out, (qs, ks, vs), dout)
+
+    lowp_out, lowp_grads = None, (None, None, None)
+    if dtype != torch.float32:
+        ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        lowp_out, _ = attention_ref(ql, kl, vl, upcast=False, **opts)
+        lowp_grads = _grads(lowp_out, (ql, kl, vl), dout)
+    assert_matches("out", out, ref_out, lowp_out, 2)
+    assert_matches("lse", lse, ref_lse, None, 0)
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
+        assert_matches(name, g, r, lp, 3)
+
+
+def test_default_blocks_long_causal():
+    q, k, v = (torch.randn(1, 1300, 2, 32, dtype=torch.float64) for _ in range(3))
+    out, lse, _ = rf.flash_attn_func(q.float(), k.float(), v.float(), causal=True, return_attn_probs=True)
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    assert_matches("out", out, ref_out, None, 0)
+    assert_matches("lse", lse, ref_lse, None, 0)
+
+
+def test_fully_masked_rows_are_zero_with_minus_inf_lse():
+    q = torch.randn(1, 10, 2, 16, requires_grad=True)
+    k = torch.randn(1, 4, 2, 16, requires_grad=True)
+    v = torch.randn(1, 4, 2, 16, requires_grad=True)
+    out, lse, _ = rf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    # bottom-right alignment: query i sees keys j <= i - 6, so rows 0..5 see nothing
+    assert torch.all(lse[:, :, :6] == -math.inf) and torch.isfinite(lse[:, :, 6:]).all()
+    assert torch.all(out[:, :6] == 0)
+    out.sum().backward()
+    for name, g in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(g).all(), f"{name} has non-finite entries"
+    assert torch.all(q.grad[:, :6] == 0)
+
+
+def test_window_aligns_bottom_right():
+    q, k, v = (torch.randn(1, 8, 1, 16) for _ in range(3))
+    out, lse, _ = rf.flash_attn_func(q[:, :2], k, v, causal=True, window_size=(0, 0), return_attn_probs=True)
+    assert torch.isfinite(lse).all()  # diagonal only, bottom-right aligned: keys 6 and 7
+    ref_out, _ = attention_ref(q[:, :2].double(), k.double(), v.double(), causal=True, window_size=(0, 0))
+    assert_matches("out", out, ref_out, None, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_matches_oracle(dtype, causal, small_blocks):
+    lens_q = [1, 17, 5, 40, 2]
+    lens_k = [1, 17, 9, 40, 0] if not causal else [3, 17, 5, 41, 0]
+    Hq, Hk, D = 4, 2, 32
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    (q, k, v), (q64, k64, v64) = _inputs(
+        [(sum(lens_q), Hq, D), (sum(lens_k), Hk, D), (sum(lens_k), Hk, D)], dtype
+    )
+    ref_out, ref_lse = attention_varlen_ref(q64, k64, v64, cu_q, cu_k, causal=causal)
+    dout = torch.randn(ref_out.shape).to(dtype)
+    ref_grads = _grads(ref_out, (q64, k64, v64), dout.double())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, _ = rf.flash_attn_varlen_func(
+        qs, ks, vs, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_attn_probs=True
+    )
+    assert lse.shape == (Hq, sum(lens_q))
+    grads = _grads(out, (qs, ks, vs), dout)
+    lowp_out, lowp_grads = None, (None, None, None)
+    if dtype != torch.float32:
+        ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        lowp_out, _ = attention_varlen_ref(ql, kl, vl, cu_q, cu_k, causal=causal, upcast=False)
+        lowp_grads = _grads(lowp_out, (ql, kl, vl), dout)
+    assert_matches("out", out, ref_out, lowp_out, 2)
+    assert_matches("lse", lse, ref_lse, None, 0)
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
+        assert_matches(name, g, r, lp, 3)
+
+
+def test_packed_forms_match_unpacked():
+    q, k, v = (torch.randn(2, 19, 4, 32) for _ in range(3))
+    ref = rf.flash_attn_func(q, k, v, causal=True)
+    kv = torch.stack([k, v], dim=2).requires_grad_()
+    qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+    out_kv = rf.flash_attn_kvpacked_func(q, kv, causal=True)
+    out_qkv = rf.flash_attn_qkvpacked_func(qkv, causal=True)
+    torch.testing.assert_close(out_kv, ref)
+    torch.testing.assert_close(out_qkv, ref)
+    out_qkv.sum().backward()
+    assert qkv.grad is not None and qkv.grad.shape == qkv.shape and qkv.grad.abs().sum() > 0
+
+
+def test_gradient_through_lse_is_exact():
+    q64, k64, v64 = (torch.randn(1, 12, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=True)
+    w = torch.randn_like(ref_lse)
+    ref_g = torch.autograd.grad(ref_out.sum() + (ref_lse * w).sum(), (q64, k64, v64))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    out, lse, _ = rf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    g = torch.autograd.grad(out.sum() + (lse * w.float()).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), g, ref_g, strict=True):
+        assert_matches(name, a, b, None, 0)
+
+
+def test_torch_compile_fullgraph():
+    class TinyAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 16).unbind(2)
+            return rf.flash_attn_func(q, k, v, causal=True).sum()
+
+    model = TinyAttention()
+    x = torch.randn(2, 24, 32)
+    eager = model(x)
+    eager.backward()
+    eager_grad = model.qkv.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(x)
+    got.backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(model.qkv.weight.grad, eager_grad)
+
+
+def test_use_backend_torch_and_unknown():
+    q = torch.randn(1, 5, 1, 8)
+    with rf.use_backend("torch"):
+        out = rf.flash_attn_func(q, q, q)
+    torch.testing.assert_close(out, rf.flash_attn_func(q, q, q))
+    with pytest.raises(ValueError, match="unknown backend"):
+        with rf.use_backend("cuda-magic"):
+            pass
