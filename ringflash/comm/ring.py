@@ -1,0 +1,189 @@
+"""Ring point-to-point communication and the drivers that run a ring loop.
+
+A ring loop (``ringflash.parallel.ring_attn``) is written once, as a generator that *yields*
+its communication requests instead of calling torch.distributed itself:
+
+    handle  = yield Post(tensors, shift)   # start sending to rank+shift, receiving from rank-shift
+    ...compute on the current block while the transfer is in flight...
+    tensors = yield Wait(handle)           # the tensors that rank-shift posted
+
+Two drivers execute such loops:
+
+- ``run_on_group(loop, comm)``: one real rank. ``RingComm`` posts the receives and sends with
+  ``torch.distributed.batch_isend_irecv`` into fresh buffers (double buffering: the next block
+  arrives while the current one is used), for NCCL (one coalesced group) and gloo (separate
+  isend/irecv works, matched by tag, every one waited on).
+- ``run_simulated(loops)``: ``W`` virtual ranks in one process (one device), interleaved
+  cooperatively with mailboxes: the same loop code, for tests and the one-GPU benchmark. With
+  ``profile=True`` it times each rank's compute between communication points.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Post:
+    """Request: send ``tensors`` to rank ``rank + shift`` and receive the same shapes from ``rank - shift``.
+
+    ``tag`` separates independent streams (K/V and dK/dV) between the same pair of ranks.
+    """
+
+    tensors: Sequence[torch.Tensor]
+    shift: int = 1
+    tag: int = 0
+
+
+@dataclass
+class Wait:
+    """Request: wait for the transfer ``handle`` (a ``Post``'s answer); answers the received tensors."""
+
+    handle: object
+
+
+RingLoop = Generator[object, object, object]
+
+
+class RingComm:
+    """Ring P2P over a process group: rank ``i`` sends to ``i + shift``, receives from ``i - shift``.
+
+    Group ranks are mapped to global ranks with ``torch.distributed.get_global_rank`` (P2P ops
+    address global ranks). ``timeout`` bounds each wait (default: the group's own timeout), so a
+    dead or stuck peer raises instead of hanging.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
+        self.timeout = timeout
+
+    def peer(self, shift: int) -> int:
+        """Global rank of the group rank ``shift`` steps ahead on the ring."""
+        return self.global_ranks[(self.rank + shift) % self.world_size]
+
+    def post(self, tensors: Sequence[torch.Tensor], shift: int = 1, tag: int = 0) -> _Transfer:
+        """Start sending ``tensors`` ``shift`` ranks ahead and receiving as many from ``shift`` behind."""
+        dst, src = self.peer(shift), self.peer(-shift)
+        sends = [t.contiguous() for t in tensors]
+        bufs = [torch.empty_like(t) for t in sends]
+        # Receives are posted first: gloo matches messages per (peer, tag) in posting order, so each
+        # tensor gets its own tag; NCCL ignores tags and runs the list as one group.
+        ops = [dist.P2POp(dist.irecv, b, src, self.group, tag=tag * 64 + i) for i, b in enumerate(bufs)]
+        ops += [dist.P2POp(dist.isend, t, dst, self.group, tag=tag * 64 + i) for i, t in enumerate(sends)]
+        works = dist.batch_isend_irecv(ops)
+        return _Transfer(works, bufs, sends, self.timeout)
+
+
+class _Transfer:
+    def __init__(self, works, bufs, sends, timeout):
+        self.works, self.bufs, self._sends, self.timeout = works, bufs, sends, timeout
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self.works:
+            if self.timeout is None:
+                w.wait()
+            else:
+                w.wait(self.timeout)
+        self._sends = None
+        return self.bufs
+
+
+def run_on_group(loop: RingLoop, comm: RingComm | None):
+    """Drive ``loop`` for this rank over ``comm`` (None: a ring of one, which must not communicate)."""
+    try:
+        req = next(loop)
+        while True:
+            if isinstance(req, Post):
+                if comm is None:
+                    raise RuntimeError("a ring of one rank tried to communicate")
+                resp = comm.post(req.tensors, req.shift, req.tag)
+            elif isinstance(req, Wait):
+                resp = req.handle.wait()
+            else:
+                raise TypeError(f"unknown ring request {req!r}")
+            req = loop.send(resp)
+    except StopIteration as stop:
+        return stop.value
+
+
+@dataclass
+class SimProfile:
+    """Seconds of compute per rank between consecutive communication points (``segments[rank][i]``)."""
+
+    segments: list[list[float]]
+
+    def rank_time(self, rank: int) -> float:
+        return sum(self.segments[rank])
+
+    def ring_time(self) -> float:
+        """Time of the ring when communication hides and ranks meet at every exchange:
+        the sum over segments of the slowest rank's segment."""
+        n = max(len(s) for s in self.segments)
+        return sum(max(s[i] if i < len(s) else 0.0 for s in self.segments) for i in range(n))
+
+
+def run_simulated(
+    loops: Sequence[RingLoop], profile: bool = False, sync: Callable[[], None] | None = None
+) -> tuple[list, SimProfile | None]:
+    """Run ``W`` ring loops (virtual ranks) in one process; returns their results (and a profile).
+
+    Messages go through per-(sender, receiver, tag) mailboxes, cloned as a real transfer would copy
+    them. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock reading when profiling.
+    """
+    world = len(loops)
+    boxes: dict[tuple[int, int, int], deque] = defaultdict(deque)
+    pending: list[object] = [None] * world
+    started = [False] * world
+    done = [False] * world
+    results: list = [None] * world
+    segments: list[list[float]] = [[] for _ in range(world)]
+
+    def clock():
+        if sync is not None:
+            sync()
+        return time.perf_counter()
+
+    def advance(r: int, value) -> None:
+        t0 = clock() if profile else 0.0
+        try:
+            req = next(loops[r]) if not started[r] else loops[r].send(value)
+            started[r] = True
+        except StopIteration as stop:
+            done[r], results[r], req = True, stop.value, None
+        if profile:
+            segments[r].append(clock() - t0)
+        pending[r] = req
+
+    for r in range(world):
+        advance(r, None)
+    while not all(done):
+        progressed = False
+        for r in range(world):
+            while not done[r]:
+                req = pending[r]
+                if isinstance(req, Post):
+                    dst, src = (r + req.shift) % world, (r - req.shift) % world
+                    boxes[(r, dst, req.tag)].append([t.clone() for t in req.tensors])
+                    value = (src, r, req.tag)
+                elif isinstance(req, Wait):
+                    box = boxes[req.handle]
+                    if not box:
+                        break
+                    value = box.popleft()
+                else:
+                    raise TypeError(f"unknown ring request {req!r}")
+                advance(r, value)
+                progressed = True
+        if not progressed and not all(done):
+            raise RuntimeError("simulated ring deadlocked: every rank waits for a message never sent")
+    return results, (SimProfile(segments) if profile else None)

@@ -1,0 +1,44 @@
+"""Sequence-parallel attention: layouts, sharding, the ring and its single-process simulator."""
+
+from .layouts import LAYOUTS, build_plan, build_varlen_plan, positions
+from .ring_attn import (
+    ring_flash_attn_func,
+    ring_flash_attn_kvpacked_func,
+    ring_flash_attn_qkvpacked_func,
+    ring_flash_attn_varlen_func,
+    ring_flash_attn_varlen_kvpacked_func,
+    ring_flash_attn_varlen_qkvpacked_func,
+    stripe_flash_attn_func,
+    stripe_flash_attn_kvpacked_func,
+    stripe_flash_attn_qkvpacked_func,
+    zigzag_ring_flash_attn_func,
+    zigzag_ring_flash_attn_kvpacked_func,
+    zigzag_ring_flash_attn_qkvpacked_func,
+)
+from .sharding import shard, shard_for, unshard, unshard_from
+from .simulate import simulate_ring_attn, simulate_ring_attn_backward
+
+__all__ = [
+    "LAYOUTS",
+    "build_plan",
+    "build_varlen_plan",
+    "positions",
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
+    "shard",
+    "shard_for",
+    "simulate_ring_attn",
+    "simulate_ring_attn_backward",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
+    "unshard",
+    "unshard_from",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
+]

@@ -1,0 +1,244 @@
+"""Sequence layouts and the per-step compute plan of the ring.
+
+A layout says which global token positions each of the ``W`` ranks holds. Every layout gives each
+rank ``L = S / W`` tokens, described as *segments*: runs of local tokens whose global positions form
+an arithmetic progression ``global0 + i * stride``:
+
+    contiguous  rank r holds [r*L, (r+1)*L)                         one segment, stride 1
+    zigzag      2W chunks of C = L/2; rank r holds chunks r, 2W-1-r  two segments, stride 1
+    stripe      token t goes to rank t % W (stripes of one token)    one segment, stride W
+
+Between a query segment (global ``gq + i*P``) and a key segment (``gk + j*P``) the global mask
+``LO <= pos_k - pos_q <= HI`` (``HI = 0`` for causal, ``window_right`` or +inf otherwise,
+``LO = -window_left`` or -inf) is exactly a band on local indices:
+
+    ceil((LO + gq - gk) / P)  <=  j - i  <=  floor((HI + gq - gk) / P)
+
+which the local kernels express as a diag offset plus a window (``ringflash.masking``). So every
+ring step is a handful of ordinary local attention calls with exact masks; blocks whose band is
+empty are skipped, and blocks that are fully visible run unmasked. For stripe with causal this is
+``diag = 0`` when the key rank ``s <= r`` and ``diag = -1`` when ``s > r`` (keys of later ranks at
+the same local index sit later in the sequence).
+
+The plan for step ``t`` of rank ``r`` pairs r's queries with the keys of rank ``(r - t) mod W`` (K/V
+travel from rank r to r+1 each step). Steps past the last one that any rank needs (a sliding
+window that does not reach that far back) are dropped: neither computed nor communicated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..masking import is_fully_masked, is_masked_free
+
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Local tokens ``[local0, local0 + count)`` at global positions ``global0 + i * stride``."""
+
+    local0: int
+    count: int
+    global0: int
+    stride: int
+
+
+@dataclass
+class Piece:
+    """One local attention call of a ring step: ``q[q0:q1]`` against ``k[k0:k1]`` with a mask.
+
+    ``causal``/``diag``/``window`` follow ``ringflash.masking`` in the piece's own local indices.
+    For packed (varlen) pieces ``cu_q``/``cu_k`` are the piece-relative cumulative lengths and
+    ``diag`` one offset per sequence.
+    """
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+    diag: int | list[int]
+    window: tuple[int, int]
+    full: bool = False
+    cu_q: list[int] | None = None
+    cu_k: list[int] | None = None
+    tensors: dict = field(default_factory=dict, repr=False)  # device copies, filled lazily
+
+
+@dataclass
+class Plan:
+    """What one rank computes at each ring step; ``steps[t]`` pairs it with rank ``(rank - t) % W``."""
+
+    rank: int
+    world: int
+    steps: list[list[Piece]]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+
+
+def segments(layout: str, rank: int, world: int, n_local: int) -> list[Segment]:
+    """The segments of rank ``rank``'s ``n_local`` tokens in ``layout``."""
+    check_layout(layout)
+    if layout == "contiguous" or world == 1:
+        return [Segment(0, n_local, rank * n_local, 1)]
+    if layout == "zigzag":
+        c = n_local // 2
+        return [Segment(0, c, rank * c, 1), Segment(c, c, (2 * world - 1 - rank) * c, 1)]
+    return [Segment(0, n_local, rank, world)]
+
+
+def local_len_error(layout: str, world: int, n_local: int) -> str | None:
+    """Why ``n_local`` tokens per rank do not fit ``layout`` (None when they do)."""
+    if layout == "zigzag" and world > 1 and n_local % 2:
+        return (
+            f"zigzag needs an even number of tokens per rank (2 chunks each, the sequence split into "
+            f"2 * world_size = {2 * world} chunks), got {n_local} per rank"
+        )
+    return None
+
+
+def positions(layout: str, rank: int, world: int, n_local: int) -> torch.Tensor:
+    """Global positions (int64) of rank ``rank``'s local tokens, in local order."""
+    parts = [
+        seg.global0 + seg.stride * torch.arange(seg.count) for seg in segments(layout, rank, world, n_local)
+    ]
+    return torch.cat(parts)
+
+
+def _band(gq: int, gk: int, stride: int, causal: bool, window: tuple[int, int]) -> tuple[float, float]:
+    """Bounds on local ``j - i`` between a query run at ``gq`` and a key run at ``gk``."""
+    left, right = window
+    x = gq - gk
+    hi = 0 if causal else (right if right >= 0 else math.inf)
+    lo = -left if left >= 0 else -math.inf
+    hi_l = math.inf if hi == math.inf else math.floor((hi + x) / stride)
+    lo_l = -math.inf if lo == -math.inf else math.ceil((lo + x) / stride)
+    return lo_l, hi_l
+
+
+def _mask_args(lo: float, hi: float, nq: int, nk: int):
+    """``(causal, diag, window, full)`` for a local band, or None when nothing is visible."""
+    if lo > hi or is_fully_masked(lo, hi, 0, nq, 0, nk):
+        return None
+    if is_masked_free(lo, hi, 0, nq, 0, nk):
+        return False, 0, (-1, -1), True
+    if hi != math.inf:
+        return True, int(hi), ((int(hi - lo) if lo != -math.inf else -1), 0), False
+    return False, int(lo), (0, -1), False
+
+
+def _coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Merge fully visible pieces that share a query (key) range and touch along keys (queries)."""
+    changed = True
+    while changed:
+        changed = False
+        for a in pieces:
+            for b in pieces:
+                if a is b or not (a.full and b.full):
+                    continue
+                if (a.q0, a.q1) == (b.q0, b.q1) and a.k1 == b.k0:
+                    a.k1 = b.k1
+                elif (a.k0, a.k1) == (b.k0, b.k1) and a.q1 == b.q0:
+                    a.q1 = b.q1
+                else:
+                    continue
+                pieces.remove(b)
+                changed = True
+                break
+            if changed:
+                break
+    return pieces
+
+
+def step_pieces(
+    layout: str, q_rank: int, k_rank: int, world: int, n_local: int, causal: bool, window: tuple[int, int]
+) -> list[Piece]:
+    """The local attention calls between ``q_rank``'s queries and ``k_rank``'s keys."""
+    pieces = []
+    for sq in segments(layout, q_rank, world, n_local):
+        for sk in segments(layout, k_rank, world, n_local):
+            lo, hi = _band(sq.global0, sk.global0, sq.stride, causal, window)
+            args = _mask_args(lo, hi, sq.count, sk.count)
+            if args is None:
+                continue
+            c, d, w, full = args
+            pieces.append(
+                Piece(sq.local0, sq.local0 + sq.count, sk.local0, sk.local0 + sk.count, c, d, w, full)
+            )
+    return _coalesce(pieces)
+
+
+def _trim(per_rank: list[list[list[Piece]]], rank: int, world: int) -> Plan:
+    """Keep steps up to the last one that any rank needs (all ranks must agree on the count)."""
+    n = 1
+    for steps in per_rank:
+        for t, ps in enumerate(steps):
+            if ps:
+                n = max(n, t + 1)
+    return Plan(rank, world, per_rank[rank][:n])
+
+
+def build_plan(
+    layout: str, rank: int, world: int, n_local: int, causal: bool, window: tuple[int, int]
+) -> Plan:
+    """The ring plan of ``rank`` for a padded batch with ``n_local`` tokens per rank."""
+    per_rank = [
+        [step_pieces(layout, r, (r - t) % world, world, n_local, causal, window) for t in range(world)]
+        for r in range(world)
+    ]
+    return _trim(per_rank, rank, world)
+
+
+def _varlen_step(cu: list[int], q_rank: int, k_rank: int, n_local: int, causal: bool, window) -> list[Piece]:
+    """Pieces between two contiguous shards of a packed stream of documents ``cu``."""
+    qs, ks = q_rank * n_local, k_rank * n_local
+    docs = []  # (qa, qb, ka, kb, causal, diag, window) per document, shard-local ranges
+    for a, b in itertools.pairwise(cu):
+        qa, qb = max(a, qs), min(b, qs + n_local)
+        ka, kb = max(a, ks), min(b, ks + n_local)
+        if qa >= qb or ka >= kb:
+            continue
+        lo, hi = _band(qa, ka, 1, causal, window)
+        args = _mask_args(lo, hi, qb - qa, kb - ka)
+        if args is None:
+            continue
+        c, d, w, _ = args
+        docs.append((qa - qs, qb - qs, ka - ks, kb - ks, c, d, w))
+    pieces: list[Piece] = []
+    for qa, qb, ka, kb, c, d, w in docs:
+        last = pieces[-1] if pieces else None
+        if last is not None and last.q1 == qa and last.k1 == ka and (last.causal, last.window) == (c, w):
+            last.q1, last.k1 = qb, kb
+            last.cu_q.append(qb - last.q0)
+            last.cu_k.append(kb - last.k0)
+            last.diag.append(d)
+        else:
+            pieces.append(Piece(qa, qb, ka, kb, c, [d], w, False, [0, qb - qa], [0, kb - ka]))
+    return pieces
+
+
+def build_varlen_plan(
+    cu_seqlens: list[int], rank: int, world: int, n_local: int, causal: bool, window: tuple[int, int]
+) -> Plan:
+    """The ring plan of ``rank`` for a packed stream (global ``cu_seqlens``) sharded contiguously.
+
+    Documents may cross shard boundaries: each step intersects every document with the query
+    shard and the key shard and gives each intersection its own diag offset.
+    """
+    per_rank = [
+        [_varlen_step(cu_seqlens, r, (r - t) % world, n_local, causal, window) for t in range(world)]
+        for r in range(world)
+    ]
+    return _trim(per_rank, rank, world)

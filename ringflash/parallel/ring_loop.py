@@ -1,0 +1,172 @@
+"""The ring loop: forward and backward of exact attention with K/V travelling around the ranks.
+
+One loop serves every layout; the ``Plan`` (``layouts.py``) says which local attention calls each
+step makes and with which masks. Rank ``r`` at step ``t`` holds the K/V block of rank
+``(r - t) mod W``.
+
+Forward, per step: post the send of the current K/V to rank r+1 (and the receive of the next
+block from r-1) *before* computing, run the step's pieces in accumulate mode into the float32
+``(out, lse)`` state (exact LSE merging, ``ringflash.merge``), then wait for the next block. The
+final cast to the input dtype happens once, outside this loop.
+
+Backward, per step: K/V travel the same way again; the float32 dK/dV of the block being visited
+travel *with* it: each rank adds its contribution and passes the sum on, and after the last step
+every block's dK/dV is sent straight back to its owner (one hop when all ``W`` steps ran, ``n-1``
+hops back when a sliding window cut the ring short). dQ stays local. Communication is posted
+before each step's compute so that it overlaps with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ..comm.ring import Post, Wait
+from ..merge import merge_into_
+from .layouts import Piece, Plan
+
+TAG_KV, TAG_DKV = 0, 1
+
+
+def _tok(x: torch.Tensor, packed: bool, a: int, b: int) -> torch.Tensor:
+    """Tokens ``a:b`` of a padded ``[B, S, ...]`` or packed ``[T, ...]`` tensor (a view)."""
+    return x.narrow(0 if packed else 1, a, b - a)
+
+
+def _lse(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return x.narrow(-1, a, b - a)
+
+
+def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
+    kw = {"causal": pc.causal, "window_size": pc.window}
+    if not packed:
+        kw["diag_offset"] = pc.diag
+        return kw
+    key = str(device)
+    if key not in pc.tensors:
+        as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(pc.diag))
+    cu_q, cu_k, diag = pc.tensors[key]
+    kw.update(
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(b - a for a, b in itertools.pairwise(pc.cu_q)),
+        max_seqlen_k=max(b - a for a, b in itertools.pairwise(pc.cu_k)),
+        diag_offset=diag,
+    )
+    return kw
+
+
+def fwd_piece(backend, q, k, v, out, lse, pc: Piece, scale: float, softcap: float, packed: bool) -> None:
+    """Merge the attention of one piece into the float32 state ``(out, lse)``."""
+    qp = _tok(q, packed, pc.q0, pc.q1).contiguous()
+    kp = _tok(k, packed, pc.k0, pc.k1).contiguous()
+    vp = _tok(v, packed, pc.k0, pc.k1).contiguous()
+    op, lp = _tok(out, packed, pc.q0, pc.q1), _lse(lse, pc.q0, pc.q1)
+    kw = _mask_kwargs(pc, packed, q.device)
+    if op.is_contiguous() and lp.is_contiguous():
+        backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, **kw)
+        return
+    # Kernels write contiguous buffers: compute the piece apart, then merge it in (float32).
+    o_t = torch.zeros(op.shape, dtype=torch.float32, device=q.device)
+    l_t = torch.full(lp.shape, -math.inf, dtype=torch.float32, device=q.device)
+    backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=o_t, lse=l_t, **kw)
+    merge_into_(op, lp, o_t, l_t)
+
+
+def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, scale, softcap, packed) -> None:
+    """Add the gradients of one piece into the float32 ``dq`` (local) and ``dk``/``dv`` (travelling)."""
+    qa, qb, ka, kb = pc.q0, pc.q1, pc.k0, pc.k1
+    args = (
+        _tok(dout, packed, qa, qb).contiguous(),
+        _tok(q, packed, qa, qb).contiguous(),
+        _tok(k, packed, ka, kb).contiguous(),
+        _tok(v, packed, ka, kb).contiguous(),
+        _tok(out, packed, qa, qb).contiguous(),
+        _lse(lse, qa, qb).contiguous(),
+    )
+    kw = _mask_kwargs(pc, packed, q.device)
+    kw.update(softmax_scale=scale, softcap=softcap, delta=_lse(delta, qa, qb).contiguous())
+    targets = (_tok(dq, packed, qa, qb), _tok(dk, packed, ka, kb), _tok(dv, packed, ka, kb))
+    if all(t.is_contiguous() for t in targets):
+        backend.attn_bwd(*args, dq=targets[0], dk=targets[1], dv=targets[2], **kw)
+        return
+    tmp = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in targets]
+    backend.attn_bwd(*args, dq=tmp[0], dk=tmp[1], dv=tmp[2], **kw)
+    for t, s in zip(targets, tmp, strict=True):
+        t.add_(s)
+
+
+def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def ring_fwd_loop(backend, q, k, v, plan: Plan, scale: float, softcap: float, packed: bool):
+    """Generator: this rank's forward ring; returns float32 ``(out, lse)``."""
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
+    lse = torch.full(lse_shape(q, packed), -math.inf, dtype=torch.float32, device=q.device)
+    kv = [k, v]
+    n = plan.n_steps
+    for t in range(n):
+        handle = (yield Post(kv, 1, TAG_KV)) if t + 1 < n else None
+        for pc in plan.steps[t]:
+            fwd_piece(backend, q, kv[0], kv[1], out, lse, pc, scale, softcap, packed)
+        if handle is not None:
+            kv = yield Wait(handle)
+    return out, lse
+
+
+def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, softcap: float, packed: bool):
+    """Generator: this rank's backward ring; returns float32 ``(dq, dk, dv)`` of its own shard."""
+    delta = backend.attn_bwd_delta(dout, out, packed=packed)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv = [k, v]
+    n, world = plan.n_steps, plan.world
+    dkv_handle = None
+    dk_t = dv_t = None
+    for t in range(n):
+        kv_handle = (yield Post(kv, 1, TAG_KV)) if t + 1 < n else None
+        dk_t = dv_t = None
+        if plan.steps[t]:
+            dk_t = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_t = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            for pc in plan.steps[t]:
+                bwd_piece(
+                    backend,
+                    dout,
+                    q,
+                    kv[0],
+                    kv[1],
+                    out,
+                    lse,
+                    delta,
+                    dq,
+                    dk_t,
+                    dv_t,
+                    pc,
+                    scale,
+                    softcap,
+                    packed,
+                )
+        if dkv_handle is not None:  # the sum of the ranks before us for this block
+            dk_in, dv_in = yield Wait(dkv_handle)
+            if dk_t is None:
+                dk_t, dv_t = dk_in, dv_in
+            else:
+                dk_t.add_(dk_in)
+                dv_t.add_(dv_in)
+        elif dk_t is None:
+            dk_t = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_t = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        if n > 1:
+            # Pass the block's gradient on with it; after the last step, send it home
+            # (the block of rank r - (n-1) is here: n-1 ranks back, i.e. W-n+1 ahead).
+            shift = 1 if t + 1 < n else world - n + 1
+            dkv_handle = yield Post([dk_t, dv_t], shift, TAG_DKV)
+        if kv_handle is not None:
+            kv = yield Wait(kv_handle)
+    if n > 1:
+        dk_t, dv_t = yield Wait(dkv_handle)
+    return dq, dk_t, dv_t

@@ -1,0 +1,105 @@
+"""A ring of ``W`` virtual ranks in one process: the real ring loop with a simulated communicator.
+
+Every virtual rank runs ``ring_loop``'s generators on the same device and their messages go
+through in-process mailboxes (``ringflash.comm.ring.run_simulated``). Tests use it to check the
+loop without processes; the one-GPU benchmark uses its per-rank timings (``profile=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..backends import backend_for
+from ..comm.ring import SimProfile, run_simulated
+from .layouts import Plan, build_plan, build_varlen_plan
+from .ring_loop import ring_bwd_loop, ring_fwd_loop
+
+
+def simulate_plans(
+    world: int,
+    n_local: int,
+    layout: str = "contiguous",
+    causal: bool = False,
+    window_size=(-1, -1),
+    cu_seqlens=None,
+) -> list[Plan]:
+    """The plans of all ``world`` virtual ranks (``cu_seqlens``: global, for the packed form)."""
+    window = (int(window_size[0]), int(window_size[1]))
+    if cu_seqlens is None:
+        return [build_plan(layout, r, world, n_local, causal, window) for r in range(world)]
+    cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+    if cu[-1] != world * n_local:
+        raise ValueError(f"global cu_seqlens total {cu[-1]} != world * local tokens {world * n_local}")
+    return [build_varlen_plan(cu, r, world, n_local, causal, window) for r in range(world)]
+
+
+def simulate_ring_attn(
+    qs: Sequence[torch.Tensor],
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    layout: str = "contiguous",
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    cu_seqlens=None,
+    profile: bool = False,
+    sync: Callable[[], None] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], SimProfile | None]:
+    """Forward ring attention of ``W = len(qs)`` virtual ranks.
+
+    Args:
+        qs, ks, vs: per-rank shards ``[B, S_local, H, D]`` (or packed ``[T_local, H, D]`` with the
+            global ``cu_seqlens``), e.g. from ``shard_for``.
+
+    Returns:
+        ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
+    """
+    packed = cu_seqlens is not None
+    n_local = qs[0].shape[0 if packed else 1]
+    plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
+    scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
+    backend = backend_for(qs[0])
+    loops = [
+        ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed)
+        for q, k, v, p in zip(qs, ks, vs, plans, strict=True)
+    ]
+    res, prof = run_simulated(loops, profile, sync)
+    return [o.to(q.dtype) for (o, _), q in zip(res, qs, strict=True)], [lse for _, lse in res], prof
+
+
+def simulate_ring_attn_backward(
+    douts,
+    qs,
+    ks,
+    vs,
+    outs,
+    lses,
+    layout: str = "contiguous",
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens=None,
+    profile=False,
+    sync=None,
+):
+    """Backward of ``simulate_ring_attn``: returns ``(dqs, dks, dvs, profile)`` per virtual rank."""
+    packed = cu_seqlens is not None
+    n_local = qs[0].shape[0 if packed else 1]
+    plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
+    scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
+    backend = backend_for(qs[0])
+    loops = [
+        ring_bwd_loop(
+            backend, do.contiguous(), q, k.contiguous(), v.contiguous(), o, lse, p, scale, softcap, packed
+        )
+        for do, q, k, v, o, lse, p in zip(douts, qs, ks, vs, outs, lses, plans, strict=True)
+    ]
+    res, prof = run_simulated(loops, profile, sync)
+    dqs = [dq.to(q.dtype) for (dq, _, _), q in zip(res, qs, strict=True)]
+    dks = [dk.to(k.dtype) for (_, dk, _), k in zip(res, ks, strict=True)]
+    dvs = [dv.to(v.dtype) for (_, _, dv), v in zip(res, vs, strict=True)]
+    return dqs, dks, dvs, prof

@@ -1,0 +1,99 @@
+"""Spawning real distributed workers for tests: gloo, a ``file://`` rendezvous in a temp dir.
+
+``spawn(fn, world, *args)`` starts ``world`` processes (torch.multiprocessing, spawn context), each
+of which joins a gloo process group and calls ``fn(rank, world, *args)``. It returns the ranks'
+return values in rank order; when any rank raises, the parent raises ``AssertionError`` carrying
+every failing rank's traceback, so assertion failures inside workers fail the calling test.
+``fn`` must be a module-level function (it is pickled by name).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(fn, rank, world, init_file, pg_timeout, results, args):
+    torch.set_num_threads(1)
+    status, payload = "ok", None
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        payload = fn(rank, world, *args)
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        status, payload = "error", traceback.format_exc()
+    results.put((rank, status, payload))
+    results.close()
+    results.join_thread()
+    # Skip process-group teardown: after a failed ring a peer may be gone and teardown could block.
+    os._exit(0)
+
+
+def spawn(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0, expect_dead=()):
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order.
+
+    ``expect_dead``: ranks that are meant to die without reporting (their result is None).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(
+                target=_worker, args=(fn, r, world, init_file, pg_timeout, results, args), daemon=True
+            )
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        got: dict[int, tuple[str, object]] = {}
+        deadline = time.monotonic() + timeout
+        want = world - len(expect_dead)
+        while len(got) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                r, status, payload = results.get(timeout=min(left, 1.0))
+                got[r] = (status, payload)
+            except queue.Empty:
+                alive = [
+                    p for i, p in enumerate(procs) if i not in got and i not in expect_dead and p.is_alive()
+                ]
+                if not alive and len(got) < want:
+                    time.sleep(0.5)  # a result may still be in flight
+                    while True:
+                        try:
+                            r, status, payload = results.get_nowait()
+                            got[r] = (status, payload)
+                        except queue.Empty:
+                            break
+                    break
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = [
+        f"--- rank {r} ---\n{payload}" for r, (status, payload) in sorted(got.items()) if status == "error"
+    ]
+    missing = [r for r in range(world) if r not in got and r not in expect_dead]
+    if errors or missing:
+        msg = "\n".join(errors)
+        if missing:
+            msg += f"\nranks {missing} reported nothing within {timeout:.0f} s (crash or hang)"
+        raise AssertionError(f"distributed test failed on {world} ranks:\n{msg}")
+    return [got[r][1] if r in got else None for r in range(world)]
