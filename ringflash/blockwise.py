@@ -18,8 +18,9 @@ import torch
 from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
 from .merge import merge_into_
 
-BLOCK_Q = 512
-BLOCK_K = 512
+BLOCK_Q = 256
+BLOCK_K = 256
+_M_FLOOR = -1e30
 
 
 def _key_range(lo: float, hi: float, i0: int, i1: int, Sk: int) -> tuple[int, int]:
@@ -51,14 +52,17 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
     kh = k.permute(0, 2, 1, 3)  # [B, Hk, Sk, D]
-    vh = v.permute(0, 2, 1, 3)
+    # V with a column of ones: p @ [v | 1] yields the softmax numerator and its row sum l in one
+    # product, saving a reduction pass over every score tile.
+    vh = torch.cat([v.permute(0, 2, 1, 3).float(), v.new_ones(B, Hk, Sk, 1, dtype=torch.float32)], -1)
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(Sq, i0 + BLOCK_Q)
         bq = i1 - i0
         qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, -1)
-        m = torch.full((B, Hk, G * bq, 1), -math.inf, device=q.device)
-        l = torch.zeros((B, Hk, G * bq, 1), device=q.device)
-        acc = torch.zeros((B, Hk, G * bq, Dv), device=q.device)
+        # A finite floor instead of -inf keeps exp(m - m_new) well defined for rows that have
+        # seen no key yet (no isinf/where per tile); such rows end with l == 0.
+        m = torch.full((B, Hk, G * bq, 1), _M_FLOOR, device=q.device)
+        acc = torch.zeros((B, Hk, G * bq, Dv + 1), device=q.device)
         j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
         for j0 in range(j_start, j_end, BLOCK_K):
             j1 = min(j_end, j0 + BLOCK_K)
@@ -71,12 +75,11 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
                 mask = _tile_mask(lo, hi, i0, i1, j0, j1, q.device)
                 s.view(B, Hk, G, bq, -1).masked_fill_(~mask, -math.inf)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = s.sub_(m_safe).exp_()
-            alpha = torch.exp(m - m_safe)
-            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha).add_(torch.matmul(p, vh[:, :, j0:j1].float()))
+            p = s.sub_(m_new).exp_()
+            alpha = torch.exp_(m.sub_(m_new))
+            acc.mul_(alpha).add_(torch.matmul(p, vh[:, :, j0:j1]))
             m = m_new
+        acc, l = acc[..., :Dv], acc[..., Dv:]
         has_key = l > 0
         lse_b = torch.where(has_key, m + torch.log(l), torch.full_like(l, -math.inf))
         out_b = acc / torch.where(has_key, l, torch.ones_like(l))
