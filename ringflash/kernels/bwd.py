@@ -1,0 +1,275 @@
+"""Backward flash-attention kernels: ``delta = rowsum(dout * out)``, then dK/dV, then dQ.
+
+Probabilities are recomputed from the saved LSE, ``p = exp(s - lse)``, so nothing of size
+``Sq x Sk`` is stored. dK/dV programs own ``BLOCK_N`` keys of one KV head and loop over the query
+heads of its group (GQA without repeated K/V and without atomics); dQ programs own ``BLOCK_M``
+rows of one query head. Both visit only the blocks inside the mask band (``_block_ranges``), so
+the two kernels never race and the result is deterministic. With the ``ADD`` flag the float32
+gradients are added into the given buffers (ring steps); otherwise they are written in the input
+dtype. Rows that saw no key (``lse = -inf``) use ``lse = +inf``: their p, dS and gradients are 0.
+
+Gradient of a softcapped score ``s = c * tanh(x * scale / c)`` is ``scale * (1 - tanh^2)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bwd_dkdv import _attn_bwd_dkdv_kernel
+from .bwd_dq import _attn_bwd_dq_kernel
+from .common import dot_f32, dot_precision, mask_flags, pad_dim, seq_bucket, varlen_diag
+from .fwd import _bshd_strides
+
+
+@triton.jit
+def _delta_kernel(
+    DO,
+    O,
+    DELTA,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dd,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    seqlen,
+    n_heads,
+    HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DV_PAD)
+    mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM_V)
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_db
+        + h * stride_dh
+        + offs_m[:, None] * stride_ds
+        + offs_d[None, :] * stride_dd,
+        mask=mask,
+        other=0.0,
+    )
+    o = tl.load(
+        O
+        + b.to(tl.int64) * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_os
+        + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(
+        DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m * stride_ls, delta, mask=offs_m < seqlen
+    )
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(loop_block):
+    """Prune for Hopper: the streamed tile (``loop_block`` rows of q/do or k/v) times the pipeline
+    depth must fit shared memory next to the resident tile; small tiles for head dim 256."""
+
+    def prune(configs, named_args, **kwargs):
+        d = max(named_args["D_PAD"], named_args["DV_PAD"])
+        out = []
+        for c in configs:
+            stream = c.kwargs[loop_block]
+            resident = c.kwargs["BLOCK_N" if loop_block == "BLOCK_M" else "BLOCK_M"]
+            smem = 2 * d * (2 * stream * c.num_stages + 2 * resident)  # bytes, 16-bit
+            if d >= 256:
+                ok = resident <= 64 and stream <= 32 and c.num_stages <= 2
+            else:
+                ok = smem <= 200 * 1024 and resident >= 128
+            if ok:
+                out.append(c)
+        return out or configs[-1:]
+
+    return prune
+
+
+_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"]
+_dkdv_tuned = triton.autotune(
+    configs=_configs(
+        [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)]
+    ),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
+    restore_value=["DK", "DV"],  # ADD mode accumulates in place
+)(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(
+    configs=_configs(
+        [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 2)]
+    ),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N")},
+    restore_value=["DQ"],
+)(_attn_bwd_dq_kernel)
+# Interpreter tiles: small, and different in the two directions so both edge runs are exercised.
+_CPU_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
+_CPU_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
+    if packed:
+        T, H, Dv = out.shape
+        delta = torch.empty((H, T), dtype=torch.float32, device=out.device)
+        B, S, d_str, o_str, l_str = (
+            1,
+            T,
+            _bshd_strides(dout, True),
+            _bshd_strides(out, True),
+            (0, *delta.stride()),
+        )
+    else:
+        B, S, H, Dv = out.shape
+        delta = torch.empty((B, H, S), dtype=torch.float32, device=out.device)
+        d_str, o_str, l_str = dout.stride(), out.stride(), delta.stride()
+    if delta.numel() == 0:
+        return delta
+    block = 64 if out.device.type != "cpu" else 32
+    _delta_kernel[(triton.cdiv(S, block), B * H)](
+        dout, out, delta, *d_str, *o_str, *l_str, S, H, HEAD_DIM_V=Dv, DV_PAD=pad_dim(Dv), BLOCK_M=block
+    )
+    return delta
+
+
+def attn_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    diag_offset=None,
+    delta=None,
+    dq=None,
+    dk=None,
+    dv=None,
+):
+    """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
+
+    The interface of ``ringflash.blockwise.attn_bwd``: ``delta`` (rowsum of ``dout * out``, laid
+    out like ``lse``) is computed when not given; with float32 ``dq``/``dk``/``dv`` given the
+    gradients are added into them and they are returned, else they come back in input dtypes.
+    """
+    packed = cu_seqlens_q is not None
+    add = dq is not None
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hk, Dv = k.shape[-2], v.shape[-1]
+    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
+    if delta is None:
+        delta = attn_bwd_delta(dout, out, packed=packed)
+    if add:
+        assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+    else:
+        alloc = torch.zeros if packed else torch.empty
+        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if packed:
+        B = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        Sq, Sk, diag = int(max_seqlen_q), int(max_seqlen_k), 0
+        diag_t = varlen_diag(diag_offset, B, q.device)
+        lse_str, delta_str = (0, *lse.stride()), (0, *delta.stride())
+    else:
+        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+        diag = Sk - Sq if diag_offset is None else int(diag_offset)
+        diag_t = None
+        lse_str, delta_str = lse.stride(), delta.stride()
+    if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
+        if not add:
+            dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv
+    cu_q = cu_seqlens_q if packed else q
+    cu_k = cu_seqlens_k if packed else q
+    ptrs = (q, k, v, dout, lse, delta)
+    strides = (
+        *_bshd_strides(q, packed),
+        *_bshd_strides(k, packed),
+        *_bshd_strides(v, packed),
+        *_bshd_strides(dout, packed),
+    )
+    scalars = (Sq, Sk, diag, wl, wr)
+    tail = (Hq // Hk, float(softmax_scale), float(softcap), seq_bucket(max(Sq, Sk)))
+    flags = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        D_PAD=pad_dim(D),
+        DV_PAD=pad_dim(Dv),
+        HAS_LO=has_lo,
+        HAS_HI=has_hi,
+        SOFTCAP=softcap > 0,
+        IS_VARLEN=packed,
+        DIAG_FROM_PTR=diag_t is not None,
+        ADD=add,
+        DOT_PREC=dot_precision(q.dtype),
+        DOT_F32=dot_f32(q),
+    )
+    diag_p = diag_t if diag_t is not None else q
+    dkdv_args = (
+        *ptrs,
+        dk,
+        dv,
+        cu_q,
+        cu_k,
+        diag_p,
+        *strides,
+        *_bshd_strides(dk, packed),
+        *_bshd_strides(dv, packed),
+        *lse_str,
+        *delta_str,
+        *scalars,
+        Hk,
+        *tail,
+    )
+    dq_args = (
+        *ptrs,
+        dq,
+        cu_q,
+        cu_k,
+        diag_p,
+        *strides,
+        *_bshd_strides(dq, packed),
+        *lse_str,
+        *delta_str,
+        *scalars,
+        Hq,
+        *tail,
+    )
+    if q.device.type == "cpu":
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, _CPU_DKDV["BLOCK_N"]), B * Hk)](
+            *dkdv_args, **flags, **_CPU_DKDV
+        )
+        _attn_bwd_dq_kernel[(triton.cdiv(Sq, _CPU_DQ["BLOCK_M"]), B * Hq)](*dq_args, **flags, **_CPU_DQ)
+    else:
+        _dkdv_tuned[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hk)](*dkdv_args, **flags)
+        _dq_tuned[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)](*dq_args, **flags)
+    return dq, dk, dv

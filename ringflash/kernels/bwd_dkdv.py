@@ -1,0 +1,330 @@
+"""dK/dV kernel of the backward pass (launched by ``bwd.attn_bwd``).
+
+One program owns ``BLOCK_N`` keys of one KV head, keeps K, V, dK and dV in registers, and streams
+the query blocks of every query head of its GQA group that can see those keys (the forward band
+transposed: query ``i`` sees key ``j`` iff ``-hi <= i - j <= -lo``). ``p = exp(s - lse)`` is
+recomputed from the saved LSE; ``dS = p * (dP - delta)``. No atomics: each program owns its rows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import _block_ranges, _dot, _scores, _visible
+
+
+@triton.jit
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptrs,
+    delta_ptrs,
+    stride_qs,
+    stride_dos,
+    stride_ls,
+    stride_es,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    i_start,
+    i_end,
+    seqlen_q,
+    seqlen_k,
+    lo,
+    hi,
+    sm_scale,
+    softcap,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    for i0 in range(i_start, i_end, BLOCK_M):
+        offs_i = i0 + offs_m
+        row = offs_i < seqlen_q
+        if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+            q = tl.load(q_ptrs + i0 * stride_qs, mask=row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(
+                do_ptrs + i0 * stride_dos, mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0
+            )
+        else:
+            q = tl.load(q_ptrs + i0 * stride_qs)
+            do = tl.load(do_ptrs + i0 * stride_dos)
+        lse = tl.load(lse_ptrs + i0 * stride_ls, mask=row, other=0.0)
+        delta = tl.load(delta_ptrs + i0 * stride_es, mask=row, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        sT, tT = _scores(k, q, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)  # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(sT - lse2[None, :])
+        if MASKED:
+            # Rows are keys here: key j sees query i iff -hi <= i - j <= -lo.
+            pT = tl.where(_visible(offs_n, offs_i, seqlen_k, seqlen_q, -hi, -lo, HAS_HI, HAS_LO), pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, DOT_F32)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, DOT_F32)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, DOT_F32)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU_Q,
+    CU_K,
+    DIAG_PTR,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dod,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dkd,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_dvd,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_eb,
+    stride_eh,
+    stride_es,
+    seqlen_q,
+    seqlen_k,
+    diag,
+    window_left,
+    window_right,
+    n_heads_k,
+    group,
+    sm_scale,
+    softcap,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr,
+    ADD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_k
+    hk = pid_bh % n_heads_k
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        diag = seqlen_k - seqlen_q
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    if DIAG_FROM_PTR:
+        diag = tl.load(DIAG_PTR + b)
+    j0 = pid_n * BLOCK_N
+    if j0 >= seqlen_k:
+        return
+    lo = diag - window_left
+    hi = diag + window_right
+
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    kv_row = offs_n[:, None] < seqlen_k
+    k_off = b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    k = tl.load(
+        K + k_off + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    v = tl.load(
+        V + v_off + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+        mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+
+    # Query rows that see this key block: -hi <= i - j <= -lo (the forward band, transposed).
+    start, full_start, full_end, end = _block_ranges(j0, seqlen_q, -hi, -lo, HAS_HI, HAS_LO, BLOCK_N, BLOCK_M)
+    for g in range(0, group):
+        h = hk * group + g
+        q_ptrs = (
+            Q
+            + b.to(tl.int64) * stride_qb
+            + q_start.to(tl.int64) * stride_qs
+            + h * stride_qh
+            + offs_m[:, None] * stride_qs
+            + offs_d[None, :] * stride_qd
+        )
+        do_ptrs = (
+            DO
+            + b.to(tl.int64) * stride_dob
+            + q_start.to(tl.int64) * stride_dos
+            + h * stride_doh
+            + offs_m[:, None] * stride_dos
+            + offs_dv[None, :] * stride_dod
+        )
+        lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+        delta_ptrs = DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es
+        args = (
+            q_ptrs,
+            do_ptrs,
+            lse_ptrs,
+            delta_ptrs,
+            stride_qs,
+            stride_dos,
+            stride_ls,
+            stride_es,
+            offs_m,
+            offs_n,
+            offs_d,
+            offs_dv,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            *args,
+            start,
+            full_start,
+            seqlen_q,
+            seqlen_k,
+            lo,
+            hi,
+            sm_scale,
+            softcap,
+            True,
+            HAS_LO,
+            HAS_HI,
+            SOFTCAP,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            D_PAD,
+            DV_PAD,
+            DOT_PREC,
+            DOT_F32,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            *args,
+            full_start,
+            full_end,
+            seqlen_q,
+            seqlen_k,
+            lo,
+            hi,
+            sm_scale,
+            softcap,
+            False,
+            HAS_LO,
+            HAS_HI,
+            SOFTCAP,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            D_PAD,
+            DV_PAD,
+            DOT_PREC,
+            DOT_F32,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            *args,
+            full_end,
+            end,
+            seqlen_q,
+            seqlen_k,
+            lo,
+            hi,
+            sm_scale,
+            softcap,
+            True,
+            HAS_LO,
+            HAS_HI,
+            SOFTCAP,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            D_PAD,
+            DV_PAD,
+            DOT_PREC,
+            DOT_F32,
+            BLOCK_M,
+        )
+    dk = dk * sm_scale
+
+    dk_ptrs = (
+        DK
+        + b.to(tl.int64) * stride_dkb
+        + k_start.to(tl.int64) * stride_dks
+        + hk * stride_dkh
+        + offs_n[:, None] * stride_dks
+        + offs_d[None, :] * stride_dkd
+    )
+    dv_ptrs = (
+        DV
+        + b.to(tl.int64) * stride_dvb
+        + k_start.to(tl.int64) * stride_dvs
+        + hk * stride_dvh
+        + offs_n[:, None] * stride_dvs
+        + offs_dv[None, :] * stride_dvd
+    )
+    dk_mask = kv_row & (offs_d[None, :] < HEAD_DIM)
+    dv_mask = kv_row & (offs_dv[None, :] < HEAD_DIM_V)
+    if ADD:
+        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)

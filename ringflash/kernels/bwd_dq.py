@@ -1,0 +1,295 @@
+"""dQ kernel of the backward pass (launched by ``bwd.attn_bwd``).
+
+One program owns ``BLOCK_M`` rows of one query head (Q, dO, LSE, delta and dQ in registers) and
+streams the key blocks of its KV head in the forward's three runs (masked head, mask-free middle,
+masked tail), recomputing ``p`` and ``dS`` as the dK/dV kernel does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import _block_ranges, _dot, _scores, _visible
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    stride_ks,
+    stride_vs,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    j_start,
+    j_end,
+    seqlen_q,
+    seqlen_k,
+    lo,
+    hi,
+    sm_scale,
+    softcap,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for j0 in range(j_start, j_end, BLOCK_N):
+        offs_j = j0 + offs_n
+        kv_row = offs_j[:, None] < seqlen_k
+        if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+            k = tl.load(k_ptrs + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            k = tl.load(k_ptrs + j0 * stride_ks)
+            v = tl.load(v_ptrs + j0 * stride_vs)
+        s, t = _scores(q, k, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, DOT_F32)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU_Q,
+    CU_K,
+    DIAG_PTR,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dod,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_dqd,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_eb,
+    stride_eh,
+    stride_es,
+    seqlen_q,
+    seqlen_k,
+    diag,
+    window_left,
+    window_right,
+    n_heads_q,
+    group,
+    sm_scale,
+    softcap,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr,
+    ADD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if HAS_HI:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    hk = h // group
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        diag = seqlen_k - seqlen_q
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    if DIAG_FROM_PTR:
+        diag = tl.load(DIAG_PTR + b)
+    i0 = pid_m * BLOCK_M
+    if i0 >= seqlen_q:
+        return
+    lo = diag - window_left
+    hi = diag + window_right
+
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    row = offs_m < seqlen_q
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + q_start.to(tl.int64) * stride_qs
+        + h * stride_qh
+        + offs_m[:, None] * stride_qs
+        + offs_d[None, :] * stride_qd,
+        mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_dob
+        + q_start.to(tl.int64) * stride_dos
+        + h * stride_doh
+        + offs_m[:, None] * stride_dos
+        + offs_dv[None, :] * stride_dod,
+        mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    lse = tl.load(
+        LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, mask=row, other=0.0
+    )
+    delta = tl.load(
+        DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es,
+        mask=row,
+        other=0.0,
+    )
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_ptrs = (
+        K
+        + b.to(tl.int64) * stride_kb
+        + k_start.to(tl.int64) * stride_ks
+        + hk * stride_kh
+        + offs_n[:, None] * stride_ks
+        + offs_d[None, :] * stride_kd
+    )
+    v_ptrs = (
+        V
+        + b.to(tl.int64) * stride_vb
+        + k_start.to(tl.int64) * stride_vs
+        + hk * stride_vh
+        + offs_n[:, None] * stride_vs
+        + offs_dv[None, :] * stride_vd
+    )
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+    args = (q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv)
+    dq = _dq_inner(
+        dq,
+        *args,
+        start,
+        full_start,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        sm_scale,
+        softcap,
+        True,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+    dq = _dq_inner(
+        dq,
+        *args,
+        full_start,
+        full_end,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        sm_scale,
+        softcap,
+        False,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+    dq = _dq_inner(
+        dq,
+        *args,
+        full_end,
+        end,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        sm_scale,
+        softcap,
+        True,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+    dq = dq * sm_scale
+
+    dq_ptrs = (
+        DQ
+        + b.to(tl.int64) * stride_dqb
+        + q_start.to(tl.int64) * stride_dqs
+        + h * stride_dqh
+        + offs_m[:, None] * stride_dqs
+        + offs_d[None, :] * stride_dqd
+    )
+    dq_mask = row[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if ADD:
+        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)

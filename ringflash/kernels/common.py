@@ -1,0 +1,138 @@
+"""Pieces shared by the forward and backward kernels: mask bounds, block ranges, launch helpers.
+
+Mask convention (``ringflash.masking``): query ``i`` sees key ``j`` iff ``lo <= j - i <= hi`` with
+``lo = diag - window_left`` (only when ``HAS_LO``) and ``hi = diag + window_right`` (``0`` when
+causal; only when ``HAS_HI``). For one block of rows the visible columns split into three runs of
+column blocks: a masked head (left window edge), a mask-free middle, and a masked tail (diagonal
+and the sequence end). Blocks outside the runs are never touched, which is what lets ring
+attention skip the blocks that its position offsets mask out.
+"""
+
+from __future__ import annotations
+
+# Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
+# exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2 (one MUFU op): exact limits +-1 for large |x| (exp2 -> inf or 0), no NaN,
+    # and absolute error ~1 ulp, which is what the softcapped score needs. It is also the one
+    # formulation the interpreter and every Triton version share (no libdevice).
+    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b + acc`` in float32. ``DOT_F32`` upcasts the operands first: only for bfloat16 under
+    the interpreter, whose numpy matmul has no bfloat16 (it returns garbage, seen with 3.9)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _block_ranges(
+    r0,
+    n_cols,
+    lo,
+    hi,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Column-block runs for rows ``[r0, r0 + BLOCK_R)`` where row r sees column c iff
+    ``lo <= c - r <= hi`` and ``c < n_cols``.
+
+    Returns ``(start, full_start, full_end, end)``: blocks from ``start`` to ``full_start`` and
+    from ``full_end`` to ``end`` need the mask, blocks in ``[full_start, full_end)`` are entirely
+    visible. ``start``, ``full_start`` and ``full_end`` are multiples of ``BLOCK_C``.
+    """
+    start = 0
+    full_start = 0
+    end = n_cols
+    full_end = n_cols // BLOCK_C * BLOCK_C
+    if HAS_LO:
+        # Clamp before dividing: integer division of negatives is not floor division.
+        start = tl.maximum(r0 + lo, 0) // BLOCK_C * BLOCK_C
+        full_start = tl.cdiv(tl.maximum(r0 + BLOCK_R - 1 + lo, 0), BLOCK_C) * BLOCK_C
+    if HAS_HI:
+        end = tl.minimum(r0 + BLOCK_R + hi, n_cols)
+        full_end = tl.maximum(tl.minimum(r0 + hi + 1, n_cols), 0) // BLOCK_C * BLOCK_C
+    end = tl.maximum(end, start)
+    full_start = tl.minimum(tl.maximum(full_start, start), end)
+    full_end = tl.minimum(tl.maximum(full_end, full_start), end)
+    return start, full_start, full_end, end
+
+
+@triton.jit
+def _visible(offs_r, offs_c, n_rows, n_cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Boolean ``[R, C]`` tile: in bounds and inside the diagonal band."""
+    mask = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+    if HAS_HI:
+        mask = mask & (offs_c[None, :] - offs_r[:, None] <= hi)
+    if HAS_LO:
+        mask = mask & (offs_c[None, :] - offs_r[:, None] >= lo)
+    return mask
+
+
+def mask_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
+    """``(HAS_LO, HAS_HI, window_left, window_right)`` for the kernels (right is 0 when causal)."""
+    left, right = int(window_size[0]), int(window_size[1])
+    has_hi = bool(causal) or right >= 0
+    return left >= 0, has_hi, max(left, 0), 0 if causal else max(right, 0)
+
+
+def pad_dim(d: int) -> int:
+    """Head dims are padded to a power of two (at least 16, the smallest dot) with masked loads."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def seq_bucket(s: int) -> int:
+    """Autotune key for a sequence length: a power of two, so varlen batches reuse tuned configs."""
+    return min(triton.next_power_of_2(max(int(s), 1)), 16384)
+
+
+def dot_precision(dtype) -> str:
+    """float32 inputs use 3xTF32 (about float32 accuracy at tensor-core speed); 16-bit ignore it."""
+    import torch
+
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def dot_f32(t) -> bool:
+    """The interpreter path for bfloat16 needs float32 dot operands (see ``_dot``)."""
+    import torch
+
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def varlen_diag(diag_offset, n_seq: int, device):
+    """Per-sequence diagonal offsets for packed inputs as an int32 tensor, or None (bottom-right)."""
+    import torch
+
+    if diag_offset is None:
+        return None
+    d = torch.as_tensor(diag_offset, dtype=torch.int32, device=device).reshape(-1)
+    if d.numel() == 1 and n_seq != 1:
+        d = d.expand(n_seq).contiguous()
+    assert d.numel() == n_seq, "diag_offset needs one value per packed sequence"
+    return d
+
+
+@triton.jit
+def _scores(a, b, sm_scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """Scores in log2 units and the tanh of the softcap (``t``; 0 when there is none)."""
+    s = _dot(a, tl.trans(b), None, DOT_PREC, DOT_F32)
+    if SOFTCAP:
+        t = _tanh(s * (sm_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = 0.0
+        s = s * (sm_scale * 1.4426950408889634)
+    return s, t

@@ -1,0 +1,470 @@
+"""Forward flash-attention kernel: ``(q, k, v) -> (out, lse)`` with online softmax.
+
+One program owns ``BLOCK_M`` query rows of one (sequence, query head) and streams the key blocks
+of its KV head (``h // (Hq // Hk)``, so GQA/MQA never repeat K/V) in the three runs given by
+``_block_ranges``: only blocks on a mask edge pay for the mask, blocks outside the band are not
+visited. Scores live in base 2 (``log2(e)`` folded into the scale, ``exp2`` on the MUFU unit); the
+stored LSE is the natural log, ``-inf`` for rows that see no key (their output is 0).
+
+``ACCUMULATE`` merges the new partial into a float32 ``(out, lse)`` in the epilogue
+(``lse = log(e^a + e^b)``, weights ``e^(lse_x - lse)``), which is one ring step, without a second
+pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are constexpr flags.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    _block_ranges,
+    _dot,
+    _tanh,
+    _visible,
+    dot_f32,
+    dot_precision,
+    mask_flags,
+    pad_dim,
+    seq_bucket,
+    varlen_diag,
+)
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_ks,
+    stride_vs,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    j_start,
+    j_end,
+    seqlen_q,
+    seqlen_k,
+    lo,
+    hi,
+    qk_scale,
+    cap_scale,
+    cap_out,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for j0 in range(j_start, j_end, BLOCK_N):
+        offs_j = j0 + offs_n
+        if MASKED:
+            kv_row = offs_j[:, None] < seqlen_k
+            k = tl.load(k_ptrs + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
+            k = tl.load(k_ptrs + j0 * stride_ks)
+            v = tl.load(v_ptrs + j0 * stride_vs)
+        else:
+            k = tl.load(k_ptrs + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+        if SOFTCAP:
+            s = _tanh(s * cap_scale) * cap_out
+        else:
+            s = s * qk_scale
+        if MASKED:
+            s = tl.where(
+                _visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), s, float("-inf")
+            )
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
+            # exp2(-inf - -inf) never makes a NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Sequence lengths and offsets vary from call to call: specialising on them (== 1, % 16) would
+# only multiply compilations.
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU_Q,
+    CU_K,
+    DIAG_PTR,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    seqlen_q,
+    seqlen_k,
+    diag,
+    window_left,
+    window_right,
+    n_heads_q,
+    group,
+    sm_scale,
+    softcap,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Causal row blocks get cheaper as the block index falls: launch the expensive ones first so
+    # the last wave is short.
+    pid_m = tl.program_id(0)
+    if HAS_HI:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_q
+    h = pid_bh % n_heads_q
+    hk = h // group
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        diag = seqlen_k - seqlen_q
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    if DIAG_FROM_PTR:
+        diag = tl.load(DIAG_PTR + b)
+    i0 = pid_m * BLOCK_M
+    if i0 >= seqlen_q:
+        return
+    lo = diag - window_left
+    hi = diag + window_right
+
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    # 64-bit base offsets: b * stride_b overflows int32 for large batches of long sequences.
+    q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+
+    qk_scale = sm_scale * 1.4426950408889634
+    cap_scale = 0.0
+    cap_out = 0.0
+    if SOFTCAP:
+        cap_scale = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+
+    start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+    args = (q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        *args,
+        start,
+        full_start,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        qk_scale,
+        cap_scale,
+        cap_out,
+        True,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        *args,
+        full_start,
+        full_end,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        qk_scale,
+        cap_scale,
+        cap_out,
+        False,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        *args,
+        full_end,
+        end,
+        seqlen_q,
+        seqlen_k,
+        lo,
+        hi,
+        qk_scale,
+        cap_scale,
+        cap_out,
+        True,
+        HAS_LO,
+        HAS_HI,
+        SOFTCAP,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        D_PAD,
+        DV_PAD,
+        DOT_PREC,
+        DOT_F32,
+        BLOCK_N,
+    )
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    # m_i is in log2 units; the LSE is stored as a natural log.
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+
+    row_ok = offs_m < seqlen_q
+    o_ptrs = (
+        O
+        + b.to(tl.int64) * stride_ob
+        + q_start.to(tl.int64) * stride_os
+        + h * stride_oh
+        + offs_m[:, None] * stride_os
+        + offs_dv[None, :] * stride_od
+    )
+    l_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if ACCUMULATE:
+        lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        mx = tl.maximum(lse_old, lse)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w_old = tl.exp(lse_old - mx)
+        w_new = tl.exp(lse - mx)
+        tot = w_old + w_new
+        inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
+        o = o_old * (w_old * inv)[:, None] + o * (w_new * inv)[:, None]
+        lse = mx + tl.log(tot)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(l_ptrs, lse, mask=row_ok)
+
+
+def _fwd_configs():
+    # Hopper: 128-row Q tiles (two warpgroups' worth of wgmma rows with 8 warps); 64 for head dim 256,
+    # whose K/V tiles would not fit shared memory twice over otherwise.
+    shapes = [
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (64, 64, 4, 2),
+        (64, 32, 4, 2),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Keep the configs whose tiles fit Hopper's shared memory (~227 KB)."""
+    d = max(named_args["D_PAD"], named_args["DV_PAD"])
+    out = []
+    for c in configs:
+        bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        smem = 2 * (bm * d + 2 * bn * d * st)  # Q once, K and V per pipeline stage, 16-bit
+        if (bm == 64) == (d >= 256) and smem <= 200 * 1024:
+            out.append(c)
+    return out or configs[-1:]
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(),
+    key=["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+    # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
+    restore_value=["O", "LSE"],
+)(_attn_fwd_kernel)
+
+# The interpreter (CPU tensors) runs one small fixed tile shape: autotuning there would only cost
+# time, and blocks smaller than the test sequences exercise every masked/unmasked run.
+_CPU_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _bshd_strides(x, packed):
+    """Strides as (batch, seq, head, dim); packed ``[T, H, D]`` tensors get batch stride 0."""
+    return (0, *x.stride()) if packed else x.stride()
+
+
+def attn_fwd(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    diag_offset=None,
+    out=None,
+    lse=None,
+):
+    """Forward attention returning ``(out, lse)``; the interface of ``ringflash.blockwise.attn_fwd``.
+
+    Padded: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]``, lse ``[B, Hq, Sq]``. Packed: q
+    ``[Tq, Hq, D]`` with ``cu_seqlens_q`` (int32), lse ``[Hq, Tq]``. With float32 ``out``/``lse``
+    given, the result is merged into them in place (accumulate mode) and they are returned.
+    """
+    packed = cu_seqlens_q is not None
+    accumulate = out is not None
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hk, Dv = k.shape[-2], v.shape[-1]
+    assert Hq % Hk == 0 and k.shape[-1] == D and D <= 256 and Dv <= 256
+    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
+    if packed:
+        B = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        Sq, Sk, diag = int(max_seqlen_q), int(max_seqlen_k), 0
+        diag_t = varlen_diag(diag_offset, B, q.device)
+    else:
+        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+        diag = Sk - Sq if diag_offset is None else int(diag_offset)
+        diag_t = None
+    if not accumulate:
+        # Packed rows outside every sequence (if any) must still read as "no key".
+        alloc = torch.zeros if packed else torch.empty
+        out = alloc(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
+        lse_shape = (Hq, q.shape[0]) if packed else (B, Hq, Sq)
+        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    if B == 0 or Sq == 0 or q.numel() == 0:
+        return out, lse
+    lse_strides = (0, *lse.stride()) if packed else lse.stride()
+    cu_q = cu_seqlens_q if packed else q  # dummy pointers when unused
+    cu_k = cu_seqlens_k if packed else q
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        diag_t if diag_t is not None else q,
+        *_bshd_strides(q, packed),
+        *_bshd_strides(k, packed),
+        *_bshd_strides(v, packed),
+        *_bshd_strides(out, packed),
+        *lse_strides,
+        Sq,
+        Sk,
+        diag,
+        wl,
+        wr,
+        Hq,
+        Hq // Hk,
+        float(softmax_scale),
+        float(softcap),
+        seq_bucket(max(Sq, Sk)),
+    )
+    flags = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        D_PAD=pad_dim(D),
+        DV_PAD=pad_dim(Dv),
+        HAS_LO=has_lo,
+        HAS_HI=has_hi,
+        SOFTCAP=softcap > 0,
+        IS_VARLEN=packed,
+        DIAG_FROM_PTR=diag_t is not None,
+        ACCUMULATE=accumulate,
+        DOT_PREC=dot_precision(q.dtype),
+        DOT_F32=dot_f32(q),
+    )
+    if q.device.type == "cpu":
+        grid = (triton.cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
+        _attn_fwd_kernel[grid](*args, **flags, **_CPU_FWD)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+
+        _attn_fwd_tuned[grid](*args, **flags)
+    return out, lse

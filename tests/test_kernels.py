@@ -1,0 +1,415 @@
+"""Triton kernels (``ringflash.kernels``) against the float64 oracle (``ringflash.reference``).
+
+On CPU the kernels run under Triton's interpreter, which only works when ``TRITON_INTERPRET=1`` is
+set before Triton is first imported. The pytest process may already have imported Triton (other
+test files, torch.compile), and flipping the variable there would leak into them, so the CPU
+cases run in ONE worker subprocess started with the variable set: this file doubles as the worker
+(``python tests/test_kernels.py --worker``), reading one JSON case per line on stdin and answering
+one JSON line of measured errors and their bounds. Each test sends its case and asserts every
+bound, so failures still name the test and the tensor. The worker starts once per module (the
+interpreter is slow; shapes are small). On a machine with CUDA the same cases also run in-process
+on the GPU at real shapes.
+
+Tolerances: float32 inputs meet fixed bounds; float16/bfloat16 follow flash-attn's rule: the
+kernel's max error against the float64 oracle is at most 2x (forward) / 3x (backward) the error of
+the same reference computed in that low precision (``upcast=False``), plus the rounding slack of
+the dtype at the result's scale.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- one case, anywhere
+def _seqs(p):
+    """Per-sequence ``(q_start, q_len, k_start, k_len, diag)`` for a varlen case."""
+    lq, lk = p["lens_q"], p["lens_k"]
+    diags = p.get("diag")
+    out, qs, ks = [], 0, 0
+    for b, (a, c) in enumerate(zip(lq, lk, strict=True)):
+        d = diags[b] if diags is not None else c - a
+        out.append((qs, a, ks, c, d))
+        qs, ks = qs + a, ks + c
+    return out
+
+
+def _oracle(p, q, k, v, scale, upcast):
+    """Reference ``(out, lse)`` (differentiable) in the layout of the case."""
+    from ringflash.reference import attention_ref
+
+    kw = dict(
+        softmax_scale=scale,
+        causal=p.get("causal", False),
+        window_size=tuple(p.get("window", (-1, -1))),
+        softcap=p.get("softcap", 0.0),
+        upcast=upcast,
+    )
+    if "lens_q" not in p:
+        return attention_ref(q, k, v, diag_offset=p.get("diag"), **kw)
+    outs, lses = [], []
+    for qs, a, ks, c, d in _seqs(p):
+        o, lse = attention_ref(
+            q[None, qs : qs + a], k[None, ks : ks + c], v[None, ks : ks + c], diag_offset=d, **kw
+        )
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, -1)
+
+
+def _key_parts(p):
+    """Key index sets of the two halves for accumulate cases, and each half's diag offsets."""
+    if "lens_q" not in p:
+        Sk, Sq = p["Sk"], p["Sq"]
+        base = p["diag"] if p.get("diag") is not None else Sk - Sq
+        h = p.get("split", Sk // 2)
+        return [(torch.arange(0, h), base, None), (torch.arange(h, Sk), base - h, None)]
+    parts = []
+    for half in (0, 1):
+        idx, diags, lens = [], [], []
+        for _, _, ks, c, d in _seqs(p):
+            h = c // 2
+            a, b = (0, h) if half == 0 else (h, c)
+            idx.append(torch.arange(ks + a, ks + b))
+            diags.append(d - a)
+            lens.append(b - a)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        parts.append((torch.cat(idx), diags, cu))
+    return parts
+
+
+def _kernel(p, q, k, v, dout, scale):
+    """Run ringflash.kernels for the case; returns out, lse, dq, dk, dv (float32 in accumulate mode)."""
+    from ringflash import kernels
+
+    kw = dict(
+        softmax_scale=scale,
+        causal=p.get("causal", False),
+        window_size=tuple(p.get("window", (-1, -1))),
+        softcap=p.get("softcap", 0.0),
+    )
+    dev = q.device
+    varlen = "lens_q" in p
+    if varlen:
+        cu_q = torch.tensor([0, *torch.tensor(p["lens_q"]).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, *torch.tensor(p["lens_k"]).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+        kw.update(cu_seqlens_q=cu_q, max_seqlen_q=max(p["lens_q"]))
+    if not p.get("accumulate"):
+        if varlen:
+            kw.update(cu_seqlens_k=cu_k, max_seqlen_k=max(p["lens_k"]), diag_offset=p.get("diag"))
+        else:
+            kw.update(diag_offset=p.get("diag"))
+        out, lse = kernels.attn_fwd(q, k, v, **kw)
+        dq, dk, dv = kernels.attn_bwd(dout, q, k, v, out, lse, **kw)
+        return out, lse, dq, dk, dv
+    # Accumulate mode: two disjoint key halves merged into float32 (out, lse) that start empty
+    # (lse = -inf), then gradients added into float32 buffers that start non-zero.
+    parts = _key_parts(p)
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=dev)
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    lse = torch.full(lse_shape, float("-inf"), device=dev)
+    kdim = 0 if varlen else 1
+    for idx, diag, cu in parts:
+        idx = idx.to(dev)
+        kk, vv = k.index_select(kdim, idx), v.index_select(kdim, idx)
+        extra = (
+            dict(cu_seqlens_k=cu.to(dev), max_seqlen_k=max(int((cu[1:] - cu[:-1]).max()), 1))
+            if varlen
+            else {}
+        )
+        kernels.attn_fwd(q, kk, vv, **kw, **extra, diag_offset=diag, out=out, lse=lse)
+    delta = kernels.attn_bwd_delta(dout, out, packed=varlen)
+    g = torch.Generator().manual_seed(7)
+    init = [torch.randn(x.shape, generator=g).to(dev) for x in (q, k, v)]
+    dq, dk, dv = (t.clone() for t in init)
+    for idx, diag, cu in parts:
+        idx = idx.to(dev)
+        kk, vv = k.index_select(kdim, idx), v.index_select(kdim, idx)
+        extra = (
+            dict(cu_seqlens_k=cu.to(dev), max_seqlen_k=max(int((cu[1:] - cu[:-1]).max()), 1))
+            if varlen
+            else {}
+        )
+        if varlen:  # packed halves interleave: gradient buffers of the half, scattered back after
+            dk_p = dk.index_select(0, idx)
+            dv_p = dv.index_select(0, idx)
+            kernels.attn_bwd(
+                dout,
+                q,
+                kk,
+                vv,
+                out,
+                lse,
+                **kw,
+                **extra,
+                diag_offset=diag,
+                delta=delta,
+                dq=dq,
+                dk=dk_p,
+                dv=dv_p,
+            )
+            dk.index_copy_(0, idx, dk_p)
+            dv.index_copy_(0, idx, dv_p)
+        else:  # contiguous halves: the kernel adds straight into strided views of the buffers
+            a, b = int(idx[0]) if len(idx) else 0, int(idx[-1]) + 1 if len(idx) else 0
+            kernels.attn_bwd(
+                dout,
+                q,
+                kk,
+                vv,
+                out,
+                lse,
+                **kw,
+                **extra,
+                diag_offset=diag,
+                delta=delta,
+                dq=dq,
+                dk=dk[:, a:b],
+                dv=dv[:, a:b],
+            )
+    return out, lse, dq - init[0], dk - init[1], dv - init[2]
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run_case(p):
+    """Compute every check of case ``p``: ``{name: [error, bound]}`` (passes when error <= bound)."""
+    dev = p.get("device", "cpu")
+    dt = DTYPES[p["dtype"]]
+    Hq, Hk, D = p["Hq"], p["Hk"], p["D"]
+    Dv = p.get("Dv", D)
+    g = torch.Generator().manual_seed(zlib.crc32(json.dumps(p, sort_keys=True).encode()))
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g).to(device=dev, dtype=dt)
+
+    if "lens_q" in p:
+        Tq, Tk = sum(p["lens_q"]), sum(p["lens_k"])
+        q, k, v, dout = rnd(Tq, Hq, D), rnd(Tk, Hk, D), rnd(Tk, Hk, Dv), rnd(Tq, Hq, Dv)
+    elif p.get("qkv_packed"):  # strided views into one [B, S, 3, H, D] buffer
+        B, S = p["B"], p["Sq"]
+        qkv = rnd(B, S, 3, Hq, D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        dout = rnd(B, S, Hq, D).transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        B, Sq, Sk = p["B"], p["Sq"], p["Sk"]
+        q, k, v, dout = rnd(B, Sq, Hq, D), rnd(B, Sk, Hk, D), rnd(B, Sk, Hk, Dv), rnd(B, Sq, Hq, Dv)
+    scale = D**-0.5
+    out, lse, dq, dk, dv = _kernel(p, q, k, v, dout, scale)
+
+    refs = {}
+    for name, upcast, cast in (("ref", True, torch.float64), ("low", False, dt)):
+        if name == "low" and dt == torch.float32:
+            continue
+        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
+        o, lse_r = _oracle(p, *xs, scale, upcast)
+        o.backward(dout.to(cast))
+        refs[name] = (o.detach(), lse_r.detach(), *(x.grad for x in xs))
+    names = ("out", "lse", "dq", "dk", "dv")
+    got = (out, lse, dq, dk, dv)
+    checks = {}
+    masked = torch.isinf(refs["ref"][1])
+    for i, name in enumerate(names):
+        r, x = refs["ref"][i], got[i]
+        if name == "lse":
+            r, x = r[~masked], x[~masked]
+        err = _max_err(x, r)
+        scale_r = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        if "low" in refs:
+            low = refs["low"][i][~masked] if name == "lse" else refs["low"][i]
+            rd = r.to(dt)
+            slack = 2 * (rd + 0.3 - 0.3 - rd).abs().max().item() if r.numel() else 0.0
+            bound = (2 if i < 2 else 3) * _max_err(low, r) + slack + 1e-6
+        else:
+            bound = (2e-5 if i < 2 else 1e-4) * scale_r
+        checks[name] = [err, bound]
+        checks[name + " finite"] = [float((~torch.isfinite(x)).sum().item()), 0.0]
+    # Rows that see no key: lse exactly -inf, output exactly 0 (gradients are checked above).
+    checks["lse -inf pattern"] = [float((torch.isinf(lse) != masked).sum().item()), 0.0]
+    rows_out = out.transpose(0, 1) if "lens_q" in p else out.transpose(1, 2)  # lse layout first
+    checks["masked rows out"] = [rows_out[masked].abs().max().item() if masked.any() else 0.0, 0.0]
+    checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
+    checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
+    return checks
+
+
+# ----------------------------------------------------------------------------- the worker process
+def _worker_main():
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    proto = sys.stdout
+    sys.stdout = sys.stderr  # only the protocol goes to the real stdout
+    torch.set_num_threads(1)
+    for line in sys.stdin:
+        try:
+            reply = {"checks": run_case(json.loads(line))}
+        except Exception:  # report, keep serving the other cases
+            reply = {"error": traceback.format_exc()}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+
+
+class _Worker:
+    def __init__(self):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, case):
+        self.proc.stdin.write(json.dumps(case) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"interpreter worker exited with code {self.proc.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AssertionError("case raised in the worker:\n" + reply["error"])
+        return reply["checks"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    w = _Worker()
+    yield w
+    w.close()
+
+
+def _assert_checks(checks, case_id):
+    bad = [f"{n}: error {e:.3g} > bound {b:.3g}" for n, (e, b) in checks.items() if not e <= b]
+    assert not bad, f"{case_id}: " + "; ".join(bad)
+
+
+# ----------------------------------------------------------------------------- cases
+def _pad(B, Sq, Sk, Hq, Hk, D, dtype, **kw):
+    return dict(B=B, Sq=Sq, Sk=Sk, Hq=Hq, Hk=Hk, D=D, dtype=dtype, **kw)
+
+
+def _case_id(c):
+    if "lens_q" in c:
+        s = f"varlen{c['lens_q']}x{c['lens_k']}".replace(" ", "")
+    else:
+        s = f"B{c['B']}-S{c['Sq']}" if c["Sq"] == c["Sk"] else f"B{c['B']}-Sq{c['Sq']}-Sk{c['Sk']}"
+    s += f"-H{c['Hq']}:{c['Hk']}-D{c['D']}-{c['dtype']}"
+    for flag in ("causal", "accumulate", "qkv_packed"):
+        if c.get(flag):
+            s += "-" + flag
+    if c.get("window"):
+        s += "-win{}:{}".format(*c["window"])
+    if c.get("softcap"):
+        s += f"-cap{c['softcap']:g}"
+    if c.get("diag") is not None:
+        s += f"-diag{c['diag']}".replace(" ", "")
+    return s
+
+
+CPU_CASES = [
+    _pad(2, 1, 1, 2, 2, 32, "fp32"),
+    _pad(2, 17, 17, 4, 2, 32, "fp32", causal=True),
+    _pad(1, 127, 127, 2, 1, 80, "bf16", causal=True),
+    _pad(1, 17, 45, 8, 2, 32, "fp16", causal=True),
+    _pad(1, 45, 17, 2, 2, 32, "fp32", causal=True, expect_masked=True),
+    _pad(1, 45, 17, 4, 2, 32, "bf16", causal=True, expect_masked=True),
+    _pad(1, 64, 64, 4, 1, 128, "bf16"),
+    _pad(1, 127, 127, 2, 2, 80, "fp16"),
+    _pad(1, 40, 40, 2, 2, 64, "fp32", window=(8, 3)),
+    _pad(1, 40, 40, 2, 2, 32, "fp16", causal=True, window=(5, -1)),
+    _pad(1, 20, 50, 2, 1, 32, "fp32", window=(10, 0)),
+    _pad(1, 33, 33, 2, 2, 32, "fp32", causal=True, softcap=5.0),
+    _pad(1, 33, 40, 2, 2, 32, "bf16", softcap=30.0),
+    _pad(1, 20, 20, 1, 1, 256, "fp32", causal=True),
+    _pad(1, 30, 50, 2, 2, 32, "fp32", causal=True, diag=-10, expect_masked=True),
+    _pad(1, 30, 50, 2, 1, 32, "fp32", causal=True, diag=70),
+    _pad(1, 33, 33, 2, 2, 32, "bf16", causal=True, qkv_packed=True),
+    dict(
+        lens_q=[1, 17, 40, 3],
+        lens_k=[1, 17, 40, 0],
+        Hq=2,
+        Hk=2,
+        D=32,
+        dtype="fp32",
+        causal=True,
+        expect_masked=True,
+    ),
+    dict(lens_q=[5, 33, 1], lens_k=[20, 33, 9], Hq=4, Hk=2, D=32, dtype="bf16"),
+    dict(
+        lens_q=[9, 30, 4],
+        lens_k=[9, 25, 12],
+        Hq=2,
+        Hk=1,
+        D=32,
+        dtype="fp32",
+        causal=True,
+        diag=[0, -3, 5],
+        expect_masked=True,
+    ),
+    dict(lens_q=[20, 7], lens_k=[31, 7], Hq=2, Hk=2, D=64, dtype="fp16", window=(6, 2), softcap=10.0),
+    _pad(1, 48, 48, 4, 2, 32, "fp32", causal=True, accumulate=True),
+    _pad(2, 33, 50, 2, 2, 32, "bf16", accumulate=True),
+    _pad(1, 40, 40, 2, 2, 32, "fp32", causal=True, accumulate=True, diag=-8, expect_masked=True),
+    dict(lens_q=[3, 30, 1], lens_k=[3, 41, 8], Hq=4, Hk=2, D=32, dtype="fp32", causal=True, accumulate=True),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[_case_id(c) for c in CPU_CASES])
+def test_kernels_interpreter(interp, case):
+    _assert_checks(interp.run(case), _case_id(case))
+
+
+GPU_CASES = [
+    _pad(2, 1000, 1000, 8, 2, 128, "bf16", causal=True),
+    _pad(2, 1000, 1000, 16, 16, 64, "fp16"),
+    _pad(1, 2049, 1023, 8, 8, 64, "bf16", causal=True, expect_masked=True),
+    _pad(1, 777, 2049, 8, 1, 128, "bf16", causal=True),
+    _pad(1, 1027, 1027, 4, 4, 80, "fp16", causal=True),
+    _pad(1, 513, 513, 4, 2, 256, "bf16", causal=True),
+    _pad(1, 1000, 1000, 4, 4, 64, "fp32", causal=True),
+    _pad(1, 1000, 1000, 4, 2, 128, "bf16", window=(256, 64), softcap=30.0),
+    _pad(1, 1000, 1000, 8, 2, 128, "bf16", causal=True, accumulate=True),
+    dict(lens_q=[1, 500, 1023, 7], lens_k=[1, 500, 1023, 7], Hq=8, Hk=2, D=128, dtype="bf16", causal=True),
+    dict(
+        lens_q=[300, 1, 800],
+        lens_k=[500, 9, 700],
+        Hq=4,
+        Hk=4,
+        D=64,
+        dtype="bf16",
+        causal=True,
+        accumulate=True,
+    ),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
+def test_kernels_cuda(case):
+    _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker_main()
