@@ -1,0 +1,105 @@
+"""Bad input raises ValueError on every rank (never a hang); a dead rank makes the others fail."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from dist_utils import spawn
+
+import ringflash.parallel as rp
+
+PG_TIMEOUT = 5.0
+
+
+def _expect_value_error(fn, *args, **kwargs) -> str:
+    try:
+        fn(*args, **kwargs)
+    except ValueError as e:
+        return str(e)
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise ValueError")
+
+
+def _bad_inputs(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    L, msgs = 6, {}
+    q, k, v = torch.randn(1, L, 4, 8), torch.randn(1, L, 2, 8), torch.randn(1, L, 2, 8)
+    short = [x[:, : L - 1 if rank == 1 else L] for x in (q, k, v)]
+    msgs["unequal"] = _expect_value_error(rp.ring_flash_attn_func, *short, causal=True)
+    odd = [x[:, :5] for x in (q, k, v)]
+    msgs["zigzag_odd"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, *odd, causal=True)
+    local_cu = torch.tensor([0, 2, L], dtype=torch.int32)  # a shard's cu_seqlens, not the global one
+    msgs["local_cu"] = _expect_value_error(rp.ring_flash_attn_varlen_func, q[0], k[0], v[0], local_cu, L)
+    msgs["dropout"] = _expect_value_error(rp.stripe_flash_attn_func, q, k, v, dropout_p=0.1)
+    q_bad = q.double() if rank == 1 else q
+    msgs["one_rank_dtype"] = _expect_value_error(rp.ring_flash_attn_func, q_bad, k, v)
+    msgs["causal_mismatch"] = _expect_value_error(rp.ring_flash_attn_func, q, k, v, causal=rank == 0)
+    msgs["gqa"] = _expect_value_error(rp.ring_flash_attn_func, q[:, :, :3], k, v)
+    msgs["kvpacked"] = _expect_value_error(rp.ring_flash_attn_kvpacked_func, q, torch.stack([k, v, v], 2))
+    msgs["shard"] = _expect_value_error(rp.shard, torch.randn(1, 2 * world + 1, 2), None, 1, "contiguous")
+    # The ring is still in step after all of that: a good call works.
+    out = rp.zigzag_ring_flash_attn_func(q, k, v, causal=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    return msgs
+
+
+def test_bad_input_raises_on_every_rank():
+    res = spawn(_bad_inputs, 2, timeout=120, pg_timeout=PG_TIMEOUT)
+    for rank, msgs in enumerate(res):
+        assert "local seqlen" in msgs["unequal"] and "equal length" in msgs["unequal"], msgs["unequal"]
+        assert "even number of tokens" in msgs["zigzag_odd"], msgs["zigzag_odd"]
+        assert "global cu_seqlens" in msgs["local_cu"] and "12" in msgs["local_cu"], msgs["local_cu"]
+        assert "dropout" in msgs["dropout"], msgs["dropout"]
+        expected = "float64" if rank == 1 else "rank(s) [1]"
+        assert expected in msgs["one_rank_dtype"], msgs["one_rank_dtype"]
+        assert "disagree on causal" in msgs["causal_mismatch"], msgs["causal_mismatch"]
+        assert "multiple of kv heads" in msgs["gqa"], msgs["gqa"]
+        assert "size 2" in msgs["kvpacked"], msgs["kvpacked"]
+        assert "divide by the world size" in msgs["shard"], msgs["shard"]
+
+
+def _die_mid_ring(rank: int, world: int, mode: str):
+    from ringflash.comm import ring
+
+    if rank == 1:
+        original, calls = ring.RingComm.post, [0]
+
+        def post(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 2:  # the second hop of the forward ring
+                if mode == "stuck":  # alive but silent: only the timeout can tell
+                    time.sleep(PG_TIMEOUT + 20)
+                os._exit(1)
+            return original(self, *args, **kwargs)
+
+        ring.RingComm.post = post
+    q, k, v = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)
+    t0 = time.monotonic()
+    try:
+        rp.ring_flash_attn_func(q, k, v, causal=True)
+    except Exception as e:  # noqa: BLE001 - any error is the expected outcome
+        return "raised", type(e).__name__, str(e)[:300], time.monotonic() - t0
+    return "returned", "", "", time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["exit", "stuck"])
+def test_dead_rank_fails_the_others_within_timeout(mode):
+    res = spawn(_die_mid_ring, 3, mode, timeout=60, pg_timeout=PG_TIMEOUT, expect_dead={1})
+    for rank in (0, 2):
+        status, kind, msg, secs = res[rank]
+        assert status == "raised", f"rank {rank} finished a ring whose rank 1 died"
+        assert secs < PG_TIMEOUT + 10, (
+            f"rank {rank} took {secs:.1f} s to notice the dead rank ({kind}: {msg})"
+        )
+
+
+def _assert_on_rank_one(rank: int, world: int):
+    assert rank != 1, "deliberate failure on rank 1"
+    return rank
+
+
+def test_worker_assertions_reach_the_parent():
+    with pytest.raises(AssertionError, match="deliberate failure on rank 1"):
+        spawn(_assert_on_rank_one, 2, timeout=60)

@@ -1,0 +1,145 @@
+"""The ring loop in one process (virtual ranks), the per-step plans, and bf16 drift with world size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import assert_matches, max_err
+
+import ringflash.parallel as rp
+from ringflash.backends import use_backend
+from ringflash.parallel.layouts import build_plan, step_pieces
+from ringflash.reference import attention_ref, attention_varlen_ref
+
+
+def _sim(q, k, v, dout, world, layout, dim=1, cu=None, **kw):
+    """Shard, run the simulated ring fwd+bwd, and gather the results."""
+
+    def sh(x):
+        return [rp.shard_for(x, r, world, dim, layout) for r in range(world)]
+
+    qs, ks, vs = sh(q), sh(k), sh(v)
+    outs, lses, _ = rp.simulate_ring_attn(qs, ks, vs, layout, cu_seqlens=cu, **kw)
+    dqs, dks, dvs, _ = rp.simulate_ring_attn_backward(
+        sh(dout), qs, ks, vs, outs, lses, layout, cu_seqlens=cu, **kw
+    )
+    return [rp.unshard_from(x, dim, layout) for x in (outs, dqs, dks, dvs)] + [lses]
+
+
+def _ref(q, k, v, dout, cu=None, upcast=True, **kw):
+    xs = [
+        x.detach().clone().requires_grad_()
+        for x in ((q, k, v) if not upcast else (q.double(), k.double(), v.double()))
+    ]
+    if cu is None:
+        out, lse = attention_ref(*xs, upcast=upcast, **kw)
+    else:
+        out, lse = attention_varlen_ref(*xs, cu, cu, upcast=upcast, **kw)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse, xs[0].grad, xs[1].grad, xs[2].grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize("world", [4, 5])
+@pytest.mark.parametrize(
+    "mask", [dict(causal=True), dict(causal=True, window_size=(9, 0)), dict(window_size=(4, 7))], ids=str
+)
+def test_simulated_ring_matches_oracle(layout, world, mask, small_blocks):
+    L = 10
+    q, k, v = (
+        torch.randn(2, world * L, 4, 16),
+        torch.randn(2, world * L, 2, 16),
+        torch.randn(2, world * L, 2, 16),
+    )
+    dout = torch.randn_like(q)
+    with use_backend("torch"):
+        out, dq, dk, dv, _ = _sim(q, k, v, dout, world, layout, **mask)
+    ref, _, rdq, rdk, rdv = _ref(q, k, v, dout, **mask)
+    for name, got, want in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_matches(f"{layout} W{world} {name}", got, want, None, 2)
+
+
+def test_simulated_varlen_documents_cross_shards():
+    world, L = 4, 11
+    cu = torch.tensor([0, 4, 4, 20, 21, 40, 44], dtype=torch.int32)  # docs span 1-2 shard edges
+    q, k, v = torch.randn(world * L, 4, 8), torch.randn(world * L, 1, 8), torch.randn(world * L, 1, 8)
+    dout = torch.randn_like(q)
+    for mask in (dict(causal=True), dict(causal=True, window_size=(6, 0)), dict()):
+        out, dq, dk, dv, lses = _sim(q, k, v, dout, world, "contiguous", dim=0, cu=cu, **mask)
+        ref, rlse, rdq, rdk, rdv = _ref(q, k, v, dout, cu=cu, **mask)
+        assert_matches(f"varlen {mask} lse", torch.cat(lses, -1), rlse, None, 2)
+        for name, got, want in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+            assert_matches(f"varlen {mask} {name}", got, want, None, 2)
+
+
+def test_causal_plans_skip_masked_blocks_and_balance_work():
+    W, L = 4, 8
+    for r in range(W):
+        plan = build_plan("contiguous", r, W, L, True, (-1, -1))
+        assert plan.n_steps == W
+        assert [len(s) > 0 for s in plan.steps] == [t <= r for t in range(W)], (
+            f"rank {r}: masked steps computed"
+        )
+        zig = build_plan("zigzag", r, W, L, True, (-1, -1))
+        for t in range(1, W):  # every later step: one unmasked call over half of the block
+            (pc,) = zig.steps[t]
+            assert pc.full and (pc.q1 - pc.q0) * (pc.k1 - pc.k0) == L * L // 2, (r, t, pc)
+
+
+def test_stripe_causal_diag_is_zero_or_minus_one():
+    """Token t on rank t % W: rank r's queries see rank s's keys j <= i when s <= r, else j < i."""
+    W, L = 4, 6
+    for r in range(W):
+        for s in range(W):
+            (pc,) = step_pieces("stripe", r, s, W, L, True, (-1, -1))
+            assert pc.causal and pc.diag == (0 if s <= r else -1), (r, s, pc)
+            i = torch.arange(L)[:, None]
+            j = torch.arange(L)[None, :]
+            want = (j * W + s) <= (i * W + r)  # the global causal mask on this block
+            assert torch.equal(want, (j - i) <= pc.diag)
+
+
+def test_window_drops_hops_outside_it():
+    W, L = 8, 16
+    # Query r*L sees keys down to r*L - left: 1 + ceil(left / L) shards.
+    for window, steps in (((L, 0), 2), ((L + 1, 0), 3), ((2 * L, 0), 3), ((2 * L + 1, 0), 4), ((-1, -1), W)):
+        plans = [build_plan("contiguous", r, W, L, True, window) for r in range(W)]
+        assert all(p.n_steps == steps for p in plans), (window, [p.n_steps for p in plans])
+    # Fewer hops and still exact (the dK/dV of the last step go straight back to their owner).
+    q, k, v = torch.randn(1, W * L, 2, 8), torch.randn(1, W * L, 2, 8), torch.randn(1, W * L, 2, 8)
+    dout = torch.randn_like(q)
+    out, dq, dk, dv, _ = _sim(q, k, v, dout, W, "contiguous", causal=True, window_size=(L + 3, 0))
+    ref, _, rdq, rdk, rdv = _ref(q, k, v, dout, causal=True, window_size=(L + 3, 0))
+    for name, got, want in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_matches(f"window {name}", got, want, None, 2)
+
+
+def test_profile_times_every_rank():
+    W, L = 4, 8
+    qs = [torch.randn(1, L, 2, 8) for _ in range(W)]
+    outs, lses, prof = rp.simulate_ring_attn(qs, qs, qs, "zigzag", causal=True, profile=True)
+    assert len(prof.segments) == W and all(len(s) == len(prof.segments[0]) for s in prof.segments)
+    assert 0 < prof.ring_time() <= sum(prof.rank_time(r) for r in range(W))
+
+
+def test_bf16_error_does_not_grow_with_world_size():
+    """Partials merge in float32: the bf16 error at 8 ranks stays that of 2 ranks (and flash-attn's rule)."""
+    S = 256
+    q, k, v = (torch.randn(1, S, 4, 32).to(torch.bfloat16) for _ in range(3))
+    dout = torch.randn(1, S, 4, 32).to(torch.bfloat16)
+    ref = _ref(q, k, v, dout, causal=True)
+    plain = _ref(q, k, v, dout, upcast=False, causal=True)  # plain PyTorch in bf16
+    errs = {}
+    for world in (2, 8):
+        got = _sim(q, k, v, dout, world, "zigzag", causal=True)
+        errs[world] = [max_err(g, r) for g, r in zip(got[:4], (ref[0], *ref[2:]), strict=True)]
+        wants, plains = (ref[0], *ref[2:]), (plain[0], *plain[2:])
+        for name, g, r, p, f in zip(
+            ("out", "dq", "dk", "dv"), got[:4], wants, plains, (2, 3, 3, 3), strict=True
+        ):
+            assert g.dtype == torch.bfloat16
+            assert_matches(f"W{world} {name}", g, r, p, f)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert errs[8][i] <= 1.5 * errs[2][i] + 1e-3, (
+            f"{name}: error {errs[8][i]:.3g} at 8 ranks vs {errs[2][i]:.3g} at 2"
+        )
