@@ -1,0 +1,215 @@
+"""Ring-attention efficiency on one device with the simulated ring (virtual ranks).
+
+For world size ``W`` with ``L`` tokens per rank (sequence ``S = W * L``):
+
+    efficiency = t_full / (W * t_rank)
+
+``t_full``: one attention call over the whole sequence on this device (the same backend).
+``t_rank``: one rank's share of the ring: the sum over ring steps of the slowest virtual rank's
+compute in that step (ranks meet at every exchange), measured by ``run_simulated(profile=True)``
+with a device sync around each step. Communication is not simulated; it is free when it hides
+behind compute. Per step and rank the ring moves ``2*B*L*Hk*D*elem`` bytes of K/V (backward:
+also ``2*B*L*Hk*D*4`` bytes of float32 dK/dV, plus K/V again) and computes at most
+``4*B*L*L*Hq*D`` FLOPs (forward, a full block; causal zigzag steps do half; backward 2.5x), so
+the transfer hides when
+
+    2*B*L*Hk*D*elem / BW  <=  c * 4*B*L*L*Hq*D / F    i.e.    L  >=  Hk * elem * F / (2 * c * Hq * BW)
+
+with ``F`` the attention kernel's achieved FLOP/s (measured here), ``BW`` the link bandwidth and
+``c`` the fraction of a full block computed per step (1, or 1/2 for causal zigzag / stripe).
+
+    python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
+    python benchmarks/bench_ring.py --tiny     # a seconds-long CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional
+
+from ringflash.backends import backend_for, backend_name
+from ringflash.parallel import shard_for, simulate_ring_attn, simulate_ring_attn_backward
+
+LINKS = {
+    "NVLink4 (H100, ~450 GB/s)": 450e9,
+    "PCIe Gen5 x16 (~55 GB/s)": 55e9,
+    "InfiniBand NDR (~50 GB/s)": 50e9,
+}
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` (``triton.testing.do_bench`` on CUDA)."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=5, rep=max(25, reps * 10), return_mode="median") / 1e3
+        except ImportError:
+            pass
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def full_times(q, k, v, dout, scale, reps):
+    """(fwd, fwd+bwd) seconds of one whole-sequence call of the backend, and SDPA's fwd as a baseline."""
+    be = backend_for(q)
+    kw = dict(softmax_scale=scale, causal=True)
+
+    def fwd():
+        return be.attn_fwd(q, k, v, **kw)
+
+    def fwd_bwd():
+        out, lse = be.attn_fwd(q, k, v, **kw)
+        be.attn_bwd(dout, q, k, v, out, lse, **kw)
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def sdpa():
+        return functional.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True
+        )
+
+    return _time(fwd, q.device, reps), _time(fwd_bwd, q.device, reps), _time(sdpa, q.device, reps)
+
+
+def ring_times(q, k, v, dout, world, layout, scale, reps):
+    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the mean rank's fwd."""
+    sh = lambda x: [shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
+    qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
+    sync = _sync(q.device)
+    kw = dict(softmax_scale=scale, causal=True, profile=True, sync=sync)
+    fwd, bwd, mean = [], [], []
+    for _ in range(reps + 1):  # the first run warms up (kernel compilation)
+        outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **kw)
+        *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
+        fwd.append(pf.ring_time())
+        bwd.append(pb.ring_time())
+        mean.append(sum(pf.rank_time(r) for r in range(world)) / world)
+    fwd, bwd, mean = fwd[1:], bwd[1:], mean[1:]
+    return (
+        statistics.median(fwd),
+        statistics.median(f + b for f, b in zip(fwd, bwd, strict=True)),
+        statistics.median(mean),
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny CPU-sized shapes (smoke test)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"])
+    p.add_argument("--tokens-per-rank", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
+    )
+    p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
+    a = p.parse_args()
+    if a.tiny:
+        a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.no_write = 64, 4, 2, 32, 2, True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    versions = f"torch {torch.__version__}"
+    try:
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    L, Hq, Hk, D = a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim
+    elem = torch.finfo(dtype).bits // 8
+    scale = D**-0.5
+    print(
+        f"# ring attention efficiency (simulated ring) on {dev_name}; {versions}; "
+        f"backend {backend_name(device)}"
+    )
+    print(
+        f"# causal, B=1, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens per rank; eff = t_full / (W * t_rank)"
+    )
+    hdr = f"{'layout':>10} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
+    hdr += f"{'eff fwd':>7} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} {'eff f+b':>7}"
+    print(hdr)
+    rows = []
+    fwd_flops_rate = None
+    for world in a.worlds:
+        S = world * L
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v, dout = (
+            torch.randn(1, S, h, D, generator=g).to(device=device, dtype=dtype) for h in (Hq, Hk, Hk, Hq)
+        )
+        t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
+        fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
+        for layout in a.layouts:
+            t_rank, t_rank_fb, t_mean = ring_times(q, k, v, dout, world, layout, scale, a.reps)
+            eff, eff_mean, eff_fb = (
+                t_full / (world * t_rank),
+                t_full / (world * t_mean),
+                t_full_fb / (world * t_rank_fb),
+            )
+            print(
+                f"{layout:>10} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
+                f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {eff_mean:>8.3f} | {t_full_fb * 1e3:>11.3f} "
+                f"{t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f}"
+            )
+            rows.append((layout, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
+    print("\n# When does communication hide? Per step and rank (forward):")
+    kv_bytes, blk_flops = 2 * L * Hk * D * elem, 4 * L * L * Hq * D
+    print(
+        f"#   bytes = 2*L*Hk*D*elem = {kv_bytes / 2**20:.3g} MiB; "
+        f"FLOPs <= 4*L*L*Hq*D = {blk_flops / 1e12:.3g} T"
+    )
+    print("#   hidden when L >= Hk*elem*F / (2*c*Hq*BW); c = 1 (full block), 1/2 (causal zigzag/stripe step)")
+    F = fwd_flops_rate
+    print(f"#   F = {F / 1e12:.3g} TFLOP/s (the full causal forward above, at W={a.worlds[-1]})")
+    for name, bw in LINKS.items():
+        lmin = Hk * elem * F / (2 * 0.5 * Hq * bw)
+        print(f"#   {name}: zigzag hides the K/V transfer from L >= {lmin:,.0f} tokens per rank")
+    if not a.no_write:
+        path = Path(a.results)
+        new = not path.exists()
+        with path.open("a") as f:
+            if new:
+                f.write("# Benchmark results\n\n")
+            f.write(f"\n## bench_ring.py, {datetime.date.today()}, {dev_name}, {versions}\n\n")
+            f.write(
+                f"causal, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens/rank, simulated ring on one device; "
+            )
+            f.write("eff = t_full / (W * t_rank)\n\n")
+            f.write("| layout | W | S | full fwd ms | SDPA fwd ms | rank fwd ms | eff fwd ")
+            f.write("| full f+b ms | rank f+b ms | eff f+b |\n")
+            f.write("|---|---|---|---|---|---|---|---|---|---|\n")
+            for lay, w, s, tf, ts, tr, e, tfb, trfb, efb in rows:
+                f.write(
+                    f"| {lay} | {w} | {s} | {tf * 1e3:.2f} | {ts * 1e3:.2f} | {tr * 1e3:.2f} | {e:.3f} "
+                    f"| {tfb * 1e3:.2f} | {trfb * 1e3:.2f} | {efb:.3f} |\n"
+                )
+        print(f"\nappended to {path}")
+
+
+if __name__ == "__main__":
+    main()
