@@ -1,7 +1,8 @@
 """ringflash: exact attention for sequences too long for one device.
 
 Local flash attention (Triton kernels on GPU, a blockwise PyTorch backend elsewhere) returning
-the output and its log-sum-exp, and exact LSE merging of partial results.
+the output and its log-sum-exp, exact LSE merging of partial results, and ring attention for
+sequence-parallel training (contiguous, zigzag and stripe layouts, packed documents).
 """
 
 from .backends import use_backend
@@ -11,6 +12,22 @@ from .ops import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+)
+from .parallel import (
+    ring_flash_attn_func,
+    ring_flash_attn_kvpacked_func,
+    ring_flash_attn_qkvpacked_func,
+    ring_flash_attn_varlen_func,
+    ring_flash_attn_varlen_kvpacked_func,
+    ring_flash_attn_varlen_qkvpacked_func,
+    shard,
+    stripe_flash_attn_func,
+    stripe_flash_attn_kvpacked_func,
+    stripe_flash_attn_qkvpacked_func,
+    unshard,
+    zigzag_ring_flash_attn_func,
+    zigzag_ring_flash_attn_kvpacked_func,
+    zigzag_ring_flash_attn_qkvpacked_func,
 )
 
 __version__ = "0.1.0"
@@ -23,4 +40,18 @@ __all__ = [
     "merge_attn_states",
     "combine_attn_partials",
     "use_backend",
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
+    "shard",
+    "unshard",
 ]
