@@ -176,6 +176,7 @@ def main() -> int:
         flag = torch.tensor([0.0 if ok else 1.0], device=device)
         dist.all_reduce(flag)
         ok = flag.item() == 0
+        dist.barrier()  # nobody tears down while a peer still talks to it
         dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -1,0 +1,43 @@
+"""The launch examples and the ring benchmark run end to end (torchrun always; mpirun where installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["launch/train_ring_lm.py", "--steps", "2", "--seq-len", "96", "--dim", "32", "--layers", "1"]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}"
+    return out
+
+
+def test_torchrun_training_matches_one_process():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    out = _run([*torchrun, *TRAIN, "--layout", "stripe"])
+    assert "OK: 3 rank(s), layout stripe" in out, out[-2000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or shutil.which("mpirun") is None,
+    reason="mpi4py/mpirun not installed",
+)
+def test_mpirun_training_matches_one_process():
+    out = _run(["mpirun", "-n", "2", sys.executable, *TRAIN])
+    assert "OK: 2 rank(s), layout zigzag" in out, out[-2000:]
+
+
+def test_bench_ring_tiny_runs():
+    out = _run([sys.executable, "benchmarks/bench_ring.py", "--tiny", "--worlds", "2", "4"])
+    assert "contiguous  4" in out and "hides the K/V transfer" in out, out[-2000:]
