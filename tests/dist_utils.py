@@ -1,4 +1,4 @@
-"""Spawning real distributed workers for tests: gloo, a ``file://`` rendezvous in a temp dir.
+"""Spawning real distributed workers for tests: gloo (or NCCL), a ``file://`` rendezvous in a temp dir.
 
 ``spawn(fn, world, *args)`` starts ``world`` processes (torch.multiprocessing, spawn context), each
 of which joins a gloo process group and calls ``fn(rank, world, *args)``. It returns the ranks'
@@ -21,12 +21,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(fn, rank, world, init_file, pg_timeout, results, args):
+def _worker(fn, rank, world, init_file, pg_timeout, results, args, backend):
     torch.set_num_threads(1)
     status, payload = "ok", None
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world,
@@ -42,8 +44,12 @@ def _worker(fn, rank, world, init_file, pg_timeout, results, args):
     os._exit(0)
 
 
-def spawn(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0, expect_dead=()):
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order.
+def spawn(
+    fn, world: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0, expect_dead=(), backend="gloo"
+):
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks; return the results in rank order.
+
+    ``backend``: ``"gloo"`` (CPU), or ``"nccl"`` with rank ``r`` on GPU ``r``.
 
     ``expect_dead``: ranks that are meant to die without reporting (their result is None).
     """
@@ -53,7 +59,9 @@ def spawn(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float = 60.
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
             ctx.Process(
-                target=_worker, args=(fn, r, world, init_file, pg_timeout, results, args), daemon=True
+                target=_worker,
+                args=(fn, r, world, init_file, pg_timeout, results, args, backend),
+                daemon=True,
             )
             for r in range(world)
         ]

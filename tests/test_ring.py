@@ -91,7 +91,7 @@ def _cu_seqlens(total: int) -> torch.Tensor:
     return torch.tensor([0, cuts[0], cuts[0], *cuts[1:], total], dtype=torch.int32)
 
 
-def _run_case(rank: int, world: int, c: dict) -> None:
+def _run_case(rank: int, world: int, c: dict, device: str) -> None:
     torch.manual_seed(1234)  # every rank draws the same full tensors
     hq, hk = c["H"]
     D, layout = c["D"], c["layout"]
@@ -100,6 +100,7 @@ def _run_case(rank: int, world: int, c: dict) -> None:
     dim = 0 if c["varlen"] else 1
     q, k, v = torch.randn(*lead, hq, D), torch.randn(*lead, hk, D), torch.randn(*lead, hk, D)
     dout = torch.randn(*lead, hq, D)
+    q, k, v, dout = (x.to(device) for x in (q, k, v, dout))
     sh = lambda x: rp.shard(x, dim=dim, layout=layout)  # noqa: E731
     # The oracle runs on the inputs gathered from every rank's shard.
     qg, kg, vg = (rp.unshard(sh(x), dim=dim, layout=layout) for x in (q, k, v))
@@ -129,6 +130,8 @@ def _run_case(rank: int, world: int, c: dict) -> None:
     else:
         dq, dk, dv = ql.grad, kl.grad, vl.grad
 
+    out, lse, dq, dk, dv, dout, qg, kg, vg = (x.cpu() for x in (out, lse, dq, dk, dv, dout, qg, kg, vg))
+    cu = cu.cpu() if c["varlen"] else None
     q64, k64, v64 = (x.double().requires_grad_() for x in (qg, kg, vg))
     rkw = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"])
     if c["varlen"]:
@@ -147,17 +150,19 @@ def _run_case(rank: int, world: int, c: dict) -> None:
     assert_matches(f"{tag} dv", dv, sh(v64.grad), None, 3)
 
 
-def run_cases(rank: int, world: int, cases: dict) -> dict:
+def run_cases(rank: int, world: int, cases: dict, device: str = "cpu", backend: str = "torch") -> dict:
     """Worker: run every case, returning ``{case_id: None or the failure text}``."""
     import traceback
 
     from ringflash.backends import use_backend
 
+    if device == "cuda":
+        device = f"cuda:{rank}"
     res = {}
-    with use_backend("torch"):
+    with use_backend(backend):
         for cid, c in cases.items():
             try:
-                _run_case(rank, world, c)
+                _run_case(rank, world, c, device)
                 res[cid] = None
             except Exception:  # noqa: BLE001 - reported per case to the parent
                 res[cid] = traceback.format_exc()
@@ -188,6 +193,19 @@ def test_ring_eight_ranks(cid):
         _RESULTS[8] = spawn(run_cases, 8, EIGHT_RANK_CASES, timeout=300)
     failures = [f"rank {r}:\n{res[cid]}" for r, res in enumerate(_RESULTS[8]) if res[cid] is not None]
     assert not failures, f"{cid} on 8 ranks:\n" + "\n".join(failures)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ring_nccl(backend):
+    """The same cases over NCCL on 2 GPUs, with the blockwise and the Triton backend."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    res = spawn(run_cases, 2, CASES, "cuda", backend, timeout=600, backend="nccl")
+    failures = [
+        f"{cid} rank {r}:\n{out[cid]}" for r, out in enumerate(res) for cid in CASES if out[cid] is not None
+    ]
+    assert not failures, "\n".join(failures)
 
 
 def test_single_process_fallback():
