@@ -1,0 +1,290 @@
+"""Benchmark: ringflash split-KV decoding vs torch SDPA (FlashAttention-2 and cuDNN backends).
+
+One decoding step: bf16, 32 query heads / 8 KV heads, head dim 128, one query token per row,
+batch 1 and 16, context 4k .. 1M (rows whose caches do not fit are skipped). The work is memory
+bound; the bytes are the KV cache read once: ``2 * b * s * hk * d * 2`` (K and V, bf16). Achieved
+bandwidth is bytes / time, shown also as a fraction of the device's copy bandwidth (a large
+device-to-device copy measured in the same run, counting bytes read plus written).
+
+SDPA gets the same query (length 1) and the same cache in its ``[B, H, S, D]`` layout. With
+``enable_gqa=True`` it reads the 8 KV heads as they are when the backend supports that; when it
+raises, the K/V heads are expanded (materialised) to 32 and the table says ``expanded`` (then SDPA
+reads 4x the bytes counted, which the bandwidth column does not credit).
+
+Also: the step time of a whole decoding step (append one token + attend, causal) at 4k, batch 1,
+captured in a CUDA graph and replayed; and a one-GPU simulation of the sharded path: the local
+split-KV time of one of N shards plus the time of combining N stacked float32 partials (the
+collective itself is not simulated).
+
+Times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed call).
+
+Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep]``. Prints the GPU,
+versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ringflash.decode import flash_attn_with_kvcache
+from ringflash.kernels import decode as kdec
+from ringflash.merge import combine_attn_partials
+
+HQ, HK, D = 32, 8, 128
+DT = torch.bfloat16
+
+
+def _bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy (bytes read + bytes written)."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB float32
+    dst = torch.empty_like(src)
+    t = _bench(lambda: dst.copy_(src), rep=100)
+    return 2 * 2**31 / (t * 1e-6) / 1e9
+
+
+def kv_bytes(b, s):
+    return 2 * b * s * HK * D * 2  # K and V, bf16
+
+
+def _inputs(b, s):
+    q = torch.randn(b, 1, HQ, D, device="cuda", dtype=DT)
+    kc = torch.randn(b, s, HK, D, device="cuda", dtype=DT)
+    vc = torch.randn(b, s, HK, D, device="cuda", dtype=DT)
+    lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
+    return q, kc, vc, lens
+
+
+def ours_fn(q, kc, vc, lens, **kw):
+    scale = D**-0.5
+
+    def fn():
+        return kdec.decode_fwd(q, kc, vc, lens, softmax_scale=scale, **kw)
+
+    return fn
+
+
+def sdpa_fn(q, kc, vc, backend):
+    """SDPA closure and how it read the KV heads ('gqa' or 'expanded'); None if it cannot run."""
+    qt = q.transpose(1, 2)
+    kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)
+    f = torch.nn.functional.scaled_dot_product_attention
+    try:
+        with sdpa_kernel(backend):
+            f(qt, kt, vt, enable_gqa=True)
+        torch.cuda.synchronize()
+
+        def fn():
+            with sdpa_kernel(backend):
+                return f(qt, kt, vt, enable_gqa=True)
+
+        return fn, "gqa"
+    except RuntimeError:
+        pass
+    try:
+        g = HQ // HK
+        ke, ve = kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1)
+        with sdpa_kernel(backend):
+            f(qt, ke, ve)
+        torch.cuda.synchronize()
+
+        def fn():
+            with sdpa_kernel(backend):
+                return f(qt, ke, ve)
+
+        return fn, "expanded"
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None, "n/a"
+
+
+def check_close(q, kc, vc, lens, out):
+    """Relative error of our output against SDPA's math path in float32 on the first row."""
+    qt = q[:1].float().transpose(1, 2)
+    kt = kc[:1].float().transpose(1, 2).repeat_interleave(HQ // HK, 1)
+    vt = vc[:1].float().transpose(1, 2).repeat_interleave(HQ // HK, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    return ((out[:1].float() - ref).norm() / ref.norm()).item()
+
+
+def graph_step_us(s=4096):
+    """A whole causal decoding step (append one token, attend) at batch 1, captured and replayed."""
+    q, kc, vc, lens = _inputs(1, s)
+    lens -= 1
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+
+    def step():
+        return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+
+    eager_out = step()
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_out), "graph replay differs from the eager step"
+    return _bench(g.replay, rep=300), _bench(step, rep=300)
+
+
+def sharded_sim(total=131072, b=1):
+    """Per shard count N: local split-KV time on S/N keys, combine time of N partials."""
+    rows = []
+    for n in (1, 2, 4, 8):
+        q, kc, vc, lens = _inputs(b, total // n)
+        local = ours_fn(q, kc, vc, lens, out_dtype=torch.float32)
+        o, lse = local()
+        outs = o[None].expand(n, *o.shape).contiguous()
+        lses = lse[None].expand(n, *lse.shape).contiguous()
+        t_local = _bench(local)
+        t_comb = _bench(lambda outs=outs, lses=lses: combine_attn_partials(outs, lses)) if n > 1 else 0.0
+        rows.append(dict(shards=n, local_us=t_local, combine_us=t_comb, total_us=t_local + t_comb))
+        del q, kc, vc
+    return rows
+
+
+def sweep(bw):
+    """Tile and split sweeps at a few shapes (tuning; prints one line per variant)."""
+    print("# sweep: B S block_n warps stages splits -> us, GB/s, % copy")
+    for b, s in ((1, 4096), (1, 32768), (16, 32768), (1, 262144)):
+        q, kc, vc, lens = _inputs(b, s)
+        for bn, w, st in (
+            (32, 4, 3),
+            (64, 4, 2),
+            (64, 4, 3),
+            (64, 4, 4),
+            (128, 4, 2),
+            (128, 8, 3),
+            (64, 8, 3),
+        ):
+            t = _bench(ours_fn(q, kc, vc, lens, block_n=bn, num_warps=w, num_stages=st))
+            gbs = kv_bytes(b, s) / (t * 1e-6) / 1e9
+            print(
+                f"B={b:2d} S={s:7d} bn={bn:3d} w={w} st={st} auto {t:8.1f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}"
+            )
+        for ns in (4, 8, 16, 32, 64, 128, 256):
+            t = _bench(ours_fn(q, kc, vc, lens, num_splits=ns))
+            gbs = kv_bytes(b, s) / (t * 1e-6) / 1e9
+            print(
+                f"B={b:2d} S={s:7d} default tile splits={ns:3d} {t:8.1f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}"
+            )
+        del q, kc, vc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
+    ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    name = torch.cuda.get_device_name()
+    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s (2 GiB device-to-device, read + write)")
+    if args.sweep:
+        sweep(bw)
+    free = torch.cuda.mem_get_info()[0]
+    ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]
+    rows = []
+    for b in (1, 16):
+        for s in ctxs:
+            nbytes = kv_bytes(b, s)
+            if 2.5 * nbytes > free:  # our cache + SDPA's expanded copy, if it needs one
+                print(f"skip B={b} S={s}: {nbytes / 1e9:.1f} GB of KV does not fit")
+                continue
+            q, kc, vc, lens = _inputs(b, s)
+            fn = ours_fn(q, kc, vc, lens)
+            err = check_close(q, kc, vc, lens, fn()[0])
+            row = dict(batch=b, ctx=s, kv_mb=nbytes / 1e6, floor_us=nbytes / (bw * 1e3), rel_err=err)
+            row["ours_us"] = _bench(fn)
+            row["splits"] = kdec.pick_num_splits(b, HK, HQ // HK, 1, s, q.device)
+            for tag, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                sfn, how = sdpa_fn(q, kc, vc, be)
+                row[f"{tag}_us"] = _bench(sfn) if sfn is not None else float("nan")
+                row[f"{tag}_kv"] = how
+                del sfn
+            for tag in ("ours", "flash", "cudnn"):
+                row[f"{tag}_gbs"] = nbytes / (row[f"{tag}_us"] * 1e-6) / 1e9
+                row[f"{tag}_frac"] = row[f"{tag}_gbs"] / bw
+            row["vs_cudnn"] = row["cudnn_us"] / row["ours_us"]
+            rows.append(row)
+            del q, kc, vc, lens, fn
+            torch.cuda.empty_cache()
+
+    g_us, e_us = graph_step_us()
+    shard_rows = sharded_sim()
+    with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, bw, args.out)
+
+    print("\n## sharded decode, one-GPU simulation (B=1, 128k total context; no collective)")
+    for r in shard_rows:
+        print(
+            f"shards={r['shards']}  local {r['local_us']:7.1f} us  combine {r['combine_us']:6.1f} us"
+            f"  total {r['total_us']:7.1f} us"
+        )
+    print(
+        f"\n## CUDA graph: causal append+attend step, B=1, 4k: {g_us:.1f} us replayed ({e_us:.1f} us eager)"
+    )
+    print(f"\n## decode, {name}, bf16, Hq={HQ} Hk={HK} D={D}, copy {bw:.0f} GB/s")
+    print(
+        "  B      S   KV MB floor us | ours us  GB/s  %copy splits | flash us  %copy | cudnn us  %copy"
+        " | vs cudnn | rel err"
+    )
+    for r in rows:
+        print(
+            f"{r['batch']:3d} {r['ctx']:7d} {r['kv_mb']:7.1f} {r['floor_us']:8.1f} |"
+            f" {r['ours_us']:7.1f} {r['ours_gbs']:5.0f} {r['ours_frac']:6.1%} {r['splits']:6d} |"
+            f" {r['flash_us']:8.1f} {r['flash_frac']:6.1%} | {r['cudnn_us']:8.1f} {r['cudnn_frac']:6.1%}"
+            f" | {r['vs_cudnn']:7.2f}x | {r['rel_err']:.1e}  (sdpa kv: {r['flash_kv']}/{r['cudnn_kv']})"
+        )
+
+
+def _plot(rows, bw, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for b, style in ((1, "-"), (16, "--")):
+        sel = [r for r in rows if r["batch"] == b]
+        for tag in ("ours", "flash", "cudnn"):
+            ax.plot(
+                [r["ctx"] for r in sel],
+                [r[f"{tag}_frac"] for r in sel],
+                style,
+                marker="o",
+                label=f"{tag} B={b}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"fraction of copy bandwidth ({bw:.0f} GB/s)")
+    ax.set_title("decode, bf16, 32 q heads / 8 kv heads, d=128")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "decode.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""flash_attn_with_kvcache against the float64 oracle: append + attend, splits, paged caches, GQA.
+
+``run_case`` builds one case (a cache full of random data, lengths, new tokens, optional paging or
+cache_batch_idx), runs the public function once per ``num_splits`` on a fresh copy of the cache
+and returns ``{check: [error, bound]}``; a check passes when error <= bound. The same function
+serves the PyTorch backend here, the Triton interpreter in ``test_decode_interp.py`` (a worker
+subprocess) and the GPU cases at the bottom. What it checks:
+
+- the cache afterwards equals the cache before with exactly the appended slots written;
+- out and lse against ``attention_ref`` in float64 on the row's first ``len + Snew`` keys
+  (bottom-right masks): float32 within fixed bounds, float16/bfloat16 within 2x the error of
+  plain PyTorch in that precision (flash-attn's rule) plus the dtype's rounding at the result's
+  scale;
+- rows with no key: lse exactly -inf and output exactly 0;
+- every ``num_splits`` agrees with the first one (within the same bound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+import torch
+
+from ringflash.backends import use_backend
+from ringflash.decode import flash_attn_with_kvcache
+from ringflash.reference import attention_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def case_id(p):
+    s = f"B{len(p['lens'])}-L{','.join(map(str, p['lens']))}-new{p.get('Snew', 0)}-q{p.get('Sq', 1)}"
+    s += f"-H{p['Hq']}:{p['Hk']}-D{p['D']}-{p['dtype']}"
+    if p.get("page"):
+        s += f"-page{p['page']}"
+    if p.get("cbi"):
+        s += "-cbi"
+    if p.get("causal"):
+        s += "-causal"
+    if p.get("window"):
+        s += "-win{}:{}".format(*p["window"])
+    if p.get("softcap"):
+        s += f"-cap{p['softcap']:g}"
+    return s
+
+
+def build(p, g):
+    """Inputs of case ``p``: q, k, v, the logical caches ``[B, cap, Hk, D]`` and the call kwargs."""
+    dev, dt = p.get("device", "cpu"), DTYPES[p["dtype"]]
+    lens, Snew, Sq = p["lens"], p.get("Snew", 0), p.get("Sq", 1)
+    B, Hq, Hk, D = len(lens), p["Hq"], p["Hk"], p["D"]
+    cap = p.get("cap", max(lens) + Snew)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g).to(device=dev, dtype=dt)
+
+    q = rnd(B, Sq, Hq, D)
+    k = rnd(B, Snew, Hk, D) if Snew else None
+    v = rnd(B, Snew, Hk, D) if Snew else None
+    kw = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev))
+    if p.get("page"):
+        page = p["page"]
+        per_row = math.ceil(cap / page)
+        n_pages = B * per_row + 3  # spare pages must stay untouched too
+        k_cache, v_cache = rnd(n_pages, page, Hk, D), rnd(n_pages, page, Hk, D)
+        bt = torch.randperm(n_pages, generator=g)[: B * per_row].view(B, per_row).to(torch.int32)
+        kw["block_table"] = bt.to(dev)
+    elif p.get("cbi"):
+        k_cache, v_cache = rnd(B + 2, cap, Hk, D), rnd(B + 2, cap, Hk, D)
+        kw["cache_batch_idx"] = torch.randperm(B + 2, generator=g)[:B].to(torch.int32).to(dev)
+    else:
+        k_cache, v_cache = rnd(B, cap, Hk, D), rnd(B, cap, Hk, D)
+    return q, k, v, k_cache, v_cache, kw
+
+
+def logical_rows(cache, kw, n_rows):
+    """The cache as ``[B, cap, Hk, D]`` in batch-row order, whatever its layout."""
+    if "block_table" in kw:
+        bt = kw["block_table"].long()
+        return cache[bt].flatten(1, 2)
+    if "cache_batch_idx" in kw:
+        return cache[kw["cache_batch_idx"].long()]
+    return cache[:n_rows]
+
+
+def expected_cache(cache, new, kw, lens):
+    """The cache after appending ``new`` ``[B, Snew, Hk, D]`` (None: unchanged)."""
+    out = cache.clone()
+    if new is None:
+        return out
+    for b, n in enumerate(lens):
+        for s in range(new.shape[1]):
+            pos = n + s
+            if "block_table" in kw:
+                page = cache.shape[1]
+                out[int(kw["block_table"][b, pos // page]), pos % page] = new[b, s]
+            else:
+                row = int(kw["cache_batch_idx"][b]) if "cache_batch_idx" in kw else b
+                out[row, pos] = new[b, s]
+    return out
+
+
+def oracle(q, k_rows, v_rows, n_keys, p, upcast):
+    """Per-row ``attention_ref`` on the first ``n_keys[b]`` keys; float64 (upcast) or q's dtype."""
+    cast = torch.float64 if upcast else q.dtype
+    outs, lses = [], []
+    for b, n in enumerate(n_keys):
+        o, lse = attention_ref(
+            q[b : b + 1].cpu().to(cast),
+            k_rows[b : b + 1, :n].cpu().to(cast),
+            v_rows[b : b + 1, :n].cpu().to(cast),
+            causal=p.get("causal", False),
+            window_size=tuple(p.get("window", (-1, -1))),
+            softcap=p.get("softcap", 0.0),
+            upcast=upcast,
+        )
+        if n == 0:  # no key at all: the convention, stated explicitly
+            o, lse = torch.zeros_like(o), torch.full_like(lse, -math.inf)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run_case(p):
+    """Every check of case ``p``: ``{name: [error, bound]}``."""
+    g = torch.Generator().manual_seed(zlib.crc32(json.dumps(p, sort_keys=True).encode()))
+    q, k, v, k_cache, v_cache, kw = build(p, g)
+    dt = q.dtype
+    lens = p["lens"]
+    Snew = p.get("Snew", 0)
+    n_keys = [n + Snew for n in lens]
+    want_k = expected_cache(k_cache, k, kw, lens)
+    want_v = expected_cache(v_cache, v, kw, lens)
+    B = len(lens)
+    k_rows, v_rows = logical_rows(want_k, kw, B), logical_rows(want_v, kw, B)
+    ref_o, ref_l = oracle(q, k_rows, v_rows, n_keys, p, upcast=True)
+    checks = {}
+    masked = torch.isinf(ref_l)
+    if dt == torch.float32:
+        scale = max(1.0, ref_o.abs().max().item())
+        bound_o, bound_l = (
+            2e-5 * scale,
+            2e-5 * max(1.0, ref_l[~masked].abs().max().item() if (~masked).any() else 1),
+        )
+    else:
+        low_o, low_l = oracle(q, k_rows, v_rows, n_keys, p, upcast=False)
+        rd = ref_o.to(dt)
+        slack = 2 * (rd + 0.3 - 0.3 - rd).abs().max().item()
+        bound_o = 2 * _err(low_o, ref_o) + slack + 1e-6
+        bound_l = 2 * _err(low_l[~masked], ref_l[~masked]) + 1e-3
+    first = None
+    opts = dict(
+        causal=p.get("causal", False),
+        window_size=tuple(p.get("window", (-1, -1))),
+        softcap=p.get("softcap", 0.0),
+    )
+    backend = p.get("backend", "torch")
+    for ns in p.get("splits", [0]):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        with use_backend(backend):
+            out, lse = flash_attn_with_kvcache(
+                q, kc, vc, k, v, **kw, **opts, num_splits=ns, return_softmax_lse=True
+            )
+        tag = f"splits={ns}"
+        checks[f"{tag} k_cache changed outside the appended slots"] = [
+            float(not torch.equal(kc, want_k)),
+            0.0,
+        ]
+        checks[f"{tag} v_cache changed outside the appended slots"] = [
+            float(not torch.equal(vc, want_v)),
+            0.0,
+        ]
+        checks[f"{tag} out dtype/shape"] = [float(out.dtype != dt or out.shape != q.shape), 0.0]
+        checks[f"{tag} lse shape"] = [float(tuple(lse.shape) != (B, p["Hq"], q.shape[1])), 0.0]
+        out, lse = out.cpu(), lse.cpu()
+        checks[f"{tag} out finite"] = [float((~torch.isfinite(out)).sum()), 0.0]
+        checks[f"{tag} out"] = [_err(out, ref_o), bound_o]
+        checks[f"{tag} lse"] = [_err(lse[~masked], ref_l[~masked]), bound_l]
+        checks[f"{tag} lse -inf pattern"] = [float((torch.isinf(lse) != masked).sum()), 0.0]
+        rows = out.transpose(1, 2)[masked]
+        checks[f"{tag} no-key rows out"] = [rows.abs().max().item() if rows.numel() else 0.0, 0.0]
+        if first is None:
+            first = out
+        else:
+            checks[f"{tag} vs splits={p.get('splits')[0]}"] = [_err(out, first), bound_o]
+    checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
+    return checks
+
+
+def assert_checks(checks, cid):
+    bad = [f"{n}: error {e:.3g} > bound {b:.3g}" for n, (e, b) in checks.items() if not e <= b]
+    assert not bad, f"{cid}: " + "; ".join(bad)
+
+
+def case(lens, Hq=4, Hk=2, D=32, dtype="fp32", **kw):
+    return dict(lens=lens, Hq=Hq, Hk=Hk, D=D, dtype=dtype, **kw)
+
+
+# Shared with the interpreter tests: lengths 0, 1, 17, 999; append or not; GQA/MQA; every mask.
+CASES = [
+    case([0, 1, 17, 999], Snew=1, splits=[0, 1, 3, 8]),
+    case([0, 1, 17, 999], Snew=0, splits=[0, 1, 5], expect_masked=True),
+    case([5, 0, 40], Hq=6, Hk=2, Snew=3, Sq=3, causal=True, splits=[0, 1, 4]),
+    case([17, 999], Hq=4, Hk=1, Snew=2, Sq=2, causal=True, page=16, splits=[0, 2]),
+    case([30, 0, 9], Snew=0, page=8, splits=[1, 3], expect_masked=True),
+    case([20, 6], Snew=1, cbi=True, splits=[0, 2]),
+    case([50, 3], Snew=4, Sq=4, window=(8, 0), splits=[0, 3]),
+    case([64, 12], Snew=0, Sq=2, window=(5, 2), softcap=10.0, splits=[0, 2]),
+    case([100, 1], Hq=8, Hk=2, D=64, dtype="bf16", Snew=1, splits=[0, 4]),
+    case(
+        [33, 0], Hq=4, Hk=4, D=16, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2], expect_masked=False
+    ),
+]
+
+
+@pytest.mark.parametrize("p", CASES, ids=[case_id(c) for c in CASES])
+def test_decode_torch_backend(p):
+    assert_checks(run_case(dict(p, backend="torch")), case_id(p))
+
+
+@pytest.mark.parametrize("p", CASES[:5], ids=[case_id(c) for c in CASES[:5]])
+def test_paged_matches_contiguous(p):
+    """The same logical cache, paged and contiguous, gives the same output."""
+    g = torch.Generator().manual_seed(1)
+    pp = dict(p, page=p.get("page") or 16)
+    q, k, v, k_cache, v_cache, kw = build(pp, g)
+    B = len(p["lens"])
+    kc_rows = logical_rows(k_cache, kw, B).clone()
+    vc_rows = logical_rows(v_cache, kw, B).clone()
+    opts = dict(causal=p.get("causal", False), window_size=tuple(p.get("window", (-1, -1))))
+    o_paged = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **kw, **opts)
+    o_contig = flash_attn_with_kvcache(q, kc_rows, vc_rows, k, v, cache_seqlens=kw["cache_seqlens"], **opts)
+    assert torch.allclose(o_paged, o_contig, atol=1e-6, rtol=1e-6), "paged vs contiguous out"
+    assert torch.equal(logical_rows(k_cache, kw, B), kc_rows), "paged vs contiguous k_cache after append"
+
+
+def test_int_seqlens_and_no_seqlens():
+    """``cache_seqlens`` as an int, and None (whole cache, no append), match the tensor form."""
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 10, 2, 16), torch.randn(2, 10, 2, 16)
+    full = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([10, 10], dtype=torch.int32))
+    assert torch.equal(flash_attn_with_kvcache(q, kc, vc, cache_seqlens=10), full)
+    assert torch.equal(flash_attn_with_kvcache(q, kc, vc), full)
+    ref, _ = attention_ref(q.double(), kc.double(), vc.double())
+    assert _err(full, ref) < 1e-5
+
+
+GPU_CASES = [
+    case(
+        [0, 1, 4095, 17000],
+        Hq=32,
+        Hk=8,
+        D=128,
+        dtype="bf16",
+        Snew=1,
+        splits=[0, 1, 7, 64],
+    ),
+    case([3000, 0, 999], Hq=32, Hk=8, D=128, dtype="bf16", Snew=4, Sq=4, causal=True, splits=[0, 3]),
+    case([5000, 256], Hq=16, Hk=2, D=128, dtype="bf16", Snew=1, page=256, splits=[0, 5]),
+    case([777, 12], Hq=8, Hk=8, D=64, dtype="fp16", Snew=2, Sq=2, page=16, causal=True, splits=[0, 2]),
+    case([2049, 100], Hq=8, Hk=1, D=256, dtype="bf16", Snew=1, cbi=True, splits=[0, 3]),
+    case(
+        [4000, 30], Hq=8, Hk=2, D=80, dtype="bf16", Snew=3, Sq=3, window=(512, 0), softcap=30.0, splits=[0, 2]
+    ),
+    case([1500, 0], Hq=8, Hk=2, D=128, dtype="fp32", Snew=0, splits=[0, 4], expect_masked=True),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("p", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
+def test_decode_cuda(p):
+    assert_checks(run_case(dict(p, device="cuda", backend="triton")), case_id(p))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_cuda_graph():
+    """A captured append+attend step replays for new lengths (read on the device) exactly."""
+    dev = "cuda"
+    q = torch.randn(2, 1, 16, 128, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(2, 3000, 4, 128, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    k, v = (
+        torch.randn(2, 1, 4, 128, device=dev, dtype=torch.bfloat16),
+        torch.randn(2, 1, 4, 128, device=dev).bfloat16(),
+    )
+    lens = torch.tensor([100, 2000], dtype=torch.int32, device=dev)
+    kc0, vc0 = kc.clone(), vc.clone()
+
+    def step():
+        return flash_attn_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True
+        )
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    lens.copy_(torch.tensor([7, 2999], dtype=torch.int32))
+    kc.copy_(kc0)
+    vc.copy_(vc0)
+    graph.replay()
+    torch.cuda.synchronize()
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    ref_o, ref_l = flash_attn_with_kvcache(
+        q, kc2, vc2, k, v, cache_seqlens=lens.clone(), causal=True, return_softmax_lse=True
+    )
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2), "graph append wrote other slots"
+    assert torch.equal(out, ref_o), "graph out differs from eager"
+    assert torch.equal(lse, ref_l), "graph lse differs from eager"
