@@ -1,0 +1,226 @@
+"""DeepSpeed sequence parallelism (DeepSpeed-Ulysses) with ringflash kernels, past the head-count limit.
+
+Two ways in:
+
+1. ringflash as the ``local_attention`` of DeepSpeed's own ``deepspeed.sequence.layer.DistributedAttention``
+   (``scatter_idx=2``; DeepSpeed >= 0.14 picks the gathered layout from ``batch_dim_idx``, older
+   versions want ``gather_idx=1`` for ``[B, S, H, D]``). After DeepSpeed's all-to-all the local
+   attention sees ``[B, S, H/P, D]`` (``batch_dim_idx=0``), which is exactly ``flash_attn_func``'s
+   layout, so ``flash_attn_func`` itself can be passed. ``local_attention(...)`` below returns an
+   adapter that also handles ``batch_dim_idx=1`` (``[S, B, H/P, D]``) and fixes default options::
+
+       from deepspeed.sequence.layer import DistributedAttention
+       from ringflash.integrations.deepspeed import local_attention
+       attn = DistributedAttention(local_attention(causal=True), sp_group, scatter_idx=2, gather_idx=1)
+       out = attn(q, k, v, 0)      # q, k, v: [B, S/P, H, D] (batch_dim_idx 0)
+
+   DeepSpeed's all-to-all needs the head counts to divide by ``P`` (its uneven path needs at least
+   ``P`` KV heads): with 8 KV heads Ulysses stops at 8 ranks.
+
+2. ``ringflash.integrations.deepspeed.DistributedAttention``: a drop-in with DeepSpeed's constructor
+   and forward signature that picks the algorithm from the head count ``Hq`` and ``P``:
+   Ulysses when ``P`` divides ``Hq`` (KV heads replicated as needed, so GQA/MQA with ``Hk < P``
+   works), ring attention when ``gcd(Hq, P) = 1``, and the hybrid (Ulysses over ``U = gcd(Hq, P)``
+   consecutive ranks x ring over ``P / U``) in between. The sequence is sharded contiguously over
+   the group, as for DeepSpeed-Ulysses (rank r holds ``[r*S/P, (r+1)*S/P)``). Swap the import::
+
+       from ringflash.integrations.deepspeed import DistributedAttention
+       attn = DistributedAttention(None, sp_group)        # None: ringflash's kernels
+       out = attn(q, k, v, 0, causal=True)
+
+This module needs no DeepSpeed to import; DeepSpeed's process groups are torch process groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from ..comm.alltoall import seq_all_to_all
+from ..comm.groups import build_usp_groups
+from ..ops import flash_attn_func
+from ..parallel.hybrid import usp_attn_func, usp_degrees
+from ..parallel.ring_attn import group_rank_world, ring_flash_attn_func
+from ..parallel.ulysses import kv_replication, ulysses_attn_func
+
+_FLASH_ARGS = (
+    "dropout_p",
+    "softmax_scale",
+    "causal",
+    "window_size",
+    "softcap",
+    "alibi_slopes",
+    "deterministic",
+    "return_attn_probs",
+)
+
+
+def _flash_kwargs(args: tuple, kwargs: dict) -> dict:
+    """flash_attn_func's options from positional ``args`` (in its order after q, k, v) and ``kwargs``."""
+    if len(args) > len(_FLASH_ARGS):
+        raise ValueError(f"too many positional options ({len(args)}): flash_attn_func takes {_FLASH_ARGS}")
+    out = dict(zip(_FLASH_ARGS, args, strict=False))
+    for key, val in kwargs.items():
+        if key not in _FLASH_ARGS:
+            raise ValueError(f"unknown attention option {key!r}: expected one of {_FLASH_ARGS}")
+        if key in out:
+            raise ValueError(f"attention option {key!r} given twice")
+        out[key] = val
+    return out
+
+
+def local_attention(batch_dim_idx: int = 0, **defaults: Any):
+    """A ``local_attention`` for DeepSpeed's ``DistributedAttention`` running ringflash's kernel.
+
+    Args:
+        batch_dim_idx: the ``batch_dim_idx`` you pass to DeepSpeed's forward: 0 when the local
+            attention receives ``[B, S, H/P, D]``, 1 for ``[S, B, H/P, D]``.
+        **defaults: ``flash_attn_func`` options (``causal=True``, ``softmax_scale``, ...) used unless
+            the forward's extra arguments override them.
+
+    Returns:
+        ``fn(q, k, v, *args, **kwargs) -> out`` in the layout it was given.
+
+    Example:
+        >>> attn = deepspeed.sequence.layer.DistributedAttention(local_attention(causal=True), group, 2, 1)
+    """
+    if batch_dim_idx not in (0, 1):
+        raise ValueError(f"batch_dim_idx must be 0 ([B, S, H, D]) or 1 ([S, B, H, D]), got {batch_dim_idx}")
+
+    def attn(q, k, v, *args, **kwargs):
+        opts = {**defaults, **_flash_kwargs(args, kwargs)}
+        if batch_dim_idx == 1:
+            q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+        out = flash_attn_func(q, k, v, **opts)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.transpose(0, 1) if batch_dim_idx == 1 else out
+
+    attn.__name__ = "ringflash_local_attention"
+    return attn
+
+
+class DistributedAttention(nn.Module):
+    """Drop-in for ``deepspeed.sequence.layer.DistributedAttention`` that goes past the head-count limit.
+
+    Args:
+        local_attention: None (or ``ringflash.flash_attn_func``): ringflash chooses Ulysses, ring or
+            the hybrid. Any other callable ``(q, k, v, *args, **kwargs)`` is run inside Ulysses as
+            DeepSpeed does (then ``Hq`` must divide by ``P``; KV heads are replicated as needed).
+        sequence_process_group: the sequence-parallel group of ``P`` ranks (None: default group).
+        scatter_idx: must be 2 (the head dim), as in DeepSpeed's default.
+        gather_idx: accepted for compatibility; the sequence dim follows from ``batch_dim_idx``.
+        sp_stream: accepted for compatibility (communication is not overlapped on a side stream).
+        num_kv_heads: accepted for compatibility (read from ``key``).
+        layout: the ring layout of the hybrid/ring paths; ``"contiguous"`` (default) is the sharding
+            DeepSpeed users already feed; ``"zigzag"`` balances causal work but then the sequence must
+            be sharded with ``ringflash.parallel.hybrid.usp_shard``.
+
+    Forward:
+        ``forward(query, key, value, batch_dim_idx, rotary_pos_emb=None, *args, **kwargs)`` with
+        ``query [B, S/P, Hq, D]`` (``batch_dim_idx=0``) or ``[S/P, B, Hq, D]`` (``batch_dim_idx=1``),
+        key/value with ``Hk`` heads; ``args``/``kwargs`` are ``flash_attn_func`` options (``causal``,
+        ``softmax_scale``, ...) or go to the custom ``local_attention``. Returns the output in the
+        query's layout.
+
+    Example:
+        >>> attn = DistributedAttention(None, sp_group)              # P = 16, Llama-3-8B: 32 q / 8 kv heads
+        >>> out = attn(q, k, v, 0, causal=True)                      # Ulysses, KV heads repeated twice
+    """
+
+    def __init__(
+        self,
+        local_attention: Any,
+        sequence_process_group: dist.ProcessGroup | None,
+        scatter_idx: int = 2,
+        gather_idx: int = 0,
+        sp_stream=None,
+        num_kv_heads: int | None = None,
+        layout: str = "contiguous",
+    ) -> None:
+        super().__init__()
+        if scatter_idx != 2:
+            raise ValueError(
+                f"scatter_idx must be 2 (the head dim of [B, S, H, D] / [S, B, H, D]), got {scatter_idx}"
+            )
+        self.local_attn = local_attention
+        self.spg = sequence_process_group
+        self.scatter_idx, self.gather_idx, self.sp_stream = scatter_idx, gather_idx, sp_stream
+        self.num_kv_heads = num_kv_heads
+        self.layout = layout
+        self._grids: dict[tuple[int, int], tuple] = {}
+
+    def _ours(self) -> bool:
+        return self.local_attn is None or self.local_attn is flash_attn_func
+
+    def plan(self, nheads: int) -> tuple[str, int, int]:
+        """``(algorithm, ulysses_degree, ring_degree)`` for ``nheads`` query heads on this group."""
+        _, _, world = group_rank_world(self.spg)
+        if not self._ours():
+            return "ulysses", world, 1
+        u, r = usp_degrees(nheads, world)
+        return ("ulysses" if r == 1 else "ring" if u == 1 else "hybrid"), u, r
+
+    def _grid(self, u: int, r: int):
+        if (u, r) not in self._grids:  # only this group's ranks take part (local synchronisation)
+            self._grids[(u, r)] = tuple(build_usp_groups(u, r, self.spg, local_sync=True))
+        return self._grids[(u, r)]
+
+    def forward(self, query, key, value, batch_dim_idx: int = 0, rotary_pos_emb=None, *args, **kwargs):
+        if batch_dim_idx not in (0, 1):
+            raise ValueError(f"batch_dim_idx must be 0 or 1, got {batch_dim_idx}")
+        if rotary_pos_emb is not None:
+            raise ValueError(
+                "rotary_pos_emb is not supported by ringflash's DistributedAttention: apply rotary "
+                "embeddings to the local shard before the call, with the shard's global positions"
+            )
+        if batch_dim_idx == 1:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        algo, u, r = self.plan(query.shape[2])
+        if not self._ours():
+            out = self._custom_ulysses(query, key, value, batch_dim_idx, args, kwargs)
+        else:
+            opts = _flash_kwargs(args, kwargs)
+            if algo == "ulysses":
+                out = ulysses_attn_func(query, key, value, group=self.spg, **opts)
+            elif algo == "ring" and self.layout == "contiguous":
+                out = ring_flash_attn_func(query, key, value, group=self.spg, **opts)
+            else:
+                uly, ring = self._grid(u, r)
+                out = usp_attn_func(
+                    query, key, value, ulysses_group=uly, ring_group=ring, layout=self.layout, **opts
+                )
+        if isinstance(out, tuple):
+            raise ValueError("return_attn_probs is not supported through DistributedAttention")
+        return out.transpose(0, 1) if batch_dim_idx == 1 else out
+
+    def _custom_ulysses(self, q, k, v, batch_dim_idx, args, kwargs):
+        """Ulysses around a user's local attention, which sees DeepSpeed's post-all-to-all layout."""
+        g, _, world = group_rank_world(self.spg)
+        hq, hk = q.shape[2], k.shape[2]
+        if hq % world or hq % hk:
+            raise ValueError(
+                f"a custom local_attention runs inside Ulysses, which needs the q heads ({hq}) to divide by "
+                f"the sequence-parallel size ({world}) and by the kv heads ({hk}); pass local_attention=None "
+                "to let ringflash use ring / hybrid attention beyond the head count"
+            )
+        f = kv_replication(hq, hk, world)
+        if f > 1:
+            k, v = k.repeat_interleave(f, 2), v.repeat_interleave(f, 2)
+        qh, kh, vh = seq_all_to_all([q, k, v], [2, 2, 2], [1, 1, 1], g)
+        if batch_dim_idx == 1:
+            qh, kh, vh = (x.transpose(0, 1) for x in (qh, kh, vh))
+        out = self.local_attn(qh, kh, vh, *args, **kwargs)
+        if batch_dim_idx == 1:
+            out = out.transpose(0, 1)
+        return seq_all_to_all([out], [1], [2], g)[0]
+
+
+def sequence_parallel_degrees(nheads: int, world: int) -> tuple[int, int]:
+    """``(ulysses_degree, ring_degree)`` the drop-in uses for ``nheads`` query heads over ``world`` ranks."""
+    return usp_degrees(nheads, world)
+
+
+__all__ = ["DistributedAttention", "local_attention", "sequence_parallel_degrees"]

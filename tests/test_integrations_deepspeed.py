@@ -1,0 +1,134 @@
+"""DeepSpeed integration on real gloo processes, against the float64 oracle.
+
+- DeepSpeed's own ``deepspeed.sequence.layer.DistributedAttention`` with ringflash as the local
+  attention (skipped when deepspeed is not installed);
+- ringflash's drop-in ``DistributedAttention`` (needs no DeepSpeed) with a sequence-parallel degree
+  beyond the KV and query head counts: Ulysses with KV replication, hybrid and ring, both
+  ``batch_dim_idx`` layouts, a custom local attention, and its bad-input errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from dist_utils import spawn
+from oracle import assert_matches
+
+from ringflash.integrations.deepspeed import DistributedAttention, local_attention
+from ringflash.parallel.sharding import shard
+from ringflash.reference import attention_ref
+
+HAS_DS = importlib.util.find_spec("deepspeed") is not None
+
+
+def _check(rank, world, attn, H, batch_dim_idx=0, L=3, B=2, D=16, ref_causal=None, **kw):
+    """Run ``attn(q, k, v, batch_dim_idx, **kw)`` on contiguous shards; compare out, dq, dk, dv."""
+    torch.manual_seed(7)
+    hq, hk = H
+    S = world * L
+    q, k, v = torch.randn(B, S, hq, D), torch.randn(B, S, hk, D), torch.randn(B, S, hk, D)
+    dout = torch.randn(B, S, hq, D)
+
+    def sh(x):
+        x = shard(x, dim=1, layout="contiguous")
+        return x.transpose(0, 1).contiguous() if batch_dim_idx == 1 else x
+
+    ql, kl, vl = (sh(x).requires_grad_() for x in (q, k, v))
+    out = attn(ql, kl, vl, batch_dim_idx, **kw)
+    out.backward(sh(dout))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    causal = kw.get("causal", False) if ref_causal is None else ref_causal
+    ref, _ = attention_ref(q64, k64, v64, causal=causal)
+    ref.backward(dout.double())
+    tag = f"rank {rank}/{world} H{hq}:{hk} bdim{batch_dim_idx}"
+    assert_matches(f"{tag} out", out, sh(ref.detach()), None, 2)
+    assert_matches(f"{tag} dq", ql.grad, sh(q64.grad), None, 3)
+    assert_matches(f"{tag} dk", kl.grad, sh(k64.grad), None, 3)
+    assert_matches(f"{tag} dv", vl.grad, sh(v64.grad), None, 3)
+
+
+def _deepspeed_worker(rank, world):
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.sequence.layer import DistributedAttention as DSAttention
+
+    from ringflash import flash_attn_func
+    from ringflash.backends import use_backend
+
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group dist_utils made
+    with use_backend("torch"):
+        # flash_attn_func itself: DeepSpeed hands it [B, S, H/P, D] for batch_dim_idx 0.
+        _check(rank, world, DSAttention(flash_attn_func, dist.group.WORLD, 2, 1), (4, 2), causal=True)
+        for bdim in (0, 1):
+            ds = DSAttention(
+                local_attention(bdim, causal=True), dist.group.WORLD, scatter_idx=2, gather_idx=1
+            )
+            _check(rank, world, ds, (4, 2), bdim, ref_causal=True)
+    return deepspeed.__version__
+
+
+@pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install ringflash[deepspeed])")
+def test_deepspeed_distributed_attention_with_ringflash_local_attention():
+    versions = spawn(_deepspeed_worker, 2, timeout=180)
+    assert all(v == versions[0] for v in versions)
+
+
+def _dropin_worker(rank, world):
+    import torch.distributed as dist
+
+    from ringflash.backends import use_backend
+
+    res = {}
+    with use_backend("torch"):
+        attn = DistributedAttention(None, dist.group.WORLD)
+        res["plans"] = [attn.plan(h) for h in (4, 2, 3, 8)]
+        _check(rank, world, attn, (4, 1), causal=True)  # Ulysses, each KV head repeated 4 times
+        _check(rank, world, attn, (2, 1), causal=True)  # hybrid 2 x 2 (2 q heads < 4 ranks)
+        _check(rank, world, attn, (2, 2), batch_dim_idx=1)  # hybrid, [S, B, H, D]
+        _check(rank, world, attn, (3, 1), causal=True, L=2)  # ring: gcd(3, 4) = 1
+        zig = DistributedAttention(None, None, layout="zigzag")
+        res["zigzag-plan"] = zig.plan(2)
+
+        def mine(q, k, v, causal=False):  # a user's own local attention, [B, S, H/P, D]
+            return attention_ref(q, k, v, causal=causal)[0]
+
+        _check(rank, world, DistributedAttention(mine, dist.group.WORLD), (4, 2), causal=True)
+        errors = []
+        for make, call in (
+            (lambda: DistributedAttention(mine, None), lambda a, x: a(x, x, x, 0)),  # 2 heads over 4 ranks
+            (lambda: DistributedAttention(None, None, scatter_idx=1), None),
+            (lambda: DistributedAttention(None, None), lambda a, x: a(x, x, x, 0, torch.ones(1))),
+            (lambda: DistributedAttention(None, None), lambda a, x: a(x, x, x, 0, bogus=1)),
+        ):
+            try:
+                a = make()
+                call(a, torch.randn(1, 2, 2, 8))
+            except ValueError as e:
+                errors.append(str(e))
+        res["errors"] = errors
+    return res
+
+
+def test_dropin_beyond_head_count():
+    res = spawn(_dropin_worker, 4, timeout=180)
+    assert res[0]["plans"] == [("ulysses", 4, 1), ("hybrid", 2, 2), ("ring", 1, 4), ("ulysses", 4, 1)]
+    assert res[0]["zigzag-plan"] == ("hybrid", 2, 2)
+    errs = res[0]["errors"]
+    assert len(errs) == 4, errs
+    assert "local_attention=None" in errs[0] and "scatter_idx" in errs[1]
+    assert "rotary_pos_emb" in errs[2] and "bogus" in errs[3]
+
+
+def test_local_attention_adapter_single_process():
+    q, k = torch.randn(2, 9, 4, 16), torch.randn(2, 9, 2, 16)
+    ref, _ = attention_ref(q.double(), k.double(), k.double(), causal=True)
+    out = local_attention(causal=True)(q, k, k)
+    assert_matches("bdim0", out, ref, None, 2)
+    out1 = local_attention(1)(q.transpose(0, 1), k.transpose(0, 1), k.transpose(0, 1), 0.0, None, True)
+    assert_matches("bdim1", out1.transpose(0, 1), ref, None, 2)
+    with pytest.raises(ValueError, match="batch_dim_idx"):
+        local_attention(2)
+    out2 = DistributedAttention(None, None)(q, k, k, 0, causal=True)  # no process group: local
+    assert_matches("drop-in local", out2, ref, None, 2)
