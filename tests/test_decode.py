@@ -17,6 +17,7 @@ subprocess) and the GPU cases at the bottom. What it checks:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import zlib
@@ -318,3 +319,93 @@ def test_decode_cuda_graph():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2), "graph append wrote other slots"
     assert torch.equal(out, ref_o), "graph out differs from eager"
     assert torch.equal(lse, ref_l), "graph lse differs from eager"
+
+
+def _bad_setup():
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    return q, kc, vc, k, v, lens
+
+
+BAD = {
+    "cache too small": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens + 1)),
+    "append needs 2 slots": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            k=torch.cat([k, k], 1), v=torch.cat([v, v], 1), cache_seqlens=lens
+        ),
+    ),
+    "negative length": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens - 4)),
+    "seqlens int64": (TypeError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens.long())),
+    "seqlens shape": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens[:1])),
+    "seqlens 2-D": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens[None])),
+    "seqlens device": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens.to("meta"))),
+    "seqlens list": (TypeError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=[3, 7])),
+    "block_table past the cache": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            cache_seqlens=lens, block_table=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 2]], dtype=torch.int32)
+        ),
+    ),
+    "block_table int64": (
+        TypeError,
+        lambda q, kc, vc, k, v, lens: dict(
+            cache_seqlens=lens, block_table=torch.zeros(2, 4, dtype=torch.long)
+        ),
+    ),
+    "cache_batch_idx out of range": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            cache_seqlens=lens, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)
+        ),
+    ),
+    "cache_batch_idx repeated": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            cache_seqlens=lens, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)
+        ),
+    ),
+    "q heads not divisible": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(q=torch.randn(2, 1, 3, 16), cache_seqlens=lens),
+    ),
+    "k without v": (ValueError, lambda q, kc, vc, k, v, lens: dict(v=None, cache_seqlens=lens)),
+    "k wrong heads": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16), cache_seqlens=lens
+        ),
+    ),
+    "k wrong dtype": (
+        TypeError,
+        lambda q, kc, vc, k, v, lens: dict(k=k.double(), v=v.double(), cache_seqlens=lens),
+    ),
+    "append without seqlens": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=None)),
+    "num_splits negative": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens, num_splits=-1),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_leaves_cache_untouched(name, backend):
+    """Every bad input raises a clear error before anything is written (validation is shared by
+    both backends and runs before any kernel, so no interpreter is needed here)."""
+    q, kc, vc, k, v, lens = _bad_setup()
+    err, make = BAD[name]
+    args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v)
+    args.update(make(q, kc, vc, k, v, lens))
+    if name.startswith("block_table"):  # a paged pool of 6 pages of 2 slots
+        args["k_cache"], args["v_cache"] = torch.randn(6, 2, 2, 16), torch.randn(6, 2, 2, 16)
+    kc0, vc0 = args["k_cache"].clone(), args["v_cache"].clone()
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    with use_backend(backend), pytest.raises(err):
+        flash_attn_with_kvcache(**args)
+    assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0), (
+        f"{name}: cache was modified"
+    )

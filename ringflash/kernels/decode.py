@@ -207,6 +207,8 @@ def _decode_combine_kernel(
     n_heads,
     stride_opr,
     stride_opn,
+    stride_lpr,
+    stride_lpn,
     stride_ob,
     stride_os,
     stride_oh,
@@ -217,7 +219,8 @@ def _decode_combine_kernel(
     D_PAD: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
 ):
-    # One program per (b, t, h) row; the partials of a row are contiguous: [n_splits, D] and [n_splits].
+    # One program per (b, t, h) row; row r's split s sits at OP + r * stride_opr + s * stride_opn
+    # (and likewise in LSEP), so both [B, Sq, H, N, D] partials and N stacked [B, Sq, H, D] fit.
     row = tl.program_id(0)
     h = row % n_heads
     t = (row // n_heads) % seqlen_q
@@ -225,19 +228,19 @@ def _decode_combine_kernel(
     offs_s = tl.arange(0, SPLIT_BLOCK)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    lse_row = LSEP + row.to(tl.int64) * n_splits
+    lse_row = LSEP + row.to(tl.int64) * stride_lpr
     op_row = OP + row.to(tl.int64) * stride_opr
 
     m = float("-inf")
     for s0 in range(0, n_splits, SPLIT_BLOCK):
-        ls = tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < n_splits, other=float("-inf"))
+        ls = tl.load(lse_row + (s0 + offs_s) * stride_lpn, mask=s0 + offs_s < n_splits, other=float("-inf"))
         m = tl.maximum(m, tl.max(ls, 0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     tot = 0.0
     acc = tl.zeros([D_PAD], tl.float32)
     for s0 in range(0, n_splits, SPLIT_BLOCK):
         s_ok = s0 + offs_s < n_splits
-        ls = tl.load(lse_row + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        ls = tl.load(lse_row + (s0 + offs_s) * stride_lpn, mask=s_ok, other=float("-inf"))
         w = tl.exp(ls - m_safe)  # exactly 0 for -inf partials
         o = tl.load(
             op_row + (s0 + offs_s)[:, None] * stride_opn + offs_d[None, :],
@@ -316,12 +319,12 @@ def _append_kv_kernel(
 # benchmarks/bench_decode.py); the interpreter gets one small shape that crosses block edges.
 _GPU_BLOCK_N = 64
 _GPU_WARPS = 4
-_GPU_STAGES = 3
+_GPU_STAGES = 2
 _CPU_BLOCK_N = 16
 _MAX_BLOCK_M = 64
-# Split heuristic: about WAVES programs per SM, at least MIN_KEYS_PER_SPLIT keys of cache
-# capacity per split, at most MAX_SPLITS splits.
-WAVES = 4
+# Split heuristic: one wave, about one program per SM (measured on H100: 8 KV heads x 16 splits
+# streamed 98% of copy bandwidth at 256k, 66 splits 90%), at least MIN_KEYS_PER_SPLIT keys of
+# cache capacity per split, at most MAX_SPLITS splits.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 256
 
@@ -350,7 +353,7 @@ def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capa
     """
     m_blocks = triton.cdiv(group * seqlen_q, block_m(group, seqlen_q))
     programs = batch * n_kv_heads * m_blocks
-    want = triton.cdiv(WAVES * sm_count(device), max(programs, 1))
+    want = sm_count(device) // max(programs, 1)
     cap = max(1, triton.cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
@@ -478,11 +481,25 @@ def decode_fwd(
     return out, lse
 
 
-def combine_partials(o_part, lse_part, out, lse):
-    """Merge float32 partials ``o_part [B, Sq, H, N, D]`` / ``lse_part [B, Sq, H, N]`` exactly into
-    ``out [B, Sq, H, D]`` (any float dtype) and ``lse [B, H, Sq]`` (float32), in place."""
-    B, Sq, H, N, D = o_part.shape
-    assert o_part.is_contiguous() and lse_part.is_contiguous() and out.stride(-1) == 1
+def combine_partials(o_part, lse_part, out, lse, split_dim=3):
+    """Merge float32 partials exactly into ``out [B, Sq, H, D]`` (any float dtype) and ``lse
+    [B, H, Sq]`` (float32), in place; returns ``(out, lse)``.
+
+    ``split_dim=3``: ``o_part [B, Sq, H, N, D]``, ``lse_part [B, Sq, H, N]`` (the decode kernel's
+    layout). ``split_dim=0``: ``o_part [N, B, Sq, H, D]``, ``lse_part [N, B, Sq, H]`` (N stacked
+    partials, e.g. gathered from N ranks). ``-inf`` safe: rows with no key end as 0 / ``-inf``.
+    """
+    if split_dim == 0:
+        N, B, Sq, H, D = o_part.shape
+        rows = (o_part.stride(3), o_part.stride(0), lse_part.stride(3), lse_part.stride(0))
+        assert o_part[0].is_contiguous() and lse_part[0].is_contiguous()
+    else:
+        B, Sq, H, N, D = o_part.shape
+        rows = (o_part.stride(2), o_part.stride(3), lse_part.stride(2), lse_part.stride(3))
+        assert o_part.is_contiguous() and lse_part.is_contiguous()
+    assert out.stride(-1) == 1 and o_part.stride(-1) == 1
+    if out.numel() == 0:
+        return out, lse
     launch = {} if o_part.device.type == "cpu" else dict(num_warps=4)
     _decode_combine_kernel[(B * Sq * H,)](
         o_part,
@@ -492,8 +509,7 @@ def combine_partials(o_part, lse_part, out, lse):
         N,
         Sq,
         H,
-        o_part.stride(2),
-        o_part.stride(3),
+        *rows,
         out.stride(0),
         out.stride(1),
         out.stride(2),

@@ -1,0 +1,272 @@
+# Shapes use the papers' names (B, Sq, H, D, L) as in ringflash/kernels and blockwise.py.
+# ruff: noqa: N806
+"""Decoding with a KV cache sharded over the ranks of a process group.
+
+Layout (contiguous): for every sequence ``b``, rank ``r`` holds one contiguous run of its keys,
+global positions ``[key_offsets[b, r], key_offsets[b, r] + len[b, r])``, and the runs follow rank
+order: ``key_offsets[b, r] = sum(len[b, :r])``. Lengths may be 0 on any rank. This is the layout a
+contiguous ring / Ulysses prefill leaves behind (rank r holds tokens ``[r * L, (r + 1) * L)``).
+
+One step: every rank attends the (replicated) query to its local shard with the split-KV kernel,
+producing float32 partials ``(out_r, lse_r)``; ONE all_gather of the stacked partials (``B * Sq *
+Hq * (D + 1)`` floats per rank, independent of the context length) and an exact LSE combine give
+every rank the same result::
+
+    lse = log sum_r exp(lse_r),   out = sum_r exp(lse_r - lse) out_r
+
+Every rank combines the same gathered tensor in the same order, so the results are bitwise equal
+across ranks. Shards with no key contribute ``lse = -inf`` (weight 0, never NaN).
+
+Masks. With one query token and a causal mask every stored key is visible, and without a window
+no positions are needed at all. With several query tokens (speculative decoding) and causal, or
+with a sliding window, rank r must know where its run starts: query token ``t`` sits at global
+position ``total[b] - Sq + t`` and rank r's local key ``j`` at ``key_offsets[b, r] + j``, so the
+local diagonal offset is ``total[b] - Sq - key_offsets[b, r]``. Pass ``key_offsets`` (this rank's,
+int32 ``[B]``) and ``global_seqlens`` (int32 ``[B]``, the total keys after the append), as
+:class:`ShardedKVCache` does from its bookkeeping; when they are needed and not given, they are
+computed from an all_gather of the local lengths (a second, tiny collective).
+
+Where new tokens go (:class:`ShardedKVCache`): to the *tail rank* of each sequence, the last rank
+whose run is non-empty (rank 0 for an empty sequence), while it has room; tokens that do not fit
+go to the next rank, and so on. This keeps the runs contiguous and in rank order (ranks after the
+tail are empty), so positions stay implicit. After a prefill every rank holds L tokens and the
+last rank takes the new ones: give it room (``max_new_tokens``). Appending is host-side
+bookkeeping (replicated, no communication); the attention itself syncs nothing with the host.
+
+With no process group, or a group of one rank, everything runs locally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..backends import backend_name
+from ..checks import check_options
+from ..decode import DecodeArgs, append_kv_, attend_kvcache, flash_attn_with_kvcache
+from ..merge import combine_attn_partials
+
+__all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]
+
+
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _gather(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    """All-gather a flat tensor: ``[world, n]``."""
+    x = x.contiguous().view(-1)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return torch.stack(parts)
+
+
+def _combine(outs: torch.Tensor, lses: torch.Tensor, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of ``outs [W, B, Sq, H, D]`` / ``lses [W, B, Sq, H]`` -> ``(out, lse [B, H, Sq])``."""
+    if backend_name(outs.device) == "triton":
+        from ..kernels.decode import combine_partials
+
+        W, B, Sq, H, D = outs.shape
+        out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=outs.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=outs.device)
+        return combine_partials(outs, lses, out, lse, split_dim=0)
+    out, lse = combine_attn_partials(outs, lses.permute(0, 1, 3, 2))
+    return out.to(out_dtype), lse
+
+
+def sharded_flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=0,
+    return_softmax_lse=False,
+    key_offsets=None,
+    global_seqlens=None,
+    group=None,
+):
+    """:func:`ringflash.decode.flash_attn_with_kvcache` over a KV cache sharded across ``group``.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``, the same on every rank.
+        k_cache, v_cache, cache_batch_idx, block_table: this rank's shard, laid out as in
+            ``flash_attn_with_kvcache`` (``[B_cache, S_local, Hk, D]`` or paged).
+        k, v: ``[B, Snew, Hk, D]`` new tokens to append to THIS rank's shard (pass them on the
+            rank that owns the sequence ends, None elsewhere), or None.
+        cache_seqlens: int32 ``[B]`` (or int): keys already in this rank's shard (may be 0).
+        key_offsets: int32 ``[B]``, global position of this rank's first key per sequence;
+            global_seqlens: int32 ``[B]``, total keys per sequence after the append. Needed only
+            for causal with ``Sq > 1`` or a window; computed by an all_gather when not given.
+        group: the process group (None: the default group); no group or one rank runs locally.
+        Other arguments: as ``flash_attn_with_kvcache``.
+
+    Returns:
+        ``out [B, Sq, Hq, D]`` (or ``(out, lse [B, Hq, Sq])``), identical on every rank.
+
+    Example:
+        >>> out = sharded_flash_attn_with_kvcache(q, k_shard, v_shard, cache_seqlens=local_lens)
+    """
+    rank, world = _world(group)
+    kw = dict(
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        num_splits=num_splits,
+        return_softmax_lse=return_softmax_lse,
+    )
+    if world == 1:
+        return flash_attn_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, **kw
+        )
+    window = check_options(0.0, softmax_scale, window_size, softcap, None)
+    a = DecodeArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
+    for name, t in (("key_offsets", key_offsets), ("global_seqlens", global_seqlens)):
+        if t is not None and (
+            not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (a.batch,)
+        ):
+            raise ValueError(f"{name} must be an int32 tensor [B={a.batch}], got {t!r}")
+    if (key_offsets is None) != (global_seqlens is None):
+        raise ValueError("pass key_offsets and global_seqlens together (or neither)")
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    Sq = q.shape[1]
+    with torch.no_grad():
+        append_kv_(k_cache, v_cache, k, v, a)
+        diag = None
+        if (causal and Sq > 1) or window != (-1, -1):
+            local = a.cache_seqlens + a.n_new
+            if key_offsets is None:
+                lens = _gather(local, world, group)  # [W, B]
+                key_offsets = (lens.cumsum(0) - lens)[rank].to(torch.int32)
+                global_seqlens = lens.sum(0).to(torch.int32)
+            diag = (global_seqlens.to(q.device) - Sq - key_offsets.to(q.device)).to(torch.int32)
+        out, lse = attend_kvcache(
+            q, k_cache, v_cache, a, scale, bool(causal), window, float(softcap), diag, torch.float32
+        )
+        B, _, H, D = out.shape
+        packed = torch.cat([out.reshape(-1), lse.transpose(1, 2).reshape(-1)])
+        got = _gather(packed, world, group)  # the one collective of the step
+        n = out.numel()
+        outs = got[:, :n].view(world, B, Sq, H, D)
+        lses = got[:, n:].view(world, B, Sq, H)
+        out, lse = _combine(outs, lses, q.dtype)
+    return (out, lse) if return_softmax_lse else out
+
+
+class ShardedKVCache:
+    """A KV cache sharded over ``group``: allocation, placement of new tokens, prefill, steps.
+
+    Every rank holds ``k``/``v`` ``[batch, capacity, Hk, D]`` for its runs and the same host-side
+    table ``lengths[b][r]`` (updated identically on every rank, no communication). New tokens go
+    to each sequence's tail rank while it has room, then to the next rank (see the module doc).
+
+    Example:
+        >>> cache = ShardedKVCache.from_prefill(k_shard, v_shard, max_new_tokens=256, group=g)
+        >>> out = cache.step(q, k_new, v_new, causal=True)   # append, then attend
+    """
+
+    def __init__(self, batch, capacity, n_kv_heads, head_dim, dtype=torch.bfloat16, device=None, group=None):
+        if capacity < 0 or batch < 1:
+            raise ValueError(f"need batch >= 1 and capacity >= 0, got {batch} and {capacity}")
+        self.group = group
+        self.rank, self.world = _world(group)
+        self.capacity = int(capacity)
+        self.k = torch.zeros(batch, capacity, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = [[0] * self.world for _ in range(batch)]
+        self._sync_device()
+
+    @classmethod
+    def from_prefill(cls, k_shard, v_shard, capacity=None, max_new_tokens=0, group=None):
+        """Build from a contiguous prefill's local shards ``[B, L, Hk, D]`` (rank r holds tokens
+        ``[r * L, (r + 1) * L)``); ``capacity`` defaults to ``L + max_new_tokens`` on every rank."""
+        B, L, Hk, D = k_shard.shape
+        cap = L + max_new_tokens if capacity is None else capacity
+        if cap < L:
+            raise ValueError(f"capacity {cap} is smaller than the prefill shard length {L}")
+        self = cls(B, cap, Hk, D, k_shard.dtype, k_shard.device, group)
+        self.k[:, :L] = k_shard
+        self.v[:, :L] = v_shard
+        self.lengths = [[L] * self.world for _ in range(B)]
+        self._sync_device()
+        return self
+
+    def _sync_device(self):
+        mine = [row[self.rank] for row in self.lengths]
+        self.seqlens = torch.tensor(mine, dtype=torch.int32, device=self.k.device)
+        offs = [sum(row[: self.rank]) for row in self.lengths]
+        self.key_offsets = torch.tensor(offs, dtype=torch.int32, device=self.k.device)
+        self.global_seqlens = torch.tensor(
+            [sum(r) for r in self.lengths], dtype=torch.int32, device=self.k.device
+        )
+
+    def placement(self, n_new: int) -> list[list[tuple[int, int, int]]]:
+        """For each sequence, ``(rank, first new token, count)`` pieces of an append of ``n_new``."""
+        plan = []
+        for b, row in enumerate(self.lengths):
+            tail = max((r for r in range(self.world) if row[r] > 0), default=0)
+            pieces, t, r = [], 0, tail
+            while t < n_new:
+                if r >= self.world:
+                    raise ValueError(
+                        f"sequence {b} is full: {sum(row)} tokens in {self.world} shards of {self.capacity}, "
+                        f"cannot append {n_new}"
+                    )
+                room = self.capacity - row[r]
+                take = min(room, n_new - t)
+                if take > 0:
+                    pieces.append((r, t, take))
+                    t += take
+                r += 1
+            plan.append(pieces)
+        return plan
+
+    def append(self, k, v):
+        """Append ``k``/``v`` ``[B, Snew, Hk, D]`` (the same on every rank) to their owner ranks."""
+        if (
+            k.shape != v.shape
+            or k.dim() != 4
+            or k.shape[0] != self.k.shape[0]
+            or k.shape[2:] != self.k.shape[2:]
+        ):
+            raise ValueError(f"k/v must be [B, Snew, Hk, D] matching the cache, got {tuple(k.shape)}")
+        plan = self.placement(k.shape[1])  # raises before anything is written
+        for b, pieces in enumerate(plan):
+            for r, t, n in pieces:
+                if r == self.rank:
+                    at = self.lengths[b][r]
+                    self.k[b, at : at + n] = k[b, t : t + n]
+                    self.v[b, at : at + n] = v[b, t : t + n]
+                self.lengths[b][r] += n
+        self._sync_device()
+
+    def step(self, q, k=None, v=None, **kw):
+        """Append ``k``/``v`` (if given), then attend ``q [B, Sq, Hq, D]`` to the whole sharded cache.
+
+        Keyword arguments go to :func:`sharded_flash_attn_with_kvcache` (causal, window_size, ...).
+        """
+        if k is not None:
+            self.append(k, v)
+        return sharded_flash_attn_with_kvcache(
+            q,
+            self.k,
+            self.v,
+            cache_seqlens=self.seqlens,
+            key_offsets=self.key_offsets,
+            global_seqlens=self.global_seqlens,
+            group=self.group,
+            **kw,
+        )
+
+    def total_length(self, b: int) -> int:
+        return int(sum(self.lengths[b]))

@@ -1,0 +1,115 @@
+"""The Triton decode kernels (split-KV, combine, append) under Triton's interpreter, on CPU.
+
+``TRITON_INTERPRET=1`` only takes effect if set before Triton is first imported, and the pytest
+process may already have imported Triton (other test files, torch.compile); flipping it there
+would also leak into those tests. So all cases run in ONE subprocess started with the variable
+set (this file doubles as the worker: ``python tests/test_decode_interp.py --worker``), which
+prints one JSON line of checks per case; each test then asserts its case's checks, so failures
+name the test and the check. The cases are ``test_decode.CASES`` (lengths 0, 1, 17, 999, every
+num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), plus the sharded
+combine kernel on stacked partials with empty shards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from test_decode import CASES, assert_checks, case_id, run_case  # noqa: E402
+
+
+def combine_case():
+    """The stacked-partials combine (sharded path) against merge.combine_attn_partials."""
+    from ringflash.kernels.decode import combine_partials
+    from ringflash.merge import combine_attn_partials
+
+    g = torch.Generator().manual_seed(3)
+    W, B, Sq, H, D = 5, 2, 3, 4, 16
+    outs = torch.randn(W, B, Sq, H, D, generator=g)
+    lses = torch.randn(W, B, Sq, H, generator=g) * 3
+    lses[1] = -math.inf  # an empty shard
+    lses[:, 1, 2, 0] = -math.inf  # a row no shard saw
+    outs[:, 1, 2, 0] = 0.0
+    out = torch.empty(B, Sq, H, D)
+    lse = torch.empty(B, H, Sq)
+    combine_partials(outs, lses, out, lse, split_dim=0)
+    ref_o, ref_l = combine_attn_partials(outs, lses.permute(0, 1, 3, 2))
+    fin = torch.isfinite(ref_l)
+    return {
+        "out": [(out - ref_o).abs().max().item(), 1e-5],
+        "lse": [(lse[fin] - ref_l[fin]).abs().max().item(), 1e-5],
+        "lse -inf pattern": [float((torch.isinf(lse) != ~fin).sum()), 0.0],
+        "no-key row out": [out[1, 2, 0].abs().max().item(), 0.0],
+    }
+
+
+def _worker_main():
+    torch.set_num_threads(1)
+    proto = sys.stdout
+    sys.stdout = sys.stderr  # only the protocol goes to the real stdout
+    for c in CASES:
+        try:
+            reply = {"checks": run_case(dict(c, backend="triton"))}
+        except Exception:  # report, keep going
+            import traceback
+
+            reply = {"error": traceback.format_exc()}
+        proto.write(json.dumps({"id": case_id(c), **reply}) + "\n")
+        proto.flush()
+    proto.write(json.dumps({"id": "combine", "checks": combine_case()}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    results = {}
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        results[r["id"]] = r
+    if not results:
+        raise AssertionError(
+            f"interpreter worker produced nothing (code {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return results
+
+
+def _get(results, cid):
+    assert cid in results, f"{cid}: the worker did not report this case"
+    r = results[cid]
+    if "error" in r:
+        raise AssertionError(f"{cid} raised in the interpreter worker:\n{r['error']}")
+    return r["checks"]
+
+
+@pytest.mark.parametrize("p", CASES, ids=[case_id(c) for c in CASES])
+def test_decode_triton_interpreter(interp_results, p):
+    assert_checks(_get(interp_results, case_id(p)), case_id(p))
+
+
+def test_combine_kernel_interpreter(interp_results):
+    assert_checks(_get(interp_results, "combine"), "combine")
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker_main()
