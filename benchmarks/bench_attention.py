@@ -67,11 +67,26 @@ def _sdpa(q, k, v, causal, backend):
     return fwd, bwd
 
 
+def _exclude(spec):
+    """Drop autotune configs by index (kernel:index) before anything is tuned."""
+    from ringflash.kernels import bwd, fwd
+
+    tuners = {"fwd": fwd._attn_fwd_tuned, "dkdv": bwd._dkdv_tuned, "dq": bwd._dq_tuned}
+    drop = [item.split(":") for item in spec.split(",") if item]
+    for name, tuner in tuners.items():
+        keep = [c for i, c in enumerate(tuner.configs) if [name, str(i)] not in drop]
+        if len(keep) != len(tuner.configs):
+            print(f"excluded from {name}: {[str(c) for c in tuner.configs if c not in keep]}")
+        tuner.configs = keep
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="only seqlen 4k")
+    ap.add_argument("--exclude", default="", help="autotune configs to drop, e.g. 'fwd:1,dq:3' (diagnosis)")
     args = ap.parse_args()
+    _exclude(args.exclude)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     print(f"{dev} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
@@ -97,6 +112,7 @@ def main():
                         print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
                         row[name + "_fwd"] = row[name + "_bwd"] = float("nan")
                 rows.append(row)
+                print("measured", {k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()})
                 torch.cuda.empty_cache()
 
     hdr = (

@@ -84,7 +84,8 @@ def _prune(loop_block):
     depth must fit shared memory next to the resident tile; small tiles for head dim 256."""
 
     def prune(configs, named_args, **kwargs):
-        d = max(named_args["D_PAD"], named_args["DV_PAD"])
+        a = {**named_args, **kwargs}  # constexpr flags arrive in kwargs (triton 3.6)
+        d = max(a["D_PAD"], a["DV_PAD"])
         out = []
         for c in configs:
             stream = c.kwargs[loop_block]

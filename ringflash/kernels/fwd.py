@@ -337,7 +337,8 @@ def _fwd_configs():
 
 def _prune_fwd(configs, named_args, **kwargs):
     """Keep the configs whose tiles fit Hopper's shared memory (~227 KB)."""
-    d = max(named_args["D_PAD"], named_args["DV_PAD"])
+    a = {**named_args, **kwargs}  # constexpr flags arrive in kwargs (triton 3.6)
+    d = max(a["D_PAD"], a["DV_PAD"])
     out = []
     for c in configs:
         bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
