@@ -1,0 +1,147 @@
+"""Hugging Face transformers attention backend: sequence-parallel (ring / Ulysses) attention for any
+model that dispatches through ``transformers.AttentionInterface`` (Llama, Mistral, Qwen2, Gemma, ...).
+
+``register(group, layout)`` registers an attention function and returns its name; build the model
+with ``attn_implementation=name``. Each rank then feeds its own shard of the sequence (``input_ids``
+sharded in ``layout``) together with the GLOBAL ``position_ids`` of those tokens, and gets back its
+shard of the full model's logits; gradients are those of the full model once summed over the ranks.
+
+transformers calls ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``
+with ``query [B, Hq, S_local, D]`` and ``key``/``value [B, Hk, S_local, D]`` and expects
+``(out [B, S_local, Hq, D], None)``. The name contains no "flash": transformers treats any
+implementation name with "flash" in it as a flash-attn kernel to load from its hub. The name is not
+in transformers' mask registry either, so no 4-D mask is built (the mask would describe the local
+shard, not the global sequence): the causal mask comes from ``module.is_causal`` and sliding
+windows from ``sliding_window``, both on global positions; padding masks are not supported (pack
+documents instead, or pad to the sharded length and ignore the pad labels).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch.distributed as dist
+
+from ..ops import flash_attn_func
+from ..parallel.ulysses import RING_FUNCS, ulysses_attn_func
+
+METHODS = ("ring", "ulysses")
+_REGISTERED: dict[tuple, str] = {}
+_COUNTER = itertools.count(1)
+
+
+def _attention_interface():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "ringflash.integrations.transformers needs transformers (pip install transformers)"
+        ) from e
+    interface = getattr(transformers, "AttentionInterface", None)
+    if interface is None:
+        raise ImportError(
+            f"transformers {getattr(transformers, '__version__', '?')} has no AttentionInterface: "
+            "custom attention backends need transformers >= 4.48 (pip install -U transformers)"
+        )
+    return interface
+
+
+def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contiguous", method: str = "ring"):
+    """The transformers attention function (not registered): see ``register``.
+
+    Returns:
+        ``fn(module, query [B, Hq, S, D], key [B, Hk, S, D], value, attention_mask, scaling=None,
+        dropout=0.0, sliding_window=None, softcap=None, is_causal=None, **kwargs)``
+        returning ``(out [B, S, Hq, D], None)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    if layout not in RING_FUNCS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {tuple(RING_FUNCS)}")
+    if method == "ulysses" and layout != "contiguous":
+        raise ValueError("Ulysses shards the sequence contiguously: use layout='contiguous'")
+
+    def attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        scaling=None,
+        dropout=0.0,
+        sliding_window=None,
+        softcap=None,
+        is_causal=None,
+        **kwargs,
+    ):
+        if attention_mask is not None:
+            raise ValueError(
+                "ringflash's sequence-parallel attention takes no attention_mask (padding masks are not "
+                "supported; causal and sliding-window masks come from the model config)"
+            )
+        if dropout:
+            raise ValueError(f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0")
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        window = (-1, -1)
+        if sliding_window is not None and sliding_window > 0:
+            window = (sliding_window - 1, 0 if causal else sliding_window - 1)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S, H, D]
+        kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=float(softcap or 0.0))
+        if not (dist.is_available() and dist.is_initialized()):
+            out = flash_attn_func(q, k, v, **kw)
+        elif method == "ulysses":
+            out = ulysses_attn_func(q, k, v, group=group, **kw)
+        else:
+            out = RING_FUNCS[layout](q, k, v, group=group, **kw)
+        return out, None
+
+    return attention
+
+
+def register(
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    method: str = "ring",
+    name: str | None = None,
+) -> str:
+    """Register a sequence-parallel attention with transformers and return its name.
+
+    Args:
+        group: the sequence-parallel group (None: the default group; with torch.distributed not
+            initialised the backend is plain local flash attention).
+        layout: how each rank's ``input_ids`` were sharded: ``"contiguous"`` (rank r holds
+            ``[r*S/W, (r+1)*S/W)``), ``"zigzag"`` or ``"stripe"`` (``ringflash.parallel.shard``).
+        method: ``"ring"`` (any head count) or ``"ulysses"`` (heads must divide by W; contiguous).
+        name: the implementation name (default ``sp_<method>_<layout>``, plus ``_g<n>`` for an
+            explicit group); must not contain "flash" (transformers would fetch a hub kernel).
+
+    Returns:
+        The name to pass as ``attn_implementation``.
+
+    Raises:
+        ImportError: transformers is missing or has no ``AttentionInterface`` (older than 4.48).
+
+    Example:
+        >>> name = register(group, layout="zigzag")
+        >>> model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
+        >>> logits = model(input_ids=shard(ids, group, layout="zigzag"),
+        ...                position_ids=shard(torch.arange(S)[None], group, layout="zigzag"),
+        ...                use_cache=False).logits             # [B, S/W, vocab]: this rank's shard
+    """
+    interface = _attention_interface()
+    fn = make_attention(group, layout, method)
+    if name is None:
+        key = (id(group) if group is not None else None, layout, method)
+        if key not in _REGISTERED:
+            suffix = f"_g{next(_COUNTER)}" if group is not None else ""
+            _REGISTERED[key] = f"sp_{method}_{layout}{suffix}"
+        name = _REGISTERED[key]
+    if "flash" in name.lower():
+        raise ValueError(
+            f"attention implementation name {name!r} contains 'flash': transformers would treat it as a "
+            "flash-attn kernel and try to fetch it from its hub; choose another name"
+        )
+    if name in ("eager", "sdpa", "flex_attention", "paged|eager"):
+        raise ValueError(f"{name!r} is one of transformers' own attention implementations")
+    interface.register(name, fn)
+    return name

@@ -1,0 +1,105 @@
+"""transformers attention backend: a tiny Llama (built from a config, no download) with its sequence
+sharded over 2 and 4 gloo ranks matches the unsharded model: logits shard by shard, the
+cross-entropy loss (labels shifted globally, summed over ranks) and every parameter gradient."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from dist_utils import spawn
+
+transformers = pytest.importorskip("transformers")
+
+from ringflash.integrations import transformers as rt  # noqa: E402
+
+
+def _tiny_llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+    )
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).float()
+
+
+def _worker(rank, world, layout, method):
+    import torch.distributed as dist
+    from torch.nn import functional
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import shard
+
+    name = rt.register(dist.group.WORLD, layout=layout, method=method)
+    assert "flash" not in name
+    model, ref = _tiny_llama(name), _tiny_llama("eager")
+    ref.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == name, model.config._attn_implementation
+    S = 12 * world
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 61, (2, S), generator=g)
+    # Data side: labels shifted on the GLOBAL sequence (-100 at the end), then sharded like the ids.
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    pos = torch.arange(S)[None].expand(2, S)
+    sh = lambda x: shard(x, dim=1, layout=layout)  # noqa: E731
+    with use_backend("torch"):
+        logits = model(input_ids=sh(ids), position_ids=sh(pos), use_cache=False).logits
+        n_valid = (labels != -100).sum()
+        loss = functional.cross_entropy(logits.flatten(0, 1), sh(labels).flatten(), reduction="sum") / n_valid
+        loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    ref_logits = ref(input_ids=ids, use_cache=False).logits
+    ref_loss = functional.cross_entropy(ref_logits.flatten(0, 1), labels.flatten())  # mean over valid
+    ref_loss.backward()
+    tag = f"rank {rank}/{world} {method} {layout}"
+    err = (logits - sh(ref_logits)).abs().max().item()
+    assert err < 1e-4, f"{tag}: logits differ by {err:.3g}"
+    assert abs(total.item() - ref_loss.item()) < 1e-5, f"{tag}: loss {total.item()} vs {ref_loss.item()}"
+    for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        gerr = (p.grad - pr.grad).abs().max().item()
+        scale = pr.grad.abs().max().item() + 1e-6
+        assert gerr <= 1e-4 * scale + 1e-6, f"{tag}: grad of {n} differs by {gerr:.3g} (scale {scale:.3g})"
+    return name
+
+
+@pytest.mark.parametrize(
+    "world,layout,method", [(2, "contiguous", "ring"), (4, "zigzag", "ring"), (2, "contiguous", "ulysses")]
+)
+def test_llama_sharded_matches_full(world, layout, method):
+    names = spawn(_worker, world, layout, method, timeout=240)
+    assert names == [f"sp_{method}_{layout}_g1"] * world
+
+
+def test_local_backend_and_errors(monkeypatch):
+    """No process group: the backend is local flash attention; bad names and versions raise clearly."""
+    name = rt.register()
+    assert name == "sp_ring_contiguous"
+    model, ref = _tiny_llama(name), _tiny_llama("eager")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 61, (1, 19))
+    err = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+    assert err < 1e-4, f"local backend logits differ by {err:.3g}"
+    with pytest.raises(ValueError, match="flash"):
+        rt.register(name="ringflash_ring")
+    with pytest.raises(ValueError, match="layout"):
+        rt.register(layout="diagonal")
+    with pytest.raises(ValueError, match="contiguous"):
+        rt.register(layout="zigzag", method="ulysses")
+    fake = types.ModuleType("transformers")
+    fake.__version__ = "4.40.0"
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    with pytest.raises(ImportError, match="AttentionInterface"):
+        rt.register()
