@@ -132,3 +132,26 @@ def test_local_attention_adapter_single_process():
         local_attention(2)
     out2 = DistributedAttention(None, None)(q, k, k, 0, causal=True)  # no process group: local
     assert_matches("drop-in local", out2, ref, None, 2)
+
+
+@pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install ringflash[deepspeed])")
+def test_deepspeed_launcher_example_trains_on_cpu(tmp_path):
+    """launch/deepspeed_train_lm.py under torchrun on 4 CPU ranks: ZeRO-2, hybrid 2 x 2, exact first loss."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        "bash",
+        os.path.join(root, "launch", "deepspeed_run_cpu.sh"),
+        "4",
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+    ]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "OK: 4 rank(s), hybrid (ulysses 2 x ring 2), ZeRO stage 2" in res.stdout, out[-4000:]
