@@ -1,4 +1,9 @@
-"""The ``ringflash`` command: ``ringflash env`` reports versions, devices and backends."""
+"""The ``ringflash`` command.
+
+- ``ringflash demo``: train and generate with a sequence sharded over whatever hardware is there,
+  checked against one process (see ``ringflash.demo.run``).
+- ``ringflash env``: versions, devices, distributed backends and the backend each device uses.
+"""
 
 from __future__ import annotations
 
@@ -63,9 +68,46 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import DemoError, plan, run, table, verdicts
+
+    try:
+        cfg = plan(
+            args.world_size,
+            args.seq_len,
+            args.layout,
+            args.device,
+            args.steps,
+            gen_tokens=args.gen_tokens,
+            reference_scale_error=args.break_reference,
+        )
+    except DemoError as e:
+        print(f"ringflash demo: {e}", file=sys.stderr)
+        return 2
+    where = f"{cfg.world_size} {'GPU' if cfg.device == 'cuda' else 'CPU process'}(es)"
+    print(
+        f"ringflash demo: {where}, {cfg.seq_len} tokens, layout {cfg.layout}, {cfg.steps} steps", flush=True
+    )
+    results = run(cfg)
+    print(table(cfg, results))
+    return 0 if all(verdicts(results).values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringflash", description="Exact attention for long sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser(
+        "demo", help="train and generate with a sharded sequence, checked against one process"
+    )
+    p_demo.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, or 4 on CPU)")
+    p_demo.add_argument("--seq-len", type=int, default=1024, help="global sequence length")
+    p_demo.add_argument("--layout", default="zigzag", help="contiguous, zigzag or stripe")
+    p_demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p_demo.add_argument("--steps", type=int, default=3, help="training steps")
+    p_demo.add_argument("--gen-tokens", type=int, default=8, help="tokens to generate")
+    # A deliberately wrong reference (softmax scale times this factor) shows that the checks can fail.
+    p_demo.add_argument("--break-reference", type=float, default=1.0, help=argparse.SUPPRESS)
+    p_demo.set_defaults(func=_cmd_demo)
     p_env = sub.add_parser("env", help="versions, devices and the backend each function uses")
     p_env.set_defaults(func=_cmd_env)
     return parser

@@ -1,0 +1,62 @@
+"""`ringflash demo`: impossible configurations, the end-to-end run on CPU, and a broken reference."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ringflash.demo.run import DemoError, plan
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(world_size=4, seq_len=6, layout="zigzag"), "too short for 4 ranks"),
+        (dict(world_size=3, seq_len=100, layout="zigzag"), "does not divide into 6 equal chunks"),
+        (dict(world_size=2, seq_len=64, layout="diagonal"), "unknown layout"),
+        (dict(world_size=0, seq_len=64), "at least 1"),
+        (dict(world_size=2, seq_len=64, device="cuda"), "no CUDA GPU"),
+    ],
+    ids=["too-short", "not-divisible", "bad-layout", "zero-ranks", "no-gpu"],
+)
+def test_plan_rejects_impossible_combinations(kwargs, match):
+    with pytest.raises(DemoError, match=match):
+        plan(**kwargs)
+
+
+def _demo(*args):
+    cmd = [sys.executable, "-m", "ringflash.cli", "demo", "--device", "cpu", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_combination_is_one_line_and_nonzero():
+    res = _demo("--world-size", "3", "--seq-len", "100")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    assert "does not divide" in res.stderr
+
+
+def test_demo_two_ranks_passes_its_checks():
+    res = _demo("--world-size", "2", "--seq-len", "128", "--steps", "2", "--gen-tokens", "4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for check in ("loss/grad match", "tokens match", "ranks agree"):
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith(check))
+        assert line.rstrip().endswith("PASS"), line
+
+
+def test_demo_fails_against_a_broken_reference():
+    res = _demo(
+        "--world-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "2",
+        "--break-reference",
+        "1.1",
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("loss/grad match"))
+    assert line.rstrip().endswith("FAIL")
