@@ -81,6 +81,16 @@ CASES = dict(
         _case("contiguous", True, varlen=True, L=9, pack="qkv", H=(2, 2)),
     ]
 )
+# A few cases for NCCL on GPUs (each new mask/shape compiles Triton kernels on every rank).
+NCCL_CASES = {
+    cid: CASES[cid]
+    for cid in (
+        "zigzag-causal-B2-L8-H4:2-D16",
+        "stripe-causal-w5:0-B2-L7-H4:2-D16",
+        "contiguous-full-w3:2-B2-L7-H4:2-D16",
+        "varlen-causal-L9-H4:2-D16",
+    )
+}
 EIGHT_RANK_CASES = dict([_case("zigzag", True, L=4, B=1), _case("contiguous", True, varlen=True, L=5)])
 
 
