@@ -103,10 +103,11 @@ def _prune(loop_block):
 
 
 _KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"]
+# (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV list: on H100 with triton
+# 3.6 it raised "misaligned address" at head dim 128, non-causal, seqlen 1024 (2026-11-26; the
+# same tiles with 3 stages, and at head dim 64, ran correctly). Not root-caused; see RESULTS.md.
 _dkdv_tuned = triton.autotune(
-    configs=_configs(
-        [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)]
-    ),
+    configs=_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)]),
     key=_KEY,
     prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
     restore_value=["DK", "DV"],  # ADD mode accumulates in place
