@@ -319,12 +319,13 @@ def _append_kv_kernel(
 # benchmarks/bench_decode.py); the interpreter gets one small shape that crosses block edges.
 _GPU_BLOCK_N = 64
 _GPU_WARPS = 4
-_GPU_STAGES = 2
+_GPU_STAGES = 3
 _CPU_BLOCK_N = 16
 _MAX_BLOCK_M = 64
-# Split heuristic: one wave, about one program per SM (measured on H100: 8 KV heads x 16 splits
-# streamed 98% of copy bandwidth at 256k, 66 splits 90%), at least MIN_KEYS_PER_SPLIT keys of
-# cache capacity per split, at most MAX_SPLITS splits.
+# Split heuristic: one wave, about one program per SM (H100, graph-timed, 2026-11-26: B=1 and 8
+# KV heads -> 16 splits, 128 programs, 94-98% of copy bandwidth from 128k; B=16 -> 1 split, 99-104%
+# from 16k; 3 pipeline stages beat 2 by up to 25%), at least MIN_KEYS_PER_SPLIT keys of cache
+# capacity per split, at most MAX_SPLITS splits.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 256
 
