@@ -1,5 +1,7 @@
-"""Sequence-parallel attention: layouts, sharding, the ring and its single-process simulator."""
+"""Sequence-parallel attention: layouts, sharding, the ring and its single-process simulator,
+Ulysses and the hybrid (Ulysses x ring)."""
 
+from .hybrid import usp_attn_func, usp_positions, usp_shard, usp_unshard
 from .layouts import LAYOUTS, build_plan, build_varlen_plan, positions
 from .ring_attn import (
     ring_flash_attn_func,
@@ -17,6 +19,7 @@ from .ring_attn import (
 )
 from .sharding import shard, shard_for, unshard, unshard_from
 from .simulate import simulate_ring_attn, simulate_ring_attn_backward
+from .ulysses import ulysses_attn_func
 
 __all__ = [
     "LAYOUTS",
@@ -36,8 +39,13 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "ulysses_attn_func",
     "unshard",
     "unshard_from",
+    "usp_attn_func",
+    "usp_positions",
+    "usp_shard",
+    "usp_unshard",
     "zigzag_ring_flash_attn_func",
     "zigzag_ring_flash_attn_kvpacked_func",
     "zigzag_ring_flash_attn_qkvpacked_func",
