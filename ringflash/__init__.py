@@ -2,10 +2,12 @@
 
 Local flash attention (Triton kernels on GPU, a blockwise PyTorch backend elsewhere) returning
 the output and its log-sum-exp, exact LSE merging of partial results, and ring attention for
-sequence-parallel training (contiguous, zigzag and stripe layouts, packed documents).
+sequence-parallel training (contiguous, zigzag and stripe layouts, packed documents), and flash
+decoding with a KV cache on one device or sharded over ranks.
 """
 
 from .backends import use_backend
+from .decode import flash_attn_with_kvcache
 from .merge import combine_attn_partials, merge_attn_states
 from .ops import (
     flash_attn_func,
@@ -29,6 +31,7 @@ from .parallel import (
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,
 )
+from .parallel.sharded_decode import ShardedKVCache, sharded_flash_attn_with_kvcache
 
 __version__ = "0.1.0"
 
@@ -54,4 +57,7 @@ __all__ = [
     "stripe_flash_attn_qkvpacked_func",
     "shard",
     "unshard",
+    "flash_attn_with_kvcache",
+    "sharded_flash_attn_with_kvcache",
+    "ShardedKVCache",
 ]
