@@ -20,7 +20,38 @@ from .merge import merge_into_
 
 BLOCK_Q = 256
 BLOCK_K = 256
+# Bytes of float32 scores per (query tile x key block): key blocks grow up to this budget, so a
+# tile needs few, large matrix products (fewer Python-level ops) while memory stays
+# O(seqlen * block) and never seqlen_q x seqlen_k for long inputs.
+SCORE_BUDGET = 16 * 2**20
 _M_FLOOR = -1e30
+
+
+def _key_block(rows: int) -> int:
+    """Key block size for a query tile of ``rows`` = B * Hq * bq score rows."""
+    return max(BLOCK_K, SCORE_BUDGET // (4 * rows))
+
+
+def _masked_spans(lo: float, hi: float, i0: int, i1: int, j0: int, j1: int):
+    """Key column spans of the tile [i0, i1) x [j0, j1) that hold masked entries: only those
+    columns are masked, not the whole tile."""
+    spans = []
+    if lo != -math.inf and j0 < i1 - 1 + lo:
+        spans.append((j0, min(j1, int(i1 - 1 + lo))))
+    if hi != math.inf and j1 - 1 > i0 + hi:
+        a = max(j0, int(i0 + hi) + 1)
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], j1)
+        else:
+            spans.append((a, j1))
+    return spans
+
+
+def _mask_tile_(x, lo, hi, i0, i1, j0, j1, value, shape5):
+    """Fill the masked entries of the score/probability tile ``x [..., bq, j1-j0]`` with ``value``."""
+    x5 = x.view(shape5)
+    for a, b in _masked_spans(lo, hi, i0, i1, j0, j1):
+        x5[..., a - j0 : b - j0].masked_fill_(~_tile_mask(lo, hi, i0, i1, a, b, x.device), value)
 
 
 def _key_range(lo: float, hi: float, i0: int, i1: int, Sk: int) -> tuple[int, int]:
@@ -41,51 +72,119 @@ def _q_tile(x: torch.Tensor, i0: int, i1: int, Hk: int) -> torch.Tensor:
     return x[:, i0:i1].float().view(B, i1 - i0, Hk, Hq // Hk, D).permute(0, 2, 3, 1, 4)
 
 
+def _fused_cpu_op():
+    """PyTorch's fused CPU flash-attention kernel, which returns the LSE too (None if absent)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape5):
+    """Online softmax over key blocks with explicit products. ``qb [B, Hk, G*bq, D]`` is pre-scaled;
+    ``vh1`` is V with a column of ones, so p @ [v | 1] yields the numerator and its row sum l in
+    one product. Returns ``(out, lse)`` as ``[B, Hk, G*bq, Dv]`` and ``[B, Hk, G*bq, 1]``."""
+    B, Hk, rows, _ = qb.shape
+    Dv = vh1.shape[-1] - 1
+    # A finite floor instead of -inf keeps exp(m - m_new) well defined for rows that have
+    # seen no key yet (no isinf/where per tile); such rows end with l == 0.
+    m = torch.full((B, Hk, rows, 1), _M_FLOOR, device=qb.device)
+    acc = torch.zeros((B, Hk, rows, Dv + 1), device=qb.device)
+    bk = _key_block(B * Hk * rows)
+    for j0 in range(j_start, j_end, bk):
+        j1 = min(j_end, j0 + bk)
+        if is_fully_masked(lo, hi, i0, i1, j0, j1):
+            continue
+        s = torch.matmul(qb, kh[:, :, j0:j1].float().transpose(-1, -2))
+        if softcap > 0:
+            s = torch.tanh(s.div_(softcap)).mul_(softcap)
+        if not is_masked_free(lo, hi, i0, i1, j0, j1):
+            _mask_tile_(s, lo, hi, i0, i1, j0, j1, -math.inf, shape5[:-1] + (j1 - j0,))
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = s.sub_(m_new).exp_()
+        alpha = torch.exp_(m.sub_(m_new))
+        acc.mul_(alpha).add_(torch.matmul(p, vh1[:, :, j0:j1]))
+        m = m_new
+    acc, l = acc[..., :Dv], acc[..., Dv:]
+    has_key = l > 0
+    lse = torch.where(has_key, m + torch.log(l), torch.full_like(l, -math.inf))
+    return acc / torch.where(has_key, l, torch.ones_like(l)), lse
+
+
+def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G):
+    """The same tile through PyTorch's fused CPU kernel: one unmasked call over the keys every row
+    sees, and calls with an additive mask over the (at most ``bq``-wide) edges, merged by LSE."""
+    B, Hk, rows, _ = qb.shape
+    f0 = max(j_start, int(i1 - 1 + lo)) if lo != -math.inf else j_start
+    f1 = min(j_end, int(i0 + hi) + 1) if hi != math.inf else j_end
+    if j_start >= j_end:
+        spans = []
+    elif f0 < f1:
+        spans = [(f0, f1, False)] + [(a, b, True) for a, b in ((j_start, f0), (f1, j_end)) if a < b]
+    else:
+        spans = [(j_start, j_end, True)]
+    out = lse = None
+    for a, b, masked in spans:
+        mask = None
+        if masked:
+            vis = _tile_mask(lo, hi, i0, i1, a, b, qb.device)
+            mask = torch.zeros(vis.shape, device=qb.device).masked_fill_(~vis, -math.inf).repeat(G, 1)
+        o, l = op(qb, kh[:, :, a:b], vh[:, :, a:b], 0.0, False, attn_mask=mask, scale=scale)
+        l = l.unsqueeze(-1)
+        if masked:
+            # The fused kernel reports lse 0 for a row that sees no key of the span; it must be -inf.
+            seen = vis.any(dim=1).repeat(G)[:, None]
+            l = l.masked_fill(~seen, -math.inf)
+        if out is None:
+            out, lse = o.float(), l.float()
+        else:
+            _merge_rows_(out, lse, o, l)
+    if out is None:
+        out = qb.new_zeros(B, Hk, rows, vh.shape[-1])
+        lse = qb.new_full((B, Hk, rows, 1), -math.inf)
+    return out, lse
+
+
+def _merge_rows_(out, lse, out_b, lse_b):
+    """merge_into_ for ``[..., rows, D]`` outputs with ``[..., rows, 1]`` LSEs."""
+    m = torch.maximum(lse, lse_b)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse - m), torch.exp(lse_b - m)
+    tot = wa + wb
+    inv = torch.where(tot > 0, 1.0 / tot, torch.zeros_like(tot))
+    out.mul_(wa * inv).add_(out_b * (wb * inv))
+    lse.copy_(m + torch.log(tot))
+
+
 def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_acc):
     """Attention of padded ``q [B,Sq,Hq,D]`` over ``k, v [B,Sk,Hk,*]``.
 
-    With ``out_acc`` / ``lse_acc`` (float32 views) the result is merged into them; otherwise it is
-    written there as is. Both are always given by the callers below.
+    With ``out_acc.accumulate`` the result is merged into the float32 views ``out_acc.t`` /
+    ``lse_acc``; otherwise it is written there as is.
     """
     B, Sq, Hq, _ = q.shape
     Sk, Hk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
-    kh = k.permute(0, 2, 1, 3)  # [B, Hk, Sk, D]
-    # V with a column of ones: p @ [v | 1] yields the softmax numerator and its row sum l in one
-    # product, saving a reduction pass over every score tile.
-    vh = torch.cat([v.permute(0, 2, 1, 3).float(), v.new_ones(B, Hk, Sk, 1, dtype=torch.float32)], -1)
+    # PyTorch's fused CPU kernel computes each tile fastest; softcap needs the explicit path.
+    op = _fused_cpu_op() if q.device.type == "cpu" and softcap == 0 else None
+    kh = k.permute(0, 2, 1, 3).float()  # [B, Hk, Sk, D]
+    if op is not None:
+        vh = v.permute(0, 2, 1, 3).float()
+    else:
+        vh = torch.cat([v.permute(0, 2, 1, 3).float(), v.new_ones(B, Hk, Sk, 1, dtype=torch.float32)], -1)
     for i0 in range(0, Sq, BLOCK_Q):
         i1 = min(Sq, i0 + BLOCK_Q)
         bq = i1 - i0
-        qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, -1)
-        # A finite floor instead of -inf keeps exp(m - m_new) well defined for rows that have
-        # seen no key yet (no isinf/where per tile); such rows end with l == 0.
-        m = torch.full((B, Hk, G * bq, 1), _M_FLOOR, device=q.device)
-        acc = torch.zeros((B, Hk, G * bq, Dv + 1), device=q.device)
         j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
-        for j0 in range(j_start, j_end, BLOCK_K):
-            j1 = min(j_end, j0 + BLOCK_K)
-            if is_fully_masked(lo, hi, i0, i1, j0, j1):
-                continue
-            s = torch.matmul(qb, kh[:, :, j0:j1].float().transpose(-1, -2))
-            if softcap > 0:
-                s = torch.tanh(s.div_(softcap)).mul_(softcap)
-            if not is_masked_free(lo, hi, i0, i1, j0, j1):
-                mask = _tile_mask(lo, hi, i0, i1, j0, j1, q.device)
-                s.view(B, Hk, G, bq, -1).masked_fill_(~mask, -math.inf)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            p = s.sub_(m_new).exp_()
-            alpha = torch.exp_(m.sub_(m_new))
-            acc.mul_(alpha).add_(torch.matmul(p, vh[:, :, j0:j1]))
-            m = m_new
-        acc, l = acc[..., :Dv], acc[..., Dv:]
-        has_key = l > 0
-        lse_b = torch.where(has_key, m + torch.log(l), torch.full_like(l, -math.inf))
-        out_b = acc / torch.where(has_key, l, torch.ones_like(l))
+        qt = _q_tile(q, i0, i1, Hk).reshape(B, Hk, G * bq, -1)
+        if op is not None:
+            out_b, lse_b = _fwd_tile_fused(op, qt, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G)
+        else:
+            shape5 = (B, Hk, G, bq, 0)
+            out_b, lse_b = _fwd_tile_matmul(
+                qt * scale, kh, vh, lo, hi, softcap, i0, i1, j_start, j_end, shape5
+            )
         # [B, Hk, G*bq, *] -> [B, bq, Hq, Dv] and [B, Hq, bq]
-        out_b = out_b.view(B, Hk, G, bq, Dv).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, Dv)
-        lse_b = lse_b.view(B, Hq, bq)
+        out_b = out_b.reshape(B, Hk, G, bq, Dv).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, Dv)
+        lse_b = lse_b.reshape(B, Hq, bq)
         if out_acc.accumulate:
             merge_into_(out_acc.t[:, i0:i1], lse_acc[:, :, i0:i1], out_b, lse_b)
         else:
@@ -114,8 +213,10 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
         delta_b = delta[:, :, i0:i1].reshape(B, Hk, G * bq, 1)
         dqb = torch.zeros_like(qb)
         j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
-        for j0 in range(j_start, j_end, BLOCK_K):
-            j1 = min(j_end, j0 + BLOCK_K)
+        # The backward keeps four score-sized tiles (s, p, dp, ds) alive at once.
+        bk = _key_block(4 * B * Hq * bq)
+        for j0 in range(j_start, j_end, bk):
+            j1 = min(j_end, j0 + bk)
             if is_fully_masked(lo, hi, i0, i1, j0, j1):
                 continue
             kb = kh[:, :, j0:j1].float()
@@ -126,8 +227,7 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
                 s = t * softcap
             p = s.sub_(lse_b).exp_()
             if not is_masked_free(lo, hi, i0, i1, j0, j1):
-                mask = _tile_mask(lo, hi, i0, i1, j0, j1, q.device)
-                p.view(B, Hk, G, bq, -1).masked_fill_(~mask, 0.0)
+                _mask_tile_(p, lo, hi, i0, i1, j0, j1, 0.0, (B, Hk, G, bq, j1 - j0))
             dvh[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dob)
             ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
             if softcap > 0:

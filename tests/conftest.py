@@ -14,3 +14,4 @@ def small_blocks(monkeypatch):
 
     monkeypatch.setattr(blockwise, "BLOCK_Q", 16)
     monkeypatch.setattr(blockwise, "BLOCK_K", 8)
+    monkeypatch.setattr(blockwise, "SCORE_BUDGET", 0)

@@ -188,3 +188,17 @@ def test_use_backend_torch_and_unknown():
     with pytest.raises(ValueError, match="unknown backend"):
         with rf.use_backend("cuda-magic"):
             pass
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
+def test_explicit_products_path_matches_oracle(case, small_blocks, monkeypatch):
+    """The blockwise path used off-CPU (and for softcap): explicit products, no fused CPU kernel."""
+    from ringflash import blockwise
+
+    monkeypatch.setattr(blockwise, "_fused_cpu_op", lambda: None)
+    B, Sq, Sk, Hq, Hk, D, causal, window, softcap = case
+    (q, k, v), (q64, k64, v64) = _inputs([(B, Sq, Hq, D), (B, Sk, Hk, D), (B, Sk, Hk, D)], torch.float32)
+    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal, window_size=window)
+    out, lse, _ = rf.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    assert_matches("out", out, ref_out, None, 0)
+    assert_matches("lse", lse, ref_lse, None, 0)
