@@ -2,11 +2,13 @@
 
 Local flash attention (Triton kernels on GPU, a blockwise PyTorch backend elsewhere) returning
 the output and its log-sum-exp, exact LSE merging of partial results, and ring attention for
-sequence-parallel training (contiguous, zigzag and stripe layouts, packed documents), and flash
+sequence-parallel training (contiguous, zigzag and stripe layouts, packed documents), Ulysses and
+a 2-D Ulysses x ring hybrid, and flash
 decoding with a KV cache on one device or sharded over ranks.
 """
 
 from .backends import use_backend
+from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
 from .merge import combine_attn_partials, merge_attn_states
 from .ops import (
@@ -26,7 +28,12 @@ from .parallel import (
     stripe_flash_attn_func,
     stripe_flash_attn_kvpacked_func,
     stripe_flash_attn_qkvpacked_func,
+    ulysses_attn_func,
     unshard,
+    usp_attn_func,
+    usp_positions,
+    usp_shard,
+    usp_unshard,
     zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,
@@ -60,4 +67,11 @@ __all__ = [
     "flash_attn_with_kvcache",
     "sharded_flash_attn_with_kvcache",
     "ShardedKVCache",
+    "ulysses_attn_func",
+    "usp_attn_func",
+    "usp_shard",
+    "usp_unshard",
+    "usp_positions",
+    "build_usp_groups",
+    "init_distributed",
 ]
