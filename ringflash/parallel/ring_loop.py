@@ -24,7 +24,6 @@ import math
 import torch
 
 from ..comm.ring import Post, Wait
-from ..merge import merge_into_
 from .layouts import Piece, Plan
 
 TAG_KV, TAG_DKV = 0, 1
@@ -60,43 +59,34 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
 
 
 def fwd_piece(backend, q, k, v, out, lse, pc: Piece, scale: float, softcap: float, packed: bool) -> None:
-    """Merge the attention of one piece into the float32 state ``(out, lse)``."""
-    qp = _tok(q, packed, pc.q0, pc.q1).contiguous()
-    kp = _tok(k, packed, pc.k0, pc.k1).contiguous()
-    vp = _tok(v, packed, pc.k0, pc.k1).contiguous()
+    """Merge the attention of one piece into the float32 state ``(out, lse)``.
+
+    Both backends take strided views, so a piece that covers part of the local tokens (a zigzag
+    half) reads and merges in place: no copies and no separate merge.
+    """
+    qp, kp, vp = _tok(q, packed, pc.q0, pc.q1), _tok(k, packed, pc.k0, pc.k1), _tok(v, packed, pc.k0, pc.k1)
     op, lp = _tok(out, packed, pc.q0, pc.q1), _lse(lse, pc.q0, pc.q1)
     kw = _mask_kwargs(pc, packed, q.device)
-    if op.is_contiguous() and lp.is_contiguous():
-        backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, **kw)
-        return
-    # Kernels write contiguous buffers: compute the piece apart, then merge it in (float32).
-    o_t = torch.zeros(op.shape, dtype=torch.float32, device=q.device)
-    l_t = torch.full(lp.shape, -math.inf, dtype=torch.float32, device=q.device)
-    backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=o_t, lse=l_t, **kw)
-    merge_into_(op, lp, o_t, l_t)
+    backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, **kw)
 
 
 def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, scale, softcap, packed) -> None:
     """Add the gradients of one piece into the float32 ``dq`` (local) and ``dk``/``dv`` (travelling)."""
     qa, qb, ka, kb = pc.q0, pc.q1, pc.k0, pc.k1
-    args = (
-        _tok(dout, packed, qa, qb).contiguous(),
-        _tok(q, packed, qa, qb).contiguous(),
-        _tok(k, packed, ka, kb).contiguous(),
-        _tok(v, packed, ka, kb).contiguous(),
-        _tok(out, packed, qa, qb).contiguous(),
-        _lse(lse, qa, qb).contiguous(),
-    )
     kw = _mask_kwargs(pc, packed, q.device)
-    kw.update(softmax_scale=scale, softcap=softcap, delta=_lse(delta, qa, qb).contiguous())
-    targets = (_tok(dq, packed, qa, qb), _tok(dk, packed, ka, kb), _tok(dv, packed, ka, kb))
-    if all(t.is_contiguous() for t in targets):
-        backend.attn_bwd(*args, dq=targets[0], dk=targets[1], dv=targets[2], **kw)
-        return
-    tmp = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in targets]
-    backend.attn_bwd(*args, dq=tmp[0], dk=tmp[1], dv=tmp[2], **kw)
-    for t, s in zip(targets, tmp, strict=True):
-        t.add_(s)
+    kw.update(softmax_scale=scale, softcap=softcap, delta=_lse(delta, qa, qb))
+    backend.attn_bwd(
+        _tok(dout, packed, qa, qb),
+        _tok(q, packed, qa, qb),
+        _tok(k, packed, ka, kb),
+        _tok(v, packed, ka, kb),
+        _tok(out, packed, qa, qb),
+        _lse(lse, qa, qb),
+        dq=_tok(dq, packed, qa, qb),
+        dk=_tok(dk, packed, ka, kb),
+        dv=_tok(dv, packed, ka, kb),
+        **kw,
+    )
 
 
 def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
