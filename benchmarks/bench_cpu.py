@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -106,13 +107,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--memory-seqlens", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--memory-heads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="folder for cpu.csv and cpu.png")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, causal")
     b, s, h, d = 1, args.seqlen, args.heads, args.headdim
+    rows = []
     print(f"\ntime: B={b} S={s} H={h} D={d} (median of {args.repeats})")
     print(f"{'pass':<8} {'sdpa s':>8} {'ours s':>8} {'ours/sdpa':>9} {'ours GFLOP/s':>12}")
     for name, t_sdpa, t_ours, flops in time_ratio(b, s, h, d, args.repeats):
         print(f"{name:<8} {t_sdpa:8.3f} {t_ours:8.3f} {t_ours / t_sdpa:9.2f} {flops / t_ours / 1e9:12.1f}")
+        rows.append(dict(kind="time", pass_=name, seqlen=s, sdpa=t_sdpa, ours=t_ours, ratio=t_ours / t_sdpa))
     if args.memory_seqlens:
         hm = args.memory_heads
         print(f"\npeak memory added by one call (MiB), B=1 H={hm} D={d}; inputs are 3 x S*H*D*4 bytes")
@@ -121,6 +125,28 @@ def main():
             inputs = 3 * sl * hm * d * 4 / 2**20
             vals = [peak_memory(w, 1, sl, hm, d, bw) for w in ("ours", "sdpa") for bw in (False, True)]
             print(f"{sl:>7} {inputs:8.1f} " + " ".join(f"{x:9.1f}" for x in vals))
+            for (who, passes), mib in zip(
+                [(w, p) for w in ("ours", "sdpa") for p in ("fwd", "fwd+bwd")], vals, strict=True
+            ):
+                row = dict(kind=f"peak MiB {who}", pass_=passes, seqlen=sl, sdpa="", ours="", ratio=mib)
+                rows.append(row)
+    if args.out:
+        _write_out(args.out, rows)
+
+
+def _write_out(out, rows):
+    from bench_io import plot_lines, write_csv
+
+    write_csv(os.path.join(out, "cpu.csv"), rows)
+    mem = [r for r in rows if r["kind"].startswith("peak")]
+    series = {}
+    for r in mem:
+        xs, ys = series.setdefault(f"{r['kind'][9:]} {r['pass_']}", ([], []))
+        xs.append(r["seqlen"])
+        ys.append(r["ratio"])
+    if series:
+        title = f"peak memory added by one call, torch {torch.__version__} CPU"
+        plot_lines(os.path.join(out, "cpu.png"), series, "sequence length", "MiB", title)
 
 
 if __name__ == "__main__":

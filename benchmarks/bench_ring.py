@@ -128,6 +128,7 @@ def main() -> None:
         "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
+    p.add_argument("--out", default=None, help="folder for ring.csv and ring.png")
     a = p.parse_args()
     if a.tiny:
         a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.no_write = 64, 4, 2, 32, 2, True
@@ -189,6 +190,8 @@ def main() -> None:
     for name, bw in LINKS.items():
         lmin = Hk * elem * F / (2 * 0.5 * Hq * bw)
         print(f"#   {name}: zigzag hides the K/V transfer from L >= {lmin:,.0f} tokens per rank")
+    if a.out:
+        _write_out(a.out, rows, f"simulated ring, {dev_name}, {versions}, Hq={Hq} Hk={Hk} D={D} {a.dtype}")
     if not a.no_write:
         path = Path(a.results)
         new = not path.exists()
@@ -209,6 +212,20 @@ def main() -> None:
                     f"| {tfb * 1e3:.2f} | {trfb * 1e3:.2f} | {efb:.3f} |\n"
                 )
         print(f"\nappended to {path}")
+
+
+def _write_out(out: str, rows, title: str) -> None:
+    from bench_io import plot_lines, write_csv
+
+    keys = ("layout", "world", "seqlen", "full_fwd_s", "sdpa_fwd_s", "rank_fwd_s", "eff_fwd")
+    keys += ("full_fwd_bwd_s", "rank_fwd_bwd_s", "eff_fwd_bwd")
+    write_csv(str(Path(out) / "ring.csv"), [dict(zip(keys, r, strict=True)) for r in rows])
+    series = {}
+    for lay in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == lay]
+        series[f"{lay} fwd"] = ([r[1] for r in mine], [r[6] for r in mine])
+        series[f"{lay} fwd+bwd"] = ([r[1] for r in mine], [r[9] for r in mine])
+    plot_lines(str(Path(out) / "ring.png"), series, "world size (virtual ranks)", "efficiency", title)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,21 @@
 
 - ``ringflash demo``: train and generate with a sequence sharded over whatever hardware is there,
   checked against one process (see ``ringflash.demo.run``).
+- ``ringflash bench [attention|decode|ring|cpu]``: runs the benchmark scripts of a source
+  checkout, printing their tables and writing CSV and PNG files into a folder it names.
 - ``ringflash env``: versions, devices, distributed backends and the backend each device uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.metadata
+import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 
 def _version(pkg: str) -> str:
@@ -93,6 +99,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(verdicts(results).values()) else 1
 
 
+BENCHES = ("attention", "decode", "ring", "cpu")
+_GPU_ONLY = ("attention", "decode")  # they compare with SDPA's flash and cuDNN backends: CUDA only
+
+
+def bench_commands(names, out: Path, tiny: bool, scripts: Path) -> list[list[str]]:
+    """The command line of each benchmark script, writing into ``out``."""
+    extra = {
+        "attention": ["--quick"] if tiny else [],
+        "decode": ["--quick"] if tiny else [],
+        "ring": ["--no-write"] + (["--tiny"] if tiny else []),
+        "cpu": ["--seqlen", "512", "--memory-seqlens", "512", "1024", "--repeats", "2"] if tiny else [],
+    }
+    return [[sys.executable, str(scripts / f"bench_{n}.py"), "--out", str(out), *extra[n]] for n in names]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    scripts = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not scripts.is_dir():
+        print(
+            "ringflash bench: the benchmark scripts come with a source checkout (benchmarks/ next to "
+            "the ringflash package); install with `pip install -e .` from one",
+            file=sys.stderr,
+        )
+        return 2
+    unknown = [n for n in args.which if n not in BENCHES]
+    if unknown:
+        print(
+            f"ringflash bench: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}",
+            file=sys.stderr,
+        )
+        return 2
+    cuda = torch.cuda.is_available()
+    names = args.which or (["attention", "decode", "ring"] if cuda else ["cpu", "ring"])
+    if not cuda and any(n in _GPU_ONLY for n in names):
+        bad = ", ".join(n for n in names if n in _GPU_ONLY)
+        print(
+            f"ringflash bench: {bad} needs a CUDA GPU (it compares with SDPA's flash and cuDNN backends); "
+            "on CPU run `ringflash bench cpu ring`",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out or f"ringflash-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(scripts.parent), os.environ.get("PYTHONPATH", "")])
+    )
+    for name, cmd in zip(names, bench_commands(names, out, args.tiny, scripts), strict=True):
+        print(f"== ringflash bench {name}", flush=True)
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            print(f"ringflash bench: {name} failed (exit {rc})", file=sys.stderr)
+            return rc
+    print(f"results written to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringflash", description="Exact attention for long sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     # A deliberately wrong reference (softmax scale times this factor) shows that the checks can fail.
     p_demo.add_argument("--break-reference", type=float, default=1.0, help=argparse.SUPPRESS)
     p_demo.set_defaults(func=_cmd_demo)
+    p_bench = sub.add_parser("bench", help="run the benchmarks; tables to stdout, CSV and PNG to a folder")
+    p_bench.add_argument(
+        "which",
+        nargs="*",
+        metavar="{attention,decode,ring,cpu}",
+        help="default: attention decode ring on a GPU, cpu ring on CPU",
+    )
+    p_bench.add_argument("--out", default=None, help="folder for the results (default: a new dated folder)")
+    p_bench.add_argument("--tiny", action="store_true", help="a short sweep (smoke test)")
+    p_bench.set_defaults(func=_cmd_bench)
     p_env = sub.add_parser("env", help="versions, devices and the backend each function uses")
     p_env.set_defaults(func=_cmd_env)
     return parser

@@ -1,6 +1,9 @@
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from ringflash.cli import env_report, main
 
 
@@ -19,3 +22,31 @@ def test_cli_module_runs_and_rejects_unknown_command():
         [sys.executable, "-m", "ringflash.cli", "frobnicate"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_bench_tiny_on_cpu_writes_tables_csv_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "ringflash.cli", "bench", "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("cpu.csv", "cpu.png", "ring.csv", "ring.png"):
+        assert (out / name).stat().st_size > 0, f"{name} missing or empty"
+    header = (out / "ring.csv").read_text().splitlines()[0]
+    assert "eff_fwd" in header and "world" in header
+    assert "ours/sdpa" in res.stdout  # the CPU table was printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_bench_rejects_gpu_only_benchmarks_without_cuda_and_unknown_names():
+    res = subprocess.run(
+        [sys.executable, "-m", "ringflash.cli", "bench", "attention"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "ringflash.cli", "bench", "frob"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "unknown benchmark 'frob'" in res.stderr
