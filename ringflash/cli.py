@@ -75,8 +75,15 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .comm.init import init_distributed, launcher
     from .demo.run import DemoError, plan, run, table, verdicts
 
+    rank = 0
+    if launcher() != "none":  # torchrun / deepspeed / mpirun: this process is one of the ranks
+        info = init_distributed()
+        rank, args.world_size = info.rank, info.world_size
+        if args.device == "auto":
+            args.device = "cuda" if info.backend == "nccl" else "cpu"
     try:
         cfg = plan(
             args.world_size,
@@ -86,16 +93,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             args.steps,
             gen_tokens=args.gen_tokens,
             reference_scale_error=args.break_reference,
+            quiet=rank != 0,
         )
     except DemoError as e:
-        print(f"ringflash demo: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"ringflash demo: {e}", file=sys.stderr)
         return 2
-    where = f"{cfg.world_size} {'GPU' if cfg.device == 'cuda' else 'CPU process'}(es)"
-    print(
-        f"ringflash demo: {where}, {cfg.seq_len} tokens, layout {cfg.layout}, {cfg.steps} steps", flush=True
-    )
+    if rank == 0:
+        where = f"{cfg.world_size} {'GPU' if cfg.device == 'cuda' else 'CPU process'}(es)"
+        print(
+            f"ringflash demo: {where}, {cfg.seq_len} tokens, layout {cfg.layout}, {cfg.steps} steps",
+            flush=True,
+        )
     results = run(cfg)
-    print(table(cfg, results))
+    if rank == 0:
+        print(table(cfg, results))
+    if launcher() != "none" and cfg.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return 0 if all(verdicts(results).values()) else 1
 
 

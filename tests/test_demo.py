@@ -60,3 +60,27 @@ def test_demo_fails_against_a_broken_reference():
     assert res.returncode == 1, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("loss/grad match"))
     assert line.rstrip().endswith("FAIL")
+
+
+def test_demo_under_torchrun_uses_the_launched_ranks():
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ringflash.cli",
+        "demo",
+        "--seq-len",
+        "64",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "2",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("world size") == 1  # only rank 0 prints the table
+    assert any(ln.startswith("world size") and ln.rstrip().endswith("2") for ln in res.stdout.splitlines())
+    assert "tokens match      PASS" in res.stdout
