@@ -69,7 +69,7 @@ def main() -> int:
         config = json.load(f)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
-    seq = synthetic_sequence(args.seq_len + 1, args.vocab, seed=0).to(device)
+    seq = synthetic_sequence(args.seq_len + 1, args.vocab).to(device)
     tokens, targets = seq[None, :-1], seq[None, 1:]
     pos = torch.arange(args.seq_len, device=device)
     group = dist.group.WORLD if world > 1 else None
@@ -78,7 +78,7 @@ def main() -> int:
     sp_attn = DistributedAttention(None, group)
     plan = sp_attn.plan(args.heads)
 
-    def attn(q, k, v):  # [B, S/W, H, D] -> [B, S/W, H, D]
+    def attn(layer, q, k, v):  # [B, S/W, H, D] -> [B, S/W, H, D]
         return sp_attn(q, k, v, 0, causal=True)
 
     losses = []

@@ -22,11 +22,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn import functional
 
 import ringflash.parallel as rp
 from ringflash.comm import init_distributed
+from ringflash.demo.model import TinyLM, synthetic_sequence
 from ringflash.reference import attention_ref
 
 RING_FUNCS = {
@@ -36,67 +36,8 @@ RING_FUNCS = {
 }
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x [B, S, H, D]`` at global positions ``pos [S]``."""
-    d = x.shape[-1] // 2
-    freq = 10000.0 ** (-torch.arange(d, device=x.device, dtype=torch.float32) / d)
-    ang = pos.to(torch.float32)[:, None] * freq[None, :]
-    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int):
-        super().__init__()
-        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False)
-        )
-
-    def forward(self, x, pos, attn):
-        b, s, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(
-            [self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], -1
-        )
-        q = rope(q.view(b, s, self.heads, self.hd), pos)
-        k = rope(k.view(b, s, self.kv_heads, self.hd), pos)
-        v = v.view(b, s, self.kv_heads, self.hd)
-        x = x + self.proj(attn(q, k, v).reshape(b, s, -1))
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, kv_heads: int):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens, pos, attn):
-        x = self.emb(tokens)
-        for blk in self.blocks:
-            x = blk(x, pos, attn)
-        return self.head(self.norm(x))
-
-
-def synthetic_sequence(n: int, vocab: int, seed: int) -> torch.Tensor:
-    """A learnable stream: x[t+1] = (5 x[t] + 3) mod vocab, with 10% random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.empty(n, dtype=torch.long)
-    x[0] = 1
-    for t in range(1, n):
-        x[t] = (5 * x[t - 1] + 3) % vocab
-    noise = torch.rand(n, generator=g) < 0.1
-    x[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
-    return x
-
-
-def local_attention(q, k, v):
+def local_attention(layer, q, k, v):
+    """Plain attention over the whole sequence (the single-process reference)."""
     return attention_ref(q, k, v, causal=True)[0]
 
 
@@ -123,7 +64,7 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=args.lr)
 
-    seq = synthetic_sequence(args.seq_len + 1, args.vocab, seed=0).to(device)
+    seq = synthetic_sequence(args.seq_len + 1, args.vocab).to(device)
     tokens, targets = seq[None, :-1], seq[None, 1:]
     pos = torch.arange(args.seq_len, device=device)
     # This rank's shard: tokens, next-token targets and global positions in the same layout.
@@ -132,7 +73,7 @@ def main() -> int:
     pos_l = rp.shard(pos, dim=0, layout=args.layout)
     ring = RING_FUNCS[args.layout]
 
-    def attn(q, k, v):
+    def attn(layer, q, k, v):
         return ring(q, k, v, causal=True)
 
     ok = True
