@@ -1,7 +1,9 @@
 """`ringflash demo`: impossible configurations, the end-to-end run on CPU, and a broken reference."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,26 @@ def test_demo_under_torchrun_uses_the_launched_ranks():
     assert res.stdout.count("world size") == 1  # only rank 0 prints the table
     assert any(ln.startswith("world size") and ln.rstrip().endswith("2") for ln in res.stdout.splitlines())
     assert "tokens match      PASS" in res.stdout
+
+
+def test_sharded_inference_example_matches_one_process_token_by_token():
+    script = Path(__file__).resolve().parent.parent / "launch" / "generate_sharded.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        "--prompt-len",
+        "96",
+        "--new-tokens",
+        "5",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    sharded = next(ln for ln in lines if ln.startswith("tokens (sharded)")).split(":", 1)[1]
+    single = next(ln for ln in lines if ln.startswith("tokens (one process)")).split(":", 1)[1]
+    assert sharded.strip() == single.strip() and len(ast.literal_eval(sharded.strip())) == 5
+    assert any(ln.startswith("OK: 2 rank(s)") for ln in lines)
