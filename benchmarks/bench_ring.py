@@ -98,19 +98,27 @@ def ring_times(q, k, v, dout, world, layout, scale, reps):
     qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
     sync = _sync(q.device)
     kw = dict(softmax_scale=scale, causal=True, profile=True, sync=sync)
-    fwd, bwd, mean = [], [], []
+    pfs, pbs = [], []
     for _ in range(reps + 1):  # the first run warms up (kernel compilation)
         outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **kw)
         *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
-        fwd.append(pf.ring_time())
-        bwd.append(pb.ring_time())
-        mean.append(sum(pf.rank_time(r) for r in range(world)) / world)
-    fwd, bwd, mean = fwd[1:], bwd[1:], mean[1:]
-    return (
-        statistics.median(fwd),
-        statistics.median(f + b for f, b in zip(fwd, bwd, strict=True)),
-        statistics.median(mean),
-    )
+        pfs.append(pf)
+        pbs.append(pb)
+    fwd, bwd = _median_profile(pfs[1:]), _median_profile(pbs[1:])
+    mean = sum(fwd.rank_time(r) for r in range(world)) / world
+    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), mean
+
+
+def _median_profile(profiles):
+    """Each (rank, segment) time as its median over repetitions: the virtual ranks run one after
+    another on one device, so a stray slow segment of one repetition (allocator, clocks) would
+    otherwise become the slowest rank of its step."""
+    world = len(profiles[0].segments)
+    segs = [
+        [statistics.median(p.segments[r][i] for p in profiles) for i in range(len(profiles[0].segments[r]))]
+        for r in range(world)
+    ]
+    return type(profiles[0])(segs)
 
 
 def main() -> None:
