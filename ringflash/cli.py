@@ -60,9 +60,16 @@ def env_report() -> list[tuple[str, str]]:
     ]
     rows.append(("torch.distributed", ", ".join(dists) if dist.is_available() else "not available"))
     rows.append(("triton importable", "yes" if triton_available() else "no"))
-    rows.append(("backend on cpu", backend_name(torch.device("cpu"))))
-    if torch.cuda.is_available():
-        rows.append(("backend on cuda", backend_name(torch.device("cuda"))))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        be = backend_name(torch.device(dev))
+        local = "Triton kernels" if be == "triton" else "blockwise PyTorch"
+        decode = "Triton split-KV" if be == "triton" else "blockwise PyTorch"
+        comm = "nccl" if dev == "cuda" else "gloo"
+        rows.append((f"backend on {dev}", be))
+        rows.append((f"  flash_attn_* ({dev})", local))
+        rows.append((f"  flash_attn_with_kvcache ({dev})", decode))
+        rows.append((f"  ring / ulysses / sharded ({dev})", f"{local} + {comm}"))
     return rows
 
 
