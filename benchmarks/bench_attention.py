@@ -7,7 +7,9 @@ backends are measured in the same run on the same inputs.
 
 Usage: ``python benchmarks/bench_attention.py --out bench_out [--quick]``. Prints the GPU, the
 versions and a table to stdout; writes ``attention.csv`` and ``attention.png`` (if matplotlib is
-importable) into ``--out``.
+importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward (ours and both
+SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
+inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
 """
 
 from __future__ import annotations
@@ -33,15 +35,14 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _ours(q, k, v, causal):
-    """(fwd, fwd+bwd) closures on the kernel interface ([B, S, H, D] layout)."""
+def _ours(q, k, v, causal, dout):
+    """(fwd, bwd) closures on the kernel interface ([B, S, H, D] layout)."""
     scale = q.shape[-1] ** -0.5
 
     def fwd():
         return kernels.attn_fwd(q, k, v, softmax_scale=scale, causal=causal)
 
     out, lse = fwd()
-    dout = torch.randn_like(out)
 
     def bwd():
         return kernels.attn_bwd(dout, q, k, v, out, lse, softmax_scale=scale, causal=causal)
@@ -49,7 +50,7 @@ def _ours(q, k, v, causal):
     return fwd, bwd
 
 
-def _sdpa(q, k, v, causal, backend):
+def _sdpa(q, k, v, causal, dout, backend):
     """SDPA closures; SDPA wants [B, H, S, D]. Backward timed via autograd.grad on a saved graph."""
     qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
 
@@ -59,12 +60,19 @@ def _sdpa(q, k, v, causal, backend):
 
     with sdpa_kernel(backend):
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-    dout = torch.randn_like(out)
+    dout = dout.transpose(1, 2)
 
     def bwd():
-        return torch.autograd.grad(out, (qt, kt, vt), dout, retain_graph=True)
+        dq, dk, dv = torch.autograd.grad(out, (qt, kt, vt), dout, retain_graph=True)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
     return fwd, bwd
+
+
+def _rel_err(got, ref):
+    """Largest relative L2 error over (dq, dk, dv); NaN anywhere gives NaN."""
+    errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)]
+    return float("nan") if any(e != e for e in errs) else max(errs)
 
 
 def _exclude(spec):
@@ -85,18 +93,22 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="only seqlen 4k")
     ap.add_argument("--exclude", default="", help="autotune configs to drop, e.g. 'fwd:1,dq:3' (diagnosis)")
+    ap.add_argument("--bwd-only", action="store_true", help="backward only: ours, fa2, cudnn")
+    ap.add_argument("--dims", default="64,128", help="head dims, e.g. '128'")
     args = ap.parse_args()
+    if args.bwd_only:
+        return main_bwd(args)
     _exclude(args.exclude)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     print(f"{dev} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
     rows = []
     seqlens = [4096] if args.quick else [1024, 4096, 16384]
-    for d in (64, 128):
+    for d in (int(x) for x in args.dims.split(",")):
         for causal in (False, True):
             for s in seqlens:
                 b, h = 16384 // s, 2048 // d
-                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
                 f = _flops(b, h, s, d, causal)
                 row = dict(d=d, causal=causal, s=s, b=b, h=h)
                 for name, make, extra in (
@@ -105,7 +117,7 @@ def main():
                     ("cudnn", _sdpa, (SDPBackend.CUDNN_ATTENTION,)),
                 ):
                     try:
-                        fwd, bwd = make(q, k, v, causal, *extra)
+                        fwd, bwd = make(q, k, v, causal, dout, *extra)
                         row[name + "_fwd"] = f / _bench(fwd) * 1e-9
                         row[name + "_bwd"] = 2.5 * f / _bench(bwd) * 1e-9  # bwd 2.5x fwd flops
                     except Exception as e:  # a backend missing on this build: report, keep going
@@ -157,6 +169,63 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "attention.png"), dpi=120)
     print(f"plot: {os.path.join(args.out, 'attention.png')}")
+
+
+def main_bwd(args):
+    """Backward only: ours, fa2, cudnn on the same inputs; our gradients' error against FA2's."""
+    _exclude(args.exclude)
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    print(f"{dev} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+    names = ("ours", "fa2", "cudnn")
+    hdr = (
+        f"{'D':>4} {'causal':>6} {'S':>6} {'B':>3} {'H':>3} | "
+        f"{'ours':>5} {'fa2':>5} {'cudnn':>5} | {'/fa2':>5} {'/cudnn':>6} | {'err':>7}"
+    )
+    lines = []
+    csv_path = os.path.join(args.out, "attention_bwd.csv")
+    seqlens = [4096] if args.quick else [1024, 4096, 16384]
+    for d in (int(x) for x in args.dims.split(",")):
+        for causal in (False, True):
+            for s in seqlens:
+                b, h = 16384 // s, 2048 // d
+                q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
+                f = 2.5 * _flops(b, h, s, d, causal)  # bwd 2.5x fwd flops
+                r = dict(d=d, causal=causal, s=s, b=b, h=h)
+                grads = {}
+                for name, make, extra in (
+                    ("ours", _ours, ()),
+                    ("fa2", _sdpa, (SDPBackend.FLASH_ATTENTION,)),
+                    ("cudnn", _sdpa, (SDPBackend.CUDNN_ATTENTION,)),
+                ):
+                    try:
+                        _, bwd = make(q, k, v, causal, dout, *extra)
+                        grads[name] = bwd()
+                        r[name] = f / _bench(bwd) * 1e-9
+                    except Exception as e:  # a backend missing on this build: report, keep going
+                        print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
+                        r[name] = float("nan")
+                ok = "ours" in grads and "fa2" in grads
+                r["err"] = _rel_err(grads["ours"], grads["fa2"]) if ok else float("nan")
+                del grads
+                lines.append(
+                    f"{d:>4} {causal!s:>6} {s:>6} {b:>3} {h:>3} | "
+                    + " ".join(f"{r[n]:>5.0f}" for n in names)
+                    + f" | {r['ours'] / r['fa2']:>5.2f} {r['ours'] / r['cudnn']:>6.2f} | {r['err']:>7.1e}"
+                )
+                print("measured", lines[-1], flush=True)
+                new = not os.path.exists(csv_path)
+                with open(csv_path, "a", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=list(r))
+                    if new:
+                        w.writeheader()
+                    w.writerow(r)
+                torch.cuda.empty_cache()
+    table = "\n".join([hdr, "-" * len(hdr), *lines])
+    print("bwd TFLOP/s (bf16; 2.5 * 4bhssd, /2 causal); err = rel. L2 vs FA2's grads, max of dq/dk/dv")
+    print(table)
+    with open(os.path.join(args.out, "attention_bwd_table.txt"), "a") as fh:
+        fh.write(f"{dev} | torch {torch.__version__} | triton {triton.__version__}\n{table}\n")
 
 
 if __name__ == "__main__":
