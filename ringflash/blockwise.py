@@ -16,7 +16,7 @@ import math
 import torch
 
 from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
-from .merge import merge_into_
+from .merge import merge_into_, merge_rows_
 
 BLOCK_Q = 256
 BLOCK_K = 256
@@ -135,22 +135,11 @@ def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G):
         if out is None:
             out, lse = o.float(), l.float()
         else:
-            _merge_rows_(out, lse, o, l)
+            merge_rows_(out, lse, o, l)
     if out is None:
         out = qb.new_zeros(B, Hk, rows, vh.shape[-1])
         lse = qb.new_full((B, Hk, rows, 1), -math.inf)
     return out, lse
-
-
-def _merge_rows_(out, lse, out_b, lse_b):
-    """merge_into_ for ``[..., rows, D]`` outputs with ``[..., rows, 1]`` LSEs."""
-    m = torch.maximum(lse, lse_b)
-    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse - m), torch.exp(lse_b - m)
-    tot = wa + wb
-    inv = torch.where(tot > 0, 1.0 / tot, torch.zeros_like(tot))
-    out.mul_(wa * inv).add_(out_b * (wb * inv))
-    lse.copy_(m + torch.log(tot))
 
 
 def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_acc):

@@ -61,15 +61,19 @@ def merge_attn_states(
 
 def merge_into_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Merge the partial ``(out_b, lse_b)`` into the float32 running state ``(out, lse)`` in place."""
-    lse_b = lse_b.float()
+    merge_rows_(out, _lse_as_out(lse), out_b, _lse_as_out(lse_b.float()))
+
+
+def merge_rows_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """The merge for an LSE already laid out like the output's rows (``[..., rows, 1]`` against
+    ``[..., rows, D]``); ``out`` and ``lse`` (float32, possibly views) are updated in place."""
     m = torch.maximum(lse, lse_b)
     m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
     wa = torch.exp(lse - m)
     wb = torch.exp(lse_b - m)
     s = wa + wb
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    wa_o, wb_o = _lse_as_out(wa * inv), _lse_as_out(wb * inv)
-    out.mul_(wa_o).add_(out_b.float() * wb_o)
+    out.mul_(wa * inv).add_(out_b.float() * (wb * inv))
     lse.copy_(m + torch.log(s))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backends import backend_name, get_backend
+from .blockwise import attn_bwd_delta
 from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
 from .merge import combine_attn_partials, merge_attn_states
 
@@ -92,11 +93,9 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _delta(dout, out, dlse, packed):
-    delta = (dout.float() * out.float()).sum(-1)
-    delta = delta.transpose(-1, -2) if packed else delta.transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse
-    return delta.contiguous()
+    # Plain torch ops (not the backend's kernel) so that torch.compile traces the backward.
+    delta = attn_bwd_delta(dout, out, packed=packed)
+    return delta if dlse is None else (delta - dlse).contiguous()
 
 
 def _fwd_backward(ctx, dout, dlse):
