@@ -41,3 +41,13 @@ def test_mpirun_training_matches_one_process():
 def test_bench_ring_tiny_runs():
     out = _run([sys.executable, "benchmarks/bench_ring.py", "--tiny", "--worlds", "2", "4"])
     assert "contiguous  4" in out and "hides the K/V transfer" in out, out[-2000:]
+
+
+def test_real_ring_benchmark_runs_under_torchrun():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = _run([*torchrun, "benchmarks/bench_ring_nccl.py", "--tiny", "--layouts", "zigzag", "stripe"])
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith(("zigzag", "stripe"))]
+    assert len(rows) == 2, out[-2000:]
+    for row in rows:
+        eff = float(row.split("|")[1].split()[-1])
+        assert eff > 0, row
