@@ -13,7 +13,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
 
 
-def _host_checks_allowed(t: torch.Tensor) -> bool:
+def host_checks_allowed(t: torch.Tensor) -> bool:
+    """False while torch.compile traces or a CUDA graph captures: no reading tensor values then."""
     if torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -90,7 +91,7 @@ def check_cu_seqlens(cu: torch.Tensor, total: int, name: str, device: torch.devi
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
-    if not _host_checks_allowed(cu):
+    if not host_checks_allowed(cu):
         return
     vals = cu.tolist()
     if vals[0] != 0:
@@ -105,7 +106,7 @@ def check_max_seqlen(cu: torch.Tensor, max_seqlen: int, name: str) -> None:
     """``max_seqlen`` must bound every sequence length described by ``cu``."""
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{name} must be a non-negative int, got {max_seqlen!r}")
-    if _host_checks_allowed(cu):
+    if host_checks_allowed(cu):
         actual = int((cu[1:] - cu[:-1]).max().item())
         if actual > max_seqlen:
             raise ValueError(f"{name}={max_seqlen} is smaller than the longest sequence ({actual})")

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .backends import backend_name
-from .checks import MAX_HEADDIM, SUPPORTED_DTYPES, _host_checks_allowed, check_options
+from .checks import MAX_HEADDIM, SUPPORTED_DTYPES, check_options, host_checks_allowed
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -79,7 +79,7 @@ class DecodeArgs:
         if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
             raise ValueError(f"num_splits must be an int >= 0 (0 picks it), got {num_splits!r}")
         self.num_splits = num_splits
-        if _host_checks_allowed(q):
+        if host_checks_allowed(q):
             self._check_values(k_cache)
         if hq == 0 or d == 0:
             raise ValueError(f"q must have heads and a head dim, got shape {tuple(q.shape)}")
