@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..parallel import ring_flash_attn_func, shard, unshard
 from ..parallel.sharded_decode import ShardedKVCache
 from .model import synthetic_sequence
-from .train import reference_attention
+from .train import reference_attention, sync_device
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def generate_check(cfg, model, group, device, progress) -> dict:
         kv[layer] = (k, v)
         return ring_flash_attn_func(q, k, v, causal=True, group=group)
 
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     tok_l = shard(prompt, group, dim=1, layout="contiguous")
     pos_l = shard(pos[:n], group, dim=0, layout="contiguous")
@@ -48,7 +48,7 @@ def generate_check(cfg, model, group, device, progress) -> dict:
 
     step_logits = [logits[0, -1].float()]
     tokens = [int(step_logits[-1].argmax())]
-    _sync(device)
+    sync_device(device)
     t_prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(cfg.gen_tokens - 1):
@@ -56,7 +56,7 @@ def generate_check(cfg, model, group, device, progress) -> dict:
         step_logits.append(model(x, pos[n + i : n + i + 1], step_attn)[0, -1].float())
         tokens.append(int(step_logits[-1].argmax()))
         progress(i + 2, cfg.gen_tokens, f"generate token {i + 2}/{cfg.gen_tokens}")
-    _sync(device)
+    sync_device(device)
     t_decode = time.perf_counter() - t0
 
     ref_attn = reference_attention(cfg.reference_scale_error)
@@ -79,8 +79,3 @@ def generate_check(cfg, model, group, device, progress) -> dict:
         "decode_tokens_per_s": (cfg.gen_tokens - 1) / max(t_decode, 1e-9),
         "world": world,
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

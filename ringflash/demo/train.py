@@ -56,7 +56,7 @@ def train_check(cfg, group, device, progress) -> dict:
 
     worst_loss, worst_grad, sharded_time, losses = 0.0, 0.0, 0.0, []
     for step in range(cfg.steps):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         logits = model(tok_l, pos_l, attn)
         loss_l = functional.cross_entropy(logits.flatten(0, 1).float(), tgt_l.flatten(), reduction="sum")
@@ -68,7 +68,7 @@ def train_check(cfg, group, device, progress) -> dict:
             dist.all_reduce(loss, group=group)
             for prm in model.parameters():
                 dist.all_reduce(prm.grad, group=group)
-        _sync(device)
+        sync_device(device)
         sharded_time += time.perf_counter() - t0
 
         ref_logits = ref_model(tokens, pos, ref_attn)
@@ -92,6 +92,7 @@ def train_check(cfg, group, device, progress) -> dict:
     }
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device, so that host clocks time its work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
