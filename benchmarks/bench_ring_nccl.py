@@ -2,6 +2,17 @@
 
     torchrun --nproc_per_node 2 benchmarks/bench_ring_nccl.py            # Llama-3-8B shape, 8k tokens/GPU
     torchrun --nproc_per_node 2 benchmarks/bench_ring_nccl.py --tiny     # a smoke run (also on CPU/gloo)
+    torchrun --nproc_per_node 4 benchmarks/bench_ring_nccl.py --out ring_nccl --profile
+
+Layouts: ``zigzag``, ``contiguous``, ``stripe`` (padded ``[1, S, H, D]``), and ``varlen``: the same
+``S`` tokens packed as documents of random lengths (mean ``--doc-len``, seed 0) that cross shard
+boundaries, through ``ring_flash_attn_varlen_func`` (contiguous shards); its ``t_full`` is one
+whole-stream varlen call and its FLOPs count only the within-document causal pairs.
+
+``--profile`` records one forward and one forward+backward ring call per rank with
+``torch.profiler`` and writes, per rank, the GPU kernel time by kernel, the host time by operator,
+and the call's wall time (``ring_profile_rank{r}.txt`` in ``--out``): where a ring call's time goes
+when it is longer than its kernels.
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -12,11 +23,13 @@ per-GPU TFLOP/s counts the causal FLOPs 4*S*S*Hq*D/2 (backward 2.5x) divided ove
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from bench_io import write_csv
 
 import ringflash as rf
 from ringflash.backends import backend_for
@@ -26,6 +39,7 @@ FUNCS = {
     "zigzag": rf.zigzag_ring_flash_attn_func,
     "contiguous": rf.ring_flash_attn_func,
     "stripe": rf.stripe_flash_attn_func,
+    "varlen": rf.ring_flash_attn_varlen_func,
 }
 
 
@@ -50,20 +64,74 @@ def _cells(t, flops_per_gpu, t_ideal):
     return f"{t * 1e3:>8.2f} {flops_per_gpu / t / 1e12:>11.0f} {t_ideal / t:>5.2f}"
 
 
-def _ring_times(fn, layout, full, device, reps):
-    """(fwd, fwd+bwd) seconds of the ring call on this layout's shards of ``full = (q, k, v, dout)``."""
-    ql, kl, vl, dl = (rf.shard(x, layout=layout) for x in full)
-    ql, kl, vl = (x.clone().requires_grad_() for x in (ql, kl, vl))
+def doc_lengths(total: int, mean: int, seed: int = 0) -> list[int]:
+    """Random document lengths (uniform in [1, 2*mean)) that sum to ``total``; the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    lens, left = [], total
+    while left > 0:
+        n = min(left, int(torch.randint(1, 2 * mean, (1,), generator=g)))
+        lens.append(n)
+        left -= n
+    return lens
 
-    def ring_fwd():
+
+def causal_pairs(lens: list[int]) -> int:
+    """Query-key pairs a causal varlen call computes (the diagonal counted half, as for padded)."""
+    return sum(n * n // 2 for n in lens)
+
+
+class Ring:
+    """One layout's ring call on this rank's shards, with closures for timing and profiling."""
+
+    def __init__(self, layout, full, cu, world):
+        self.layout, self.cu = layout, cu
+        q, k, v, dout = full
+        if layout == "varlen":  # packed [T, H, D], contiguous shards
+            ql, kl, vl, dl = (rf.shard(x[0], dim=0, layout="contiguous") for x in (q, k, v, dout))
+        else:
+            ql, kl, vl, dl = (rf.shard(x, layout=layout) for x in (q, k, v, dout))
+        self.ql, self.kl, self.vl = (x.clone().requires_grad_() for x in (ql, kl, vl))
+        self.dl = dl
+
+    def call(self):
+        if self.layout == "varlen":
+            return FUNCS["varlen"](self.ql, self.kl, self.vl, self.cu, int(self.cu.diff().max()), causal=True)
+        return FUNCS[self.layout](self.ql, self.kl, self.vl, causal=True)
+
+    def fwd(self):
         with torch.no_grad():
-            return fn(ql, kl, vl, causal=True)
+            return self.call()
 
-    def ring_fb():
-        out = fn(ql, kl, vl, causal=True)
-        torch.autograd.grad(out, (ql, kl, vl), dl)
+    def fwd_bwd(self):
+        out = self.call()
+        torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl)
 
-    return _median_time(ring_fwd, device, reps), _median_time(ring_fb, device, reps)
+
+def _profile(ring: Ring, rank: int, out_dir: str) -> None:
+    """Per-rank profile of one fwd and one fwd+bwd call: kernel time by kernel, host time by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for name, fn in (("fwd", ring.fwd), ("fwd+bwd", ring.fwd_bwd)):
+        fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        ka = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in ka) / 1e3
+        lines.append(f"== {ring.layout} {name}: wall {wall * 1e3:.2f} ms, GPU kernel time {gpu:.2f} ms ==")
+        lines.append(ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+        lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ring_profile_{ring.layout}_rank{rank}.txt")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    if rank == 0:
+        print("\n".join(lines[:1] + lines[3:4]))
 
 
 def main() -> None:
@@ -72,12 +140,15 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--layouts", nargs="+", default=list(FUNCS))
+    p.add_argument("--layouts", nargs="+", default=list(FUNCS), choices=list(FUNCS))
+    p.add_argument("--doc-len", type=int, default=4096, help="mean document length of the varlen row")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default=None, help="folder for ring_nccl_W{world}.csv (and profiles)")
+    p.add_argument("--profile", action="store_true", help="also profile one call per layout (CUDA)")
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
-        a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps = 128, 4, 2, 32, 2
+        a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.doc_len = 128, 4, 2, 32, 2, 50
     info = init_distributed()
     rank, world = info.rank, info.world_size
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
@@ -86,34 +157,60 @@ def main() -> None:
     S = world * L
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, S, h, D, generator=g).to(device, dtype) for h in (Hq, Hk, Hk, Hq))
+    lens = doc_lengths(S, a.doc_len)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     be = backend_for(q)
     scale = D**-0.5
 
-    def full_fwd():
-        return be.attn_fwd(q, k, v, softmax_scale=scale, causal=True)
+    def full_calls(varlen):
+        kw = dict(softmax_scale=scale, causal=True)
+        if varlen:
+            m = int(max(lens))
+            kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m)
+        qq, kk, vv, dd = (x[0] if varlen else x for x in (q, k, v, dout))
 
-    def full_fb():
-        out, lse = full_fwd()
-        be.attn_bwd(dout, q, k, v, out, lse, softmax_scale=scale, causal=True)
+        def fwd():
+            return be.attn_fwd(qq, kk, vv, **kw)
 
-    t_full, t_full_fb = _median_time(full_fwd, device, a.reps), _median_time(full_fb, device, a.reps)
-    flops = 4 * S * S * Hq * D / 2
+        def fb():
+            out, lse = fwd()
+            be.attn_bwd(dd, qq, kk, vv, out, lse, **kw)
+
+        return fwd, fb
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if rank == 0:
         head = f"# ring over {world} x {name}, {info.backend}; torch {torch.__version__}; causal, "
         print(head + f"Hq={Hq} Hk={Hk} D={D} {dtype}, {L} tokens per rank (S={S})")
-        print(
-            f"# one-GPU full call: fwd {t_full * 1e3:.2f} ms ({flops / t_full / 1e12:.0f} TFLOP/s), "
-            f"fwd+bwd {t_full_fb * 1e3:.2f} ms ({3.5 * flops / t_full_fb / 1e12:.0f} TFLOP/s)"
-        )
+        print(f"# varlen: {len(lens)} documents of mean {S / len(lens):.0f} tokens ([1, {2 * a.doc_len}))")
         cols = f"{'ms':>8} {'TFLOP/s/GPU':>11} {'eff':>5}"
-        print(f"{'layout':>10} | fwd {cols} | fwd+bwd {cols}")
+        print(f"{'layout':>10} | {'full fwd ms':>11} {'full f+b ms':>11} | fwd {cols} | fwd+bwd {cols}")
+    rows = []
+    full_times = {}
     for layout in a.layouts:
-        t_r, t_rfb = _ring_times(FUNCS[layout], layout, (q, k, v, dout), device, a.reps)
+        varlen = layout == "varlen"
+        if varlen not in full_times:
+            fwd, fb = full_calls(varlen)
+            full_times[varlen] = (_median_time(fwd, device, a.reps), _median_time(fb, device, a.reps))
+        t_full, t_full_fb = full_times[varlen]
+        flops = 4 * (causal_pairs(lens) if varlen else S * S // 2) * Hq * D
+        ring = Ring(layout, (q, k, v, dout), cu, world)
+        t_r, t_rfb = _median_time(ring.fwd, device, a.reps), _median_time(ring.fwd_bwd, device, a.reps)
+        row = dict(
+            world=world, layout=layout, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3,
+            fwd_ms=t_r * 1e3, fwd_tflops_per_gpu=flops / world / t_r / 1e12, fwd_eff=t_full / (world * t_r),
+            fb_ms=t_rfb * 1e3, fb_tflops_per_gpu=3.5 * flops / world / t_rfb / 1e12,
+            fb_eff=t_full_fb / (world * t_rfb),
+        )  # fmt: skip
+        rows.append(row)
         if rank == 0:
             fwd = _cells(t_r, flops / world, t_full / world)
             fb = _cells(t_rfb, 3.5 * flops / world, t_full_fb / world)
-            print(f"{layout:>10} | fwd {fwd} | fwd+bwd {fb}")
+            print(f"{layout:>10} | {t_full * 1e3:>11.2f} {t_full_fb * 1e3:>11.2f} | fwd {fwd} | fwd+bwd {fb}")
+        if a.profile and device.type == "cuda":
+            _profile(ring, rank, a.out or ".")
+    if rank == 0 and a.out:
+        write_csv(os.path.join(a.out, f"ring_nccl_W{world}.csv"), rows)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -53,8 +53,10 @@ def _shard_bounds(n, world, b):
     return [0, *cuts, n]
 
 
-def _worker(rank, world):
+def _worker(rank, world, device="cpu"):
+    """Every check on ``device`` ("cpu", or "cuda" = GPU ``rank`` over NCCL); inputs drawn on the CPU."""
     torch.manual_seed(0)
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
     results = {}
     # (1) the free function: lengths 0, 1, 17, 40; 1 new token on the owner rank; then 3 query
     # tokens causal, then a window.
@@ -82,15 +84,16 @@ def _worker(rank, world):
             local.append(hi - lo)
         owner = world - 1  # new tokens appended on the last rank (its run ends each sequence)
         out, lse = sharded_flash_attn_with_kvcache(
-            q,
-            kc,
-            vc,
-            k_new if rank == owner else None,
-            v_new if rank == owner else None,
-            cache_seqlens=torch.tensor(local, dtype=torch.int32),
+            q.to(dev),
+            kc.to(dev),
+            vc.to(dev),
+            k_new.to(dev) if rank == owner else None,
+            v_new.to(dev) if rank == owner else None,
+            cache_seqlens=torch.tensor(local, dtype=torch.int32, device=dev),
             return_softmax_lse=True,
             **opts,
         )
+        out, lse = out.cpu(), lse.cpu()
         k_full = torch.cat([k_old, k_new], 1)
         v_full = torch.cat([v_old, v_new], 1)
         # the full sequence of row b: its old tokens then the new ones
@@ -107,7 +110,9 @@ def _worker(rank, world):
     k_all = torch.randn(B2, L * world + 12, Hk, D, generator=g)
     v_all = torch.randn(B2, L * world + 12, Hk, D, generator=g)
     cache = ShardedKVCache.from_prefill(
-        k_all[:, rank * L : (rank + 1) * L], v_all[:, rank * L : (rank + 1) * L], max_new_tokens=7
+        k_all[:, rank * L : (rank + 1) * L].to(dev),
+        v_all[:, rank * L : (rank + 1) * L].to(dev),
+        max_new_tokens=7,
     )
     n = L * world
     for i, (Sq, opts) in enumerate(
@@ -115,7 +120,9 @@ def _worker(rank, world):
     ):
         qg = torch.Generator().manual_seed(i)
         q = torch.randn(B2, Sq, Hq, D, generator=qg)
-        out, lse = cache.step(q, k_all[:, n : n + Sq], v_all[:, n : n + Sq], return_softmax_lse=True, **opts)
+        new_k, new_v = k_all[:, n : n + Sq].to(dev), v_all[:, n : n + Sq].to(dev)
+        out, lse = cache.step(q.to(dev), new_k, new_v, return_softmax_lse=True, **opts)
+        out, lse = out.cpu(), lse.cpu()
         n += Sq
         ref_o, ref_l = _ref(q, k_all, v_all, [n] * B2, **opts)
         _check(f"rank {rank}/{world} cache step {i}", out, lse, ref_o, ref_l)
@@ -124,7 +131,7 @@ def _worker(rank, world):
     # Full: appending beyond every rank's room raises before writing, on every rank.
     before = cache.k.clone()
     with pytest.raises(ValueError, match="full"):
-        cache.append(torch.zeros(B2, 8, Hk, D), torch.zeros(B2, 8, Hk, D))
+        cache.append(torch.zeros(B2, 8, Hk, D, device=dev), torch.zeros(B2, 8, Hk, D, device=dev))
     assert torch.equal(cache.k, before), "a refused append wrote to the cache"
     return results
 
@@ -136,3 +143,14 @@ def test_sharded_decode_exact_on_every_rank(world):
         for r in range(1, world):
             assert results[r][name][0] == results[0][name][0], f"{name}: rank {r} out differs from rank 0"
             assert results[r][name][1] == results[0][name][1], f"{name}: rank {r} lse differs from rank 0"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_decode_nccl(world):
+    """The same checks over NCCL, one GPU per rank (the Triton split-KV and combine kernels)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    results = spawn(_worker, world, "cuda", timeout=600, backend="nccl")
+    for name in results[0]:
+        for r in range(1, world):
+            assert results[r][name] == results[0][name], f"{name}: rank {r} differs from rank 0"

@@ -45,9 +45,20 @@ def test_bench_ring_tiny_runs():
 
 def test_real_ring_benchmark_runs_under_torchrun():
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = _run([*torchrun, "benchmarks/bench_ring_nccl.py", "--tiny", "--layouts", "zigzag", "stripe"])
-    rows = [ln for ln in out.splitlines() if ln.strip().startswith(("zigzag", "stripe"))]
+    out = _run([*torchrun, "benchmarks/bench_ring_nccl.py", "--tiny", "--layouts", "zigzag", "varlen"])
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith(("zigzag", "varlen"))]
     assert len(rows) == 2, out[-2000:]
     for row in rows:
-        eff = float(row.split("|")[1].split()[-1])
-        assert eff > 0, row
+        fwd_eff, fb_eff = (float(row.split("|")[i].split()[-1]) for i in (2, 3))
+        assert fwd_eff > 0 and fb_eff > 0, row
+
+
+def test_sharded_decode_and_max_seqlen_benchmarks_run_under_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = _run([*torchrun, "benchmarks/bench_decode_sharded_nccl.py", "--tiny", "--out", str(tmp_path)])
+    row = next(ln for ln in out.splitlines() if ln.strip().startswith("512 |"))
+    assert float(row.split("|")[-1]) < 1e-5, row  # sharded == one device, up to float32 rounding
+    assert (tmp_path / "decode_sharded_W2.csv").is_file()
+    out = _run([*torchrun, "benchmarks/bench_max_seqlen.py", "--tiny", "--out", str(tmp_path)])
+    assert "predicted max" in out and "ran  L=" in out, out[-2000:]
+    assert (tmp_path / "max_seqlen_W2.csv").is_file()

@@ -57,7 +57,7 @@ CASES = {
 }
 
 
-def _run_case(rank, world, c, groups):
+def _run_case(rank, world, c, groups, dev="cpu"):
     torch.manual_seed(99)
     hq, hk = c["H"]
     B, D, S = c["B"], c["D"], world * c["L"]
@@ -74,12 +74,15 @@ def _run_case(rank, world, c, groups):
         lay = c["layout"]
         sh = lambda x: usp_shard(x, uly, ring, dim=1, layout=lay)  # noqa: E731
         fn = lambda a, b, e: usp_attn_func(a, b, e, ulysses_group=uly, ring_group=ring, layout=lay, **kw)  # noqa: E731
-        assert torch.equal(usp_unshard(sh(q), uly, ring, layout=lay), q), "usp_unshard(usp_shard(q)) != q"
+        back = usp_unshard(sh(q).to(dev), uly, ring, layout=lay).cpu()
+        assert torch.equal(back, q), "usp_unshard(usp_shard(q)) != q"
         pos = usp_positions(c["L"], uly, ring, layout=lay)
         assert torch.equal(sh(torch.arange(S)[None])[0], pos), "usp_positions disagrees with usp_shard"
-    ql, kl, vl = (sh(x).to(dt).requires_grad_() for x in (q, k, v))
+    ql, kl, vl = (sh(x).to(dev, dt).requires_grad_() for x in (q, k, v))
     out, lse, _ = fn(ql, kl, vl)
-    out.backward(sh(dout).to(dt))
+    out.backward(sh(dout).to(dev, dt))
+    out, lse = out.detach().cpu(), lse.cpu()
+    dq, dk, dv = (x.grad.cpu() for x in (ql, kl, vl))
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = attention_ref(q64, k64, v64, causal=c["causal"], window_size=c["window"])
     ref.backward(dout.double())
@@ -93,28 +96,30 @@ def _run_case(rank, world, c, groups):
     assert out.shape == ql.shape and out.dtype == dt, f"{tag} out shape/dtype {out.shape} {out.dtype}"
     assert_matches(f"{tag} out", out, sh(ref.detach()), lowp.get("out"), 2)
     assert_matches(f"{tag} lse", lse, sh(ref_lse.transpose(1, 2)).transpose(1, 2), None, 2)
-    assert_matches(f"{tag} dq", ql.grad, sh(q64.grad), lowp.get("dq"), 3)
-    assert_matches(f"{tag} dk", kl.grad, sh(k64.grad), lowp.get("dk"), 3)
-    assert_matches(f"{tag} dv", vl.grad, sh(v64.grad), lowp.get("dv"), 3)
+    assert_matches(f"{tag} dq", dq, sh(q64.grad), lowp.get("dq"), 3)
+    assert_matches(f"{tag} dk", dk, sh(k64.grad), lowp.get("dk"), 3)
+    assert_matches(f"{tag} dv", dv, sh(v64.grad), lowp.get("dv"), 3)
 
 
-def run_cases(rank, world, cases):
+def run_cases(rank, world, cases, device="cpu", backend="torch"):
+    """Worker: every case (and the bad inputs) on ``device`` ("cpu", or "cuda" = GPU ``rank``)."""
     import traceback
 
     from ringflash.backends import use_backend
 
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
     groups = {}
     for grid in sorted({c["grid"] for c in cases.values() if c["grid"]}):
         groups[grid] = tuple(build_usp_groups(*grid))
     res = {}
-    with use_backend("torch"):
+    with use_backend(backend):
         for cid, c in cases.items():
             try:
-                _run_case(rank, world, c, groups)
+                _run_case(rank, world, c, groups, dev)
                 res[cid] = None
             except Exception:  # noqa: BLE001 - reported per case to the parent
                 res[cid] = traceback.format_exc()
-        res["bad-input"] = _bad_inputs(rank, world)
+        res["bad-input"] = _bad_inputs(rank, world, dev)
     return res
 
 
@@ -127,18 +132,18 @@ def _expect(fn, text):
     raise AssertionError(f"no ValueError (expected one mentioning {text!r})")
 
 
-def _bad_inputs(rank, world):
+def _bad_inputs(rank, world, dev="cpu"):
     """Invalid arguments raise ValueError on every rank (never a hang); returns None or the failure."""
     import traceback
 
     try:
-        q = torch.randn(1, 4, 2 * world + 1, 8)
-        k = torch.randn(1, 4, 1, 8)
+        q = torch.randn(1, 4, 2 * world + 1, 8, device=dev)
+        k = torch.randn(1, 4, 1, 8, device=dev)
         _expect(lambda: ulysses_attn_func(q, k, k), "divide by")  # heads cannot be split
         # Only rank 0 is wrong (a different local length): everyone raises.
-        qq = torch.randn(1, 4 + (rank == 0), world, 8)
+        qq = torch.randn(1, 4 + (rank == 0), world, 8, device=dev)
         _expect(lambda: ulysses_attn_func(qq, qq, qq), "local seqlen" if rank == 0 else "")
-        bad = torch.randn(1, 4, world, 8)
+        bad = torch.randn(1, 4, world, 8, device=dev)
         _expect(lambda: ulysses_attn_func(bad, bad, bad, dropout_p=0.1), "dropout")
         _expect(lambda: build_usp_groups(3, world), "does not tile")
         return None
@@ -164,6 +169,19 @@ def test_sp_matches_oracle(cid):
         f"rank {r}:\n{res[name]}" for r, res in enumerate(_results(int(world))) if res[name] is not None
     ]
     assert not failures, f"{name} on {world} ranks:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sp_nccl(world, backend):
+    """The same cases over NCCL, one GPU per rank, with the blockwise and the Triton backend."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    res = spawn(run_cases, world, CASES[world], "cuda", backend, timeout=600, backend="nccl")
+    failures = [f"{cid} rank {r}:\n{err}" for r, out in enumerate(res) for cid, err in out.items() if err]
+    assert not failures, "\n".join(failures)
 
 
 def test_local_fallback_and_helpers():

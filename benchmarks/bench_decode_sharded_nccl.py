@@ -1,0 +1,181 @@
+# ruff: noqa: N803, N806
+"""Sharded-KV decoding across real GPUs (NCCL) against one GPU holding the whole cache.
+
+    torchrun --nproc_per_node 4 benchmarks/bench_decode_sharded_nccl.py --out decode_sharded
+    torchrun --nproc_per_node 2 benchmarks/bench_decode_sharded_nccl.py --tiny   # smoke run (CPU/gloo too)
+
+Decode shape of Llama-3-8B: 32 q heads, 8 KV heads, head dim 128, bf16, one query token, batch
+``--batch``; total contexts ``--contexts`` (default 128k, 256k, 512k, 1M). Each of the ``W`` ranks
+holds a contiguous ``S / W`` keys of every sequence (what a ring prefill leaves behind).
+
+Per context, medians over ``--reps`` repetitions of ``--iters`` back-to-back steps (so the host
+launch overlaps the GPU as in a decoding loop):
+
+- ``one GPU``: rank 0 alone runs ``flash_attn_with_kvcache`` over the whole cache (the others wait);
+- ``sharded``: every rank runs ``sharded_flash_attn_with_kvcache`` on its shard: local split-KV,
+  one all_gather of the float32 partials, the combine; the slowest rank's time;
+- ``local``: the same ranks running only the local split-KV part on their shard (no collective),
+  so ``sharded - local`` is what the collective and the combine cost.
+
+Speedup = one GPU / sharded. Every rank checks its sharded output against rank 0's one-GPU output
+(bf16 rounding, relative error printed). ``--graph`` also captures the sharded step (NCCL
+all_gather included) in a CUDA graph and times its replays, when this PyTorch/NCCL allows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from bench_io import write_csv
+
+from ringflash.comm import init_distributed
+from ringflash.decode import flash_attn_with_kvcache
+from ringflash.parallel.sharded_decode import sharded_flash_attn_with_kvcache
+
+HQ, HK, D = 32, 8, 128
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, reps, iters, alone=False):
+    """Median over reps of (iters back-to-back calls) / iters, max over ranks (rank 0 only if alone)."""
+    rank = dist.get_rank()
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        dist.barrier()
+        if not alone or rank == 0:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) / iters)
+        else:
+            times.append(0.0)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _graph_time(fn, device, reps, iters):
+    """Replay time of ``fn`` captured in a CUDA graph (None when capture fails)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    except Exception as e:  # noqa: BLE001 - reported, the eager numbers still stand
+        print(f"rank {dist.get_rank()}: CUDA graph capture failed: {type(e).__name__}: {e}")
+        return None
+    return _time(g.replay, device, reps, iters)
+
+
+def _measure(S, B, heads, dtype, device, a) -> dict:
+    """One context length: the one-GPU, local and sharded step times (seconds -> us in the row)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hq, hk, d = heads
+    n = S // world
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, 1, hq, d, generator=g).to(device, dtype)
+
+    def kv_shard(r):  # one seeded generator per (context, rank): the same values on every rank
+        gr = torch.Generator().manual_seed(1000 * S + r)
+        return tuple(torch.randn(B, n, hk, d, generator=gr).to(device, dtype) for _ in range(2))
+
+    mine = kv_shard(rank)
+    full = None
+    if rank == 0:  # rank 0 also holds the whole cache, for the one-GPU baseline
+        parts = [mine] + [kv_shard(r) for r in range(1, world)]
+        full = tuple(torch.cat([p[i] for p in parts], 1) for i in range(2))
+        del parts
+    lens_local = torch.full((B,), n, dtype=torch.int32, device=device)
+    lens_full = torch.full((B,), S, dtype=torch.int32, device=device)
+
+    def one_gpu():
+        return flash_attn_with_kvcache(q, full[0], full[1], cache_seqlens=lens_full, causal=True)
+
+    def local():
+        return flash_attn_with_kvcache(q, mine[0], mine[1], cache_seqlens=lens_local, causal=True)
+
+    def sharded():
+        return sharded_flash_attn_with_kvcache(q, mine[0], mine[1], cache_seqlens=lens_local, causal=True)
+
+    t_one = _time(one_gpu if rank == 0 else (lambda: None), device, a.reps, a.iters, alone=True)
+    t_local = _time(local, device, a.reps, a.iters)
+    t_sh = _time(sharded, device, a.reps, a.iters)
+    out = sharded()
+    ref = one_gpu() if rank == 0 else torch.empty_like(out)
+    dist.broadcast(ref, 0)
+    err = torch.tensor([((out.float() - ref.float()).norm() / ref.float().norm()).item()], device=device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    t_graph = _graph_time(sharded, device, a.reps, a.iters) if a.graph and device.type == "cuda" else None
+    return dict(
+        world=world, batch=B, context=S, one_gpu_us=t_one * 1e6, local_us=t_local * 1e6,
+        sharded_us=t_sh * 1e6, collective_combine_us=(t_sh - t_local) * 1e6, speedup=t_one / t_sh,
+        graph_sharded_us=t_graph * 1e6 if t_graph else None, max_rel_err=err.item(),
+    )  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--graph", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true")
+    a = p.parse_args()
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hq, hk, d = (4, 2, 32) if a.tiny else (HQ, HK, D)
+    if a.tiny:
+        a.contexts, a.reps, a.iters = [256 * world], 2, 2
+    B = a.batch
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if rank == 0:
+        print(f"# sharded decode over {world} x {name}, {info.backend}; torch {torch.__version__}")
+        print(f"# B={B}, Hq={hq} Hk={hk} D={d} {dtype}, 1 query token; times in us per step")
+        cols = "context | one GPU |  local | sharded | collective+combine | speedup"
+        print(cols + (" | graph sharded | graph speedup" if a.graph else "") + " | max rel err")
+    rows = []
+    for S in a.contexts:
+        if S % world:
+            raise SystemExit(f"context {S} does not divide over {world} ranks")
+        row = _measure(S, B, (hq, hk, d), dtype, device, a)
+        rows.append(row)
+        if rank == 0:
+            t_one, t_sh, t_graph = row["one_gpu_us"], row["sharded_us"], row["graph_sharded_us"]
+            line = (
+                f"{S:>7} | {t_one:>7.1f} | {row['local_us']:>6.1f} | {t_sh:>7.1f} | "
+                f"{row['collective_combine_us']:>18.1f} | {t_one / t_sh:>6.2f}x"
+            )
+            if a.graph:
+                line += f" | {t_graph:>13.1f} | {t_one / t_graph:>12.2f}x" if t_graph else " | n/a | n/a"
+            print(line + f" | {row['max_rel_err']:.1e}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank == 0 and a.out:
+        write_csv(os.path.join(a.out, f"decode_sharded_W{world}.csv"), rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

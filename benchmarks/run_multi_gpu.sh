@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The multi-GPU measurements in one go, on every GPU of one host and on the first two:
+#   benchmarks/run_multi_gpu.sh OUT_DIR [PARTS]        PARTS: comma-separated, default all of
+#   ring     bench_ring_nccl.py, every layout (a per-rank profile at the largest world size)
+#   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
+#   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
+#   demo     `ringflash demo` on every GPU
+#   tests    the NCCL test suites (ring, Ulysses, hybrid, sharded decoding)
+# World sizes 2, 4 and 8 as the host has them. Logs and CSVs go to OUT_DIR/mg (and OUT_DIR/mg.tgz
+# after each stage).
+# NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
+set -uo pipefail
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,decode,maxlen,demo,tests]}
+WHAT=",${2:-ring,decode,maxlen,demo,tests},"
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+LOG=$OUT/mg
+mkdir -p "$LOG"
+pack() { tar czf "$OUT/mg.tgz" -C "$OUT" mg 2>/dev/null; }
+stage() {  # stage NAME TIMEOUT_S CMD...: run with a time limit, log to NAME.log, print the tail
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "=== $name ($(date -u +%H:%M:%S)) ==="
+    timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
+    local rc=$?
+    grep -v -e '^W11' -e 'OMP_NUM_THREADS' -e '^\*\*\*' "$LOG/$name.log" | tail -n 40
+    echo "=== $name: rc=$rc, $((SECONDS - t0)) s ==="
+    pack
+}
+run_w() {  # run_w W CMD...: torchrun over the first W GPUs
+    local w=$1
+    shift
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((w - 1))) torchrun --standalone --nproc_per_node "$w" "$@"
+}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    nvidia-smi topo -m
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
+} >"$LOG/env.txt" 2>&1
+cat "$LOG/env.txt"
+WS="2"
+[ "$NGPU" -ge 4 ] && WS="2 4"
+[ "$NGPU" -ge 8 ] && WS="2 4 8"
+want() { [[ $WHAT == *",$1,"* ]]; }
+if want ring; then
+    for w in $WS; do
+        prof=""
+        [ "$w" = "${WS##* }" ] && prof="--profile"
+        stage "ring_W$w" 240 run_w "$w" benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
+    done
+fi
+if want decode; then
+    for w in $WS; do
+        stage "decode_W$w" 150 run_w "$w" benchmarks/bench_decode_sharded_nccl.py --graph --out "$LOG"
+    done
+fi
+if want maxlen; then
+    for w in 1 $WS; do
+        stage "maxlen_W$w" 150 run_w "$w" benchmarks/bench_max_seqlen.py --verify-s 30 --out "$LOG"
+    done
+fi
+want demo && stage demo 180 python3 -m ringflash.cli demo
+if want tests; then
+    stage tests_nccl 420 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_ring.py tests/test_ulysses.py tests/test_decode_sharded.py -k nccl
+fi
+pack
