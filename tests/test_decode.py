@@ -214,6 +214,8 @@ CASES = [
     case([20, 6], Snew=1, cbi=True, splits=[0, 2]),
     case([50, 3], Snew=4, Sq=4, window=(8, 0), splits=[0, 3]),
     case([64, 12], Snew=0, Sq=2, window=(5, 2), softcap=10.0, splits=[0, 2]),
+    # New tokens outside the window (the query sees only the last 2): still written to the cache.
+    case([30, 7], Snew=4, window=(1, 0), splits=[0, 3]),
     case([100, 1], Hq=8, Hk=2, D=64, dtype="bf16", Snew=1, splits=[0, 4]),
     case(
         [33, 0], Hq=4, Hk=4, D=16, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2], expect_masked=False
