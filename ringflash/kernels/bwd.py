@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
-from .common import dot_f32, dot_precision, mask_flags, pad_dim, seq_bucket, varlen_diag
+from .common import dot_f32, dot_precision, mask_flags, pad_dim, seq_bucket, varlen_diag, wide_offsets
 from .fwd import _bshd_strides
 
 
@@ -48,14 +48,17 @@ def _delta_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i0 = tl.program_id(0) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = i0 + rows
     offs_d = tl.arange(0, DV_PAD)
     mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM_V)
     do = tl.load(
         DO
         + b.to(tl.int64) * stride_db
+        + i0.to(tl.int64) * stride_ds  # 64-bit tile base (see fwd.py)
         + h * stride_dh
-        + offs_m[:, None] * stride_ds
+        + rows[:, None] * stride_ds
         + offs_d[None, :] * stride_dd,
         mask=mask,
         other=0.0,
@@ -63,8 +66,9 @@ def _delta_kernel(
     o = tl.load(
         O
         + b.to(tl.int64) * stride_ob
+        + i0.to(tl.int64) * stride_os
         + h * stride_oh
-        + offs_m[:, None] * stride_os
+        + rows[:, None] * stride_os
         + offs_d[None, :] * stride_od,
         mask=mask,
         other=0.0,
@@ -232,6 +236,7 @@ def attn_bwd(
         IS_VARLEN=packed,
         DIAG_FROM_PTR=diag_t is not None,
         ADD=add,
+        WIDE=wide_offsets(q, k, v, dout, dq, dk, dv),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
     )

@@ -56,9 +56,15 @@ def _dkdv_inner(
         offs_i = i0 + offs_m
         row = offs_i < seqlen_q
         if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
-            q = tl.load(q_ptrs + i0 * stride_qs, mask=row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            q = tl.load(
+                q_ptrs + i0 * stride_qs,
+                mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0,
+            )
             do = tl.load(
-                do_ptrs + i0 * stride_dos, mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0
+                do_ptrs + i0 * stride_dos,
+                mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+                other=0.0,
             )
         else:
             q = tl.load(q_ptrs + i0 * stride_qs)
@@ -143,6 +149,7 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
     ADD: tl.constexpr,
+    WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -174,15 +181,23 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     kv_row = offs_n[:, None] < seqlen_k
-    k_off = b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
-    v_off = b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    # WIDE (token offsets past 2^31 elements): 64-bit tile bases and loop steps; see fwd.py.
+    k_row0 = k_start
+    cols = offs_n
+    qs, dos = stride_qs, stride_dos
+    if WIDE:
+        k_row0 = k_start + j0
+        cols = tl.arange(0, BLOCK_N)
+        qs, dos = tl.cast(stride_qs, tl.int64), tl.cast(stride_dos, tl.int64)
+    k_off = b.to(tl.int64) * stride_kb + k_row0.to(tl.int64) * stride_ks + hk * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + k_row0.to(tl.int64) * stride_vs + hk * stride_vh
     k = tl.load(
-        K + k_off + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        K + k_off + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
         mask=kv_row & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
     v = tl.load(
-        V + v_off + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+        V + v_off + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
         mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
     )
@@ -216,8 +231,8 @@ def _attn_bwd_dkdv_kernel(
             do_ptrs,
             lse_ptrs,
             delta_ptrs,
-            stride_qs,
-            stride_dos,
+            qs,
+            dos,
             stride_ls,
             stride_es,
             offs_m,
@@ -308,17 +323,17 @@ def _attn_bwd_dkdv_kernel(
     dk_ptrs = (
         DK
         + b.to(tl.int64) * stride_dkb
-        + k_start.to(tl.int64) * stride_dks
+        + k_row0.to(tl.int64) * stride_dks
         + hk * stride_dkh
-        + offs_n[:, None] * stride_dks
+        + cols[:, None] * stride_dks
         + offs_d[None, :] * stride_dkd
     )
     dv_ptrs = (
         DV
         + b.to(tl.int64) * stride_dvb
-        + k_start.to(tl.int64) * stride_dvs
+        + k_row0.to(tl.int64) * stride_dvs
         + hk * stride_dvh
-        + offs_n[:, None] * stride_dvs
+        + cols[:, None] * stride_dvs
         + offs_dv[None, :] * stride_dvd
     )
     dk_mask = kv_row & (offs_d[None, :] < HEAD_DIM)

@@ -52,8 +52,16 @@ def _dq_inner(
         offs_j = j0 + offs_n
         kv_row = offs_j[:, None] < seqlen_k
         if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
-            k = tl.load(k_ptrs + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k = tl.load(
+                k_ptrs + j0 * stride_ks,
+                mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptrs + j0 * stride_vs,
+                mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+                other=0.0,
+            )
         else:
             k = tl.load(k_ptrs + j0 * stride_ks)
             v = tl.load(v_ptrs + j0 * stride_vs)
@@ -127,6 +135,7 @@ def _attn_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
     ADD: tl.constexpr,
+    WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -161,12 +170,20 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     row = offs_m < seqlen_q
+    # WIDE (token offsets past 2^31 elements): 64-bit tile bases and loop steps; see fwd.py.
+    q_row0 = q_start
+    rows = offs_m
+    ks, vs = stride_ks, stride_vs
+    if WIDE:
+        q_row0 = q_start + i0
+        rows = tl.arange(0, BLOCK_M)
+        ks, vs = tl.cast(stride_ks, tl.int64), tl.cast(stride_vs, tl.int64)
     q = tl.load(
         Q
         + b.to(tl.int64) * stride_qb
-        + q_start.to(tl.int64) * stride_qs
+        + q_row0.to(tl.int64) * stride_qs
         + h * stride_qh
-        + offs_m[:, None] * stride_qs
+        + rows[:, None] * stride_qs
         + offs_d[None, :] * stride_qd,
         mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
@@ -174,9 +191,9 @@ def _attn_bwd_dq_kernel(
     do = tl.load(
         DO
         + b.to(tl.int64) * stride_dob
-        + q_start.to(tl.int64) * stride_dos
+        + q_row0.to(tl.int64) * stride_dos
         + h * stride_doh
-        + offs_m[:, None] * stride_dos
+        + rows[:, None] * stride_dos
         + offs_dv[None, :] * stride_dod,
         mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
         other=0.0,
@@ -209,7 +226,7 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv)
+    args = (q, do, lse2, delta, k_ptrs, v_ptrs, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     dq = _dq_inner(
         dq,
         *args,
@@ -284,9 +301,9 @@ def _attn_bwd_dq_kernel(
     dq_ptrs = (
         DQ
         + b.to(tl.int64) * stride_dqb
-        + q_start.to(tl.int64) * stride_dqs
+        + q_row0.to(tl.int64) * stride_dqs
         + h * stride_dqh
-        + offs_m[:, None] * stride_dqs
+        + rows[:, None] * stride_dqs
         + offs_d[None, :] * stride_dqd
     )
     dq_mask = row[:, None] & (offs_d[None, :] < HEAD_DIM)

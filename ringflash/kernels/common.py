@@ -136,3 +136,11 @@ def _scores(a, b, sm_scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constex
         t = 0.0
         s = s * (sm_scale * 1.4426950408889634)
     return s, t
+
+
+def wide_offsets(*tensors) -> bool:
+    """True when an element offset inside some tensor can pass 2^31 - 1 (int32 index arithmetic
+    would wrap): the kernels then step through tokens in 64 bits."""
+    return any(
+        sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1 for t in tensors
+    )

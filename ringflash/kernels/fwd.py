@@ -28,6 +28,7 @@ from .common import (
     pad_dim,
     seq_bucket,
     varlen_diag,
+    wide_offsets,
 )
 
 
@@ -70,8 +71,16 @@ def _fwd_inner(
         offs_j = j0 + offs_n
         if MASKED:
             kv_row = offs_j[:, None] < seqlen_k
-            k = tl.load(k_ptrs + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k = tl.load(
+                k_ptrs + j0 * stride_ks,
+                mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptrs + j0 * stride_vs,
+                mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+                other=0.0,
+            )
         elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
             k = tl.load(k_ptrs + j0 * stride_ks)
             v = tl.load(v_ptrs + j0 * stride_vs)
@@ -154,6 +163,7 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -189,12 +199,22 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    # 64-bit base offsets: b * stride_b overflows int32 for large batches of long sequences.
-    q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    # 64-bit base offsets: b * stride_b overflows int32 for large batches of long sequences. With
+    # WIDE (a token offset of this call passes 2^31 elements, e.g. 512k tokens x 32 heads x 128)
+    # the base also takes the tile's first row, so only in-tile offsets stay 32-bit, and the loops
+    # below step in 64 bits; without it the code is the plain 32-bit one.
+    q_row0 = q_start
+    rows = offs_m
+    ks, vs = stride_ks, stride_vs
+    if WIDE:
+        q_row0 = q_start + i0
+        rows = tl.arange(0, BLOCK_M)
+        ks, vs = tl.cast(stride_ks, tl.int64), tl.cast(stride_vs, tl.int64)
+    q_base = Q + b.to(tl.int64) * stride_qb + q_row0.to(tl.int64) * stride_qs + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
     q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
 
@@ -209,7 +229,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv)
+    args = (q, k_ptrs, v_ptrs, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     acc, l_i, m_i = _fwd_inner(
         acc,
         l_i,
@@ -299,9 +319,9 @@ def _attn_fwd_kernel(
     o_ptrs = (
         O
         + b.to(tl.int64) * stride_ob
-        + q_start.to(tl.int64) * stride_os
+        + q_row0.to(tl.int64) * stride_os
         + h * stride_oh
-        + offs_m[:, None] * stride_os
+        + rows[:, None] * stride_os
         + offs_dv[None, :] * stride_od
     )
     l_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
@@ -456,6 +476,7 @@ def attn_fwd(
         IS_VARLEN=packed,
         DIAG_FROM_PTR=diag_t is not None,
         ACCUMULATE=accumulate,
+        WIDE=wide_offsets(q, k, v, out),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
     )
