@@ -22,10 +22,11 @@ def _expect_value_error(fn, *args, **kwargs) -> str:
     raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise ValueError")
 
 
-def _bad_inputs(rank: int, world: int) -> dict:
+def _bad_inputs(rank: int, world: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     L, msgs = 6, {}
-    q, k, v = torch.randn(1, L, 4, 8), torch.randn(1, L, 2, 8), torch.randn(1, L, 2, 8)
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+    q, k, v = (torch.randn(1, L, h, 8).to(dev) for h in (4, 2, 2))
     short = [x[:, : L - 1 if rank == 1 else L] for x in (q, k, v)]
     msgs["unequal"] = _expect_value_error(rp.ring_flash_attn_func, *short, causal=True)
     odd = [x[:, :5] for x in (q, k, v)]
@@ -45,8 +46,13 @@ def _bad_inputs(rank: int, world: int) -> dict:
     return msgs
 
 
-def test_bad_input_raises_on_every_rank():
-    res = spawn(_bad_inputs, 2, timeout=120, pg_timeout=PG_TIMEOUT)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bad_input_raises_on_every_rank(device):
+    """gloo on CPU; on 2 GPUs over NCCL, where the check runs on a gloo group of the same ranks."""
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    backend = "nccl" if device == "cuda" else "gloo"
+    res = spawn(_bad_inputs, 2, device, timeout=120, pg_timeout=PG_TIMEOUT, backend=backend)
     for rank, msgs in enumerate(res):
         assert "local seqlen" in msgs["unequal"] and "equal length" in msgs["unequal"], msgs["unequal"]
         assert "even number of tokens" in msgs["zigzag_odd"], msgs["zigzag_odd"]

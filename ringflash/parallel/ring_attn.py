@@ -13,8 +13,10 @@ layout.
 
 Inputs are checked collectively: every rank all-gathers a small signature of its arguments (shapes,
 dtype, layout, mask, group members) before any ring communication, so a bad input on any rank
-raises ``ValueError`` on every rank instead of a hang. With no process group initialised, or a
-group of one rank, the same functions compute locally.
+raises ``ValueError`` on every rank instead of a hang. The check runs on the host: over a gloo
+group of the same ranks when the ring's group is NCCL-only (created once per set of ranks), so it
+never waits for the GPU nor adds a device collective to the stream. With no process group
+initialised, or a group of one rank, the same functions compute locally.
 """
 
 from __future__ import annotations
@@ -143,19 +145,36 @@ def _signature(q, k, v, layout, causal, window_size, softcap, scale, cu_list, me
     ]
 
 
-def check_collectively(group, world: int, device: torch.device, err: str | None, sig: list[int]) -> None:
+_HOST_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def host_group(group, members: list[int]):
+    """A group over the same ranks that takes CPU tensors: ``group`` itself unless it is NCCL-only,
+    else a gloo group of ``members`` (global ranks), created on first use and kept.
+
+    An argument check over NCCL would put a collective on the GPU stream and copy its result back,
+    so every call would wait for all queued GPU work and the GPU would idle while the ring's
+    kernels are launched; over gloo the check costs host time only.
+    """
+    backend = str(dist.get_backend(group))
+    if "nccl" not in backend or "gloo" in backend:
+        return group
+    key = tuple(members)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(list(key), backend="gloo", use_local_synchronization=True)
+    return _HOST_GROUPS[key]
+
+
+def check_collectively(group, world: int, err: str | None, sig: list[int], members: list[int]) -> None:
     """Raise ``ValueError`` on every rank when any rank's ``err`` is set or the signatures differ."""
     if world == 1:
         if err:
             raise ValueError(err)
         return
-    use_dev = (
-        device if (device.type == "cuda" and "nccl" in str(dist.get_backend(group))) else torch.device("cpu")
-    )
-    mine = torch.tensor([1 if err else 0] + sig, dtype=torch.int64, device=use_dev)
+    mine = torch.tensor([1 if err else 0] + sig, dtype=torch.int64)
     rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    table = torch.stack(rows).cpu().tolist()
+    dist.all_gather(rows, mine, group=host_group(group, members))
+    table = torch.stack(rows).tolist()
     if err:
         raise ValueError(f"{err} (raised on every rank of the ring)")
     bad = [r for r, row in enumerate(table) if row[0]]
@@ -229,8 +248,7 @@ def _ring(
     )
     if err:
         sig = [0] * len(_SIG_FIELDS)
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    check_collectively(g, world, device, err, sig)
+    check_collectively(g, world, err, sig, members)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     window = (int(window_size[0]), int(window_size[1]))
     if cu_list is None:

@@ -58,7 +58,11 @@ def _world(group) -> tuple[int, int]:
 def _gather(x: torch.Tensor, world: int, group) -> torch.Tensor:
     """All-gather a flat tensor: ``[world, n]``."""
     x = x.contiguous().view(-1)
-    parts = [torch.empty_like(x) for _ in range(world)]
+    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
+        out = torch.empty((world, x.numel()), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=group)  # one output buffer: no per-rank copies
+        return out
+    parts = [torch.empty_like(x) for _ in range(world)]  # gloo has no all_gather_into_tensor
     dist.all_gather(parts, x, group=group)
     return torch.stack(parts)
 

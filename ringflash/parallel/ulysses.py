@@ -35,6 +35,7 @@ from ..ops import flash_attn_func
 from .layouts import LAYOUTS, local_len_error
 from .ring_attn import (
     group_rank_world,
+    host_group,
     ring_flash_attn_func,
     stripe_flash_attn_func,
     zigzag_ring_flash_attn_func,
@@ -130,7 +131,7 @@ def _signature(q, k, v, causal, window_size, softcap, scale, layout) -> list[int
     ]
 
 
-def agree(groups, device: torch.device, err: str | None, sig: list[int]) -> None:
+def agree(groups, err: str | None, sig: list[int]) -> None:
     """Raise ``ValueError`` on every rank of the grid when any rank's ``err`` is set or signatures differ.
 
     ``groups`` is ``[(group, world), ...]`` (the Ulysses group, then the ring group): an OR within
@@ -146,13 +147,10 @@ def agree(groups, device: torch.device, err: str | None, sig: list[int]) -> None
     row = torch.tensor([1 if err else 0, 0] + sig, dtype=torch.int64)
     mismatch = ""
     for g, w in real:
-        use = (
-            device if (device.type == "cuda" and "nccl" in str(dist.get_backend(g))) else torch.device("cpu")
-        )
-        mine = row.to(use)
-        rows = [torch.empty_like(mine) for _ in range(w)]
-        dist.all_gather(rows, mine, group=g)
-        table = torch.stack(rows).cpu()
+        rows = [torch.empty_like(row) for _ in range(w)]
+        members = [dist.get_global_rank(g, r) for r in range(w)]
+        dist.all_gather(rows, row, group=host_group(g, members))  # host-side, see ring_attn
+        table = torch.stack(rows)
         row = row.clone()
         row[0] = int(table[:, 0].max())
         ok = table[:, 0] == 0
@@ -196,8 +194,7 @@ def sp_attention(
     rg, _, r = ring if ring is not None else (None, 0, 1)
     err = _local_error(q, k, v, dropout_p, window_size, alibi_slopes, u, r, layout)
     sig = [] if err else _signature(q, k, v, causal, window_size, softcap, softmax_scale, layout)
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    agree([(ug, u), (rg, r)], device, err, sig)
+    agree([(ug, u), (rg, r)], err, sig)
     f = kv_replication(q.shape[2], k.shape[2], u)
     if f > 1:  # just enough copies for every rank to own whole KV heads; autograd sums them back
         k, v = k.repeat_interleave(f, dim=2), v.repeat_interleave(f, dim=2)
