@@ -19,7 +19,8 @@ launch overlaps the GPU as in a decoding loop):
 
 Speedup = one GPU / sharded. Every rank checks its sharded output against rank 0's one-GPU output
 (bf16 rounding, relative error printed). ``--graph`` also captures the sharded step (NCCL
-all_gather included) in a CUDA graph and times its replays, when this PyTorch/NCCL allows it.
+all_gather included) and the one-GPU step in CUDA graphs and times their replays (GPU time without
+the host's launch overhead), when this PyTorch/NCCL allows it.
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def _time(fn, device, reps, iters, alone=False):
     return t.item()
 
 
-def _graph_time(fn, device, reps, iters):
-    """Replay time of ``fn`` captured in a CUDA graph (None when capture fails)."""
+def _graph_time(fn, device, reps, iters, alone=False):
+    """Replay time of ``fn`` captured in a CUDA graph (rank 0 only if ``alone``); None when the
+    capture fails. Every rank takes part in the same barriers either way."""
+    if alone and dist.get_rank() != 0:
+        _time(lambda: None, device, reps, iters, alone=True)
+        return None
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -80,8 +85,9 @@ def _graph_time(fn, device, reps, iters):
             fn()
     except Exception as e:  # noqa: BLE001 - reported, the eager numbers still stand
         print(f"rank {dist.get_rank()}: CUDA graph capture failed: {type(e).__name__}: {e}")
+        _time(lambda: None, device, reps, iters, alone=alone)
         return None
-    return _time(g.replay, device, reps, iters)
+    return _time(g.replay, device, reps, iters, alone=alone)
 
 
 def _measure(S, B, heads, dtype, device, a) -> dict:
@@ -122,10 +128,14 @@ def _measure(S, B, heads, dtype, device, a) -> dict:
     dist.broadcast(ref, 0)
     err = torch.tensor([((out.float() - ref.float()).norm() / ref.float().norm()).item()], device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
-    t_graph = _graph_time(sharded, device, a.reps, a.iters) if a.graph and device.type == "cuda" else None
+    t_graph = t_one_graph = None
+    if a.graph and device.type == "cuda":
+        t_one_graph = _graph_time(one_gpu, device, a.reps, a.iters, alone=True)
+        t_graph = _graph_time(sharded, device, a.reps, a.iters)
     return dict(
         world=world, batch=B, context=S, one_gpu_us=t_one * 1e6, local_us=t_local * 1e6,
         sharded_us=t_sh * 1e6, collective_combine_us=(t_sh - t_local) * 1e6, speedup=t_one / t_sh,
+        graph_one_gpu_us=t_one_graph * 1e6 if t_one_graph else None,
         graph_sharded_us=t_graph * 1e6 if t_graph else None, max_rel_err=err.item(),
     )  # fmt: skip
 
@@ -153,7 +163,9 @@ def main() -> None:
         print(f"# sharded decode over {world} x {name}, {info.backend}; torch {torch.__version__}")
         print(f"# B={B}, Hq={hq} Hk={hk} D={d} {dtype}, 1 query token; times in us per step")
         cols = "context | one GPU |  local | sharded | collective+combine | speedup"
-        print(cols + (" | graph sharded | graph speedup" if a.graph else "") + " | max rel err")
+        print(
+            cols + (" | graph one GPU | graph sharded | graph speedup" if a.graph else "") + " | max rel err"
+        )
     rows = []
     for S in a.contexts:
         if S % world:
@@ -162,12 +174,18 @@ def main() -> None:
         rows.append(row)
         if rank == 0:
             t_one, t_sh, t_graph = row["one_gpu_us"], row["sharded_us"], row["graph_sharded_us"]
+            t_one_graph = row["graph_one_gpu_us"]
             line = (
                 f"{S:>7} | {t_one:>7.1f} | {row['local_us']:>6.1f} | {t_sh:>7.1f} | "
                 f"{row['collective_combine_us']:>18.1f} | {t_one / t_sh:>6.2f}x"
             )
             if a.graph:
-                line += f" | {t_graph:>13.1f} | {t_one / t_graph:>12.2f}x" if t_graph else " | n/a | n/a"
+                ok = t_graph and t_one_graph
+                line += (
+                    f" | {t_one_graph:>13.1f} | {t_graph:>13.1f} | {t_one_graph / t_graph:>12.2f}x"
+                    if ok
+                    else " | n/a"
+                )
             print(line + f" | {row['max_rel_err']:.1e}")
         if device.type == "cuda":
             torch.cuda.empty_cache()

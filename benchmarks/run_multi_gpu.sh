@@ -30,10 +30,8 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run with a time limit, log to NAME.log
     echo "=== $name: rc=$rc, $((SECONDS - t0)) s ==="
     pack
 }
-run_w() {  # run_w W CMD...: torchrun over the first W GPUs
-    local w=$1
-    shift
-    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((w - 1))) torchrun --standalone --nproc_per_node "$w" "$@"
+run_w() {  # run_w W: the command prefix for torchrun over the first W GPUs
+    echo env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $(($1 - 1)))" torchrun --standalone --nproc_per_node "$1"
 }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -49,17 +47,17 @@ if want ring; then
     for w in $WS; do
         prof=""
         [ "$w" = "${WS##* }" ] && prof="--profile"
-        stage "ring_W$w" 240 run_w "$w" benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
+        stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
     done
 fi
 if want decode; then
     for w in $WS; do
-        stage "decode_W$w" 150 run_w "$w" benchmarks/bench_decode_sharded_nccl.py --graph --out "$LOG"
+        stage "decode_W$w" 150 $(run_w "$w") benchmarks/bench_decode_sharded_nccl.py --graph --out "$LOG"
     done
 fi
 if want maxlen; then
     for w in 1 $WS; do
-        stage "maxlen_W$w" 150 run_w "$w" benchmarks/bench_max_seqlen.py --verify-s 30 --out "$LOG"
+        stage "maxlen_W$w" 150 $(run_w "$w") benchmarks/bench_max_seqlen.py --verify-s 30 --out "$LOG"
     done
 fi
 want demo && stage demo 180 python3 -m ringflash.cli demo

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import spawn
+from dist_utils import one_triton_config, spawn
 from oracle import assert_matches
 
 import ringflash.parallel as rp
@@ -91,8 +91,9 @@ NCCL_CASES = {
         "varlen-causal-L9-H4:2-D16",
     )
 }
-# Over NCCL the Triton backend compiles and autotunes every mask/shape variant on each rank: it runs
-# one case per layout and mask family (window, softcap, GQA/MQA, packed, varlen), the blockwise all.
+# Over NCCL the Triton backend compiles every mask/shape variant on each rank (one tile config each,
+# see one_triton_config), so it runs one case per layout and mask family (window, softcap, GQA/MQA,
+# packed, varlen); the blockwise backend runs them all.
 TRITON_NCCL_CASES = {
     cid: CASES[cid]
     for cid in (
@@ -183,6 +184,8 @@ def run_cases(rank: int, world: int, cases: dict, device: str = "cpu", backend: 
 
     if device == "cuda":
         device = f"cuda:{rank}"
+        if backend == "triton":
+            one_triton_config()
     res = {}
     with use_backend(backend):
         for cid, c in cases.items():

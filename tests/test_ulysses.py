@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from dist_utils import spawn
+from dist_utils import one_triton_config, spawn
 from oracle import assert_matches
 
 from ringflash.comm.alltoall import all_to_all
@@ -108,6 +108,8 @@ def run_cases(rank, world, cases, device="cpu", backend="torch"):
     from ringflash.backends import use_backend
 
     dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+    if device == "cuda" and backend == "triton":
+        one_triton_config()
     groups = {}
     for grid in sorted({c["grid"] for c in cases.values() if c["grid"]}):
         groups[grid] = tuple(build_usp_groups(*grid))
