@@ -11,10 +11,13 @@ SDPA gets the same query (length 1) and the same cache in its ``[B, H, S, D]`` l
 raises, the K/V heads are expanded (materialised) to 32 and the table says ``expanded`` (then SDPA
 reads 4x the bytes counted, which the bandwidth column does not credit).
 
+"unfused" is the same split kernel followed by the combine kernel (two launches; the fused kernel
+merges the splits in the last program of each row), timed the same way in the same run.
+
 Also: the step time of a whole decoding step (append one token + attend, causal) at 4k, batch 1,
-captured in a CUDA graph and replayed; and a one-GPU simulation of the sharded path: the local
-split-KV time of one of N shards plus the time of combining N stacked float32 partials (the
-collective itself is not simulated).
+captured in a CUDA graph and replayed (one fused kernel, and the three-kernel unfused path); and
+a one-GPU simulation of the sharded path: the local split-KV time of one of N shards plus the
+time of combining N stacked float32 partials (the collective itself is not simulated).
 
 Times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed call) of CUDA
 graph replays: every method (ours, both SDPA backends) is captured once and replayed, so the table
@@ -145,7 +148,9 @@ def check_close(q, kc, vc, lens, out):
 
 
 def graph_step_us(s=4096):
-    """A whole causal decoding step (append one token, attend) at batch 1, captured and replayed."""
+    """A whole causal decoding step (append one token, attend) at batch 1, captured and replayed:
+    ``(fused us, eager us, unfused us)``. Fused: ``flash_attn_with_kvcache``, one kernel. Unfused:
+    the append, split and combine kernels (the path before the fusion), same tiles and splits."""
     q, kc, vc, lens = _inputs(1, s)
     lens -= 1
     k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
@@ -154,6 +159,13 @@ def graph_step_us(s=4096):
     def step():
         return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
 
+    def unfused_step():
+        kdec.append_kv(kc, vc, k, v, lens)
+        return kdec.decode_fwd(
+            q, kc, vc, lens, n_new=1, softmax_scale=D**-0.5, causal=True, fuse_combine=False
+        )
+
+    unfused_us = _bench_graph(unfused_step)
     eager_out = step()
     st = torch.cuda.Stream()
     st.wait_stream(torch.cuda.current_stream())
@@ -167,7 +179,7 @@ def graph_step_us(s=4096):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager_out), "graph replay differs from the eager step"
-    return _bench(g.replay, rep=300), _bench(step, rep=300)
+    return _bench(g.replay, rep=300), _bench(step, rep=300), unfused_us
 
 
 def sharded_sim(total=131072, b=1):
@@ -233,6 +245,7 @@ def main():
             err = check_close(q, kc, vc, lens, fn()[0])
             row = dict(batch=b, ctx=s, kv_mb=nbytes / 1e6, floor_us=nbytes / (bw * 1e3), rel_err=err)
             row["ours_us"] = _bench_graph(fn)
+            row["unfused_us"] = _bench_graph(ours_fn(q, kc, vc, lens, fuse_combine=False))
             row["ours_eager_us"] = _bench(fn)
             row["splits"] = kdec.pick_num_splits(b, HK, HQ // HK, 1, s, q.device)
             for tag, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -248,7 +261,7 @@ def main():
             del q, kc, vc, lens, fn
             torch.cuda.empty_cache()
 
-    g_us, e_us = graph_step_us()
+    g_us, e_us, u_us = graph_step_us()
     shard_rows = sharded_sim()
     with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -263,18 +276,19 @@ def main():
             f"  total {r['total_us']:7.1f} us"
         )
     print(
-        f"\n## CUDA graph: causal append+attend step, B=1, 4k: {g_us:.1f} us replayed ({e_us:.1f} us eager)"
+        f"\n## CUDA graph: causal append+attend step, B=1, 4k: {g_us:.1f} us replayed ({e_us:.1f} us eager);"
+        f" unfused (append, split, combine kernels) {u_us:.1f} us replayed"
     )
     print(f"\n## decode, {name}, bf16, Hq={HQ} Hk={HK} D={D}, copy {bw:.0f} GB/s")
     print(
-        "  B      S   KV MB floor us | ours us  GB/s  %copy splits eager | flash us  %copy | cudnn us  %copy"
-        " | vs cudnn | rel err"
+        "  B      S   KV MB floor us | ours us  GB/s  %copy splits eager unfused | flash us  %copy"
+        " | cudnn us  %copy | vs cudnn | rel err"
     )
     for r in rows:
         print(
             f"{r['batch']:3d} {r['ctx']:7d} {r['kv_mb']:7.1f} {r['floor_us']:8.1f} |"
             f" {r['ours_us']:7.1f} {r['ours_gbs']:5.0f} {r['ours_frac']:6.1%} {r['splits']:6d}"
-            f" {r['ours_eager_us']:5.0f} |"
+            f" {r['ours_eager_us']:5.0f} {r['unfused_us']:7.1f} |"
             f" {r['flash_us']:8.1f} {r['flash_frac']:6.1%} | {r['cudnn_us']:8.1f} {r['cudnn_frac']:6.1%}"
             f" | {r['vs_cudnn']:7.2f}x | {r['rel_err']:.1e}  (sdpa kv: {r['flash_kv']}/{r['cudnn_kv']})"
         )

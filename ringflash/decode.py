@@ -9,6 +9,7 @@ masks aligned to the bottom-right (query token ``t`` sits at key position
 the caller advances it.
 
 Backends (``ringflash.backends``): Triton's split-KV kernel (``ringflash.kernels.decode``) on CUDA,
+which also does the append and the merge of its splits (one launch per step),
 the blockwise PyTorch backend elsewhere (one batch row at a time, the key range cut into
 ``num_splits`` pieces that are merged exactly). Inference only: there is no autograd.
 
@@ -241,10 +242,24 @@ def _torch_decode(q, k_cache, v_cache, a: DecodeArgs, scale, causal, window, sof
 
 
 def attend_kvcache(
-    q, k_cache, v_cache, a: DecodeArgs, scale, causal, window, softcap, diag_offset=None, out_dtype=None
+    q,
+    k_cache,
+    v_cache,
+    a: DecodeArgs,
+    scale,
+    causal,
+    window,
+    softcap,
+    diag_offset=None,
+    out_dtype=None,
+    k=None,
+    v=None,
 ):
-    """Attention of ``q`` over the (already appended) cache: ``(out in out_dtype, lse float32)``.
+    """Attention of ``q`` over the cache: ``(out in out_dtype, lse float32)``.
 
+    ``k``/``v``: the ``a.n_new`` new tokens, not yet in the cache: they are appended first
+    (:func:`append_kv_`), or, on the Triton backend, by the attention kernel itself (one launch
+    for the whole step). None: the cache already holds them.
     ``diag_offset``: int32 ``[B]`` key index aligned with query token 0 per row (sharded caches),
     or None for bottom-right alignment. ``out_dtype`` defaults to q's (float32 for partials).
     The backend follows ``ringflash.backends.backend_name``.
@@ -252,12 +267,15 @@ def attend_kvcache(
     if backend_name(q.device) == "triton":
         from .kernels.decode import decode_fwd
 
+        fused = k is not None and a.n_new > 0
         return decode_fwd(
             q if q.stride(-1) == 1 else q.contiguous(),
             k_cache,
             v_cache,
             a.cache_seqlens,
             n_new=a.n_new,
+            k_new=(k if k.stride(-1) == 1 else k.contiguous()) if fused else None,
+            v_new=(v if v.stride(-1) == 1 else v.contiguous()) if fused else None,
             block_table=a.block_table,
             cache_batch_idx=a.cache_batch_idx,
             softmax_scale=scale,
@@ -268,6 +286,7 @@ def attend_kvcache(
             diag_offset=diag_offset,
             out_dtype=out_dtype,
         )
+    append_kv_(k_cache, v_cache, k, v, a)
     out, lse = _torch_decode(q, k_cache, v_cache, a, scale, causal, window, softcap, diag_offset)
     return out.to(out_dtype or q.dtype), lse
 
@@ -330,6 +349,7 @@ def flash_attn_with_kvcache(
     a = DecodeArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     with torch.no_grad():
-        append_kv_(k_cache, v_cache, k, v, a)
-        out, lse = attend_kvcache(q, k_cache, v_cache, a, scale, bool(causal), window, float(softcap))
+        out, lse = attend_kvcache(
+            q, k_cache, v_cache, a, scale, bool(causal), window, float(softcap), k=k, v=v
+        )
     return (out, lse) if return_softmax_lse else out

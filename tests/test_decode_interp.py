@@ -7,7 +7,8 @@ set (this file doubles as the worker: ``python tests/test_decode_interp.py --wor
 prints one JSON line of checks per case; each test then asserts its case's checks, so failures
 name the test and the check. The cases are ``test_decode.CASES`` (lengths 0, 1, 17, 999, every
 num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), plus the sharded
-combine kernel on stacked partials with empty shards.
+combine kernel on stacked partials with empty shards, and the fused step (append + attend + merge
+in one launch) against the three-launch path, with the semaphore counters back at 0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from test_decode import CASES, assert_checks, case_id, run_case  # noqa: E402
+from test_decode import CASES, assert_checks, case_id, fused_vs_unfused, run_case  # noqa: E402
 
 
 def combine_case():
@@ -53,6 +54,10 @@ def combine_case():
     }
 
 
+# (splits, page) of the fused-vs-unfused cases: one split, a merge of 3, paged.
+FUSED_INTERP = [(1, None), (3, None), (3, 8)]
+
+
 def _worker_main():
     torch.set_num_threads(1)
     proto = sys.stdout
@@ -67,6 +72,9 @@ def _worker_main():
         proto.write(json.dumps({"id": case_id(c), **reply}) + "\n")
         proto.flush()
     proto.write(json.dumps({"id": "combine", "checks": combine_case()}) + "\n")
+    for splits, page in FUSED_INTERP:
+        checks = fused_vs_unfused("cpu", splits, page, B=3, S=48, Hq=4, Hk=2, D=16, n_new=2)
+        proto.write(json.dumps({"id": f"fused-{splits}-{page}", "checks": checks}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +117,12 @@ def test_decode_triton_interpreter(interp_results, p):
 
 def test_combine_kernel_interpreter(interp_results):
     assert_checks(_get(interp_results, "combine"), "combine")
+
+
+@pytest.mark.parametrize("splits,page", FUSED_INTERP, ids=[f"splits{s}-page{p}" for s, p in FUSED_INTERP])
+def test_fused_step_interpreter(interp_results, splits, page):
+    cid = f"fused-{splits}-{page}"
+    assert_checks(_get(interp_results, cid), cid)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

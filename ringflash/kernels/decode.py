@@ -28,8 +28,57 @@ import triton
 import triton.language as tl
 
 from .common import _dot, _tanh, dot_f32, dot_precision, mask_flags, pad_dim
+from .decode_append import append_kv
+from .decode_combine import _combine_rows, combine_partials
+
+__all__ = ["append_kv", "combine_partials", "decode_fwd", "pick_num_splits", "semaphore_buffer"]
 
 # Literal constants: 1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2) (see common.py).
+
+
+@triton.jit
+def _attend_block(
+    q,
+    k,
+    v,
+    offs_j,
+    j_ok,
+    offs_t,
+    row_ok,
+    m_i,
+    l_i,
+    acc,
+    lo,
+    hi,
+    qk_scale,
+    cap_scale,
+    cap_out,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """One key block of the online softmax: returns the updated ``(m_i, l_i, acc)`` (base 2)."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+    if SOFTCAP:
+        s = _tanh(s * cap_scale) * cap_out
+    else:
+        s = s * qk_scale
+    vis = j_ok[None, :] & row_ok[:, None]
+    if HAS_HI:
+        vis = vis & (offs_j[None, :] - offs_t[:, None] <= hi)
+    if HAS_LO:
+        vis = vis & (offs_j[None, :] - offs_t[:, None] >= lo)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible yet keep m = -inf: subtract 0 so exp2(-inf - -inf) is no NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, DOT_F32)
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "n_new", "page_size", "window_left", "window_right"])
@@ -37,8 +86,13 @@ def _decode_split_kernel(
     Q,
     K,
     V,
+    KN,
+    VN,
     OP,
     LSEP,
+    O,
+    LSE,
+    SEM,
     SEQLENS,
     BT,
     CBI,
@@ -52,6 +106,12 @@ def _decode_split_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_knb,
+    stride_kns,
+    stride_knh,
+    stride_vnb,
+    stride_vns,
+    stride_vnh,
     stride_btb,
     stride_opb,
     stride_ops,
@@ -60,6 +120,12 @@ def _decode_split_kernel(
     stride_lpb,
     stride_lps,
     stride_lph,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_ls,
     seqlen_q,
     n_new,
     page_size,
@@ -79,17 +145,24 @@ def _decode_split_kernel(
     DIAG_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FUSE_APPEND: tl.constexpr,
+    FUSE_COMBINE: tl.constexpr,
+    EVICT: tl.constexpr,
+    COMBINE_M: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(2)
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
-    r0 = tl.program_id(2) * BLOCK_M
+    r0 = pid_m * BLOCK_M
 
-    seqlen_k = tl.load(SEQLENS + b) + n_new
+    n_old = tl.load(SEQLENS + b)
+    seqlen_k = n_old + n_new
     if DIAG_FROM_PTR:
         diag = tl.load(DIAG + b)
     else:
@@ -146,9 +219,14 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
-    for j0 in range(j_start, j_end, BLOCK_N):
+    # FUSE_APPEND: keys [n_old, seqlen_k) are the new tokens; they are read from KN/VN (never from
+    # the cache, which split 0 writes below), so no program depends on another's write.
+    cache_end = j_end
+    if FUSE_APPEND:
+        cache_end = tl.minimum(j_end, n_old)
+    for j0 in range(j_start, cache_end, BLOCK_N):
         offs_j = j0 + offs_n
-        j_ok = offs_j < j_end
+        j_ok = offs_j < cache_end
         if PAGED:
             page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_j // page_size, mask=j_ok, other=0)
             k_rows = page.to(tl.int64) * stride_kb + (offs_j % page_size).to(tl.int64) * stride_ks
@@ -157,160 +235,152 @@ def _decode_split_kernel(
             k_rows = cache_row * stride_kb + offs_j.to(tl.int64) * stride_ks
             v_rows = cache_row * stride_vb + offs_j.to(tl.int64) * stride_vs
         kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
-        if SOFTCAP:
-            s = _tanh(s * cap_scale) * cap_out
-        else:
-            s = s * qk_scale
-        vis = j_ok[None, :] & row_ok[:, None]
-        if HAS_HI:
-            vis = vis & (offs_j[None, :] - offs_t[:, None] <= hi)
-        if HAS_LO:
-            vis = vis & (offs_j[None, :] - offs_t[:, None] >= lo)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible yet keep m = -inf: subtract 0 so exp2(-inf - -inf) is no NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, DOT_F32)
-        m_i = m_new
+        k = tl.load(
+            k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
+        )
+        v = tl.load(
+            v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
+        )
+        m_i, l_i, acc = _attend_block(
+            q,
+            k,
+            v,
+            offs_j,
+            j_ok,
+            offs_t,
+            row_ok,
+            m_i,
+            l_i,
+            acc,
+            lo,
+            hi,
+            qk_scale,
+            cap_scale,
+            cap_out,
+            HAS_LO,
+            HAS_HI,
+            SOFTCAP,
+            DOT_PREC,
+            DOT_F32,
+        )
+    if FUSE_APPEND:
+        kn_head = KN + b.to(tl.int64) * stride_knb + hk * stride_knh
+        vn_head = VN + b.to(tl.int64) * stride_vnb + hk * stride_vnh
+        for j0 in range(tl.maximum(j_start, n_old), j_end, BLOCK_N):
+            offs_j = j0 + offs_n
+            j_ok = offs_j < j_end
+            src = (offs_j - n_old).to(tl.int64)
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(kn_head + src[:, None] * stride_kns + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vn_head + src[:, None] * stride_vns + offs_d[None, :], mask=kv_mask, other=0.0)
+            m_i, l_i, acc = _attend_block(
+                q,
+                k,
+                v,
+                offs_j,
+                j_ok,
+                offs_t,
+                row_ok,
+                m_i,
+                l_i,
+                acc,
+                lo,
+                hi,
+                qk_scale,
+                cap_scale,
+                cap_out,
+                HAS_LO,
+                HAS_HI,
+                SOFTCAP,
+                DOT_PREC,
+                DOT_F32,
+            )
+        if (split == 0) & (pid_m == 0):
+            # The append: this KV head's n_new tokens into cache slots n_old + [0, n_new).
+            for i0 in range(0, n_new, BLOCK_N):
+                offs_i = i0 + offs_n
+                i_ok = offs_i < n_new
+                pos = n_old + offs_i
+                if PAGED:
+                    page = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size, mask=i_ok, other=0)
+                    k_rows = page.to(tl.int64) * stride_kb + (pos % page_size).to(tl.int64) * stride_ks
+                    v_rows = page.to(tl.int64) * stride_vb + (pos % page_size).to(tl.int64) * stride_vs
+                else:
+                    k_rows = cache_row * stride_kb + pos.to(tl.int64) * stride_ks
+                    v_rows = cache_row * stride_vb + pos.to(tl.int64) * stride_vs
+                n_mask = i_ok[:, None] & d_ok[None, :]
+                src = offs_i.to(tl.int64)
+                kn = tl.load(kn_head + src[:, None] * stride_kns + offs_d[None, :], mask=n_mask)
+                vn = tl.load(vn_head + src[:, None] * stride_vns + offs_d[None, :], mask=n_mask)
+                tl.store(k_head + k_rows[:, None] + offs_d[None, :], kn, mask=n_mask)
+                tl.store(v_head + v_rows[:, None] + offs_d[None, :], vn, mask=n_mask)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = (
-        OP
-        + b.to(tl.int64) * stride_opb
-        + offs_t[:, None] * stride_ops
-        + offs_h[:, None] * stride_oph
-        + split * stride_opn
-        + offs_d[None, :]
-    )
-    tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
-    l_ptrs = LSEP + b.to(tl.int64) * stride_lpb + offs_t * stride_lps + offs_h * stride_lph + split
-    tl.store(l_ptrs, lse, mask=row_ok)
-
-
-@triton.jit
-def _decode_combine_kernel(
-    OP,
-    LSEP,
-    O,
-    LSE,
-    n_splits,
-    seqlen_q,
-    n_heads,
-    stride_opr,
-    stride_opn,
-    stride_lpr,
-    stride_lpn,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,
-):
-    # One program per (b, t, h) row; row r's split s sits at OP + r * stride_opr + s * stride_opn
-    # (and likewise in LSEP), so both [B, Sq, H, N, D] partials and N stacked [B, Sq, H, D] fit.
-    row = tl.program_id(0)
-    h = row % n_heads
-    t = (row // n_heads) % seqlen_q
-    b = row // (n_heads * seqlen_q)
-    offs_s = tl.arange(0, SPLIT_BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    lse_row = LSEP + row.to(tl.int64) * stride_lpr
-    op_row = OP + row.to(tl.int64) * stride_opr
-
-    m = float("-inf")
-    for s0 in range(0, n_splits, SPLIT_BLOCK):
-        ls = tl.load(lse_row + (s0 + offs_s) * stride_lpn, mask=s0 + offs_s < n_splits, other=float("-inf"))
-        m = tl.maximum(m, tl.max(ls, 0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    tot = 0.0
-    acc = tl.zeros([D_PAD], tl.float32)
-    for s0 in range(0, n_splits, SPLIT_BLOCK):
-        s_ok = s0 + offs_s < n_splits
-        ls = tl.load(lse_row + (s0 + offs_s) * stride_lpn, mask=s_ok, other=float("-inf"))
-        w = tl.exp(ls - m_safe)  # exactly 0 for -inf partials
-        o = tl.load(
-            op_row + (s0 + offs_s)[:, None] * stride_opn + offs_d[None, :],
-            mask=s_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        tot += tl.sum(w, 0)
-        acc += tl.sum(o * w[:, None], 0)
-    inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
-    lse = tl.where(tot > 0.0, m_safe + tl.log(tot), float("-inf"))
-    o_ptrs = O + b.to(tl.int64) * stride_ob + t * stride_os + h * stride_oh + offs_d
-    tl.store(o_ptrs, (acc * inv).to(O.dtype.element_ty), mask=d_ok)
-    tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + t * stride_ls, lse)
-
-
-@triton.jit(do_not_specialize=["n_new", "page_size"])
-def _append_kv_kernel(
-    K_NEW,
-    V_NEW,
-    K,
-    V,
-    SEQLENS,
-    BT,
-    CBI,
-    stride_nb,
-    stride_ns,
-    stride_nh,
-    stride_vnb,
-    stride_vns,
-    stride_vnh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_btb,
-    n_new,
-    page_size,
-    n_kv_heads,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    H_PAD: tl.constexpr,
-    PAGED: tl.constexpr,
-    HAS_CBI: tl.constexpr,
-):
-    # One program per new token (b, s): copies its [Hk, D] keys and values to cache slot
-    # cache_seqlens[b] + s of row cache_batch_idx[b] (or through the block table).
-    pid = tl.program_id(0)
-    b = pid // n_new
-    s = pid % n_new
-    pos = tl.load(SEQLENS + b) + s
-    if PAGED:
-        row = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size).to(tl.int64)
-        slot = (pos % page_size).to(tl.int64)
+    out_ok = row_ok[:, None] & d_ok[None, :]
+    write_final = False
+    if FUSE_COMBINE:
+        write_final = n_splits == 1
+    if write_final:
+        # One split: this program's result is final.
+        out_ptrs = O + b.to(tl.int64) * stride_ob + offs_t[:, None] * stride_os + offs_h[:, None] * stride_oh
+        tl.store(out_ptrs + offs_d[None, :], o.to(O.dtype.element_ty), mask=out_ok)
+        tl.store(LSE + b.to(tl.int64) * stride_lb + offs_h * stride_lh + offs_t * stride_ls, lse, mask=row_ok)
     else:
-        if HAS_CBI:
-            row = tl.load(CBI + b).to(tl.int64)
-        else:
-            row = b.to(tl.int64)
-        slot = pos.to(tl.int64)
-    offs_h = tl.arange(0, H_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    mask = (offs_h[:, None] < n_kv_heads) & (offs_d[None, :] < HEAD_DIM)
-    src = b.to(tl.int64) * stride_nb + s * stride_ns + offs_h[:, None] * stride_nh + offs_d[None, :]
-    srcv = b.to(tl.int64) * stride_vnb + s * stride_vns + offs_h[:, None] * stride_vnh + offs_d[None, :]
-    dst_k = row * stride_kb + slot * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
-    dst_v = row * stride_vb + slot * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
-    tl.store(K + dst_k, tl.load(K_NEW + src, mask=mask), mask=mask)
-    tl.store(V + dst_v, tl.load(V_NEW + srcv, mask=mask), mask=mask)
+        o_ptrs = (
+            OP
+            + b.to(tl.int64) * stride_opb
+            + offs_t[:, None] * stride_ops
+            + offs_h[:, None] * stride_oph
+            + split * stride_opn
+            + offs_d[None, :]
+        )
+        tl.store(o_ptrs, o, mask=out_ok)
+        l_ptrs = LSEP + b.to(tl.int64) * stride_lpb + offs_t * stride_lps + offs_h * stride_lph + split
+        tl.store(l_ptrs, lse, mask=row_ok)
+        if FUSE_COMBINE:
+            # The last program of this (b, hk, m-block) row to finish merges every split. All
+            # threads' partial stores happen before the barrier; the acq_rel atomic (one per
+            # program) publishes them at GPU scope and, for the last one, acquires the others'.
+            # That program resets the counter to 0, so the buffer is ready for the next call
+            # (CUDA-graph replays included) with no memset.
+            tl.debug_barrier()
+            sem = SEM + pid_bh * tl.num_programs(2) + pid_m
+            done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+            if done == n_splits - 1:
+                r_end = tl.minimum(r0 + BLOCK_M, GROUP * seqlen_q)
+                _combine_rows(
+                    OP,
+                    LSEP,
+                    O,
+                    LSE,
+                    b,
+                    hk,
+                    r0,
+                    r_end,
+                    n_splits,
+                    stride_opb,
+                    stride_ops,
+                    stride_oph,
+                    stride_opn,
+                    stride_lpb,
+                    stride_lps,
+                    stride_lph,
+                    stride_ob,
+                    stride_os,
+                    stride_oh,
+                    stride_lb,
+                    stride_lh,
+                    stride_ls,
+                    GROUP,
+                    HEAD_DIM,
+                    D_PAD,
+                    COMBINE_M,
+                    SPLIT_BLOCK,
+                )
+                tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
 # ------------------------------------------------------------------------------------ launcher
@@ -322,6 +392,8 @@ _GPU_WARPS = 4
 _GPU_STAGES = 3
 _CPU_BLOCK_N = 16
 _MAX_BLOCK_M = 64
+_GPU_EVICT = ""  # L2 policy of the K/V cache loads ("evict_first": to be measured, see RESULTS.md)
+_COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at once
 # Split heuristic: one wave, about one program per SM (H100, graph-timed, 2026-11-26: B=1 and 8
 # KV heads -> 16 splits, 128 programs, 94-98% of copy bandwidth from 128k; B=16 -> 1 split, 99-104%
 # from 16k; 3 pipeline stages beat 2 by up to 25%), at least MIN_KEYS_PER_SPLIT keys of cache
@@ -359,6 +431,31 @@ def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capa
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
 
+# Fused combine: one int32 counter per (batch row, KV head, m-block). The last program of each row
+# puts its counter back to 0, so one buffer serves any number of calls that run one after another,
+# but never two calls at once. Eager calls get one buffer per CUDA stream (calls on a stream run in
+# order; calls on different streams may overlap). A call captured in a CUDA graph gets a buffer of
+# its own from the graph's memory, zeroed by a memset captured with it, so graphs replayed on
+# different streams never share counters.
+_SEM_MIN_ROWS = 4096
+_semaphores: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
+
+def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
+    """A zeroed int32 counter buffer of at least ``rows`` entries for a call on ``device`` made now:
+    this stream's buffer, or a fresh one while a CUDA graph captures."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(rows, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _semaphores.get(key)
+    if buf is None or buf.numel() < rows:
+        # A replaced buffer goes back to the allocator only after the work queued on this stream.
+        buf = torch.zeros(max(_SEM_MIN_ROWS, triton.next_power_of_2(rows)), dtype=torch.int32, device=device)
+        _semaphores[key] = buf
+    return buf
+
+
 def decode_fwd(
     q,
     k_cache,
@@ -366,6 +463,8 @@ def decode_fwd(
     cache_seqlens,
     *,
     n_new=0,
+    k_new=None,
+    v_new=None,
     block_table=None,
     cache_batch_idx=None,
     softmax_scale,
@@ -375,25 +474,34 @@ def decode_fwd(
     num_splits=0,
     diag_offset=None,
     out_dtype=None,
+    fuse_combine=True,
     block_n=None,
     num_warps=None,
     num_stages=None,
+    evict=None,
 ):
-    """Split-KV decode attention over a KV cache that already holds the new tokens.
+    """Split-KV decode attention; with ``k_new``/``v_new`` it also appends them to the cache.
 
     Args:
         q: ``[B, Sq, Hq, D]`` (last dim contiguous).
         k_cache, v_cache: ``[B_cache, S_cache, Hk, D]``, or paged ``[num_pages, page_size, Hk, D]``
             with ``block_table``; last dim contiguous.
-        cache_seqlens: int32 ``[B]`` on q's device; row ``b`` attends to ``cache_seqlens[b] + n_new``
-            keys.
+        cache_seqlens: int32 ``[B]`` on q's device.
+        n_new: without ``k_new``: the cache already holds ``n_new`` new tokens after
+            ``cache_seqlens[b]`` and row ``b`` attends to ``cache_seqlens[b] + n_new`` keys.
+        k_new, v_new: ``[B, Snew, Hk, D]`` (last dim contiguous) or None. Fused append: the kernel
+            writes them to cache slots ``cache_seqlens[b] + [0, Snew)`` and attends to them read
+            from ``k_new``/``v_new`` (the same keys the unfused append + attend sees).
         block_table: int32 ``[B, max_pages]`` (paged cache) or None.
         cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache) or None.
         diag_offset: int32 ``[B]``, the key index aligned with query token 0 per row (sharded
             caches), or None for bottom-right alignment.
         num_splits: 0 picks it from the shapes and the SM count (:func:`pick_num_splits`).
         out_dtype: dtype of ``out`` (default q's; float32 for partials that are merged again).
-        block_n, num_warps, num_stages: tile overrides (benchmarks).
+        fuse_combine: the last split program of each row merges the partials (one launch, with
+            the counters of :func:`semaphore_buffer`); False launches the combine kernel after the
+            split kernel.
+        block_n, num_warps, num_stages, evict: tile / load-policy overrides (benchmarks).
 
     Returns:
         ``(out [B, Sq, Hq, D] in out_dtype, lse [B, Hq, Sq] float32)``. Nothing syncs with the host
@@ -406,38 +514,68 @@ def decode_fwd(
     assert Hq % Hk == 0 and k_cache.shape[-1] == D and D <= 256
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (B,)
+    dev = q.device
+    out = torch.empty((B, Sq, Hq, D), dtype=out_dtype or q.dtype, device=dev)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    fuse_append = k_new is not None and k_new.shape[1] > 0
+    if fuse_append:
+        assert v_new is not None and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+        n_new = k_new.shape[1]
+        if out.numel() == 0:  # no program runs: append on its own
+            append_kv(
+                k_cache,
+                v_cache,
+                k_new,
+                v_new,
+                cache_seqlens,
+                block_table=block_table,
+                cache_batch_idx=cache_batch_idx,
+            )
+    if out.numel() == 0:
+        return out, lse
     has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     bm = block_m(group, Sq)
     m_blocks = triton.cdiv(group * Sq, bm)
-    n_splits = int(num_splits) or pick_num_splits(B, Hk, group, Sq, capacity, q.device)
-    dev = q.device
-    out = torch.empty((B, Sq, Hq, D), dtype=out_dtype or q.dtype, device=dev)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
-    if out.numel() == 0:
-        return out, lse
+    n_splits = int(num_splits) or pick_num_splits(B, Hk, group, Sq, capacity, dev)
+    sem = semaphore_buffer(dev, B * Hk * m_blocks) if fuse_combine and n_splits > 1 else None
+    fused = bool(fuse_combine)
     # Partials [B, Sq, Hq, n_splits, D]: each (b, t, h) row's splits are contiguous for the combine.
-    o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=dev)
-    lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=dev)
+    if fused and n_splits == 1:
+        o_part = lse_part = out  # unused: the one split writes out / lse directly
+        part_strides = (0,) * 7
+    else:
+        o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=dev)
+        part_strides = (*o_part.stride()[:4], *lse_part.stride()[:3])
     diag_t = diag_offset
     if diag_t is not None:
         assert diag_t.dtype == torch.int32 and diag_t.shape == (B,)
-    bt = block_table if paged else cache_seqlens  # dummy pointers when unused
-    cbi = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
+    dummy = cache_seqlens  # pointer arguments a variant does not use
+    kn = k_new if fuse_append else q
+    vn = v_new if fuse_append else q
     cpu = dev.type == "cpu"
     bn = block_n or (_CPU_BLOCK_N if cpu else _GPU_BLOCK_N)
     launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
+    d_pad = pad_dim(D)
+    combine_m = min(bm, triton.next_power_of_2(group * Sq))
+    split_block = max(1, min(triton.next_power_of_2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
         v_cache,
+        kn,
+        vn,
         o_part,
         lse_part,
+        out,
+        lse,
+        sem if sem is not None else dummy,
         cache_seqlens,
-        bt,
-        cbi,
-        diag_t if diag_t is not None else cache_seqlens,
+        block_table if paged else dummy,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        diag_t if diag_t is not None else dummy,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -447,14 +585,20 @@ def decode_fwd(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        kn.stride(0),
+        kn.stride(1),
+        kn.stride(2),
+        vn.stride(0),
+        vn.stride(1),
+        vn.stride(2),
         block_table.stride(0) if paged else 0,
-        o_part.stride(0),
-        o_part.stride(1),
-        o_part.stride(2),
-        o_part.stride(3),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        lse_part.stride(2),
+        *part_strides,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
         Sq,
         int(n_new),
         page_size,
@@ -465,7 +609,7 @@ def decode_fwd(
         float(softcap),
         GROUP=group,
         HEAD_DIM=D,
-        D_PAD=pad_dim(D),
+        D_PAD=d_pad,
         HAS_LO=has_lo,
         HAS_HI=has_hi,
         SOFTCAP=softcap > 0,
@@ -474,98 +618,15 @@ def decode_fwd(
         DIAG_FROM_PTR=diag_t is not None,
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
+        FUSE_APPEND=fuse_append,
+        FUSE_COMBINE=fused,
+        EVICT=(evict if evict is not None else ("" if cpu else _GPU_EVICT)),
+        COMBINE_M=combine_m,
+        SPLIT_BLOCK=split_block,
         BLOCK_M=bm,
         BLOCK_N=bn,
         **launch,
     )
-    combine_partials(o_part, lse_part, out, lse)
+    if not fused:
+        combine_partials(o_part, lse_part, out, lse)
     return out, lse
-
-
-def combine_partials(o_part, lse_part, out, lse, split_dim=3):
-    """Merge float32 partials exactly into ``out [B, Sq, H, D]`` (any float dtype) and ``lse
-    [B, H, Sq]`` (float32), in place; returns ``(out, lse)``.
-
-    ``split_dim=3``: ``o_part [B, Sq, H, N, D]``, ``lse_part [B, Sq, H, N]`` (the decode kernel's
-    layout). ``split_dim=0``: ``o_part [N, B, Sq, H, D]``, ``lse_part [N, B, Sq, H]`` (N stacked
-    partials, e.g. gathered from N ranks). ``-inf`` safe: rows with no key end as 0 / ``-inf``.
-    """
-    if split_dim == 0:
-        N, B, Sq, H, D = o_part.shape
-        rows = (o_part.stride(3), o_part.stride(0), lse_part.stride(3), lse_part.stride(0))
-        assert o_part[0].is_contiguous() and lse_part[0].is_contiguous()
-    else:
-        B, Sq, H, N, D = o_part.shape
-        rows = (o_part.stride(2), o_part.stride(3), lse_part.stride(2), lse_part.stride(3))
-        assert o_part.is_contiguous() and lse_part.is_contiguous()
-    assert out.stride(-1) == 1 and o_part.stride(-1) == 1
-    if out.numel() == 0:
-        return out, lse
-    launch = {} if o_part.device.type == "cpu" else dict(num_warps=4)
-    _decode_combine_kernel[(B * Sq * H,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        N,
-        Sq,
-        H,
-        *rows,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
-        HEAD_DIM=D,
-        D_PAD=pad_dim(D),
-        SPLIT_BLOCK=min(16, triton.next_power_of_2(N)),
-        **launch,
-    )
-    return out, lse
-
-
-def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
-    """Write ``k``/``v`` ``[B, Snew, Hk, D]`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
-
-    One launch, positions read on the device (CUDA-graph safe). Inputs are trusted: the public
-    function has checked that every slot lies inside the cache.
-    """
-    B, n_new, Hk, D = k.shape
-    if B * n_new == 0:
-        return
-    assert k.stride(-1) == 1 and v.stride(-1) == 1
-    paged = block_table is not None
-    dummy = cache_seqlens
-    launch = {} if k.device.type == "cpu" else dict(num_warps=4)
-    _append_kv_kernel[(B * n_new,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        block_table if paged else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_table.stride(0) if paged else 0,
-        n_new,
-        k_cache.shape[1],
-        Hk,
-        HEAD_DIM=D,
-        D_PAD=pad_dim(D),
-        H_PAD=triton.next_power_of_2(Hk),
-        PAGED=paged,
-        HAS_CBI=cache_batch_idx is not None,
-        **launch,
-    )

@@ -1,0 +1,116 @@
+"""Appending new keys/values to a KV cache in place (contiguous, ``cache_batch_idx`` or paged).
+
+One program per new token; positions are read on the device (``cache_seqlens``), so the append is
+CUDA-graph safe. The fused decode kernel (``decode.py``) does the same write itself; this launch
+serves the unfused path and the sharded cache, which appends only on the rank owning the ends.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import pad_dim
+
+
+@triton.jit(do_not_specialize=["n_new", "page_size"])
+def _append_kv_kernel(
+    K_NEW,
+    V_NEW,
+    K,
+    V,
+    SEQLENS,
+    BT,
+    CBI,
+    stride_nb,
+    stride_ns,
+    stride_nh,
+    stride_vnb,
+    stride_vns,
+    stride_vnh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_btb,
+    n_new,
+    page_size,
+    n_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    H_PAD: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_CBI: tl.constexpr,
+):
+    # One program per new token (b, s): copies its [Hk, D] keys and values to cache slot
+    # cache_seqlens[b] + s of row cache_batch_idx[b] (or through the block table).
+    pid = tl.program_id(0)
+    b = pid // n_new
+    s = pid % n_new
+    pos = tl.load(SEQLENS + b) + s
+    if PAGED:
+        row = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size).to(tl.int64)
+        slot = (pos % page_size).to(tl.int64)
+    else:
+        if HAS_CBI:
+            row = tl.load(CBI + b).to(tl.int64)
+        else:
+            row = b.to(tl.int64)
+        slot = pos.to(tl.int64)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_h[:, None] < n_kv_heads) & (offs_d[None, :] < HEAD_DIM)
+    src = b.to(tl.int64) * stride_nb + s * stride_ns + offs_h[:, None] * stride_nh + offs_d[None, :]
+    srcv = b.to(tl.int64) * stride_vnb + s * stride_vns + offs_h[:, None] * stride_vnh + offs_d[None, :]
+    dst_k = row * stride_kb + slot * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
+    dst_v = row * stride_vb + slot * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
+    tl.store(K + dst_k, tl.load(K_NEW + src, mask=mask), mask=mask)
+    tl.store(V + dst_v, tl.load(V_NEW + srcv, mask=mask), mask=mask)
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
+    """Write ``k``/``v`` ``[B, Snew, Hk, D]`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
+
+    One launch, positions read on the device (CUDA-graph safe). Inputs are trusted: the public
+    function has checked that every slot lies inside the cache.
+    """
+    B, n_new, Hk, D = k.shape
+    if B * n_new == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1
+    paged = block_table is not None
+    dummy = cache_seqlens
+    launch = {} if k.device.type == "cpu" else dict(num_warps=4)
+    _append_kv_kernel[(B * n_new,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        block_table if paged else dummy,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_table.stride(0) if paged else 0,
+        n_new,
+        k_cache.shape[1],
+        Hk,
+        HEAD_DIM=D,
+        D_PAD=pad_dim(D),
+        H_PAD=triton.next_power_of_2(Hk),
+        PAGED=paged,
+        HAS_CBI=cache_batch_idx is not None,
+        **launch,
+    )
