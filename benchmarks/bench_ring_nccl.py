@@ -12,7 +12,13 @@ whole-stream varlen call and its FLOPs count only the within-document causal pai
 ``--profile`` records one forward and one forward+backward ring call per rank with
 ``torch.profiler`` and writes, per rank, the GPU kernel time by kernel, the host time by operator,
 and the call's wall time (``ring_profile_rank{r}.txt`` in ``--out``): where a ring call's time goes
-when it is longer than its kernels.
+when it is longer than its kernels; with ``--trace`` also rank 0's timeline of the forward call
+(Chrome trace JSON, ``ring_trace_{layout}.json``), which shows where the compute stream waits.
+
+``--p2p-high-priority`` adds a row per layout (``{layout}+hp``) whose ring sends and receives go
+through a second NCCL group created with high-priority streams (the argument check still uses the
+default group): an experiment on whether the K/V transfers are slowed by waiting for SMs that the
+attention kernels hold.
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -107,6 +113,40 @@ class Ring:
         torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl)
 
 
+def high_priority_p2p():
+    """Make the ring's P2P use a second NCCL group with high-priority streams (this process only)."""
+    from ringflash.comm.ring import RingComm
+    from ringflash.parallel import ring_attn
+
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = True
+    hp = dist.new_group(backend="nccl", pg_options=opts)
+    default = ring_attn.RingComm
+
+    def use(on):
+        ring_attn.RingComm = (lambda group: RingComm(hp)) if on else default
+
+    return use
+
+
+def _trace(ring: Ring, out_dir: str) -> None:
+    """Rank 0's Chrome trace of one forward call (the other ranks run the call untraced)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ring.fwd()
+    torch.cuda.synchronize()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ring.fwd()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(os.path.join(out_dir, f"ring_trace_{ring.layout}.json"))
+    else:
+        ring.fwd()
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
 def _profile(ring: Ring, rank: int, out_dir: str) -> None:
     """Per-rank profile of one fwd and one fwd+bwd call: kernel time by kernel, host time by op."""
     from torch.profiler import ProfilerActivity, profile
@@ -145,6 +185,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for ring_nccl_W{world}.csv (and profiles)")
     p.add_argument("--profile", action="store_true", help="also profile one call per layout (CUDA)")
+    p.add_argument("--trace", action="store_true", help="rank 0's Chrome trace of one forward (CUDA)")
+    p.add_argument(
+        "--p2p-high-priority",
+        action="store_true",
+        help="also time each layout with P2P on a high-priority NCCL group",
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
@@ -187,7 +233,14 @@ def main() -> None:
         print(f"{'layout':>10} | {'full fwd ms':>11} {'full f+b ms':>11} | fwd {cols} | fwd+bwd {cols}")
     rows = []
     full_times = {}
-    for layout in a.layouts:
+    hp = high_priority_p2p() if a.p2p_high_priority and info.backend == "nccl" else None
+    runs = [(layout, False) for layout in a.layouts]
+    if hp is not None:
+        runs += [(layout, True) for layout in a.layouts]
+    for layout, high in runs:
+        if hp is not None:
+            hp(high)
+        name_row = layout + ("+hp" if high else "")
         varlen = layout == "varlen"
         if varlen not in full_times:
             fwd, fb = full_calls(varlen)
@@ -197,7 +250,7 @@ def main() -> None:
         ring = Ring(layout, (q, k, v, dout), cu, world)
         t_r, t_rfb = _median_time(ring.fwd, device, a.reps), _median_time(ring.fwd_bwd, device, a.reps)
         row = dict(
-            world=world, layout=layout, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3,
+            world=world, layout=name_row, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3,
             fwd_ms=t_r * 1e3, fwd_tflops_per_gpu=flops / world / t_r / 1e12, fwd_eff=t_full / (world * t_r),
             fb_ms=t_rfb * 1e3, fb_tflops_per_gpu=3.5 * flops / world / t_rfb / 1e12,
             fb_eff=t_full_fb / (world * t_rfb),
@@ -206,9 +259,14 @@ def main() -> None:
         if rank == 0:
             fwd = _cells(t_r, flops / world, t_full / world)
             fb = _cells(t_rfb, 3.5 * flops / world, t_full_fb / world)
-            print(f"{layout:>10} | {t_full * 1e3:>11.2f} {t_full_fb * 1e3:>11.2f} | fwd {fwd} | fwd+bwd {fb}")
-        if a.profile and device.type == "cuda":
-            _profile(ring, rank, a.out or ".")
+            print(
+                f"{name_row:>10} | {t_full * 1e3:>11.2f} {t_full_fb * 1e3:>11.2f} | fwd {fwd} | fwd+bwd {fb}"
+            )
+        if device.type == "cuda" and not high:
+            if a.profile:
+                _profile(ring, rank, a.out or ".")
+            if a.trace:
+                _trace(ring, a.out or ".")
     if rank == 0 and a.out:
         write_csv(os.path.join(a.out, f"ring_nccl_W{world}.csv"), rows)
     dist.barrier()
