@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one-GPU checks and measurements in one go (one call of a lent GPU machine):
+#   benchmarks/run_one_gpu.sh OUT_DIR [PARTS] [SECONDS]   PARTS: comma-separated, default all of
+#   dtests     the CUDA decode tests (fused step, counters per stream / per capture, graphs)
+#   decode     bench_decode.py (every row, beside SDPA flash and cuDNN, graphed step)
+#   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
+#   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN)
+#   ktests     the CUDA kernel tests (every case, autotuned; 64-bit offsets) and the CLI's
+#   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched)
+# SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
+# short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
+# stage).
+set -uo pipefail
+OUT=${1:?usage: run_one_gpu.sh OUT_DIR [dtests,decode,sweep,attention,ktests,ring] [SECONDS]}
+WHAT=",${2:-dtests,decode,sweep,attention,ktests,ring},"
+BUDGET=${3:-560}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+LOG=$OUT/g
+mkdir -p "$LOG"
+T0=$SECONDS
+pack() { tar czf "$OUT/g.tgz" -C "$OUT" g 2>/dev/null; }
+left() { echo $((BUDGET - (SECONDS - T0))); }
+stage() {  # stage NAME MAX_S CMD...: run with min(MAX_S, time left), log to NAME.log, print the tail
+    local name=$1 limit=$2
+    shift 2
+    [ "$(left)" -lt "$limit" ] && limit=$(left)
+    if [ "$limit" -le 10 ]; then
+        echo "=== $name: skipped, no time left ==="
+        return
+    fi
+    local t0=$SECONDS
+    echo "=== $name ($(date -u +%H:%M:%S), up to ${limit} s) ==="
+    timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
+    local rc=$?
+    tail -n 30 "$LOG/$name.log"
+    echo "=== $name: rc=$rc, $((SECONDS - t0)) s ==="
+    pack
+}
+want() { [[ $WHAT == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/env.txt"
+want dtests && stage dtests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py -k cuda
+want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
+want sweep && stage sweep 420 python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$(($(left) - 20))"
+want attention && stage attention 200 python3 benchmarks/bench_attention.py --out "$LOG/attention"
+want ktests && stage ktests 400 python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
+want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --out "$LOG/ring"
+pack
