@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from oracle import assert_matches, max_err
@@ -84,6 +86,61 @@ def test_causal_plans_skip_masked_blocks_and_balance_work():
         for t in range(1, W):  # every later step: one unmasked call over half of the block
             (pc,) = zig.steps[t]
             assert pc.full and (pc.q1 - pc.q0) * (pc.k1 - pc.k0) == L * L // 2, (r, t, pc)
+
+
+def test_zigzag_causal_own_block_is_one_call():
+    """Zigzag keeps global order locally (chunk r, then chunk 2W-1-r), so the causal mask of a
+    rank's own block is plain causal on its local tokens: one call, not one per chunk pair."""
+    for W in (2, 4, 8):
+        for r in range(W):
+            (pc,) = build_plan("zigzag", r, W, 16, True, (-1, -1)).steps[0]
+            assert (pc.q0, pc.q1, pc.k0, pc.k1, pc.causal, pc.diag, pc.window) == (
+                0,
+                16,
+                0,
+                16,
+                True,
+                0,
+                (-1, 0),
+            )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+def test_every_step_mask_is_exact(layout):
+    """The union of a step's pieces (each its own band) is exactly the global mask of that block,
+    for causal/full masks and windows; pieces never overlap."""
+    W, L = 4, 12
+    masks = [(True, (-1, -1)), (False, (-1, -1)), (True, (7, 0)), (False, (5, 9)), (True, (30, 0))]
+    for causal, window in masks:
+        pos = [rp.layouts.positions(layout, r, W, L) for r in range(W)]
+        for r in range(W):
+            for s in range(W):
+                d = pos[s][None, :] - pos[r][:, None]  # global key - query position
+                want = torch.ones(L, L, dtype=torch.bool)
+                if causal:
+                    want &= d <= 0
+                if window[0] >= 0:
+                    want &= d >= -window[0]
+                if window[1] >= 0 and not causal:
+                    want &= d <= window[1]
+                got = torch.zeros(L, L, dtype=torch.int64)
+                for pc in step_pieces(layout, r, s, W, L, causal, window):
+                    i = torch.arange(pc.q1 - pc.q0)[:, None]
+                    j = torch.arange(pc.k1 - pc.k0)[None, :]
+                    lo = pc.diag - pc.window[0] if pc.window[0] >= 0 else -math.inf
+                    hi = (
+                        (pc.diag + pc.window[1] if pc.window[1] >= 0 else math.inf)
+                        if not pc.causal
+                        else pc.diag
+                    )
+                    m = (
+                        torch.ones_like(j - i, dtype=torch.bool)
+                        if pc.full
+                        else ((j - i) >= lo) & ((j - i) <= hi)
+                    )
+                    got[pc.q0 : pc.q1, pc.k0 : pc.k1] += m.long()
+                assert got.max() <= 1, f"{layout} {causal} {window} r{r} s{s}: pieces overlap"
+                assert torch.equal(got.bool(), want), f"{layout} causal={causal} window={window} r{r} s{s}"
 
 
 def test_stripe_causal_diag_is_zero_or_minus_one():

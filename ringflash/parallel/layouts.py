@@ -162,14 +162,46 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
     return pieces
 
 
+def _one_band(blocks) -> tuple[float, float] | None:
+    """One band ``L <= J - I <= H`` on local indices that gives exactly the visibility of every
+    block ``(sq, sk, lo, hi)`` (segment pair and its own band), or None when there is none.
+
+    Inside a block, the visible pairs are those whose ``J - I`` lies in the block's band shifted to
+    local indices and clipped to the diagonals the block spans (every such diagonal crosses it), so
+    two bands agree on a block exactly when their clipped intervals are equal (or both empty).
+    """
+    clipped = []
+    for sq, sk, lo, hi in blocks:
+        shift = sk.local0 - sq.local0
+        dmin, dmax = sk.local0 - (sq.local0 + sq.count - 1), (sk.local0 + sk.count - 1) - sq.local0
+        a, b = max(lo + shift, dmin), min(hi + shift, dmax)
+        clipped.append((dmin, dmax, (a, b) if a <= b else None))
+    seen = [c for _, _, c in clipped if c is not None]
+    if not seen:
+        return None
+    lo_all, hi_all = min(a for a, _ in seen), max(b for _, b in seen)
+    for dmin, dmax, c in clipped:
+        a, b = max(lo_all, dmin), min(hi_all, dmax)
+        if (c is None) != (a > b) or (c is not None and c != (a, b)):
+            return None
+    return lo_all, hi_all
+
+
 def step_pieces(
     layout: str, q_rank: int, k_rank: int, world: int, n_local: int, causal: bool, window: tuple[int, int]
 ) -> list[Piece]:
-    """The local attention calls between ``q_rank``'s queries and ``k_rank``'s keys."""
-    pieces = []
-    for sq in segments(layout, q_rank, world, n_local):
-        for sk in segments(layout, k_rank, world, n_local):
+    """The local attention calls between ``q_rank``'s queries and ``k_rank``'s keys.
+
+    When one band on local indices gives exactly the step's mask (zigzag's own block under a
+    causal mask: local order is global order), the step is ONE call over all local tokens: one
+    launch and one pass over the float32 state instead of one per segment pair.
+    """
+    pieces, blocks = [], []
+    segs_q, segs_k = segments(layout, q_rank, world, n_local), segments(layout, k_rank, world, n_local)
+    for sq in segs_q:
+        for sk in segs_k:
             lo, hi = _band(sq.global0, sk.global0, sq.stride, causal, window)
+            blocks.append((sq, sk, lo, hi))
             args = _mask_args(lo, hi, sq.count, sk.count)
             if args is None:
                 continue
@@ -177,6 +209,16 @@ def step_pieces(
             pieces.append(
                 Piece(sq.local0, sq.local0 + sq.count, sk.local0, sk.local0 + sk.count, c, d, w, full)
             )
+    if len(pieces) > 1 and all(sq.stride == 1 for sq in segs_q):
+        band = _one_band(blocks)
+        if band is not None:
+            # Bounds at the rectangle's extreme diagonals constrain nothing: leave them open, so
+            # the kernels get a plain causal (or full) mask where that is what the band is.
+            lo = -math.inf if band[0] <= -(n_local - 1) else band[0]
+            hi = math.inf if band[1] >= n_local - 1 else band[1]
+            args = _mask_args(lo, hi, n_local, n_local)  # q and k both start at local 0
+            if args is not None:
+                return [Piece(0, n_local, 0, n_local, *args)]
     return _coalesce(pieces)
 
 
