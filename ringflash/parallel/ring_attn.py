@@ -162,8 +162,24 @@ def host_group(group, members: list[int]):
         return group
     key = tuple(members)
     if key not in _HOST_GROUPS:
-        _HOST_GROUPS[key] = dist.new_group(list(key), backend="gloo", use_local_synchronization=True)
+        try:
+            _HOST_GROUPS[key] = dist.new_group(list(key), backend="gloo", use_local_synchronization=True)
+        except (RuntimeError, ValueError):  # a build without gloo: check over NCCL (see gather_rows)
+            _HOST_GROUPS[key] = None
     return _HOST_GROUPS[key]
+
+
+def gather_rows(row: torch.Tensor, group, members: list[int]) -> torch.Tensor:
+    """All-gather a small int64 CPU ``row`` over ``group`` on the host: ``[world, len(row)]``."""
+    hg = host_group(group, members)
+    if hg is None:  # NCCL only: through the device (this syncs the host with the GPU)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        rows = [torch.empty_like(row, device=dev) for _ in members]
+        dist.all_gather(rows, row.to(dev), group=group)
+        return torch.stack(rows).cpu()
+    rows = [torch.empty_like(row) for _ in members]
+    dist.all_gather(rows, row, group=hg)
+    return torch.stack(rows)
 
 
 def check_collectively(group, world: int, err: str | None, sig: list[int], members: list[int]) -> None:
@@ -173,9 +189,7 @@ def check_collectively(group, world: int, err: str | None, sig: list[int], membe
             raise ValueError(err)
         return
     mine = torch.tensor([1 if err else 0] + sig, dtype=torch.int64)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=host_group(group, members))
-    table = torch.stack(rows).tolist()
+    table = gather_rows(mine, group, members).tolist()
     if err:
         raise ValueError(f"{err} (raised on every rank of the ring)")
     bad = [r for r, row in enumerate(table) if row[0]]

@@ -34,8 +34,8 @@ from ..comm.alltoall import seq_all_to_all
 from ..ops import flash_attn_func
 from .layouts import LAYOUTS, local_len_error
 from .ring_attn import (
+    gather_rows,
     group_rank_world,
-    host_group,
     ring_flash_attn_func,
     stripe_flash_attn_func,
     zigzag_ring_flash_attn_func,
@@ -147,10 +147,8 @@ def agree(groups, err: str | None, sig: list[int]) -> None:
     row = torch.tensor([1 if err else 0, 0] + sig, dtype=torch.int64)
     mismatch = ""
     for g, w in real:
-        rows = [torch.empty_like(row) for _ in range(w)]
         members = [dist.get_global_rank(g, r) for r in range(w)]
-        dist.all_gather(rows, row, group=host_group(g, members))  # host-side, see ring_attn
-        table = torch.stack(rows)
+        table = gather_rows(row, g, members)  # on the host, see ring_attn
         row = row.clone()
         row[0] = int(table[:, 0].max())
         ok = table[:, 0] == 0
