@@ -471,5 +471,40 @@ def test_kernels_cuda_offsets_past_int32():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_kernels_cuda_tensors_on_another_gpu():
+    """Tensors on GPU 1 while GPU 0 is current (a model split over GPUs in one process): the
+    kernels launch on GPU 1 and give the same results as with GPU 1 current."""
+    from ringflash import kernels
+    from ringflash.decode import flash_attn_with_kvcache
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (
+        torch.randn(2, 300, h, 64, device=dev, dtype=torch.bfloat16, generator=g) for h in (4, 2, 2, 4)
+    )
+    kw = dict(softmax_scale=0.125, causal=True)
+
+    def run():
+        out, lse = kernels.attn_fwd(q, k, v, **kw)
+        grads = kernels.attn_bwd(do, q, k, v, out, lse, **kw)
+        kc, vc = (
+            torch.zeros(2, 400, 2, 64, device=dev, dtype=q.dtype),
+            torch.zeros(2, 400, 2, 64, device=dev, dtype=q.dtype),
+        )
+        kc[:, :300], vc[:, :300] = k, v
+        lens = torch.full((2,), 300, dtype=torch.int32, device=dev)
+        dec = flash_attn_with_kvcache(q[:, -1:], kc, vc, k[:, :1], v[:, :1], cache_seqlens=lens, causal=True)
+        return (out, lse, *grads, dec)
+
+    other = run()
+    assert torch.cuda.current_device() == 0
+    with torch.cuda.device(1):
+        same = run()
+    for a, b in zip(other, same, strict=True):
+        assert a.device == dev and torch.equal(a, b)
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker_main()

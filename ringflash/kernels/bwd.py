@@ -19,7 +19,16 @@ import triton.language as tl
 
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
-from .common import dot_f32, dot_precision, mask_flags, pad_dim, seq_bucket, varlen_diag, wide_offsets
+from .common import (
+    dot_f32,
+    dot_precision,
+    mask_flags,
+    on_tensor_device,
+    pad_dim,
+    seq_bucket,
+    varlen_diag,
+    wide_offsets,
+)
 from .fwd import _bshd_strides
 
 
@@ -129,6 +138,7 @@ _CPU_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
 _CPU_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
+@on_tensor_device
 def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
     if packed:
@@ -154,6 +164,7 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
     return delta
 
 
+@on_tensor_device
 def attn_bwd(
     dout,
     q,

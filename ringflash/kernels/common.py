@@ -10,8 +10,11 @@ attention skip the blocks that its position offsets mask out.
 
 from __future__ import annotations
 
+import functools
+
 # Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
 # exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
+import torch
 import triton
 import triton.language as tl
 
@@ -144,3 +147,21 @@ def wide_offsets(*tensors) -> bool:
     return any(
         sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1 for t in tensors
     )
+
+
+def on_tensor_device(fn):
+    """Run a launcher with the current CUDA device set to its first argument's device.
+
+    Triton launches on the current device's stream, so tensors on another GPU of the process (a
+    model split over GPUs, e.g. transformers' ``device_map="auto"``) would otherwise be handed to a
+    kernel running on the wrong device. Costs nothing when the device is already current.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return wrapper

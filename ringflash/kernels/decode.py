@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _dot, _tanh, dot_f32, dot_precision, mask_flags, pad_dim
+from .common import _dot, _tanh, dot_f32, dot_precision, mask_flags, on_tensor_device, pad_dim
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
 
@@ -456,6 +456,7 @@ def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
     return buf
 
 
+@on_tensor_device
 def decode_fwd(
     q,
     k_cache,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import pad_dim
+from .common import on_tensor_device, pad_dim
 
 
 @triton.jit(do_not_specialize=["n_new", "page_size"])
@@ -70,6 +70,7 @@ def _append_kv_kernel(
     tl.store(V + dst_v, tl.load(V_NEW + srcv, mask=mask), mask=mask)
 
 
+@on_tensor_device
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
     """Write ``k``/``v`` ``[B, Snew, Hk, D]`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import pad_dim
+from .common import on_tensor_device, pad_dim
 
 
 @triton.jit
@@ -153,6 +153,7 @@ def _decode_combine_kernel(
     tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + t * stride_ls, lse)
 
 
+@on_tensor_device
 def combine_partials(o_part, lse_part, out, lse, split_dim=3):
     """Merge float32 partials exactly into ``out [B, Sq, H, D]`` (any float dtype) and ``lse
     [B, H, Sq]`` (float32), in place; returns ``(out, lse)``.

@@ -25,6 +25,7 @@ from .common import (
     dot_f32,
     dot_precision,
     mask_flags,
+    on_tensor_device,
     pad_dim,
     seq_bucket,
     varlen_diag,
@@ -386,6 +387,7 @@ def _bshd_strides(x, packed):
     return (0, *x.stride()) if packed else x.stride()
 
 
+@on_tensor_device
 def attn_fwd(
     q,
     k,
