@@ -182,6 +182,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ringflash`` command line: ``demo``, ``bench`` and ``env`` subcommands."""
     parser = argparse.ArgumentParser(prog="ringflash", description="Exact attention for long sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser(

@@ -84,6 +84,7 @@ class Plan:
 
 
 def check_layout(layout: str) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of ``LAYOUTS``."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
 

@@ -90,6 +90,7 @@ def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, sc
 
 
 def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
+    """Shape of the LSE of ``q``: ``[B, H, S]`` padded, ``[H, T]`` packed."""
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
 
 
