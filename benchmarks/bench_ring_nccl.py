@@ -15,10 +15,11 @@ and the call's wall time (``ring_profile_rank{r}.txt`` in ``--out``): where a ri
 when it is longer than its kernels; with ``--trace`` also rank 0's timeline of the forward call
 (Chrome trace JSON, ``ring_trace_{layout}.json``), which shows where the compute stream waits.
 
-``--p2p-high-priority`` adds a row per layout (``{layout}+hp``) whose ring sends and receives go
-through a second NCCL group created with high-priority streams (the argument check still uses the
-default group): an experiment on whether the K/V transfers are slowed by waiting for SMs that the
-attention kernels hold.
+``--p2p-high-priority`` and ``--p2p-run-ahead`` add a row per layout (``{layout}+hp``,
+``{layout}+ra``) with an experimental way of running the ring's P2P (see ``p2p_variants``), and
+check that its outputs and gradients equal the default's bitwise: experiments on whether the K/V
+transfers are slowed by waiting for SMs that the attention kernels hold, or for the previous
+step's kernels.
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -108,25 +109,65 @@ class Ring:
         with torch.no_grad():
             return self.call()
 
+    def check_outputs(self):
+        """(out, dq, dk, dv) of one call, to compare P2P variants (they must be bitwise equal)."""
+        out = self.call()
+        return (out.detach(), *torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl))
+
     def fwd_bwd(self):
         out = self.call()
         torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl)
 
 
-def high_priority_p2p():
-    """Make the ring's P2P use a second NCCL group with high-priority streams (this process only)."""
+def p2p_variants(high_priority: bool, run_ahead: bool) -> dict:
+    """Experimental ways to run the ring's P2P: ``{row suffix: installer(on)}`` (this process only).
+
+    ``hp``: sends and receives on a second NCCL group created with high-priority streams.
+    ``ra``: every K/V post after a call's first is enqueued from a side stream that waits for
+    nothing, so each transfer starts when the previous one ends rather than after the previous
+    step's kernels (the first post, and the dK/dV posts, still wait for the compute stream).
+    """
     from ringflash.comm.ring import RingComm
     from ringflash.parallel import ring_attn
+    from ringflash.parallel.ring_loop import TAG_KV
 
-    opts = dist.ProcessGroupNCCL.Options()
-    opts.is_high_priority_stream = True
-    hp = dist.new_group(backend="nccl", pg_options=opts)
     default = ring_attn.RingComm
 
-    def use(on):
-        ring_attn.RingComm = (lambda group: RingComm(hp)) if on else default
+    class RunAhead(RingComm):
+        side = None
 
-    return use
+        def __init__(self, group=None, timeout=None):
+            super().__init__(group, timeout)
+            self.first = True
+            if RunAhead.side is None:
+                RunAhead.side = torch.cuda.Stream()
+
+        def post(self, tensors, shift=1, tag=0):
+            if tag != TAG_KV or self.first:
+                self.first = self.first and tag != TAG_KV
+                return super().post(tensors, shift, tag)
+            with torch.cuda.stream(RunAhead.side):
+                transfer = super().post(tensors, shift, tag)
+            plain_wait = transfer.wait
+
+            def wait():
+                bufs = plain_wait()
+                for b in bufs:  # used on the compute stream from here on
+                    b.record_stream(torch.cuda.current_stream())
+                return bufs
+
+            transfer.wait = wait
+            return transfer
+
+    out = {}
+    if high_priority:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = True
+        hp = dist.new_group(backend="nccl", pg_options=opts)
+        out["hp"] = lambda on: setattr(ring_attn, "RingComm", (lambda g: RingComm(hp)) if on else default)
+    if run_ahead:
+        out["ra"] = lambda on: setattr(ring_attn, "RingComm", RunAhead if on else default)
+    return out
 
 
 def _trace(ring: Ring, out_dir: str) -> None:
@@ -191,6 +232,11 @@ def main() -> None:
         action="store_true",
         help="also time each layout with P2P on a high-priority NCCL group",
     )
+    p.add_argument(
+        "--p2p-run-ahead",
+        action="store_true",
+        help="also time each layout with K/V posts that do not wait for the previous step's kernels",
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
@@ -233,14 +279,14 @@ def main() -> None:
         print(f"{'layout':>10} | {'full fwd ms':>11} {'full f+b ms':>11} | fwd {cols} | fwd+bwd {cols}")
     rows = []
     full_times = {}
-    hp = high_priority_p2p() if a.p2p_high_priority and info.backend == "nccl" else None
-    runs = [(layout, False) for layout in a.layouts]
-    if hp is not None:
-        runs += [(layout, True) for layout in a.layouts]
-    for layout, high in runs:
-        if hp is not None:
-            hp(high)
-        name_row = layout + ("+hp" if high else "")
+    nccl = info.backend == "nccl"
+    variants = p2p_variants(a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl)
+    runs = [(layout, "") for layout in a.layouts] + [(lay, v) for v in variants for lay in a.layouts]
+    reference = {}
+    for layout, variant in runs:
+        for v, install in variants.items():
+            install(v == variant)
+        name_row = layout + (f"+{variant}" if variant else "")
         varlen = layout == "varlen"
         if varlen not in full_times:
             fwd, fb = full_calls(varlen)
@@ -262,7 +308,15 @@ def main() -> None:
             print(
                 f"{name_row:>10} | {t_full * 1e3:>11.2f} {t_full_fb * 1e3:>11.2f} | fwd {fwd} | fwd+bwd {fb}"
             )
-        if device.type == "cuda" and not high:
+        got = ring.check_outputs()
+        if not variant:
+            reference[layout] = got
+        else:
+            same = all(torch.equal(x, y) for x, y in zip(got, reference[layout], strict=True))
+            print(
+                f"{'':>10}   rank {rank}: {name_row} outputs and gradients equal to the default P2P: {same}"
+            )
+        if device.type == "cuda" and not variant:
             if a.profile:
                 _profile(ring, rank, a.out or ".")
             if a.trace:
