@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The multi-GPU measurements in one go, on every GPU of one host and on the first two:
 #   benchmarks/run_multi_gpu.sh OUT_DIR [PARTS]        PARTS: comma-separated, default all of
-#   ring     bench_ring_nccl.py, every layout, also with the P2P experiments (high-priority
-#            streams, K/V posts that run ahead of compute; a per-rank
-#            profile and rank 0's trace at the largest world size)
+#   ring     bench_ring_nccl.py, every layout (a per-rank profile and rank 0's trace at the
+#            largest world size), then zigzag with the P2P experiments (high-priority streams,
+#            K/V posts that run ahead of compute)
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -49,7 +49,9 @@ if want ring; then
     for w in $WS; do
         prof=""
         [ "$w" = "${WS##* }" ] && prof="--profile --trace"
-        stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --p2p-high-priority --p2p-run-ahead --out "$LOG" $prof
+        stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
+        stage "ring_p2p_W$w" 180 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --layouts zigzag \
+            --p2p-high-priority --p2p-run-ahead
     done
 fi
 if want decode; then
