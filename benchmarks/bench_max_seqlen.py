@@ -88,7 +88,9 @@ def main() -> None:
     gran = 2 * world * 128  # zigzag: 2W chunks; keep chunks a multiple of the kernel tile
     w = _layer(*heads, device, dtype)
     _step(w, a.fit[0], heads, device, dtype, 0)  # compile / warm up
-    pts = [(L, *_step(w, L, heads, device, dtype, i)) for i, L in enumerate(a.fit)]
+    # Each fit length runs twice and the second run counts: a first call at a new length autotunes
+    # the kernels, whose trial runs copy the outputs they write (a peak the training loop never sees).
+    pts = [(L, *[_step(w, L, heads, device, dtype, i) for _ in range(2)][-1]) for i, L in enumerate(a.fit)]
     free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 0
     if device.type == "cuda":
         free_t = torch.tensor([free], dtype=torch.int64, device=device)
