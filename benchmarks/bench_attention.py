@@ -21,6 +21,7 @@ import os
 
 import torch
 import triton
+from bench_io import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import kernels
@@ -143,10 +144,7 @@ def main():
     table = "\n".join(lines)
     print("TFLOP/s (bf16; fwd 4bhssd, /2 causal; bwd 2.5x fwd)")
     print(table)
-    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "attention.csv"), rows)
     with open(os.path.join(args.out, "attention_table.txt"), "w") as fh:
         fh.write(f"{dev} | torch {torch.__version__} | triton {triton.__version__}\n{table}\n")
     try:

@@ -31,12 +31,12 @@ versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 
 import torch
 import triton
+from bench_io import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash.decode import flash_attn_with_kvcache
@@ -263,10 +263,7 @@ def main():
 
     g_us, e_us, u_us = graph_step_us()
     shard_rows = sharded_sim()
-    with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "decode.csv"), rows)
     _plot(rows, bw, args.out)
 
     print("\n## sharded decode, one-GPU simulation (B=1, 128k total context, graph-replayed; no collective)")
