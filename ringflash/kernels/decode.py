@@ -6,9 +6,12 @@ group, so K/V are read from memory once per KV head, not once per query head. Th
 range of the row (``[0, seqlen_k)`` cut by the causal/window band) is divided into ``num_splits``
 equal runs of ``BLOCK_N`` blocks; program ``split`` streams its run with an online softmax and
 writes a float32 partial ``(out, lse)``. A program whose run is empty (a short or empty sequence)
-writes ``lse = -inf`` and ``out = 0``. The combine kernel merges the partials of each row exactly
-(``lse = log sum exp lse_s``, ``out = sum exp(lse_s - lse) out_s``; ``-inf`` safe, a row with no
-key ends as ``out = 0``, ``lse = -inf``).
+writes ``lse = -inf`` and ``out = 0``. The partials of each row merge exactly (``lse = log sum exp
+lse_s``, ``out = sum exp(lse_s - lse) out_s``; ``-inf`` safe, a row with no key ends as ``out = 0``,
+``lse = -inf``): by default the last program of the row to finish merges them (an int32 counter
+per row, see ``semaphore_buffer``), else the combine kernel of ``decode_combine.py`` does. New
+tokens are written to the cache by the same launch (split 0 of each KV head) and read from the
+``k``/``v`` arguments by every program, so one step (append, attend, merge) is one launch.
 
 CUDA graphs: lengths are read on the device (``SEQLENS``), the partial buffers are sized from the
 shapes and ``num_splits`` only, and nothing syncs with the host, so a step can be captured once
