@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 from bench_io import write_csv
+from bench_timing import graphed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash.decode import flash_attn_with_kvcache
@@ -57,26 +58,6 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     t = _bench(lambda: dst.copy_(src), rep=100)
     return 2 * 2**31 / (t * 1e-6) / 1e9
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph; returns the replay closure (or None if capture fails)."""
-    try:
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        return g.replay
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
 
 
 def _bench_graph(fn):

@@ -27,67 +27,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from bench_io import write_csv
+from bench_timing import dist_median_time, graphed, start_distributed
 
-from ringflash.comm import init_distributed
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.parallel.sharded_decode import sharded_flash_attn_with_kvcache
 
 HQ, HK, D = 32, 8, 128
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, reps, iters, alone=False):
-    """Median over reps of (iters back-to-back calls) / iters, max over ranks (rank 0 only if alone)."""
-    rank = dist.get_rank()
-    fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        dist.barrier()
-        if not alone or rank == 0:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) / iters)
-        else:
-            times.append(0.0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def _graph_time(fn, device, reps, iters, alone=False):
     """Replay time of ``fn`` captured in a CUDA graph (rank 0 only if ``alone``); None when the
     capture fails. Every rank takes part in the same barriers either way."""
-    if alone and dist.get_rank() != 0:
-        _time(lambda: None, device, reps, iters, alone=True)
-        return None
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-    except Exception as e:  # noqa: BLE001 - reported, the eager numbers still stand
-        print(f"rank {dist.get_rank()}: CUDA graph capture failed: {type(e).__name__}: {e}")
-        _time(lambda: None, device, reps, iters, alone=alone)
-        return None
-    return _time(g.replay, device, reps, iters, alone=alone)
+    runs = not alone or dist.get_rank() == 0
+    replay = graphed(fn) if runs else None
+    if runs and replay is None:
+        print(f"rank {dist.get_rank()}: CUDA graph capture failed; the eager numbers still stand")
+    t = dist_median_time(replay or (lambda: None), device, reps, iters, alone=alone)
+    return None if runs and replay is None else t
 
 
 def _measure(S, B, heads, dtype, device, a) -> dict:
@@ -120,9 +80,9 @@ def _measure(S, B, heads, dtype, device, a) -> dict:
     def sharded():
         return sharded_flash_attn_with_kvcache(q, mine[0], mine[1], cache_seqlens=lens_local, causal=True)
 
-    t_one = _time(one_gpu if rank == 0 else (lambda: None), device, a.reps, a.iters, alone=True)
-    t_local = _time(local, device, a.reps, a.iters)
-    t_sh = _time(sharded, device, a.reps, a.iters)
+    t_one = dist_median_time(one_gpu if rank == 0 else (lambda: None), device, a.reps, a.iters, alone=True)
+    t_local = dist_median_time(local, device, a.reps, a.iters)
+    t_sh = dist_median_time(sharded, device, a.reps, a.iters)
     out = sharded()
     ref = one_gpu() if rank == 0 else torch.empty_like(out)
     dist.broadcast(ref, 0)
@@ -150,15 +110,12 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
-    info = init_distributed()
+    info, device, dtype, name = start_distributed()
     rank, world = info.rank, info.world_size
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hq, hk, d = (4, 2, 32) if a.tiny else (HQ, HK, D)
     if a.tiny:
         a.contexts, a.reps, a.iters = [256 * world], 2, 2
     B = a.batch
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if rank == 0:
         print(f"# sharded decode over {world} x {name}, {info.backend}; torch {torch.__version__}")
         print(f"# B={B}, Hq={hq} Hk={hk} D={d} {dtype}, 1 query token; times in us per step")

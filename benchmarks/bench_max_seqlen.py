@@ -27,9 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 from bench_io import write_csv
+from bench_timing import start_distributed
 
 import ringflash as rf
-from ringflash.comm import init_distributed
 
 
 def _layer(hidden, hq, hk, d, device, dtype):
@@ -78,10 +78,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
-    info = init_distributed()
+    info, device, dtype, name = start_distributed()
     rank, world = info.rank, info.world_size
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     heads = (256, 4, 2, 64) if a.tiny else (4096, 32, 8, 128)
     if a.tiny:
         a.fit, a.verify_s = [64, 128], 1.0
@@ -108,7 +106,6 @@ def main() -> None:
     l_run = max(min(l_max, l_time), gran)
     peak, secs = _step(w, l_run, heads, device, dtype, 99)
     pred = float(a0 + b * l_run)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if rank == 0:
         print(f"# {world} x {name}, {info.backend}, torch {torch.__version__}; layer hidden/heads {heads}")
         for L, pk, s in pts:

@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 from bench_io import write_csv
+from bench_timing import dist_median_time, start_distributed
 
 import ringflash as rf
 from ringflash.backends import backend_for
-from ringflash.comm import init_distributed
 
 FUNCS = {
     "zigzag": rf.zigzag_ring_flash_attn_func,
@@ -48,23 +47,6 @@ FUNCS = {
     "stripe": rf.stripe_flash_attn_func,
     "varlen": rf.ring_flash_attn_varlen_func,
 }
-
-
-def _median_time(fn, device, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the ring is as fast as its slowest rank
-    return t.item()
 
 
 def _cells(t, flops_per_gpu, t_ideal):
@@ -241,10 +223,8 @@ def main() -> None:
     a = p.parse_args()
     if a.tiny:
         a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.doc_len = 128, 4, 2, 32, 2, 50
-    info = init_distributed()
+    info, device, dtype, name = start_distributed()
     rank, world = info.rank, info.world_size
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     L, Hq, Hk, D = a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim
     S = world * L
     g = torch.Generator().manual_seed(0)
@@ -270,7 +250,6 @@ def main() -> None:
 
         return fwd, fb
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if rank == 0:
         head = f"# ring over {world} x {name}, {info.backend}; torch {torch.__version__}; causal, "
         print(head + f"Hq={Hq} Hk={Hk} D={D} {dtype}, {L} tokens per rank (S={S})")
@@ -290,11 +269,14 @@ def main() -> None:
         varlen = layout == "varlen"
         if varlen not in full_times:
             fwd, fb = full_calls(varlen)
-            full_times[varlen] = (_median_time(fwd, device, a.reps), _median_time(fb, device, a.reps))
+            full_times[varlen] = (dist_median_time(fwd, device, a.reps), dist_median_time(fb, device, a.reps))
         t_full, t_full_fb = full_times[varlen]
         flops = 4 * (causal_pairs(lens) if varlen else S * S // 2) * Hq * D
         ring = Ring(layout, (q, k, v, dout), cu, world)
-        t_r, t_rfb = _median_time(ring.fwd, device, a.reps), _median_time(ring.fwd_bwd, device, a.reps)
+        t_r, t_rfb = (
+            dist_median_time(ring.fwd, device, a.reps),
+            dist_median_time(ring.fwd_bwd, device, a.reps),
+        )
         row = dict(
             world=world, layout=name_row, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3,
             fwd_ms=t_r * 1e3, fwd_tflops_per_gpu=flops / world / t_r / 1e12, fwd_eff=t_full / (world * t_r),

@@ -1,0 +1,67 @@
+"""Timing helpers shared by the benchmark scripts: CUDA-graph capture and ranks timed together."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph; returns the replay closure (or None if capture fails)."""
+    try:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return g.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+
+
+def start_distributed():
+    """Join the launcher's process group: ``(info, device, dtype, device name)`` - this rank's GPU
+    and bf16 under NCCL, the CPU and float32 under gloo."""
+    from ringflash.comm import init_distributed
+
+    info = init_distributed()
+    cuda = info.backend == "nccl"
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return info, device, dtype, torch.cuda.get_device_name() if cuda else "cpu"
+
+
+def dist_median_time(fn, device, reps, iters=1, alone=False):
+    """Seconds per call of ``fn``: after one warm-up call, the median over ``reps`` of ``iters``
+    back-to-back calls started together (barrier), the slowest rank's (all_reduce MAX). With
+    ``alone`` only rank 0 runs ``fn``; the others take part in the barriers and report 0."""
+    rank = dist.get_rank()
+    cuda = device.type == "cuda"
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        if alone and rank != 0:
+            times.append(0.0)
+            continue
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / iters)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # as fast as the slowest rank
+    return t.item()
