@@ -282,6 +282,19 @@ def test_decode_cuda(p):
     assert_checks(run_case(dict(p, device="cuda", backend="triton")), case_id(p))
 
 
+def _capture(step):
+    """``step`` warmed up on a side stream, then captured: ``(graph, the captured call's outputs)``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_cuda_graph():
     """A captured append+attend step replays for new lengths (read on the device) exactly."""
@@ -301,14 +314,7 @@ def test_decode_cuda_graph():
             q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True
         )
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = _capture(step)
     lens.copy_(torch.tensor([7, 2999], dtype=torch.int32))
     kc.copy_(kc0)
     vc.copy_(vc0)
@@ -391,14 +397,7 @@ def test_decode_cuda_graph_replays_fused():
             q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True
         )
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = _capture(step)
     first = None
     for _ in range(20):
         graph.replay()
