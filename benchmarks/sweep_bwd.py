@@ -676,8 +676,11 @@ def main():
         from ringflash.kernels import bwd
 
         for d in sorted(set(base_dims) - set(dims)):
-            for k, tuner, lb in (("dkdv", bwd._dkdv_tuned, "BLOCK_M"), ("dq", bwd._dq_tuned, "BLOCK_N")):
-                kept = bwd._prune(lb)(tuner.configs, {"D_PAD": d, "DV_PAD": d})
+            for k, tuner, tiles in (
+                ("dkdv", bwd._dkdv_tuned, bwd._DKDV_TILES),
+                ("dq", bwd._dq_tuned, bwd._DQ_TILES),
+            ):
+                kept = bwd._prune(tiles)(tuner.configs, {"D_PAD": d, "DV_PAD": d})
                 for c in kept:
                     cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                     jobs += [(k, d, causal, cfg) for causal in (True, False)]

@@ -88,49 +88,59 @@ def _delta_kernel(
     )
 
 
-def _configs(shapes):
+# Tile configs (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, from timing every config of each
+# kernel alone on an H100 (benchmarks/sweep_bwd.py, RESULTS.md). At head dim 128 the dK/dV kernel is
+# fastest with 64 resident k/v rows and 4 warps for non-causal masks (32x64: 1.45x faster than
+# 64x128 at 4k), and with 8 warps over 128 rows for long causal ones.
+# (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV lists: on H100 with triton
+# 3.6 it raised "misaligned address" at head dim 128, non-causal, seqlen 1024 (2026-11-26; the
+# same tiles with 3 stages, and at head dim 64, ran correctly). Not root-caused; see RESULTS.md.
+_DKDV_TILES = {
+    256: [(32, 64, 4, 2)],  # head dims above 128 (padded to 256): the resident tile and two stages fit
+    64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)],
+    128: [(32, 64, 4, 4), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 5), (64, 128, 8, 3)],
+}
+_DQ_TILES = {
+    256: [(64, 32, 4, 2)],
+    64: [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 4, 3)],
+}
+
+
+def _configs(tiles):
+    """One triton.Config per distinct tile of every head-dim class (the prune picks per call)."""
+    shapes = list(dict.fromkeys(t for group in tiles.values() for t in group))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _prune(loop_block):
-    """Prune for Hopper: the streamed tile (``loop_block`` rows of q/do or k/v) times the pipeline
-    depth must fit shared memory next to the resident tile; small tiles for head dim 256."""
+def _shape(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _prune(table):
+    """Keep the configs listed for the call's padded head dim (<= 64, <= 128, <= 256). A list that
+    matches none (a caller that narrowed ``configs``) keeps the last config given."""
 
     def prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}  # constexpr flags arrive in kwargs (triton 3.6)
         d = max(a["D_PAD"], a["DV_PAD"])
-        out = []
-        for c in configs:
-            stream = c.kwargs[loop_block]
-            resident = c.kwargs["BLOCK_N" if loop_block == "BLOCK_M" else "BLOCK_M"]
-            smem = 2 * d * (2 * stream * c.num_stages + 2 * resident)  # bytes, 16-bit
-            if d >= 256:
-                ok = resident <= 64 and stream <= 32 and c.num_stages <= 2
-            else:
-                ok = smem <= 200 * 1024 and resident >= 128
-            if ok:
-                out.append(c)
-        return out or configs[-1:]
+        wanted = set(table[64 if d <= 64 else 128 if d <= 128 else 256])
+        return [c for c in configs if _shape(c) in wanted] or configs[-1:]
 
     return prune
 
 
 _KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"]
-# (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV list: on H100 with triton
-# 3.6 it raised "misaligned address" at head dim 128, non-causal, seqlen 1024 (2026-11-26; the
-# same tiles with 3 stages, and at head dim 64, ran correctly). Not root-caused; see RESULTS.md.
 _dkdv_tuned = triton.autotune(
-    configs=_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)]),
+    configs=_configs(_DKDV_TILES),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
+    prune_configs_by={"early_config_prune": _prune(_DKDV_TILES)},
     restore_value=["DK", "DV"],  # ADD mode accumulates in place
 )(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(
-    configs=_configs(
-        [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 2)]
-    ),
+    configs=_configs(_DQ_TILES),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune("BLOCK_N")},
+    prune_configs_by={"early_config_prune": _prune(_DQ_TILES)},
     restore_value=["DQ"],
 )(_attn_bwd_dq_kernel)
 # Interpreter tiles: small, and different in the two directions so both edge runs are exercised.
