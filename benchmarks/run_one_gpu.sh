@@ -41,7 +41,9 @@ want() { [[ $WHAT == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/env.txt"
 want dtests && stage dtests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py -k cuda
 want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
-want sweep && stage sweep 420 python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$(($(left) - 20))"
+# SWEEP_ARGS (e.g. "--dims 64 --base-dims 64") and SWEEP_S (its seconds) narrow the sweep.
+SWEEP_S=${SWEEP_S:-$(($(left) - 20))}
+want sweep && stage sweep $((SWEEP_S + 20)) python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$SWEEP_S" ${SWEEP_ARGS:-}
 want attention && stage attention 200 python3 benchmarks/bench_attention.py --out "$LOG/attention"
 want ktests && stage ktests 400 python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
