@@ -7,7 +7,8 @@
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
-#   tests    the NCCL test suites (ring, Ulysses, hybrid, sharded decoding)
+#   tests    the NCCL test suites (ring, Ulysses, hybrid, sharded decoding, bad input) and the
+#            kernels on a second GPU
 # World sizes 2, 4 and 8 as the host has them. Logs and CSVs go to OUT_DIR/mg (and OUT_DIR/mg.tgz
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
@@ -46,7 +47,7 @@ WS="2"
 [ "$NGPU" -ge 8 ] && WS="2 4 8"
 want() { [[ $WHAT == *",$1,"* ]]; }
 if want ring; then
-    for w in $WS; do
+    for w in ${RING_WS:-$WS}; do  # RING_WS="4": only those world sizes
         prof=""
         [ "$w" = "${WS##* }" ] && prof="--profile --trace"
         stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
@@ -67,6 +68,7 @@ fi
 want demo && stage demo 180 python3 -m ringflash.cli demo
 if want tests; then
     stage tests_nccl 420 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_ring.py tests/test_ulysses.py tests/test_decode_sharded.py -k nccl
+        tests/test_ring.py tests/test_ulysses.py tests/test_decode_sharded.py tests/test_ring_faults.py \
+        tests/test_kernels.py -k "${TESTS_K:-nccl or cuda and (faults or another_gpu)}"
 fi
 pack

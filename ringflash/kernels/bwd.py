@@ -89,20 +89,21 @@ def _delta_kernel(
 
 
 # Tile configs (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, from timing every config of each
-# kernel alone on an H100 (benchmarks/sweep_bwd.py, RESULTS.md). At head dim 128 the dK/dV kernel is
-# fastest with 64 resident k/v rows and 4 warps for non-causal masks (32x64: 1.45x faster than
-# 64x128 at 4k), and with 8 warps over 128 rows for long causal ones.
+# kernel alone on an H100 (benchmarks/sweep_bwd.py, RESULTS.md). At head dims 64 and 128 the dK/dV
+# kernel is fastest with 64 resident k/v rows and 4 warps for non-causal masks (32x64: 1.45x faster
+# than 64x128 at head dim 128, 4k); causal masks favour 128 streamed rows (head dim 64) or 8 warps
+# over 128 resident rows (head dim 128, long sequences).
 # (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV lists: on H100 with triton
 # 3.6 it raised "misaligned address" at head dim 128, non-causal, seqlen 1024 (2026-11-26; the
 # same tiles with 3 stages, and at head dim 64, ran correctly). Not root-caused; see RESULTS.md.
 _DKDV_TILES = {
     256: [(32, 64, 4, 2)],  # head dims above 128 (padded to 256): the resident tile and two stages fit
-    64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 2)],
+    64: [(32, 64, 4, 4), (128, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 2)],
     128: [(32, 64, 4, 4), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 5), (64, 128, 8, 3)],
 }
 _DQ_TILES = {
     256: [(64, 32, 4, 2)],
-    64: [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 2)],
+    64: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 4, 3)],
 }
 
