@@ -49,7 +49,7 @@ want() { [[ $WHAT == *",$1,"* ]]; }
 if want ring; then
     for w in ${RING_WS:-$WS}; do  # RING_WS="4": only those world sizes
         prof=""
-        [ "$w" = "${WS##* }" ] && prof="--profile --trace"
+        [ "$w" = "${WS##* }" ] && prof=${RING_PROFILE---profile --trace}  # RING_PROFILE="": none
         stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
         stage "ring_p2p_W$w" 180 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --layouts zigzag \
             --p2p-high-priority --p2p-run-ahead
