@@ -263,8 +263,8 @@ def main() -> None:
     runs = [(layout, "") for layout in a.layouts] + [(lay, v) for v in variants for lay in a.layouts]
     reference = {}
     for layout, variant in runs:
-        for v, install in variants.items():
-            install(v == variant)
+        for suffix, install in variants.items():  # not `v`: the closures above read the tensor v
+            install(suffix == variant)
         name_row = layout + (f"+{variant}" if variant else "")
         varlen = layout == "varlen"
         if varlen not in full_times:
