@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import time
 
 import torch
 import triton
@@ -40,6 +41,7 @@ from bench_io import write_csv
 from bench_timing import graphed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ringflash import skip_value_checks
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.kernels import decode as kdec
 from ringflash.parallel import sharded_decode as sd
@@ -163,6 +165,32 @@ def graph_step_us(s=4096):
     return _bench(g.replay, rep=300), _bench(step, rep=300), unfused_us
 
 
+def eager_loop_us(s=4096, n=300):
+    """Eager causal append+attend steps back to back, as a decoding loop runs them (no L2 flush
+    between calls): us per step, ``(values checked, inside skip_value_checks())``. The checked
+    call reads ``cache_seqlens`` on the host (one sync per call); the unchecked one does not."""
+    q, kc, vc, lens = _inputs(1, s)
+    lens -= n + 10  # room for n appends
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+
+    def loop():
+        for _ in range(n):
+            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+        torch.cuda.synchronize()
+
+    def timed():
+        loop()  # warm-up
+        t0 = time.perf_counter()
+        loop()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    checked = timed()
+    with skip_value_checks():
+        unchecked = timed()
+    return checked, unchecked
+
+
 def sharded_sim(total=131072, b=1):
     """Per shard count N: local split-KV time on S/N keys, combine time of N partials."""
     rows = []
@@ -243,6 +271,7 @@ def main():
             torch.cuda.empty_cache()
 
     g_us, e_us, u_us = graph_step_us()
+    loop_checked, loop_unchecked = eager_loop_us()
     shard_rows = sharded_sim()
     write_csv(os.path.join(args.out, "decode.csv"), rows)
     _plot(rows, bw, args.out)
@@ -256,6 +285,10 @@ def main():
     print(
         f"\n## CUDA graph: causal append+attend step, B=1, 4k: {g_us:.1f} us replayed ({e_us:.1f} us eager);"
         f" unfused (append, split, combine kernels) {u_us:.1f} us replayed"
+    )
+    print(
+        f"## eager steps back to back (no flush), B=1, 4k: {loop_checked:.1f} us per step with value checks,"
+        f" {loop_unchecked:.1f} us inside skip_value_checks()"
     )
     print(f"\n## decode, {name}, bf16, Hq={HQ} Hk={HK} D={D}, copy {bw:.0f} GB/s")
     print(

@@ -6,8 +6,10 @@ For world size ``W`` with ``L`` tokens per rank (sequence ``S = W * L``):
 
 ``t_full``: one attention call over the whole sequence on this device (the same backend).
 ``t_rank``: one rank's share of the ring: the sum over ring steps of the slowest virtual rank's
-compute in that step (ranks meet at every exchange), measured by ``run_simulated(profile=True)``
-with a device sync around each step. Communication is not simulated; it is free when it hides
+compute in that step (ranks meet at every exchange), measured by ``run_simulated(profile=True)``:
+by default with CUDA events and no sync, so a segment is GPU time while the host runs ahead as on
+a real rank (``--timing wall``: host clock with a device sync around each segment, so host launch
+time counts too). Communication is not simulated; it is free when it hides
 behind compute. Per step and rank the ring moves ``2*B*L*Hk*D*elem`` bytes of K/V (backward:
 also ``2*B*L*Hk*D*4`` bytes of float32 dK/dV, plus K/V again) and computes at most
 ``4*B*L*L*Hq*D`` FLOPs (forward, a full block; causal zigzag steps do half; backward 2.5x), so
@@ -92,12 +94,15 @@ def full_times(q, k, v, dout, scale, reps):
     return _time(fwd, q.device, reps), _time(fwd_bwd, q.device, reps), _time(sdpa, q.device, reps)
 
 
-def ring_times(q, k, v, dout, world, layout, scale, reps):
-    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the mean rank's fwd."""
+def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
+    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the mean rank's fwd.
+
+    ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
+    "wall" (host clock with a device sync around each segment: host launch time counts)."""
     sh = lambda x: [shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
     qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
-    sync = _sync(q.device)
-    kw = dict(softmax_scale=scale, causal=True, profile=True, sync=sync)
+    events = timing == "events" and q.device.type == "cuda"
+    kw = dict(softmax_scale=scale, causal=True, profile=True, sync=_sync(q.device), cuda_events=events)
     pfs, pbs = [], []
     for _ in range(reps + 1):  # the first run warms up (kernel compilation)
         outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **kw)
@@ -137,6 +142,12 @@ def main() -> None:
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
     p.add_argument("--out", default=None, help="folder for ring.csv and ring.png")
+    p.add_argument(
+        "--timing",
+        choices=["events", "wall"],
+        default="events",
+        help="rank segments: CUDA-event GPU time (default) or synced wall time (host launch time counts)",
+    )
     a = p.parse_args()
     if a.tiny:
         a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.no_write = 64, 4, 2, 32, 2, True
@@ -160,6 +171,8 @@ def main() -> None:
     print(
         f"# causal, B=1, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens per rank; eff = t_full / (W * t_rank)"
     )
+    clock = "CUDA events (GPU time)" if a.timing == "events" else "synced wall clock"
+    print(f"# rank segments timed by {clock}")
     hdr = f"{'layout':>10} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
     hdr += f"{'eff fwd':>7} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} {'eff f+b':>7}"
     print(hdr)
@@ -174,7 +187,7 @@ def main() -> None:
         t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
         for layout in a.layouts:
-            t_rank, t_rank_fb, t_mean = ring_times(q, k, v, dout, world, layout, scale, a.reps)
+            t_rank, t_rank_fb, t_mean = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing)
             eff, eff_mean, eff_fb = (
                 t_full / (world * t_rank),
                 t_full / (world * t_mean),

@@ -8,6 +8,7 @@ decoding with a KV cache on one device or sharded over ranks.
 """
 
 from .backends import use_backend
+from .checks import skip_value_checks
 from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
 from .merge import combine_attn_partials, merge_attn_states
@@ -50,6 +51,7 @@ __all__ = [
     "merge_attn_states",
     "combine_attn_partials",
     "use_backend",
+    "skip_value_checks",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",

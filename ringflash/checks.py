@@ -1,11 +1,15 @@
 """Input validation shared by the public functions: clear errors at the API boundary.
 
 Every check raises ``ValueError`` (shapes, values) or ``TypeError`` (types, dtypes) with a message
-that says what was expected. Checks that need tensor values on the host (cu_seqlens) are skipped
-while a CUDA graph is being captured or torch.compile is tracing.
+that says what was expected. Checks that need tensor values on the host (cu_seqlens, cache lengths)
+are skipped while a CUDA graph is being captured or torch.compile is tracing, and inside
+``skip_value_checks()``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -13,9 +17,37 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
 
 
+_SKIP_VALUE_CHECKS = contextvars.ContextVar("ringflash_skip_value_checks", default=False)
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Inside this context, ringflash trusts the values of index tensors and does not read them.
+
+    By default the public functions read ``cache_seqlens``, ``block_table``, ``cache_batch_idx``
+    and ``cu_seqlens`` on the host to raise a clear ``ValueError`` for bad values; for CUDA tensors
+    that costs one device sync per call, which stops the host from running ahead of the GPU (an
+    eager decoding loop then pays every layer's Python time on the GPU's clock). Inside this
+    context (as while a CUDA graph captures or torch.compile traces) those checks are skipped:
+    shapes, dtypes and devices are still checked. Values out of range then give undefined results,
+    as in flash-attn, except that the KV-cache kernels still keep every read and write inside the
+    cache (positions, rows and pages are clamped to it).
+
+    Example:
+        >>> with ringflash.skip_value_checks():
+        ...     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
+    """
+    token = _SKIP_VALUE_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_VALUE_CHECKS.reset(token)
+
+
 def host_checks_allowed(t: torch.Tensor) -> bool:
-    """False while torch.compile traces or a CUDA graph captures: no reading tensor values then."""
-    if torch.compiler.is_compiling():
+    """False inside ``skip_value_checks()``, while torch.compile traces or a CUDA graph captures:
+    no reading tensor values then."""
+    if _SKIP_VALUE_CHECKS.get() or torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 

@@ -61,6 +61,8 @@ class DecodeArgs:
                     "to map batch rows to cache rows"
                 )
             self.capacity = k_cache.shape[1]
+        if n_new > self.capacity:  # known from shapes: checked even when values are not
+            raise ValueError(f"cannot append {n_new} tokens to a cache of {self.capacity} slots per row")
         if cache_seqlens is None:
             if k is not None:
                 raise ValueError("appending k/v needs cache_seqlens (where the new tokens go)")
@@ -86,10 +88,29 @@ class DecodeArgs:
             raise ValueError(f"q must have heads and a head dim, got shape {tuple(q.shape)}")
 
     def _check_values(self, k_cache):
+        """Lengths, pages and cache rows in range; one device-to-host read however many rows
+        (the error path reads more to name the culprit)."""
+        if self.batch == 0:
+            return
+        lens = self.cache_seqlens.long()
+        flags = [lens.min() < 0, lens.max() + self.n_new > self.capacity]
+        n_rows = k_cache.shape[0]
+        if self.paged:
+            page, bt = k_cache.shape[1], self.block_table.long()
+            need = ((lens.clamp(min=0) + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
+            used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
+            flags.append((used & ((bt < 0) | (bt >= n_rows))).any())
+        if self.cache_batch_idx is not None:
+            idx = self.cache_batch_idx
+            flags.append(((idx < 0) | (idx >= n_rows)).any())
+            srt = idx.sort().values
+            flags.append(torch.tensor(self.n_new > 0, device=idx.device) & (srt[1:] == srt[:-1]).any())
+        if not any(torch.stack(flags).tolist()):
+            return
         lens = self.cache_seqlens.tolist()
         if any(n < 0 for n in lens):
             raise ValueError(f"cache_seqlens must be >= 0, got {lens}")
-        worst = max(lens, default=0) + self.n_new
+        worst = max(lens) + self.n_new
         if worst > self.capacity:
             what = "block_table pages * page size" if self.paged else "k_cache.shape[1]"
             raise ValueError(
@@ -97,19 +118,16 @@ class DecodeArgs:
                 f"but holds {self.capacity} ({what})"
             )
         if self.paged:
-            n_pages, page = k_cache.shape[0], k_cache.shape[1]
+            page = k_cache.shape[1]
             for b, n in enumerate(lens):
-                used = self.block_table[b, : math.ceil((n + self.n_new) / page)]
-                if used.numel() and (int(used.min()) < 0 or int(used.max()) >= n_pages):
-                    raise ValueError(
-                        f"block_table row {b} points outside the cache's {n_pages} pages: {used.tolist()}"
-                    )
-        if self.cache_batch_idx is not None:
-            idx = self.cache_batch_idx.tolist()
-            if any(i < 0 or i >= k_cache.shape[0] for i in idx):
-                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
-            if self.n_new and len(set(idx)) != len(idx):
-                raise ValueError(f"cache_batch_idx has repeated rows {idx}: appends would collide")
+                used = self.block_table[b, : math.ceil((n + self.n_new) / page)].tolist()
+                if any(p < 0 or p >= n_rows for p in used):
+                    raise ValueError(f"block_table row {b} points outside the cache's {n_rows} pages: {used}")
+        idx = self.cache_batch_idx.tolist() if self.cache_batch_idx is not None else []
+        if any(i < 0 or i >= n_rows for i in idx):
+            raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}), got {idx}")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"cache_batch_idx has repeated rows {idx}: appends would collide")
 
 
 def _check_tensors(q, k_cache, v_cache, k, v):
@@ -166,6 +184,12 @@ def _check_index(t, name, ndim, device):
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
+def _clamped_lens(a: DecodeArgs) -> torch.Tensor:
+    """``cache_seqlens`` as int64, clamped so the append fits (a no-op for checked values; the
+    Triton kernels clamp the same way)."""
+    return a.cache_seqlens.long().clamp(0, a.capacity - a.n_new)
+
+
 def append_kv_(k_cache, v_cache, k, v, a: DecodeArgs) -> None:
     """Write ``k``/``v`` ``[B, Snew, Hk, D]`` at ``cache_seqlens[b] + [0, Snew)`` of each row, in place.
 
@@ -188,14 +212,17 @@ def append_kv_(k_cache, v_cache, k, v, a: DecodeArgs) -> None:
             cache_batch_idx=a.cache_batch_idx,
         )
         return
-    pos = a.cache_seqlens.long()[:, None] + torch.arange(a.n_new, device=dev)[None, :]  # [B, Snew]
+    n_rows = k_cache.shape[0]
+    pos = _clamped_lens(a)[:, None] + torch.arange(a.n_new, device=dev)[None, :]  # [B, Snew]
     if a.paged:
         page = k_cache.shape[1]
-        rows = torch.gather(a.block_table.long(), 1, pos // page)
+        rows = torch.gather(a.block_table.long(), 1, pos // page).clamp(0, n_rows - 1)
         slots = pos % page
     else:
         base = (
-            a.cache_batch_idx.long() if a.cache_batch_idx is not None else torch.arange(a.batch, device=dev)
+            a.cache_batch_idx.long().clamp(0, n_rows - 1)
+            if a.cache_batch_idx is not None
+            else torch.arange(a.batch, device=dev)
         )
         rows = base[:, None].expand(-1, a.n_new)
         slots = pos
@@ -210,18 +237,22 @@ def _torch_decode(q, k_cache, v_cache, a: DecodeArgs, scale, causal, window, sof
     batch, sq, hq, d = q.shape
     out = torch.zeros((batch, sq, hq, d), dtype=torch.float32, device=q.device)
     lse = torch.full((batch, hq, sq), -math.inf, dtype=torch.float32, device=q.device)
-    lens = (a.cache_seqlens + a.n_new).tolist()
+    lens = (_clamped_lens(a) + a.n_new).tolist()
     diags = diag_offset.tolist() if diag_offset is not None else [n - sq for n in lens]
     for b, n in enumerate(lens):
         if n == 0:
             continue
         if a.paged:
             page = k_cache.shape[1]
-            pages = a.block_table[b, : math.ceil(n / page)].long()
+            pages = a.block_table[b, : math.ceil(n / page)].long().clamp(0, k_cache.shape[0] - 1)
             kb = k_cache[pages].flatten(0, 1)[:n]
             vb = v_cache[pages].flatten(0, 1)[:n]
         else:
-            row = int(a.cache_batch_idx[b]) if a.cache_batch_idx is not None else b
+            row = (
+                int(a.cache_batch_idx[b].clamp(0, k_cache.shape[0] - 1))
+                if a.cache_batch_idx is not None
+                else b
+            )
             kb, vb = k_cache[row, :n], v_cache[row, :n]
         splits = max(1, min(a.num_splits or 1, n))
         step = math.ceil(n / splits)

@@ -441,6 +441,72 @@ def test_decode_cuda_counters_per_stream_and_per_capture():
     assert int(g1.abs().sum()) == 0 and int(g2.abs().sum()) == 0
 
 
+def unchecked_bad_values(dev, backend, variant):
+    """Bad lengths, rows or pages inside ``skip_value_checks()``: ``{check: [error, bound]}``.
+
+    The cache is the middle of a larger allocation whose first and last rows (or pages) are guards,
+    placed where an unclamped write would land: nothing may be written there, and the output stays
+    finite. ``variant``: "lens" (a negative length on the first row, one past the cache on the
+    last), "cbi" (cache_batch_idx one below and one above the cache's rows) or "paged" (block_table
+    pages one below and one above the pool, lengths past the pages)."""
+    from ringflash import skip_value_checks
+
+    g = torch.Generator().manual_seed(11)
+    B, cap, Hq, Hk, D, n_new = 2, 8, 4, 2, 16, 2
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dev)
+    k = torch.randn(B, n_new, Hk, D, generator=g).to(dev)
+    v = torch.randn(B, n_new, Hk, D, generator=g).to(dev)
+    kw = {}
+    if variant == "paged":
+        page, n_pages = 2, 6
+        alloc = torch.randn(2, n_pages + 2, page, Hk, D, generator=g).to(dev)
+        kc, vc = alloc[0, 1:-1], alloc[1, 1:-1]
+        kw["block_table"] = torch.tensor([[-1, -1, -1, -1], [6, 6, 6, 6]], dtype=torch.int32, device=dev)
+        lens = torch.tensor([cap - 2, cap + 3], dtype=torch.int32, device=dev)
+    else:
+        alloc = torch.randn(2, B + 2, cap, Hk, D, generator=g).to(dev)
+        kc, vc = alloc[0, 1:-1], alloc[1, 1:-1]
+        lens = torch.tensor([-3, cap + 1], dtype=torch.int32, device=dev)
+        if variant == "cbi":
+            kw["cache_batch_idx"] = torch.tensor([-1, B], dtype=torch.int32, device=dev)
+            lens = torch.tensor([0, cap - 2], dtype=torch.int32, device=dev)
+    guards = alloc[:, [0, -1]].clone()
+    with use_backend(backend), skip_value_checks():
+        out, lse = flash_attn_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True, **kw
+        )
+    return {
+        "guard rows/pages untouched": [float(not torch.equal(alloc[:, [0, -1]], guards)), 0.0],
+        "out finite": [float((~torch.isfinite(out)).sum()), 0.0],
+        "lse finite": [float((~torch.isfinite(lse)).sum()), 0.0],
+    }
+
+
+@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
+def test_unchecked_bad_values_stay_inside_the_cache(variant):
+    assert_checks(unchecked_bad_values("cpu", "torch", variant), variant)
+
+
+def test_skip_value_checks_skips_only_value_checks():
+    """Inside the context a length past the cache raises nothing; outside it raises; shape and
+    dtype errors raise in both."""
+    from ringflash import skip_value_checks
+
+    q, kc, vc, k, v, lens = _bad_setup()
+    with pytest.raises(ValueError, match="too small"):
+        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+    with skip_value_checks():
+        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+        with pytest.raises(TypeError):
+            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens.long())
+        with pytest.raises(ValueError, match="cannot append"):
+            flash_attn_with_kvcache(
+                q, kc, vc, torch.cat([k] * 9, 1), torch.cat([v] * 9, 1), cache_seqlens=lens
+            )
+    with pytest.raises(ValueError, match="too small"):
+        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+
+
 def _bad_setup():
     q = torch.randn(2, 1, 4, 16)
     kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
@@ -529,3 +595,9 @@ def test_bad_input_leaves_cache_untouched(name, backend):
     assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0), (
         f"{name}: cache was modified"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
+def test_decode_cuda_unchecked_bad_values_stay_inside_the_cache(variant):
+    assert_checks(unchecked_bad_values("cuda", "triton", variant), variant)

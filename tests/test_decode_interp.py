@@ -26,7 +26,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from test_decode import CASES, assert_checks, case_id, fused_vs_unfused, run_case  # noqa: E402
+from test_decode import (  # noqa: E402
+    CASES,
+    assert_checks,
+    case_id,
+    fused_vs_unfused,
+    run_case,
+    unchecked_bad_values,
+)
 
 
 def combine_case():
@@ -56,6 +63,8 @@ def combine_case():
 
 # (splits, page) of the fused-vs-unfused cases: one split, a merge of 3, paged.
 FUSED_INTERP = [(1, None), (3, None), (3, 8)]
+# Bad values inside skip_value_checks(): the kernels clamp into the cache.
+UNCHECKED = ["lens", "cbi", "paged"]
 
 
 def _worker_main():
@@ -75,6 +84,9 @@ def _worker_main():
     for splits, page in FUSED_INTERP:
         checks = fused_vs_unfused("cpu", splits, page, B=3, S=48, Hq=4, Hk=2, D=16, n_new=2)
         proto.write(json.dumps({"id": f"fused-{splits}-{page}", "checks": checks}) + "\n")
+    for variant in UNCHECKED:
+        checks = unchecked_bad_values("cpu", "triton", variant)
+        proto.write(json.dumps({"id": f"unchecked-{variant}", "checks": checks}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +134,12 @@ def test_combine_kernel_interpreter(interp_results):
 @pytest.mark.parametrize("splits,page", FUSED_INTERP, ids=[f"splits{s}-page{p}" for s, p in FUSED_INTERP])
 def test_fused_step_interpreter(interp_results, splits, page):
     cid = f"fused-{splits}-{page}"
+    assert_checks(_get(interp_results, cid), cid)
+
+
+@pytest.mark.parametrize("variant", UNCHECKED)
+def test_unchecked_bad_values_interpreter(interp_results, variant):
+    cid = f"unchecked-{variant}"
     assert_checks(_get(interp_results, cid), cid)
 
 

@@ -133,12 +133,18 @@ class SimProfile:
 
 
 def run_simulated(
-    loops: Sequence[RingLoop], profile: bool = False, sync: Callable[[], None] | None = None
+    loops: Sequence[RingLoop],
+    profile: bool = False,
+    sync: Callable[[], None] | None = None,
+    cuda_events: bool = False,
 ) -> tuple[list, SimProfile | None]:
     """Run ``W`` ring loops (virtual ranks) in one process; returns their results (and a profile).
 
     Messages go through per-(sender, receiver, tag) mailboxes, cloned as a real transfer would copy
-    them. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock reading when profiling.
+    them. Profiling times each rank's work between communication points: by default on the host
+    clock, with ``sync`` (e.g. ``torch.cuda.synchronize``) before each reading, so host launch time
+    counts; with ``cuda_events`` by CUDA events on the current stream and no sync, so segments are
+    GPU time while the host runs ahead, as it does on a real rank.
     """
     world = len(loops)
     boxes: dict[tuple[int, int, int], deque] = defaultdict(deque)
@@ -153,14 +159,23 @@ def run_simulated(
             sync()
         return time.perf_counter()
 
+    events: list[list] = [[] for _ in range(world)]
+
     def advance(r: int, value) -> None:
-        t0 = clock() if profile else 0.0
+        if profile and cuda_events:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = clock() if profile and not cuda_events else 0.0
         try:
             req = next(loops[r]) if not started[r] else loops[r].send(value)
             started[r] = True
         except StopIteration as stop:
             done[r], results[r], req = True, stop.value, None
-        if profile:
+        if profile and cuda_events:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            events[r].append((start, end))
+        elif profile:
             segments[r].append(clock() - t0)
         pending[r] = req
 
@@ -186,4 +201,7 @@ def run_simulated(
                 progressed = True
         if not progressed and not all(done):
             raise RuntimeError("simulated ring deadlocked: every rank waits for a message never sent")
+    if profile and cuda_events:
+        torch.cuda.synchronize()
+        segments = [[a.elapsed_time(b) / 1e3 for a, b in evs] for evs in events]
     return results, (SimProfile(segments) if profile else None)

@@ -84,7 +84,9 @@ def _attend_block(
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "n_new", "page_size", "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=["seqlen_q", "n_new", "page_size", "window_left", "window_right", "capacity", "n_rows"]
+)
 def _decode_split_kernel(
     Q,
     K,
@@ -132,6 +134,8 @@ def _decode_split_kernel(
     seqlen_q,
     n_new,
     page_size,
+    capacity,
+    n_rows,
     window_left,
     window_right,
     n_kv_heads,
@@ -164,7 +168,10 @@ def _decode_split_kernel(
     hk = pid_bh % n_kv_heads
     r0 = pid_m * BLOCK_M
 
-    n_old = tl.load(SEQLENS + b)
+    # Lengths, rows and pages are clamped into the cache: a no-op for checked inputs, and with
+    # value checks skipped (or a captured graph replayed past its cache) nothing outside the cache
+    # is read or written.
+    n_old = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), capacity - n_new)
     seqlen_k = n_old + n_new
     if DIAG_FROM_PTR:
         diag = tl.load(DIAG + b)
@@ -206,7 +213,7 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     if HAS_CBI:
-        cache_row = tl.load(CBI + b).to(tl.int64)
+        cache_row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
     else:
         cache_row = b.to(tl.int64)
     k_head = K + hk * stride_kh
@@ -232,6 +239,7 @@ def _decode_split_kernel(
         j_ok = offs_j < cache_end
         if PAGED:
             page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_j // page_size, mask=j_ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
             k_rows = page.to(tl.int64) * stride_kb + (offs_j % page_size).to(tl.int64) * stride_ks
             v_rows = page.to(tl.int64) * stride_vb + (offs_j % page_size).to(tl.int64) * stride_vs
         else:
@@ -306,6 +314,7 @@ def _decode_split_kernel(
                 pos = n_old + offs_i
                 if PAGED:
                     page = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size, mask=i_ok, other=0)
+                    page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
                     k_rows = page.to(tl.int64) * stride_kb + (pos % page_size).to(tl.int64) * stride_ks
                     v_rows = page.to(tl.int64) * stride_vb + (pos % page_size).to(tl.int64) * stride_vs
                 else:
@@ -606,6 +615,8 @@ def decode_fwd(
         Sq,
         int(n_new),
         page_size,
+        capacity,
+        k_cache.shape[0],
         wl,
         wr,
         Hk,

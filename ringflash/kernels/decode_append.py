@@ -13,7 +13,7 @@ import triton.language as tl
 from .common import on_tensor_device, pad_dim
 
 
-@triton.jit(do_not_specialize=["n_new", "page_size"])
+@triton.jit(do_not_specialize=["n_new", "page_size", "capacity", "n_rows"])
 def _append_kv_kernel(
     K_NEW,
     V_NEW,
@@ -37,6 +37,8 @@ def _append_kv_kernel(
     stride_btb,
     n_new,
     page_size,
+    capacity,
+    n_rows,
     n_kv_heads,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -49,13 +51,15 @@ def _append_kv_kernel(
     pid = tl.program_id(0)
     b = pid // n_new
     s = pid % n_new
-    pos = tl.load(SEQLENS + b) + s
+    # Clamped into the cache as in the decode kernel (a no-op for checked inputs).
+    pos = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), capacity - n_new) + s
     if PAGED:
-        row = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size).to(tl.int64)
+        row = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size)
+        row = tl.minimum(tl.maximum(row, 0), n_rows - 1).to(tl.int64)
         slot = (pos % page_size).to(tl.int64)
     else:
         if HAS_CBI:
-            row = tl.load(CBI + b).to(tl.int64)
+            row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
         else:
             row = b.to(tl.int64)
         slot = pos.to(tl.int64)
@@ -74,8 +78,8 @@ def _append_kv_kernel(
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
     """Write ``k``/``v`` ``[B, Snew, Hk, D]`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
 
-    One launch, positions read on the device (CUDA-graph safe). Inputs are trusted: the public
-    function has checked that every slot lies inside the cache.
+    One launch, positions read on the device (CUDA-graph safe). The public function has checked
+    that every slot lies inside the cache; unchecked values are clamped into it.
     """
     B, n_new, Hk, D = k.shape
     if B * n_new == 0:
@@ -107,6 +111,8 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_
         block_table.stride(0) if paged else 0,
         n_new,
         k_cache.shape[1],
+        block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1],
+        k_cache.shape[0],
         Hk,
         HEAD_DIM=D,
         D_PAD=pad_dim(D),

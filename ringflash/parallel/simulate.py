@@ -47,12 +47,16 @@ def simulate_ring_attn(
     cu_seqlens=None,
     profile: bool = False,
     sync: Callable[[], None] | None = None,
+    cuda_events: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], SimProfile | None]:
     """Forward ring attention of ``W = len(qs)`` virtual ranks.
 
     Args:
         qs, ks, vs: per-rank shards ``[B, S_local, H, D]`` (or packed ``[T_local, H, D]`` with the
             global ``cu_seqlens``), e.g. from ``shard_for``.
+
+        profile, sync, cuda_events: per-rank timing between communication points, as in
+            ``ringflash.comm.ring.run_simulated``.
 
     Returns:
         ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
@@ -66,7 +70,7 @@ def simulate_ring_attn(
         ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed)
         for q, k, v, p in zip(qs, ks, vs, plans, strict=True)
     ]
-    res, prof = run_simulated(loops, profile, sync)
+    res, prof = run_simulated(loops, profile, sync, cuda_events)
     return [o.to(q.dtype) for (o, _), q in zip(res, qs, strict=True)], [lse for _, lse in res], prof
 
 
@@ -85,6 +89,7 @@ def simulate_ring_attn_backward(
     cu_seqlens=None,
     profile=False,
     sync=None,
+    cuda_events=False,
 ):
     """Backward of ``simulate_ring_attn``: returns ``(dqs, dks, dvs, profile)`` per virtual rank."""
     packed = cu_seqlens is not None
@@ -98,7 +103,7 @@ def simulate_ring_attn_backward(
         )
         for do, q, k, v, o, lse, p in zip(douts, qs, ks, vs, outs, lses, plans, strict=True)
     ]
-    res, prof = run_simulated(loops, profile, sync)
+    res, prof = run_simulated(loops, profile, sync, cuda_events)
     dqs = [dq.to(q.dtype) for (dq, _, _), q in zip(res, qs, strict=True)]
     dks = [dk.to(k.dtype) for (_, dk, _), k in zip(res, ks, strict=True)]
     dvs = [dv.to(v.dtype) for (_, _, dv), v in zip(res, vs, strict=True)]
