@@ -20,6 +20,7 @@ import triton.language as tl
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
+    cdiv,
     dot_f32,
     dot_precision,
     mask_flags,
@@ -169,7 +170,7 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
     if delta.numel() == 0:
         return delta
     block = 64 if out.device.type != "cpu" else 32
-    _delta_kernel[(triton.cdiv(S, block), B * H)](
+    _delta_kernel[(cdiv(S, block), B * H)](
         dout, out, delta, *d_str, *o_str, *l_str, S, H, HEAD_DIM_V=Dv, DV_PAD=pad_dim(Dv), BLOCK_M=block
     )
     return delta
@@ -294,11 +295,9 @@ def attn_bwd(
         *tail,
     )
     if q.device.type == "cpu":
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, _CPU_DKDV["BLOCK_N"]), B * Hk)](
-            *dkdv_args, **flags, **_CPU_DKDV
-        )
-        _attn_bwd_dq_kernel[(triton.cdiv(Sq, _CPU_DQ["BLOCK_M"]), B * Hq)](*dq_args, **flags, **_CPU_DQ)
+        _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]), B * Hk)](*dkdv_args, **flags, **_CPU_DKDV)
+        _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]), B * Hq)](*dq_args, **flags, **_CPU_DQ)
     else:
-        _dkdv_tuned[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hk)](*dkdv_args, **flags)
-        _dq_tuned[lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)](*dq_args, **flags)
+        _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]), B * Hk)](*dkdv_args, **flags)
+        _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]), B * Hq)](*dq_args, **flags)
     return dq, dk, dv

@@ -91,14 +91,24 @@ def mask_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
     return left >= 0, has_hi, max(left, 0), 0 if causal else max(right, 0)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceiling division (``triton.cdiv`` is a constexpr function, slower on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Host-side smallest power of two >= ``n``, as ``triton.next_power_of_2`` (0 for 0)."""
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
 def pad_dim(d: int) -> int:
     """Head dims are padded to a power of two (at least 16, the smallest dot) with masked loads."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def seq_bucket(s: int) -> int:
     """Autotune key for a sequence length: a power of two, so varlen batches reuse tuned configs."""
-    return min(triton.next_power_of_2(max(int(s), 1)), 16384)
+    return min(next_pow2(max(int(s), 1)), 16384)
 
 
 def dot_precision(dtype) -> str:

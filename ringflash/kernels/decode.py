@@ -30,7 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _dot, _tanh, dot_f32, dot_precision, mask_flags, on_tensor_device, pad_dim
+from .common import (
+    _dot,
+    _tanh,
+    cdiv,
+    dot_f32,
+    dot_precision,
+    mask_flags,
+    next_pow2,
+    on_tensor_device,
+    pad_dim,
+)
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
 
@@ -428,7 +438,7 @@ def sm_count(device: torch.device) -> int:
 
 def block_m(group: int, seqlen_q: int) -> int:
     """Rows per program: the whole head group times the query tokens, 16..64, a power of two."""
-    return min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(group * seqlen_q)))
+    return min(_MAX_BLOCK_M, max(16, next_pow2(group * seqlen_q)))
 
 
 def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capacity: int, device) -> int:
@@ -436,10 +446,10 @@ def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capa
 
     ``capacity`` is the most keys a row can hold (cache length, or pages per row * page size).
     """
-    m_blocks = triton.cdiv(group * seqlen_q, block_m(group, seqlen_q))
+    m_blocks = cdiv(group * seqlen_q, block_m(group, seqlen_q))
     programs = batch * n_kv_heads * m_blocks
     want = sm_count(device) // max(programs, 1)
-    cap = max(1, triton.cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
+    cap = max(1, cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
 
@@ -463,7 +473,7 @@ def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
     buf = _semaphores.get(key)
     if buf is None or buf.numel() < rows:
         # A replaced buffer goes back to the allocator only after the work queued on this stream.
-        buf = torch.zeros(max(_SEM_MIN_ROWS, triton.next_power_of_2(rows)), dtype=torch.int32, device=device)
+        buf = torch.zeros(max(_SEM_MIN_ROWS, next_pow2(rows)), dtype=torch.int32, device=device)
         _semaphores[key] = buf
     return buf
 
@@ -550,7 +560,7 @@ def decode_fwd(
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     bm = block_m(group, Sq)
-    m_blocks = triton.cdiv(group * Sq, bm)
+    m_blocks = cdiv(group * Sq, bm)
     n_splits = int(num_splits) or pick_num_splits(B, Hk, group, Sq, capacity, dev)
     sem = semaphore_buffer(dev, B * Hk * m_blocks) if fuse_combine and n_splits > 1 else None
     fused = bool(fuse_combine)
@@ -572,8 +582,8 @@ def decode_fwd(
     bn = block_n or (_CPU_BLOCK_N if cpu else _GPU_BLOCK_N)
     launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
     d_pad = pad_dim(D)
-    combine_m = min(bm, triton.next_power_of_2(group * Sq))
-    split_block = max(1, min(triton.next_power_of_2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
+    combine_m = min(bm, next_pow2(group * Sq))
+    split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
@@ -589,29 +599,15 @@ def decode_fwd(
         block_table if paged else dummy,
         cache_batch_idx if cache_batch_idx is not None else dummy,
         diag_t if diag_t is not None else dummy,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        kn.stride(0),
-        kn.stride(1),
-        kn.stride(2),
-        vn.stride(0),
-        vn.stride(1),
-        vn.stride(2),
+        *q.stride()[:3],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *kn.stride()[:3],
+        *vn.stride()[:3],
         block_table.stride(0) if paged else 0,
         *part_strides,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
+        *out.stride()[:3],
+        *lse.stride()[:3],
         Sq,
         int(n_new),
         page_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import on_tensor_device, pad_dim
+from .common import next_pow2, on_tensor_device, pad_dim
 
 
 @triton.jit(do_not_specialize=["n_new", "page_size", "capacity", "n_rows"])
@@ -96,18 +96,10 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_
         cache_seqlens,
         block_table if paged else dummy,
         cache_batch_idx if cache_batch_idx is not None else dummy,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
         block_table.stride(0) if paged else 0,
         n_new,
         k_cache.shape[1],
@@ -116,7 +108,7 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_
         Hk,
         HEAD_DIM=D,
         D_PAD=pad_dim(D),
-        H_PAD=triton.next_power_of_2(Hk),
+        H_PAD=next_pow2(Hk),
         PAGED=paged,
         HAS_CBI=cache_batch_idx is not None,
         **launch,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import on_tensor_device, pad_dim
+from .common import next_pow2, on_tensor_device, pad_dim
 
 
 @triton.jit
@@ -183,15 +183,11 @@ def combine_partials(o_part, lse_part, out, lse, split_dim=3):
         Sq,
         H,
         *rows,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
+        *out.stride()[:3],
+        *lse.stride()[:3],
         HEAD_DIM=D,
         D_PAD=pad_dim(D),
-        SPLIT_BLOCK=min(16, triton.next_power_of_2(N)),
+        SPLIT_BLOCK=min(16, next_pow2(N)),
         **launch,
     )
     return out, lse

@@ -22,6 +22,7 @@ from .common import (
     _dot,
     _tanh,
     _visible,
+    cdiv,
     dot_f32,
     dot_precision,
     mask_flags,
@@ -483,12 +484,12 @@ def attn_fwd(
         DOT_F32=dot_f32(q),
     )
     if q.device.type == "cpu":
-        grid = (triton.cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
+        grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
         _attn_fwd_kernel[grid](*args, **flags, **_CPU_FWD)
     else:
 
         def grid(meta):
-            return (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+            return (cdiv(Sq, meta["BLOCK_M"]), B * Hq)
 
         _attn_fwd_tuned[grid](*args, **flags)
     return out, lse

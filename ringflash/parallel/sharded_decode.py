@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import backend_name
-from ..checks import check_options
+from ..checks import check_options, skip_value_checks
 from ..decode import DecodeArgs, append_kv_, attend_kvcache, flash_attn_with_kvcache
 from ..merge import combine_attn_partials
 
@@ -206,13 +206,19 @@ class ShardedKVCache:
         return self
 
     def _sync_device(self):
+        """The device copies of the length table: this rank's lengths, key offsets, totals.
+
+        One copy from pinned memory, queued without waiting (a copy from pageable memory would
+        wait for the GPU, every step)."""
         mine = [row[self.rank] for row in self.lengths]
-        self.seqlens = torch.tensor(mine, dtype=torch.int32, device=self.k.device)
         offs = [sum(row[: self.rank]) for row in self.lengths]
-        self.key_offsets = torch.tensor(offs, dtype=torch.int32, device=self.k.device)
-        self.global_seqlens = torch.tensor(
-            [sum(r) for r in self.lengths], dtype=torch.int32, device=self.k.device
-        )
+        total = [sum(row) for row in self.lengths]
+        host = torch.tensor([mine, offs, total], dtype=torch.int32)
+        if self.k.is_cuda:
+            table = host.pin_memory().to(self.k.device, non_blocking=True)
+        else:
+            table = host.to(self.k.device)
+        self.seqlens, self.key_offsets, self.global_seqlens = table.unbind(0)
 
     def placement(self, n_new: int) -> list[list[tuple[int, int, int]]]:
         """For each sequence, ``(rank, first new token, count)`` pieces of an append of ``n_new``."""
@@ -261,16 +267,19 @@ class ShardedKVCache:
         """
         if k is not None:
             self.append(k, v)
-        return sharded_flash_attn_with_kvcache(
-            q,
-            self.k,
-            self.v,
-            cache_seqlens=self.seqlens,
-            key_offsets=self.key_offsets,
-            global_seqlens=self.global_seqlens,
-            group=self.group,
-            **kw,
-        )
+        # The lengths come from this cache's own table (checked by ``placement``): reading them
+        # back to check them again would cost a device sync per step.
+        with skip_value_checks():
+            return sharded_flash_attn_with_kvcache(
+                q,
+                self.k,
+                self.v,
+                cache_seqlens=self.seqlens,
+                key_offsets=self.key_offsets,
+                global_seqlens=self.global_seqlens,
+                group=self.group,
+                **kw,
+            )
 
     def total_length(self, b: int) -> int:
         return int(sum(self.lengths[b]))
