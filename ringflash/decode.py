@@ -103,8 +103,9 @@ class DecodeArgs:
         if self.cache_batch_idx is not None:
             idx = self.cache_batch_idx
             flags.append(((idx < 0) | (idx >= n_rows)).any())
-            srt = idx.sort().values
-            flags.append(torch.tensor(self.n_new > 0, device=idx.device) & (srt[1:] == srt[:-1]).any())
+            if self.n_new:  # only appends collide
+                srt = idx.sort().values
+                flags.append((srt[1:] == srt[:-1]).any())
         if not any(torch.stack(flags).tolist()):
             return
         lens = self.cache_seqlens.tolist()
