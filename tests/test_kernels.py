@@ -244,6 +244,11 @@ def run_case(p):
     checks["masked rows out"] = [rows_out[masked].abs().max().item() if masked.any() else 0.0, 0.0]
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
+    if "split_kv" in p:  # whether the forward took the split-KV decode kernel (few rows, long context)
+        from ringflash.kernels import fwd
+
+        routed = fwd._split_kv_pays(q, k, v, p["B"], p["Sq"], p["Sk"])
+        checks["split-KV route"] = [float(routed != p["split_kv"]), 0.0]
     return checks
 
 
@@ -316,7 +321,7 @@ def _case_id(c):
     else:
         s = f"B{c['B']}-S{c['Sq']}" if c["Sq"] == c["Sk"] else f"B{c['B']}-Sq{c['Sq']}-Sk{c['Sk']}"
     s += f"-H{c['Hq']}:{c['Hk']}-D{c['D']}-{c['dtype']}"
-    for flag in ("causal", "accumulate", "qkv_packed"):
+    for flag in ("causal", "accumulate", "qkv_packed", "split_kv"):
         if c.get(flag):
             s += "-" + flag
     if c.get("window"):
@@ -373,6 +378,11 @@ CPU_CASES = [
     _pad(2, 33, 50, 2, 2, 32, "bf16", accumulate=True),
     _pad(1, 40, 40, 2, 2, 32, "fp32", causal=True, accumulate=True, diag=-8, expect_masked=True),
     dict(lens_q=[3, 30, 1], lens_k=[3, 41, 8], Hq=4, Hk=2, D=32, dtype="fp32", causal=True, accumulate=True),
+    # A few query rows against >= 1024 keys: the forward goes through the split-KV decode kernel.
+    _pad(1, 1, 1100, 4, 2, 32, "fp32", causal=True, split_kv=True),
+    _pad(1, 3, 1100, 4, 1, 32, "bf16", window=(200, 0), softcap=10.0, split_kv=True),
+    _pad(2, 2, 1030, 2, 2, 32, "fp32", causal=True, diag=-5, expect_masked=True, split_kv=True),
+    _pad(1, 3, 1000, 4, 1, 32, "fp32", causal=True, split_kv=False),
 ]
 
 
@@ -392,6 +402,8 @@ GPU_CASES = [
     _pad(1, 1000, 1000, 4, 2, 128, "bf16", window=(256, 64), softcap=30.0),
     _pad(1, 1000, 1000, 8, 2, 128, "bf16", causal=True, accumulate=True),
     dict(lens_q=[1, 500, 1023, 7], lens_k=[1, 500, 1023, 7], Hq=8, Hk=2, D=128, dtype="bf16", causal=True),
+    _pad(1, 1, 32768, 32, 8, 128, "bf16", causal=True, split_kv=True),
+    _pad(4, 4, 8192, 32, 8, 128, "bf16", causal=True, window=(4096, 0), split_kv=True),
     dict(
         lens_q=[300, 1, 800],
         lens_k=[500, 9, 700],

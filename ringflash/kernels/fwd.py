@@ -383,6 +383,49 @@ _attn_fwd_tuned = triton.autotune(
 _CPU_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
+# A few query rows against a long context (decoding without a KV cache, e.g. a model's generate
+# loop): one program per (batch row, q head) would leave most SMs idle, so such calls go to the
+# split-KV decode kernel, which spreads the keys of each KV head over the SMs (as FlashAttention's
+# forward does for an underfilled grid) and reads K/V once per KV head.
+_SPLIT_KV_MIN_KEYS = 1024
+
+
+def _split_kv_pays(q, k, v, B, Sq, Sk):
+    from .decode import _MAX_BLOCK_M, sm_count
+
+    Hq, Hk = q.shape[2], k.shape[2]
+    return (
+        Sk >= _SPLIT_KV_MIN_KEYS
+        and Sq * (Hq // Hk) <= _MAX_BLOCK_M
+        and B * Hq < sm_count(q.device)
+        and v.shape[-1] == q.shape[-1]
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    )
+
+
+def _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap):
+    """``attn_fwd`` through the split-KV decode kernel: K/V as a full cache of ``Sk`` keys a row."""
+    from .decode import decode_fwd
+
+    lens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+    diag = (
+        None
+        if diag_offset is None
+        else torch.full((B,), int(diag_offset), dtype=torch.int32, device=q.device)
+    )
+    return decode_fwd(
+        q,
+        k,
+        v,
+        lens,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        diag_offset=diag,
+    )
+
+
 def _bshd_strides(x, packed):
     """Strides as (batch, seq, head, dim); packed ``[T, H, D]`` tensors get batch stride 0."""
     return (0, *x.stride()) if packed else x.stride()
@@ -430,6 +473,8 @@ def attn_fwd(
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         diag = Sk - Sq if diag_offset is None else int(diag_offset)
         diag_t = None
+        if not accumulate and _split_kv_pays(q, k, v, B, Sq, Sk):
+            return _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap)
     if not accumulate:
         # Packed rows outside every sequence (if any) must still read as "no key".
         alloc = torch.zeros if packed else torch.empty
