@@ -191,6 +191,30 @@ def eager_loop_us(s=4096, n=300):
     return checked, unchecked
 
 
+def nocache_rows(contexts=(4096, 32768, 131072)):
+    """Decoding without a KV cache (``flash_attn_func`` with one query row, B=1): graph-replayed us
+    on the split-KV route and with the route turned off (the plain forward kernel), same inputs."""
+    from ringflash import flash_attn_func
+    from ringflash.kernels import fwd as kfwd
+
+    rows = []
+    for s in contexts:
+        q, kc, vc, _ = _inputs(1, s)
+
+        def fn(q=q, kc=kc, vc=vc):
+            return flash_attn_func(q, kc, vc, causal=True)
+
+        routed = _bench_graph(fn)
+        keep = kfwd._SPLIT_KV_MIN_KEYS
+        kfwd._SPLIT_KV_MIN_KEYS = 1 << 62  # route off
+        try:
+            plain = _bench_graph(fn)
+        finally:
+            kfwd._SPLIT_KV_MIN_KEYS = keep
+        rows.append(dict(ctx=s, split_kv_us=routed, plain_us=plain))
+    return rows
+
+
 def sharded_sim(total=131072, b=1):
     """Per shard count N: local split-KV time on S/N keys, combine time of N partials."""
     rows = []
@@ -273,6 +297,7 @@ def main():
     g_us, e_us, u_us = graph_step_us()
     loop_checked, loop_unchecked = eager_loop_us()
     shard_rows = sharded_sim()
+    nocache = nocache_rows()
     write_csv(os.path.join(args.out, "decode.csv"), rows)
     _plot(rows, bw, args.out)
 
@@ -290,6 +315,12 @@ def main():
         f"## eager steps back to back (no flush), B=1, 4k: {loop_checked:.1f} us per step with value checks,"
         f" {loop_unchecked:.1f} us inside skip_value_checks()"
     )
+    print("\n## decoding without a KV cache: flash_attn_func, B=1, one query row, causal (graph-replayed)")
+    for r in nocache:
+        print(
+            f"ctx {r['ctx']:>7}: split-KV route {r['split_kv_us']:7.1f} us, plain forward kernel"
+            f" {r['plain_us']:7.1f} us ({r['plain_us'] / r['split_kv_us']:.2f}x)"
+        )
     print(f"\n## decode, {name}, bf16, Hq={HQ} Hk={HK} D={D}, copy {bw:.0f} GB/s")
     print(
         "  B      S   KV MB floor us | ours us  GB/s  %copy splits eager unfused | flash us  %copy"
