@@ -6,7 +6,8 @@
 #   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
 #   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN)
 #   ktests     the CUDA kernel tests (every case, autotuned; 64-bit offsets) and the CLI's
-#   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched)
+#   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched),
+#              then zigzag at W = 4, 8 timed on the synced wall clock, to compare
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
 # stage).
@@ -48,4 +49,7 @@ want attention && stage attention 200 python3 benchmarks/bench_attention.py --ou
 want ktests && stage ktests 400 python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
 want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --out "$LOG/ring"
+# The same zigzag rows timed the old way (synced wall clock: host launch time counts), to compare.
+want ring && stage ring_wall 100 python3 benchmarks/bench_ring.py --reps 3 --no-write --timing wall \
+    --worlds 4 8 --layouts zigzag
 pack
