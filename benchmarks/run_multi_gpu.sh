@@ -4,6 +4,8 @@
 #   ring     bench_ring_nccl.py, every layout (a per-rank profile and rank 0's trace at the
 #            largest world size), then zigzag with the P2P experiments (high-priority streams,
 #            K/V posts that run ahead of compute)
+#   ringenv  zigzag at the largest world size under NCCL settings that use fewer SMs or the copy
+#            engines for send/recv (not in the default set)
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -53,6 +55,15 @@ if want ring; then
         stage "ring_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --out "$LOG" $prof
         stage "ring_p2p_W$w" 180 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --layouts zigzag \
             --p2p-high-priority --p2p-run-ahead
+    done
+fi
+if want ringenv; then
+    # NCCL knobs that keep send/recv off the SMs the attention kernels use (unknown variables are
+    # ignored by NCCL, so each row also says whether the knob exists in this NCCL).
+    w=${WS##* }
+    for knob in NCCL_MAX_CTAS=2 NCCL_MAX_P2P_NCHANNELS=2 NCCL_CTA_POLICY=1 NCCL_P2P_USE_CUDA_MEMCPY=1; do
+        stage "ring_env_${knob%%=*}_W$w" 120 env "$knob" NCCL_DEBUG=WARN $(run_w "$w") \
+            benchmarks/bench_ring_nccl.py --reps 5 --layouts zigzag
     done
 fi
 if want decode; then
