@@ -21,20 +21,9 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
-LOG=$OUT/mg
-mkdir -p "$LOG"
-pack() { tar czf "$OUT/mg.tgz" -C "$OUT" mg 2>/dev/null; }
-stage() {  # stage NAME TIMEOUT_S CMD...: run with a time limit, log to NAME.log, print the tail
-    local name=$1 limit=$2
-    shift 2
-    local t0=$SECONDS
-    echo "=== $name ($(date -u +%H:%M:%S)) ==="
-    timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
-    local rc=$?
-    grep -v -e '^W11' -e 'OMP_NUM_THREADS' -e '^\*\*\*' "$LOG/$name.log" | tail -n 40
-    echo "=== $name: rc=$rc, $((SECONDS - t0)) s ==="
-    pack
-}
+PACK=mg
+# shellcheck source=benchmarks/stages.sh
+source benchmarks/stages.sh
 run_w() {  # run_w W: the command prefix for torchrun over the first W GPUs
     echo env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $(($1 - 1)))" torchrun --standalone --nproc_per_node "$1"
 }
@@ -47,7 +36,6 @@ cat "$LOG/env.txt"
 WS="2"
 [ "$NGPU" -ge 4 ] && WS="2 4"
 [ "$NGPU" -ge 8 ] && WS="2 4 8"
-want() { [[ $WHAT == *",$1,"* ]]; }
 if want ring; then
     for w in ${RING_WS:-$WS}; do  # RING_WS="4": only those world sizes
         prof=""

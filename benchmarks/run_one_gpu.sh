@@ -17,28 +17,9 @@ WHAT=",${2:-dtests,decode,sweep,attention,ktests,ring},"
 BUDGET=${3:-560}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-LOG=$OUT/g
-mkdir -p "$LOG"
-T0=$SECONDS
-pack() { tar czf "$OUT/g.tgz" -C "$OUT" g 2>/dev/null; }
-left() { echo $((BUDGET - (SECONDS - T0))); }
-stage() {  # stage NAME MAX_S CMD...: run with min(MAX_S, time left), log to NAME.log, print the tail
-    local name=$1 limit=$2
-    shift 2
-    [ "$(left)" -lt "$limit" ] && limit=$(left)
-    if [ "$limit" -le 10 ]; then
-        echo "=== $name: skipped, no time left ==="
-        return
-    fi
-    local t0=$SECONDS
-    echo "=== $name ($(date -u +%H:%M:%S), up to ${limit} s) ==="
-    timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
-    local rc=$?
-    tail -n 30 "$LOG/$name.log"
-    echo "=== $name: rc=$rc, $((SECONDS - t0)) s ==="
-    pack
-}
-want() { [[ $WHAT == *",$1,"* ]]; }
+PACK=g
+# shellcheck source=benchmarks/stages.sh
+source benchmarks/stages.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/env.txt"
 want dtests && stage dtests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py -k cuda
 want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
