@@ -15,7 +15,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
