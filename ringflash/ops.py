@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .backends import backend_name, get_backend
-from .blockwise import attn_bwd_delta
 from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
 from .merge import combine_attn_partials, merge_attn_states
 
@@ -92,16 +91,32 @@ def _fwd_setup(ctx, inputs, output):
     ctx.opts = (scale, causal, wl, wr, softcap, backend)
 
 
-def _delta(dout, out, dlse, packed):
-    # Plain torch ops (not the backend's kernel) so that torch.compile traces the backward.
-    delta = attn_bwd_delta(dout, out, packed=packed)
+@torch.library.custom_op("ringflash::attn_bwd_delta", mutates_args=())
+def _attn_bwd_delta(dout: Tensor, out: Tensor, packed: bool, backend: str) -> Tensor:
+    # The backend's kernel (one pass over dout and out on GPU; float32 copies of both in plain
+    # torch ops cost several times more), as an op so that torch.compile traces the backward.
+    return get_backend(backend).attn_bwd_delta(dout, out, packed=packed)
+
+
+@_attn_bwd_delta.register_fake
+def _(dout, out, packed, backend):
+    if packed:
+        T, H, _ = out.shape
+        return out.new_empty(H, T, dtype=torch.float32)
+    B, S, H, _ = out.shape
+    return out.new_empty(B, H, S, dtype=torch.float32)
+
+
+def _delta(dout, out, dlse, packed, backend):
+    delta = _attn_bwd_delta(dout, out, packed, backend)
     return delta if dlse is None else (delta - dlse).contiguous()
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    delta = _delta(dout, out, dlse, packed=False)
-    dq, dk, dv = _attn_bwd(dout.contiguous(), q, k, v, out, lse, delta, *ctx.opts)
+    dout = dout.contiguous()
+    delta = _delta(dout, out, dlse, False, ctx.opts[-1])
+    dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, delta, *ctx.opts)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -198,10 +213,9 @@ def _varlen_setup(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    delta = _delta(dout, out, dlse, packed=True)
-    dq, dk, dv = _attn_varlen_bwd(
-        dout.contiguous(), q, k, v, out, lse, delta, cu_q, cu_k, *ctx.lens, *ctx.opts
-    )
+    dout = dout.contiguous()
+    delta = _delta(dout, out, dlse, True, ctx.opts[-1])
+    dq, dk, dv = _attn_varlen_bwd(dout, q, k, v, out, lse, delta, cu_q, cu_k, *ctx.lens, *ctx.opts)
     return (dq, dk, dv) + (None,) * 10
 
 
