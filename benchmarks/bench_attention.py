@@ -10,6 +10,8 @@ versions and a table to stdout; writes ``attention.csv`` and ``attention.png`` (
 importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward (ours and both
 SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
 inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
+``--api`` also times the public ``flash_attn_func`` through autograd (custom ops, argument checks,
+its own delta), what a model runs, against the kernels called directly.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def _sdpa(q, k, v, causal, dout, backend):
     return fwd, bwd
 
 
+def _api(q, k, v, causal, dout):
+    """The public ``flash_attn_func`` (custom ops, autograd, its own delta): what a model runs."""
+    from ringflash import flash_attn_func
+
+    qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fwd():
+        return flash_attn_func(qa, ka, va, causal=causal)
+
+    out = fwd()
+
+    def bwd():
+        return torch.autograd.grad(out, (qa, ka, va), dout, retain_graph=True)
+
+    return fwd, bwd
+
+
 def _rel_err(got, ref):
     """Largest relative L2 error over (dq, dk, dv); NaN anywhere gives NaN."""
     errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)]
@@ -96,6 +115,7 @@ def main():
     ap.add_argument("--exclude", default="", help="autotune configs to drop, e.g. 'fwd:1,dq:3' (diagnosis)")
     ap.add_argument("--bwd-only", action="store_true", help="backward only: ours, fa2, cudnn")
     ap.add_argument("--dims", default="64,128", help="head dims, e.g. '128'")
+    ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
     args = ap.parse_args()
     if args.bwd_only:
         return main_bwd(args)
@@ -112,11 +132,14 @@ def main():
                 q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
                 f = _flops(b, h, s, d, causal)
                 row = dict(d=d, causal=causal, s=s, b=b, h=h)
-                for name, make, extra in (
+                methods = [
                     ("ours", _ours, ()),
                     ("fa2", _sdpa, (SDPBackend.FLASH_ATTENTION,)),
                     ("cudnn", _sdpa, (SDPBackend.CUDNN_ATTENTION,)),
-                ):
+                ]
+                if args.api:
+                    methods.append(("api", _api, ()))
+                for name, make, extra in methods:
                     try:
                         fwd, bwd = make(q, k, v, causal, dout, *extra)
                         row[name + "_fwd"] = f / _bench(fwd) * 1e-9
@@ -141,6 +164,14 @@ def main():
             f"{r['ours_bwd']:>8.0f} {r['fa2_bwd']:>5.0f} {r['cudnn_bwd']:>5.0f} "
             f"{r['ours_bwd'] / r['fa2_bwd']:>5.2f} {r['ours_bwd'] / r['cudnn_bwd']:>6.2f}"
         )
+    if args.api:
+        lines += ["", "public flash_attn_func (autograd) against the kernels called directly (ours):"]
+        for r in rows:
+            lines.append(
+                f"{r['d']:>4} {r['causal']!s:>6} {r['s']:>6} | fwd {r['api_fwd']:>5.0f} TFLOP/s"
+                f" ({r['api_fwd'] / r['ours_fwd']:.2f}x ours) | bwd {r['api_bwd']:>5.0f} TFLOP/s"
+                f" ({r['api_bwd'] / r['ours_bwd']:.2f}x ours)"
+            )
     table = "\n".join(lines)
     print("TFLOP/s (bf16; fwd 4bhssd, /2 causal; bwd 2.5x fwd)")
     print(table)

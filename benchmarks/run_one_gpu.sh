@@ -4,7 +4,8 @@
 #   dtests     the CUDA decode tests (fused step, counters per stream / per capture, graphs)
 #   decode     bench_decode.py (every row, beside SDPA flash and cuDNN, graphed step)
 #   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
-#   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN)
+#   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN,
+#              and the public flash_attn_func through autograd)
 #   ktests     the CUDA kernel tests (every case, autotuned; 64-bit offsets) and the CLI's
 #   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched),
 #              then zigzag at W = 4, 8 timed on the synced wall clock, to compare
@@ -26,7 +27,7 @@ want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/d
 # SWEEP_ARGS (e.g. "--dims 64 --base-dims 64") and SWEEP_S (its seconds) narrow the sweep.
 SWEEP_S=${SWEEP_S:-$(($(left) - 20))}
 want sweep && stage sweep $((SWEEP_S + 20)) python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$SWEEP_S" ${SWEEP_ARGS:-}
-want attention && stage attention 200 python3 benchmarks/bench_attention.py --out "$LOG/attention"
+want attention && stage attention 240 python3 benchmarks/bench_attention.py --api --out "$LOG/attention"
 want ktests && stage ktests 400 python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
 want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --out "$LOG/ring"
