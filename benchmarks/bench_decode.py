@@ -38,7 +38,7 @@ import time
 import torch
 import triton
 from bench_io import write_csv
-from bench_timing import graphed
+from bench_timing import capture, graphed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import skip_value_checks
@@ -150,19 +150,9 @@ def graph_step_us(s=4096):
 
     unfused_us = _bench_graph(unfused_step)
     eager_out = step()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
-    g.replay()
-    torch.cuda.synchronize()
+    replay, out = capture(step)
     assert torch.equal(out, eager_out), "graph replay differs from the eager step"
-    return _bench(g.replay, rep=300), _bench(step, rep=300), unfused_us
+    return _bench(replay, rep=300), _bench(step, rep=300), unfused_us
 
 
 def eager_loop_us(s=4096, n=300):

@@ -9,21 +9,27 @@ import torch
 import torch.distributed as dist
 
 
+def capture(fn):
+    """``fn`` warmed up on a side stream, captured in a CUDA graph and replayed once:
+    ``(replay closure, the captured call's outputs)``. Raises RuntimeError if capture fails."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g.replay, out
+
+
 def graphed(fn):
     """``fn`` captured in a CUDA graph; returns the replay closure (or None if capture fails)."""
     try:
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        return g.replay
+        return capture(fn)[0]
     except RuntimeError:
         torch.cuda.synchronize()
         return None

@@ -32,6 +32,7 @@ from .common import (
     varlen_diag,
     wide_offsets,
 )
+from .decode import _MAX_BLOCK_M, decode_fwd, sm_count
 
 
 @triton.jit
@@ -391,8 +392,6 @@ _SPLIT_KV_MIN_KEYS = 1024
 
 
 def _split_kv_pays(q, k, v, B, Sq, Sk):
-    from .decode import _MAX_BLOCK_M, sm_count
-
     Hq, Hk = q.shape[2], k.shape[2]
     return (
         Sk >= _SPLIT_KV_MIN_KEYS
@@ -405,8 +404,6 @@ def _split_kv_pays(q, k, v, B, Sq, Sk):
 
 def _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap):
     """``attn_fwd`` through the split-KV decode kernel: K/V as a full cache of ``Sk`` keys a row."""
-    from .decode import decode_fwd
-
     lens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
     diag = (
         None
