@@ -159,6 +159,18 @@ def wide_offsets(*tensors) -> bool:
     )
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device (cached); 8 for other devices (the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def on_tensor_device(fn):
     """Run a launcher with the current CUDA device set to its first argument's device.
 

@@ -24,8 +24,6 @@ diag - window_left`` and ``hi = diag + window_right`` (``diag`` when causal).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +38,7 @@ from .common import (
     next_pow2,
     on_tensor_device,
     pad_dim,
+    sm_count,
 )
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
@@ -422,18 +421,6 @@ _COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at on
 # capacity per split, at most MAX_SPLITS splits.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 256
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessor count of a CUDA device (cached); 8 for other devices (the interpreter)."""
-    if device.type != "cuda":
-        return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def block_m(group: int, seqlen_q: int) -> int:

@@ -29,10 +29,11 @@ from .common import (
     on_tensor_device,
     pad_dim,
     seq_bucket,
+    sm_count,
     varlen_diag,
     wide_offsets,
 )
-from .decode import _MAX_BLOCK_M, decode_fwd, sm_count
+from .decode import _MAX_BLOCK_M, decode_fwd
 
 
 @triton.jit
