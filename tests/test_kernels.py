@@ -244,6 +244,13 @@ def run_case(p):
     checks["masked rows out"] = [rows_out[masked].abs().max().item() if masked.any() else 0.0, 0.0]
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
+    if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
+        from ringflash.kernels.common import use_tma
+
+        setting = os.environ.get("RINGFLASH_TMA", "")
+        hopper = dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+        expect = setting == "1" or (hopper and setting != "0")
+        checks["TMA route"] = [float(use_tma(q, k, v) != expect), 0.0]
     if "split_kv" in p:  # whether the forward took the split-KV decode kernel (few rows, long context)
         from ringflash.kernels import fwd
 
@@ -268,8 +275,8 @@ def _worker_main():
 
 
 class _Worker:
-    def __init__(self):
-        env = dict(os.environ, TRITON_INTERPRET="1")
+    def __init__(self, **extra_env):
+        env = dict(os.environ, TRITON_INTERPRET="1", **extra_env)
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker"],
@@ -300,7 +307,16 @@ class _Worker:
 def interp():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    w = _Worker()
+    w = _Worker(RINGFLASH_TMA="0")
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def interp_tma():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    w = _Worker(RINGFLASH_TMA="1")  # the tensor-descriptor code that Hopper runs
     yield w
     w.close()
 
@@ -389,6 +405,15 @@ CPU_CASES = [
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_case_id(c) for c in CPU_CASES])
 def test_kernels_interpreter(interp, case):
     _assert_checks(interp.run(case), _case_id(case))
+
+
+# The 16-bit cases again with TMA descriptors in the kernels (zero-filled tails instead of masks).
+TMA_CASES = [c for c in CPU_CASES if c["dtype"] != "fp32" and not c.get("split_kv")]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
+def test_kernels_interpreter_tma(interp_tma, case):
+    _assert_checks(interp_tma.run(case), _case_id(case))
 
 
 GPU_CASES = [

@@ -27,6 +27,7 @@ from .common import (
     on_tensor_device,
     pad_dim,
     seq_bucket,
+    use_tma,
     varlen_diag,
     wide_offsets,
 )
@@ -132,7 +133,7 @@ def _prune(table):
     return prune
 
 
-_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"]
+_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
     key=_KEY,
@@ -262,6 +263,7 @@ def attn_bwd(
         WIDE=wide_offsets(q, k, v, dout, dq, dk, dv),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
+        TMA=use_tma(q, k, v, dout),
     )
     diag_p = diag_t if diag_t is not None else q
     dkdv_args = (

@@ -20,8 +20,8 @@ def _dkdv_inner(
     dv,
     k,
     v,
-    q_ptrs,
-    do_ptrs,
+    q_src,
+    do_src,
     lse_ptrs,
     delta_ptrs,
     stride_qs,
@@ -50,25 +50,31 @@ def _dkdv_inner(
     DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    # q_src / do_src: TMA descriptors of this query head's rows (zero-filled past the sequence and
+    # the head dim), else pointer tiles at its first row.
     for i0 in range(i_start, i_end, BLOCK_M):
         offs_i = i0 + offs_m
         row = offs_i < seqlen_q
-        if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+        if TMA:
+            q = q_src.load([i0, 0])
+            do = do_src.load([i0, 0])
+        elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
             q = tl.load(
-                q_ptrs + i0 * stride_qs,
+                q_src + i0 * stride_qs,
                 mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
                 other=0.0,
             )
             do = tl.load(
-                do_ptrs + i0 * stride_dos,
+                do_src + i0 * stride_dos,
                 mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
                 other=0.0,
             )
         else:
-            q = tl.load(q_ptrs + i0 * stride_qs)
-            do = tl.load(do_ptrs + i0 * stride_dos)
+            q = tl.load(q_src + i0 * stride_qs)
+            do = tl.load(do_src + i0 * stride_dos)
         lse = tl.load(lse_ptrs + i0 * stride_ls, mask=row, other=0.0)
         delta = tl.load(delta_ptrs + i0 * stride_es, mask=row, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -154,6 +160,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -208,27 +215,24 @@ def _attn_bwd_dkdv_kernel(
     start, full_start, full_end, end = _block_ranges(j0, seqlen_q, -hi, -lo, HAS_HI, HAS_LO, BLOCK_N, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
-        q_ptrs = (
-            Q
-            + b.to(tl.int64) * stride_qb
-            + q_start.to(tl.int64) * stride_qs
-            + h * stride_qh
-            + offs_m[:, None] * stride_qs
-            + offs_d[None, :] * stride_qd
-        )
-        do_ptrs = (
-            DO
-            + b.to(tl.int64) * stride_dob
-            + q_start.to(tl.int64) * stride_dos
-            + h * stride_doh
-            + offs_m[:, None] * stride_dos
-            + offs_dv[None, :] * stride_dod
-        )
+        q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+        do_seq = DO + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
+        if TMA:
+            n_rows = tl.maximum(seqlen_q, 1)  # a descriptor needs a nonempty shape
+            q_src = tl.make_tensor_descriptor(
+                q_seq, shape=[n_rows, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, D_PAD]
+            )
+            do_src = tl.make_tensor_descriptor(
+                do_seq, shape=[n_rows, HEAD_DIM_V], strides=[stride_dos, 1], block_shape=[BLOCK_M, DV_PAD]
+            )
+        else:
+            q_src = q_seq + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+            do_src = do_seq + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod
         lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
         delta_ptrs = DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es
         args = (
-            q_ptrs,
-            do_ptrs,
+            q_src,
+            do_src,
             lse_ptrs,
             delta_ptrs,
             qs,
@@ -264,6 +268,7 @@ def _attn_bwd_dkdv_kernel(
             DV_PAD,
             DOT_PREC,
             DOT_F32,
+            TMA,
             BLOCK_M,
         )
         dk, dv = _dkdv_inner(
@@ -290,6 +295,7 @@ def _attn_bwd_dkdv_kernel(
             DV_PAD,
             DOT_PREC,
             DOT_F32,
+            TMA,
             BLOCK_M,
         )
         dk, dv = _dkdv_inner(
@@ -316,6 +322,7 @@ def _attn_bwd_dkdv_kernel(
             DV_PAD,
             DOT_PREC,
             DOT_F32,
+            TMA,
             BLOCK_M,
         )
     dk = dk * sm_scale

@@ -20,8 +20,8 @@ def _dq_inner(
     do,
     lse2,
     delta,
-    k_ptrs,
-    v_ptrs,
+    k_src,
+    v_src,
     stride_ks,
     stride_vs,
     offs_m,
@@ -46,25 +46,31 @@ def _dq_inner(
     DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # k_src / v_src: TMA descriptors of the sequence's K/V (zero-filled past its end and past the
+    # head dim), else pointer tiles at its first key.
     for j0 in range(j_start, j_end, BLOCK_N):
         offs_j = j0 + offs_n
         kv_row = offs_j[:, None] < seqlen_k
-        if MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+        if TMA:
+            k = k_src.load([j0, 0])
+            v = v_src.load([j0, 0])
+        elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
             k = tl.load(
-                k_ptrs + j0 * stride_ks,
+                k_src + j0 * stride_ks,
                 mask=kv_row & (offs_d[None, :] < HEAD_DIM),
                 other=0.0,
             )
             v = tl.load(
-                v_ptrs + j0 * stride_vs,
+                v_src + j0 * stride_vs,
                 mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
                 other=0.0,
             )
         else:
-            k = tl.load(k_ptrs + j0 * stride_ks)
-            v = tl.load(v_ptrs + j0 * stride_vs)
+            k = tl.load(k_src + j0 * stride_ks)
+            v = tl.load(v_src + j0 * stride_vs)
         s, t = _scores(q, k, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -140,6 +146,7 @@ def _attn_bwd_dq_kernel(
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if HAS_HI:
@@ -207,26 +214,23 @@ def _attn_bwd_dq_kernel(
         other=0.0,
     )
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    k_ptrs = (
-        K
-        + b.to(tl.int64) * stride_kb
-        + k_start.to(tl.int64) * stride_ks
-        + hk * stride_kh
-        + offs_n[:, None] * stride_ks
-        + offs_d[None, :] * stride_kd
-    )
-    v_ptrs = (
-        V
-        + b.to(tl.int64) * stride_vb
-        + k_start.to(tl.int64) * stride_vs
-        + hk * stride_vh
-        + offs_n[:, None] * stride_vs
-        + offs_dv[None, :] * stride_vd
-    )
+    k_seq = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    v_seq = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    if TMA:
+        n_keys = tl.maximum(seqlen_k, 1)  # a descriptor needs a nonempty shape; no block is read then
+        k_src = tl.make_tensor_descriptor(
+            k_seq, shape=[n_keys, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, D_PAD]
+        )
+        v_src = tl.make_tensor_descriptor(
+            v_seq, shape=[n_keys, HEAD_DIM_V], strides=[stride_vs, 1], block_shape=[BLOCK_N, DV_PAD]
+        )
+    else:
+        k_src = k_seq + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+        v_src = v_seq + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, do, lse2, delta, k_ptrs, v_ptrs, ks, vs, offs_m, offs_n, offs_d, offs_dv)
+    args = (q, do, lse2, delta, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     dq = _dq_inner(
         dq,
         *args,
@@ -248,6 +252,7 @@ def _attn_bwd_dq_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
     dq = _dq_inner(
@@ -271,6 +276,7 @@ def _attn_bwd_dq_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
     dq = _dq_inner(
@@ -294,6 +300,7 @@ def _attn_bwd_dq_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
     dq = dq * sm_scale

@@ -11,6 +11,7 @@ attention skip the blocks that its position offsets mask out.
 from __future__ import annotations
 
 import functools
+import os
 
 # Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
 # exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
@@ -187,3 +188,59 @@ def on_tensor_device(fn):
         return fn(first, *args, **kwargs)
 
     return wrapper
+
+
+# Tensor-memory-accelerator (TMA) loads: kernels built with ``TMA`` read their streamed tiles
+# through device-side tensor descriptors (Hopper's bulk asynchronous copies) instead of pointer
+# tiles. ``RINGFLASH_TMA=0`` turns them off, ``=1`` also runs them under the interpreter (tests);
+# unset, they are on for CUDA devices of compute capability 9.0 and newer.
+_TMA_ENV = "RINGFLASH_TMA"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_device(device: torch.device, setting: str) -> bool:
+    if setting == "1":
+        return True
+    if setting == "0" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    # A descriptor's base address and every stride but the last must be multiples of 16 bytes.
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether a launch on these (fp16/bf16) tensors may use TMA descriptors; sets Triton's
+    scratch allocator, which device-side descriptors need, when none is set."""
+    setting = os.environ.get(_TMA_ENV, "")
+    t0 = tensors[0]
+    if t0.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(t0.device, setting):
+        return False
+    if not all(_tma_aligned(t) for t in tensors):
+        return False
+    if t0.device.type == "cuda":
+        _ensure_allocator()
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    # Descriptors are written to this per-launch scratch (128 bytes a program); torch's caching
+    # allocator serves it on the current device and stream, also inside CUDA-graph capture.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    # Triton keeps its allocator in a context variable: a thread that never set one (autograd's
+    # backward thread, a user's worker) starts with the null allocator. A caller's own allocator
+    # is left in place.
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

@@ -30,6 +30,7 @@ from .common import (
     pad_dim,
     seq_bucket,
     sm_count,
+    use_tma,
     varlen_diag,
     wide_offsets,
 )
@@ -42,8 +43,8 @@ def _fwd_inner(
     l_i,
     m_i,
     q,
-    k_ptrs,
-    v_ptrs,
+    k_src,
+    v_src,
     stride_ks,
     stride_vs,
     offs_m,
@@ -69,28 +70,34 @@ def _fwd_inner(
     DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # k_src / v_src: tensor descriptors of this sequence's K/V rows (TMA: rows past seqlen_k and
+    # columns past the head dim read as 0), else pointer tiles at its first key.
     for j0 in range(j_start, j_end, BLOCK_N):
         offs_j = j0 + offs_n
-        if MASKED:
+        if TMA:
+            k = k_src.load([j0, 0])
+            v = v_src.load([j0, 0])
+        elif MASKED:
             kv_row = offs_j[:, None] < seqlen_k
             k = tl.load(
-                k_ptrs + j0 * stride_ks,
+                k_src + j0 * stride_ks,
                 mask=kv_row & (offs_d[None, :] < HEAD_DIM),
                 other=0.0,
             )
             v = tl.load(
-                v_ptrs + j0 * stride_vs,
+                v_src + j0 * stride_vs,
                 mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
                 other=0.0,
             )
         elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
-            k = tl.load(k_ptrs + j0 * stride_ks)
-            v = tl.load(v_ptrs + j0 * stride_vs)
+            k = tl.load(k_src + j0 * stride_ks)
+            v = tl.load(v_src + j0 * stride_vs)
         else:
-            k = tl.load(k_ptrs + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
         if SOFTCAP:
             s = _tanh(s * cap_scale) * cap_out
@@ -172,6 +179,7 @@ def _attn_fwd_kernel(
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     # Causal row blocks get cheaper as the block index falls: launch the expensive ones first so
     # the last wave is short.
@@ -217,10 +225,26 @@ def _attn_fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + q_row0.to(tl.int64) * stride_qs + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
-    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    if TMA:
+        # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
+        # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
+        q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+        q_desc = tl.make_tensor_descriptor(
+            q_seq, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, D_PAD]
+        )
+        q = q_desc.load([i0, 0])
+        n_keys = tl.maximum(seqlen_k, 1)  # a descriptor needs a nonempty shape; no block is read then
+        k_src = tl.make_tensor_descriptor(
+            k_base, shape=[n_keys, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, D_PAD]
+        )
+        v_src = tl.make_tensor_descriptor(
+            v_base, shape=[n_keys, HEAD_DIM_V], strides=[stride_vs, 1], block_shape=[BLOCK_N, DV_PAD]
+        )
+    else:
+        q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+        v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
 
     qk_scale = sm_scale * 1.4426950408889634
     cap_scale = 0.0
@@ -233,7 +257,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, k_ptrs, v_ptrs, ks, vs, offs_m, offs_n, offs_d, offs_dv)
+    args = (q, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     acc, l_i, m_i = _fwd_inner(
         acc,
         l_i,
@@ -258,6 +282,7 @@ def _attn_fwd_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
     acc, l_i, m_i = _fwd_inner(
@@ -284,6 +309,7 @@ def _attn_fwd_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
     acc, l_i, m_i = _fwd_inner(
@@ -310,6 +336,7 @@ def _attn_fwd_kernel(
         DV_PAD,
         DOT_PREC,
         DOT_F32,
+        TMA,
         BLOCK_N,
     )
 
@@ -374,7 +401,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN"],
+    key=["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
@@ -525,6 +552,7 @@ def attn_fwd(
         WIDE=wide_offsets(q, k, v, out),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
+        TMA=use_tma(q, k, v),
     )
     if q.device.type == "cpu":
         grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
