@@ -54,8 +54,13 @@ def _dkdv_inner(
     BLOCK_M: tl.constexpr,
 ):
     # q_src / do_src: TMA descriptors of this query head's rows (zero-filled past the sequence and
-    # the head dim), else pointer tiles at its first row.
-    for i0 in range(i_start, i_end, BLOCK_M):
+    # the head dim), else pointer tiles at its first row. Blocks run last to first: under a causal
+    # mask every program ends its rows at the sequence's end, so programs that start together
+    # read the same query blocks at the same time (shared through L2), where first-to-last order
+    # starts each at its own diagonal and no two read the same block at once.
+    n_blocks = tl.cdiv(i_end - i_start, BLOCK_M)
+    for it in range(0, n_blocks):
+        i0 = i_start + (n_blocks - 1 - it) * BLOCK_M
         offs_i = i0 + offs_m
         row = offs_i < seqlen_q
         if TMA:
@@ -250,8 +255,8 @@ def _attn_bwd_dkdv_kernel(
             k,
             v,
             *args,
-            start,
-            full_start,
+            full_end,
+            end,
             seqlen_q,
             seqlen_k,
             lo,
@@ -304,8 +309,8 @@ def _attn_bwd_dkdv_kernel(
             k,
             v,
             *args,
-            full_end,
-            end,
+            start,
+            full_start,
             seqlen_q,
             seqlen_k,
             lo,
