@@ -11,7 +11,10 @@ importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward 
 SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
 inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
 ``--api`` also times the public ``flash_attn_func`` through autograd (custom ops, argument checks,
-its own delta), what a model runs, against the kernels called directly.
+its own delta), what a model runs, against the kernels called directly. Every row of the main
+table also gives our output's and gradients' relative L2 error against FA2's on the same inputs.
+With ``RINGFLASH_TMA=0`` in the environment our kernels load tiles through pointers instead of TMA
+descriptors (run the script twice to compare).
 """
 
 from __future__ import annotations
@@ -139,21 +142,30 @@ def main():
                 ]
                 if args.api:
                     methods.append(("api", _api, ()))
+                checked = {}  # ours and FA2: (out [B, S, H, D], grads) for the error columns
                 for name, make, extra in methods:
                     try:
                         fwd, bwd = make(q, k, v, causal, dout, *extra)
+                        if name in ("ours", "fa2"):
+                            o = fwd()
+                            checked[name] = (o[0] if isinstance(o, tuple) else o.transpose(1, 2), bwd())
                         row[name + "_fwd"] = f / _bench(fwd) * 1e-9
                         row[name + "_bwd"] = 2.5 * f / _bench(bwd) * 1e-9  # bwd 2.5x fwd flops
                     except Exception as e:  # a backend missing on this build: report, keep going
                         print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
                         row[name + "_fwd"] = row[name + "_bwd"] = float("nan")
+                ok = len(checked) == 2
+                row["err_fwd"] = _rel_err([checked["ours"][0]], [checked["fa2"][0]]) if ok else float("nan")
+                row["err_bwd"] = _rel_err(checked["ours"][1], checked["fa2"][1]) if ok else float("nan")
+                del checked
                 rows.append(row)
                 print("measured", {k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()})
                 torch.cuda.empty_cache()
 
     hdr = (
         f"{'D':>4} {'causal':>6} {'S':>6} {'B':>3} {'H':>3} | {'fwd ours':>8} {'fa2':>5} {'cudnn':>5} "
-        f"{'/fa2':>5} {'/cudnn':>6} | {'bwd ours':>8} {'fa2':>5} {'cudnn':>5} {'/fa2':>5} {'/cudnn':>6}"
+        f"{'/fa2':>5} {'/cudnn':>6} | {'bwd ours':>8} {'fa2':>5} {'cudnn':>5} {'/fa2':>5} {'/cudnn':>6} | "
+        f"{'err fwd':>7} {'err bwd':>7}"
     )
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
@@ -162,7 +174,8 @@ def main():
             f"{r['ours_fwd']:>8.0f} {r['fa2_fwd']:>5.0f} {r['cudnn_fwd']:>5.0f} "
             f"{r['ours_fwd'] / r['fa2_fwd']:>5.2f} {r['ours_fwd'] / r['cudnn_fwd']:>6.2f} | "
             f"{r['ours_bwd']:>8.0f} {r['fa2_bwd']:>5.0f} {r['cudnn_bwd']:>5.0f} "
-            f"{r['ours_bwd'] / r['fa2_bwd']:>5.2f} {r['ours_bwd'] / r['cudnn_bwd']:>6.2f}"
+            f"{r['ours_bwd'] / r['fa2_bwd']:>5.2f} {r['ours_bwd'] / r['cudnn_bwd']:>6.2f} | "
+            f"{r['err_fwd']:>7.1e} {r['err_bwd']:>7.1e}"
         )
     if args.api:
         lines += ["", "public flash_attn_func (autograd) against the kernels called directly (ours):"]
@@ -173,7 +186,7 @@ def main():
                 f" ({r['api_bwd'] / r['ours_bwd']:.2f}x ours)"
             )
     table = "\n".join(lines)
-    print("TFLOP/s (bf16; fwd 4bhssd, /2 causal; bwd 2.5x fwd)")
+    print("TFLOP/s (bf16; fwd 4bhssd, /2 causal; bwd 2.5x fwd); err = rel. L2 vs FA2 (out; max of dq/dk/dv)")
     print(table)
     write_csv(os.path.join(args.out, "attention.csv"), rows)
     with open(os.path.join(args.out, "attention_table.txt"), "w") as fh:
