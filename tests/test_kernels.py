@@ -245,12 +245,13 @@ def run_case(p):
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
     if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
-        from ringflash.kernels.common import use_tma
+        from ringflash.kernels.common import _TMA_MIN_SEQLEN, use_tma
 
         setting = os.environ.get("RINGFLASH_TMA", "")
         hopper = dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
-        expect = setting == "1" or (hopper and setting != "0")
-        checks["TMA route"] = [float(use_tma(q, k, v) != expect), 0.0]
+        longest = max(max(p["lens_q"] + p["lens_k"]) if "lens_q" in p else max(p["Sq"], p["Sk"]), 1)
+        expect = setting == "1" or (hopper and setting != "0" and longest >= _TMA_MIN_SEQLEN)
+        checks["TMA route"] = [float(use_tma(q, k, v, seqlen=longest) != expect), 0.0]
     if "split_kv" in p:  # whether the forward took the split-KV decode kernel (few rows, long context)
         from ringflash.kernels import fwd
 
@@ -417,6 +418,9 @@ def test_kernels_interpreter_tma(interp_tma, case):
 
 
 GPU_CASES = [
+    # >= 8192 tokens: the TMA descriptor path on Hopper (shorter calls load through pointers)
+    _pad(1, 8200, 8200, 4, 2, 128, "bf16", causal=True),
+    dict(lens_q=[8193, 77], lens_k=[8193, 77], Hq=4, Hk=4, D=80, dtype="fp16", causal=True),
     _pad(2, 1000, 1000, 8, 2, 128, "bf16", causal=True),
     _pad(2, 1000, 1000, 16, 16, 64, "fp16"),
     _pad(1, 2049, 1023, 8, 8, 64, "bf16", causal=True, expect_masked=True),

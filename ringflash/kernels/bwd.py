@@ -263,7 +263,7 @@ def attn_bwd(
         WIDE=wide_offsets(q, k, v, dout, dq, dk, dv),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
-        TMA=use_tma(q, k, v, dout),
+        TMA=use_tma(q, k, v, dout, seqlen=max(Sq, Sk)),
     )
     diag_p = diag_t if diag_t is not None else q
     dkdv_args = (

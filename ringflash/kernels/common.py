@@ -192,9 +192,14 @@ def on_tensor_device(fn):
 
 # Tensor-memory-accelerator (TMA) loads: kernels built with ``TMA`` read their streamed tiles
 # through device-side tensor descriptors (Hopper's bulk asynchronous copies) instead of pointer
-# tiles. ``RINGFLASH_TMA=0`` turns them off, ``=1`` also runs them under the interpreter (tests);
-# unset, they are on for CUDA devices of compute capability 9.0 and newer.
+# tiles. ``RINGFLASH_TMA=0`` turns them off, ``=1`` turns them on for every length and also under
+# the interpreter (tests); unset, they are on for CUDA devices of compute capability 9.0 and newer
+# when the longer side of the call has at least ``_TMA_MIN_SEQLEN`` tokens. Each program builds its
+# descriptors once, a fixed cost that short loops do not earn back: on an H100 at head dim 128,
+# TMA made the forward 6-10% slower at 1k tokens and 2-10% faster at 16k, the backward 8% faster
+# at 16k and even at 1k-4k (benchmarks/RESULTS.md).
 _TMA_ENV = "RINGFLASH_TMA"
+_TMA_MIN_SEQLEN = 8192
 
 
 @functools.cache
@@ -216,12 +221,15 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
-def use_tma(*tensors: torch.Tensor) -> bool:
-    """Whether a launch on these (fp16/bf16) tensors may use TMA descriptors; sets Triton's
-    scratch allocator, which device-side descriptors need, when none is set."""
+def use_tma(*tensors: torch.Tensor, seqlen: int) -> bool:
+    """Whether a launch on these (fp16/bf16) tensors, whose longer side has ``seqlen`` tokens,
+    uses TMA descriptors; sets Triton's scratch allocator, which device-side descriptors need,
+    when none is set."""
     setting = os.environ.get(_TMA_ENV, "")
     t0 = tensors[0]
     if t0.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(t0.device, setting):
+        return False
+    if setting != "1" and seqlen < _TMA_MIN_SEQLEN:
         return False
     if not all(_tma_aligned(t) for t in tensors):
         return False

@@ -552,7 +552,7 @@ def attn_fwd(
         WIDE=wide_offsets(q, k, v, out),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
-        TMA=use_tma(q, k, v),
+        TMA=use_tma(q, k, v, seqlen=max(Sq, Sk)),
     )
     if q.device.type == "cpu":
         grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
