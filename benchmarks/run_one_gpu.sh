@@ -6,7 +6,7 @@
 #   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
 #   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN,
 #              and the public flash_attn_func through autograd)
-#   ktests     the CUDA kernel tests (every case, autotuned; 64-bit offsets) and the CLI's
+#   ktests     the CUDA kernel tests (every case, one tile per kernel; 64-bit offsets) and the CLI's
 #   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched),
 #              then zigzag at W = 4, 8 timed on the synced wall clock, to compare
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
@@ -28,8 +28,9 @@ want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/d
 SWEEP_S=${SWEEP_S:-$(($(left) - 20))}
 want sweep && stage sweep $((SWEEP_S + 20)) python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$SWEEP_S" ${SWEEP_ARGS:-}
 want attention && stage attention 240 python3 benchmarks/bench_attention.py --api --out "$LOG/attention"
-want ktests && stage ktests 400 python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
+# KTESTS_CONFIGS=all autotunes every case (about a minute each) instead of one tile per kernel.
+want ktests && RINGFLASH_TEST_CONFIGS=${KTESTS_CONFIGS:-one} stage ktests 400 python3 -m pytest -q \
+    -p no:cacheprovider -rs tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
 want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --out "$LOG/ring"
 # The same zigzag rows timed the old way (synced wall clock: host launch time counts), to compare.
 want ring && stage ring_wall 100 python3 benchmarks/bench_ring.py --reps 3 --no-write --timing wall \
