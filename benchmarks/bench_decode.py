@@ -24,7 +24,7 @@ graph replays: every method (ours, both SDPA backends) is captured once and repl
 compares GPU time, not Python launch overhead (our launcher is Python; at small contexts its
 eager time is host bound, shown in the ``eager`` column).
 
-Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep]``. Prints the GPU,
+Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints the GPU,
 versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is importable).
 """
 
@@ -241,11 +241,53 @@ def sweep(bw):
         del q, kc, vc
 
 
+def layers_step_us(layers=32, s=4096):
+    """A decoding step through ``layers`` layers, each with its own cache (B=1, 4k), captured in one
+    CUDA graph, as a model's step runs: no L2 flush and no cache left in L2 from the call before
+    (32 caches of 16.8 MB), kernels back to back. Per layer, us: ``(ours append+attend, ours attend,
+    cuDNN attend)``."""
+    caches = [_inputs(1, s) for _ in range(layers)]
+    for c in caches:
+        c[3].sub_(1)
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+
+    def step():
+        for q, kc, vc, lens in caches:
+            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+
+    attend = [ours_fn(q, kc, vc, lens) for q, kc, vc, lens in caches]
+    cudnn = [sdpa_fn(q, kc, vc, SDPBackend.CUDNN_ATTENTION)[0] for q, kc, vc, lens in caches]
+    out = []
+    for fns in ([step], attend, cudnn):
+        if any(f is None for f in fns):
+            out.append(float("nan"))
+            continue
+        r = graphed(lambda fns=fns: [f() for f in fns])
+        out.append(triton.testing.do_bench(r, warmup=10, rep=200, return_mode="median") * 1e3 / layers)
+    return tuple(out)
+
+
+def splits_probe(contexts=(16384, 32768), splits=(16, 24, 32, 33, 48, 66), rounds=3):
+    """B=1: graph-replayed us of our kernel at several split counts beside cuDNN, interleaved over
+    ``rounds`` rounds (medians) so clock drift hits every column alike."""
+    print("# splits probe, B=1, us (median of rounds): " + " ".join(f"s{n}" for n in splits) + " cudnn")
+    for s in contexts:
+        q, kc, vc, lens = _inputs(1, s)
+        fns = [graphed(ours_fn(q, kc, vc, lens, num_splits=n)) for n in splits]
+        fns.append(graphed(sdpa_fn(q, kc, vc, SDPBackend.CUDNN_ATTENTION)[0]))
+        times = [[_bench(f) for f in fns] for _ in range(rounds)]
+        med = [sorted(col)[len(col) // 2] for col in zip(*times, strict=True)]
+        print(f"S={s:6d} " + " ".join(f"{t:6.1f}" for t in med))
+        del q, kc, vc, lens, fns
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
+    ap.add_argument("--probe", action="store_true", help="only: split counts at B=1 16k/32k, layered step")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
@@ -254,6 +296,14 @@ def main():
     print(f"copy bandwidth {bw:.0f} GB/s (2 GiB device-to-device, read + write)")
     if args.sweep:
         sweep(bw)
+    if args.probe:
+        splits_probe()
+        us = layers_step_us()
+        print(
+            "## 32 layers' decoding steps in one CUDA graph (B=1, 4k each), us per layer: ours append+attend"
+            " {:.1f}, ours attend {:.1f}, cuDNN attend {:.1f}".format(*us)
+        )
+        return
     free = torch.cuda.mem_get_info()[0]
     ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]
     rows = []
