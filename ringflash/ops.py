@@ -2,8 +2,10 @@
 
 The forward saves ``(q, k, v, out, lse)`` and the backward recomputes the probabilities from the
 LSE (flash attention's recomputation). Both directions are ``torch.library`` custom ops so that
-``torch.compile(fullgraph=True)`` traces models that call them. The backend (Triton kernels or the
-blockwise PyTorch path) is chosen per call by ``ringflash.backends`` and passed into the op.
+``torch.compile(fullgraph=True)`` traces models that call them; eager calls take an equivalent
+``autograd.Function`` that skips the custom-op dispatch (host time that short calls notice). The
+backend (Triton kernels or the blockwise PyTorch path) is chosen per call by ``ringflash.backends``
+and passed into the op.
 
 A gradient that flows into the returned LSE is honoured: since d lse / d s = p, it folds into the
 backward's ``delta = rowsum(dout * out)`` as ``delta - dlse``.
@@ -222,6 +224,38 @@ def _varlen_backward(ctx, dout, dlse):
 _attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
+# ---------------------------------------------------------------- eager calls
+
+
+class _EagerAttn(torch.autograd.Function):
+    """What the custom ops above compute, for eager calls (padded, or packed with ``cu_q``):
+    the custom-op dispatch costs tens of microseconds of host time per call (argument defaults,
+    redispatch, a torch.compile guard), which a short attention call notices. torch.compile
+    traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k):
+        kw = _opts(scale, causal, wl, wr, softcap)
+        if cu_q is not None:
+            kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kw, ctx.backend = kw, backend
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        be = get_backend(ctx.backend)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = be.attn_bwd_delta(dout, out, packed="cu_seqlens_q" in ctx.kw)
+        if dlse is not None:
+            delta = (delta - dlse).contiguous()
+        dq, dk, dv = be.attn_bwd(dout, q, k, v, out, lse, delta=delta, **ctx.kw)
+        return (dq, dk, dv) + (None,) * 10
+
+
 # ---------------------------------------------------------------- public functions
 
 
@@ -272,7 +306,11 @@ def flash_attn_func(
     wl, wr = check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     check_qkv(q, k, v)
     scale = _resolve_scale(softmax_scale, q)
-    out, lse = _attn_fwd(q, k, v, scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
+    args = (q, k, v, scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
+    if torch.compiler.is_compiling():
+        out, lse = _attn_fwd(*args)
+    else:
+        out, lse = _EagerAttn.apply(*args, None, None, 0, 0)
     return _finish(out, lse, return_attn_probs)
 
 
@@ -321,21 +359,12 @@ def flash_attn_varlen_func(
     check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
     check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
     scale = _resolve_scale(softmax_scale, q)
-    out, lse = _attn_varlen_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        int(max_seqlen_q),
-        int(max_seqlen_k),
-        scale,
-        bool(causal),
-        wl,
-        wr,
-        float(softcap),
-        backend_name(q.device),
-    )
+    opts = (scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
+    lens = (int(max_seqlen_q), int(max_seqlen_k))
+    if torch.compiler.is_compiling():
+        out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
+    else:
+        out, lse = _EagerAttn.apply(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
     return _finish(out, lse, return_attn_probs)
 
 

@@ -155,9 +155,13 @@ def _scores(a, b, sm_scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constex
 def wide_offsets(*tensors) -> bool:
     """True when an element offset inside some tensor can pass 2^31 - 1 (int32 index arithmetic
     would wrap): the kernels then step through tokens in 64 bits."""
-    return any(
-        sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1 for t in tensors
-    )
+    for t in tensors:  # plain loops: this runs on every launch, and generators cost host time
+        last = 0
+        for n, st in zip(t.shape, t.stride(), strict=True):
+            last += (n - 1) * st
+        if last >= 2**31 - 1:
+            return True
+    return False
 
 
 @functools.cache

@@ -501,14 +501,20 @@ def attn_fwd(
         if not accumulate and _split_kv_pays(q, k, v, B, Sq, Sk):
             return _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap)
     if not accumulate:
-        # Packed rows outside every sequence (if any) must still read as "no key".
-        alloc = torch.zeros if packed else torch.empty
-        out = alloc(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-        lse_shape = (Hq, q.shape[0]) if packed else (B, Hq, Sq)
-        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+        # Packed rows outside every sequence (if any) must still read as "no key"; padded rows are
+        # all written by the kernel.
+        if packed:
+            out = torch.zeros(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
+            lse = torch.full((Hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        else:
+            out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
+            lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     else:
         assert out.dtype == torch.float32 and lse.dtype == torch.float32
     if B == 0 or Sq == 0 or q.numel() == 0:
+        if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
+            out.zero_()
+            lse.fill_(float("-inf"))
         return out, lse
     lse_strides = (0, *lse.stride()) if packed else lse.stride()
     cu_q = cu_seqlens_q if packed else q  # dummy pointers when unused
