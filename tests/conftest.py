@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -15,3 +17,17 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK_Q", 16)
     monkeypatch.setattr(blockwise, "BLOCK_K", 8)
     monkeypatch.setattr(blockwise, "SCORE_BUDGET", 0)
+
+
+@pytest.fixture(autouse=True)
+def _backend_from_env():
+    """``RINGFLASH_TEST_BACKEND=triton`` runs every test's local attention calls on that backend
+    (with ``TRITON_INTERPRET=1`` on CPU: the local suite through the Triton kernels)."""
+    name = os.environ.get("RINGFLASH_TEST_BACKEND")
+    if not name:
+        yield
+        return
+    from ringflash import use_backend
+
+    with use_backend(name):
+        yield

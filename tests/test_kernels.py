@@ -597,8 +597,8 @@ print("same")
 
 def test_ops_autograd_through_triton_backend_under_interpreter():
     """flash_attn_func / flash_attn_varlen_func with autograd on the Triton backend (the delta
-    kernel, dK/dV and dQ through the custom ops, an LSE gradient folded into delta) match the
-    PyTorch backend; under the interpreter at a small shape."""
+    kernel, dK/dV and dQ, an LSE gradient folded into delta) match the PyTorch backend; under the
+    interpreter at a small shape."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -606,3 +606,22 @@ def test_ops_autograd_through_triton_backend_under_interpreter():
         [sys.executable, "-c", _OPS_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0 and "same" in r.stdout, r.stderr[-3000:]
+
+
+def test_local_suite_through_triton_backend_under_interpreter():
+    """The whole local test suite (``tests/test_local.py``: masks, GQA, varlen, softcap, odd
+    lengths, fully masked rows, LSE gradients, torch.compile) with every call on the Triton kernels
+    under the interpreter (``RINGFLASH_TEST_BACKEND``, see conftest.py)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", RINGFLASH_TEST_BACKEND="triton")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_local.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    tail = r.stdout[-3000:]
+    assert r.returncode == 0 and " passed" in tail and "failed" not in tail and "error" not in tail, tail
