@@ -10,6 +10,7 @@ versions and a table to stdout; writes ``attention.csv`` and ``attention.png`` (
 importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward (ours and both
 SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
 inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
+``--fwd-only`` times the forward only (the backward columns print nan).
 ``--api`` also times the public ``flash_attn_func`` through autograd (custom ops, argument checks,
 its own delta), what a model runs, against the kernels called directly. Every row of the main
 table also gives our output's and gradients' relative L2 error against FA2's on the same inputs.
@@ -117,6 +118,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only seqlen 4k")
     ap.add_argument("--exclude", default="", help="autotune configs to drop, e.g. 'fwd:1,dq:3' (diagnosis)")
     ap.add_argument("--bwd-only", action="store_true", help="backward only: ours, fa2, cudnn")
+    ap.add_argument("--fwd-only", action="store_true", help="main table without the backward columns")
     ap.add_argument("--dims", default="64,128", help="head dims, e.g. '128'")
     ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
     args = ap.parse_args()
@@ -148,15 +150,17 @@ def main():
                         fwd, bwd = make(q, k, v, causal, dout, *extra)
                         if name in ("ours", "fa2"):
                             o = fwd()
-                            checked[name] = (o[0] if isinstance(o, tuple) else o.transpose(1, 2), bwd())
+                            grads = None if args.fwd_only else bwd()
+                            checked[name] = (o[0] if isinstance(o, tuple) else o.transpose(1, 2), grads)
                         row[name + "_fwd"] = f / _bench(fwd) * 1e-9
-                        row[name + "_bwd"] = 2.5 * f / _bench(bwd) * 1e-9  # bwd 2.5x fwd flops
+                        row[name + "_bwd"] = float("nan") if args.fwd_only else 2.5 * f / _bench(bwd) * 1e-9
                     except Exception as e:  # a backend missing on this build: report, keep going
                         print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
                         row[name + "_fwd"] = row[name + "_bwd"] = float("nan")
                 ok = len(checked) == 2
                 row["err_fwd"] = _rel_err([checked["ours"][0]], [checked["fa2"][0]]) if ok else float("nan")
-                row["err_bwd"] = _rel_err(checked["ours"][1], checked["fa2"][1]) if ok else float("nan")
+                ok_bwd = ok and not args.fwd_only
+                row["err_bwd"] = _rel_err(checked["ours"][1], checked["fa2"][1]) if ok_bwd else float("nan")
                 del checked
                 rows.append(row)
                 print("measured", {k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()})
