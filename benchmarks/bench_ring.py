@@ -111,7 +111,20 @@ def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
         pbs.append(pb)
     fwd, bwd = _median_profile(pfs[1:]), _median_profile(pbs[1:])
     mean = sum(fwd.rank_time(r) for r in range(world)) / world
-    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), mean
+    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), mean, fwd
+
+
+def print_segments(layout, world, fwd):
+    """Each rank's forward segments (ms) and, per step, the slowest rank: where imbalance sits."""
+    print(f"#   {layout} W={world} forward segments, ms (rank: step 0, 1, ...; * = slowest of its step)")
+    n = max(len(s) for s in fwd.segments)
+    worst = [
+        max(range(world), key=lambda r, i=i: fwd.segments[r][i] if i < len(fwd.segments[r]) else 0.0)
+        for i in range(n)
+    ]
+    for r, segs in enumerate(fwd.segments):
+        cells = " ".join(f"{t * 1e3:7.3f}{'*' if worst[i] == r else ' '}" for i, t in enumerate(segs))
+        print(f"#   rank {r}: {cells}")
 
 
 def _median_profile(profiles):
@@ -141,6 +154,7 @@ def main() -> None:
         "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
+    p.add_argument("--segments", action="store_true", help="print each rank's forward segment times")
     p.add_argument("--out", default=None, help="folder for ring.csv and ring.png")
     p.add_argument(
         "--timing",
@@ -187,7 +201,9 @@ def main() -> None:
         t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
         for layout in a.layouts:
-            t_rank, t_rank_fb, t_mean = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing)
+            t_rank, t_rank_fb, t_mean, prof = ring_times(
+                q, k, v, dout, world, layout, scale, a.reps, a.timing
+            )
             eff, eff_mean, eff_fb = (
                 t_full / (world * t_rank),
                 t_full / (world * t_mean),
@@ -199,6 +215,8 @@ def main() -> None:
                 f"{t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f}"
             )
             rows.append((layout, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
+            if a.segments:
+                print_segments(layout, world, prof)
     print("\n# When does communication hide? Per step and rank (forward):")
     kv_bytes, blk_flops = 2 * L * Hk * D * elem, 4 * L * L * Hq * D
     print(

@@ -31,7 +31,7 @@ want attention && stage attention 240 python3 benchmarks/bench_attention.py --ap
 # KTESTS_CONFIGS=all autotunes every case (about a minute each) instead of one tile per kernel.
 want ktests && RINGFLASH_TEST_CONFIGS=${KTESTS_CONFIGS:-one} stage ktests 400 python3 -m pytest -q \
     -p no:cacheprovider -rs tests/test_kernels.py tests/test_cli.py -k "cuda or offsets"
-want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --out "$LOG/ring"
+want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --segments --out "$LOG/ring"
 # The same zigzag rows timed the old way (synced wall clock: host launch time counts), to compare.
 want ring && stage ring_wall 100 python3 benchmarks/bench_ring.py --reps 3 --no-write --timing wall \
     --worlds 4 8 --layouts zigzag
