@@ -14,8 +14,8 @@ inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attenti
 ``--api`` also times the public ``flash_attn_func`` through autograd (custom ops, argument checks,
 its own delta), what a model runs, against the kernels called directly. Every row of the main
 table also gives our output's and gradients' relative L2 error against FA2's on the same inputs.
-With ``RINGFLASH_TMA=0`` in the environment our kernels load tiles through pointers instead of TMA
-descriptors (run the script twice to compare).
+``--tma off`` (or ``on``) runs our kernels under ``ringflash.use_tma``: pointer loads instead of TMA
+descriptors (or descriptors at every length); the default is the library's own choice.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import triton
 from bench_io import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import kernels
+from ringflash import kernels, use_tma
 
 
 def _flops(b, h, s, d, causal):
@@ -121,9 +121,15 @@ def main():
     ap.add_argument("--fwd-only", action="store_true", help="main table without the backward columns")
     ap.add_argument("--dims", default="64,128", help="head dims, e.g. '128'")
     ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
+    ap.add_argument("--tma", choices=["auto", "on", "off"], default="auto", help="ringflash.use_tma mode")
     args = ap.parse_args()
-    if args.bwd_only:
-        return main_bwd(args)
+    with use_tma(args.tma):
+        if args.bwd_only:
+            return main_bwd(args)
+        return _main(args)
+
+
+def _main(args):
     _exclude(args.exclude)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()

@@ -49,6 +49,37 @@ def use_backend(name: str):
         _forced.pop()
 
 
+TMA_MODES = ("auto", "on", "off")
+_tma_forced: list[str] = []  # innermost use_tma() choice last (a plain list, as _forced)
+
+
+@contextlib.contextmanager
+def use_tma(mode: str):
+    """Choose how the Triton kernels inside the block load their streamed tiles on Hopper.
+
+    ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
+    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (measured faster
+    for shorter calls, see benchmarks/RESULTS.md). ``"on"``: descriptors at every length (and under
+    Triton's interpreter). ``"off"``: pointer loads only.
+
+    Example:
+        >>> with ringflash.use_tma("off"):
+        ...     out = ringflash.flash_attn_func(q, k, v, causal=True)
+    """
+    if mode not in TMA_MODES:
+        raise ValueError(f"unknown TMA mode {mode!r}: expected one of {TMA_MODES}")
+    _tma_forced.append(mode)
+    try:
+        yield
+    finally:
+        _tma_forced.pop()
+
+
+def tma_mode() -> str:
+    """The ``use_tma`` mode in force now (``"auto"`` outside any block)."""
+    return _tma_forced[-1] if _tma_forced else "auto"
+
+
 def backend_name(device: torch.device) -> str:
     """The backend that a call on ``device`` uses now."""
     if _forced:

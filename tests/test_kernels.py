@@ -209,7 +209,10 @@ def run_case(p):
         B, Sq, Sk = p["B"], p["Sq"], p["Sk"]
         q, k, v, dout = rnd(B, Sq, Hq, D), rnd(B, Sk, Hk, D), rnd(B, Sk, Hk, Dv), rnd(B, Sq, Hq, Dv)
     scale = D**-0.5
-    out, lse, dq, dk, dv = _kernel(p, q, k, v, dout, scale)
+    from ringflash.backends import use_tma
+
+    with use_tma(p.get("tma", "auto")):  # "on": the descriptor code Hopper runs, at any length
+        out, lse, dq, dk, dv = _kernel(p, q, k, v, dout, scale)
 
     refs = {}
     for name, upcast, cast in (("ref", True, torch.float64), ("low", False, dt)):
@@ -245,13 +248,15 @@ def run_case(p):
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
     if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
-        from ringflash.kernels.common import _TMA_MIN_SEQLEN, use_tma
+        from ringflash.backends import use_tma
+        from ringflash.kernels.common import _TMA_MIN_SEQLEN, tma_applies
 
-        setting = os.environ.get("RINGFLASH_TMA", "")
+        mode = p.get("tma", "auto")
         hopper = dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
         longest = max(max(p["lens_q"] + p["lens_k"]) if "lens_q" in p else max(p["Sq"], p["Sk"]), 1)
-        expect = setting == "1" or (hopper and setting != "0" and longest >= _TMA_MIN_SEQLEN)
-        checks["TMA route"] = [float(use_tma(q, k, v, seqlen=longest) != expect), 0.0]
+        expect = mode == "on" or (hopper and mode == "auto" and longest >= _TMA_MIN_SEQLEN)
+        with use_tma(mode):
+            checks["TMA route"] = [float(tma_applies(q, k, v, seqlen=longest) != expect), 0.0]
     if "split_kv" in p:  # whether the forward took the split-KV decode kernel (few rows, long context)
         from ringflash.kernels import fwd
 
@@ -276,8 +281,8 @@ def _worker_main():
 
 
 class _Worker:
-    def __init__(self, **extra_env):
-        env = dict(os.environ, TRITON_INTERPRET="1", **extra_env)
+    def __init__(self):
+        env = dict(os.environ, TRITON_INTERPRET="1")
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker"],
@@ -308,16 +313,7 @@ class _Worker:
 def interp():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    w = _Worker(RINGFLASH_TMA="0")
-    yield w
-    w.close()
-
-
-@pytest.fixture(scope="module")
-def interp_tma():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    w = _Worker(RINGFLASH_TMA="1")  # the tensor-descriptor code that Hopper runs
+    w = _Worker()
     yield w
     w.close()
 
@@ -338,7 +334,7 @@ def _case_id(c):
     else:
         s = f"B{c['B']}-S{c['Sq']}" if c["Sq"] == c["Sk"] else f"B{c['B']}-Sq{c['Sq']}-Sk{c['Sk']}"
     s += f"-H{c['Hq']}:{c['Hk']}-D{c['D']}-{c['dtype']}"
-    for flag in ("causal", "accumulate", "qkv_packed", "split_kv"):
+    for flag in ("causal", "accumulate", "qkv_packed", "split_kv", "tma"):
         if c.get(flag):
             s += "-" + flag
     if c.get("window"):
@@ -409,12 +405,12 @@ def test_kernels_interpreter(interp, case):
 
 
 # The 16-bit cases again with TMA descriptors in the kernels (zero-filled tails instead of masks).
-TMA_CASES = [c for c in CPU_CASES if c["dtype"] != "fp32" and not c.get("split_kv")]
+TMA_CASES = [dict(c, tma="on") for c in CPU_CASES if c["dtype"] != "fp32" and not c.get("split_kv")]
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
-def test_kernels_interpreter_tma(interp_tma, case):
-    _assert_checks(interp_tma.run(case), _case_id(case))
+def test_kernels_interpreter_tma(interp, case):
+    _assert_checks(interp.run(case), _case_id(case))
 
 
 GPU_CASES = [

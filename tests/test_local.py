@@ -198,6 +198,21 @@ def test_use_backend_torch_and_unknown():
             pass
 
 
+def test_use_tma_modes_nest_and_unknown_is_an_error():
+    from ringflash.backends import tma_mode
+
+    assert tma_mode() == "auto"
+    with rf.use_tma("off"):
+        with rf.use_tma("on"):
+            assert tma_mode() == "on"
+        assert tma_mode() == "off"
+    assert tma_mode() == "auto"
+    with pytest.raises(ValueError, match="unknown TMA mode"):
+        with rf.use_tma("fast"):
+            pass
+    assert tma_mode() == "auto"
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
 def test_explicit_products_path_matches_oracle(case, small_blocks, monkeypatch):
     """The blockwise path used off-CPU (and for softcap): explicit products, no fused CPU kernel."""

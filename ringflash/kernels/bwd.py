@@ -27,7 +27,7 @@ from .common import (
     on_tensor_device,
     pad_dim,
     seq_bucket,
-    use_tma,
+    tma_applies,
     varlen_diag,
     wide_offsets,
 )
@@ -263,7 +263,7 @@ def attn_bwd(
         WIDE=wide_offsets(q, k, v, dout, dq, dk, dv),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
-        TMA=use_tma(q, k, v, dout, seqlen=max(Sq, Sk)),
+        TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)),
     )
     diag_p = diag_t if diag_t is not None else q
     dkdv_args = (

@@ -11,13 +11,14 @@ attention skip the blocks that its position offsets mask out.
 from __future__ import annotations
 
 import functools
-import os
 
 # Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
 # exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
 import torch
 import triton
 import triton.language as tl
+
+from ..backends import tma_mode
 
 
 @triton.jit
@@ -196,13 +197,12 @@ def on_tensor_device(fn):
 
 # Tensor-memory-accelerator (TMA) loads: kernels built with ``TMA`` read their streamed tiles
 # through device-side tensor descriptors (Hopper's bulk asynchronous copies) instead of pointer
-# tiles. ``RINGFLASH_TMA=0`` turns them off, ``=1`` turns them on for every length and also under
-# the interpreter (tests); unset, they are on for CUDA devices of compute capability 9.0 and newer
-# when the longer side of the call has at least ``_TMA_MIN_SEQLEN`` tokens. Each program builds its
-# descriptors once, a fixed cost that short loops do not earn back: on an H100 at head dim 128,
-# TMA made the forward 6-10% slower at 1k tokens and 2-10% faster at 16k, the backward 8% faster
-# at 16k and even at 1k-4k (benchmarks/RESULTS.md).
-_TMA_ENV = "RINGFLASH_TMA"
+# tiles. ``ringflash.use_tma`` picks the mode: "auto" (the default) uses them on CUDA devices of
+# compute capability 9.0 and newer when the longer side of the call has at least
+# ``_TMA_MIN_SEQLEN`` tokens; "on" at every length and also under the interpreter (tests); "off"
+# never. Each program builds its descriptors once, a fixed cost that short loops do not earn back:
+# on an H100 at head dim 128, TMA made the forward 6-10% slower at 1k tokens and 2-10% faster at
+# 16k, the backward 8% faster at 16k and even at 1k-4k (benchmarks/RESULTS.md).
 _TMA_MIN_SEQLEN = 8192
 
 
@@ -211,10 +211,10 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tma_device(device: torch.device, setting: str) -> bool:
-    if setting == "1":
+def _tma_device(device: torch.device, mode: str) -> bool:
+    if mode == "on":
         return True
-    if setting == "0" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
+    if mode == "off" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
@@ -225,15 +225,15 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
-def use_tma(*tensors: torch.Tensor, seqlen: int) -> bool:
+def tma_applies(*tensors: torch.Tensor, seqlen: int) -> bool:
     """Whether a launch on these (fp16/bf16) tensors, whose longer side has ``seqlen`` tokens,
-    uses TMA descriptors; sets Triton's scratch allocator, which device-side descriptors need,
-    when none is set."""
-    setting = os.environ.get(_TMA_ENV, "")
+    uses TMA descriptors under the current ``ringflash.use_tma`` mode; sets Triton's scratch
+    allocator, which device-side descriptors need, when none is set."""
+    mode = tma_mode()
     t0 = tensors[0]
-    if t0.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(t0.device, setting):
+    if t0.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(t0.device, mode):
         return False
-    if setting != "1" and seqlen < _TMA_MIN_SEQLEN:
+    if mode != "on" and seqlen < _TMA_MIN_SEQLEN:
         return False
     if not all(_tma_aligned(t) for t in tensors):
         return False

@@ -30,7 +30,7 @@ from .common import (
     pad_dim,
     seq_bucket,
     sm_count,
-    use_tma,
+    tma_applies,
     varlen_diag,
     wide_offsets,
 )
@@ -558,7 +558,7 @@ def attn_fwd(
         WIDE=wide_offsets(q, k, v, out),
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
-        TMA=use_tma(q, k, v, seqlen=max(Sq, Sk)),
+        TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)),
     )
     if q.device.type == "cpu":
         grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
