@@ -17,15 +17,17 @@ merges the splits in the last program of each row), timed the same way in the sa
 Also: the step time of a whole decoding step (append one token + attend, causal) at 4k, batch 1,
 captured in a CUDA graph and replayed (one fused kernel, and the three-kernel unfused path); and
 a one-GPU simulation of the sharded path: the local split-KV time of one of N shards plus the
-time of combining N stacked float32 partials (the collective itself is not simulated).
+time of combining N stacked float32 partials (the collective itself is not simulated); and a
+model's decoding step: 32 layers, each with its own 4k cache, captured in one graph (per layer).
 
 Times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed call) of CUDA
 graph replays: every method (ours, both SDPA backends) is captured once and replayed, so the table
 compares GPU time, not Python launch overhead (our launcher is Python; at small contexts its
 eager time is host bound, shown in the ``eager`` column).
 
-Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints the GPU,
-versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is importable).
+Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints
+the GPU, versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
+importable). ``--probe`` only times split counts at batch 1 (16k, 32k) beside cuDNN.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
-    ap.add_argument("--probe", action="store_true", help="only: split counts at B=1 16k/32k, layered step")
+    ap.add_argument("--probe", action="store_true", help="only: split counts at batch 1, 16k and 32k")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
@@ -298,11 +300,6 @@ def main():
         sweep(bw)
     if args.probe:
         splits_probe()
-        us = layers_step_us()
-        print(
-            "## 32 layers' decoding steps in one CUDA graph (B=1, 4k each), us per layer: ours append+attend"
-            " {:.1f}, ours attend {:.1f}, cuDNN attend {:.1f}".format(*us)
-        )
         return
     free = torch.cuda.mem_get_info()[0]
     ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]
@@ -335,6 +332,7 @@ def main():
             torch.cuda.empty_cache()
 
     g_us, e_us, u_us = graph_step_us()
+    layer_us = layers_step_us()
     loop_checked, loop_unchecked = eager_loop_us()
     shard_rows = sharded_sim()
     nocache = nocache_rows()
@@ -350,6 +348,10 @@ def main():
     print(
         f"\n## CUDA graph: causal append+attend step, B=1, 4k: {g_us:.1f} us replayed ({e_us:.1f} us eager);"
         f" unfused (append, split, combine kernels) {u_us:.1f} us replayed"
+    )
+    print(
+        "## 32 layers' decoding steps in one CUDA graph (B=1, 4k each), us per layer: ours append+attend"
+        " {:.1f}, ours attend {:.1f}, cuDNN attend {:.1f}".format(*layer_us)
     )
     print(
         f"## eager steps back to back (no flush), B=1, 4k: {loop_checked:.1f} us per step with value checks,"
