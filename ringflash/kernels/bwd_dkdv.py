@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _visible
+from .common import _block_ranges, _dot, _rows_desc, _scores, _visible
 
 
 @triton.jit
@@ -223,13 +223,8 @@ def _attn_bwd_dkdv_kernel(
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
         do_seq = DO + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
         if TMA:
-            n_rows = tl.maximum(seqlen_q, 1)  # a descriptor needs a nonempty shape
-            q_src = tl.make_tensor_descriptor(
-                q_seq, shape=[n_rows, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, D_PAD]
-            )
-            do_src = tl.make_tensor_descriptor(
-                do_seq, shape=[n_rows, HEAD_DIM_V], strides=[stride_dos, 1], block_shape=[BLOCK_M, DV_PAD]
-            )
+            q_src = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD)
+            do_src = _rows_desc(do_seq, seqlen_q, stride_dos, HEAD_DIM_V, BLOCK_M, DV_PAD)
         else:
             q_src = q_seq + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
             do_src = do_seq + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod

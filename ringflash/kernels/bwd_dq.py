@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _visible
+from .common import _block_ranges, _dot, _rows_desc, _scores, _visible
 
 
 @triton.jit
@@ -217,13 +217,8 @@ def _attn_bwd_dq_kernel(
     k_seq = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_seq = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
     if TMA:
-        n_keys = tl.maximum(seqlen_k, 1)  # a descriptor needs a nonempty shape; no block is read then
-        k_src = tl.make_tensor_descriptor(
-            k_seq, shape=[n_keys, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, D_PAD]
-        )
-        v_src = tl.make_tensor_descriptor(
-            v_seq, shape=[n_keys, HEAD_DIM_V], strides=[stride_vs, 1], block_shape=[BLOCK_N, DV_PAD]
-        )
+        k_src = _rows_desc(k_seq, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, D_PAD)
+        v_src = _rows_desc(v_seq, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, DV_PAD)
     else:
         k_src = k_seq + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
         v_src = v_seq + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd

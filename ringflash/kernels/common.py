@@ -141,6 +141,17 @@ def varlen_diag(diag_offset, n_seq: int, device):
 
 
 @triton.jit
+def _rows_desc(base, n_rows, stride, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """TMA descriptor of ``n_rows`` rows of ``COLS`` elements at ``base`` (row stride ``stride``,
+    last dim contiguous), read in ``[BLOCK_R, BLOCK_C]`` tiles: rows past ``n_rows`` and columns
+    past ``COLS`` read as 0, so tails need no masks. An empty sequence gets a one-row shape (a
+    descriptor must be nonempty); no tile of it is read then."""
+    return tl.make_tensor_descriptor(
+        base, shape=[tl.maximum(n_rows, 1), COLS], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_C]
+    )
+
+
+@triton.jit
 def _scores(a, b, sm_scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     """Scores in log2 units and the tanh of the softcap (``t``; 0 when there is none)."""
     s = _dot(a, tl.trans(b), None, DOT_PREC, DOT_F32)

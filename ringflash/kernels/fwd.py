@@ -20,6 +20,7 @@ import triton.language as tl
 from .common import (
     _block_ranges,
     _dot,
+    _rows_desc,
     _tanh,
     _visible,
     cdiv,
@@ -229,17 +230,9 @@ def _attn_fwd_kernel(
         # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
         # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
-        q_desc = tl.make_tensor_descriptor(
-            q_seq, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, D_PAD]
-        )
-        q = q_desc.load([i0, 0])
-        n_keys = tl.maximum(seqlen_k, 1)  # a descriptor needs a nonempty shape; no block is read then
-        k_src = tl.make_tensor_descriptor(
-            k_base, shape=[n_keys, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, D_PAD]
-        )
-        v_src = tl.make_tensor_descriptor(
-            v_base, shape=[n_keys, HEAD_DIM_V], strides=[stride_vs, 1], block_shape=[BLOCK_N, DV_PAD]
-        )
+        q = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD).load([i0, 0])
+        k_src = _rows_desc(k_base, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, D_PAD)
+        v_src = _rows_desc(v_base, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, DV_PAD)
     else:
         q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
