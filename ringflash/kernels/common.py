@@ -17,6 +17,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ..backends import tma_mode
 
@@ -263,7 +264,5 @@ def _ensure_allocator() -> None:
     # Triton keeps its allocator in a context variable: a thread that never set one (autograd's
     # backward thread, a user's worker) starts with the null allocator. A caller's own allocator
     # is left in place.
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
