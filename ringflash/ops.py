@@ -31,8 +31,12 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-def _opts(scale, causal, wl, wr, softcap):
-    return dict(softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap)
+def _opts(scale, causal, wl, wr, softcap, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """The backend's keyword arguments; with ``cu_q`` also the packed-sequence ones."""
+    kw = dict(softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap)
+    if cu_q is not None:
+        kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return kw
 
 
 # ---------------------------------------------------------------- padded [B, S, H, D] ops
@@ -144,16 +148,8 @@ def _attn_varlen_fwd(
     softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    out, lse = get_backend(backend).attn_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        **_opts(scale, causal, wl, wr, softcap),
-    )
+    kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
+    out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
     return out, lse
 
 
@@ -183,20 +179,8 @@ def _attn_varlen_bwd(
     softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = get_backend(backend).attn_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        delta=delta,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        **_opts(scale, causal, wl, wr, softcap),
-    )
+    kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
+    dq, dk, dv = get_backend(backend).attn_bwd(dout, q, k, v, out, lse, delta=delta, **kw)
     return dq, dk, dv
 
 
@@ -235,9 +219,7 @@ class _EagerAttn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k):
-        kw = _opts(scale, causal, wl, wr, softcap)
-        if cu_q is not None:
-            kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
         out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kw, ctx.backend = kw, backend
