@@ -47,7 +47,9 @@ def skip_value_checks():
 def host_checks_allowed(t: torch.Tensor) -> bool:
     """False inside ``skip_value_checks()``, while torch.compile traces or a CUDA graph captures:
     no reading tensor values then."""
-    if _SKIP_VALUE_CHECKS.get() or torch.compiler.is_compiling():
+    # is_compiling first: torch.compile cannot trace ContextVar.get (a graph break, an error under
+    # fullgraph), and while it traces the answer is False anyway.
+    if torch.compiler.is_compiling() or _SKIP_VALUE_CHECKS.get():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
