@@ -248,7 +248,6 @@ def run_case(p):
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
     if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
-        from ringflash.backends import use_tma
         from ringflash.kernels.common import _TMA_MIN_SEQLEN, tma_applies
 
         mode = p.get("tma", "auto")
@@ -280,14 +279,34 @@ def _worker_main():
         proto.flush()
 
 
+def _interp_env(**extra):
+    """Environment of a child process that runs the kernels under the interpreter from this
+    checkout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **extra)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _assert_interp_script_says_same(script):
+    """Run ``script`` in a child process under the interpreter; it must exit 0 printing "same"."""
+    pytest.importorskip("triton")
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_interp_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "same" in r.stdout, r.stderr[-3000:]
+
+
 class _Worker:
     def __init__(self):
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker"],
             cwd=REPO,
-            env=env,
+            env=_interp_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -490,12 +509,7 @@ print("same")
 def test_kernels_wide_offset_code_matches_under_interpreter():
     """The 64-bit loop code (used when offsets pass 2^31 elements, see the CUDA test below) gives
     the same results as the 32-bit code; forced on at a small shape under the interpreter."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run(
-        [sys.executable, "-c", _WIDE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and "same" in r.stdout, r.stderr[-3000:]
+    _assert_interp_script_says_same(_WIDE_SCRIPT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -563,10 +577,6 @@ def test_kernels_cuda_tensors_on_another_gpu():
         assert a.device == dev and torch.equal(a, b)
 
 
-if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker_main()
-
-
 _OPS_SCRIPT = """
 import torch
 from ringflash import flash_attn_func, flash_attn_varlen_func, use_backend
@@ -595,13 +605,7 @@ def test_ops_autograd_through_triton_backend_under_interpreter():
     """flash_attn_func / flash_attn_varlen_func with autograd on the Triton backend (the delta
     kernel, dK/dV and dQ, an LSE gradient folded into delta) match the PyTorch backend; under the
     interpreter at a small shape."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run(
-        [sys.executable, "-c", _OPS_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and "same" in r.stdout, r.stderr[-3000:]
+    _assert_interp_script_says_same(_OPS_SCRIPT)
 
 
 def test_local_suite_through_triton_backend_under_interpreter():
@@ -609,12 +613,10 @@ def test_local_suite_through_triton_backend_under_interpreter():
     lengths, fully masked rows, LSE gradients, torch.compile) with every call on the Triton kernels
     under the interpreter (``RINGFLASH_TEST_BACKEND``, see conftest.py)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", RINGFLASH_TEST_BACKEND="triton")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_local.py"],
         cwd=REPO,
-        env=env,
+        env=_interp_env(RINGFLASH_TEST_BACKEND="triton"),
         capture_output=True,
         text=True,
         timeout=900,
@@ -622,3 +624,7 @@ def test_local_suite_through_triton_backend_under_interpreter():
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     ok = r.returncode == 0 and " passed" in summary and "failed" not in summary and "error" not in summary
     assert ok, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker_main()
