@@ -107,13 +107,26 @@ def spawn(
     return [got[r][1] if r in got else None for r in range(world)]
 
 
-def one_triton_config() -> None:
-    """In this process, give each autotuned Triton attention kernel one tile config (its first).
+def one_triton_config(picks=(0, 0, 0)) -> list:
+    """In this process, give each autotuned Triton attention kernel (forward, dK/dV, dQ) one tile
+    config, the one at index ``picks[i]`` of its list (the first by default); returns the previous
+    lists, for ``restore_triton_configs``.
 
-    For the distributed GPU tests at tiny shapes: with one config a kernel variant compiles once
-    and is never benchmarked, where autotuning every mask/shape variant on every rank takes minutes.
+    For GPU tests: with one config a kernel variant compiles once and is never benchmarked, where
+    autotuning every mask/shape variant (on every rank) takes minutes.
     """
     from ringflash.kernels import bwd, fwd
 
-    for tuner in (fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned):
-        tuner.configs = tuner.configs[:1]
+    tuners = (fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned)
+    saved = [t.configs for t in tuners]
+    for tuner, i in zip(tuners, picks, strict=True):
+        tuner.configs = [tuner.configs[i]]
+    return saved
+
+
+def restore_triton_configs(saved: list) -> None:
+    """Undo ``one_triton_config``."""
+    from ringflash.kernels import bwd, fwd
+
+    for tuner, configs in zip((fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned), saved, strict=True):
+        tuner.configs = configs

@@ -470,15 +470,11 @@ def gpu_configs():
     if os.environ.get("RINGFLASH_TEST_CONFIGS") != "one":
         yield
         return
-    from ringflash.kernels import bwd, fwd
+    from dist_utils import one_triton_config, restore_triton_configs
 
-    tuners = (fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned)
-    saved = [t.configs for t in tuners]
-    for t, i in zip(tuners, (-1, 0, 0), strict=True):
-        t.configs = [t.configs[i]]
+    saved = one_triton_config(picks=(-1, 0, 0))
     yield
-    for t, c in zip(tuners, saved, strict=True):
-        t.configs = c
+    restore_triton_configs(saved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
