@@ -11,7 +11,7 @@ importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward 
 SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
 inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
 ``--fwd-only`` times the forward only (the backward columns print nan).
-``--api`` also times the public ``flash_attn_func`` through autograd (custom ops, argument checks,
+``--api`` also times the public ``flash_attn_func`` through autograd (argument checks, dispatch,
 its own delta), what a model runs, against the kernels called directly. Every row of the main
 table also gives our output's and gradients' relative L2 error against FA2's on the same inputs.
 ``--tma off`` (or ``on``) runs our kernels under ``ringflash.use_tma``: pointer loads instead of TMA
@@ -77,7 +77,8 @@ def _sdpa(q, k, v, causal, dout, backend):
 
 
 def _api(q, k, v, causal, dout):
-    """The public ``flash_attn_func`` (custom ops, autograd, its own delta): what a model runs."""
+    """The public ``flash_attn_func`` (argument checks, dispatch, autograd, its own delta): what a
+    model runs."""
     from ringflash import flash_attn_func
 
     qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))

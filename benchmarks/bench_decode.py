@@ -265,8 +265,7 @@ def layers_step_us(layers=32, s=4096):
         if any(f is None for f in fns):
             out.append(float("nan"))
             continue
-        r = graphed(lambda fns=fns: [f() for f in fns])
-        out.append(triton.testing.do_bench(r, warmup=10, rep=200, return_mode="median") * 1e3 / layers)
+        out.append(_bench(graphed(lambda fns=fns: [f() for f in fns])) / layers)
     return tuple(out)
 
 

@@ -95,7 +95,8 @@ def full_times(q, k, v, dout, scale, reps):
 
 
 def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
-    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the mean rank's fwd.
+    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the forward's
+    per-rank profile (``SimProfile``, medians over the repetitions).
 
     ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
     "wall" (host clock with a device sync around each segment: host launch time counts)."""
@@ -110,8 +111,7 @@ def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
         pfs.append(pf)
         pbs.append(pb)
     fwd, bwd = _median_profile(pfs[1:]), _median_profile(pbs[1:])
-    mean = sum(fwd.rank_time(r) for r in range(world)) / world
-    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), mean, fwd
+    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), fwd
 
 
 def print_segments(layout, world, fwd):
@@ -185,7 +185,8 @@ def main() -> None:
     print(
         f"# causal, B=1, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens per rank; eff = t_full / (W * t_rank)"
     )
-    clock = "CUDA events (GPU time)" if a.timing == "events" else "synced wall clock"
+    events = a.timing == "events" and device.type == "cuda"
+    clock = "CUDA events (GPU time)" if events else "synced wall clock"
     print(f"# rank segments timed by {clock}")
     hdr = f"{'layout':>10} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
     hdr += f"{'eff fwd':>7} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} {'eff f+b':>7}"
@@ -201,9 +202,8 @@ def main() -> None:
         t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
         for layout in a.layouts:
-            t_rank, t_rank_fb, t_mean, prof = ring_times(
-                q, k, v, dout, world, layout, scale, a.reps, a.timing
-            )
+            t_rank, t_rank_fb, prof = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing)
+            t_mean = sum(prof.rank_time(r) for r in range(world)) / world
             eff, eff_mean, eff_fb = (
                 t_full / (world * t_rank),
                 t_full / (world * t_mean),
