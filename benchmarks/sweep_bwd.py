@@ -676,8 +676,7 @@ def main():
             ):
                 kept = bwd._prune(tiles)(tuner.configs, {"D_PAD": d, "DV_PAD": d})
                 for c in kept:
-                    cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                    jobs += [(k, d, causal, cfg) for causal in (True, False)]
+                    jobs += [(k, d, causal, bwd._shape(c)) for causal in (True, False)]
     # Heavy register tiles last in every shard, so a compile deadline only drops those.
     jobs.sort(key=lambda j: (2 if j[0] == "dkdv" else 1) * j[3][1 if j[0] == "dkdv" else 0] * j[1] / j[3][2])
     if a.aot:
