@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import time
 
 import torch
@@ -269,6 +270,65 @@ def layers_step_us(layers=32, s=4096):
     return tuple(out)
 
 
+def _bench_clean_flush(fn, reps=100):
+    """Median us of ``fn`` after an L2 flush that only reads (``do_bench`` zeroes a 256 MB buffer,
+    which leaves L2 full of dirty lines that the timed call then pays to write back)."""
+    buf = torch.empty(2**26, dtype=torch.float32, device="cuda").normal_()  # 256 MB
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for _ in range(5):
+        fn()
+    for i in range(reps):
+        buf.sum()
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True)) * 1e3
+
+
+def bandwidth_rows(bw, contexts=(16384, 32768), budget=2.5e9):
+    """B=1 at ``contexts``, three ways per method (graph-replayed, us): ``flush`` = the main table's
+    zeroing flush; ``clean`` = a read-only flush (nothing of the cache in L2, no dirty lines);
+    ``layers`` = one layer of a model's step: ``n`` caches attended back to back in one graph
+    (``n * KV bytes`` about ``budget``: none in L2 from the call before), per layer."""
+    rows = []
+    for s in contexts:
+        n = max(2, int(budget // kv_bytes(1, s)))
+        caches = [_inputs(1, s) for _ in range(n)]
+        row = dict(ctx=s, layers=n)
+        for tag, make in (
+            ("ours", lambda c: ours_fn(*c)),
+            ("cudnn", lambda c: sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0]),
+        ):
+            fns = [make(c) for c in caches]
+            one = graphed(fns[0])
+            row[f"{tag}_flush"] = _bench(one)
+            row[f"{tag}_clean"] = _bench_clean_flush(one)
+            row[f"{tag}_layers"] = _bench(graphed(lambda fns=fns: [f() for f in fns])) / n
+        for k in [k for k in row if k.startswith(("ours_", "cudnn_"))]:
+            row[k + "_frac"] = kv_bytes(1, s) / (row[k] * 1e-6) / 1e9 / bw
+        rows.append(row)
+        del caches, fns
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_bandwidth(rows, bw):
+    print(f"\n## B=1 bandwidth, three timings (us and % of copy {bw:.0f} GB/s); see bandwidth_rows")
+    print("     S layers | ours flush  clean layers | cudnn flush  clean layers")
+    for r in rows:
+        cells = []
+        for tag in ("ours", "cudnn"):
+            cells.append(
+                " ".join(
+                    f"{r[f'{tag}_{m}']:6.1f} {r[f'{tag}_{m}_frac']:4.0%}"
+                    for m in ("flush", "clean", "layers")
+                )
+            )
+        print(f"{r['ctx']:6d} {r['layers']:6d} | " + " | ".join(cells))
+
+
 def splits_probe(contexts=(16384, 32768), splits=(16, 24, 32, 33, 48, 66), rounds=3):
     """B=1: graph-replayed us of our kernel at several split counts beside cuDNN, interleaved over
     ``rounds`` rounds (medians) so clock drift hits every column alike."""
@@ -289,6 +349,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
     ap.add_argument("--probe", action="store_true", help="only: split counts at batch 1, 16k and 32k")
+    ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
@@ -299,6 +360,9 @@ def main():
         sweep(bw)
     if args.probe:
         splits_probe()
+        return
+    if args.bandwidth:
+        print_bandwidth(bandwidth_rows(bw), bw)
         return
     free = torch.cuda.mem_get_info()[0]
     ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]

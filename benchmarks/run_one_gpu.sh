@@ -9,6 +9,9 @@
 #   ktests     the CUDA kernel tests (every case, one tile per kernel; 64-bit offsets) and the CLI's
 #   ring       bench_ring.py: the simulated ring at W = 2, 4, 8 (printed, RESULTS.md untouched),
 #              then zigzag at W = 4, 8 timed on the synced wall clock, to compare
+#   gqa        bench_gqa.py: the Llama-3-8B GQA shape, 8k-32k, the dK/dV head orders side by side
+#   bandwidth  bench_decode.py --bandwidth: B=1 16k/32k, zeroing vs read-only flush vs a model's layers
+#   pieces     bench_ring_pieces.py: every distinct ring step of zigzag at W = 8 and 4, timed alone
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
 # stage).
@@ -35,4 +38,8 @@ want ring && stage ring 150 python3 benchmarks/bench_ring.py --reps 3 --no-write
 # The same zigzag rows timed the old way (synced wall clock: host launch time counts), to compare.
 want ring && stage ring_wall 100 python3 benchmarks/bench_ring.py --reps 3 --no-write --timing wall \
     --worlds 4 8 --layouts zigzag
+want gqa && stage gqa 200 python3 benchmarks/bench_gqa.py
+want bandwidth && stage bandwidth 90 python3 benchmarks/bench_decode.py --bandwidth --out "$LOG/decode"
+want pieces && stage pieces 150 python3 benchmarks/bench_ring_pieces.py --world 8
+want pieces && stage pieces4 100 python3 benchmarks/bench_ring_pieces.py --world 4
 pack
