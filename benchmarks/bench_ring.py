@@ -5,8 +5,12 @@ For world size ``W`` with ``L`` tokens per rank (sequence ``S = W * L``):
     efficiency = t_full / (W * t_rank)
 
 ``t_full``: one attention call over the whole sequence on this device (the same backend).
-``t_rank``: one rank's share of the ring: the sum over ring steps of the slowest virtual rank's
-compute in that step (ranks meet at every exchange), measured by ``run_simulated(profile=True)``:
+``t_rank``: the time of the ring (``SimProfile.ring_time``): every virtual rank runs its compute
+segments in order, and a segment that starts by receiving a block waits until the rank that sent
+it had posted it (a real rank waits for its own peer only; transfers are taken as instantaneous).
+The ``lockstep`` columns use instead the sum over ring steps of the slowest rank's segment (as if
+all ranks met at every exchange; an upper bound), and ``eff mean`` the mean rank's compute (a lower
+bound). Segments are measured by ``run_simulated(profile=True)``:
 by default with CUDA events and no sync, so a segment is GPU time while the host runs ahead as on
 a real rank (``--timing wall``: host clock with a device sync around each segment, so host launch
 time counts too). Communication is not simulated; it is free when it hides
@@ -95,8 +99,8 @@ def full_times(q, k, v, dout, scale, reps):
 
 
 def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
-    """(fwd, fwd+bwd) critical-path seconds of one rank of the simulated ring, and the forward's
-    per-rank profile (``SimProfile``, medians over the repetitions).
+    """(fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the forward's and
+    backward's per-rank profiles (``SimProfile``, medians over the repetitions).
 
     ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
     "wall" (host clock with a device sync around each segment: host launch time counts)."""
@@ -111,7 +115,7 @@ def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
         pfs.append(pf)
         pbs.append(pb)
     fwd, bwd = _median_profile(pfs[1:]), _median_profile(pbs[1:])
-    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), fwd
+    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), fwd, bwd
 
 
 def print_segments(layout, world, fwd):
@@ -136,7 +140,7 @@ def _median_profile(profiles):
         [statistics.median(p.segments[r][i] for p in profiles) for i in range(len(profiles[0].segments[r]))]
         for r in range(world)
     ]
-    return type(profiles[0])(segs)
+    return type(profiles[0])(segs, profiles[0].after)  # the messages are the same every repetition
 
 
 def main() -> None:
@@ -189,7 +193,8 @@ def main() -> None:
     clock = "CUDA events (GPU time)" if events else "synced wall clock"
     print(f"# rank segments timed by {clock}")
     hdr = f"{'layout':>10} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
-    hdr += f"{'eff fwd':>7} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} {'eff f+b':>7}"
+    hdr += f"{'eff fwd':>7} {'lockstep':>8} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} "
+    hdr += f"{'eff f+b':>7} {'lockstep':>8}"
     print(hdr)
     rows = []
     fwd_flops_rate = None
@@ -202,8 +207,11 @@ def main() -> None:
         t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
         for layout in a.layouts:
-            t_rank, t_rank_fb, prof = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing)
+            t_rank, t_rank_fb, prof, prof_b = ring_times(
+                q, k, v, dout, world, layout, scale, a.reps, a.timing
+            )
             t_mean = sum(prof.rank_time(r) for r in range(world)) / world
+            t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
             eff, eff_mean, eff_fb = (
                 t_full / (world * t_rank),
                 t_full / (world * t_mean),
@@ -211,8 +219,9 @@ def main() -> None:
             )
             print(
                 f"{layout:>10} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
-                f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {eff_mean:>8.3f} | {t_full_fb * 1e3:>11.3f} "
-                f"{t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f}"
+                f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {t_full / (world * t_lock):>8.3f} {eff_mean:>8.3f} | "
+                f"{t_full_fb * 1e3:>11.3f} {t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f} "
+                f"{t_full_fb / (world * t_lock_fb):>8.3f}"
             )
             rows.append((layout, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
             if a.segments:

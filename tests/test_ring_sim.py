@@ -177,6 +177,32 @@ def test_profile_times_every_rank():
     outs, lses, prof = rp.simulate_ring_attn(qs, qs, qs, "zigzag", causal=True, profile=True)
     assert len(prof.segments) == W and all(len(s) == len(prof.segments[0]) for s in prof.segments)
     assert 0 < prof.ring_time() <= sum(prof.rank_time(r) for r in range(W))
+    # Ranks wait only for the messages they receive: never longer than all ranks in lockstep, never
+    # shorter than the busiest rank.
+    assert max(prof.rank_time(r) for r in range(W)) <= prof.ring_time() <= prof.lockstep_time() + 1e-12
+    # Every segment after the first starts after a Post (None) or a receive from the rank behind.
+    for r, deps in enumerate(prof.after):
+        assert deps[0] is None and all(d is None or d[0] == (r - 1) % W for d in deps)
+        assert any(d is not None for d in deps)
+
+
+def test_ring_time_follows_the_messages():
+    """Two ranks, segments [post, compute, receive]: rank 1's third segment needs rank 0's message,
+    posted at the end of rank 0's slow second segment; rank 0's needs rank 1's, posted early."""
+    from ringflash.comm import SimProfile
+
+    segs = [[1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]
+    after = [[None, None, (1, 0)], [None, None, (0, 1)]]
+    prof = SimProfile(segs, after)
+    # rank 0 ends at 7; rank 1 waits for rank 0's post at t=6, then runs 1 more: 7.
+    assert prof.ring_time() == 7.0
+    assert prof.lockstep_time() == 7.0
+    # Rank 1 now waits only for rank 0's first segment: each rank runs alone, the slowest sets it.
+    prof = SimProfile(segs, [[None, None, (1, 0)], [None, None, (0, 0)]])
+    assert prof.ring_time() == 7.0 and SimProfile([[1.0, 5.0], [5.0, 1.0]], [[None, None]] * 2).ring_time() == 6.0
+    assert SimProfile([[1.0, 5.0], [5.0, 1.0]]).ring_time() == 10.0  # nothing recorded: lockstep
+    with pytest.raises(ValueError, match="never posted"):
+        SimProfile([[1.0, 1.0]], [[None, (0, 5)]]).ring_time()
 
 
 def test_bf16_error_does_not_grow_with_world_size():

@@ -118,18 +118,51 @@ def run_on_group(loop: RingLoop, comm: RingComm | None):
 
 @dataclass
 class SimProfile:
-    """Seconds of compute per rank between consecutive communication points (``segments[rank][i]``)."""
+    """Seconds of compute per rank between consecutive communication points (``segments[rank][i]``).
+
+    ``after[rank][i]`` is ``(sender, j)`` when segment ``i`` starts by receiving the message that
+    ``sender`` posted at the end of its segment ``j`` (None otherwise, or when not recorded).
+    """
 
     segments: list[list[float]]
+    after: list[list[tuple[int, int] | None]] | None = None
 
     def rank_time(self, rank: int) -> float:
         return sum(self.segments[rank])
 
-    def ring_time(self) -> float:
-        """Time of the ring when communication hides and ranks meet at every exchange:
-        the sum over segments of the slowest rank's segment."""
+    def lockstep_time(self) -> float:
+        """Time of the ring if every rank waited for every other at each exchange: the sum over
+        segments of the slowest rank's segment (an upper bound on ``ring_time``)."""
         n = max(len(s) for s in self.segments)
         return sum(max(s[i] if i < len(s) else 0.0 for s in self.segments) for i in range(n))
+
+    def ring_time(self) -> float:
+        """Time of the ring when transfers take no time: each rank runs its segments in order, and
+        a segment that starts with a receive also waits until the sender posted that message (as a
+        real rank waits only for its own peer). The last rank to finish sets the time. Without
+        recorded messages, ``lockstep_time``."""
+        if self.after is None:
+            return self.lockstep_time()
+        world = len(self.segments)
+        end: list[list[float]] = [[] for _ in range(world)]
+        pending = [0] * world
+        # Every message is posted before it is received, so sweeping the ranks repeatedly, each as
+        # far as its messages allow, schedules every segment.
+        while any(pending[r] < len(self.segments[r]) for r in range(world)):
+            moved = False
+            for r in range(world):
+                while pending[r] < len(self.segments[r]):
+                    i = pending[r]
+                    dep = self.after[r][i]
+                    if dep is not None and len(end[dep[0]]) <= dep[1]:
+                        break
+                    start = max(end[r][-1] if end[r] else 0.0, end[dep[0]][dep[1]] if dep else 0.0)
+                    end[r].append(start + self.segments[r][i])
+                    pending[r] += 1
+                    moved = True
+            if not moved:
+                raise ValueError("SimProfile.after: a segment waits for a message never posted")
+        return max((e[-1] for e in end if e), default=0.0)
 
 
 def run_simulated(
@@ -153,6 +186,8 @@ def run_simulated(
     done = [False] * world
     results: list = [None] * world
     segments: list[list[float]] = [[] for _ in range(world)]
+    after: list[list[tuple[int, int] | None]] = [[] for _ in range(world)]
+    n_seg = [0] * world  # segments run so far per rank (the last one posts the rank's Post)
 
     def clock():
         if sync is not None:
@@ -161,7 +196,9 @@ def run_simulated(
 
     events: list[list] = [[] for _ in range(world)]
 
-    def advance(r: int, value) -> None:
+    def advance(r: int, value, dep: tuple[int, int] | None = None) -> None:
+        after[r].append(dep)
+        n_seg[r] += 1
         if profile and cuda_events:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -186,22 +223,23 @@ def run_simulated(
         for r in range(world):
             while not done[r]:
                 req = pending[r]
+                dep = None
                 if isinstance(req, Post):
                     dst, src = (r + req.shift) % world, (r - req.shift) % world
-                    boxes[(r, dst, req.tag)].append([t.clone() for t in req.tensors])
+                    boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], (r, n_seg[r] - 1)))
                     value = (src, r, req.tag)
                 elif isinstance(req, Wait):
                     box = boxes[req.handle]
                     if not box:
                         break
-                    value = box.popleft()
+                    value, dep = box.popleft()
                 else:
                     raise TypeError(f"unknown ring request {req!r}")
-                advance(r, value)
+                advance(r, value, dep)
                 progressed = True
         if not progressed and not all(done):
             raise RuntimeError("simulated ring deadlocked: every rank waits for a message never sent")
     if profile and cuda_events:
         torch.cuda.synchronize()
         segments = [[a.elapsed_time(b) / 1e3 for a, b in evs] for evs in events]
-    return results, (SimProfile(segments) if profile else None)
+    return results, (SimProfile(segments, after) if profile else None)

@@ -26,7 +26,7 @@ from .common import (
     mask_flags,
     on_tensor_device,
     pad_dim,
-    seq_bucket,
+    shape_bucket,
     tma_applies,
     varlen_diag,
     wide_offsets,
@@ -133,7 +133,7 @@ def _prune(table):
     return prune
 
 
-_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA"]
+_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA", "ADD"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
     key=_KEY,
@@ -248,7 +248,7 @@ def attn_bwd(
         *_bshd_strides(dout, packed),
     )
     scalars = (Sq, Sk, diag, wl, wr)
-    tail = (Hq // Hk, float(softmax_scale), float(softcap), seq_bucket(max(Sq, Sk)))
+    tail = (Hq // Hk, float(softmax_scale), float(softcap), shape_bucket(Sq, Sk))
     flags = dict(
         HEAD_DIM=D,
         HEAD_DIM_V=Dv,

@@ -114,6 +114,12 @@ def seq_bucket(s: int) -> int:
     return min(next_pow2(max(int(s), 1)), 16384)
 
 
+def shape_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Autotune key of a call's shape: both lengths' buckets in one integer, so a ring step of 8k
+    queries x 4k keys and one of 4k x 8k are tuned apart (their best tiles differ)."""
+    return seq_bucket(seqlen_q) * 2**15 + seq_bucket(seqlen_k)
+
+
 def dot_precision(dtype) -> str:
     """float32 inputs use 3xTF32 (about float32 accuracy at tensor-core speed); 16-bit ignore it."""
     import torch

@@ -29,7 +29,7 @@ from .common import (
     mask_flags,
     on_tensor_device,
     pad_dim,
-    seq_bucket,
+    shape_bucket,
     sm_count,
     tma_applies,
     varlen_diag,
@@ -394,7 +394,17 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA"],
+    key=[
+        "SEQ_BUCKET",
+        "HEAD_DIM",
+        "HEAD_DIM_V",
+        "HAS_LO",
+        "HAS_HI",
+        "SOFTCAP",
+        "IS_VARLEN",
+        "TMA",
+        "ACCUMULATE",
+    ],
     prune_configs_by={"early_config_prune": _prune_fwd},
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
@@ -535,7 +545,7 @@ def attn_fwd(
         Hq // Hk,
         float(softmax_scale),
         float(softcap),
-        seq_bucket(max(Sq, Sk)),
+        shape_bucket(Sq, Sk),
     )
     flags = dict(
         HEAD_DIM=D,
