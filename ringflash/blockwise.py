@@ -259,6 +259,7 @@ def attn_fwd(
     diag_offset=None,
     out=None,
     lse=None,
+    merge=True,
 ):
     """Forward attention returning ``(out, lse)``.
 
@@ -266,12 +267,14 @@ def attn_fwd(
     given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``diag_offset`` is the key
     index aligned with query 0 (an int, or one per packed sequence); by default ``Sk - Sq`` per
     sequence. With ``out``/``lse`` given (float32), the result is merged into them in place
-    (accumulate mode) and they are returned; otherwise ``out`` is in ``q.dtype``, ``lse`` float32.
-    Inputs are trusted: the public functions in ``ringflash.ops`` validate them.
+    (accumulate mode; ``merge=False``: written over them) and they are returned; otherwise ``out``
+    is in ``q.dtype``, ``lse`` float32. Inputs are trusted: the public functions in
+    ``ringflash.ops`` validate them.
     """
-    accumulate = out is not None
+    given = out is not None
+    accumulate = given and merge
     Dv = v.shape[-1]
-    if not accumulate:
+    if not given:
         out = torch.empty(q.shape[:-1] + (Dv,), dtype=torch.float32, device=q.device)
         lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -296,7 +299,7 @@ def attn_fwd(
                 _Target(out[None, qa:qb], accumulate),
                 lse_seg,
             )
-    if accumulate:
+    if given:
         return out, lse
     return out.to(q.dtype), lse
 

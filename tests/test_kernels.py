@@ -114,14 +114,15 @@ def _kernel(p, q, k, v, dout, scale):
         out, lse = kernels.attn_fwd(q, k, v, **kw)
         dq, dk, dv = kernels.attn_bwd(dout, q, k, v, out, lse, **kw)
         return out, lse, dq, dk, dv
-    # Accumulate mode: two disjoint key halves merged into float32 (out, lse) that start empty
-    # (lse = -inf), then gradients added into float32 buffers that start non-zero.
+    # Accumulate mode: two disjoint key halves, the first written over float32 (out, lse) buffers
+    # that hold NaN (merge=False), the second merged into them; then gradients added into float32
+    # buffers that start non-zero.
     parts = _key_parts(p)
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=dev)
+    out = torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=torch.float32, device=dev)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    lse = torch.full(lse_shape, float("-inf"), device=dev)
+    lse = torch.full(lse_shape, float("nan"), device=dev)
     kdim = 0 if varlen else 1
-    for idx, diag, cu in parts:
+    for i, (idx, diag, cu) in enumerate(parts):
         idx = idx.to(dev)
         kk, vv = k.index_select(kdim, idx), v.index_select(kdim, idx)
         extra = (
@@ -129,7 +130,7 @@ def _kernel(p, q, k, v, dout, scale):
             if varlen
             else {}
         )
-        kernels.attn_fwd(q, kk, vv, **kw, **extra, diag_offset=diag, out=out, lse=lse)
+        kernels.attn_fwd(q, kk, vv, **kw, **extra, diag_offset=diag, out=out, lse=lse, merge=i > 0)
     delta = kernels.attn_bwd_delta(dout, out, packed=varlen)
     g = torch.Generator().manual_seed(7)
     init = [torch.randn(x.shape, generator=g).to(dev) for x in (q, k, v)]

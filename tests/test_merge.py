@@ -52,3 +52,28 @@ def test_merge_rejects_mismatched_shapes():
         )
     with pytest.raises(ValueError, match="outs"):
         rf.combine_attn_partials(torch.randn(4, 2, 8), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_blockwise_writes_over_given_buffers_without_merge(packed):
+    """``attn_fwd(..., out=, lse=, merge=False)`` (the ring's first step) writes the result over
+    whatever the float32 buffers held, rows without keys included; merge=True would merge NaN."""
+    from ringflash import blockwise
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 11, 2, 8, generator=g) for _ in range(3))
+    kw = dict(softmax_scale=8**-0.5, causal=True, diag_offset=-3)  # rows 0-2 see no key
+    if packed:
+        cu = torch.tensor([0, 11, 22], dtype=torch.int32)
+        q, k, v = (x.reshape(22, 2, 8) for x in (q, k, v))
+        kw = dict(
+            kw, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=11, max_seqlen_k=11, diag_offset=[-3, -3]
+        )
+    want_out, want_lse = blockwise.attn_fwd(q, k, v, **kw)
+    out = torch.full(want_out.shape, float("nan"))
+    lse = torch.full(want_lse.shape, float("nan"))
+    got_out, got_lse = blockwise.attn_fwd(q, k, v, **kw, out=out, lse=lse, merge=False)
+    assert got_out is out and got_lse is lse
+    torch.testing.assert_close(out, want_out.float())
+    torch.testing.assert_close(lse, want_lse)
+    assert torch.isinf(lse).sum() > 0  # the rows without keys were written too

@@ -199,7 +199,10 @@ def test_ring_time_follows_the_messages():
     assert prof.lockstep_time() == 7.0
     # Rank 1 now waits only for rank 0's first segment: each rank runs alone, the slowest sets it.
     prof = SimProfile(segs, [[None, None, (1, 0)], [None, None, (0, 0)]])
-    assert prof.ring_time() == 7.0 and SimProfile([[1.0, 5.0], [5.0, 1.0]], [[None, None]] * 2).ring_time() == 6.0
+    assert (
+        prof.ring_time() == 7.0
+        and SimProfile([[1.0, 5.0], [5.0, 1.0]], [[None, None]] * 2).ring_time() == 6.0
+    )
     assert SimProfile([[1.0, 5.0], [5.0, 1.0]]).ring_time() == 10.0  # nothing recorded: lockstep
     with pytest.raises(ValueError, match="never posted"):
         SimProfile([[1.0, 1.0]], [[None, (0, 5)]]).ring_time()

@@ -476,15 +476,19 @@ def attn_fwd(
     diag_offset=None,
     out=None,
     lse=None,
+    merge=True,
 ):
     """Forward attention returning ``(out, lse)``; the interface of ``ringflash.blockwise.attn_fwd``.
 
     Padded: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]``, lse ``[B, Hq, Sq]``. Packed: q
     ``[Tq, Hq, D]`` with ``cu_seqlens_q`` (int32), lse ``[Hq, Tq]``. With float32 ``out``/``lse``
-    given, the result is merged into them in place (accumulate mode) and they are returned.
+    given, the result is merged into them in place (accumulate mode; ``merge=False``: written over
+    them; rows of a packed batch outside every sequence are then left as they are) and they are
+    returned.
     """
     packed = cu_seqlens_q is not None
-    accumulate = out is not None
+    given = out is not None
+    accumulate = given and merge
     Hq, D = q.shape[-2], q.shape[-1]
     Hk, Dv = k.shape[-2], v.shape[-1]
     assert Hq % Hk == 0 and k.shape[-1] == D and D <= 256 and Dv <= 256
@@ -501,9 +505,9 @@ def attn_fwd(
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         diag = Sk - Sq if diag_offset is None else int(diag_offset)
         diag_t = None
-        if not accumulate and _split_kv_pays(q, k, v, B, Sq, Sk):
+        if not given and _split_kv_pays(q, k, v, B, Sq, Sk):
             return _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap)
-    if not accumulate:
+    if not given:
         # Packed rows outside every sequence (if any) must still read as "no key"; padded rows are
         # all written by the kernel.
         if packed:

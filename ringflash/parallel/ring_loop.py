@@ -58,8 +58,11 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
     return kw
 
 
-def fwd_piece(backend, q, k, v, out, lse, pc: Piece, scale: float, softcap: float, packed: bool) -> None:
-    """Merge the attention of one piece into the float32 state ``(out, lse)``.
+def fwd_piece(
+    backend, q, k, v, out, lse, pc: Piece, scale: float, softcap: float, packed: bool, merge: bool = True
+) -> None:
+    """Merge the attention of one piece into the float32 state ``(out, lse)`` (``merge=False``:
+    write it there, for a piece that is the first to touch every one of its rows).
 
     Both backends take strided views, so a piece that covers part of the local tokens (a zigzag
     half) reads and merges in place: no copies and no separate merge.
@@ -67,7 +70,7 @@ def fwd_piece(backend, q, k, v, out, lse, pc: Piece, scale: float, softcap: floa
     qp, kp, vp = _tok(q, packed, pc.q0, pc.q1), _tok(k, packed, pc.k0, pc.k1), _tok(v, packed, pc.k0, pc.k1)
     op, lp = _tok(out, packed, pc.q0, pc.q1), _lse(lse, pc.q0, pc.q1)
     kw = _mask_kwargs(pc, packed, q.device)
-    backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, **kw)
+    backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, merge=merge, **kw)
 
 
 def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, scale, softcap, packed) -> None:
@@ -96,14 +99,26 @@ def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
 
 def ring_fwd_loop(backend, q, k, v, plan: Plan, scale: float, softcap: float, packed: bool):
     """Generator: this rank's forward ring; returns float32 ``(out, lse)``."""
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
-    lse = torch.full(lse_shape(q, packed), -math.inf, dtype=torch.float32, device=q.device)
-    kv = [k, v]
     n = plan.n_steps
+    # When the first step is one call over every local query (a rank's own block), it writes the
+    # state instead of merging into an initialised one: no fill of the float32 buffers and no read
+    # of them in that call. (Packed calls leave rows outside every sequence unwritten.)
+    first = plan.steps[0] if n else []
+    rows = q.shape[0 if packed else 1]
+    write_first = not packed and len(first) == 1 and first[0].q0 == 0 and first[0].q1 == rows
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    if write_first:
+        out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape(q, packed), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(lse_shape(q, packed), -math.inf, dtype=torch.float32, device=q.device)
+    kv = [k, v]
     for t in range(n):
         handle = (yield Post(kv, 1, TAG_KV)) if t + 1 < n else None
         for pc in plan.steps[t]:
-            fwd_piece(backend, q, kv[0], kv[1], out, lse, pc, scale, softcap, packed)
+            merge = t > 0 or not write_first
+            fwd_piece(backend, q, kv[0], kv[1], out, lse, pc, scale, softcap, packed, merge)
         if handle is not None:
             kv = yield Wait(handle)
     return out, lse
