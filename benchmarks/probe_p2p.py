@@ -62,7 +62,7 @@ def main():
     send = torch.full((n,), float(rank + 1), device=device, dtype=torch.bfloat16)
     recv = torch.empty_like(send)
     load = _attention_load(device)
-    side = torch.cuda.Stream(device)
+    side = torch.cuda.Stream(device, priority=-1)
     results = {}
 
     def nccl_once():
@@ -77,22 +77,37 @@ def main():
         hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
         peer = hdl.get_buffer(nxt, (n,), torch.bfloat16)
 
-        def ce_once():
+        pad = hdl.get_signal_pad(nxt, (world,), torch.int32)  # next rank's pad, channel 0
+
+        def ce_copy():
             peer.copy_(send)
-            hdl.put_signal(nxt, 0)
+
+        def ce_once():
+            # The copy by DMA, then a flag written into the next rank's signal pad by the stream
+            # itself (cuStreamWriteValue32): neither needs an SM. The receiver's wait is a kernel
+            # on its own stream, timed outside this segment.
+            peer.copy_(send)
+            symm_mem._SymmetricMemory.stream_write_value32(pad, rank, 1)
+
+        def ce_wait():
             hdl.wait_signal(prv, 0)
 
         ce_once()
+        ce_wait()
         torch.cuda.synchronize()
         assert torch.all(buf == prv + 1), "the copy did not arrive"
         dist.barrier()
     except Exception as e:  # report and keep the NCCL rows
         print(f"rank {rank}: symmetric memory unavailable: {type(e).__name__}: {e}", flush=True)
-        ce_once = None
+        ce_once = ce_copy = ce_wait = None
 
     nccl_once()
     torch.cuda.synchronize()
-    for name, fn in (("nccl", nccl_once), ("copy engine", ce_once)):
+    attn: dict[str, list] = {}
+    for _ in range(args.reps):  # the attention alone, for the slowdown a transfer causes
+        attn.setdefault("none", []).append(_timed(torch.cuda.current_stream(), lambda: load(3)))
+    torch.cuda.synchronize()
+    for name, fn in (("nccl", nccl_once), ("copy engine", ce_once), ("copy only", ce_copy)):
         if fn is None:
             continue
         for loaded in (False, True):
@@ -115,10 +130,14 @@ def main():
                 else:
                     a, b = _timed(side, fn)
                 if loaded:
-                    load(3)
+                    c0, c1 = _timed(torch.cuda.current_stream(), lambda: load(3))
+                    attn.setdefault(name, []).append((c0, c1))
+                if name == "copy engine":
+                    ce_wait()  # consume the flag (on the compute stream, after its work)
                 torch.cuda.synchronize()
                 times.append(a.elapsed_time(b))
             results[(name, loaded)] = statistics.median(times)
+    attn_ms = {n: statistics.median(a.elapsed_time(b) for a, b in evs) for n, evs in attn.items()}
     if rank == 0:
         print(
             f"# {torch.cuda.get_device_name()} x{world}, torch {torch.__version__}, {args.mib} MiB a transfer"
@@ -127,6 +146,7 @@ def main():
             gbs = args.mib * 2**20 / (t * 1e-3) / 1e9
             when = "under attention" if loaded else "alone"
             print(f"{name:>11} {when:>16}: {t * 1e3:7.1f} us {gbs:6.1f} GB/s")
+        print("attention (3 calls) ms: " + ", ".join(f"{n} {t:.3f}" for n, t in attn_ms.items()))
     dist.barrier()
     dist.destroy_process_group()
 
