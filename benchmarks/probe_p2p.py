@@ -77,7 +77,7 @@ def main():
         hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
         peer = hdl.get_buffer(nxt, (n,), torch.bfloat16)
 
-        pad = hdl.get_signal_pad(nxt, (world,), torch.int32)  # next rank's pad, channel 0
+        pad = hdl.get_signal_pad(nxt, (world,), torch.uint32)  # next rank's pad, channel 0
 
         def ce_copy():
             peer.copy_(send)
