@@ -15,11 +15,12 @@ and the call's wall time (``ring_profile_rank{r}.txt`` in ``--out``): where a ri
 when it is longer than its kernels; with ``--trace`` also rank 0's timeline of the forward call
 (Chrome trace JSON, ``ring_trace_{layout}.json``), which shows where the compute stream waits.
 
-``--p2p-high-priority`` and ``--p2p-run-ahead`` add a row per layout (``{layout}+hp``,
-``{layout}+ra``) with an experimental way of running the ring's P2P (see ``p2p_variants``), and
-check that its outputs and gradients equal the default's bitwise: experiments on whether the K/V
-transfers are slowed by waiting for SMs that the attention kernels hold, or for the previous
-step's kernels.
+``--copy-engine`` adds a row per layout (``{layout}+ce``) with the K/V moved by the GPUs' copy
+engines (``ringflash.use_ring_transport("copy_engine")``). ``--p2p-high-priority`` and
+``--p2p-run-ahead`` add a row per layout (``{layout}+hp``, ``{layout}+ra``) with an experimental
+way of running the ring's P2P (see ``p2p_variants``): whether the K/V transfers are slowed by
+waiting for SMs that the attention kernels hold, or for the previous step's kernels. Every variant
+row checks that its outputs and gradients equal the default's bitwise.
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -82,10 +83,14 @@ class Ring:
         self.ql, self.kl, self.vl = (x.clone().requires_grad_() for x in (ql, kl, vl))
         self.dl = dl
 
+    transport = "nccl"  # ringflash.use_ring_transport choice (class-wide: see p2p_variants)
+
     def call(self):
-        if self.layout == "varlen":
-            return FUNCS["varlen"](self.ql, self.kl, self.vl, self.cu, int(self.cu.diff().max()), causal=True)
-        return FUNCS[self.layout](self.ql, self.kl, self.vl, causal=True)
+        with rf.use_ring_transport(Ring.transport):
+            if self.layout == "varlen":
+                cu = self.cu
+                return FUNCS["varlen"](self.ql, self.kl, self.vl, cu, int(cu.diff().max()), causal=True)
+            return FUNCS[self.layout](self.ql, self.kl, self.vl, causal=True)
 
     def fwd(self):
         with torch.no_grad():
@@ -101,9 +106,10 @@ class Ring:
         torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl)
 
 
-def p2p_variants(high_priority: bool, run_ahead: bool) -> dict:
-    """Experimental ways to run the ring's P2P: ``{row suffix: installer(on)}`` (this process only).
+def p2p_variants(high_priority: bool, run_ahead: bool, copy_engine: bool = False) -> dict:
+    """Other ways to run the ring's P2P: ``{row suffix: installer(on)}`` (this process only).
 
+    ``ce``: the library's copy-engine transport (``ringflash.use_ring_transport("copy_engine")``).
     ``hp``: sends and receives on a second NCCL group created with high-priority streams.
     ``ra``: every K/V post after a call's first is enqueued from a side stream that waits for
     nothing, so each transfer starts when the previous one ends rather than after the previous
@@ -118,8 +124,8 @@ def p2p_variants(high_priority: bool, run_ahead: bool) -> dict:
     class RunAhead(RingComm):
         side = None
 
-        def __init__(self, group=None, timeout=None):
-            super().__init__(group, timeout)
+        def __init__(self, group=None, timeout=None, **kw):
+            super().__init__(group, timeout, **kw)
             self.first = True
             if RunAhead.side is None:
                 RunAhead.side = torch.cuda.Stream()
@@ -146,9 +152,13 @@ def p2p_variants(high_priority: bool, run_ahead: bool) -> dict:
         opts = dist.ProcessGroupNCCL.Options()
         opts.is_high_priority_stream = True
         hp = dist.new_group(backend="nccl", pg_options=opts)
-        out["hp"] = lambda on: setattr(ring_attn, "RingComm", (lambda g: RingComm(hp)) if on else default)
+        out["hp"] = lambda on: setattr(
+            ring_attn, "RingComm", (lambda g, **kw: RingComm(hp)) if on else default
+        )
     if run_ahead:
         out["ra"] = lambda on: setattr(ring_attn, "RingComm", RunAhead if on else default)
+    if copy_engine:
+        out["ce"] = lambda on: setattr(Ring, "transport", "copy_engine" if on else "nccl")
     return out
 
 
@@ -219,6 +229,11 @@ def main() -> None:
         action="store_true",
         help="also time each layout with K/V posts that do not wait for the previous step's kernels",
     )
+    p.add_argument(
+        "--copy-engine",
+        action="store_true",
+        help='also time each layout with use_ring_transport("copy_engine") (K/V by copy engine)',
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
@@ -259,7 +274,7 @@ def main() -> None:
     rows = []
     full_times = {}
     nccl = info.backend == "nccl"
-    variants = p2p_variants(a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl)
+    variants = p2p_variants(a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl, a.copy_engine and nccl)
     runs = [(layout, "") for layout in a.layouts] + [(lay, v) for v in variants for lay in a.layouts]
     reference = {}
     for layout, variant in runs:

@@ -6,6 +6,8 @@
 #            K/V posts that run ahead of compute)
 #   ringenv  zigzag at the largest world size under NCCL settings that use fewer SMs or the copy
 #            engines for send/recv (not in the default set)
+#   ringce   the copy-engine transport: its NCCL test (bitwise equal to NCCL's results), then every
+#            layout with and without it, at each world size
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -15,7 +17,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -52,6 +54,13 @@ if want ringenv; then
     for knob in NCCL_MAX_CTAS=2 NCCL_MAX_P2P_NCHANNELS=2 NCCL_CTA_POLICY=1 NCCL_P2P_USE_CUDA_MEMCPY=1; do
         stage "ring_env_${knob%%=*}_W$w" 120 env "$knob" NCCL_DEBUG=WARN $(run_w "$w") \
             benchmarks/bench_ring_nccl.py --reps 5 --layouts zigzag
+    done
+fi
+if want ringce; then
+    stage ringce_tests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_ring.py -k copy_engine
+    for w in ${RING_WS:-$WS}; do
+        stage "ringce_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --copy-engine \
+            --layouts ${RING_LAYOUTS:-zigzag stripe contiguous varlen}
     done
 fi
 if want decode; then

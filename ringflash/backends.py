@@ -75,6 +75,39 @@ def use_tma(mode: str):
         _tma_forced.pop()
 
 
+RING_TRANSPORTS = ("nccl", "copy_engine")
+_transport_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def use_ring_transport(name: str):
+    """Choose how ring attention inside the block moves K/V between the GPUs of one node.
+
+    ``"nccl"`` (the default): send/receive through the process group (NCCL or gloo). Its kernels
+    need SMs, so a transfer posted during a ring step's attention kernel waits for that kernel's
+    thread blocks to be issued. ``"copy_engine"``: a peer-to-peer DMA copy into the next GPU's
+    memory (PyTorch symmetric memory; every rank of the group on one node, CUDA tensors), which
+    runs alongside the attention kernel (see ``ringflash/comm/copy_engine.py`` and
+    benchmarks/RESULTS.md). Every rank of the group must choose the same transport.
+
+    Example:
+        >>> with ringflash.use_ring_transport("copy_engine"):
+        ...     out = ringflash.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=group)
+    """
+    if name not in RING_TRANSPORTS:
+        raise ValueError(f"unknown ring transport {name!r}: expected one of {RING_TRANSPORTS}")
+    _transport_forced.append(name)
+    try:
+        yield
+    finally:
+        _transport_forced.pop()
+
+
+def ring_transport() -> str:
+    """The ``use_ring_transport`` choice in force now (``"nccl"`` outside any block)."""
+    return _transport_forced[-1] if _transport_forced else "nccl"
+
+
 def tma_mode() -> str:
     """The ``use_tma`` mode in force now (``"auto"`` outside any block)."""
     return _tma_forced[-1] if _tma_forced else "auto"

@@ -231,6 +231,21 @@ def test_use_tma_modes_nest_and_unknown_is_an_error():
     assert tma_mode() == "auto"
 
 
+def test_use_ring_transport_modes_nest_and_unknown_is_an_error():
+    from ringflash.backends import ring_transport
+
+    assert ring_transport() == "nccl"
+    with rf.use_ring_transport("copy_engine"):
+        with rf.use_ring_transport("nccl"):
+            assert ring_transport() == "nccl"
+        assert ring_transport() == "copy_engine"
+    assert ring_transport() == "nccl"
+    with pytest.raises(ValueError, match="unknown ring transport"):
+        with rf.use_ring_transport("carrier-pigeon"):
+            pass
+    assert ring_transport() == "nccl"
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
 def test_explicit_products_path_matches_oracle(case, small_blocks, monkeypatch):
     """The blockwise path used off-CPU (and for softcap): explicit products, no fused CPU kernel."""

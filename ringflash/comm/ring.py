@@ -60,12 +60,25 @@ class RingComm:
     dead or stuck peer raises instead of hanging.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        timeout: datetime.timedelta | None = None,
+        copy_engine_tags: Sequence[int] = (),
+        device: torch.device | None = None,
+    ):
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
         self.timeout = timeout
+        # Posts with these tags to the next rank go by copy engine (``copy_engine.py``).
+        self.copy_engine_tags = frozenset(copy_engine_tags)
+        self.copy_engine = None
+        if self.copy_engine_tags:
+            from .copy_engine import CopyEngineRing
+
+            self.copy_engine = CopyEngineRing.for_group(self.group, device, timeout)
 
     def peer(self, shift: int) -> int:
         """Global rank of the group rank ``shift`` steps ahead on the ring."""
@@ -73,6 +86,8 @@ class RingComm:
 
     def post(self, tensors: Sequence[torch.Tensor], shift: int = 1, tag: int = 0) -> _Transfer:
         """Start sending ``tensors`` ``shift`` ranks ahead and receiving as many from ``shift`` behind."""
+        if self.copy_engine is not None and shift % self.world_size == 1 and tag in self.copy_engine_tags:
+            return self.copy_engine.post(tensors, tag)
         dst, src = self.peer(shift), self.peer(-shift)
         sends = [t.contiguous() for t in tensors]
         bufs = [torch.empty_like(t) for t in sends]
@@ -82,6 +97,19 @@ class RingComm:
         ops += [dist.P2POp(dist.isend, t, dst, self.group, tag=tag * 64 + i) for i, t in enumerate(sends)]
         works = dist.batch_isend_irecv(ops)
         return _Transfer(works, bufs, sends, self.timeout)
+
+    def finish(self) -> None:
+        """The ring call is over (copy-engine messages: the last one received is released)."""
+        if self.copy_engine is not None:
+            self.copy_engine.finish()
+
+    def abort(self) -> None:
+        """The ring call failed: copy-engine flags are out of step, so that transport is dropped."""
+        if self.copy_engine is not None:
+            from .copy_engine import drop
+
+            drop(self.group)
+            self.copy_engine = None
 
 
 class _Transfer:
@@ -101,6 +129,15 @@ class _Transfer:
 def run_on_group(loop: RingLoop, comm: RingComm | None):
     """Drive ``loop`` for this rank over ``comm`` (None: a ring of one, which must not communicate)."""
     try:
+        return _drive(loop, comm)
+    except BaseException:
+        if comm is not None:
+            comm.abort()
+        raise
+
+
+def _drive(loop: RingLoop, comm: RingComm | None):
+    try:
         req = next(loop)
         while True:
             if isinstance(req, Post):
@@ -113,6 +150,8 @@ def run_on_group(loop: RingLoop, comm: RingComm | None):
                 raise TypeError(f"unknown ring request {req!r}")
             req = loop.send(resp)
     except StopIteration as stop:
+        if comm is not None:
+            comm.finish()
         return stop.value
 
 

@@ -28,10 +28,11 @@ import struct
 import torch
 import torch.distributed as dist
 
-from ..backends import backend_for
+from ..backends import backend_for, ring_transport
+from ..comm.copy_engine import copy_engine_available
 from ..comm.ring import RingComm, run_on_group
 from .layouts import LAYOUTS, Plan, build_plan, build_varlen_plan, local_len_error
-from .ring_loop import ring_bwd_loop, ring_fwd_loop
+from .ring_loop import TAG_KV, ring_bwd_loop, ring_fwd_loop
 
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_FIELDS = (
@@ -223,26 +224,47 @@ class RingAttention(torch.autograd.Function):
     """Autograd for one ring: forward and backward both run ``ring_loop`` over the same plan."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float, softcap: float, group, packed: bool):
+    def forward(ctx, q, k, v, plan: Plan, scale: float, softcap: float, group, packed: bool, transport: str):
         k, v = k.contiguous(), v.contiguous()
-        comm = RingComm(group) if plan.world > 1 else None
+        comm = _comm(group, plan, transport, q.device)
         backend = backend_for(q)
         out32, lse = run_on_group(ring_fwd_loop(backend, q, k, v, plan, scale, softcap, packed), comm)
         out = out32.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.softcap, ctx.group, ctx.packed = plan, scale, softcap, group, packed
+        ctx.transport = transport
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        comm = RingComm(ctx.group) if ctx.plan.world > 1 else None
+        comm = _comm(ctx.group, ctx.plan, ctx.transport, q.device)
         loop = ring_bwd_loop(
             backend_for(q), dout.contiguous(), q, k, v, out, lse, ctx.plan, ctx.scale, ctx.softcap, ctx.packed
         )
         dq, dk, dv = run_on_group(loop, comm)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm | None:
+    """The ring's communicator: K/V by copy engine with ``transport="copy_engine"`` (the float32
+    dK/dV, which the loop keeps past a step, always through the process group)."""
+    if plan.world == 1:
+        return None
+    tags = (TAG_KV,) if transport == "copy_engine" else ()
+    return RingComm(group, copy_engine_tags=tags, device=device)
+
+
+def _transport_error(q: torch.Tensor, group, world: int, transport: str) -> str | None:
+    if transport != "copy_engine" or world == 1:
+        return None
+    if not q.is_cuda or dist.get_backend(group) != "nccl" or not copy_engine_available():
+        return (
+            'use_ring_transport("copy_engine") needs CUDA tensors, an NCCL group and PyTorch symmetric '
+            f"memory (got {q.device.type} tensors, a {dist.get_backend(group)} group)"
+        )
+    return None
 
 
 def _ring(
@@ -267,7 +289,9 @@ def _ring(
         cu_list = [
             int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)
         ]
+    transport = ring_transport()
     err = pre_error or _local_error(q, k, v, layout, dropout_p, alibi_slopes, window_size, world, cu_list)
+    err = err or _transport_error(q, g, world, transport)
     members = [dist.get_global_rank(g, r) for r in range(world)] if g is not None else [0]
     sig = (
         _signature(q, k, v, layout, causal, window_size, softcap, softmax_scale, cu_list, members)
@@ -283,7 +307,8 @@ def _ring(
         plan = _cached_plan(layout, rank, world, q.shape[1], bool(causal), window)
     else:
         plan = _cached_varlen_plan(tuple(cu_list), rank, world, q.shape[0], bool(causal), window)
-    out, lse = RingAttention.apply(q, k, v, plan, float(scale), float(softcap), g, cu_list is not None)
+    packed = cu_list is not None
+    out, lse = RingAttention.apply(q, k, v, plan, float(scale), float(softcap), g, packed, transport)
     return (out, lse, None) if return_attn_probs else out
 
 
