@@ -24,7 +24,9 @@ row checks that its outputs and gradients equal the default's bitwise.
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
-forward+backward through autograd), median over repetitions. Efficiency = t_full / (W * t_ring);
+forward+backward through autograd), median over repetitions (``--iters N``: N calls back to back per
+repetition, per call, as a model's layers run them, so one call's host work overlaps the previous
+call's kernels; 1: each call starts on an idle GPU). Efficiency = t_full / (W * t_ring);
 per-GPU TFLOP/s counts the causal FLOPs 4*S*S*Hq*D/2 (backward 2.5x) divided over the W GPUs.
 """
 
@@ -216,6 +218,12 @@ def main() -> None:
     p.add_argument("--layouts", nargs="+", default=list(FUNCS), choices=list(FUNCS))
     p.add_argument("--doc-len", type=int, default=4096, help="mean document length of the varlen row")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=1,
+        help="calls back to back per timing (as a model's layers run them: the host runs ahead)",
+    )
     p.add_argument("--out", default=None, help="folder for ring_nccl_W{world}.csv (and profiles)")
     p.add_argument("--profile", action="store_true", help="also profile one call per layout (CUDA)")
     p.add_argument("--trace", action="store_true", help="rank 0's Chrome trace of one forward (CUDA)")
@@ -284,13 +292,16 @@ def main() -> None:
         varlen = layout == "varlen"
         if varlen not in full_times:
             fwd, fb = full_calls(varlen)
-            full_times[varlen] = (dist_median_time(fwd, device, a.reps), dist_median_time(fb, device, a.reps))
+            full_times[varlen] = (
+                dist_median_time(fwd, device, a.reps, a.iters),
+                dist_median_time(fb, device, a.reps, a.iters),
+            )
         t_full, t_full_fb = full_times[varlen]
         flops = 4 * (causal_pairs(lens) if varlen else S * S // 2) * Hq * D
         ring = Ring(layout, (q, k, v, dout), cu, world)
         t_r, t_rfb = (
-            dist_median_time(ring.fwd, device, a.reps),
-            dist_median_time(ring.fwd_bwd, device, a.reps),
+            dist_median_time(ring.fwd, device, a.reps, a.iters),
+            dist_median_time(ring.fwd_bwd, device, a.reps, a.iters),
         )
         row = dict(
             world=world, layout=name_row, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3,

@@ -60,8 +60,6 @@ class _Stream:
             n = dtype.itemsize * _numel(shape)
             total += -(-n // _ALIGN) * _ALIGN
         self.slot_bytes = total
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous on older PyTorch
-            symm_mem.enable_symm_mem_for_group(group.group_name)
         buf = symm_mem.empty(SLOTS * total, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(buf, group.group_name)
         self.buf = buf
