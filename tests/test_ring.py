@@ -248,15 +248,17 @@ def _transports_agree(rank: int, world: int):
     one_triton_config()
     torch.manual_seed(rank)  # every rank's shard differs: a block from the wrong rank shows
     bad = []
-    # (layout, B, L, Hq, Hk, D): two K/V shapes interleaved, so each has its own message stream.
+    # (layout, B, L, Hq, Hk, D, window): two K/V shapes interleaved, so each has its own message
+    # streams; the window cuts the ring short, so its dK/dV go home over several hops.
     cases = [
-        ("zigzag", 2, 64, 8, 2, 64),
-        ("contiguous", 1, 96, 4, 4, 32),
-        ("stripe", 2, 64, 8, 2, 64),
-        ("zigzag", 1, 96, 4, 4, 32),
+        ("zigzag", 2, 64, 8, 2, 64, (-1, -1)),
+        ("contiguous", 1, 96, 4, 4, 32, (-1, -1)),
+        ("stripe", 2, 64, 8, 2, 64, (-1, -1)),
+        ("contiguous", 1, 96, 4, 4, 32, (100, 0)),
+        ("zigzag", 1, 96, 4, 4, 32, (-1, -1)),
     ]
     for repeat in range(3):
-        for name, B, L, Hq, Hk, D in cases:
+        for name, B, L, Hq, Hk, D, window in cases:
             fn = FUNCS[name]
             q, k, v, do = (
                 torch.randn(B, L, h, D, device=dev, dtype=torch.bfloat16) for h in (Hq, Hk, Hk, Hq)
@@ -265,12 +267,13 @@ def _transports_agree(rank: int, world: int):
             for transport in ("nccl", "copy_engine"):
                 qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
                 with use_ring_transport(transport):
-                    out = fn(qa, ka, va, causal=True)
+                    out = fn(qa, ka, va, causal=True, window_size=window)
                 out.backward(do)  # outside the block: the backward keeps the forward's transport
                 got[transport] = (out, qa.grad, ka.grad, va.grad)
             for what, a, b in zip(("out", "dq", "dk", "dv"), got["nccl"], got["copy_engine"], strict=True):
                 if not torch.equal(a, b):
-                    bad.append(f"{name} B{B} L{L} repeat {repeat}: {what} differs by {(a - b).abs().max()}")
+                    err = (a - b).abs().max()
+                    bad.append(f"{name} B{B} L{L} window {window} repeat {repeat}: {what} differs by {err}")
     return bad
 
 

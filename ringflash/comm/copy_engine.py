@@ -22,7 +22,8 @@ Protocol, per message stream (one per tag and tensor shapes), sender ``r`` to re
 
 Flags are cleared by the waiting side (``wait_signal``), so each is written and consumed once.
 The returned views are valid until the ring's next-but-``SLOTS - 1`` message: the ring loop reads
-them during one step and passes them on, and keeps nothing after it.
+them during one step and passes them on (or adds them into its own buffer), and copies the one it
+keeps at the end.
 """
 
 from __future__ import annotations

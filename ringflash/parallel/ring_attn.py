@@ -32,7 +32,7 @@ from ..backends import backend_for, ring_transport
 from ..comm.copy_engine import copy_engine_available
 from ..comm.ring import RingComm, run_on_group
 from .layouts import LAYOUTS, Plan, build_plan, build_varlen_plan, local_len_error
-from .ring_loop import TAG_KV, ring_bwd_loop, ring_fwd_loop
+from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
 
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _SIG_FIELDS = (
@@ -248,11 +248,11 @@ class RingAttention(torch.autograd.Function):
 
 
 def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm | None:
-    """The ring's communicator: K/V by copy engine with ``transport="copy_engine"`` (the float32
-    dK/dV, which the loop keeps past a step, always through the process group)."""
+    """The ring's communicator: with ``transport="copy_engine"`` the K/V and the travelling dK/dV go
+    to the next rank by copy engine (a dK/dV sent home over several hops goes through the group)."""
     if plan.world == 1:
         return None
-    tags = (TAG_KV,) if transport == "copy_engine" else ()
+    tags = (TAG_KV, TAG_DKV) if transport == "copy_engine" else ()
     return RingComm(group, copy_engine_tags=tags, device=device)
 
 

@@ -175,4 +175,6 @@ def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, so
             kv = yield Wait(kv_handle)
     if n > 1:
         dk_t, dv_t = yield Wait(dkv_handle)
+        # A copy: a transport may hand over views of its own receive buffers, which it reuses.
+        dk_t, dv_t = dk_t.clone(), dv_t.clone()
     return dq, dk_t, dv_t
