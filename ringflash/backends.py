@@ -88,7 +88,9 @@ def use_ring_transport(name: str):
     thread blocks to be issued. ``"copy_engine"``: a peer-to-peer DMA copy into the next GPU's
     memory (PyTorch symmetric memory; every rank of the group on one node, CUDA tensors), which
     runs alongside the attention kernel (see ``ringflash/comm/copy_engine.py`` and
-    benchmarks/RESULTS.md). Every rank of the group must choose the same transport.
+    benchmarks/RESULTS.md). Every rank of the group must choose the same transport. The copy
+    engines' receive buffers (three per K/V shape, and per float32 dK/dV shape) stay allocated for
+    the life of the process; the results are bitwise those of ``"nccl"``.
 
     Example:
         >>> with ringflash.use_ring_transport("copy_engine"):
