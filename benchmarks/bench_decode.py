@@ -314,7 +314,18 @@ def bandwidth_rows(bw, contexts=(16384, 32768), budget=2.5e9):
     return rows
 
 
-def print_bandwidth(rows, bw):
+def step_flush_us(s=4096):
+    """The 4k causal append + attend step (B=1) in its own graph, under the zeroing flush and the
+    read-only flush: ``(zeroing us, read-only us)``."""
+    q, kc, vc, lens = _inputs(1, s)
+    lens -= 1
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+    replay = graphed(lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True))
+    return _bench(replay, rep=300), _bench_clean_flush(replay, reps=300)
+
+
+def print_bandwidth(rows, bw, step=None):
     print(f"\n## B=1 bandwidth, three timings (us and % of copy {bw:.0f} GB/s); see bandwidth_rows")
     print("     S layers | ours flush  clean layers | cudnn flush  clean layers")
     for r in rows:
@@ -327,6 +338,9 @@ def print_bandwidth(rows, bw):
                 )
             )
         print(f"{r['ctx']:6d} {r['layers']:6d} | " + " | ".join(cells))
+    if step is not None:
+        print(f"## 4k causal append + attend step, own graph: {step[0]:.1f} us (zeroing flush),", end="")
+        print(f" {step[1]:.1f} us (read-only flush)")
 
 
 def splits_probe(contexts=(16384, 32768), splits=(16, 24, 32, 33, 48, 66), rounds=3):
@@ -362,7 +376,7 @@ def main():
         splits_probe()
         return
     if args.bandwidth:
-        print_bandwidth(bandwidth_rows(bw), bw)
+        print_bandwidth(bandwidth_rows(bw), bw, step_flush_us())
         return
     free = torch.cuda.mem_get_info()[0]
     ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]
