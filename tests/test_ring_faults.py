@@ -42,9 +42,22 @@ def _bad_inputs(rank: int, world: int, device: str = "cpu") -> dict:
     msgs["shard"] = _expect_value_error(rp.shard, torch.randn(1, 2 * world + 1, 2), None, 1, "contiguous")
     if device == "cpu":  # the copy-engine transport needs CUDA tensors and an NCCL group
         from ringflash import use_ring_transport
+        from ringflash.parallel import ring_attn
 
         with use_ring_transport("copy_engine"):
             msgs["transport"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
+        # Past that check (as on GPUs): ranks that chose different transports, or sit on different
+        # nodes, are told so on every rank before any transfer.
+        saved = ring_attn._transport_error, ring_attn._node_id
+        ring_attn._transport_error = lambda *a: None
+        ring_attn._node_id = lambda: 1000 + rank
+        try:
+            with use_ring_transport("copy_engine" if rank == 1 else "nccl"):
+                msgs["mixed"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
+            with use_ring_transport("copy_engine"):
+                msgs["nodes"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
+        finally:
+            ring_attn._transport_error, ring_attn._node_id = saved
     # The ring is still in step after all of that: a good call works.
     out = rp.zigzag_ring_flash_attn_func(q, k, v, causal=True)
     assert out.shape == q.shape and torch.isfinite(out).all()
@@ -71,6 +84,8 @@ def test_bad_input_raises_on_every_rank(device):
         assert "divide by the world size" in msgs["shard"], msgs["shard"]
         if device == "cpu":
             assert "copy_engine" in msgs["transport"] and "gloo group" in msgs["transport"], msgs["transport"]
+            assert "disagree on ring transport: ['nccl', 'copy_engine']" in msgs["mixed"], msgs["mixed"]
+            assert "disagree on node" in msgs["nodes"] and "one node" in msgs["nodes"], msgs["nodes"]
 
 
 def _die_mid_ring(rank: int, world: int, mode: str):

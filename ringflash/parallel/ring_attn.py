@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import socket
 import struct
+import zlib
 
 import torch
 import torch.distributed as dist
 
-from ..backends import backend_for, ring_transport
+from ..backends import RING_TRANSPORTS, backend_for, ring_transport
 from ..comm.copy_engine import copy_engine_available
 from ..comm.ring import RingComm, run_on_group
 from .layouts import LAYOUTS, Plan, build_plan, build_varlen_plan, local_len_error
@@ -53,7 +55,15 @@ _SIG_FIELDS = (
     "cu_seqlens total",
     "cu_seqlens checksum",
     "group members",
+    "ring transport",
+    "node",
 )
+_SIG_HINTS = {
+    "local seqlen": " (every rank needs a shard of equal length)",
+    "batch": " (every rank needs a shard of equal length)",
+    "ring transport": " (every rank must choose the same use_ring_transport)",
+    "node": ' (use_ring_transport("copy_engine") needs every rank of the group on one node)',
+}
 
 
 def group_rank_world(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
@@ -122,7 +132,14 @@ def _local_error(q, k, v, layout, dropout_p, alibi_slopes, window_size, world, c
     return local_len_error(layout, world, n_local)
 
 
-def _signature(q, k, v, layout, causal, window_size, softcap, scale, cu_list, members) -> list[int]:
+def _node_id() -> int:
+    """A number for this host (the same in every process on it)."""
+    return zlib.crc32(socket.gethostname().encode())
+
+
+def _signature(
+    q, k, v, layout, causal, window_size, softcap, scale, cu_list, members, transport="nccl"
+) -> list[int]:
     packed = cu_list is not None
     shape = (1,) + tuple(q.shape) if packed else tuple(q.shape)
     wl, wr = (int(window_size[0]), int(window_size[1])) if len(window_size) == 2 else (0, 0)
@@ -144,6 +161,8 @@ def _signature(q, k, v, layout, causal, window_size, softcap, scale, cu_list, me
         cu_list[-1] if packed else -1,
         hash(tuple(cu_list)) & (2**62 - 1) if packed else -1,
         hash(tuple(members)) & (2**62 - 1),
+        RING_TRANSPORTS.index(transport),
+        _node_id() if transport == "copy_engine" else -1,
     ]
 
 
@@ -203,7 +222,9 @@ def check_collectively(group, world: int, err: str | None, sig: list[int], membe
         if len(set(vals)) > 1:
             if name in ("softcap", "softmax_scale"):
                 vals = [struct.unpack("<d", struct.pack("<q", x))[0] for x in vals]
-            hint = " (every rank needs a shard of equal length)" if name in ("local seqlen", "batch") else ""
+            hint = _SIG_HINTS.get(name, "")
+            if name == "ring transport":
+                vals = [RING_TRANSPORTS[x] for x in vals]
             raise ValueError(f"ranks of the ring disagree on {name}: {vals} by rank{hint}")
 
 
@@ -294,7 +315,7 @@ def _ring(
     err = err or _transport_error(q, g, world, transport)
     members = [dist.get_global_rank(g, r) for r in range(world)] if g is not None else [0]
     sig = (
-        _signature(q, k, v, layout, causal, window_size, softcap, softmax_scale, cu_list, members)
+        _signature(q, k, v, layout, causal, window_size, softcap, softmax_scale, cu_list, members, transport)
         if not err
         else []
     )
