@@ -60,6 +60,10 @@ def env_report() -> list[tuple[str, str]]:
     ]
     rows.append(("torch.distributed", ", ".join(dists) if dist.is_available() else "not available"))
     rows.append(("triton importable", "yes" if triton_available() else "no"))
+    from .comm.copy_engine import copy_engine_available
+
+    ce = "available (CUDA and PyTorch symmetric memory)" if copy_engine_available() else "not available"
+    rows.append(('use_ring_transport("copy_engine")', ce))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         be = backend_name(torch.device(dev))

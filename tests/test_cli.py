@@ -11,6 +11,8 @@ def test_env_report_lists_versions_and_backends(capsys):
     rows = dict(env_report())
     assert rows["torch"] and rows["backend on cpu"] in ("torch", "triton")
     assert "gloo" in rows["torch.distributed"]
+    want = "available" if torch.cuda.is_available() else "not available"
+    assert rows['use_ring_transport("copy_engine")'].startswith(want)
     assert main(["env"]) == 0
     assert "backend on cpu" in capsys.readouterr().out
 
