@@ -1,4 +1,5 @@
-"""Process groups and communication: the ring P2P helper, all-to-all, 2-D groups, launcher init helpers."""
+"""Process groups and communication: the ring P2P helper (send/receive, or copy engines within a
+node: ``copy_engine.py``), all-to-all, 2-D groups, launcher init helpers."""
 
 from .alltoall import all_to_all, seq_all_to_all
 from .groups import USPGroups, build_usp_groups

@@ -346,6 +346,8 @@ _ARGS_DOC = """
         deterministic: accepted for compatibility; the ring is always deterministic.
         return_attn_probs: also return the float32 LSE ``[B, Hq, S_local]`` as ``(out, lse, None)``.
         group: the ring's process group (None: the default group; not initialised: run locally).
+            K/V travel through its send/receive, or by the GPUs' copy engines inside
+            ``ringflash.use_ring_transport("copy_engine")`` (one node, NCCL).
 
     Returns:
         ``out [B, S_local, Hq, D]`` in q's dtype (or ``(out, lse, None)``).
