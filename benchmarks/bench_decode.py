@@ -343,6 +343,36 @@ def print_bandwidth(rows, bw, step=None):
         print(f" {step[1]:.1f} us (read-only flush)")
 
 
+def host_profile(s=4096, n=2000, top=25):
+    """Where an eager decoding step's host time goes: ``cProfile`` over ``n`` causal append +
+    attend steps inside ``skip_value_checks()`` (B=1, 4k), the ``top`` functions by own time."""
+    import cProfile
+    import pstats
+
+    q, kc, vc, lens = _inputs(1, s)
+    lens -= 10
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+
+    def loop(steps):
+        for _ in range(steps):
+            # The same slot each step: the host path is what is profiled, not the cache growing.
+            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+
+    with skip_value_checks():
+        loop(200)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        loop(n)
+        prof.disable()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+    print(f"# eager step host time under cProfile: {host:.1f} us per step ({n} steps); top by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def splits_probe(contexts=(16384, 32768), splits=(16, 24, 32, 33, 48, 66), rounds=3):
     """B=1: graph-replayed us of our kernel at several split counts beside cuDNN, interleaved over
     ``rounds`` rounds (medians) so clock drift hits every column alike."""
@@ -364,6 +394,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
     ap.add_argument("--probe", action="store_true", help="only: split counts at batch 1, 16k and 32k")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
+    ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
@@ -377,6 +408,9 @@ def main():
         return
     if args.bandwidth:
         print_bandwidth(bandwidth_rows(bw), bw, step_flush_us())
+        return
+    if args.host_profile:
+        host_profile()
         return
     free = torch.cuda.mem_get_info()[0]
     ctxs = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072, 262144, 1048576]
