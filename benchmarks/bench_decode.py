@@ -27,7 +27,9 @@ eager time is host bound, shown in the ``eager`` column).
 
 Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints
 the GPU, versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
-importable). ``--probe`` only times split counts at batch 1 (16k, 32k) beside cuDNN.
+importable). ``--probe`` only times split counts at batch 1 (16k, 32k) beside cuDNN. ``--tma on``
+runs everything under ``ringflash.use_tma("on")``: the split kernel then reads a contiguous
+cache's K/V tiles through TMA descriptors.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from bench_io import write_csv
 from bench_timing import capture, graphed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import skip_value_checks
+from ringflash import skip_value_checks, use_tma
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.kernels import decode as kdec
 from ringflash.parallel import sharded_decode as sd
@@ -395,10 +397,24 @@ def main():
     ap.add_argument("--probe", action="store_true", help="only: split counts at batch 1, 16k and 32k")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
+    ap.add_argument(
+        "--tma",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ringflash.use_tma mode (decoding uses TMA descriptors for the cache only under 'on')",
+    )
     args = ap.parse_args()
+    with use_tma(args.tma):
+        _main(args)
+
+
+def _main(args):
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
-    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+    print(
+        f"{name} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}", end=""
+    )
+    print(f" | use_tma {args.tma}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s (2 GiB device-to-device, read + write)")
     if args.sweep:

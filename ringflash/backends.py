@@ -60,7 +60,8 @@ def use_tma(mode: str):
     ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
     for calls whose longer side has at least 8192 tokens, pointer loads otherwise (measured faster
     for shorter calls, see benchmarks/RESULTS.md). ``"on"``: descriptors at every length (and under
-    Triton's interpreter). ``"off"``: pointer loads only.
+    Triton's interpreter), and in the decoding kernel for a contiguous KV cache (only under
+    ``"on"``: not yet measured against its pointer loads). ``"off"``: pointer loads only.
 
     Example:
         >>> with ringflash.use_tma("off"):

@@ -45,6 +45,8 @@ def case_id(p):
         s += "-win{}:{}".format(*p["window"])
     if p.get("softcap"):
         s += f"-cap{p['softcap']:g}"
+    if p.get("tma"):
+        s += f"-tma{p['tma']}"
     return s
 
 
@@ -130,7 +132,15 @@ def _err(a, b):
 
 
 def run_case(p):
-    """Every check of case ``p``: ``{name: [error, bound]}``."""
+    """Every check of case ``p``: ``{name: [error, bound]}`` (``p["tma"]``: under that
+    ``ringflash.use_tma`` mode)."""
+    from ringflash import use_tma
+
+    with use_tma(p.get("tma", "auto")):
+        return _run_case(p)
+
+
+def _run_case(p):
     g = torch.Generator().manual_seed(zlib.crc32(json.dumps(p, sort_keys=True).encode()))
     q, k, v, k_cache, v_cache, kw = build(p, g)
     dt = q.dtype

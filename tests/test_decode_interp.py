@@ -61,6 +61,8 @@ def combine_case():
     }
 
 
+# The 16-bit contiguous-cache cases again with the cache's K/V tiles through TMA descriptors.
+TMA_CASES = [dict(c, tma="on") for c in CASES if c["dtype"] != "fp32" and not c.get("page")]
 # (splits, page) of the fused-vs-unfused cases: one split, a merge of 3, paged.
 FUSED_INTERP = [(1, None), (3, None), (3, 8)]
 # Bad values inside skip_value_checks(): the kernels clamp into the cache.
@@ -71,7 +73,7 @@ def _worker_main():
     torch.set_num_threads(1)
     proto = sys.stdout
     sys.stdout = sys.stderr  # only the protocol goes to the real stdout
-    for c in CASES:
+    for c in CASES + TMA_CASES:
         try:
             reply = {"checks": run_case(dict(c, backend="triton"))}
         except Exception:  # report, keep going
@@ -122,7 +124,7 @@ def _get(results, cid):
     return r["checks"]
 
 
-@pytest.mark.parametrize("p", CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("p", CASES + TMA_CASES, ids=[case_id(c) for c in CASES + TMA_CASES])
 def test_decode_triton_interpreter(interp_results, p):
     assert_checks(_get(interp_results, case_id(p)), case_id(p))
 

@@ -28,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import tma_mode
 from .common import (
     _dot,
+    _rows_desc,
     _tanh,
     cdiv,
     dot_f32,
@@ -39,6 +41,7 @@ from .common import (
     on_tensor_device,
     pad_dim,
     sm_count,
+    tma_applies,
 )
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
@@ -168,6 +171,7 @@ def _decode_split_kernel(
     SPLIT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -241,12 +245,22 @@ def _decode_split_kernel(
     # FUSE_APPEND: keys [n_old, seqlen_k) are the new tokens; they are read from KN/VN (never from
     # the cache, which split 0 writes below), so no program depends on another's write.
     cache_end = j_end
+    cache_rows = seqlen_k  # keys held in the cache itself
     if FUSE_APPEND:
         cache_end = tl.minimum(j_end, n_old)
+        cache_rows = n_old
+    if TMA:
+        # Contiguous cache only: descriptors over this row's cached keys of this KV head; rows
+        # past them (stale or unwritten slots) read as 0, so masked keys never meet NaN.
+        k_desc = _rows_desc(k_head + cache_row * stride_kb, cache_rows, stride_ks, HEAD_DIM, BLOCK_N, D_PAD)
+        v_desc = _rows_desc(v_head + cache_row * stride_vb, cache_rows, stride_vs, HEAD_DIM, BLOCK_N, D_PAD)
     for j0 in range(j_start, cache_end, BLOCK_N):
         offs_j = j0 + offs_n
         j_ok = offs_j < cache_end
-        if PAGED:
+        if TMA:
+            k = k_desc.load([j0, 0])
+            v = v_desc.load([j0, 0])
+        elif PAGED:
             page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_j // page_size, mask=j_ok, other=0)
             page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
             k_rows = page.to(tl.int64) * stride_kb + (offs_j % page_size).to(tl.int64) * stride_ks
@@ -254,13 +268,14 @@ def _decode_split_kernel(
         else:
             k_rows = cache_row * stride_kb + offs_j.to(tl.int64) * stride_ks
             v_rows = cache_row * stride_vb + offs_j.to(tl.int64) * stride_vs
-        kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
-        )
-        v = tl.load(
-            v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
-        )
+        if not TMA:
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(
+                k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
+            )
+            v = tl.load(
+                v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
+            )
         m_i, l_i, acc = _attend_block(
             q,
             k,
@@ -571,6 +586,9 @@ def decode_fwd(
     d_pad = pad_dim(D)
     combine_m = min(bm, next_pow2(group * Sq))
     split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
+    # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
+    # use_tma("on") (not yet measured against pointer loads for decoding).
+    tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
@@ -623,6 +641,7 @@ def decode_fwd(
         SPLIT_BLOCK=split_block,
         BLOCK_M=bm,
         BLOCK_N=bn,
+        TMA=tma,
         **launch,
     )
     if not fused:
