@@ -34,6 +34,9 @@ def _worker(fn, rank, world, init_file, pg_timeout, results, args, backend):
             world_size=world,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
+        # Every rank finishes joining before any runs: a rank that returns (or fails) at once and
+        # exits would otherwise close its connections while a peer is still setting up the mesh.
+        dist.barrier()
         payload = fn(rank, world, *args)
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         status, payload = "error", traceback.format_exc()

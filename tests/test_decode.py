@@ -286,6 +286,10 @@ GPU_CASES = [
 ]
 
 
+# The 16-bit contiguous-cache cases again with the cache's tiles through TMA descriptors.
+GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("p", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
 def test_decode_cuda(p):
@@ -306,8 +310,17 @@ def _capture(step):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_decode_cuda_graph():
-    """A captured append+attend step replays for new lengths (read on the device) exactly."""
+@pytest.mark.parametrize("tma", ["auto", "on"])
+def test_decode_cuda_graph(tma):
+    """A captured append+attend step replays for new lengths (read on the device) exactly (also
+    with the cache read through TMA descriptors, whose scratch is allocated at capture)."""
+    from ringflash import use_tma
+
+    with use_tma(tma):
+        _graph_replays_exactly()
+
+
+def _graph_replays_exactly():
     dev = "cuda"
     q = torch.randn(2, 1, 16, 128, device=dev, dtype=torch.bfloat16)
     kc = torch.randn(2, 3000, 4, 128, device=dev, dtype=torch.bfloat16)
