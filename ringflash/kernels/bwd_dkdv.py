@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _rows_desc, _scores, _visible
+from .common import _block_ranges, _dot, _scores, _tile_src, _visible
 
 
 @triton.jit
@@ -222,12 +222,12 @@ def _attn_bwd_dkdv_kernel(
         h = hk * group + g
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
         do_seq = DO + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
-        if TMA:
-            q_src = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD)
-            do_src = _rows_desc(do_seq, seqlen_q, stride_dos, HEAD_DIM_V, BLOCK_M, DV_PAD)
-        else:
-            q_src = q_seq + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-            do_src = do_seq + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod
+        q_src = _tile_src(
+            q_seq, seqlen_q, stride_qs, stride_qd, offs_m, offs_d, HEAD_DIM, BLOCK_M, D_PAD, TMA
+        )
+        do_src = _tile_src(
+            do_seq, seqlen_q, stride_dos, stride_dod, offs_m, offs_dv, HEAD_DIM_V, BLOCK_M, DV_PAD, TMA
+        )
         lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
         delta_ptrs = DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es
         args = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _rows_desc, _scores, _visible
+from .common import _block_ranges, _dot, _scores, _tile_src, _visible
 
 
 @triton.jit
@@ -216,12 +216,10 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     k_seq = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_seq = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
-    if TMA:
-        k_src = _rows_desc(k_seq, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, D_PAD)
-        v_src = _rows_desc(v_seq, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, DV_PAD)
-    else:
-        k_src = k_seq + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-        v_src = v_seq + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    k_src = _tile_src(k_seq, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
+    v_src = _tile_src(
+        v_seq, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
+    )
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)

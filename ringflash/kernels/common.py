@@ -159,6 +159,28 @@ def _rows_desc(base, n_rows, stride, COLS: tl.constexpr, BLOCK_R: tl.constexpr, 
 
 
 @triton.jit
+def _tile_src(
+    seq,
+    n_rows,
+    stride_r,
+    stride_c,
+    offs_r,
+    offs_c,
+    COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Where a kernel streams ``[BLOCK_R, BLOCK_C]`` tiles of the ``n_rows`` rows at ``seq`` from:
+    with ``TMA`` their descriptor (``_rows_desc``), else the pointer tile of the first block (rows
+    ``offs_r``, columns ``offs_c``), which the caller offsets and masks."""
+    if TMA:
+        return _rows_desc(seq, n_rows, stride_r, COLS, BLOCK_R, BLOCK_C)
+    else:
+        return seq + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+
+
+@triton.jit
 def _scores(a, b, sm_scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     """Scores in log2 units and the tanh of the softcap (``t``; 0 when there is none)."""
     s = _dot(a, tl.trans(b), None, DOT_PREC, DOT_F32)

@@ -22,6 +22,7 @@ from .common import (
     _dot,
     _rows_desc,
     _tanh,
+    _tile_src,
     _visible,
     cdiv,
     dot_f32,
@@ -231,13 +232,13 @@ def _attn_fwd_kernel(
         # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
         q = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD).load([i0, 0])
-        k_src = _rows_desc(k_base, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, D_PAD)
-        v_src = _rows_desc(v_base, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, DV_PAD)
     else:
         q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-        v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    k_src = _tile_src(k_base, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
+    v_src = _tile_src(
+        v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
+    )
 
     qk_scale = sm_scale * 1.4426950408889634
     cap_scale = 0.0
