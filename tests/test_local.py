@@ -216,34 +216,27 @@ def test_use_backend_torch_and_unknown():
             pass
 
 
-def test_use_tma_modes_nest_and_unknown_is_an_error():
-    from ringflash.backends import tma_mode
+@pytest.mark.parametrize(
+    "use, current, default, outer, inner, error",
+    [
+        ("use_tma", "tma_mode", "auto", "off", "on", "unknown TMA mode"),
+        ("use_ring_transport", "ring_transport", "nccl", "copy_engine", "nccl", "unknown ring transport"),
+    ],
+)
+def test_mode_context_managers_nest_and_unknown_is_an_error(use, current, default, outer, inner, error):
+    from ringflash import backends
 
-    assert tma_mode() == "auto"
-    with rf.use_tma("off"):
-        with rf.use_tma("on"):
-            assert tma_mode() == "on"
-        assert tma_mode() == "off"
-    assert tma_mode() == "auto"
-    with pytest.raises(ValueError, match="unknown TMA mode"):
-        with rf.use_tma("fast"):
+    use, current = getattr(rf, use), getattr(backends, current)
+    assert current() == default
+    with use(outer):
+        with use(inner):
+            assert current() == inner
+        assert current() == outer
+    assert current() == default
+    with pytest.raises(ValueError, match=error):
+        with use("fast"):
             pass
-    assert tma_mode() == "auto"
-
-
-def test_use_ring_transport_modes_nest_and_unknown_is_an_error():
-    from ringflash.backends import ring_transport
-
-    assert ring_transport() == "nccl"
-    with rf.use_ring_transport("copy_engine"):
-        with rf.use_ring_transport("nccl"):
-            assert ring_transport() == "nccl"
-        assert ring_transport() == "copy_engine"
-    assert ring_transport() == "nccl"
-    with pytest.raises(ValueError, match="unknown ring transport"):
-        with rf.use_ring_transport("carrier-pigeon"):
-            pass
-    assert ring_transport() == "nccl"
+    assert current() == default
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
