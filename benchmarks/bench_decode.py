@@ -84,6 +84,21 @@ def _inputs(b, s):
     return q, kc, vc, lens
 
 
+def append_step(s=4096, room=1):
+    """A causal decoding step at batch 1 (append one token at ``cache_seqlens``, attend) on a cache
+    of ``s`` slots holding ``s - room`` keys: ``(step closure, (q, kc, vc, lens, k, v))``. The
+    lengths are not advanced, so repeated steps write the same slot."""
+    q, kc, vc, lens = _inputs(1, s)
+    lens -= room
+    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+
+    def step():
+        return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+
+    return step, (q, kc, vc, lens, k, v)
+
+
 def ours_fn(q, kc, vc, lens, **kw):
     scale = D**-0.5
 
@@ -139,13 +154,7 @@ def graph_step_us(s=4096):
     """A whole causal decoding step (append one token, attend) at batch 1, captured and replayed:
     ``(fused us, eager us, unfused us)``. Fused: ``flash_attn_with_kvcache``, one kernel. Unfused:
     the append, split and combine kernels (the path before the fusion), same tiles and splits."""
-    q, kc, vc, lens = _inputs(1, s)
-    lens -= 1
-    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
-    v = torch.randn_like(k)
-
-    def step():
-        return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+    step, (q, kc, vc, lens, k, v) = append_step(s)
 
     def unfused_step():
         kdec.append_kv(kc, vc, k, v, lens)
@@ -164,14 +173,11 @@ def eager_loop_us(s=4096, n=300):
     """Eager causal append+attend steps back to back, as a decoding loop runs them (no L2 flush
     between calls): us per step, ``(values checked, inside skip_value_checks())``. The checked
     call reads ``cache_seqlens`` on the host (one sync per call); the unchecked one does not."""
-    q, kc, vc, lens = _inputs(1, s)
-    lens -= n + 10  # room for n appends
-    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
-    v = torch.randn_like(k)
+    step, _ = append_step(s, room=n + 10)
 
     def loop():
         for _ in range(n):
-            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+            step()
         torch.cuda.synchronize()
 
     def timed():
@@ -251,15 +257,12 @@ def layers_step_us(layers=32, s=4096):
     CUDA graph, as a model's step runs: no L2 flush and no cache left in L2 from the call before
     (32 caches of 16.8 MB), kernels back to back. Per layer, us: ``(ours append+attend, ours attend,
     cuDNN attend)``."""
-    caches = [_inputs(1, s) for _ in range(layers)]
-    for c in caches:
-        c[3].sub_(1)
-    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
-    v = torch.randn_like(k)
+    steps = [append_step(s) for _ in range(layers)]
+    caches = [tensors[:4] for _, tensors in steps]
 
     def step():
-        for q, kc, vc, lens in caches:
-            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+        for layer_step, _ in steps:
+            layer_step()
 
     attend = [ours_fn(q, kc, vc, lens) for q, kc, vc, lens in caches]
     cudnn = [sdpa_fn(q, kc, vc, SDPBackend.CUDNN_ATTENTION)[0] for q, kc, vc, lens in caches]
@@ -319,11 +322,7 @@ def bandwidth_rows(bw, contexts=(16384, 32768), budget=2.5e9):
 def step_flush_us(s=4096):
     """The 4k causal append + attend step (B=1) in its own graph, under the zeroing flush and the
     read-only flush: ``(zeroing us, read-only us)``."""
-    q, kc, vc, lens = _inputs(1, s)
-    lens -= 1
-    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
-    v = torch.randn_like(k)
-    replay = graphed(lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True))
+    replay = graphed(append_step(s)[0])
     return _bench(replay, rep=300), _bench_clean_flush(replay, reps=300)
 
 
@@ -351,15 +350,11 @@ def host_profile(s=4096, n=2000, top=25):
     import cProfile
     import pstats
 
-    q, kc, vc, lens = _inputs(1, s)
-    lens -= 10
-    k = torch.randn(1, 1, HK, D, device="cuda", dtype=DT)
-    v = torch.randn_like(k)
+    step, _ = append_step(s, room=10)
 
     def loop(steps):
         for _ in range(steps):
-            # The same slot each step: the host path is what is profiled, not the cache growing.
-            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+            step()  # the same slot each step: the host path is profiled, not the cache growing
 
     with skip_value_checks():
         loop(200)
