@@ -54,16 +54,13 @@ class _Stream:
     def __init__(self, group: dist.ProcessGroup, shapes, device: torch.device):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.shapes = shapes
         offsets, total = [], 0
         for shape, dtype in shapes:
             offsets.append(total)
             n = dtype.itemsize * _numel(shape)
             total += -(-n // _ALIGN) * _ALIGN
-        self.slot_bytes = total
-        buf = symm_mem.empty(SLOTS * total, dtype=torch.uint8, device=device)
-        self.handle = symm_mem.rendezvous(buf, group.group_name)
-        self.buf = buf
+        self.buf = symm_mem.empty(SLOTS * total, dtype=torch.uint8, device=device)  # the slots' memory
+        self.handle = symm_mem.rendezvous(self.buf, group.group_name)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         self.next, self.prev = (rank + 1) % world, (rank - 1) % world
         self.rank = rank

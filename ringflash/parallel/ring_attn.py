@@ -132,8 +132,9 @@ def _local_error(q, k, v, layout, dropout_p, alibi_slopes, window_size, world, c
     return local_len_error(layout, world, n_local)
 
 
+@functools.cache
 def _node_id() -> int:
-    """A number for this host (the same in every process on it)."""
+    """A number for this host (the same in every process on it); read once, not on every call."""
     return zlib.crc32(socket.gethostname().encode())
 
 
