@@ -27,8 +27,8 @@ eager time is host bound, shown in the ``eager`` column).
 
 Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints
 the GPU, versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
-importable). ``--probe`` only times split counts at batch 1 (16k, 32k) beside cuDNN. ``--tma on``
-runs everything under ``ringflash.use_tma("on")``: the split kernel then reads a contiguous
+importable). ``--probe`` only times kernel variants (``PROBE_VARIANTS``) at batch 1 beside cuDNN.
+``--tma on`` runs everything under ``ringflash.use_tma("on")``: the split kernel then reads a contiguous
 cache's K/V tiles through TMA descriptors.
 """
 
@@ -370,18 +370,47 @@ def host_profile(s=4096, n=2000, top=25):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-def splits_probe(contexts=(16384, 32768), splits=(16, 24, 32, 33, 48, 66), rounds=3):
-    """B=1: graph-replayed us of our kernel at several split counts beside cuDNN, interleaved over
-    ``rounds`` rounds (medians) so clock drift hits every column alike."""
-    print("# splits probe, B=1, us (median of rounds): " + " ".join(f"s{n}" for n in splits) + " cudnn")
+PROBE_VARIANTS = (
+    ("ptr", "off", {}),
+    ("ptr st4", "off", dict(num_stages=4)),
+    ("ptr 2xsplits", "off", dict(splits_x=2)),
+    ("tma", "on", {}),
+    ("tma st4", "on", dict(num_stages=4)),
+    ("tma bn128 st2", "on", dict(block_n=128, num_stages=2)),
+    ("tma bn128 st3", "on", dict(block_n=128, num_stages=3)),
+    ("tma 2xsplits", "on", dict(splits_x=2)),
+)
+
+
+def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9):
+    """B=1: graph-replayed us of kernel variants (pointer loads or TMA descriptors, tiles, split
+    counts; ``PROBE_VARIANTS``) beside cuDNN, two timings each: ``flush`` (one cache, zeroing
+    flush) and ``layers`` (caches of about ``budget`` bytes attended back to back in one graph, per
+    call). Interleaved over ``rounds`` rounds (medians), so clock drift hits every column alike."""
+    names = [v[0] for v in PROBE_VARIANTS] + ["cudnn"]
+    print("# variant probe, B=1, us (median of rounds), flush / layers:")
+    print("#        " + " ".join(f"{n:>15}" for n in names))
     for s in contexts:
-        q, kc, vc, lens = _inputs(1, s)
-        fns = [graphed(ours_fn(q, kc, vc, lens, num_splits=n)) for n in splits]
-        fns.append(graphed(sdpa_fn(q, kc, vc, SDPBackend.CUDNN_ATTENTION)[0]))
-        times = [[_bench(f) for f in fns] for _ in range(rounds)]
-        med = [sorted(col)[len(col) // 2] for col in zip(*times, strict=True)]
-        print(f"S={s:6d} " + " ".join(f"{t:6.1f}" for t in med))
-        del q, kc, vc, lens, fns
+        n = max(2, int(budget // kv_bytes(1, s)))
+        caches = [_inputs(1, s) for _ in range(n)]
+        auto = kdec.pick_num_splits(1, HK, HQ // HK, 1, s, caches[0][0].device)
+        replays = []
+        for _, mode, kw in PROBE_VARIANTS:
+            kw = dict(kw)
+            if "splits_x" in kw:
+                kw["num_splits"] = auto * kw.pop("splits_x")
+            with use_tma(mode):
+                fns = [ours_fn(*c, **kw) for c in caches]
+                replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
+        fns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for c in caches]
+        replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
+        times = [[(_bench(one), _bench(many) / n) for one, many in replays] for _ in range(rounds)]
+        cols = zip(*times, strict=True)
+        med = [tuple(sorted(t[i] for t in col)[len(col) // 2] for i in range(2)) for col in cols]
+        cells = " ".join(f"{a:7.1f}/{b:7.1f}" for a, b in med)
+        print(f"S={s:6d} {cells}  (splits {auto}, {n} caches)")
+        del caches, fns, replays
+        torch.cuda.empty_cache()
 
 
 def main():
@@ -389,7 +418,7 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
-    ap.add_argument("--probe", action="store_true", help="only: split counts at batch 1, 16k and 32k")
+    ap.add_argument("--probe", action="store_true", help="only: kernel variants at batch 1, 4k-32k")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     ap.add_argument(
@@ -415,7 +444,7 @@ def _main(args):
     if args.sweep:
         sweep(bw)
     if args.probe:
-        splits_probe()
+        variant_probe()
         return
     if args.bandwidth:
         print_bandwidth(bandwidth_rows(bw), bw, step_flush_us())

@@ -13,6 +13,8 @@
 #   bandwidth  bench_decode.py --bandwidth: B=1 16k/32k, zeroing vs read-only flush vs a model's layers
 #   pieces     bench_ring_pieces.py: every distinct ring step of zigzag at W = 8 and 4, timed alone
 #   hostprof   bench_decode.py --host-profile: where an eager decoding step's host time goes
+#   probe      bench_decode.py --probe: decoding kernel variants (pointer loads / TMA, tiles, splits)
+#   bwtma      bench_decode.py --bandwidth under use_tma("on")
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
 # stage).
@@ -43,5 +45,7 @@ want gqa && stage gqa 200 python3 benchmarks/bench_gqa.py
 want bandwidth && stage bandwidth 90 python3 benchmarks/bench_decode.py --bandwidth --out "$LOG/decode"
 want pieces && stage pieces 150 python3 benchmarks/bench_ring_pieces.py --world 8
 want pieces && stage pieces4 100 python3 benchmarks/bench_ring_pieces.py --world 4
+want probe && stage probe 200 python3 benchmarks/bench_decode.py --probe --out "$LOG/decode"
+want bwtma && stage bwtma 90 python3 benchmarks/bench_decode.py --bandwidth --tma on --out "$LOG/decode"
 want hostprof && stage hostprof 90 python3 benchmarks/bench_decode.py --host-profile --out "$LOG/decode"
 pack
