@@ -24,6 +24,9 @@ the transfer hides when
 with ``F`` the attention kernel's achieved FLOP/s (measured here), ``BW`` the link bandwidth and
 ``c`` the fraction of a full block computed per step (1, or 1/2 for causal zigzag / stripe).
 
+The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefetch``; default the
+library's): with several values, each gets a row, timed in the same process.
+
     python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
     python benchmarks/bench_ring.py --tiny     # a seconds-long CPU smoke run
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 import statistics
 import time
@@ -40,7 +44,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
-from ringflash.backends import backend_for, backend_name
+from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for, backend_name
 from ringflash.parallel import shard_for, simulate_ring_attn, simulate_ring_attn_backward
 
 LINKS = {
@@ -99,19 +103,20 @@ def full_times(q, k, v, dout, scale, reps):
 
 
 def _host_ahead(device: torch.device, events: bool) -> None:
-    """Queue about 2 ms of GPU work before a timed ring, so the host is ahead of the GPU when the
+    """Queue about 10 ms of GPU work before a timed ring, so the host is ahead of the GPU when the
     ring starts, as it is inside a model's step (the simulator syncs after each ring to read its
     events; without this the first rank's first segment would time the host's launch latency)."""
     if events and device.type == "cuda":
-        torch.cuda._sleep(4_000_000)  # cycles: ~2 ms at H100 clocks
+        torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at H100 clocks
 
 
-def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
+def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events", prefetch=DEFAULT_RING_PREFETCH):
     """(fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the forward's and
     backward's per-rank profiles (``SimProfile``, medians over the repetitions).
 
     ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
-    "wall" (host clock with a device sync around each segment: host launch time counts)."""
+    "wall" (host clock with a device sync around each segment: host launch time counts).
+    ``prefetch``: K/V blocks each rank's forward holds and computes at once (``ring_fwd_loop``)."""
     sh = lambda x: [shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
     qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
     events = timing == "events" and q.device.type == "cuda"
@@ -119,7 +124,7 @@ def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events"):
     pfs, pbs = [], []
     for _ in range(reps + 1):  # the first run warms up (kernel compilation)
         _host_ahead(q.device, events)
-        outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **kw)
+        outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, prefetch=prefetch, **kw)
         _host_ahead(q.device, events)
         *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
         pfs.append(pf)
@@ -165,6 +170,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
+        "--prefetch",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_RING_PREFETCH],
+        help="forward K/V blocks held and computed at once (a row each, one process; default: the library's)",
+    )
+    p.add_argument(
         "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
@@ -202,7 +214,7 @@ def main() -> None:
     events = a.timing == "events" and device.type == "cuda"
     clock = "CUDA events (GPU time)" if events else "synced wall clock"
     print(f"# rank segments timed by {clock}")
-    hdr = f"{'layout':>10} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
+    hdr = f"{'layout':>13} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
     hdr += f"{'eff fwd':>7} {'lockstep':>8} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} "
     hdr += f"{'eff f+b':>7} {'lockstep':>8}"
     print(hdr)
@@ -216,10 +228,11 @@ def main() -> None:
         )
         t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
-        for layout in a.layouts:
+        for layout, pre in itertools.product(a.layouts, a.prefetch):
             t_rank, t_rank_fb, prof, prof_b = ring_times(
-                q, k, v, dout, world, layout, scale, a.reps, a.timing
+                q, k, v, dout, world, layout, scale, a.reps, a.timing, pre
             )
+            name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
             t_mean = sum(prof.rank_time(r) for r in range(world)) / world
             t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
             eff, eff_mean, eff_fb = (
@@ -228,12 +241,12 @@ def main() -> None:
                 t_full_fb / (world * t_rank_fb),
             )
             print(
-                f"{layout:>10} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
+                f"{name:>13} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
                 f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {t_full / (world * t_lock):>8.3f} {eff_mean:>8.3f} | "
                 f"{t_full_fb * 1e3:>11.3f} {t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f} "
                 f"{t_full_fb / (world * t_lock_fb):>8.3f}"
             )
-            rows.append((layout, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
+            rows.append((name, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
             if a.segments:
                 print_segments(layout, world, prof)
     print("\n# When does communication hide? Per step and rank (forward):")

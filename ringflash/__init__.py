@@ -7,7 +7,7 @@ a 2-D Ulysses x ring hybrid, and flash
 decoding with a KV cache on one device or sharded over ranks.
 """
 
-from .backends import use_backend, use_ring_transport, use_tma
+from .backends import use_backend, use_ring_prefetch, use_ring_transport, use_tma
 from .checks import skip_value_checks
 from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
@@ -51,6 +51,7 @@ __all__ = [
     "merge_attn_states",
     "combine_attn_partials",
     "use_backend",
+    "use_ring_prefetch",
     "use_ring_transport",
     "use_tma",
     "skip_value_checks",

@@ -221,6 +221,7 @@ def test_use_backend_torch_and_unknown():
     [
         ("use_tma", "tma_mode", "auto", "off", "on", "unknown TMA mode"),
         ("use_ring_transport", "ring_transport", "nccl", "copy_engine", "nccl", "unknown ring transport"),
+        ("use_ring_prefetch", "ring_prefetch", 2, 1, 3, "whole number of K/V blocks"),
     ],
 )
 def test_mode_context_managers_nest_and_unknown_is_an_error(use, current, default, outer, inner, error):

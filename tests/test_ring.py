@@ -7,12 +7,15 @@ the rank's traceback). Shapes are small and odd where the layout allows.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from dist_utils import one_triton_config, spawn
 from oracle import assert_matches
 
 import ringflash.parallel as rp
+from ringflash import use_ring_prefetch
 from ringflash.reference import attention_ref, attention_varlen_ref
 
 FUNCS = {
@@ -33,7 +36,17 @@ QKV_FUNCS = {
 
 
 def _case(
-    layout, causal=False, window=(-1, -1), B=2, L=None, H=(4, 2), D=16, softcap=0.0, pack=None, varlen=False
+    layout,
+    causal=False,
+    window=(-1, -1),
+    B=2,
+    L=None,
+    H=(4, 2),
+    D=16,
+    softcap=0.0,
+    pack=None,
+    varlen=False,
+    prefetch=None,
 ):
     L = L if L is not None else (8 if layout == "zigzag" else 7)
     mask = ("causal" if causal else "full") + (f"-w{window[0]}:{window[1]}" if window != (-1, -1) else "")
@@ -47,6 +60,7 @@ def _case(
     ]
     parts += [f"cap{softcap:g}"] if softcap else []
     parts += [f"{pack}packed"] if pack else []
+    parts += [f"prefetch{prefetch}"] if prefetch else []
     cid = "-".join(p for p in parts if p)
     return cid, dict(
         layout=layout,
@@ -59,6 +73,7 @@ def _case(
         softcap=softcap,
         pack=pack,
         varlen=varlen,
+        prefetch=prefetch,
     )
 
 
@@ -79,6 +94,11 @@ CASES = dict(
         _case("contiguous", False, varlen=True, L=9),
         _case("contiguous", True, (4, 0), varlen=True, L=9),
         _case("contiguous", True, varlen=True, L=9, pack="qkv", H=(2, 2)),
+        # The forward holding one K/V block at a time (the plain ring), or three (the default is 2).
+        _case("zigzag", True, prefetch=1),
+        _case("zigzag", True, prefetch=3),
+        _case("contiguous", False, (3, 2), prefetch=3),
+        _case("contiguous", True, varlen=True, L=9, prefetch=3),
     ]
 )
 # A few cases for NCCL on GPUs (each new mask/shape compiles Triton kernels on every rank).
@@ -117,22 +137,10 @@ def _cu_seqlens(total: int) -> torch.Tensor:
     return torch.tensor([0, cuts[0], cuts[0], *cuts[1:], total], dtype=torch.int32)
 
 
-def _run_case(rank: int, world: int, c: dict, device: str) -> None:
-    torch.manual_seed(1234)  # every rank draws the same full tensors
-    hq, hk = c["H"]
-    D, layout = c["D"], c["layout"]
-    S = world * c["L"]
-    lead = (S,) if c["varlen"] else (c["B"], S)
-    dim = 0 if c["varlen"] else 1
-    q, k, v = torch.randn(*lead, hq, D), torch.randn(*lead, hk, D), torch.randn(*lead, hk, D)
-    dout = torch.randn(*lead, hq, D)
-    q, k, v, dout = (x.to(device) for x in (q, k, v, dout))
-    sh = lambda x: rp.shard(x, dim=dim, layout=layout)  # noqa: E731
-    # The oracle runs on the inputs gathered from every rank's shard.
-    qg, kg, vg = (rp.unshard(sh(x), dim=dim, layout=layout) for x in (q, k, v))
-    assert torch.equal(qg, q) and torch.equal(kg, k) and torch.equal(vg, v), "unshard(shard(x)) != x"
-    kw = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"], return_attn_probs=True)
-    ql, kl, vl = (sh(x).requires_grad_() for x in (q, k, v))
+def _ring_call(c, q, k, v, dout, ql, kl, vl, sh, S, dim, kw):
+    """The case's ring function (padded, packed or varlen form), forward and backward on this rank's
+    shard: ``(out, lse, dq, dk, dv)``."""
+    layout = c["layout"]
     if c["varlen"]:
         cu = _cu_seqlens(S)
         if c["pack"] == "qkv":
@@ -155,9 +163,29 @@ def _run_case(rank: int, world: int, c: dict, device: str) -> None:
         dq, dk, dv = qkv.grad.unbind(dim + 1)
     else:
         dq, dk, dv = ql.grad, kl.grad, vl.grad
+    return out, lse, dq, dk, dv
 
+
+def _run_case(rank: int, world: int, c: dict, device: str) -> None:
+    torch.manual_seed(1234)  # every rank draws the same full tensors
+    hq, hk = c["H"]
+    D, layout = c["D"], c["layout"]
+    S = world * c["L"]
+    lead = (S,) if c["varlen"] else (c["B"], S)
+    dim = 0 if c["varlen"] else 1
+    q, k, v = torch.randn(*lead, hq, D), torch.randn(*lead, hk, D), torch.randn(*lead, hk, D)
+    dout = torch.randn(*lead, hq, D)
+    q, k, v, dout = (x.to(device) for x in (q, k, v, dout))
+    sh = lambda x: rp.shard(x, dim=dim, layout=layout)  # noqa: E731
+    # The oracle runs on the inputs gathered from every rank's shard.
+    qg, kg, vg = (rp.unshard(sh(x), dim=dim, layout=layout) for x in (q, k, v))
+    assert torch.equal(qg, q) and torch.equal(kg, k) and torch.equal(vg, v), "unshard(shard(x)) != x"
+    kw = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"], return_attn_probs=True)
+    ql, kl, vl = (sh(x).requires_grad_() for x in (q, k, v))
+    with use_ring_prefetch(c["prefetch"]) if c["prefetch"] else contextlib.nullcontext():
+        out, lse, dq, dk, dv = _ring_call(c, q, k, v, dout, ql, kl, vl, sh, S, dim, kw)
     out, lse, dq, dk, dv, dout, qg, kg, vg = (x.cpu() for x in (out, lse, dq, dk, dv, dout, qg, kg, vg))
-    cu = cu.cpu() if c["varlen"] else None
+    cu = _cu_seqlens(S) if c["varlen"] else None
     q64, k64, v64 = (x.double().requires_grad_() for x in (qg, kg, vg))
     rkw = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"])
     if c["varlen"]:

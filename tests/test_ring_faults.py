@@ -40,6 +40,10 @@ def _bad_inputs(rank: int, world: int, device: str = "cpu") -> dict:
     msgs["gqa"] = _expect_value_error(rp.ring_flash_attn_func, q[:, :, :3], k, v)
     msgs["kvpacked"] = _expect_value_error(rp.ring_flash_attn_kvpacked_func, q, torch.stack([k, v, v], 2))
     msgs["shard"] = _expect_value_error(rp.shard, torch.randn(1, 2 * world + 1, 2), None, 1, "contiguous")
+    from ringflash import use_ring_prefetch
+
+    with use_ring_prefetch(1 + rank):
+        msgs["prefetch"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
     if device == "cpu":  # the copy-engine transport needs CUDA tensors and an NCCL group
         from ringflash import use_ring_transport
         from ringflash.parallel import ring_attn
@@ -82,6 +86,7 @@ def test_bad_input_raises_on_every_rank(device):
         assert "multiple of kv heads" in msgs["gqa"], msgs["gqa"]
         assert "size 2" in msgs["kvpacked"], msgs["kvpacked"]
         assert "divide by the world size" in msgs["shard"], msgs["shard"]
+        assert "disagree on ring prefetch: [1, 2]" in msgs["prefetch"], msgs["prefetch"]
         if device == "cpu":
             assert "copy_engine" in msgs["transport"] and "gloo group" in msgs["transport"], msgs["transport"]
             assert "disagree on ring transport: ['nccl', 'copy_engine']" in msgs["mixed"], msgs["mixed"]

@@ -61,6 +61,90 @@ def test_simulated_ring_matches_oracle(layout, world, mask, small_blocks):
         assert_matches(f"{layout} W{world} {name}", got, want, None, 2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize("prefetch", [2, 3, 9])
+def test_forward_prefetch_matches_oracle(layout, prefetch, small_blocks):
+    """Ranks holding several K/V blocks and computing them together (fused calls over keys laid
+    end to end, partial last groups, more blocks asked for than the ring has) give the oracle's
+    forward, and the backward from that forward is exact too."""
+    world, L = 5, 10
+    q, k, v = (
+        torch.randn(2, world * L, 4, 16),
+        torch.randn(2, world * L, 2, 16),
+        torch.randn(2, world * L, 2, 16),
+    )
+    dout = torch.randn_like(q)
+    sh = lambda x: [rp.shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
+    for mask in (dict(causal=True), dict(causal=True, window_size=(12, 0)), dict(window_size=(4, 7)), dict()):
+        with use_backend("torch"):
+            outs, lses, _ = rp.simulate_ring_attn(sh(q), sh(k), sh(v), layout, prefetch=prefetch, **mask)
+            dqs, dks, dvs, _ = rp.simulate_ring_attn_backward(
+                sh(dout), sh(q), sh(k), sh(v), outs, lses, layout, **mask
+            )
+        ref, rlse, rdq, rdk, rdv = _ref(q, k, v, dout, **mask)
+        got = [rp.unshard_from(x, 1, layout) for x in (outs, dqs, dks, dvs)]
+        for name, g, want in zip(("out", "dq", "dk", "dv"), got, (ref, rdq, rdk, rdv), strict=True):
+            assert_matches(f"{layout} p{prefetch} {mask} {name}", g, want, None, 2)
+        lse = rp.unshard_from([x.transpose(1, 2) for x in lses], 1, layout).transpose(1, 2)
+        assert_matches(f"{layout} p{prefetch} {mask} lse", lse, rlse, None, 2)
+
+
+def test_forward_prefetch_varlen(small_blocks):
+    world, L = 4, 11
+    cu = torch.tensor([0, 4, 4, 20, 21, 40, 44], dtype=torch.int32)
+    q, k, v = torch.randn(world * L, 4, 8), torch.randn(world * L, 1, 8), torch.randn(world * L, 1, 8)
+    for mask in (dict(causal=True), dict()):
+        qs, ks, vs = ([x[r * L : (r + 1) * L] for r in range(world)] for x in (q, k, v))
+        outs, lses, _ = rp.simulate_ring_attn(qs, ks, vs, cu_seqlens=cu, prefetch=2, **mask)
+        ref, rlse, *_ = _ref(q, k, v, torch.randn_like(q), cu=cu, **mask)
+        assert_matches(f"varlen p2 {mask} out", torch.cat(outs), ref, None, 2)
+        assert_matches(f"varlen p2 {mask} lse", torch.cat(lses, -1), rlse, None, 2)
+
+
+def test_forward_prefetch_fuses_steps_into_fewer_calls():
+    """Zigzag, causal, W=8: every remote step of a rank is one unmasked call over half a block.
+    Held several at a time, steps of the same kind (keys of an earlier rank, or of a later one)
+    become one call over their keys together, with the same result."""
+    from ringflash.backends import backend_for
+    from ringflash.comm.ring import run_simulated
+    from ringflash.parallel.ring_loop import ring_fwd_loop
+
+    W, L = 8, 16
+    base = backend_for(torch.zeros(1))
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        def attn_fwd(self, *a, **kw):
+            self.calls += 1
+            return base.attn_fwd(*a, **kw)
+
+    qs, ks, vs = ([torch.randn(1, L, 2, 8) for _ in range(W)] for _ in range(3))
+    plans = [build_plan("zigzag", r, W, L, True, (-1, -1)) for r in range(W)]
+    calls, results = {}, {}
+    for prefetch in (1, 2, 7):
+        backends = [Counting() for _ in range(W)]
+        loops = [
+            ring_fwd_loop(be, q, k, v, p, 0.3, 0.0, False, prefetch)
+            for be, q, k, v, p in zip(backends, qs, ks, vs, plans, strict=True)
+        ]
+        results[prefetch], _ = run_simulated(loops)
+        calls[prefetch] = [be.calls for be in backends]
+    assert calls[1] == [W] * W  # the own block and 7 steps
+    # Two at a time: the own block and 4 groups, one of which may mix the two kinds.
+    assert all(c <= 6 for c in calls[2]) and sum(calls[2]) < sum(calls[1])
+    # All at once: the own block, the earlier ranks' keys, the later ranks' keys.
+    assert calls[7] == [2] + [3] * (W - 2) + [2]
+    for prefetch in (2, 7):
+        for (o, lse), (o1, lse1) in zip(results[prefetch], results[1], strict=True):
+            torch.testing.assert_close(o, o1, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lse, lse1, rtol=1e-5, atol=1e-6)
+
+
 def test_simulated_varlen_documents_cross_shards():
     world, L = 4, 11
     cu = torch.tensor([0, 4, 4, 20, 21, 40, 44], dtype=torch.int32)  # docs span 1-2 shard edges
@@ -174,7 +258,7 @@ def test_window_drops_hops_outside_it():
 def test_profile_times_every_rank():
     W, L = 4, 8
     qs = [torch.randn(1, L, 2, 8) for _ in range(W)]
-    outs, lses, prof = rp.simulate_ring_attn(qs, qs, qs, "zigzag", causal=True, profile=True)
+    outs, lses, prof = rp.simulate_ring_attn(qs, qs, qs, "zigzag", causal=True, profile=True, prefetch=1)
     assert len(prof.segments) == W and all(len(s) == len(prof.segments[0]) for s in prof.segments)
     assert 0 < prof.ring_time() <= sum(prof.rank_time(r) for r in range(W))
     # Ranks wait only for the messages they receive: never longer than all ranks in lockstep, never
@@ -184,6 +268,12 @@ def test_profile_times_every_rank():
     for r, deps in enumerate(prof.after):
         assert deps[0] is None and all(d is None or d[0] == (r - 1) % W for d in deps)
         assert any(d is not None for d in deps)
+    # Holding two blocks: the first two come from the ranks one and two behind, later ones from
+    # two behind.
+    *_, prof = rp.simulate_ring_attn(qs, qs, qs, "zigzag", causal=True, profile=True, prefetch=2)
+    for r, deps in enumerate(prof.after):
+        senders = [d[0] for d in deps if d is not None]
+        assert senders == [(r - 1) % W, (r - 2) % W, (r - 2) % W], (r, deps)
 
 
 def test_ring_time_follows_the_messages():
@@ -229,3 +319,28 @@ def test_bf16_error_does_not_grow_with_world_size():
         assert errs[8][i] <= 1.5 * errs[2][i] + 1e-3, (
             f"{name}: error {errs[8][i]:.3g} at 8 ranks vs {errs[2][i]:.3g} at 2"
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_simulated_ring_cuda_triton(layout, prefetch):
+    """The simulated ring at a real head size through the Triton kernels (bf16, GQA, causal):
+    forward with ``prefetch`` blocks held at once, and the backward, against the float64 oracle
+    (2x / 3x plain PyTorch's bf16 error)."""
+    world, L = 4, 512
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, dout = (
+        torch.randn(1, world * L, h, 128, generator=g).to("cuda", torch.bfloat16) for h in (8, 2, 2, 8)
+    )
+    sh = lambda x: [rp.shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
+    outs, lses, _ = rp.simulate_ring_attn(sh(q), sh(k), sh(v), layout, causal=True, prefetch=prefetch)
+    dqs, dks, dvs, _ = rp.simulate_ring_attn_backward(
+        sh(dout), sh(q), sh(k), sh(v), outs, lses, layout, causal=True
+    )
+    got = [rp.unshard_from(x, 1, layout) for x in (outs, dqs, dks, dvs)]
+    ref = _ref(q, k, v, dout, causal=True)
+    plain = _ref(q, k, v, dout, upcast=False, causal=True)
+    for i, (name, f) in enumerate((("out", 2), ("dq", 3), ("dk", 3), ("dv", 3))):
+        j = 0 if i == 0 else i + 1
+        assert_matches(f"{layout} p{prefetch} {name}", got[i], ref[j], plain[j], f)

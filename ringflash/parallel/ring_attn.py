@@ -30,7 +30,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ..backends import RING_TRANSPORTS, backend_for, ring_transport
+from ..backends import RING_TRANSPORTS, backend_for, ring_prefetch, ring_transport
 from ..comm.copy_engine import copy_engine_available
 from ..comm.ring import RingComm, run_on_group
 from .layouts import LAYOUTS, Plan, build_plan, build_varlen_plan, local_len_error
@@ -57,12 +57,14 @@ _SIG_FIELDS = (
     "group members",
     "ring transport",
     "node",
+    "ring prefetch",
 )
 _SIG_HINTS = {
     "local seqlen": " (every rank needs a shard of equal length)",
     "batch": " (every rank needs a shard of equal length)",
     "ring transport": " (every rank must choose the same use_ring_transport)",
     "node": ' (use_ring_transport("copy_engine") needs every rank of the group on one node)',
+    "ring prefetch": " (every rank must choose the same use_ring_prefetch)",
 }
 
 
@@ -139,7 +141,7 @@ def _node_id() -> int:
 
 
 def _signature(
-    q, k, v, layout, causal, window_size, softcap, scale, cu_list, members, transport="nccl"
+    q, k, v, layout, causal, window_size, softcap, scale, cu_list, members, transport="nccl", prefetch=1
 ) -> list[int]:
     packed = cu_list is not None
     shape = (1,) + tuple(q.shape) if packed else tuple(q.shape)
@@ -164,6 +166,7 @@ def _signature(
         hash(tuple(members)) & (2**62 - 1),
         RING_TRANSPORTS.index(transport),
         _node_id() if transport == "copy_engine" else -1,
+        prefetch,
     ]
 
 
@@ -246,11 +249,24 @@ class RingAttention(torch.autograd.Function):
     """Autograd for one ring: forward and backward both run ``ring_loop`` over the same plan."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float, softcap: float, group, packed: bool, transport: str):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        plan: Plan,
+        scale: float,
+        softcap: float,
+        group,
+        packed: bool,
+        transport: str,
+        prefetch: int,
+    ):
         k, v = k.contiguous(), v.contiguous()
         comm = _comm(group, plan, transport, q.device)
         backend = backend_for(q)
-        out32, lse = run_on_group(ring_fwd_loop(backend, q, k, v, plan, scale, softcap, packed), comm)
+        loop = ring_fwd_loop(backend, q, k, v, plan, scale, softcap, packed, prefetch)
+        out32, lse = run_on_group(loop, comm)
         out = out32.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.softcap, ctx.group, ctx.packed = plan, scale, softcap, group, packed
@@ -266,7 +282,7 @@ class RingAttention(torch.autograd.Function):
             backend_for(q), dout.contiguous(), q, k, v, out, lse, ctx.plan, ctx.scale, ctx.softcap, ctx.packed
         )
         dq, dk, dv = run_on_group(loop, comm)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm | None:
@@ -312,11 +328,27 @@ def _ring(
             int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)
         ]
     transport = ring_transport()
+    # The copy engines' receive slots are passed on one rank ahead, and only by copy engine: the
+    # forward then holds one block at a time.
+    prefetch = 1 if transport == "copy_engine" else ring_prefetch()
     err = pre_error or _local_error(q, k, v, layout, dropout_p, alibi_slopes, window_size, world, cu_list)
     err = err or _transport_error(q, g, world, transport)
     members = [dist.get_global_rank(g, r) for r in range(world)] if g is not None else [0]
     sig = (
-        _signature(q, k, v, layout, causal, window_size, softcap, softmax_scale, cu_list, members, transport)
+        _signature(
+            q,
+            k,
+            v,
+            layout,
+            causal,
+            window_size,
+            softcap,
+            softmax_scale,
+            cu_list,
+            members,
+            transport,
+            prefetch,
+        )
         if not err
         else []
     )
@@ -330,7 +362,9 @@ def _ring(
     else:
         plan = _cached_varlen_plan(tuple(cu_list), rank, world, q.shape[0], bool(causal), window)
     packed = cu_list is not None
-    out, lse = RingAttention.apply(q, k, v, plan, float(scale), float(softcap), g, packed, transport)
+    out, lse = RingAttention.apply(
+        q, k, v, plan, float(scale), float(softcap), g, packed, transport, prefetch
+    )
     return (out, lse, None) if return_attn_probs else out
 
 

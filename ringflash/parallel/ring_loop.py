@@ -27,6 +27,7 @@ from ..comm.ring import Post, Wait
 from .layouts import Piece, Plan
 
 TAG_KV, TAG_DKV = 0, 1
+MAX_PREFETCH = 31  # K/V blocks held at once: one message of 2 * 31 tensors fits the gloo tags
 
 
 def _tok(x: torch.Tensor, packed: bool, a: int, b: int) -> torch.Tensor:
@@ -97,8 +98,42 @@ def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
 
 
-def ring_fwd_loop(backend, q, k, v, plan: Plan, scale: float, softcap: float, packed: bool):
-    """Generator: this rank's forward ring; returns float32 ``(out, lse)``."""
+def _fused_calls(steps: list[list[Piece]], blocks: list[list[torch.Tensor]], packed: bool):
+    """The local calls of several ring steps held at once: ``(piece, k, v)`` per call.
+
+    Fully visible pieces of different steps over the same query rows become ONE call over their
+    keys laid end to end (a softmax over a union of keys does not depend on the keys' order): one
+    launch and one pass over the float32 state instead of one per step. Masked and packed pieces
+    keep their own calls.
+    """
+    calls, runs = [], {}
+    for pieces, (k, v) in zip(steps, blocks, strict=True):
+        for pc in pieces:
+            if pc.full and not packed:
+                runs.setdefault((pc.q0, pc.q1), []).append((pc, k, v))
+            else:
+                calls.append((pc, k, v))
+    for (q0, q1), run in runs.items():
+        if len(run) == 1:
+            calls.append(run[0])
+            continue
+        ks = torch.cat([_tok(k, packed, pc.k0, pc.k1) for pc, k, _ in run], dim=1)
+        vs = torch.cat([_tok(v, packed, pc.k0, pc.k1) for pc, _, v in run], dim=1)
+        pc = run[0][0]
+        calls.append((Piece(q0, q1, 0, ks.shape[1], pc.causal, pc.diag, pc.window, True), ks, vs))
+    return calls
+
+
+def ring_fwd_loop(
+    backend, q, k, v, plan: Plan, scale: float, softcap: float, packed: bool, prefetch: int = 1
+):
+    """Generator: this rank's forward ring; returns float32 ``(out, lse)``.
+
+    ``prefetch`` (``p``): after its own block, a rank holds the K/V blocks of ``p`` ring steps at
+    once and computes them together (``_fused_calls``), while the next ``p`` blocks travel: each
+    rank sends the blocks it holds ``p`` ranks ahead (the first ``p`` blocks: its own, to ranks
+    ``r+1 .. r+p``). ``p = 1`` is the plain ring. Every rank must pass the same ``p``.
+    """
     n = plan.n_steps
     # When the first step is one call over every local query (a rank's own block), it writes the
     # state instead of merging into an initialised one: no fill of the float32 buffers and no read
@@ -113,14 +148,30 @@ def ring_fwd_loop(backend, q, k, v, plan: Plan, scale: float, softcap: float, pa
     else:
         out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
         lse = torch.full(lse_shape(q, packed), -math.inf, dtype=torch.float32, device=q.device)
-    kv = [k, v]
-    for t in range(n):
-        handle = (yield Post(kv, 1, TAG_KV)) if t + 1 < n else None
-        for pc in plan.steps[t]:
-            merge = t > 0 or not write_first
-            fwd_piece(backend, q, kv[0], kv[1], out, lse, pc, scale, softcap, packed, merge)
+    g = max(1, min(int(prefetch), n - 1, MAX_PREFETCH))
+    handles = []
+    for shift in range(1, g + 1 if n > 1 else 1):
+        handles.append((yield Post([k, v], shift, TAG_KV)))
+    for pc in first:
+        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, packed, not write_first)
+    held: list[torch.Tensor] = []
+    for h in handles:
+        held += yield Wait(h)
+    t = 1
+    while t < n:
+        size = min(g, n - t)  # held: the blocks of steps t .. t + size - 1
+        need = min(g, n - t - size)  # blocks of the next steps, held now by rank r - g
+        handle = (yield Post(held[: 2 * need], g, TAG_KV)) if need else None
+        if size == 1:
+            calls = [(pc, held[0], held[1]) for pc in plan.steps[t]]
+        else:
+            blocks = [held[2 * i : 2 * i + 2] for i in range(size)]
+            calls = _fused_calls(plan.steps[t : t + size], blocks, packed)
+        for pc, kb, vb in calls:
+            fwd_piece(backend, q, kb, vb, out, lse, pc, scale, softcap, packed)
         if handle is not None:
-            kv = yield Wait(handle)
+            held = yield Wait(handle)
+        t += size
     return out, lse
 
 

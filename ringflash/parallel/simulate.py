@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..backends import backend_for
+from ..backends import backend_for, ring_prefetch
 from ..comm.ring import SimProfile, run_simulated
 from .layouts import Plan, build_plan, build_varlen_plan
 from .ring_loop import ring_bwd_loop, ring_fwd_loop
@@ -48,6 +48,7 @@ def simulate_ring_attn(
     profile: bool = False,
     sync: Callable[[], None] | None = None,
     cuda_events: bool = False,
+    prefetch: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], SimProfile | None]:
     """Forward ring attention of ``W = len(qs)`` virtual ranks.
 
@@ -57,6 +58,8 @@ def simulate_ring_attn(
 
         profile, sync, cuda_events: per-rank timing between communication points, as in
             ``ringflash.comm.ring.run_simulated``.
+        prefetch: K/V blocks each rank holds and computes at once after its own (``ring_fwd_loop``);
+            None: ``ringflash.use_ring_prefetch``'s choice, as the ring functions use.
 
     Returns:
         ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
@@ -66,8 +69,9 @@ def simulate_ring_attn(
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
+    prefetch = ring_prefetch() if prefetch is None else prefetch
     loops = [
-        ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed)
+        ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed, prefetch)
         for q, k, v, p in zip(qs, ks, vs, plans, strict=True)
     ]
     res, prof = run_simulated(loops, profile, sync, cuda_events)
