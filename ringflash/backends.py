@@ -28,6 +28,17 @@ def triton_available() -> bool:
 
 
 @contextlib.contextmanager
+def _pushed(stack: list, value):
+    """``value`` on top of ``stack`` inside the block (the choices of the ``use_*`` context managers
+    nest: the innermost block wins)."""
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@contextlib.contextmanager
 def use_backend(name: str):
     """Run the ringflash attention calls inside the block on backend ``"triton"`` or ``"torch"``.
 
@@ -42,11 +53,8 @@ def use_backend(name: str):
         raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
     if name == "triton" and not triton_available():
         raise ValueError("backend 'triton' asked for, but the triton package is not installed")
-    _forced.append(name)
-    try:
+    with _pushed(_forced, name):
         yield
-    finally:
-        _forced.pop()
 
 
 TMA_MODES = ("auto", "on", "off")
@@ -69,11 +77,8 @@ def use_tma(mode: str):
     """
     if mode not in TMA_MODES:
         raise ValueError(f"unknown TMA mode {mode!r}: expected one of {TMA_MODES}")
-    _tma_forced.append(mode)
-    try:
+    with _pushed(_tma_forced, mode):
         yield
-    finally:
-        _tma_forced.pop()
 
 
 RING_TRANSPORTS = ("nccl", "copy_engine")
@@ -99,11 +104,8 @@ def use_ring_transport(name: str):
     """
     if name not in RING_TRANSPORTS:
         raise ValueError(f"unknown ring transport {name!r}: expected one of {RING_TRANSPORTS}")
-    _transport_forced.append(name)
-    try:
+    with _pushed(_transport_forced, name):
         yield
-    finally:
-        _transport_forced.pop()
 
 
 def ring_transport() -> str:
@@ -136,11 +138,8 @@ def use_ring_prefetch(blocks: int):
     """
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"use_ring_prefetch expects a whole number of K/V blocks >= 1, got {blocks!r}")
-    _prefetch_forced.append(blocks)
-    try:
+    with _pushed(_prefetch_forced, blocks):
         yield
-    finally:
-        _prefetch_forced.pop()
 
 
 def ring_prefetch() -> int:
