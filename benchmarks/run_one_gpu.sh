@@ -15,6 +15,8 @@
 #   hostprof   bench_decode.py --host-profile: where an eager decoding step's host time goes
 #   probe      bench_decode.py --probe: decoding kernel variants (pointer loads / TMA, tiles, splits)
 #   bwtma      bench_decode.py --bandwidth under use_tma("on")
+#   order      bench_tile_order.py: kernels' program order, head-major vs grouped longest-first
+#   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
 # stage).
@@ -47,5 +49,7 @@ want pieces && stage pieces 150 python3 benchmarks/bench_ring_pieces.py --world 
 want pieces && stage pieces4 100 python3 benchmarks/bench_ring_pieces.py --world 4
 want probe && stage probe 200 python3 benchmarks/bench_decode.py --probe --out "$LOG/decode"
 want bwtma && stage bwtma 90 python3 benchmarks/bench_decode.py --bandwidth --tma on --out "$LOG/decode"
+want order && stage order 200 python3 benchmarks/bench_tile_order.py
+want ringz && stage ringz 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --worlds 4 8 --layouts zigzag
 want hostprof && stage hostprof 90 python3 benchmarks/bench_decode.py --host-profile --out "$LOG/decode"
 pack

@@ -26,6 +26,7 @@ from .common import (
     mask_flags,
     on_tensor_device,
     pad_dim,
+    sched_width,
     shape_bucket,
     tma_applies,
     varlen_diag,
@@ -248,7 +249,7 @@ def attn_bwd(
         *_bshd_strides(dout, packed),
     )
     scalars = (Sq, Sk, diag, wl, wr)
-    tail = (Hq // Hk, float(softmax_scale), float(softcap), shape_bucket(Sq, Sk))
+    tail = (Hq // Hk, float(softmax_scale), float(softcap), sched_width(q.device), shape_bucket(Sq, Sk))
     flags = dict(
         HEAD_DIM=D,
         HEAD_DIM_V=Dv,
@@ -297,9 +298,9 @@ def attn_bwd(
         *tail,
     )
     if q.device.type == "cpu":
-        _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]), B * Hk)](*dkdv_args, **flags, **_CPU_DKDV)
-        _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]), B * Hq)](*dq_args, **flags, **_CPU_DQ)
+        _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags, **_CPU_DKDV)
+        _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](*dq_args, **flags, **_CPU_DQ)
     else:
-        _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]), B * Hk)](*dkdv_args, **flags)
-        _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]), B * Hq)](*dq_args, **flags)
+        _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags)
+        _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](*dq_args, **flags)
     return dq, dk, dv

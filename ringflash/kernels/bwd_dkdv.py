@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _tile_src, _visible
+from .common import _block_ranges, _dot, _scores, _tile_order, _tile_src, _visible
 
 
 @triton.jit
@@ -149,6 +149,7 @@ def _attn_bwd_dkdv_kernel(
     group,
     sm_scale,
     softcap,
+    sched_width,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -167,8 +168,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
+    # (``_tile_order``).
+    pid_n, pid_bh = _tile_order(tl.cdiv(seqlen_k, BLOCK_N), sched_width, HAS_HI, False)
     b = pid_bh // n_heads_k
     hk = pid_bh % n_heads_k
     if IS_VARLEN:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _tile_src, _visible
+from .common import _block_ranges, _dot, _scores, _tile_order, _tile_src, _visible
 
 
 @triton.jit
@@ -130,6 +130,7 @@ def _attn_bwd_dq_kernel(
     group,
     sm_scale,
     softcap,
+    sched_width,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -148,10 +149,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    if HAS_HI:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    # Causal: the longest row blocks first, in groups of heads (``_tile_order``).
+    pid_m, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK_M), sched_width, HAS_HI, HAS_HI)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     hk = h // group

@@ -22,6 +22,7 @@ from .common import (
     _dot,
     _rows_desc,
     _tanh,
+    _tile_order,
     _tile_src,
     _visible,
     cdiv,
@@ -30,6 +31,7 @@ from .common import (
     mask_flags,
     on_tensor_device,
     pad_dim,
+    sched_width,
     shape_bucket,
     sm_count,
     tma_applies,
@@ -165,6 +167,7 @@ def _attn_fwd_kernel(
     group,
     sm_scale,
     softcap,
+    sched_width,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -183,12 +186,9 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr = False,
 ):
-    # Causal row blocks get cheaper as the block index falls: launch the expensive ones first so
-    # the last wave is short.
-    pid_m = tl.program_id(0)
-    if HAS_HI:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    # Causal row blocks get cheaper as the block index falls: launch the expensive ones first, in
+    # groups of heads, so the last wave is short (``_tile_order``).
+    pid_m, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK_M), sched_width, HAS_HI, HAS_HI)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     hk = h // group
@@ -550,6 +550,7 @@ def attn_fwd(
         Hq // Hk,
         float(softmax_scale),
         float(softcap),
+        sched_width(q.device),
         shape_bucket(Sq, Sk),
     )
     flags = dict(
@@ -569,12 +570,12 @@ def attn_fwd(
         TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)),
     )
     if q.device.type == "cpu":
-        grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]), B * Hq)
+        grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)
         _attn_fwd_kernel[grid](*args, **flags, **_CPU_FWD)
     else:
 
         def grid(meta):
-            return (cdiv(Sq, meta["BLOCK_M"]), B * Hq)
+            return (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)
 
         _attn_fwd_tuned[grid](*args, **flags)
     return out, lse
