@@ -42,6 +42,7 @@ CASES = [
     (1, 5, 100, True, True),  # one tile per head
     (3, 4, 32, False, True),  # not grouped: head-major, tiles last to first
     (6, 5, 12, True, False),  # groups of 2; the last holds 1
+    (8, 4, 4, True, True),  # 32 programs > 6 * sched_width: head-major
 ]
 
 
@@ -65,7 +66,7 @@ def test_tile_order(orders, i):
     got = [tuple(x) for x in orders[i]]
     # Every (tile, head) exactly once.
     assert sorted(got) == [(t, h) for t in range(n_tiles) for h in range(n_heads)], got
-    group = min(n_heads, -(-width // n_tiles)) if grouped else 1
+    group = min(n_heads, -(-width // n_tiles)) if grouped and n_tiles * n_heads <= 6 * width else 1
     rank = [(n_tiles - 1 - t) if reverse else t for t, _ in got]
     pos = 0
     for g0 in range(0, n_heads, group):

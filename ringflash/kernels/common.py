@@ -58,7 +58,11 @@ def _tile_order(n_tiles, sched_width, GROUPED: tl.constexpr, REVERSE: tl.constex
     n_heads = tl.num_programs(0) // n_tiles
     group = 1
     if GROUPED:
-        group = tl.minimum(n_heads, tl.cdiv(sched_width, n_tiles))
+        # Only launches of up to 6 * sched_width programs (24 per SM): in larger ones the last
+        # heads' tiles are a small part of the work, and head-major order keeps the most programs
+        # on one head's K/V (measured: 8k tokens at batch 8, 16k programs, ran 9% slower grouped).
+        span = tl.minimum(n_heads, tl.cdiv(sched_width, n_tiles))
+        group = tl.where(tl.num_programs(0) <= 6 * sched_width, span, 1)
     per_group = group * n_tiles
     g = pid // per_group
     r = pid - g * per_group
