@@ -16,11 +16,14 @@ when it is longer than its kernels; with ``--trace`` also rank 0's timeline of t
 (Chrome trace JSON, ``ring_trace_{layout}.json``), which shows where the compute stream waits.
 
 ``--copy-engine`` adds a row per layout (``{layout}+ce``) with the K/V moved by the GPUs' copy
-engines (``ringflash.use_ring_transport("copy_engine")``). ``--p2p-high-priority`` and
+engines (``ringflash.use_ring_transport("copy_engine")``); ``--plain-ring`` one (``{layout}+p1``)
+with the forward holding one K/V block at a time (``ringflash.use_ring_prefetch(1)``; the default
+holds two). ``--p2p-high-priority`` and
 ``--p2p-run-ahead`` add a row per layout (``{layout}+hp``, ``{layout}+ra``) with an experimental
 way of running the ring's P2P (see ``p2p_variants``): whether the K/V transfers are slowed by
 waiting for SMs that the attention kernels hold, or for the previous step's kernels. Every variant
-row checks that its outputs and gradients equal the default's bitwise.
+row checks that its outputs and gradients equal the default's bitwise (``p1``: prints the largest
+difference, as its float32 merges run in another order).
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -42,7 +45,7 @@ from bench_io import write_csv
 from bench_timing import dist_median_time, start_distributed
 
 import ringflash as rf
-from ringflash.backends import backend_for
+from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for
 
 FUNCS = {
     "zigzag": rf.zigzag_ring_flash_attn_func,
@@ -86,9 +89,10 @@ class Ring:
         self.dl = dl
 
     transport = "nccl"  # ringflash.use_ring_transport choice (class-wide: see p2p_variants)
+    prefetch = DEFAULT_RING_PREFETCH  # ringflash.use_ring_prefetch choice (likewise)
 
     def call(self):
-        with rf.use_ring_transport(Ring.transport):
+        with rf.use_ring_transport(Ring.transport), rf.use_ring_prefetch(Ring.prefetch):
             if self.layout == "varlen":
                 cu = self.cu
                 return FUNCS["varlen"](self.ql, self.kl, self.vl, cu, int(cu.diff().max()), causal=True)
@@ -108,10 +112,13 @@ class Ring:
         torch.autograd.grad(out, (self.ql, self.kl, self.vl), self.dl)
 
 
-def p2p_variants(high_priority: bool, run_ahead: bool, copy_engine: bool = False) -> dict:
+def p2p_variants(
+    high_priority: bool, run_ahead: bool, copy_engine: bool = False, plain: bool = False
+) -> dict:
     """Other ways to run the ring's P2P: ``{row suffix: installer(on)}`` (this process only).
 
     ``ce``: the library's copy-engine transport (``ringflash.use_ring_transport("copy_engine")``).
+    ``p1``: the forward holding one K/V block at a time (``ringflash.use_ring_prefetch(1)``).
     ``hp``: sends and receives on a second NCCL group created with high-priority streams.
     ``ra``: every K/V post after a call's first is enqueued from a side stream that waits for
     nothing, so each transfer starts when the previous one ends rather than after the previous
@@ -161,6 +168,9 @@ def p2p_variants(high_priority: bool, run_ahead: bool, copy_engine: bool = False
         out["ra"] = lambda on: setattr(ring_attn, "RingComm", RunAhead if on else default)
     if copy_engine:
         out["ce"] = lambda on: setattr(Ring, "transport", "copy_engine" if on else "nccl")
+    if plain:
+        default_prefetch = Ring.prefetch
+        out["p1"] = lambda on: setattr(Ring, "prefetch", 1 if on else default_prefetch)
     return out
 
 
@@ -242,6 +252,11 @@ def main() -> None:
         action="store_true",
         help='also time each layout with use_ring_transport("copy_engine") (K/V by copy engine)',
     )
+    p.add_argument(
+        "--plain-ring",
+        action="store_true",
+        help="also time each layout with use_ring_prefetch(1): the forward holds one K/V block at a time",
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
@@ -282,7 +297,9 @@ def main() -> None:
     rows = []
     full_times = {}
     nccl = info.backend == "nccl"
-    variants = p2p_variants(a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl, a.copy_engine and nccl)
+    variants = p2p_variants(
+        a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl, a.copy_engine and nccl, a.plain_ring
+    )
     runs = [(layout, "") for layout in a.layouts] + [(lay, v) for v in variants for lay in a.layouts]
     reference = {}
     for layout, variant in runs:
@@ -319,6 +336,10 @@ def main() -> None:
         got = ring.check_outputs()
         if not variant:
             reference[layout] = got
+        elif variant == "p1":  # another order of float32 merges: equal up to rounding
+            pairs = zip(got, reference[layout], strict=True)
+            diff = max((x.float() - y.float()).abs().max().item() for x, y in pairs)
+            print(f"{'':>10}   rank {rank}: {name_row} largest difference from the default: {diff:.2e}")
         else:
             same = all(torch.equal(x, y) for x, y in zip(got, reference[layout], strict=True))
             print(

@@ -8,6 +8,8 @@
 #            engines for send/recv (not in the default set)
 #   ringce   the copy-engine transport: its NCCL test (bitwise equal to NCCL's results), then every
 #            layout with and without it, at each world size
+#   ringp1   zigzag and stripe with the forward holding two K/V blocks (the default) and one
+#            (--plain-ring), calls back to back, at each world size (not in the default set)
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -17,7 +19,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -61,6 +63,12 @@ if want ringce; then
     for w in ${RING_WS:-$WS}; do
         stage "ringce_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --copy-engine \
             --layouts ${RING_LAYOUTS:-zigzag stripe contiguous varlen}
+    done
+fi
+if want ringp1; then
+    for w in ${RING_WS:-$WS}; do
+        stage "ringp1_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --iters 6 --plain-ring \
+            --layouts ${RING_LAYOUTS:-zigzag stripe}
     done
 fi
 if want decode; then
