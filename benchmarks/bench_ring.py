@@ -22,7 +22,11 @@ the transfer hides when
     2*B*L*Hk*D*elem / BW  <=  c * 4*B*L*L*Hq*D / F    i.e.    L  >=  Hk * elem * F / (2 * c * Hq * BW)
 
 with ``F`` the attention kernel's achieved FLOP/s (measured here), ``BW`` the link bandwidth and
-``c`` the fraction of a full block computed per step (1, or 1/2 for causal zigzag / stripe).
+``c`` the fraction of a full block computed per step (1, or 1/2 for causal zigzag / stripe). When
+the forward holds ``p`` blocks (``ringflash.use_ring_prefetch``), ``p`` blocks travel during ``p``
+steps' compute, the same ratio, except at the start: a rank sends its own block to the next ``p``
+ranks during its own block's compute, one step's work (a GPU's links to its peers share its
+bandwidth), so the first step needs ``p`` times the bound on ``L``.
 
 The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefetch``; default the
 library's): with several values, each gets a row, timed in the same process.
@@ -258,9 +262,17 @@ def main() -> None:
     print("#   hidden when L >= Hk*elem*F / (2*c*Hq*BW); c = 1 (full block), 1/2 (causal zigzag/stripe step)")
     F = fwd_flops_rate
     print(f"#   F = {F / 1e12:.3g} TFLOP/s (the full causal forward above, at W={a.worlds[-1]})")
+    p = max(a.prefetch)
+    print(
+        f"#   holding p = {p} blocks (use_ring_prefetch): p blocks travel during p steps' compute, except the"
+        " first p, which a rank sends during its own block (one step's work): the first step needs p x L"
+    )
     for name, bw in LINKS.items():
         lmin = Hk * elem * F / (2 * 0.5 * Hq * bw)
-        print(f"#   {name}: zigzag hides the K/V transfer from L >= {lmin:,.0f} tokens per rank")
+        print(
+            f"#   {name}: zigzag hides the K/V transfer from L >= {lmin:,.0f} tokens per rank"
+            f" (its first step at p = {p}: L >= {p * lmin:,.0f})"
+        )
     if a.out:
         _write_out(a.out, rows, f"simulated ring, {dev_name}, {versions}, Hq={Hq} Hk={Hk} D={D} {a.dtype}")
     if not a.no_write:
