@@ -10,12 +10,14 @@ kept by autograd as in training; no rotary embedding, no MLP). Each rank holds `
 the ``S = W * L`` sequence.
 
 Ring attention keeps no ``S x S`` state, so a rank's peak memory is ``a + b * L`` whatever ``W``
-is (the K/V in flight are two more blocks of ``L``). The script measures the peak at a few
-``L`` (``--fit``, default 8k/16k/32k tokens per rank), fits ``a`` and ``b``, predicts the largest
-``L`` that fits in the memory free on the device (less ``--reserve`` GiB), and then runs a real
-forward+backward at the largest ``L`` that is both within the prediction and predicted to take
-at most ``--verify-s`` seconds (the time grows as ``S^2``), printing its measured peak against the
-fit. When that ``L`` is the predicted maximum, the maximum itself was run.
+is (the K/V held and in flight are a few more blocks of ``L``: up to ``3 p`` during the forward
+with ``--prefetch p``, ``ringflash.use_ring_prefetch``; default the library's, 2; 1 is the
+leanest). The script measures the peak at a few ``L`` (``--fit``, default 8k/16k/32k tokens per
+rank), fits ``a`` and ``b``, predicts the largest ``L`` that fits in the memory free on the device
+(less ``--reserve`` GiB), and then runs a real forward+backward at the largest ``L`` that is both
+within the prediction and predicted to take at most ``--verify-s`` seconds (the time grows as
+``S^2``), printing its measured peak against the fit. When that ``L`` is the predicted maximum,
+the maximum itself was run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from bench_io import write_csv
 from bench_timing import start_distributed
 
 import ringflash as rf
+from ringflash.backends import DEFAULT_RING_PREFETCH
+
+PREFETCH = [DEFAULT_RING_PREFETCH]  # --prefetch
 
 
 def _layer(hidden, hq, hk, d, device, dtype):
@@ -56,7 +61,8 @@ def _step(w, L, heads, device, dtype, seed):
     q = (x @ w["wq"]).view(1, L, hq, d)
     k = (x @ w["wk"]).view(1, L, hk, d)
     v = (x @ w["wv"]).view(1, L, hk, d)
-    o = rf.zigzag_ring_flash_attn_func(q, k, v, causal=True)
+    with rf.use_ring_prefetch(PREFETCH[0]):
+        o = rf.zigzag_ring_flash_attn_func(q, k, v, causal=True)
     y = o.reshape(1, L, hq * d) @ w["wo"]
     y.backward(dy)
     if device.type == "cuda":
@@ -76,8 +82,12 @@ def main() -> None:
     p.add_argument("--reserve", type=float, default=2.0, help="GiB left free (allocator, NCCL)")
     p.add_argument("--verify-s", type=float, default=60.0)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--prefetch", type=int, default=PREFETCH[0], help="K/V blocks the forward holds (use_ring_prefetch)"
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
+    PREFETCH[0] = a.prefetch
     info, device, dtype, name = start_distributed()
     rank, world = info.rank, info.world_size
     heads = (256, 4, 2, 64) if a.tiny else (4096, 32, 8, 128)
@@ -107,7 +117,10 @@ def main() -> None:
     peak, secs = _step(w, l_run, heads, device, dtype, 99)
     pred = float(a0 + b * l_run)
     if rank == 0:
-        print(f"# {world} x {name}, {info.backend}, torch {torch.__version__}; layer hidden/heads {heads}")
+        print(
+            f"# {world} x {name}, {info.backend}, torch {torch.__version__}; layer hidden/heads {heads};"
+            f" use_ring_prefetch({PREFETCH[0]})"
+        )
         for L, pk, s in pts:
             print(f"fit  L={L:>8} S={L * world:>9}  peak {pk / 2**30:7.2f} GiB  {s:7.2f} s")
         print(f"fit: peak = {a0 / 2**30:.2f} GiB + {b / 1024:.1f} KiB/token; free {free / 2**30:.1f} GiB")
