@@ -240,6 +240,19 @@ def test_mode_context_managers_nest_and_unknown_is_an_error(use, current, defaul
     assert current() == default
 
 
+def test_ring_forward_prefetch_choice():
+    """The ring's forward holds ``use_ring_prefetch`` blocks, except under the copy-engine
+    transport, which passes blocks one rank ahead only."""
+    from ringflash.parallel.ring_attn import forward_prefetch
+
+    assert forward_prefetch("nccl") == 2
+    with rf.use_ring_prefetch(3):
+        assert forward_prefetch("nccl") == 3
+        assert forward_prefetch("copy_engine") == 1
+    with rf.use_ring_prefetch(1):
+        assert forward_prefetch("nccl") == 1
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
 def test_explicit_products_path_matches_oracle(case, small_blocks, monkeypatch):
     """The blockwise path used off-CPU (and for softcap): explicit products, no fused CPU kernel."""

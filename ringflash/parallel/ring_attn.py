@@ -294,6 +294,13 @@ def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm |
     return RingComm(group, copy_engine_tags=tags, device=device)
 
 
+def forward_prefetch(transport: str) -> int:
+    """K/V blocks the ring's forward holds at once: ``use_ring_prefetch``'s choice, or 1 under the
+    copy-engine transport (its receive slots are passed on one rank ahead, and only by copy
+    engine, so a held block cannot also travel further ahead)."""
+    return 1 if transport == "copy_engine" else ring_prefetch()
+
+
 def _transport_error(q: torch.Tensor, group, world: int, transport: str) -> str | None:
     if transport != "copy_engine" or world == 1:
         return None
@@ -328,9 +335,7 @@ def _ring(
             int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)
         ]
     transport = ring_transport()
-    # The copy engines' receive slots are passed on one rank ahead, and only by copy engine: the
-    # forward then holds one block at a time.
-    prefetch = 1 if transport == "copy_engine" else ring_prefetch()
+    prefetch = forward_prefetch(transport)
     err = pre_error or _local_error(q, k, v, layout, dropout_p, alibi_slopes, window_size, world, cu_list)
     err = err or _transport_error(q, g, world, transport)
     members = [dist.get_global_rank(g, r) for r in range(world)] if g is not None else [0]
