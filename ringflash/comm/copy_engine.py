@@ -29,6 +29,7 @@ keeps at the end.
 from __future__ import annotations
 
 import datetime
+import math
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,7 @@ class _Stream:
         offsets, total = [], 0
         for shape, dtype in shapes:
             offsets.append(total)
-            n = dtype.itemsize * _numel(shape)
+            n = dtype.itemsize * math.prod(shape)
             total += -(-n // _ALIGN) * _ALIGN
         self.buf = symm_mem.empty(SLOTS * total, dtype=torch.uint8, device=device)  # the slots' memory
         self.handle = symm_mem.rendezvous(self.buf, group.group_name)
@@ -85,13 +86,6 @@ class _Stream:
         self.occupied = [False] * SLOTS  # the next rank's slot holds a message not yet freed
         self.sources: list[list[torch.Tensor]] = [[] for _ in range(SLOTS)]
         self.unfreed: int | None = None  # slot of the last message received, not yet freed
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class _CopyTransfer:

@@ -225,8 +225,9 @@ def run_simulated(
     done = [False] * world
     results: list = [None] * world
     segments: list[list[float]] = [[] for _ in range(world)]
+    # after[r][i]: the message segment i of rank r starts by receiving; len(after[r]) is the
+    # number of segments rank r has run (the last one ends with its pending request).
     after: list[list[tuple[int, int] | None]] = [[] for _ in range(world)]
-    n_seg = [0] * world  # segments run so far per rank (the last one posts the rank's Post)
 
     def clock():
         if sync is not None:
@@ -237,7 +238,6 @@ def run_simulated(
 
     def advance(r: int, value, dep: tuple[int, int] | None = None) -> None:
         after[r].append(dep)
-        n_seg[r] += 1
         if profile and cuda_events:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -265,7 +265,8 @@ def run_simulated(
                 dep = None
                 if isinstance(req, Post):
                     dst, src = (r + req.shift) % world, (r - req.shift) % world
-                    boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], (r, n_seg[r] - 1)))
+                    posted_at = (r, len(after[r]) - 1)  # the segment that ends with this Post
+                    boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], posted_at))
                     value = (src, r, req.tag)
                 elif isinstance(req, Wait):
                     box = boxes[req.handle]

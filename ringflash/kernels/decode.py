@@ -428,7 +428,7 @@ _GPU_WARPS = 4
 _GPU_STAGES = 3
 _CPU_BLOCK_N = 16
 _MAX_BLOCK_M = 64
-_GPU_EVICT = ""  # L2 policy of the K/V cache loads ("evict_first": to be measured, see RESULTS.md)
+_GPU_EVICT = ""  # L2 policy of the K/V cache loads ("evict_first" measured no different, RESULTS.md)
 _COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at once
 # Split heuristic: one wave, about one program per SM (H100, graph-timed, 2026-11-26: B=1 and 8
 # KV heads -> 16 splits, 128 programs, 94-98% of copy bandwidth from 128k; B=16 -> 1 split, 99-104%
@@ -587,7 +587,7 @@ def decode_fwd(
     combine_m = min(bm, next_pow2(group * Sq))
     split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
     # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
-    # use_tma("on") (not yet measured against pointer loads for decoding).
+    # use_tma("on") (3-16% slower than pointer loads on an H100, benchmarks/RESULTS.md).
     tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
