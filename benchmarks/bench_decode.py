@@ -43,7 +43,7 @@ import time
 import torch
 import triton
 from bench_io import write_csv
-from bench_timing import capture, graphed
+from bench_timing import capture, graphed, interleaved_medians
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import skip_value_checks, use_tma
@@ -382,6 +382,11 @@ PROBE_VARIANTS = (
 )
 
 
+def _per_call(replay, calls):
+    """A measure for ``interleaved_medians``: us per call of a graph replay that makes ``calls``."""
+    return lambda: _bench(replay) / calls
+
+
 def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9):
     """B=1: graph-replayed us of kernel variants (pointer loads or TMA descriptors, tiles, split
     counts; ``PROBE_VARIANTS``) beside cuDNN, two timings each: ``flush`` (one cache, zeroing
@@ -404,10 +409,10 @@ def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9):
                 replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
         fns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for c in caches]
         replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
-        times = [[(_bench(one), _bench(many) / n) for one, many in replays] for _ in range(rounds)]
-        cols = zip(*times, strict=True)
-        med = [tuple(sorted(t[i] for t in col)[len(col) // 2] for i in range(2)) for col in cols]
-        cells = " ".join(f"{a:7.1f}/{b:7.1f}" for a, b in med)
+        # Per variant, in turn: one cache under the flush, then per call of the layers' graph.
+        measures = [_per_call(r, calls) for one, many in replays for r, calls in ((one, 1), (many, n))]
+        med = interleaved_medians(measures, rounds)
+        cells = " ".join(f"{a:7.1f}/{b:7.1f}" for a, b in zip(med[::2], med[1::2], strict=True))
         print(f"S={s:6d} {cells}  (splits {auto}, {n} caches)")
         del caches, fns, replays
         torch.cuda.empty_cache()

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 
 import torch
 import triton
+from bench_timing import interleaved_medians
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import kernels
@@ -84,12 +84,9 @@ def main():
 
 
 def _rates(fns, s, rounds):
-    times = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, f in fns.items():
-            times[n].append(_bench(f))
+    med = interleaved_medians([lambda f=f: _bench(f) for f in fns.values()], rounds)
     flops = 4 * s * s * HQ * D / 2
-    return {n: (2.5 if "bwd" in n else 1) * flops / statistics.median(t) * 1e-9 for n, t in times.items()}
+    return {n: (2.5 if "bwd" in n else 1) * flops / t * 1e-9 for n, t in zip(fns, med, strict=True)}
 
 
 def row(s, rounds):

@@ -23,6 +23,7 @@ import datetime
 
 import torch
 import triton
+from bench_timing import interleaved_medians
 
 from ringflash import kernels
 from ringflash.kernels import common
@@ -92,8 +93,7 @@ def _row(b, s, hq, hk, causal, rounds):
     fns += [_with_order(0, bwd), _with_order(common.SCHED_PER_SM, bwd)]
     for f in fns:  # compile and autotune outside the timing
         f()
-    times = [[_bench(f) for f in fns] for _ in range(rounds)]
-    med = [sorted(col)[len(col) // 2] for col in zip(*times, strict=True)]
+    med = interleaved_medians([lambda f=f: _bench(f) for f in fns], rounds)
     flops = 4 * b * s * s * hq * D / (2 if causal else 1)
     return [flops * (1 if i < 2 else 2.5) / (t * 1e-3) / 1e12 for i, t in enumerate(med)]
 

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmark scripts: CUDA-graph capture and ranks timed together."""
+"""Timing helpers shared by the benchmark scripts: CUDA-graph capture, ranks timed together, and
+variants timed in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import time
 
 import torch
 import torch.distributed as dist
+
+
+def interleaved_medians(measures, rounds: int) -> list[float]:
+    """Each of ``measures`` (callables returning one timing) once per round, in turn, for
+    ``rounds`` rounds; the median of each. Interleaving makes clock drift hit every variant alike."""
+    times = [[m() for m in measures] for _ in range(rounds)]
+    return [statistics.median(col) for col in zip(*times, strict=True)]
 
 
 def capture(fn):
