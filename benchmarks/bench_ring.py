@@ -29,7 +29,9 @@ ranks during its own block's compute, one step's work (a GPU's links to its peer
 bandwidth), so the first step needs ``p`` times the bound on ``L``.
 
 The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefetch``; default the
-library's): with several values, each gets a row, timed in the same process.
+library's): with several values, each gets a row, timed in the same process. ``--dq-beside on off``
+times the Triton backward both ways (dQ on a second stream beside dK/dV, the default, or after
+it), the whole-sequence call and the ring alike.
 
     python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
     python benchmarks/bench_ring.py --tiny     # a seconds-long CPU smoke run
@@ -104,6 +106,15 @@ def full_times(q, k, v, dout, scale, reps):
         )
 
     return _time(fwd, q.device, reps), _time(fwd_bwd, q.device, reps), _time(sdpa, q.device, reps)
+
+
+def _set_dq_beside(on: str) -> None:
+    """The Triton backward's dQ kernel on a second stream beside dK/dV ("on", the default) or after it."""
+    try:
+        from ringflash.kernels import bwd
+    except ImportError:  # no Triton: the blockwise backend has no such choice
+        return
+    bwd.CONCURRENT_DQ = on == "on"
 
 
 def _host_ahead(device: torch.device, events: bool) -> None:
@@ -181,6 +192,13 @@ def main() -> None:
         help="forward K/V blocks held and computed at once (a row each, one process; default: the library's)",
     )
     p.add_argument(
+        "--dq-beside",
+        choices=["on", "off"],
+        nargs="+",
+        default=["on"],
+        help="backward: dQ on a second stream beside dK/dV (kernels.bwd.CONCURRENT_DQ; a row each)",
+    )
+    p.add_argument(
         "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
@@ -230,29 +248,32 @@ def main() -> None:
         q, k, v, dout = (
             torch.randn(1, S, h, D, generator=g).to(device=device, dtype=dtype) for h in (Hq, Hk, Hk, Hq)
         )
-        t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
-        fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
-        for layout, pre in itertools.product(a.layouts, a.prefetch):
-            t_rank, t_rank_fb, prof, prof_b = ring_times(
-                q, k, v, dout, world, layout, scale, a.reps, a.timing, pre
-            )
-            name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
-            t_mean = sum(prof.rank_time(r) for r in range(world)) / world
-            t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
-            eff, eff_mean, eff_fb = (
-                t_full / (world * t_rank),
-                t_full / (world * t_mean),
-                t_full_fb / (world * t_rank_fb),
-            )
-            print(
-                f"{name:>13} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
-                f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {t_full / (world * t_lock):>8.3f} {eff_mean:>8.3f} | "
-                f"{t_full_fb * 1e3:>11.3f} {t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f} "
-                f"{t_full_fb / (world * t_lock_fb):>8.3f}"
-            )
-            rows.append((name, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
-            if a.segments:
-                print_segments(layout, world, prof)
+        for dq_side in a.dq_beside:
+            _set_dq_beside(dq_side)
+            t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
+            fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
+            for layout, pre in itertools.product(a.layouts, a.prefetch):
+                t_rank, t_rank_fb, prof, prof_b = ring_times(
+                    q, k, v, dout, world, layout, scale, a.reps, a.timing, pre
+                )
+                name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
+                name += "" if a.dq_beside == ["on"] else f"/dq-{dq_side}"
+                t_mean = sum(prof.rank_time(r) for r in range(world)) / world
+                t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
+                eff, eff_mean, eff_fb = (
+                    t_full / (world * t_rank),
+                    t_full / (world * t_mean),
+                    t_full_fb / (world * t_rank_fb),
+                )
+                print(
+                    f"{name:>13} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
+                    f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {t_full / (world * t_lock):>8.3f} {eff_mean:>8.3f} | "
+                    f"{t_full_fb * 1e3:>11.3f} {t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f} "
+                    f"{t_full_fb / (world * t_lock_fb):>8.3f}"
+                )
+                rows.append((name, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
+                if a.segments:
+                    print_segments(layout, world, prof)
     print("\n# When does communication hide? Per step and rank (forward):")
     kv_bytes, blk_flops = 2 * L * Hk * D * elem, 4 * L * L * Hq * D
     print(

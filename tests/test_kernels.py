@@ -539,6 +539,54 @@ def test_kernels_cuda_offsets_past_int32():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_kernels_cuda_dq_beside_dkdv(accumulate):
+    """dQ on a second stream beside dK/dV (``kernels.bwd.CONCURRENT_DQ``, the default) gives
+    bitwise the gradients of the two kernels one after the other, also when the caller runs on
+    its own stream and reads the gradients right after the call (the join orders that read after
+    dQ), and when the call is replayed from a CUDA graph."""
+    from ringflash import kernels
+    from ringflash.kernels import bwd
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (
+        torch.randn(2, 1000, h, 64, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2, 8)
+    )
+    kw = dict(softmax_scale=0.125, causal=True)
+    out, lse = kernels.attn_fwd(q, k, v, **kw)
+
+    def grads():
+        if not accumulate:
+            return [x.float() for x in kernels.attn_bwd(do, q, k, v, out, lse, **kw)]
+        acc = [torch.ones(x.shape, device="cuda") for x in (q, k, v)]
+        kernels.attn_bwd(do, q, k, v, out, lse, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
+        return acc
+
+    saved = bwd.CONCURRENT_DQ
+    try:
+        bwd.CONCURRENT_DQ = False
+        ref = grads()
+        bwd.CONCURRENT_DQ = True
+        side = grads()
+        caller = torch.cuda.Stream()
+        caller.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(caller):
+            on_caller = [x.clone() for x in grads()]
+        torch.cuda.current_stream().wait_stream(caller)
+        graph = torch.cuda.CUDAGraph()
+        caller.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=caller):
+            static = grads()
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        bwd.CONCURRENT_DQ = saved
+    for name, r, a, b, c in zip("qkv", ref, side, on_caller, static, strict=True):
+        for how, got in (("second stream", a), ("caller's stream", b), ("graph replay", c)):
+            assert torch.equal(got, r), f"d{name} with dQ on a {how}: max diff {(got - r).abs().max()}"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_kernels_cuda_tensors_on_another_gpu():
     """Tensors on GPU 1 while GPU 0 is current (a model split over GPUs in one process): the

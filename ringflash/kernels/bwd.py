@@ -13,6 +13,8 @@ Gradient of a softcapped score ``s = c * tanh(x * scale / c)`` is ``scale * (1 -
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -301,6 +303,27 @@ def attn_bwd(
         _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags, **_CPU_DKDV)
         _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](*dq_args, **flags, **_CPU_DQ)
     else:
+        side = _side_stream(q.device) if CONCURRENT_DQ else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(q.device))
         _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags)
-        _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](*dq_args, **flags)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](*dq_args, **flags)
+        if side is not None:
+            # The join is a wait on the GPU, not the host, so the caller's later work (and any
+            # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
+            torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
+
+
+# dK/dV and dQ write different tensors, so dQ runs on a second stream beside dK/dV: dQ's programs
+# fill the SMs that dK/dV's last wave leaves idle (launched second, they start as SMs free up).
+CONCURRENT_DQ = True
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE:
+        _SIDE[index] = torch.cuda.Stream(device=index)
+    return _SIDE[index]
