@@ -22,8 +22,9 @@ holds two). ``--p2p-high-priority`` and
 ``--p2p-run-ahead`` add a row per layout (``{layout}+hp``, ``{layout}+ra``) with an experimental
 way of running the ring's P2P (see ``p2p_variants``): whether the K/V transfers are slowed by
 waiting for SMs that the attention kernels hold, or for the previous step's kernels. Every variant
-row checks that its outputs and gradients equal the default's bitwise (``p1``: prints the largest
-difference, as its float32 merges run in another order).
+row checks that its outputs and gradients equal the default's bitwise (``p1`` and ``ce``, whose
+forward holds one K/V block: prints the largest difference, as its float32 merges run in another
+order).
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -336,7 +337,7 @@ def main() -> None:
         got = ring.check_outputs()
         if not variant:
             reference[layout] = got
-        elif variant == "p1":  # another order of float32 merges: equal up to rounding
+        elif variant in ("p1", "ce"):  # forward holding one block: other float32 merges, equal up to rounding
             pairs = zip(got, reference[layout], strict=True)
             diff = max((x.float() - y.float()).abs().max().item() for x, y in pairs)
             print(f"{'':>10}   rank {rank}: {name_row} largest difference from the default: {diff:.2e}")

@@ -269,8 +269,9 @@ def test_ring_nccl(world, backend):
 
 def _transports_agree(rank: int, world: int):
     """Forward and backward, several calls in a row and two shapes interleaved, through NCCL and
-    through the copy-engine transport: the same kernels on the same data give the same bits."""
-    from ringflash import use_ring_transport
+    through the copy-engine transport: the same kernels on the same data give the same bits (with
+    the forward holding one K/V block, as it does under the copy-engine transport)."""
+    from ringflash import use_ring_prefetch, use_ring_transport
 
     dev = f"cuda:{rank}"
     one_triton_config()
@@ -294,7 +295,9 @@ def _transports_agree(rank: int, world: int):
             got = {}
             for transport in ("nccl", "copy_engine"):
                 qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
-                with use_ring_transport(transport):
+                # The copy-engine transport's forward holds one block (its copies go one rank
+                # ahead), so NCCL's does too here: the same calls in the same order.
+                with use_ring_transport(transport), use_ring_prefetch(1):
                     out = fn(qa, ka, va, causal=True, window_size=window)
                 out.backward(do)  # outside the block: the backward keeps the forward's transport
                 got[transport] = (out, qa.grad, ka.grad, va.grad)
