@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import platform
 import statistics
@@ -48,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_timing import interleaved_medians
 from torch.nn import functional
 
 from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for, backend_name
@@ -86,8 +88,9 @@ def _time(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def full_times(q, k, v, dout, scale, reps):
-    """(fwd, fwd+bwd) seconds of one whole-sequence call of the backend, and SDPA's fwd as a baseline."""
+def full_times(q, k, v, dout, scale, reps, setups=(None,)):
+    """Per variant: (fwd, fwd+bwd) seconds of one whole-sequence call of the backend, and SDPA's fwd
+    as a baseline; ``setups`` as in ``ring_times`` (the variants' timings interleaved)."""
     be = backend_for(q)
     kw = dict(softmax_scale=scale, causal=True)
 
@@ -105,7 +108,17 @@ def full_times(q, k, v, dout, scale, reps):
             qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True
         )
 
-    return _time(fwd, q.device, reps), _time(fwd_bwd, q.device, reps), _time(sdpa, q.device, reps)
+    def timed(setup, fn):
+        def run():
+            if setup is not None:
+                setup()
+            return _time(fn, q.device, reps)
+
+        return run
+
+    measures = [timed(s, fn) for s in setups for fn in (fwd, fwd_bwd, sdpa)]
+    med = interleaved_medians(measures, 1 if len(setups) == 1 else 3)
+    return [tuple(med[3 * i : 3 * i + 3]) for i in range(len(setups))]
 
 
 def _set_dq_beside(on: str) -> None:
@@ -125,27 +138,37 @@ def _host_ahead(device: torch.device, events: bool) -> None:
         torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at H100 clocks
 
 
-def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events", prefetch=DEFAULT_RING_PREFETCH):
-    """(fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the forward's and
-    backward's per-rank profiles (``SimProfile``, medians over the repetitions).
+def ring_times(
+    q, k, v, dout, world, layout, scale, reps, timing="events", prefetch=DEFAULT_RING_PREFETCH, setups=(None,)
+):
+    """Per variant: (fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the
+    forward's and backward's per-rank profiles (``SimProfile``, medians over the repetitions).
 
     ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
     "wall" (host clock with a device sync around each segment: host launch time counts).
-    ``prefetch``: K/V blocks each rank's forward holds and computes at once (``ring_fwd_loop``)."""
+    ``prefetch``: K/V blocks each rank's forward holds and computes at once (``ring_fwd_loop``).
+    ``setups``: one callable per variant (``None``: as is), run before each of its repetitions;
+    the variants' repetitions are interleaved, so clock drift hits them alike."""
     sh = lambda x: [shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
     qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
     events = timing == "events" and q.device.type == "cuda"
     kw = dict(softmax_scale=scale, causal=True, profile=True, sync=_sync(q.device), cuda_events=events)
-    pfs, pbs = [], []
+    pfs, pbs = [[] for _ in setups], [[] for _ in setups]
     for _ in range(reps + 1):  # the first run warms up (kernel compilation)
-        _host_ahead(q.device, events)
-        outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, prefetch=prefetch, **kw)
-        _host_ahead(q.device, events)
-        *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
-        pfs.append(pf)
-        pbs.append(pb)
-    fwd, bwd = _median_profile(pfs[1:]), _median_profile(pbs[1:])
-    return fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), fwd, bwd
+        for i, setup in enumerate(setups):
+            if setup is not None:
+                setup()
+            _host_ahead(q.device, events)
+            outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, prefetch=prefetch, **kw)
+            _host_ahead(q.device, events)
+            *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
+            pfs[i].append(pf)
+            pbs[i].append(pb)
+    res = []
+    for pf, pb in zip(pfs, pbs, strict=True):
+        fwd, bwd = _median_profile(pf[1:]), _median_profile(pb[1:])
+        res.append((fwd.ring_time(), fwd.ring_time() + bwd.ring_time(), fwd, bwd))
+    return res
 
 
 def print_segments(layout, world, fwd):
@@ -248,14 +271,14 @@ def main() -> None:
         q, k, v, dout = (
             torch.randn(1, S, h, D, generator=g).to(device=device, dtype=dtype) for h in (Hq, Hk, Hk, Hq)
         )
-        for dq_side in a.dq_beside:
-            _set_dq_beside(dq_side)
-            t_full, t_full_fb, t_sdpa = full_times(q, k, v, dout, scale, a.reps)
-            fwd_flops_rate = 4 * S * S * Hq * D / 2 / t_full  # causal: half the block
-            for layout, pre in itertools.product(a.layouts, a.prefetch):
-                t_rank, t_rank_fb, prof, prof_b = ring_times(
-                    q, k, v, dout, world, layout, scale, a.reps, a.timing, pre
-                )
+        setups = [functools.partial(_set_dq_beside, side) for side in a.dq_beside]
+        fulls = full_times(q, k, v, dout, scale, a.reps, setups)
+        fwd_flops_rate = 4 * S * S * Hq * D / 2 / fulls[0][0]  # causal: half the block
+        for layout, pre in itertools.product(a.layouts, a.prefetch):
+            rings = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing, pre, setups)
+            for dq_side, (t_full, t_full_fb, t_sdpa), (t_rank, t_rank_fb, prof, prof_b) in zip(
+                a.dq_beside, fulls, rings, strict=True
+            ):
                 name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
                 name += "" if a.dq_beside == ["on"] else f"/dq-{dq_side}"
                 t_mean = sum(prof.rank_time(r) for r in range(world)) / world
