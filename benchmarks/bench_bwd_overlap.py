@@ -3,8 +3,10 @@
 The two kernels write different tensors. Launched one after the other on one stream, dQ waits
 for the last wave of dK/dV, in which most SMs idle (under a causal mask the dK/dV programs differ
 up to 2x in length). With ``CONCURRENT_DQ`` (the default) dQ's programs start on the SMs that
-free up. Both ways run the same autotuned tiles, interleaved over ``--rounds`` rounds (median of
-rounds).
+free up, in launches of up to ``CONCURRENT_DQ_MAX_WAVES`` dK/dV programs (of 128 keys) per SM
+(``--max-waves``: another limit; larger launches run one after the other, so their rows compare
+the same code). Both ways run the same autotuned tiles, interleaved over ``--rounds`` rounds
+(median of rounds).
 
 Rows: the Llama-3-8B attention shape (32 q / 8 KV heads, head dim 128, bf16, batch 1), plain
 calls causal 4k-32k, MHA and batch 8 at 8k, non-causal 8k; then the zigzag ring's pieces in the
@@ -12,7 +14,7 @@ ring's mode (gradients added into float32 buffers): its own block (8k causal) an
 step shapes (4k x 8k and 8k x 4k, unmasked). TFLOP/s: ``4 * sq * sk * hq * d`` (halved when
 causal) x 2.5.
 
-    python benchmarks/bench_bwd_overlap.py [--rounds 3]
+    python benchmarks/bench_bwd_overlap.py [--rounds 3] [--max-waves 64]
 """
 
 from __future__ import annotations
@@ -85,10 +87,12 @@ def _row(b, sq, sk, hq, hk, causal, ring, rounds):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-waves", type=int, default=bwd.CONCURRENT_DQ_MAX_WAVES)
     a = ap.parse_args()
+    bwd.CONCURRENT_DQ_MAX_WAVES = a.max_waves
     versions = f"torch {torch.__version__} | triton {triton.__version__}"
     print(f"# {torch.cuda.get_device_name()} | {versions} | {datetime.date.today()}")
-    print("# row | bwd TFLOP/s one stream / dQ beside dK/dV (ratio)")
+    print(f"# row | bwd TFLOP/s one stream / dQ beside dK/dV up to {a.max_waves} waves (ratio)")
     for label, b, sq, sk, hq, hk, causal, ring in ROWS:
         one, two = _row(b, sq, sk, hq, hk, causal, ring, a.rounds)
         torch.cuda.empty_cache()

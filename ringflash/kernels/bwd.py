@@ -30,6 +30,7 @@ from .common import (
     pad_dim,
     sched_width,
     shape_bucket,
+    sm_count,
     tma_applies,
     varlen_diag,
     wide_offsets,
@@ -303,7 +304,7 @@ def attn_bwd(
         _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags, **_CPU_DKDV)
         _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](*dq_args, **flags, **_CPU_DQ)
     else:
-        side = _side_stream(q.device) if CONCURRENT_DQ else None
+        side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device) else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(q.device))
         _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags)
@@ -316,10 +317,18 @@ def attn_bwd(
     return dq, dk, dv
 
 
-# dK/dV and dQ write different tensors, so dQ runs on a second stream beside dK/dV: dQ's programs
-# fill the SMs that dK/dV's last wave leaves idle (launched second, they start as SMs free up).
-CONCURRENT_DQ = True
+# dK/dV and dQ write different tensors, so dQ can run on a second stream beside dK/dV: dQ's
+# programs fill the SMs that dK/dV's last wave leaves idle (launched second, they start as SMs free
+# up). That pays while dK/dV's launch is a few waves: measured on H100, 1-5% on the backward up to
+# 1k programs of 128 keys (8k-16k tokens at 8 KV heads; a ring's steps), but 3% slower at 2k (32k
+# tokens), where the last wave is a small part and the two kernels contend for L2 instead.
+CONCURRENT_DQ = True  # False: dQ after dK/dV on the caller's stream (benchmarks compare the two)
+CONCURRENT_DQ_MAX_WAVES = 8  # dK/dV programs of 128 keys per SM up to which dQ runs beside
 _SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _dq_beside(dkdv_programs: int, device: torch.device) -> bool:
+    return CONCURRENT_DQ and dkdv_programs <= CONCURRENT_DQ_MAX_WAVES * sm_count(device)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
