@@ -24,7 +24,7 @@ import datetime
 
 import torch
 import triton
-from bench_timing import interleaved_medians
+from bench_timing import interleaved_medians, with_setting
 
 from ringflash import kernels
 from ringflash.kernels import bwd
@@ -49,18 +49,6 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def _with(concurrent: bool, fn):
-    def run():
-        saved = bwd.CONCURRENT_DQ
-        bwd.CONCURRENT_DQ = concurrent
-        try:
-            return fn()
-        finally:
-            bwd.CONCURRENT_DQ = saved
-
-    return run
-
-
 def _row(b, sq, sk, hq, hk, causal, ring, rounds):
     """Backward TFLOP/s: one stream, two streams."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -76,7 +64,7 @@ def _row(b, sq, sk, hq, hk, causal, ring, rounds):
     def step():
         return kernels.attn_bwd(do, q, k, v, out, lse, softmax_scale=scale, causal=causal, **grads)
 
-    fns = [_with(False, step), _with(True, step)]
+    fns = [with_setting(bwd, "CONCURRENT_DQ", on, step) for on in (False, True)]
     for f in fns:  # compile and autotune outside the timing
         f()
     med = interleaved_medians([lambda f=f: _bench(f) for f in fns], rounds)

@@ -24,7 +24,7 @@ import datetime
 
 import torch
 import triton
-from bench_timing import interleaved_medians
+from bench_timing import interleaved_medians, with_setting
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import kernels
@@ -41,16 +41,7 @@ def _bwd_with(order_inner: bool, fn):
     """``fn`` with the variant patch's head order set (the library's own order without the patch)."""
     if not hasattr(kbwd, "GQA_HEADS_INNER"):
         return fn
-
-    def run():
-        saved = kbwd.GQA_HEADS_INNER
-        kbwd.GQA_HEADS_INNER = order_inner
-        try:
-            return fn()
-        finally:
-            kbwd.GQA_HEADS_INNER = saved
-
-    return run
+    return with_setting(kbwd, "GQA_HEADS_INNER", order_inner, fn)
 
 
 def _sdpa_bwd(q, k, v, dout, backend):

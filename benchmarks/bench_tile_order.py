@@ -23,7 +23,7 @@ import datetime
 
 import torch
 import triton
-from bench_timing import interleaved_medians
+from bench_timing import interleaved_medians, with_setting
 
 from ringflash import kernels
 from ringflash.kernels import common
@@ -44,18 +44,6 @@ D = 128
 
 def _bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def _with_order(per_sm: int, fn):
-    def run():
-        saved = common.SCHED_PER_SM
-        common.SCHED_PER_SM = per_sm
-        try:
-            return fn()
-        finally:
-            common.SCHED_PER_SM = saved
-
-    return run
 
 
 def main() -> None:
@@ -89,8 +77,8 @@ def _row(b, s, hq, hk, causal, rounds):
     def bwd():
         return kernels.attn_bwd(do, q, k, v, out, lse, softmax_scale=scale, causal=causal)
 
-    fns = [_with_order(0, fwd), _with_order(common.SCHED_PER_SM, fwd)]
-    fns += [_with_order(0, bwd), _with_order(common.SCHED_PER_SM, bwd)]
+    order = lambda per_sm, fn: with_setting(common, "SCHED_PER_SM", per_sm, fn)  # noqa: E731
+    fns = [order(0, fwd), order(common.SCHED_PER_SM, fwd), order(0, bwd), order(common.SCHED_PER_SM, bwd)]
     for f in fns:  # compile and autotune outside the timing
         f()
     med = interleaved_medians([lambda f=f: _bench(f) for f in fns], rounds)

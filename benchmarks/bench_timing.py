@@ -17,6 +17,21 @@ def interleaved_medians(measures, rounds: int) -> list[float]:
     return [statistics.median(col) for col in zip(*times, strict=True)]
 
 
+def with_setting(owner, name: str, value, fn):
+    """``fn`` wrapped to run with ``owner.name`` set to ``value`` (restored after each call): a
+    library switch that a benchmark times both ways."""
+
+    def run():
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(owner, name, saved)
+
+    return run
+
+
 def capture(fn):
     """``fn`` warmed up on a side stream, captured in a CUDA graph and replayed once:
     ``(replay closure, the captured call's outputs)``. Raises RuntimeError if capture fails."""
