@@ -10,6 +10,9 @@
 #            layout with and without it, at each world size
 #   ringp1   zigzag and stripe with the forward holding two K/V blocks (the default) and one
 #            (--plain-ring), calls back to back, at each world size (not in the default set)
+#   ceshift  with benchmarks/variants/copy_engine_any_shift.patch applied for the stage (the
+#            copy-engine transport to any rank ahead, so its forward holds two blocks): the
+#            copy-engine NCCL test, then zigzag and stripe with and without it (not in the default set)
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -19,7 +22,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,ceshift,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -70,6 +73,19 @@ if want ringp1; then
         stage "ringp1_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --iters 6 --plain-ring \
             --layouts ${RING_LAYOUTS:-zigzag stripe}
     done
+fi
+if want ceshift; then
+    patch_file=benchmarks/variants/copy_engine_any_shift.patch
+    if git apply "$patch_file"; then
+        stage ceshift_tests 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_ring.py -k copy_engine
+        for w in ${RING_WS:-$WS}; do
+            stage "ceshift_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --iters 6 \
+                --copy-engine --layouts ${RING_LAYOUTS:-zigzag stripe}
+        done
+        git apply -R "$patch_file"
+    else
+        echo "=== ceshift: $patch_file does not apply ==="
+    fi
 fi
 if want decode; then
     for w in $WS; do
