@@ -31,7 +31,9 @@ bandwidth), so the first step needs ``p`` times the bound on ``L``.
 The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefetch``; default the
 library's): with several values, each gets a row, timed in the same process. ``--dq-beside on off``
 times the Triton backward both ways (dQ on a second stream beside dK/dV, the default, or after
-it), the whole-sequence call and the ring alike.
+it), the whole-sequence call and the ring alike; ``--split-own off on`` the ring's backward with its
+own block whole at the start (the default) or split around the remote steps
+(``ring_loop.SPLIT_OWN_BLOCK``). Every combination gets a row, interleaved with the others.
 
     python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
     python benchmarks/bench_ring.py --tiny     # a seconds-long CPU smoke run
@@ -53,7 +55,7 @@ from bench_timing import interleaved_medians
 from torch.nn import functional
 
 from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for, backend_name
-from ringflash.parallel import shard_for, simulate_ring_attn, simulate_ring_attn_backward
+from ringflash.parallel import ring_loop, shard_for, simulate_ring_attn, simulate_ring_attn_backward
 
 LINKS = {
     "NVLink4 (H100, ~450 GB/s)": 450e9,
@@ -121,13 +123,15 @@ def full_times(q, k, v, dout, scale, reps, setups=(None,)):
     return [tuple(med[3 * i : 3 * i + 3]) for i in range(len(setups))]
 
 
-def _set_dq_beside(on: str) -> None:
-    """The Triton backward's dQ kernel on a second stream beside dK/dV ("on", the default) or after it."""
+def _set_variant(dq_beside: str, split_own: str) -> None:
+    """The Triton backward's dQ kernel beside dK/dV ("on", the default) or after it; the ring
+    backward's own block split around the remote steps ("on") or whole at the start."""
+    ring_loop.SPLIT_OWN_BLOCK = split_own == "on"
     try:
         from ringflash.kernels import bwd
     except ImportError:  # no Triton: the blockwise backend has no such choice
         return
-    bwd.CONCURRENT_DQ = on == "on"
+    bwd.CONCURRENT_DQ = dq_beside == "on"
 
 
 def _host_ahead(device: torch.device, events: bool) -> None:
@@ -222,6 +226,13 @@ def main() -> None:
         help="backward: dQ on a second stream beside dK/dV (kernels.bwd.CONCURRENT_DQ; a row each)",
     )
     p.add_argument(
+        "--split-own",
+        choices=["on", "off"],
+        nargs="+",
+        default=["off"],
+        help="ring backward: own block split around the remote steps (ring_loop.SPLIT_OWN_BLOCK; a row each)",
+    )
+    p.add_argument(
         "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
     )
     p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
@@ -271,16 +282,18 @@ def main() -> None:
         q, k, v, dout = (
             torch.randn(1, S, h, D, generator=g).to(device=device, dtype=dtype) for h in (Hq, Hk, Hk, Hq)
         )
-        setups = [functools.partial(_set_dq_beside, side) for side in a.dq_beside]
+        combos = list(itertools.product(a.dq_beside, a.split_own))
+        setups = [functools.partial(_set_variant, dq, so) for dq, so in combos]
         fulls = full_times(q, k, v, dout, scale, a.reps, setups)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / fulls[0][0]  # causal: half the block
         for layout, pre in itertools.product(a.layouts, a.prefetch):
             rings = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing, pre, setups)
-            for dq_side, (t_full, t_full_fb, t_sdpa), (t_rank, t_rank_fb, prof, prof_b) in zip(
-                a.dq_beside, fulls, rings, strict=True
+            for (dq, so), (t_full, t_full_fb, t_sdpa), (t_rank, t_rank_fb, prof, prof_b) in zip(
+                combos, fulls, rings, strict=True
             ):
                 name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
-                name += "" if a.dq_beside == ["on"] else f"/dq-{dq_side}"
+                name += "" if a.dq_beside == ["on"] else f"/dq-{dq}"
+                name += "" if a.split_own == ["off"] else f"/so-{so}"
                 t_mean = sum(prof.rank_time(r) for r in range(world)) / world
                 t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
                 eff, eff_mean, eff_fb = (

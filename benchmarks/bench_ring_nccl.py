@@ -18,13 +18,15 @@ when it is longer than its kernels; with ``--trace`` also rank 0's timeline of t
 ``--copy-engine`` adds a row per layout (``{layout}+ce``) with the K/V moved by the GPUs' copy
 engines (``ringflash.use_ring_transport("copy_engine")``); ``--plain-ring`` one (``{layout}+p1``)
 with the forward holding one K/V block at a time (``ringflash.use_ring_prefetch(1)``; the default
-holds two). ``--p2p-high-priority`` and
+holds two); ``--split-own`` one (``{layout}+so``) with the backward's own block split around the
+remote steps, so that its second part covers the last dK/dV sum's trip home
+(``ringflash.parallel.ring_loop.SPLIT_OWN_BLOCK``). ``--p2p-high-priority`` and
 ``--p2p-run-ahead`` add a row per layout (``{layout}+hp``, ``{layout}+ra``) with an experimental
 way of running the ring's P2P (see ``p2p_variants``): whether the K/V transfers are slowed by
 waiting for SMs that the attention kernels hold, or for the previous step's kernels. Every variant
-row checks that its outputs and gradients equal the default's bitwise (``p1`` and ``ce``, whose
-forward holds one K/V block: prints the largest difference, as its float32 merges run in another
-order).
+row checks that its outputs and gradients equal the default's bitwise (``p1``, ``ce`` (whose forward
+holds one K/V block) and ``so``: prints the largest difference, as their float32 sums run in
+another order).
 
 For ``W`` ranks with ``L`` tokens each (``S = W * L``): ``t_full`` is one whole-sequence call of the
 local backend on one device, ``t_ring`` the slowest rank's time for the ring call (forward, or
@@ -114,19 +116,24 @@ class Ring:
 
 
 def p2p_variants(
-    high_priority: bool, run_ahead: bool, copy_engine: bool = False, plain: bool = False
+    high_priority: bool,
+    run_ahead: bool,
+    copy_engine: bool = False,
+    plain: bool = False,
+    split_own: bool = False,
 ) -> dict:
     """Other ways to run the ring's P2P: ``{row suffix: installer(on)}`` (this process only).
 
     ``ce``: the library's copy-engine transport (``ringflash.use_ring_transport("copy_engine")``).
     ``p1``: the forward holding one K/V block at a time (``ringflash.use_ring_prefetch(1)``).
+    ``so``: the backward's own block split around the remote steps (``ring_loop.SPLIT_OWN_BLOCK``).
     ``hp``: sends and receives on a second NCCL group created with high-priority streams.
     ``ra``: every K/V post after a call's first is enqueued from a side stream that waits for
     nothing, so each transfer starts when the previous one ends rather than after the previous
     step's kernels (the first post, and the dK/dV posts, still wait for the compute stream).
     """
     from ringflash.comm.ring import RingComm
-    from ringflash.parallel import ring_attn
+    from ringflash.parallel import ring_attn, ring_loop
     from ringflash.parallel.ring_loop import TAG_KV
 
     default = ring_attn.RingComm
@@ -169,6 +176,8 @@ def p2p_variants(
         out["ra"] = lambda on: setattr(ring_attn, "RingComm", RunAhead if on else default)
     if copy_engine:
         out["ce"] = lambda on: setattr(Ring, "transport", "copy_engine" if on else "nccl")
+    if split_own:
+        out["so"] = lambda on: setattr(ring_loop, "SPLIT_OWN_BLOCK", on)
     if plain:
         default_prefetch = Ring.prefetch
         out["p1"] = lambda on: setattr(Ring, "prefetch", 1 if on else default_prefetch)
@@ -258,6 +267,11 @@ def main() -> None:
         action="store_true",
         help="also time each layout with use_ring_prefetch(1): the forward holds one K/V block at a time",
     )
+    p.add_argument(
+        "--split-own",
+        action="store_true",
+        help="also time each layout with the backward's own block split around the remote steps",
+    )
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     if a.tiny:
@@ -299,7 +313,11 @@ def main() -> None:
     full_times = {}
     nccl = info.backend == "nccl"
     variants = p2p_variants(
-        a.p2p_high_priority and nccl, a.p2p_run_ahead and nccl, a.copy_engine and nccl, a.plain_ring
+        a.p2p_high_priority and nccl,
+        a.p2p_run_ahead and nccl,
+        a.copy_engine and nccl,
+        a.plain_ring,
+        a.split_own,
     )
     runs = [(layout, "") for layout in a.layouts] + [(lay, v) for v in variants for lay in a.layouts]
     reference = {}
@@ -337,7 +355,7 @@ def main() -> None:
         got = ring.check_outputs()
         if not variant:
             reference[layout] = got
-        elif variant in ("p1", "ce"):  # forward holding one block: other float32 merges, equal up to rounding
+        elif variant in ("p1", "ce", "so"):  # float32 sums in another order: equal up to rounding
             pairs = zip(got, reference[layout], strict=True)
             diff = max((x.float() - y.float()).abs().max().item() for x, y in pairs)
             print(f"{'':>10}   rank {rank}: {name_row} largest difference from the default: {diff:.2e}")

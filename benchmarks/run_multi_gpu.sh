@@ -10,6 +10,9 @@
 #            layout with and without it, at each world size
 #   ringp1   zigzag and stripe with the forward holding two K/V blocks (the default) and one
 #            (--plain-ring), calls back to back, at each world size (not in the default set)
+#   ringso   zigzag and stripe with the backward's own block whole first (the default) and split
+#            around the remote steps (--split-own), calls back to back, at each world size (not in
+#            the default set)
 #   ceshift  with benchmarks/variants/copy_engine_any_shift.patch applied for the stage (the
 #            copy-engine transport to any rank ahead, so its forward holds two blocks): the
 #            copy-engine NCCL test, then zigzag and stripe with and without it (not in the default set)
@@ -22,7 +25,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,ceshift,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,ringso,ceshift,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -71,6 +74,12 @@ fi
 if want ringp1; then
     for w in ${RING_WS:-$WS}; do
         stage "ringp1_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --iters 6 --plain-ring \
+            --layouts ${RING_LAYOUTS:-zigzag stripe}
+    done
+fi
+if want ringso; then
+    for w in ${RING_WS:-$WS}; do
+        stage "ringso_W$w" 240 $(run_w "$w") benchmarks/bench_ring_nccl.py --reps 5 --iters 6 --split-own \
             --layouts ${RING_LAYOUTS:-zigzag stripe}
     done
 fi

@@ -19,6 +19,8 @@
 #   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)
 #   bwdov      bench_bwd_overlap.py: the backward's dQ beside dK/dV on a second stream, or after it
 #   ringdq     bench_ring.py: zigzag at W = 2, 4, 8 with dQ beside dK/dV and after it, one process
+#   ringso     bench_ring.py: zigzag at W = 2, 4, 8 with the backward's own block whole first and
+#              split around the remote steps, one process
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
 # stage).
@@ -55,6 +57,8 @@ want order && stage order 200 python3 benchmarks/bench_tile_order.py
 want bwdov && stage bwdov 200 python3 benchmarks/bench_bwd_overlap.py
 want ringdq && stage ringdq 240 python3 benchmarks/bench_ring.py --reps 3 --no-write --worlds 2 4 8 \
     --layouts zigzag --dq-beside on off
+want ringso && stage ringso 240 python3 benchmarks/bench_ring.py --reps 4 --no-write --worlds 2 4 8 \
+    --layouts zigzag --split-own off on
 want ringz && stage ringz 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --worlds 4 8 --layouts zigzag
 want hostprof && stage hostprof 90 python3 benchmarks/bench_decode.py --host-profile --out "$LOG/decode"
 pack

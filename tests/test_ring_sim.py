@@ -255,6 +255,126 @@ def test_window_drops_hops_outside_it():
         assert_matches(f"window {name}", got, want, None, 2)
 
 
+def _visible_pairs(pieces):
+    from ringflash.masking import diag_bounds
+
+    pairs = set()
+    for pc in pieces:
+        lo, hi = diag_bounds(pc.diag, pc.causal, pc.window)
+        pairs |= {
+            (pc.q0 + i, pc.k0 + j)
+            for i in range(pc.q1 - pc.q0)
+            for j in range(pc.k1 - pc.k0)
+            if lo <= j - i <= hi
+        }
+    return pairs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize(
+    "mask", [(True, (-1, -1)), (True, (9, 0)), (False, (4, 7)), (False, (-1, -1))], ids=str
+)
+@pytest.mark.parametrize("rows", [2, 8, 40, 100])
+def test_backward_own_block_splits_exactly(layout, mask, rows):
+    """The backward's own block in two parts (``split_own_block``): the same (query, key) pairs,
+    each once, the first part on the first rows with no key column that none of them sees."""
+    from ringflash.parallel.ring_loop import split_own_block
+
+    causal, window = mask
+    if layout != "contiguous" and not causal:
+        pytest.skip("zigzag and stripe are causal-only")
+    own = build_plan(layout, 1, 4, rows, causal, window).steps[0]
+    first, last = split_own_block(own, False, rows)
+    assert _visible_pairs(first) | _visible_pairs(last) == _visible_pairs(own)
+    assert not _visible_pairs(first) & _visible_pairs(last)
+    if len(own) > 1:  # zigzag under a window: one piece per chunk pair, run whole, last
+        assert (first, last) == ([], own)
+        return
+    assert len(first) == len(last) == 1, (first, last)  # one call over every row: split in two
+    m = first[0].q1
+    assert first[0].q0 == 0 and last[0].q0 == m and last[0].q1 == rows and 0 < m < rows
+    if causal:
+        assert max(j for _, j in _visible_pairs(first)) == first[0].k1 - 1
+    # Packed pieces and several pieces run whole, last.
+    assert split_own_block(own, True, rows) == ([], own)
+    assert split_own_block(own + own, False, rows) == ([], own + own)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize(
+    "mask", [dict(causal=True), dict(causal=True, window_size=(9, 0)), dict(window_size=(4, 7))], ids=str
+)
+def test_split_own_block_matches_oracle(layout, mask, monkeypatch):
+    """The backward with its own block split around the remote steps (``SPLIT_OWN_BLOCK``)."""
+    from ringflash.parallel import ring_loop
+
+    if layout != "contiguous" and not mask.get("causal"):
+        pytest.skip("zigzag and stripe are causal-only")
+    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", True)
+    world, L = 4, 12
+    q, k, v = (torch.randn(2, world * L, h, 16) for h in (4, 2, 2))
+    dout = torch.randn_like(q)
+    with use_backend("torch"):
+        out, dq, dk, dv, _ = _sim(q, k, v, dout, world, layout, **mask)
+    ref, _, rdq, rdk, rdv = _ref(q, k, v, dout, **mask)
+    for name, got, want in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_matches(f"{layout} split own {name}", got, want, None, 2)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["own-first", "own-split"])
+def test_backward_own_partial_stays_home(split, monkeypatch):
+    """dK/dV sums start at the first rank after a block's owner: W - 1 dK/dV messages per rank
+    (the last one home), not W. The own block runs after the last message is posted and before
+    the home sum is awaited; split, its first rows run before the first wait."""
+    import types
+
+    from ringflash import blockwise
+    from ringflash.comm import Post, run_simulated
+    from ringflash.parallel import ring_loop
+    from ringflash.parallel.ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop
+    from ringflash.parallel.simulate import simulate_plans
+
+    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", split)
+    W, L = 4, 8
+    logs = [[] for _ in range(W)]
+
+    def recording(loop, log):
+        answer = None
+        try:
+            while True:
+                req = loop.send(answer)
+                log.append(("post", req.tag, req.shift) if isinstance(req, Post) else ("wait",))
+                answer = yield req
+        except StopIteration as stop:
+            return stop.value
+
+    def logging_backend(log):
+        def attn_bwd(dout, q, k, *args, **kwargs):
+            log.append(("bwd", q.shape[1], k.data_ptr()))
+            return blockwise.attn_bwd(dout, q, k, *args, **kwargs)
+
+        return types.SimpleNamespace(attn_bwd=attn_bwd, attn_bwd_delta=blockwise.attn_bwd_delta)
+
+    xs = [torch.randn(1, L, 2, 8) for _ in range(W)]
+    plans = simulate_plans(W, L, "zigzag", causal=True)
+    loops = []
+    for r in range(W):
+        out, lse = blockwise.attn_fwd(xs[r], xs[r], xs[r], softmax_scale=0.3, causal=True)
+        be = logging_backend(logs[r])
+        loop = ring_bwd_loop(be, xs[r], xs[r], xs[r], xs[r], out, lse, plans[r], 0.3, 0.0, False)
+        loops.append(recording(loop, logs[r]))
+    run_simulated(loops)
+    for r, log in enumerate(logs):
+        posts = [e[1:] for e in log if e[0] == "post"]
+        assert posts.count((TAG_KV, 1)) == W - 1
+        assert [p for p in posts if p[0] == TAG_DKV] == [(TAG_DKV, 1)] * (W - 1)  # home: one ahead
+        own = xs[r].data_ptr()
+        second = ("bwd", L // 2, own) if split else ("wait",)
+        assert log[0] == ("post", TAG_KV, 1) and log[1] == second, log[:2]
+        last_rows = L - L // 2 if split else L
+        assert log[-3:] == [("post", TAG_DKV, 1), ("bwd", last_rows, own), ("wait",)], log[-3:]
+
+
 def test_profile_times_every_rank():
     W, L = 4, 8
     qs = [torch.randn(1, L, 2, 8) for _ in range(W)]
