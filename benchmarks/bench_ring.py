@@ -32,7 +32,7 @@ The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefet
 library's): with several values, each gets a row, timed in the same process. ``--dq-beside on off``
 times the Triton backward both ways (dQ on a second stream beside dK/dV, the default, or after
 it), the whole-sequence call and the ring alike; ``--split-own off on`` the ring's backward with its
-own block whole at the start (the default) or split around the remote steps
+own block whole after the remote steps (the default) or split around them
 (``ring_loop.SPLIT_OWN_BLOCK``). Every combination gets a row, interleaved with the others.
 
     python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
@@ -125,7 +125,7 @@ def full_times(q, k, v, dout, scale, reps, setups=(None,)):
 
 def _set_variant(dq_beside: str, split_own: str) -> None:
     """The Triton backward's dQ kernel beside dK/dV ("on", the default) or after it; the ring
-    backward's own block split around the remote steps ("on") or whole at the start."""
+    backward's own block split around the remote steps ("on") or whole after them."""
     ring_loop.SPLIT_OWN_BLOCK = split_own == "on"
     try:
         from ringflash.kernels import bwd

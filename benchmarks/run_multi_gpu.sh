@@ -10,7 +10,7 @@
 #            layout with and without it, at each world size
 #   ringp1   zigzag and stripe with the forward holding two K/V blocks (the default) and one
 #            (--plain-ring), calls back to back, at each world size (not in the default set)
-#   ringso   zigzag and stripe with the backward's own block whole first (the default) and split
+#   ringso   zigzag and stripe with the backward's own block whole last (the default) and split
 #            around the remote steps (--split-own), calls back to back, at each world size (not in
 #            the default set)
 #   ceshift  with benchmarks/variants/copy_engine_any_shift.patch applied for the stage (the

@@ -19,7 +19,7 @@
 #   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)
 #   bwdov      bench_bwd_overlap.py: the backward's dQ beside dK/dV on a second stream, or after it
 #   ringdq     bench_ring.py: zigzag at W = 2, 4, 8 with dQ beside dK/dV and after it, one process
-#   ringso     bench_ring.py: zigzag at W = 2, 4, 8 with the backward's own block whole first and
+#   ringso     bench_ring.py: zigzag at W = 2, 4, 8 with the backward's own block whole last and
 #              split around the remote steps, one process
 # SECONDS (default 560) bounds the whole run: each stage gets what is left, so a late stage is cut
 # short rather than the call. Logs, tables and CSVs go to OUT_DIR/g (and OUT_DIR/g.tgz after each
