@@ -331,8 +331,13 @@ def _dq_beside(dkdv_programs: int, device: torch.device) -> bool:
     return CONCURRENT_DQ and dkdv_programs <= CONCURRENT_DQ_MAX_WAVES * sm_count(device)
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The device's second stream (made on first use; None if that would be inside a graph capture,
+    where creating a stream is best avoided: the call then runs on one stream)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE:
-        _SIDE[index] = torch.cuda.Stream(device=index)
-    return _SIDE[index]
+    side = _SIDE.get(index)
+    if side is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        side = _SIDE[index] = torch.cuda.Stream(device=index)
+    return side
