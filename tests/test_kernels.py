@@ -541,11 +541,11 @@ def test_kernels_cuda_offsets_past_int32():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_kernels_cuda_dq_beside_dkdv(accumulate):
+def test_kernels_cuda_dq_beside_dkdv(accumulate, monkeypatch):
     """dQ on a second stream beside dK/dV (``kernels.bwd.CONCURRENT_DQ``, the default) gives
     bitwise the gradients of the two kernels one after the other, also when the caller runs on
     its own stream and reads the gradients right after the call (the join orders that read after
-    dQ), and when the call is replayed from a CUDA graph."""
+    dQ), when the call is replayed from a CUDA graph, and when its first call is captured."""
     from ringflash import kernels
     from ringflash.kernels import bwd
 
@@ -563,28 +563,32 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate):
         kernels.attn_bwd(do, q, k, v, out, lse, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
         return acc
 
-    saved = bwd.CONCURRENT_DQ
-    try:
-        bwd.CONCURRENT_DQ = False
-        ref = grads()
-        bwd.CONCURRENT_DQ = True
-        side = grads()
-        caller = torch.cuda.Stream()
-        caller.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(caller):
-            on_caller = [x.clone() for x in grads()]
-        torch.cuda.current_stream().wait_stream(caller)
+    def captured(stream):
         graph = torch.cuda.CUDAGraph()
-        caller.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=caller):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=stream):
             static = grads()
         graph.replay()
         torch.cuda.synchronize()
-    finally:
-        bwd.CONCURRENT_DQ = saved
-    for name, r, a, b, c in zip("qkv", ref, side, on_caller, static, strict=True):
-        for how, got in (("second stream", a), ("caller's stream", b), ("graph replay", c)):
-            assert torch.equal(got, r), f"d{name} with dQ on a {how}: max diff {(got - r).abs().max()}"
+        return static
+
+    monkeypatch.setattr(bwd, "CONCURRENT_DQ", False)
+    ref = grads()
+    monkeypatch.setattr(bwd, "CONCURRENT_DQ", True)
+    got = {"second stream": grads()}
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(caller):
+        got["caller's stream"] = [x.clone() for x in grads()]
+    torch.cuda.current_stream().wait_stream(caller)
+    got["graph replay"] = captured(caller)
+    # A first call inside a capture makes no stream: it runs on the capturing stream alone.
+    monkeypatch.setattr(bwd, "_SIDE", {})
+    got["first capture"] = captured(caller)
+    assert not bwd._SIDE
+    for how, grads_how in got.items():
+        for name, r, x in zip("qkv", ref, grads_how, strict=True):
+            assert torch.equal(x, r), f"d{name} with dQ beside, {how}: max diff {(x - r).abs().max()}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
