@@ -46,7 +46,13 @@ def _ref(q, k, v, dout, cu=None, upcast=True, **kw):
 @pytest.mark.parametrize(
     "mask", [dict(causal=True), dict(causal=True, window_size=(9, 0)), dict(window_size=(4, 7))], ids=str
 )
-def test_simulated_ring_matches_oracle(layout, world, mask, small_blocks):
+@pytest.mark.parametrize("split", [False, True], ids=["own-last", "own-split"])
+def test_simulated_ring_matches_oracle(layout, world, mask, split, small_blocks, monkeypatch):
+    """Forward and backward of every layout and mask; the backward with its own block whole after
+    the remote steps and split around them (``ring_loop.SPLIT_OWN_BLOCK``)."""
+    from ringflash.parallel import ring_loop
+
+    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", split)
     L = 10
     q, k, v = (
         torch.randn(2, world * L, 4, 16),
@@ -300,28 +306,7 @@ def test_backward_own_block_splits_exactly(layout, mask, rows):
     assert split_own_block(own + own, False, rows) == ([], own + own)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
-@pytest.mark.parametrize(
-    "mask", [dict(causal=True), dict(causal=True, window_size=(9, 0)), dict(window_size=(4, 7))], ids=str
-)
-def test_split_own_block_matches_oracle(layout, mask, monkeypatch):
-    """The backward with its own block split around the remote steps (``SPLIT_OWN_BLOCK``)."""
-    from ringflash.parallel import ring_loop
-
-    if layout != "contiguous" and not mask.get("causal"):
-        pytest.skip("zigzag and stripe are causal-only")
-    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", True)
-    world, L = 4, 12
-    q, k, v = (torch.randn(2, world * L, h, 16) for h in (4, 2, 2))
-    dout = torch.randn_like(q)
-    with use_backend("torch"):
-        out, dq, dk, dv, _ = _sim(q, k, v, dout, world, layout, **mask)
-    ref, _, rdq, rdk, rdv = _ref(q, k, v, dout, **mask)
-    for name, got, want in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
-        assert_matches(f"{layout} split own {name}", got, want, None, 2)
-
-
-@pytest.mark.parametrize("split", [False, True], ids=["own-first", "own-split"])
+@pytest.mark.parametrize("split", [False, True], ids=["own-last", "own-split"])
 def test_backward_own_partial_stays_home(split, monkeypatch):
     """dK/dV sums start at the first rank after a block's owner: W - 1 dK/dV messages per rank
     (the last one home), not W. The own block runs after the last message is posted and before
