@@ -17,6 +17,7 @@
 #   bwtma      bench_decode.py --bandwidth under use_tma("on")
 #   order      bench_tile_order.py: kernels' program order, head-major vs grouped longest-first
 #   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)
+#   simtests   the simulated ring through the Triton kernels against the oracle (test_ring_sim -k cuda)
 #   bwdov      bench_bwd_overlap.py: the backward's dQ beside dK/dV on a second stream, or after it
 #   ringdq     bench_ring.py: zigzag at W = 2, 4, 8 with dQ beside dK/dV and after it, one process
 #   ringso     bench_ring.py: zigzag at W = 2, 4, 8 with the backward's own block whole last and
@@ -59,6 +60,7 @@ want ringdq && stage ringdq 240 python3 benchmarks/bench_ring.py --reps 3 --no-w
     --layouts zigzag --dq-beside on off
 want ringso && stage ringso 240 python3 benchmarks/bench_ring.py --reps 4 --no-write --worlds 2 4 8 \
     --layouts zigzag --split-own off on
+want simtests && stage simtests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_ring_sim.py -k cuda
 want ringz && stage ringz 150 python3 benchmarks/bench_ring.py --reps 3 --no-write --worlds 4 8 --layouts zigzag
 want hostprof && stage hostprof 90 python3 benchmarks/bench_decode.py --host-profile --out "$LOG/decode"
 pack
