@@ -306,14 +306,15 @@ def attn_bwd(
     else:
         side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device) else None
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(q.device))
+            main = torch.cuda.current_stream(q.device)
+            side.wait_stream(main)
         _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](*dq_args, **flags)
         if side is not None:
             # The join is a wait on the GPU, not the host, so the caller's later work (and any
             # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
-            torch.cuda.current_stream(q.device).wait_stream(side)
+            main.wait_stream(side)
     return dq, dk, dv
 
 
