@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ringflash import skip_value_checks, use_tma
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.kernels import decode as kdec
+from ringflash.kernels import decode_counters as dcount
 from ringflash.parallel import sharded_decode as sd
 
 HQ, HK, D = 32, 8, 128
@@ -370,15 +371,22 @@ def host_profile(s=4096, n=2000, top=25):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+# (name, use_tma mode, decode_fwd overrides; "set": module attributes held during the capture).
+# "memset" captures with no arena (decode_counters.py): each call's counters zeroed in the graph.
 PROBE_VARIANTS = (
     ("ptr", "off", {}),
-    ("ptr st4", "off", dict(num_stages=4)),
-    ("ptr 2xsplits", "off", dict(splits_x=2)),
+    ("memset", "off", dict(set=((dcount, "_arenas", {}), (dcount, "ARENA_MAX_COUNTERS", 0)))),
+    ("unfused", "off", dict(fuse_combine=False)),
     ("tma", "on", {}),
-    ("tma st4", "on", dict(num_stages=4)),
-    ("tma bn128 st2", "on", dict(block_n=128, num_stages=2)),
-    ("tma bn128 st3", "on", dict(block_n=128, num_stages=3)),
-    ("tma 2xsplits", "on", dict(splits_x=2)),
+)
+# Batch 16 (one split per KV head by default: 128 programs).
+PROBE_VARIANTS_B16 = (
+    ("ptr", "off", {}),
+    ("2xsplits", "off", dict(splits_x=2)),
+    ("st4", "off", dict(num_stages=4)),
+    ("w8", "off", dict(num_warps=8)),
+    ("bn32 st4", "off", dict(block_n=32, num_stages=4)),
+    ("bn128 st2", "off", dict(block_n=128, num_stages=2)),
 )
 
 
@@ -387,26 +395,34 @@ def _per_call(replay, calls):
     return lambda: _bench(replay) / calls
 
 
-def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9):
-    """B=1: graph-replayed us of kernel variants (pointer loads or TMA descriptors, tiles, split
-    counts; ``PROBE_VARIANTS``) beside cuDNN, two timings each: ``flush`` (one cache, zeroing
-    flush) and ``layers`` (caches of about ``budget`` bytes attended back to back in one graph, per
-    call). Interleaved over ``rounds`` rounds (medians), so clock drift hits every column alike."""
-    names = [v[0] for v in PROBE_VARIANTS] + ["cudnn"]
-    print("# variant probe, B=1, us (median of rounds), flush / layers:")
+def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1):
+    """Graph-replayed us of kernel variants (pointer loads or TMA descriptors, tiles, split counts;
+    ``PROBE_VARIANTS``, or ``PROBE_VARIANTS_B16`` at batch 16) beside cuDNN, two timings each:
+    ``flush`` (one cache, zeroing flush) and ``layers`` (caches of about ``budget`` bytes attended
+    back to back in one graph, per call). Interleaved over ``rounds`` rounds (medians), so clock
+    drift hits every column alike."""
+    variants = PROBE_VARIANTS_B16 if batch == 16 else PROBE_VARIANTS
+    names = [v[0] for v in variants] + ["cudnn"]
+    print(f"# variant probe, B={batch}, us (median of rounds), flush / layers:")
     print("#        " + " ".join(f"{n:>15}" for n in names))
     for s in contexts:
-        n = max(2, int(budget // kv_bytes(1, s)))
-        caches = [_inputs(1, s) for _ in range(n)]
-        auto = kdec.pick_num_splits(1, HK, HQ // HK, 1, s, caches[0][0].device)
+        n = max(2, int(budget // kv_bytes(batch, s)))
+        caches = [_inputs(batch, s) for _ in range(n)]
+        auto = kdec.pick_num_splits(batch, HK, HQ // HK, 1, s, caches[0][0].device)
         replays = []
-        for _, mode, kw in PROBE_VARIANTS:
+        for _, mode, kw in variants:
             kw = dict(kw)
+            sets = kw.pop("set", ())
             if "splits_x" in kw:
                 kw["num_splits"] = auto * kw.pop("splits_x")
+            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in sets]
+            for mod, name, value in sets:
+                setattr(mod, name, value)
             with use_tma(mode):
                 fns = [ours_fn(*c, **kw) for c in caches]
                 replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
+            for mod, name, value in saved:
+                setattr(mod, name, value)
         fns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for c in caches]
         replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
         # Per variant, in turn: one cache under the flush, then per call of the layers' graph.
@@ -424,6 +440,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
     ap.add_argument("--probe", action="store_true", help="only: kernel variants at batch 1, 4k-32k")
+    ap.add_argument("--probe-batch", type=int, default=1, choices=[1, 16], help="--probe's batch")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     ap.add_argument(
@@ -449,7 +466,8 @@ def _main(args):
     if args.sweep:
         sweep(bw)
     if args.probe:
-        variant_probe()
+        ctxs = (4096, 16384) if args.probe_batch == 16 else (4096, 16384, 32768)
+        variant_probe(ctxs, batch=args.probe_batch)
         return
     if args.bandwidth:
         print_bandwidth(bandwidth_rows(bw), bw, step_flush_us())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU checks and measurements in one go (one call of a lent GPU machine):
 #   benchmarks/run_one_gpu.sh OUT_DIR [PARTS] [SECONDS]   PARTS: comma-separated, default all of
-#   dtests     the CUDA decode tests (fused step, counters per stream / per capture, graphs)
+#   dtests     the CUDA decode tests (fused step, counters per stream / arena slices per capture, graphs)
 #   decode     bench_decode.py (every row, beside SDPA flash and cuDNN, graphed step)
 #   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
 #   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN,
@@ -35,7 +35,8 @@ PACK=g
 # shellcheck source=benchmarks/stages.sh
 source benchmarks/stages.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/env.txt"
-want dtests && stage dtests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py -k cuda
+want dtests && stage dtests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py \
+    tests/test_decode_counters.py -k cuda
 want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
 # SWEEP_ARGS (e.g. "--dims 64 --base-dims 64") and SWEEP_S (its seconds) narrow the sweep.
 SWEEP_S=${SWEEP_S:-$(($(left) - 20))}

@@ -443,7 +443,7 @@ def test_decode_cuda_graph_replays_fused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_cuda_counters_per_stream_and_per_capture():
     """The fused merge's counters are never shared by calls that may overlap: one buffer per CUDA
-    stream for eager calls, a fresh one for each captured call."""
+    stream for eager calls, counters of its own for each captured call (``test_decode_counters``)."""
     from ringflash.kernels import decode as kd
 
     dev = torch.device("cuda")

@@ -9,7 +9,7 @@ writes a float32 partial ``(out, lse)``. A program whose run is empty (a short o
 writes ``lse = -inf`` and ``out = 0``. The partials of each row merge exactly (``lse = log sum exp
 lse_s``, ``out = sum exp(lse_s - lse) out_s``; ``-inf`` safe, a row with no key ends as ``out = 0``,
 ``lse = -inf``): by default the last program of the row to finish merges them (an int32 counter
-per row, see ``semaphore_buffer``), else the combine kernel of ``decode_combine.py`` does. New
+per row, see ``decode_counters.py``), else the combine kernel of ``decode_combine.py`` does. New
 tokens are written to the cache by the same launch (split 0 of each KV head) and read from the
 ``k``/``v`` arguments by every program, so one step (append, attend, merge) is one launch.
 
@@ -45,6 +45,7 @@ from .common import (
 )
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
+from .decode_counters import semaphore_buffer
 
 __all__ = ["append_kv", "combine_partials", "decode_fwd", "pick_num_splits", "semaphore_buffer"]
 
@@ -453,31 +454,6 @@ def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capa
     want = sm_count(device) // max(programs, 1)
     cap = max(1, cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
     return int(max(1, min(want, cap, MAX_SPLITS)))
-
-
-# Fused combine: one int32 counter per (batch row, KV head, m-block). The last program of each row
-# puts its counter back to 0, so one buffer serves any number of calls that run one after another,
-# but never two calls at once. Eager calls get one buffer per CUDA stream (calls on a stream run in
-# order; calls on different streams may overlap). A call captured in a CUDA graph gets a buffer of
-# its own from the graph's memory, zeroed by a memset captured with it, so graphs replayed on
-# different streams never share counters.
-_SEM_MIN_ROWS = 4096
-_semaphores: dict[tuple[str, int | None, int], torch.Tensor] = {}
-
-
-def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
-    """A zeroed int32 counter buffer of at least ``rows`` entries for a call on ``device`` made now:
-    this stream's buffer, or a fresh one while a CUDA graph captures."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(rows, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _semaphores.get(key)
-    if buf is None or buf.numel() < rows:
-        # A replaced buffer goes back to the allocator only after the work queued on this stream.
-        buf = torch.zeros(max(_SEM_MIN_ROWS, next_pow2(rows)), dtype=torch.int32, device=device)
-        _semaphores[key] = buf
-    return buf
 
 
 @on_tensor_device
