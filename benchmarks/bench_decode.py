@@ -382,11 +382,12 @@ PROBE_VARIANTS = (
 # Batch 16 (one split per KV head by default: 128 programs).
 PROBE_VARIANTS_B16 = (
     ("ptr", "off", {}),
-    ("2xsplits", "off", dict(splits_x=2)),
-    ("st4", "off", dict(num_stages=4)),
-    ("w8", "off", dict(num_warps=8)),
-    ("bn32 st4", "off", dict(block_n=32, num_stages=4)),
-    ("bn128 st2", "off", dict(block_n=128, num_stages=2)),
+    ("tma", "on", {}),
+    ("tma st4", "on", dict(num_stages=4)),
+    ("evict_first", "off", dict(evict="evict_first")),
+    ("st5", "off", dict(num_stages=5)),
+    ("w2", "off", dict(num_warps=2)),
+    ("bn128 w8 st3", "off", dict(block_n=128, num_warps=8, num_stages=3)),
 )
 
 
