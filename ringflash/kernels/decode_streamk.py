@@ -29,7 +29,7 @@ import triton.language as tl
 from .common import next_pow2, pad_dim
 from .decode_combine import _combine_rows
 from .decode_counters import semaphore_buffer
-from .decode_tiles import _append_tokens, _attend_block, _load_kv_tile, _store_rows
+from .decode_tiles import _append_tokens, _attend_block, _store_rows
 
 __all__ = ["MAX_BATCH", "decode_stream_k", "stream_k_applies"]
 
@@ -41,6 +41,24 @@ _COMBINE_TILE = 8192  # rows x pieces x D_PAD floats loaded at once by the merge
 def _pick(vec, sel):
     """The element of ``vec`` where ``sel`` is true (exactly one)."""
     return tl.sum(tl.where(sel, vec, 0), 0)
+
+
+@triton.jit
+def _first_program(t, n_work, total):
+    """The program whose tiles ``[p T / P, (p + 1) T / P)`` hold tile ``t``."""
+    return ((t + 1) * n_work - 1) // total
+
+
+@triton.jit
+def _locate(t, row_end_v, tiles_v, tiles_before_v, rows_before_v, offs_b, b_ok, n_kv_heads):
+    """Tile ``t`` of all: ``(batch row, KV head, tile in its row, the row's tiles, n(row))``."""
+    b = tl.sum(((row_end_v <= t) & b_ok).to(tl.int32), 0)
+    sel = offs_b == b
+    tiles_b = tl.maximum(_pick(tiles_v, sel), 1)
+    off = t - _pick(tiles_before_v, sel).to(tl.int64) * n_kv_heads
+    hk = (off // tiles_b).to(tl.int32)
+    k = (off % tiles_b).to(tl.int32)
+    return b, hk, k, tiles_b, _pick(rows_before_v, sel).to(tl.int64) * n_kv_heads + hk
 
 
 @triton.jit(
@@ -159,8 +177,9 @@ def _decode_stream_k_kernel(
     nonempty_v = (tiles_v > 0).to(tl.int32)
     rows_before_v = tl.cumsum(nonempty_v, 0) - nonempty_v
     row_end_v = (tiles_before_v + tiles_v).to(tl.int64) * n_kv_heads
-    total = tl.sum(tiles_v, 0).to(tl.int64) * n_kv_heads
-    n_work = tl.minimum(total, n_prog)  # programs with tiles: at least one each
+    n_tiles = tl.sum(tiles_v, 0).to(tl.int64) * n_kv_heads
+    total = tl.maximum(n_tiles, 1)  # a divisor
+    n_work = tl.minimum(n_tiles, n_prog)  # programs with tiles, at least one tile each
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_t = offs_r // GROUP
@@ -177,230 +196,199 @@ def _decode_stream_k_kernel(
         cap_scale = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
 
-    if pid < n_work:
-        t = (pid * total) // n_work
-        t_end = ((pid + 1) * total) // n_work
-        while t < t_end:
-            b = tl.sum(((row_end_v <= t) & b_ok).to(tl.int32), 0)
-            sel = offs_b == b
-            tiles_b = _pick(tiles_v, sel)
-            off = t - _pick(tiles_before_v, sel).to(tl.int64) * n_kv_heads
-            hk = (off // tiles_b).to(tl.int32)
-            k0 = (off % tiles_b).to(tl.int32)
-            k1 = tl.minimum(tiles_b.to(tl.int64), k0 + (t_end - t)).to(tl.int32)
-            n_old = _pick(n_old_v, sel)
-            start = _pick(start_v, sel)
-            cache_end = _pick(cache_end_v, sel)
-            cache_tiles = _pick(cache_tiles_v, sel)
-            diag = _pick(diag_v, sel)
-            lo = diag - window_left
-            hi = diag + window_right
-
-            offs_h = hk * GROUP + offs_g
-            q = tl.load(
-                Q
-                + b.to(tl.int64) * stride_qb
-                + offs_t[:, None] * stride_qs
-                + offs_h[:, None] * stride_qh
-                + offs_d[None, :],
-                mask=out_ok,
-                other=0.0,
+    # One loop over this program's tiles, with no branch, so it is software-pipelined like the
+    # split kernel's: each tile finds its row from the tile index, K/V come from the cache or (new
+    # tokens) from KN/VN by a pointer select, and at a piece's last tile the result is stored
+    # (final or partial, by masks) and the running softmax restarts.
+    t_start = (pid * total) // tl.maximum(n_work, 1)
+    t_end = ((pid + 1) * total) // tl.maximum(n_work, 1)
+    if pid >= n_work:
+        t_end = t_start
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for tt in range(t_start, t_end):
+        b, hk, k, tiles_b, row_pieces = _locate(
+            tt, row_end_v, tiles_v, tiles_before_v, rows_before_v, offs_b, b_ok, n_kv_heads
+        )
+        sel = offs_b == b
+        n_old = _pick(n_old_v, sel)
+        diag = _pick(diag_v, sel)
+        cache_tiles = _pick(cache_tiles_v, sel)
+        is_new = k >= cache_tiles
+        j0 = tl.where(
+            is_new, _pick(new_start_v, sel) + (k - cache_tiles) * BLOCK_N, _pick(start_v, sel) + k * BLOCK_N
+        )
+        offs_j = j0 + offs_n
+        j_ok = offs_j < tl.where(is_new, _pick(end_v, sel), _pick(cache_end_v, sel))
+        offs_h = hk * GROUP + offs_g
+        q = tl.load(
+            Q
+            + b.to(tl.int64) * stride_qb
+            + offs_t[:, None] * stride_qs
+            + offs_h[:, None] * stride_qh
+            + offs_d[None, :],
+            mask=out_ok,
+            other=0.0,
+        )
+        if HAS_CBI:
+            cache_row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
+        else:
+            cache_row = b.to(tl.int64)
+        in_cache = (j_ok & (k < cache_tiles)) != 0
+        if PAGED:
+            page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_j // page_size, mask=in_cache, other=0)
+            page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
+            k_rows = page.to(tl.int64) * stride_kb + (offs_j % page_size).to(tl.int64) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (offs_j % page_size).to(tl.int64) * stride_vs
+        else:
+            k_rows = cache_row * stride_kb + offs_j.to(tl.int64) * stride_ks
+            v_rows = cache_row * stride_vb + offs_j.to(tl.int64) * stride_vs
+        k_ptrs = K + hk * stride_kh + k_rows[:, None] + offs_d[None, :]
+        v_ptrs = V + hk * stride_vh + v_rows[:, None] + offs_d[None, :]
+        if FUSE_APPEND:
+            src = (offs_j - n_old).to(tl.int64)
+            kn_ptrs = (
+                KN
+                + b.to(tl.int64) * stride_knb
+                + hk * stride_knh
+                + src[:, None] * stride_kns
+                + offs_d[None, :]
             )
-            if HAS_CBI:
-                cache_row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
-            else:
-                cache_row = b.to(tl.int64)
-            k_head = K + hk * stride_kh
-            v_head = V + hk * stride_vh
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-            for j0 in range(start + k0 * BLOCK_N, start + tl.minimum(k1, cache_tiles) * BLOCK_N, BLOCK_N):
-                offs_j = j0 + offs_n
-                j_ok = offs_j < cache_end
-                k, v = _load_kv_tile(
-                    k_head,
-                    v_head,
-                    BT,
-                    b,
-                    cache_row,
-                    offs_j,
-                    j_ok,
-                    offs_d,
-                    d_ok,
-                    stride_kb,
-                    stride_ks,
-                    stride_vb,
-                    stride_vs,
-                    stride_btb,
-                    page_size,
-                    n_rows,
-                    PAGED,
-                    EVICT,
-                )
-                m_i, l_i, acc = _attend_block(
-                    q,
-                    k,
-                    v,
-                    offs_j,
-                    j_ok,
-                    offs_t,
-                    row_ok,
-                    m_i,
-                    l_i,
-                    acc,
-                    lo,
-                    hi,
-                    qk_scale,
-                    cap_scale,
-                    cap_out,
-                    HAS_LO,
-                    HAS_HI,
-                    SOFTCAP,
-                    DOT_PREC,
-                    DOT_F32,
-                )
-            if FUSE_APPEND:
-                kn_head = KN + b.to(tl.int64) * stride_knb + hk * stride_knh
-                vn_head = VN + b.to(tl.int64) * stride_vnb + hk * stride_vnh
-                new_start = _pick(new_start_v, sel)
-                end = _pick(end_v, sel)
-                n0 = new_start + (tl.maximum(k0, cache_tiles) - cache_tiles) * BLOCK_N
-                n1 = new_start + (tl.maximum(k1, cache_tiles) - cache_tiles) * BLOCK_N
-                for j0 in range(n0, n1, BLOCK_N):
-                    offs_j = j0 + offs_n
-                    j_ok = offs_j < end
-                    src = (offs_j - n_old).to(tl.int64)
-                    kv_mask = j_ok[:, None] & d_ok[None, :]
-                    k = tl.load(
-                        kn_head + src[:, None] * stride_kns + offs_d[None, :], mask=kv_mask, other=0.0
-                    )
-                    v = tl.load(
-                        vn_head + src[:, None] * stride_vns + offs_d[None, :], mask=kv_mask, other=0.0
-                    )
-                    m_i, l_i, acc = _attend_block(
-                        q,
-                        k,
-                        v,
-                        offs_j,
-                        j_ok,
-                        offs_t,
-                        row_ok,
-                        m_i,
-                        l_i,
-                        acc,
-                        lo,
-                        hi,
-                        qk_scale,
-                        cap_scale,
-                        cap_out,
-                        HAS_LO,
-                        HAS_HI,
-                        SOFTCAP,
-                        DOT_PREC,
-                        DOT_F32,
-                    )
-                if k0 == 0:
-                    _append_tokens(
-                        k_head,
-                        v_head,
-                        kn_head,
-                        vn_head,
-                        BT,
-                        b,
-                        cache_row,
-                        n_old,
-                        n_new,
-                        offs_n,
-                        offs_d,
-                        d_ok,
-                        stride_kb,
-                        stride_ks,
-                        stride_vb,
-                        stride_vs,
-                        stride_kns,
-                        stride_vns,
-                        stride_btb,
-                        page_size,
-                        n_rows,
-                        PAGED,
-                        BLOCK_N,
-                    )
+            vn_ptrs = (
+                VN
+                + b.to(tl.int64) * stride_vnb
+                + hk * stride_vnh
+                + src[:, None] * stride_vns
+                + offs_d[None, :]
+            )
+            k_ptrs = tl.where(is_new, kn_ptrs, k_ptrs)
+            v_ptrs = tl.where(is_new, vn_ptrs, v_ptrs)
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_ptrs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
+        vt = tl.load(v_ptrs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
+        m_i, l_i, acc = _attend_block(
+            q,
+            kt,
+            vt,
+            offs_j,
+            j_ok,
+            offs_t,
+            row_ok,
+            m_i,
+            l_i,
+            acc,
+            diag - window_left,
+            diag + window_right,
+            qk_scale,
+            cap_scale,
+            cap_out,
+            HAS_LO,
+            HAS_HI,
+            SOFTCAP,
+            DOT_PREC,
+            DOT_F32,
+        )
+        # End of a piece: the row's last tile, or this program's.
+        piece_end = (k == tiles_b - 1) | (tt == t_end - 1)
+        row_start = tt - k
+        p_a = _first_program(row_start, n_work, total)
+        p_b = _first_program(row_start + tiles_b - 1, n_work, total)
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        # (compared with 0: bools combined with scalar compares come out as int32 in the interpreter)
+        done_ok = (row_ok & piece_end) != 0
+        _store_rows(
+            O,
+            LSE,
+            b,
+            offs_t,
+            offs_h,
+            offs_d,
+            o,
+            lse,
+            (done_ok & (p_a == p_b)) != 0,
+            d_ok,
+            stride_ob,
+            stride_os,
+            stride_oh,
+            stride_lb,
+            stride_lh,
+            stride_ls,
+        )
+        piece = pid + row_pieces
+        part_ok = (done_ok & (p_a != p_b)) != 0
+        o_ptrs = OP + piece * stride_opn + offs_t[:, None] * stride_ops + offs_g[:, None] * stride_opg
+        tl.store(o_ptrs + offs_d[None, :], o, mask=part_ok[:, None] & d_ok[None, :])
+        tl.store(LSEP + offs_t * stride_lps + offs_g * stride_lpg + piece, lse, mask=part_ok)
+        m_i = tl.where(piece_end, float("-inf"), m_i)
+        l_i = tl.where(piece_end, 0.0, l_i)
+        acc = tl.where(piece_end, 0.0, acc)
 
-            has_key = l_i > 0.0
-            l_safe = tl.where(has_key, l_i, 1.0)
-            o = acc / l_safe[:, None]
-            lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            row_start = t - k0  # this row's first tile, in all tiles
-            p_first = ((row_start + 1) * n_work - 1) // total
-            p_last = ((row_start + tiles_b) * n_work - 1) // total
-            if p_first == p_last:
-                _store_rows(
+    # Only a program's first and last pieces can share their row with other programs: count them
+    # in, and the last to arrive merges the row. As in the split kernel, the acq_rel atomic
+    # publishes this program's partial stores and, for the last, acquires the others'; the last
+    # puts the counter back to 0.
+    tl.debug_barrier()
+    first_row_start = (
+        t_start
+        - _locate(t_start, row_end_v, tiles_v, tiles_before_v, rows_before_v, offs_b, b_ok, n_kv_heads)[2]
+    )
+    for end_piece in tl.static_range(2):
+        tt = t_start
+        if end_piece == 1:
+            tt = t_end - 1
+        b, hk, k, tiles_b, row_pieces = _locate(
+            tt, row_end_v, tiles_v, tiles_before_v, rows_before_v, offs_b, b_ok, n_kv_heads
+        )
+        row_start = tt - k
+        p_first = _first_program(row_start, n_work, total)
+        p_last = _first_program(row_start + tiles_b - 1, n_work, total)
+        counts = (t_start < t_end) & (p_first != p_last)
+        if end_piece == 1:
+            counts = counts & (row_start > first_row_start)  # not the first piece's row again
+        if counts:
+            sem = SEM + b * n_kv_heads + hk
+            done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+            if done == p_last - p_first:
+                first = p_first + row_pieces
+                # _combine_rows addresses head h = hk * GROUP + g at h * stride; shift the bases so
+                # that lands on g, and start at the row's first piece.
+                _combine_rows(
+                    OP + first * stride_opn - hk * GROUP * stride_opg,
+                    LSEP + first - hk * GROUP * stride_lpg,
                     O,
                     LSE,
                     b,
-                    offs_t,
-                    offs_h,
-                    offs_d,
-                    o,
-                    lse,
-                    row_ok,
-                    d_ok,
+                    hk,
+                    0,
+                    GROUP * seqlen_q,
+                    (p_last - p_first + 1).to(tl.int32),
+                    0,
+                    stride_ops,
+                    stride_opg,
+                    stride_opn,
+                    0,
+                    stride_lps,
+                    stride_lpg,
                     stride_ob,
                     stride_os,
                     stride_oh,
                     stride_lb,
                     stride_lh,
                     stride_ls,
+                    GROUP,
+                    HEAD_DIM,
+                    D_PAD,
+                    COMBINE_M,
+                    SPLIT_BLOCK,
                 )
-            else:
-                row_pieces = _pick(rows_before_v, sel).to(tl.int64) * n_kv_heads + hk  # n(r)
-                piece = pid + row_pieces
-                o_ptrs = OP + piece * stride_opn + offs_t[:, None] * stride_ops + offs_g[:, None] * stride_opg
-                tl.store(o_ptrs + offs_d[None, :], o, mask=out_ok)
-                tl.store(LSEP + offs_t * stride_lps + offs_g * stride_lpg + piece, lse, mask=row_ok)
-                # As in the split kernel: the acq_rel atomic publishes this piece and, for the
-                # last, acquires the others'; the last puts the counter back to 0.
-                tl.debug_barrier()
-                sem = SEM + b * n_kv_heads + hk
-                done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-                if done == p_last - p_first:
-                    first = p_first + row_pieces
-                    # _combine_rows addresses head h = hk * GROUP + g at h * stride; shift the bases
-                    # so that lands on g, and start at the row's first piece.
-                    _combine_rows(
-                        OP + first * stride_opn - hk * GROUP * stride_opg,
-                        LSEP + first - hk * GROUP * stride_lpg,
-                        O,
-                        LSE,
-                        b,
-                        hk,
-                        0,
-                        GROUP * seqlen_q,
-                        (p_last - p_first + 1).to(tl.int32),
-                        0,
-                        stride_ops,
-                        stride_opg,
-                        stride_opn,
-                        0,
-                        stride_lps,
-                        stride_lpg,
-                        stride_ob,
-                        stride_os,
-                        stride_oh,
-                        stride_lb,
-                        stride_lh,
-                        stride_ls,
-                        GROUP,
-                        HEAD_DIM,
-                        D_PAD,
-                        COMBINE_M,
-                        SPLIT_BLOCK,
-                    )
-                    tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
-            t += k1 - k0
+                tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
-    # Rows with no visible key: out = 0, lse = -inf; their new tokens still go into the cache.
+    # Every row's new tokens into the cache (no program reads cache slots from n_old on, so any
+    # program may write them at any time); rows with no visible key: out = 0, lse = -inf.
     for r in range(pid, batch * n_kv_heads, n_prog):
         b = r // n_kv_heads
         hk = r % n_kv_heads
@@ -424,36 +412,36 @@ def _decode_stream_k_kernel(
                 stride_lh,
                 stride_ls,
             )
-            if FUSE_APPEND:
-                if HAS_CBI:
-                    cache_row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
-                else:
-                    cache_row = b.to(tl.int64)
-                _append_tokens(
-                    K + hk * stride_kh,
-                    V + hk * stride_vh,
-                    KN + b.to(tl.int64) * stride_knb + hk * stride_knh,
-                    VN + b.to(tl.int64) * stride_vnb + hk * stride_vnh,
-                    BT,
-                    b,
-                    cache_row,
-                    _pick(n_old_v, offs_b == b),
-                    n_new,
-                    offs_n,
-                    offs_d,
-                    d_ok,
-                    stride_kb,
-                    stride_ks,
-                    stride_vb,
-                    stride_vs,
-                    stride_kns,
-                    stride_vns,
-                    stride_btb,
-                    page_size,
-                    n_rows,
-                    PAGED,
-                    BLOCK_N,
-                )
+        if FUSE_APPEND:
+            if HAS_CBI:
+                cache_row = tl.minimum(tl.maximum(tl.load(CBI + b), 0), n_rows - 1).to(tl.int64)
+            else:
+                cache_row = b.to(tl.int64)
+            _append_tokens(
+                K + hk * stride_kh,
+                V + hk * stride_vh,
+                KN + b.to(tl.int64) * stride_knb + hk * stride_knh,
+                VN + b.to(tl.int64) * stride_vnb + hk * stride_vnh,
+                BT,
+                b,
+                cache_row,
+                _pick(n_old_v, offs_b == b),
+                n_new,
+                offs_n,
+                offs_d,
+                d_ok,
+                stride_kb,
+                stride_ks,
+                stride_vb,
+                stride_vs,
+                stride_kns,
+                stride_vns,
+                stride_btb,
+                page_size,
+                n_rows,
+                PAGED,
+                BLOCK_N,
+            )
 
 
 def stream_k_applies(batch: int, group: int, seqlen_q: int, block_m: int) -> bool:
