@@ -374,21 +374,20 @@ def host_profile(s=4096, n=2000, top=25):
 # (name, use_tma mode, decode_fwd overrides; "set": module attributes held during the capture).
 # "memset" captures with no arena (decode_counters.py): each call's counters zeroed in the graph.
 PROBE_VARIANTS = (
-    ("split", "off", dict(schedule="split")),
-    ("stream_k", "off", dict(schedule="stream_k")),
-    (
-        "memset",
-        "off",
-        dict(schedule="split", set=((dcount, "_arenas", {}), (dcount, "ARENA_MAX_COUNTERS", 0))),
-    ),
+    ("ptr", "off", {}),
+    ("memset", "off", dict(set=((dcount, "_arenas", {}), (dcount, "ARENA_MAX_COUNTERS", 0)))),
     ("unfused", "off", dict(fuse_combine=False)),
+    ("tma", "on", {}),
 )
 # Batch 16 (one split per KV head by default: 128 programs).
 PROBE_VARIANTS_B16 = (
-    ("split", "off", dict(schedule="split")),
-    ("stream_k", "off", dict(schedule="stream_k")),
-    ("split tma", "on", dict(schedule="split")),
-    ("2xsplits", "off", dict(schedule="split", splits_x=2)),
+    ("ptr", "off", {}),
+    ("tma", "on", {}),
+    ("tma st4", "on", dict(num_stages=4)),
+    ("evict_first", "off", dict(evict="evict_first")),
+    ("st5", "off", dict(num_stages=5)),
+    ("w2", "off", dict(num_warps=2)),
+    ("bn128 w8 st3", "off", dict(block_n=128, num_warps=8, num_stages=3)),
 )
 
 

@@ -47,8 +47,6 @@ def case_id(p):
         s += f"-cap{p['softcap']:g}"
     if p.get("tma"):
         s += f"-tma{p['tma']}"
-    if p.get("schedule"):
-        s += f"-{p['schedule']}{p.get('programs', '')}"
     return s
 
 
@@ -135,23 +133,11 @@ def _err(a, b):
 
 def run_case(p):
     """Every check of case ``p``: ``{name: [error, bound]}`` (``p["tma"]``: under that
-    ``ringflash.use_tma`` mode; ``p["schedule"]``, ``p["programs"]``: the decode kernel's schedule
-    and stream-K's program count, with a check that the merge's counters are back to 0)."""
+    ``ringflash.use_tma`` mode)."""
     from ringflash import use_tma
-    from ringflash.kernels import decode as kd
 
-    saved = kd.SCHEDULE, kd.STREAM_K_PROGRAMS
-    kd.SCHEDULE = p.get("schedule", kd.SCHEDULE)
-    kd.STREAM_K_PROGRAMS = p.get("programs", 0)
-    try:
-        with use_tma(p.get("tma", "auto")):
-            checks = _run_case(p)
-    finally:
-        kd.SCHEDULE, kd.STREAM_K_PROGRAMS = saved
-    if p.get("schedule") and p.get("backend") == "triton":
-        counters = kd.semaphore_buffer(torch.device(p.get("device", "cpu")), 1)
-        checks["merge counters back to 0"] = [float(counters.abs().sum()), 0.0]
-    return checks
+    with use_tma(p.get("tma", "auto")):
+        return _run_case(p)
 
 
 def _run_case(p):
@@ -247,12 +233,6 @@ CASES = [
 ]
 
 
-# The Triton kernel's two schedules: split (num_splits programs per row) and stream-K (programs
-# sharing all rows' key tiles equally; 3 and 13 programs cross rows at different places).
-SCHEDULES = [("split", {}), ("stream_k", {}), ("stream_k", dict(programs=7))]
-STREAM_K_CASES = [dict(c, schedule="stream_k", programs=n) for n in (3, 13) for c in CASES]
-
-
 @pytest.mark.parametrize("p", CASES, ids=[case_id(c) for c in CASES])
 def test_decode_torch_backend(p):
     assert_checks(run_case(dict(p, backend="torch")), case_id(p))
@@ -306,11 +286,8 @@ GPU_CASES = [
 ]
 
 
-# The 16-bit contiguous-cache cases again with the cache's tiles through TMA descriptors, and every
-# case with each schedule: stream-K on the SM count and on 7 programs.
-_BASE = list(GPU_CASES)
-GPU_CASES += [dict(c, tma="on") for c in _BASE if c["dtype"] != "fp32" and not c.get("page")]
-GPU_CASES += [dict(c, schedule=s, **kw) for c in _BASE for s, kw in SCHEDULES]
+# The 16-bit contiguous-cache cases again with the cache's tiles through TMA descriptors.
+GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -333,15 +310,12 @@ def _capture(step):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tma,schedule", [("auto", "split"), ("on", "split"), ("auto", "stream_k")])
-def test_decode_cuda_graph(tma, schedule, monkeypatch):
+@pytest.mark.parametrize("tma", ["auto", "on"])
+def test_decode_cuda_graph(tma):
     """A captured append+attend step replays for new lengths (read on the device) exactly (also
-    with the cache read through TMA descriptors, whose scratch is allocated at capture, and with
-    the stream-K schedule, whose pieces follow the lengths)."""
+    with the cache read through TMA descriptors, whose scratch is allocated at capture)."""
     from ringflash import use_tma
-    from ringflash.kernels import decode as kd
 
-    monkeypatch.setattr(kd, "SCHEDULE", schedule)
     with use_tma(tma):
         _graph_replays_exactly()
 

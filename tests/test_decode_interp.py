@@ -6,8 +6,7 @@ would also leak into those tests. So all cases run in ONE subprocess started wit
 set (this file doubles as the worker: ``python tests/test_decode_interp.py --worker``), which
 prints one JSON line of checks per case; each test then asserts its case's checks, so failures
 name the test and the check. The cases are ``test_decode.CASES`` (lengths 0, 1, 17, 999, every
-num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), again on the
-stream-K schedule (``STREAM_K_CASES``), plus the sharded
+num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), plus the sharded
 combine kernel on stacked partials with empty shards, and the fused step (append + attend + merge
 in one launch) against the three-launch path, with the semaphore counters back at 0.
 """
@@ -29,7 +28,6 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from test_decode import (  # noqa: E402
     CASES,
-    STREAM_K_CASES,
     assert_checks,
     case_id,
     fused_vs_unfused,
@@ -75,7 +73,7 @@ def _worker_main():
     torch.set_num_threads(1)
     proto = sys.stdout
     sys.stdout = sys.stderr  # only the protocol goes to the real stdout
-    for c in CASES + TMA_CASES + STREAM_K_CASES:
+    for c in CASES + TMA_CASES:
         try:
             reply = {"checks": run_case(dict(c, backend="triton"))}
         except Exception:  # report, keep going
@@ -126,9 +124,7 @@ def _get(results, cid):
     return r["checks"]
 
 
-@pytest.mark.parametrize(
-    "p", CASES + TMA_CASES + STREAM_K_CASES, ids=[case_id(c) for c in CASES + TMA_CASES + STREAM_K_CASES]
-)
+@pytest.mark.parametrize("p", CASES + TMA_CASES, ids=[case_id(c) for c in CASES + TMA_CASES])
 def test_decode_triton_interpreter(interp_results, p):
     assert_checks(_get(interp_results, case_id(p)), case_id(p))
 

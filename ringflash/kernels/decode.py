@@ -30,7 +30,9 @@ import triton.language as tl
 
 from ..backends import tma_mode
 from .common import (
+    _dot,
     _rows_desc,
+    _tanh,
     cdiv,
     dot_f32,
     dot_precision,
@@ -44,12 +46,55 @@ from .common import (
 from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
 from .decode_counters import semaphore_buffer
-from .decode_streamk import decode_stream_k, stream_k_applies
-from .decode_tiles import _append_tokens, _attend_block, _load_kv_tile
 
 __all__ = ["append_kv", "combine_partials", "decode_fwd", "pick_num_splits", "semaphore_buffer"]
 
 # Literal constants: 1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2) (see common.py).
+
+
+@triton.jit
+def _attend_block(
+    q,
+    k,
+    v,
+    offs_j,
+    j_ok,
+    offs_t,
+    row_ok,
+    m_i,
+    l_i,
+    acc,
+    lo,
+    hi,
+    qk_scale,
+    cap_scale,
+    cap_out,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """One key block of the online softmax: returns the updated ``(m_i, l_i, acc)`` (base 2)."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+    if SOFTCAP:
+        s = _tanh(s * cap_scale) * cap_out
+    else:
+        s = s * qk_scale
+    vis = j_ok[None, :] & row_ok[:, None]
+    if HAS_HI:
+        vis = vis & (offs_j[None, :] - offs_t[:, None] <= hi)
+    if HAS_LO:
+        vis = vis & (offs_j[None, :] - offs_t[:, None] >= lo)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible yet keep m = -inf: subtract 0 so exp2(-inf - -inf) is no NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, DOT_F32)
+    return m_new, l_i, acc
 
 
 @triton.jit(
@@ -216,26 +261,21 @@ def _decode_split_kernel(
         if TMA:
             k = k_desc.load([j0, 0])
             v = v_desc.load([j0, 0])
+        elif PAGED:
+            page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_j // page_size, mask=j_ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
+            k_rows = page.to(tl.int64) * stride_kb + (offs_j % page_size).to(tl.int64) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (offs_j % page_size).to(tl.int64) * stride_vs
         else:
-            k, v = _load_kv_tile(
-                k_head,
-                v_head,
-                BT,
-                b,
-                cache_row,
-                offs_j,
-                j_ok,
-                offs_d,
-                d_ok,
-                stride_kb,
-                stride_ks,
-                stride_vb,
-                stride_vs,
-                stride_btb,
-                page_size,
-                n_rows,
-                PAGED,
-                EVICT,
+            k_rows = cache_row * stride_kb + offs_j.to(tl.int64) * stride_ks
+            v_rows = cache_row * stride_vb + offs_j.to(tl.int64) * stride_vs
+        if not TMA:
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(
+                k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
+            )
+            v = tl.load(
+                v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, eviction_policy=EVICT
             )
         m_i, l_i, acc = _attend_block(
             q,
@@ -292,31 +332,25 @@ def _decode_split_kernel(
                 DOT_F32,
             )
         if (split == 0) & (pid_m == 0):
-            _append_tokens(
-                k_head,
-                v_head,
-                kn_head,
-                vn_head,
-                BT,
-                b,
-                cache_row,
-                n_old,
-                n_new,
-                offs_n,
-                offs_d,
-                d_ok,
-                stride_kb,
-                stride_ks,
-                stride_vb,
-                stride_vs,
-                stride_kns,
-                stride_vns,
-                stride_btb,
-                page_size,
-                n_rows,
-                PAGED,
-                BLOCK_N,
-            )
+            # The append: this KV head's n_new tokens into cache slots n_old + [0, n_new).
+            for i0 in range(0, n_new, BLOCK_N):
+                offs_i = i0 + offs_n
+                i_ok = offs_i < n_new
+                pos = n_old + offs_i
+                if PAGED:
+                    page = tl.load(BT + b.to(tl.int64) * stride_btb + pos // page_size, mask=i_ok, other=0)
+                    page = tl.minimum(tl.maximum(page, 0), n_rows - 1)
+                    k_rows = page.to(tl.int64) * stride_kb + (pos % page_size).to(tl.int64) * stride_ks
+                    v_rows = page.to(tl.int64) * stride_vb + (pos % page_size).to(tl.int64) * stride_vs
+                else:
+                    k_rows = cache_row * stride_kb + pos.to(tl.int64) * stride_ks
+                    v_rows = cache_row * stride_vb + pos.to(tl.int64) * stride_vs
+                n_mask = i_ok[:, None] & d_ok[None, :]
+                src = offs_i.to(tl.int64)
+                kn = tl.load(kn_head + src[:, None] * stride_kns + offs_d[None, :], mask=n_mask)
+                vn = tl.load(vn_head + src[:, None] * stride_vns + offs_d[None, :], mask=n_mask)
+                tl.store(k_head + k_rows[:, None] + offs_d[None, :], kn, mask=n_mask)
+                tl.store(v_head + v_rows[:, None] + offs_d[None, :], vn, mask=n_mask)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -402,8 +436,6 @@ _COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at on
 # from 16k; 3 pipeline stages beat 2 by up to 25%), at least MIN_KEYS_PER_SPLIT keys of cache
 # capacity per split, at most MAX_SPLITS splits.
 MIN_KEYS_PER_SPLIT = 128
-SCHEDULE = "split"  # or "stream_k" (decode_streamk.py)
-STREAM_K_PROGRAMS = 0  # stream-K's program count; 0: the SM count
 MAX_SPLITS = 256
 
 
@@ -448,8 +480,6 @@ def decode_fwd(
     num_warps=None,
     num_stages=None,
     evict=None,
-    schedule=None,
-    programs=None,
 ):
     """Split-KV decode attention; with ``k_new``/``v_new`` it also appends them to the cache.
 
@@ -473,10 +503,6 @@ def decode_fwd(
             the counters of :func:`semaphore_buffer`); False launches the combine kernel after the
             split kernel.
         block_n, num_warps, num_stages, evict: tile / load-policy overrides (benchmarks).
-        schedule: ``"split"`` (``num_splits`` programs per row) or ``"stream_k"`` (one program per
-            SM, each an equal share of all rows' key tiles: ``decode_streamk.py``; used only with
-            ``num_splits=0``, the fused merge, pointer loads and ``stream_k_applies``); None:
-            ``SCHEDULE``. ``programs``: stream-K's program count (default: the SM count).
 
     Returns:
         ``(out [B, Sq, Hq, D] in out_dtype, lse [B, Hq, Sq] float32)``. Nothing syncs with the host
@@ -513,66 +539,6 @@ def decode_fwd(
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     bm = block_m(group, Sq)
     m_blocks = cdiv(group * Sq, bm)
-    diag_t = diag_offset
-    if diag_t is not None:
-        assert diag_t.dtype == torch.int32 and diag_t.shape == (B,)
-    dummy = cache_seqlens  # pointer arguments a variant does not use
-    kn = k_new if fuse_append else q
-    vn = v_new if fuse_append else q
-    cpu = dev.type == "cpu"
-    bn = block_n or (_CPU_BLOCK_N if cpu else _GPU_BLOCK_N)
-    launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
-    meta = dict(
-        HAS_LO=has_lo,
-        HAS_HI=has_hi,
-        SOFTCAP=softcap > 0,
-        PAGED=paged,
-        HAS_CBI=cache_batch_idx is not None,
-        DIAG_FROM_PTR=diag_t is not None,
-        DOT_PREC=dot_precision(q.dtype),
-        DOT_F32=dot_f32(q),
-        FUSE_APPEND=fuse_append,
-        EVICT=(evict if evict is not None else ("" if cpu else _GPU_EVICT)),
-        BLOCK_N=bn,
-        **launch,
-    )
-    # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
-    # use_tma("on") (3-16% slower than pointer loads on an H100, benchmarks/RESULTS.md).
-    tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
-    if (
-        (schedule or SCHEDULE) == "stream_k"
-        and not int(num_splits)
-        and fuse_combine
-        and not tma
-        and stream_k_applies(B, group, Sq, bm)
-    ):
-        args = dict(
-            q=q,
-            k_cache=k_cache,
-            v_cache=v_cache,
-            k_new=kn,
-            v_new=vn,
-            out=out,
-            lse=lse,
-            cache_seqlens=cache_seqlens,
-            block_table=block_table if paged else dummy,
-            cache_batch_idx=cache_batch_idx if cache_batch_idx is not None else dummy,
-            diag=diag_t if diag_t is not None else dummy,
-            stride_bt=block_table.stride(0) if paged else 0,
-            n_kv_heads=Hk,
-            group=group,
-            block_m=bm,
-            n_new=int(n_new),
-            page_size=page_size,
-            capacity=capacity,
-            window_left=wl,
-            window_right=wr,
-            softmax_scale=float(softmax_scale),
-            softcap=float(softcap),
-            meta=meta,
-        )
-        decode_stream_k(args, programs or STREAM_K_PROGRAMS or sm_count(dev))
-        return out, lse
     n_splits = int(num_splits) or pick_num_splits(B, Hk, group, Sq, capacity, dev)
     sem = semaphore_buffer(dev, B * Hk * m_blocks) if fuse_combine and n_splits > 1 else None
     fused = bool(fuse_combine)
@@ -584,9 +550,21 @@ def decode_fwd(
         o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=dev)
         lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=dev)
         part_strides = (*o_part.stride()[:4], *lse_part.stride()[:3])
+    diag_t = diag_offset
+    if diag_t is not None:
+        assert diag_t.dtype == torch.int32 and diag_t.shape == (B,)
+    dummy = cache_seqlens  # pointer arguments a variant does not use
+    kn = k_new if fuse_append else q
+    vn = v_new if fuse_append else q
+    cpu = dev.type == "cpu"
+    bn = block_n or (_CPU_BLOCK_N if cpu else _GPU_BLOCK_N)
+    launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
     d_pad = pad_dim(D)
     combine_m = min(bm, next_pow2(group * Sq))
     split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
+    # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
+    # use_tma("on") (3-16% slower than pointer loads on an H100, benchmarks/RESULTS.md).
+    tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
@@ -624,12 +602,23 @@ def decode_fwd(
         GROUP=group,
         HEAD_DIM=D,
         D_PAD=d_pad,
+        HAS_LO=has_lo,
+        HAS_HI=has_hi,
+        SOFTCAP=softcap > 0,
+        PAGED=paged,
+        HAS_CBI=cache_batch_idx is not None,
+        DIAG_FROM_PTR=diag_t is not None,
+        DOT_PREC=dot_precision(q.dtype),
+        DOT_F32=dot_f32(q),
+        FUSE_APPEND=fuse_append,
         FUSE_COMBINE=fused,
+        EVICT=(evict if evict is not None else ("" if cpu else _GPU_EVICT)),
         COMBINE_M=combine_m,
         SPLIT_BLOCK=split_block,
         BLOCK_M=bm,
+        BLOCK_N=bn,
         TMA=tma,
-        **meta,
+        **launch,
     )
     if not fused:
         combine_partials(o_part, lse_part, out, lse)
