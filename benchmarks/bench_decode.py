@@ -43,7 +43,7 @@ import time
 import torch
 import triton
 from bench_io import write_csv
-from bench_timing import capture, graphed, interleaved_medians
+from bench_timing import capture, graphed, interleaved_medians, with_setting
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import skip_value_checks, use_tma
@@ -371,7 +371,7 @@ def host_profile(s=4096, n=2000, top=25):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-# (name, use_tma mode, decode_fwd overrides; "set": module attributes held during the capture).
+# (name, use_tma mode, decode_fwd overrides; "set": module attributes held while the calls run).
 # "memset" captures with no arena (decode_counters.py): each call's counters zeroed in the graph.
 PROBE_VARIANTS = (
     ("ptr", "off", {}),
@@ -416,14 +416,12 @@ def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1
             sets = kw.pop("set", ())
             if "splits_x" in kw:
                 kw["num_splits"] = auto * kw.pop("splits_x")
-            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in sets]
-            for mod, name, value in sets:
-                setattr(mod, name, value)
             with use_tma(mode):
                 fns = [ours_fn(*c, **kw) for c in caches]
-                replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
-            for mod, name, value in saved:
-                setattr(mod, name, value)
+                one, many = fns[0], lambda fns=fns: [f() for f in fns]
+                for mod, name, value in sets:  # held while each call runs, the capture's included
+                    one, many = with_setting(mod, name, value, one), with_setting(mod, name, value, many)
+                replays.append((graphed(one), graphed(many)))
         fns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for c in caches]
         replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
         # Per variant, in turn: one cache under the flush, then per call of the layers' graph.

@@ -32,7 +32,7 @@ ARENA_MIN_COUNTERS = 1 << 18  # 1 MiB
 ARENA_MAX_COUNTERS = 1 << 24  # 64 MiB per device, over all its arenas
 ARENA_HEADROOM_CALLS = 64
 
-_semaphores: dict[tuple[str, int | None, int], torch.Tensor] = {}
+_semaphores: dict[tuple[str, int | None, int], torch.Tensor] = {}  # (device, stream): eager calls
 _arenas: dict[tuple[str, int | None], list[CounterArena]] = {}
 _lock = threading.Lock()
 
@@ -107,7 +107,7 @@ def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
             return piece if piece is not None else torch.zeros(rows, dtype=torch.int32, device=device)
         reserve_capture_counters(device, rows)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    key = (*_key(device), stream)
     buf = _semaphores.get(key)
     if buf is None or buf.numel() < rows:
         # A replaced buffer goes back to the allocator only after the work queued on this stream.
