@@ -371,39 +371,47 @@ def host_profile(s=4096, n=2000, top=25):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-# (name, use_tma mode, decode_fwd overrides; "set": module attributes held while the calls run).
-# "memset" captures with no arena (decode_counters.py): each call's counters zeroed in the graph.
-PROBE_VARIANTS = (
-    ("ptr", "off", {}),
-    ("memset", "off", dict(set=((dcount, "_arenas", {}), (dcount, "ARENA_MAX_COUNTERS", 0)))),
-    ("unfused", "off", dict(fuse_combine=False)),
-    ("tma", "on", {}),
-)
-# Batch 16 (one split per KV head by default: 128 programs).
-PROBE_VARIANTS_B16 = (
-    ("ptr", "off", {}),
-    ("tma", "on", {}),
-    ("tma st4", "on", dict(num_stages=4)),
-    ("evict_first", "off", dict(evict="evict_first")),
-    ("st5", "off", dict(num_stages=5)),
-    ("w2", "off", dict(num_warps=2)),
-    ("bn128 w8 st3", "off", dict(block_n=128, num_warps=8, num_stages=3)),
-)
+# Kernel variants for --probe: name -> (use_tma mode, decode_fwd overrides; "set": module
+# attributes held while the calls run; "splits_x": that many times the default splits). "memset"
+# captures with no arena (decode_counters.py): each call's counters zeroed in the graph. Tried
+# before and no better on an H100 (RESULTS.md): TMA with 4 stages, evict_first, 5 stages, 2 warps.
+VARIANTS = {
+    "ptr": ("off", {}),
+    "memset": ("off", dict(set=((dcount, "_arenas", {}), (dcount, "ARENA_MAX_COUNTERS", 0)))),
+    "unfused": ("off", dict(fuse_combine=False)),
+    "tma": ("on", {}),
+    "2xsplits": ("off", dict(splits_x=2)),
+    "st4": ("off", dict(num_stages=4)),
+    "bn128 w8": ("off", dict(block_n=128, num_warps=8)),
+    "bn128 w4": ("off", dict(block_n=128, num_warps=4)),
+    "bn128 w4 st2": ("off", dict(block_n=128, num_warps=4, num_stages=2)),
+}
+# The default set per --probe-batch (batch 16 runs one split per KV head: 128 programs).
+PROBE_SETS = {
+    1: ("ptr", "memset", "unfused", "bn128 w4"),
+    16: ("ptr", "bn128 w4", "bn128 w8", "st4"),
+}
+PROBE_SET_OTHER = ("ptr", "bn128 w4", "st4")
 
 
 def _per_call(replay, calls):
-    """A measure for ``interleaved_medians``: us per call of a graph replay that makes ``calls``."""
+    """A measure for ``interleaved_medians``: us per call of a graph replay that makes ``calls``
+    (nan for a variant that did not build)."""
+    if replay is None:
+        return lambda: float("nan")
     return lambda: _bench(replay) / calls
 
 
-def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1):
-    """Graph-replayed us of kernel variants (pointer loads or TMA descriptors, tiles, split counts;
-    ``PROBE_VARIANTS``, or ``PROBE_VARIANTS_B16`` at batch 16) beside cuDNN, two timings each:
+def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1, names=None):
+    """Graph-replayed us of kernel variants (``names`` of ``VARIANTS``, default the batch's
+    ``PROBE_SETS`` entry: pointer loads or TMA descriptors, tiles, split counts) beside cuDNN,
+    two timings each:
     ``flush`` (one cache, zeroing flush) and ``layers`` (caches of about ``budget`` bytes attended
     back to back in one graph, per call). Interleaved over ``rounds`` rounds (medians), so clock
     drift hits every column alike."""
-    variants = PROBE_VARIANTS_B16 if batch == 16 else PROBE_VARIANTS
-    names = [v[0] for v in variants] + ["cudnn"]
+    names = list(names or PROBE_SETS.get(batch, PROBE_SET_OTHER))
+    variants = [(n, *VARIANTS[n]) for n in names]
+    names.append("cudnn")
     print(f"# variant probe, B={batch}, us (median of rounds), flush / layers:")
     print("#        " + " ".join(f"{n:>15}" for n in names))
     for s in contexts:
@@ -411,7 +419,7 @@ def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1
         caches = [_inputs(batch, s) for _ in range(n)]
         auto = kdec.pick_num_splits(batch, HK, HQ // HK, 1, s, caches[0][0].device)
         replays = []
-        for _, mode, kw in variants:
+        for vname, mode, kw in variants:
             kw = dict(kw)
             sets = kw.pop("set", ())
             if "splits_x" in kw:
@@ -421,7 +429,11 @@ def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1
                 one, many = fns[0], lambda fns=fns: [f() for f in fns]
                 for mod, name, value in sets:  # held while each call runs, the capture's included
                     one, many = with_setting(mod, name, value, one), with_setting(mod, name, value, many)
-                replays.append((graphed(one), graphed(many)))
+                try:
+                    replays.append((graphed(one), graphed(many)))
+                except Exception as e:  # e.g. a tile past the shared memory: its column reads nan
+                    print(f"# {vname}: {type(e).__name__}: {str(e)[:200]}")
+                    replays.append((None, None))
         fns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for c in caches]
         replays.append((graphed(fns[0]), graphed(lambda fns=fns: [f() for f in fns])))
         # Per variant, in turn: one cache under the flush, then per call of the layers' graph.
@@ -439,7 +451,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
     ap.add_argument("--probe", action="store_true", help="only: kernel variants at batch 1, 4k-32k")
-    ap.add_argument("--probe-batch", type=int, default=1, choices=[1, 16], help="--probe's batch")
+    ap.add_argument("--probe-batch", type=int, default=1, help="--probe's batch")
+    ap.add_argument("--variants", help="--probe's variants, comma-separated names of VARIANTS")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     ap.add_argument(
@@ -465,8 +478,9 @@ def _main(args):
     if args.sweep:
         sweep(bw)
     if args.probe:
-        ctxs = (4096, 16384) if args.probe_batch == 16 else (4096, 16384, 32768)
-        variant_probe(ctxs, batch=args.probe_batch)
+        ctxs = (4096, 16384) if args.probe_batch > 1 else (4096, 16384, 32768)
+        names = args.variants.split(",") if args.variants else None
+        variant_probe(ctxs, batch=args.probe_batch, names=names)
         return
     if args.bandwidth:
         print_bandwidth(bandwidth_rows(bw), bw, step_flush_us())

@@ -14,6 +14,7 @@
 #   pieces     bench_ring_pieces.py: every distinct ring step of zigzag at W = 8 and 4, timed alone
 #   hostprof   bench_decode.py --host-profile: where an eager decoding step's host time goes
 #   probe      bench_decode.py --probe: decoding kernel variants (pointer loads / TMA, tiles, splits)
+#   probe16    the same at batch 16 (PROBE_VARIANTS_B16)
 #   bwtma      bench_decode.py --bandwidth under use_tma("on")
 #   order      bench_tile_order.py: kernels' program order, head-major vs grouped longest-first
 #   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)
@@ -54,6 +55,7 @@ want bandwidth && stage bandwidth 90 python3 benchmarks/bench_decode.py --bandwi
 want pieces && stage pieces 150 python3 benchmarks/bench_ring_pieces.py --world 8
 want pieces && stage pieces4 100 python3 benchmarks/bench_ring_pieces.py --world 4
 want probe && stage probe 200 python3 benchmarks/bench_decode.py --probe --out "$LOG/decode"
+want probe16 && stage probe16 200 python3 benchmarks/bench_decode.py --probe --probe-batch 16 --out "$LOG/decode"
 want bwtma && stage bwtma 90 python3 benchmarks/bench_decode.py --bandwidth --tma on --out "$LOG/decode"
 want order && stage order 200 python3 benchmarks/bench_tile_order.py
 want bwdov && stage bwdov 200 python3 benchmarks/bench_bwd_overlap.py
