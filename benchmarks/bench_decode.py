@@ -505,6 +505,7 @@ def _main(args):
             row["unfused_us"] = _bench_graph(ours_fn(q, kc, vc, lens, fuse_combine=False))
             row["ours_eager_us"] = _bench(fn)
             row["splits"] = kdec.pick_num_splits(b, HK, HQ // HK, 1, s, q.device)
+            row["block_n"] = kdec.pick_block_n(row["splits"] * b * HK, s // row["splits"], D * 2, q.device)
             for tag, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                 sfn, how = sdpa_fn(q, kc, vc, be)
                 row[f"{tag}_us"] = _bench_graph(sfn) if sfn is not None else float("nan")
@@ -552,14 +553,14 @@ def _main(args):
         )
     print(f"\n## decode, {name}, bf16, Hq={HQ} Hk={HK} D={D}, copy {bw:.0f} GB/s")
     print(
-        "  B      S   KV MB floor us | ours us  GB/s  %copy splits eager unfused | flash us  %copy"
+        "  B      S   KV MB floor us | ours us  GB/s  %copy splits tile eager unfused | flash us  %copy"
         " | cudnn us  %copy | vs cudnn | rel err"
     )
     for r in rows:
         print(
             f"{r['batch']:3d} {r['ctx']:7d} {r['kv_mb']:7.1f} {r['floor_us']:8.1f} |"
-            f" {r['ours_us']:7.1f} {r['ours_gbs']:5.0f} {r['ours_frac']:6.1%} {r['splits']:6d}"
-            f" {r['ours_eager_us']:5.0f} {r['unfused_us']:7.1f} |"
+            f" {r['ours_us']:7.1f} {r['ours_gbs']:5.0f} {r['ours_frac']:6.1%}"
+            f" {r['splits']:6d} {r['block_n']:4d} {r['ours_eager_us']:5.0f} {r['unfused_us']:7.1f} |"
             f" {r['flash_us']:8.1f} {r['flash_frac']:6.1%} | {r['cudnn_us']:8.1f} {r['cudnn_frac']:6.1%}"
             f" | {r['vs_cudnn']:7.2f}x | {r['rel_err']:.1e}  (sdpa kv: {r['flash_kv']}/{r['cudnn_kv']})"
         )

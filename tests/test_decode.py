@@ -47,6 +47,8 @@ def case_id(p):
         s += f"-cap{p['softcap']:g}"
     if p.get("tma"):
         s += f"-tma{p['tma']}"
+    if p.get("wide"):
+        s += "-wide"
     return s
 
 
@@ -133,11 +135,19 @@ def _err(a, b):
 
 def run_case(p):
     """Every check of case ``p``: ``{name: [error, bound]}`` (``p["tma"]``: under that
-    ``ringflash.use_tma`` mode)."""
+    ``ringflash.use_tma`` mode; ``p["wide"]``: GPU tiles as wide as ``pick_block_n`` picks on
+    fast memory, wherever the programs fit one wave)."""
     from ringflash import use_tma
+    from ringflash.kernels import decode as kd
 
-    with use_tma(p.get("tma", "auto")):
-        return _run_case(p)
+    saved = kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS
+    if p.get("wide"):
+        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS = 0.0, 0
+    try:
+        with use_tma(p.get("tma", "auto")):
+            return _run_case(p)
+    finally:
+        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS = saved
 
 
 def _run_case(p):
@@ -254,6 +264,27 @@ def test_paged_matches_contiguous(p):
     assert torch.equal(logical_rows(k_cache, kw, B), kc_rows), "paged vs contiguous k_cache after append"
 
 
+@pytest.mark.parametrize(
+    "gbps,programs,keys,row_bytes,want",
+    [
+        (37.0, 128, 4096, 256, 128),  # an H200 at batch 16: one wave, long splits
+        (37.0, 132, 1024, 256, 128),
+        (37.0, 128, 256, 256, 64),  # short splits (batch 1 at 4k)
+        (37.0, 256, 4096, 256, 64),  # two waves: two 64-key programs share an SM instead
+        (37.0, 128, 4096, 512, 64),  # head dim 256 in 16 bits: three stages would not fit
+        (25.4, 128, 4096, 256, 64),  # an H100
+        (0.0, 128, 4096, 256, 64),  # bandwidth unknown
+    ],
+)
+def test_pick_block_n(monkeypatch, gbps, programs, keys, row_bytes, want):
+    """Wide tiles only for one wave of long splits of narrow rows on memory fast per SM."""
+    from ringflash.kernels import decode as kd
+
+    monkeypatch.setattr(kd, "sm_count", lambda device: 132)
+    monkeypatch.setattr(kd, "bandwidth_per_sm", lambda device: gbps)
+    assert kd.pick_block_n(programs, keys, row_bytes, torch.device("cuda")) == want
+
+
 def test_int_seqlens_and_no_seqlens():
     """``cache_seqlens`` as an int, and None (whole cache, no append), match the tensor form."""
     q = torch.randn(2, 1, 4, 16)
@@ -286,8 +317,11 @@ GPU_CASES = [
 ]
 
 
-# The 16-bit contiguous-cache cases again with the cache's tiles through TMA descriptors.
-GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")]
+# The 16-bit contiguous-cache cases again with the cache's tiles through TMA descriptors, and
+# the cases whose tiles may be wide (head dim <= 128 in 16 bits) with wide tiles on any GPU.
+GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")] + [
+    dict(c, wide=True) for c in GPU_CASES if c["dtype"] != "fp32" and c["D"] <= 128
+]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -259,6 +259,24 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _bandwidth_per_sm(index: int) -> float:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        peak = 2 * props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] / 8  # double data rate
+    except Exception:  # a driver without these properties: the default tiles
+        return 0.0
+    return peak / 1e9 / _sm_count(index)
+
+
+def bandwidth_per_sm(device: torch.device) -> float:
+    """Peak memory bandwidth of a CUDA device per multiprocessor, GB/s (cached; from the memory
+    clock and bus width): about 25 on an H100 SXM, 37 on an H200. 0 for other devices."""
+    if device.type != "cuda":
+        return 0.0
+    return _bandwidth_per_sm(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def on_tensor_device(fn):
     """Run a launcher with the current CUDA device set to its first argument's device.
 

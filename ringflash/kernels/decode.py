@@ -33,6 +33,7 @@ from .common import (
     _dot,
     _rows_desc,
     _tanh,
+    bandwidth_per_sm,
     cdiv,
     dot_f32,
     dot_precision,
@@ -47,7 +48,14 @@ from .decode_append import append_kv
 from .decode_combine import _combine_rows, combine_partials
 from .decode_counters import semaphore_buffer
 
-__all__ = ["append_kv", "combine_partials", "decode_fwd", "pick_num_splits", "semaphore_buffer"]
+__all__ = [
+    "append_kv",
+    "combine_partials",
+    "decode_fwd",
+    "pick_block_n",
+    "pick_num_splits",
+    "semaphore_buffer",
+]
 
 # Literal constants: 1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2) (see common.py).
 
@@ -437,6 +445,14 @@ _COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at on
 # capacity per split, at most MAX_SPLITS splits.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 256
+# Wide tiles: 128-key tiles (twice the bytes in flight per program) where every program has its
+# own SM, memory is fast per SM, and each split has at least WIDE_MIN_KEYS keys of capacity.
+# H200 (about 37 GB/s per SM, 2026-11-27): 1.01-1.15x faster than 64-key tiles from batch 1 at
+# 16k to batch 16 (batch 16 from 0.87-0.92x cuDNN to 0.99-1.00x). H100 (about 25 GB/s per SM):
+# mixed, 2% slower to 2% faster by shape, so 64-key tiles stay there (benchmarks/RESULTS.md).
+WIDE_BLOCK_N = 128
+WIDE_MIN_GBPS_PER_SM = 30.0
+WIDE_MIN_KEYS = 1024
 
 
 def block_m(group: int, seqlen_q: int) -> int:
@@ -454,6 +470,18 @@ def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capa
     want = sm_count(device) // max(programs, 1)
     cap = max(1, cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
     return int(max(1, min(want, cap, MAX_SPLITS)))
+
+
+def pick_block_n(programs: int, keys_per_split: int, row_bytes: int, device) -> int:
+    """Keys per K/V tile on a GPU: ``WIDE_BLOCK_N`` where one wave of ``programs`` fits the SMs,
+    memory is fast per SM and the split is long (see above), else the measured default."""
+    wide = (
+        programs <= sm_count(device)
+        and keys_per_split >= WIDE_MIN_KEYS
+        and row_bytes <= 256  # a 128-key K tile <= 32 KiB: three stages of K and V fit
+        and bandwidth_per_sm(device) >= WIDE_MIN_GBPS_PER_SM
+    )
+    return WIDE_BLOCK_N if wide else _GPU_BLOCK_N
 
 
 @on_tensor_device
@@ -502,7 +530,8 @@ def decode_fwd(
         fuse_combine: the last split program of each row merges the partials (one launch, with
             the counters of :func:`semaphore_buffer`); False launches the combine kernel after the
             split kernel.
-        block_n, num_warps, num_stages, evict: tile / load-policy overrides (benchmarks).
+        block_n, num_warps, num_stages, evict: tile / load-policy overrides (benchmarks; the
+            default tile is :func:`pick_block_n`'s).
 
     Returns:
         ``(out [B, Sq, Hq, D] in out_dtype, lse [B, Hq, Sq] float32)``. Nothing syncs with the host
@@ -557,9 +586,15 @@ def decode_fwd(
     kn = k_new if fuse_append else q
     vn = v_new if fuse_append else q
     cpu = dev.type == "cpu"
-    bn = block_n or (_CPU_BLOCK_N if cpu else _GPU_BLOCK_N)
-    launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
     d_pad = pad_dim(D)
+    if block_n:
+        bn = block_n
+    elif cpu:
+        bn = _CPU_BLOCK_N
+    else:
+        programs = n_splits * B * Hk * m_blocks
+        bn = pick_block_n(programs, capacity // n_splits, d_pad * q.element_size(), dev)
+    launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
     combine_m = min(bm, next_pow2(group * Sq))
     split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
     # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
