@@ -450,6 +450,7 @@ MAX_SPLITS = 256
 # H200 (about 37 GB/s per SM, 2026-11-27): 1.01-1.15x faster than 64-key tiles from batch 1 at
 # 16k to batch 16 (batch 16 from 0.87-0.92x cuDNN to 0.99-1.00x). H100 (about 25 GB/s per SM):
 # mixed, 2% slower to 2% faster by shape, so 64-key tiles stay there (benchmarks/RESULTS.md).
+# Devices between the two (H100 NVL, GH200: about 30 GB/s per SM) are not measured.
 WIDE_BLOCK_N = 128
 WIDE_MIN_GBPS_PER_SM = 30.0
 WIDE_MIN_KEYS = 1024
