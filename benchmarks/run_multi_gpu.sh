@@ -16,6 +16,8 @@
 #   ceshift  with benchmarks/variants/copy_engine_any_shift.patch applied for the stage (the
 #            copy-engine transport to any rank ahead, so its forward holds two blocks): the
 #            copy-engine NCCL test, then zigzag and stripe with and without it (not in the default set)
+#   ceab     the copy-engine rows of zigzag and stripe without that patch, with it, and without it
+#            again, back to back at each world size (not in the default set)
 #   decode   bench_decode_sharded_nccl.py, contexts 128k-1M
 #   maxlen   bench_max_seqlen.py on 1, 2, ... GPUs
 #   demo     `ringflash demo` on every GPU
@@ -25,7 +27,7 @@
 # after each stage).
 # NVLink multicast stays off (shared hosts): the three variables below are exported for every run.
 set -uo pipefail
-OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,ringso,ceshift,decode,maxlen,demo,tests]}
+OUT=${1:?usage: run_multi_gpu.sh OUT_DIR [ring,ringenv,ringce,ringp1,ringso,ceshift,ceab,decode,maxlen,demo,tests]}
 WHAT=",${2:-ring,decode,maxlen,demo,tests},"
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -95,6 +97,22 @@ if want ceshift; then
     else
         echo "=== ceshift: $patch_file does not apply ==="
     fi
+fi
+if want ceab; then
+    # The copy engines at one block (library), at two (patch applied), then at one again, per
+    # world size, so the patch's own change is timed against its baseline in one call.
+    patch_file=benchmarks/variants/copy_engine_any_shift.patch
+    for w in ${RING_WS:-$WS}; do
+        ab=(benchmarks/bench_ring_nccl.py --reps 5 --iters 6 --copy-engine --layouts ${RING_LAYOUTS:-zigzag stripe})
+        stage "ceab_lib_W$w" 200 $(run_w "$w") "${ab[@]}"
+        if git apply "$patch_file"; then
+            stage "ceab_patch_W$w" 200 $(run_w "$w") "${ab[@]}"
+            git apply -R "$patch_file"
+        else
+            echo "=== ceab: $patch_file does not apply ==="
+        fi
+        stage "ceab_lib2_W$w" 200 $(run_w "$w") "${ab[@]}"
+    done
 fi
 if want decode; then
     for w in $WS; do
