@@ -27,7 +27,7 @@ eager time is host bound, shown in the ``eager`` column).
 
 Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints
 the GPU, versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
-importable). ``--probe`` only times kernel variants (``PROBE_VARIANTS``) at batch 1 beside cuDNN.
+importable). ``--probe`` only times kernel variants (``VARIANTS``, per batch ``PROBE_SETS``) beside cuDNN.
 ``--tma on`` runs everything under ``ringflash.use_tma("on")``: the split kernel then reads a contiguous
 cache's K/V tiles through TMA descriptors.
 """
@@ -385,13 +385,14 @@ VARIANTS = {
     "bn128 w8": ("off", dict(block_n=128, num_warps=8)),
     "bn128 w4": ("off", dict(block_n=128, num_warps=4)),
     "bn128 w4 st2": ("off", dict(block_n=128, num_warps=4, num_stages=2)),
+    "pdl": ("off", dict(set=((kdec, "USE_PDL", True),))),
 }
 # The default set per --probe-batch (batch 16 runs one split per KV head: 128 programs).
 PROBE_SETS = {
-    1: ("ptr", "memset", "unfused", "bn128 w4"),
-    16: ("ptr", "bn128 w4", "bn128 w8", "st4"),
+    1: ("ptr", "pdl", "unfused", "bn128 w4"),
+    16: ("ptr", "pdl", "bn128 w4", "st4"),
 }
-PROBE_SET_OTHER = ("ptr", "bn128 w4", "st4")
+PROBE_SET_OTHER = ("ptr", "pdl", "bn128 w4")
 
 
 def _per_call(replay, calls):
@@ -453,6 +454,7 @@ def main():
     ap.add_argument("--probe", action="store_true", help="only: kernel variants at batch 1, 4k-32k")
     ap.add_argument("--probe-batch", type=int, default=1, help="--probe's batch")
     ap.add_argument("--variants", help="--probe's variants, comma-separated names of VARIANTS")
+    ap.add_argument("--pdl", action="store_true", help="split kernel by programmatic dependent launch")
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     ap.add_argument(
@@ -462,6 +464,7 @@ def main():
         help="ringflash.use_tma mode (decoding uses TMA descriptors for the cache only under 'on')",
     )
     args = ap.parse_args()
+    kdec.USE_PDL = args.pdl
     with use_tma(args.tma):
         _main(args)
 
@@ -472,7 +475,7 @@ def _main(args):
     print(
         f"{name} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}", end=""
     )
-    print(f" | use_tma {args.tma}")
+    print(f" | use_tma {args.tma} | pdl {kdec.USE_PDL}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s (2 GiB device-to-device, read + write)")
     if args.sweep:

@@ -49,6 +49,8 @@ def case_id(p):
         s += f"-tma{p['tma']}"
     if p.get("wide"):
         s += "-wide"
+    if p.get("pdl"):
+        s += "-pdl"
     return s
 
 
@@ -136,18 +138,20 @@ def _err(a, b):
 def run_case(p):
     """Every check of case ``p``: ``{name: [error, bound]}`` (``p["tma"]``: under that
     ``ringflash.use_tma`` mode; ``p["wide"]``: GPU tiles as wide as ``pick_block_n`` picks on
-    fast memory, wherever the programs fit one wave)."""
+    fast memory, wherever the programs fit one wave; ``p["pdl"]``: the split kernel launched
+    with programmatic dependent launch)."""
     from ringflash import use_tma
     from ringflash.kernels import decode as kd
 
-    saved = kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS
+    saved = kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS, kd.USE_PDL
     if p.get("wide"):
         kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS = 0.0, 0
+    kd.USE_PDL = bool(p.get("pdl", kd.USE_PDL))
     try:
         with use_tma(p.get("tma", "auto")):
             return _run_case(p)
     finally:
-        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS = saved
+        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS, kd.USE_PDL = saved
 
 
 def _run_case(p):
@@ -322,12 +326,22 @@ GPU_CASES = [
 GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")] + [
     dict(c, wide=True) for c in GPU_CASES if c["dtype"] != "fp32" and c["D"] <= 128
 ]
+# Two cases (appending, paged) with the split kernel launched by programmatic dependent launch.
+GPU_CASES += [dict(GPU_CASES[0], pdl=True), dict(GPU_CASES[2], pdl=True)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("p", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
 def test_decode_cuda(p):
+    _skip_without_pdl(p.get("pdl"))
     assert_checks(run_case(dict(p, device="cuda", backend="triton")), case_id(p))
+
+
+def _skip_without_pdl(pdl):
+    from ringflash.kernels.common import pdl_supported
+
+    if pdl and not pdl_supported(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this GPU / Triton")
 
 
 def _capture(step):
@@ -344,12 +358,16 @@ def _capture(step):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tma", ["auto", "on"])
-def test_decode_cuda_graph(tma):
+@pytest.mark.parametrize("tma,pdl", [("auto", False), ("on", False), ("auto", True)])
+def test_decode_cuda_graph(monkeypatch, tma, pdl):
     """A captured append+attend step replays for new lengths (read on the device) exactly (also
-    with the cache read through TMA descriptors, whose scratch is allocated at capture)."""
+    with the cache read through TMA descriptors, whose scratch is allocated at capture, and with
+    the split kernel captured as a programmatic dependent launch)."""
     from ringflash import use_tma
+    from ringflash.kernels import decode as kd
 
+    _skip_without_pdl(pdl)
+    monkeypatch.setattr(kd, "USE_PDL", pdl)
     with use_tma(tma):
         _graph_replays_exactly()
 

@@ -319,6 +319,19 @@ def _tma_device(device: torch.device, mode: str) -> bool:
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (a kernel launched while the one before it finishes, waiting
+    in ``griddepcontrol.wait`` before its first read): CUDA devices of compute capability 9.0 and
+    newer, with a Triton that has ``tl.extra.cuda.gdc_wait``."""
+    if device.type != "cuda":
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
 def _tma_aligned(t: torch.Tensor) -> bool:
     # A descriptor's base address and every stride but the last must be multiples of 16 bytes.
     size = t.element_size()

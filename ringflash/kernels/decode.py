@@ -41,6 +41,7 @@ from .common import (
     next_pow2,
     on_tensor_device,
     pad_dim,
+    pdl_supported,
     sm_count,
     tma_applies,
 )
@@ -181,6 +182,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -189,6 +191,9 @@ def _decode_split_kernel(
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
     r0 = pid_m * BLOCK_M
+    if PDL:
+        # Launched while the previous kernel of the stream finishes: nothing is read before it has.
+        tl.extra.cuda.gdc_wait()
 
     # Lengths, rows and pages are clamped into the cache: a no-op for checked inputs, and with
     # value checks skipped (or a captured graph replayed past its cache) nothing outside the cache
@@ -451,6 +456,9 @@ MAX_SPLITS = 256
 # 16k to batch 16 (batch 16 from 0.87-0.92x cuDNN to 0.99-1.00x). H100 (about 25 GB/s per SM):
 # mixed, 2% slower to 2% faster by shape, so 64-key tiles stay there (benchmarks/RESULTS.md).
 # Devices between the two (H100 NVL, GH200: about 30 GB/s per SM) are not measured.
+# Programmatic dependent launch of the split kernel (CUDA, compute capability >= 9.0): off until
+# measured.
+USE_PDL = False
 WIDE_BLOCK_N = 128
 WIDE_MIN_GBPS_PER_SM = 30.0
 WIDE_MIN_KEYS = 1024
@@ -596,6 +604,9 @@ def decode_fwd(
         programs = n_splits * B * Hk * m_blocks
         bn = pick_block_n(programs, capacity // n_splits, d_pad * q.element_size(), dev)
     launch = {} if cpu else dict(num_warps=num_warps or _GPU_WARPS, num_stages=num_stages or _GPU_STAGES)
+    pdl = USE_PDL and pdl_supported(dev)
+    if pdl:
+        launch["launch_pdl"] = True
     combine_m = min(bm, next_pow2(group * Sq))
     split_block = max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad)))
     # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
@@ -654,6 +665,7 @@ def decode_fwd(
         BLOCK_M=bm,
         BLOCK_N=bn,
         TMA=tma,
+        PDL=pdl,
         **launch,
     )
     if not fused:
