@@ -325,11 +325,16 @@ def pdl_supported(device: torch.device) -> bool:
     newer, with a Triton that has ``tl.extra.cuda.gdc_wait``."""
     if device.type != "cuda":
         return False
+    return _pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl(index: int) -> bool:
     try:
         from triton.language.extra.cuda import gdc_wait  # noqa: F401
     except ImportError:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(index) >= (9, 0)
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:

@@ -456,12 +456,12 @@ MAX_SPLITS = 256
 # 16k to batch 16 (batch 16 from 0.87-0.92x cuDNN to 0.99-1.00x). H100 (about 25 GB/s per SM):
 # mixed, 2% slower to 2% faster by shape, so 64-key tiles stay there (benchmarks/RESULTS.md).
 # Devices between the two (H100 NVL, GH200: about 30 GB/s per SM) are not measured.
-# Programmatic dependent launch of the split kernel (CUDA, compute capability >= 9.0): off until
-# measured.
-USE_PDL = False
 WIDE_BLOCK_N = 128
 WIDE_MIN_GBPS_PER_SM = 30.0
 WIDE_MIN_KEYS = 1024
+# Programmatic dependent launch of the split kernel (CUDA, compute capability >= 9.0): off until
+# measured.
+USE_PDL = False
 
 
 def block_m(group: int, seqlen_q: int) -> int:
