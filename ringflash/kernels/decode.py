@@ -192,8 +192,11 @@ def _decode_split_kernel(
     hk = pid_bh % n_kv_heads
     r0 = pid_m * BLOCK_M
     if PDL:
-        # Launched while the previous kernel of the stream finishes: nothing is read before it has.
+        # Launched while the previous kernel of the stream finishes: nothing is read before it
+        # has. The next kernel, if launched the same way, may then start: its own wait still
+        # holds it until this grid is complete.
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     # Lengths, rows and pages are clamped into the cache: a no-op for checked inputs, and with
     # value checks skipped (or a captured graph replayed past its cache) nothing outside the cache
