@@ -30,6 +30,46 @@ def test_torchrun_training_matches_one_process():
     assert "OK: 3 rank(s), layout stripe" in out, out[-2000:]
 
 
+_TEARDOWN_SCRIPT = """
+import gc, os, sys
+import torch, torch.distributed as dist
+import ringflash.parallel as rp
+from ringflash.comm import init_distributed
+
+
+def main():
+    init_distributed()
+    q = torch.randn(1, 32, 2, 16, requires_grad=True)
+    opt = torch.optim.AdamW([q], lr=1e-3)  # imports torch._dynamo while the group exists
+    for _ in range(2):
+        opt.zero_grad()
+        rp.zigzag_ring_flash_attn_func(q, q, q, causal=True).sum().backward()
+        opt.step()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+main()
+gc.collect()
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print("threads after teardown:", names, flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc")
+def test_destroy_process_group_stops_the_group_threads(tmp_path):
+    """After ``destroy_process_group`` no thread of the gloo group is left, even when an optimizer
+    imported ``torch._dynamo`` while the group existed (``init_process_group`` pre-imports it): a
+    group kept alive into the interpreter's teardown can abort the process at exit."""
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = _run([*torchrun, str(script)])
+    lines = [ln for ln in out.splitlines() if "threads after teardown:" in ln]
+    assert len(lines) == 2, out[-2000:]
+    assert not any("gloo" in ln for ln in lines), "\n".join(lines)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("mpi4py") is None or shutil.which("mpirun") is None,
     reason="mpi4py/mpirun not installed",

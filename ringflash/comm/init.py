@@ -9,6 +9,8 @@ These helpers are the only place in ringflash that reads environment variables.
   world size, rank 0 picks its address and a free port and broadcasts them over MPI, and
   torch.distributed then rendezvous over TCP (it does the communication, not MPI).
 - ``init_distributed``: whichever of these the environment points at, or nothing (one process).
+- ``init_process_group``: ``torch.distributed.init_process_group`` for code that starts the group
+  itself, with the one import that keeps ``destroy_process_group`` complete (see its doc).
 
 Each returns a ``DistInfo(rank, world_size, local_rank, backend)``; the backend defaults to NCCL
 when CUDA is available, else gloo, and with NCCL the local rank's GPU becomes the current device.
@@ -46,6 +48,26 @@ def _set_device(backend: str, local_rank: int) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group`` with ``torch._dynamo`` imported first.
+
+    Importing ``torch._dynamo`` while a default group exists (an optimizer's constructor does, e.g.
+    ``torch.optim.AdamW``) keeps that group alive after ``destroy_process_group``: with torch 2.13
+    its gloo worker threads then outlive the script into the interpreter's teardown, where one that
+    still holds work can abort the process ("terminate called without an active exception") after
+    a run that succeeded. Imported before the group exists, it keeps nothing.
+    """
+    _preimport_dynamo()
+    dist.init_process_group(backend, **kwargs)
+
+
+def _preimport_dynamo() -> None:
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # a build without it: nothing to pre-import
+        pass
+
+
 def _already() -> DistInfo | None:
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
@@ -67,7 +89,7 @@ def init_from_torchrun(backend: str | None = None, timeout: datetime.timedelta |
     backend = _default_backend(backend)
     _set_device(backend, local)
     kw = {"timeout": timeout} if timeout is not None else {}
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kw)
+    init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kw)
     return DistInfo(rank, world, local, backend)
 
 
@@ -84,6 +106,7 @@ def init_from_deepspeed(backend: str | None = None, timeout: datetime.timedelta 
     local = int(os.environ.get("LOCAL_RANK", 0))
     _set_device(backend, local)
     kw = {"timeout": timeout} if timeout is not None else {}
+    _preimport_dynamo()
     deepspeed.init_distributed(dist_backend=backend, **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, backend)
 
@@ -120,7 +143,7 @@ def init_from_mpi(
     backend = _default_backend(backend)
     _set_device(backend, local)
     kw = {"timeout": timeout} if timeout is not None else {}
-    dist.init_process_group(backend, init_method=f"tcp://{ip}:{port}", rank=rank, world_size=world, **kw)
+    init_process_group(backend, init_method=f"tcp://{ip}:{port}", rank=rank, world_size=world, **kw)
     return DistInfo(rank, world, local, backend)
 
 

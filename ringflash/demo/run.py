@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..comm.init import init_process_group
 from ..parallel.layouts import LAYOUTS
 
 LOSS_TOL = 1e-4
@@ -136,7 +137,7 @@ def _spawned(rank, cfg, init_file, out_dir):
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     if cfg.device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(
+    init_process_group(
         backend,
         init_method=f"file://{init_file}",
         rank=rank,
