@@ -405,11 +405,10 @@ def _per_call(replay, calls):
 
 def variant_probe(contexts=(4096, 16384, 32768), rounds=3, budget=2.5e9, batch=1, names=None):
     """Graph-replayed us of kernel variants (``names`` of ``VARIANTS``, default the batch's
-    ``PROBE_SETS`` entry: pointer loads or TMA descriptors, tiles, split counts) beside cuDNN,
-    two timings each:
-    ``flush`` (one cache, zeroing flush) and ``layers`` (caches of about ``budget`` bytes attended
-    back to back in one graph, per call). Interleaved over ``rounds`` rounds (medians), so clock
-    drift hits every column alike."""
+    ``PROBE_SETS`` entry: pointer loads or TMA descriptors, tiles, split counts) beside cuDNN, two
+    timings each: ``flush`` (one cache, zeroing flush) and ``layers`` (caches of about ``budget``
+    bytes attended back to back in one graph, per call). Interleaved over ``rounds`` rounds
+    (medians), so clock drift hits every column alike."""
     names = list(names or PROBE_SETS.get(batch, PROBE_SET_OTHER))
     variants = [(n, *VARIANTS[n]) for n in names]
     names.append("cudnn")
@@ -451,7 +450,7 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="contexts 4k and 32k only")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
-    ap.add_argument("--probe", action="store_true", help="only: kernel variants at batch 1, 4k-32k")
+    ap.add_argument("--probe", action="store_true", help="only: kernel variants, 4k-32k (batch 1) or 4k-16k")
     ap.add_argument("--probe-batch", type=int, default=1, help="--probe's batch")
     ap.add_argument("--variants", help="--probe's variants, comma-separated names of VARIANTS")
     ap.add_argument("--pdl", action="store_true", help="split kernel by programmatic dependent launch")

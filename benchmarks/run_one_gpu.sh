@@ -15,7 +15,7 @@
 #   pieces     bench_ring_pieces.py: every distinct ring step of zigzag at W = 8 and 4, timed alone
 #   hostprof   bench_decode.py --host-profile: where an eager decoding step's host time goes
 #   probe      bench_decode.py --probe: decoding kernel variants (pointer loads / TMA, tiles, splits)
-#   probe16    the same at batch 16 (PROBE_VARIANTS_B16)
+#   probe16    the same at batch 16 (bench_decode.PROBE_SETS[16])
 #   bwtma      bench_decode.py --bandwidth under use_tma("on")
 #   order      bench_tile_order.py: kernels' program order, head-major vs grouped longest-first
 #   ringz      bench_ring.py: zigzag at W = 4, 8 only (the library's defaults)

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["launch/train_ring_lm.py", "--steps", "2", "--seq-len", "96", "--dim", "32", "--layers", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
 
 def _run(cmd: list[str], timeout: float = 240) -> str:
@@ -25,8 +26,7 @@ def _run(cmd: list[str], timeout: float = 240) -> str:
 
 
 def test_torchrun_training_matches_one_process():
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
-    out = _run([*torchrun, *TRAIN, "--layout", "stripe"])
+    out = _run([*TORCHRUN, "3", *TRAIN, "--layout", "stripe"])
     assert "OK: 3 rank(s), layout stripe" in out, out[-2000:]
 
 
@@ -63,8 +63,7 @@ def test_destroy_process_group_stops_the_group_threads(tmp_path):
     group kept alive into the interpreter's teardown can abort the process at exit."""
     script = tmp_path / "teardown.py"
     script.write_text(_TEARDOWN_SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = _run([*torchrun, str(script)])
+    out = _run([*TORCHRUN, "2", str(script)])
     lines = [ln for ln in out.splitlines() if "threads after teardown:" in ln]
     assert len(lines) == 2, out[-2000:]
     assert not any("gloo" in ln for ln in lines), "\n".join(lines)
@@ -85,7 +84,7 @@ def test_bench_ring_tiny_runs():
 
 
 def test_real_ring_benchmark_runs_under_torchrun():
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [*TORCHRUN, "2"]
     out = _run([*torchrun, "benchmarks/bench_ring_nccl.py", "--tiny", "--layouts", "zigzag", "varlen"])
     rows = [ln for ln in out.splitlines() if ln.strip().startswith(("zigzag", "varlen"))]
     assert len(rows) == 2, out[-2000:]
@@ -95,7 +94,7 @@ def test_real_ring_benchmark_runs_under_torchrun():
 
 
 def test_sharded_decode_and_max_seqlen_benchmarks_run_under_torchrun(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [*TORCHRUN, "2"]
     out = _run([*torchrun, "benchmarks/bench_decode_sharded_nccl.py", "--tiny", "--out", str(tmp_path)])
     row = next(ln for ln in out.splitlines() if ln.strip().startswith("512 |"))
     assert float(row.split("|")[-1]) < 1e-5, row  # sharded == one device, up to float32 rounding

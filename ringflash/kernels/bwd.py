@@ -23,6 +23,7 @@ from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
     cdiv,
+    cuda_index,
     dot_f32,
     dot_precision,
     mask_flags,
@@ -335,7 +336,7 @@ def _dq_beside(dkdv_programs: int, device: torch.device) -> bool:
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The device's second stream (made on first use; None if that would be inside a graph capture,
     where creating a stream is best avoided: the call then runs on one stream)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     side = _SIDE.get(index)
     if side is None:
         if torch.cuda.is_current_stream_capturing():

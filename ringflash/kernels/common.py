@@ -247,6 +247,11 @@ def wide_offsets(*tensors) -> bool:
     return False
 
 
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device; the current device for a bare ``"cuda"``."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -256,7 +261,7 @@ def sm_count(device: torch.device) -> int:
     """Multiprocessor count of a CUDA device (cached); 8 for other devices (the interpreter)."""
     if device.type != "cuda":
         return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(cuda_index(device))
 
 
 @functools.cache
@@ -274,7 +279,7 @@ def bandwidth_per_sm(device: torch.device) -> float:
     clock and bus width): about 25 on an H100 SXM, 37 on an H200. 0 for other devices."""
     if device.type != "cuda":
         return 0.0
-    return _bandwidth_per_sm(device.index if device.index is not None else torch.cuda.current_device())
+    return _bandwidth_per_sm(cuda_index(device))
 
 
 def on_tensor_device(fn):
@@ -316,7 +321,7 @@ def _tma_device(device: torch.device, mode: str) -> bool:
         return True
     if mode == "off" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(cuda_index(device)) >= (9, 0)
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -325,7 +330,7 @@ def pdl_supported(device: torch.device) -> bool:
     newer, with a Triton that has ``tl.extra.cuda.gdc_wait``."""
     if device.type != "cuda":
         return False
-    return _pdl(device.index if device.index is not None else torch.cuda.current_device())
+    return _pdl(cuda_index(device))
 
 
 @functools.cache

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from .common import next_pow2
+from .common import cuda_index, next_pow2
 
 __all__ = ["CounterArena", "capture_counters", "reserve_capture_counters", "semaphore_buffer"]
 
@@ -58,9 +58,7 @@ class CounterArena:
 
 
 def _key(device: torch.device) -> tuple[str, int | None]:
-    if device.type == "cuda" and device.index is None:
-        return "cuda", torch.cuda.current_device()
-    return device.type, device.index
+    return device.type, (cuda_index(device) if device.type == "cuda" else device.index)
 
 
 def reserve_capture_counters(device: torch.device, rows: int) -> None:
