@@ -386,13 +386,14 @@ VARIANTS = {
     "bn128 w4": ("off", dict(block_n=128, num_warps=4)),
     "bn128 w4 st2": ("off", dict(block_n=128, num_warps=4, num_stages=2)),
     "pdl": ("off", dict(set=((kdec, "USE_PDL", True),))),
+    "nopdl": ("off", dict(set=((kdec, "USE_PDL", False),))),
 }
 # The default set per --probe-batch (batch 16 runs one split per KV head: 128 programs).
 PROBE_SETS = {
-    1: ("ptr", "pdl", "unfused", "bn128 w4"),
-    16: ("ptr", "pdl", "bn128 w4", "st4"),
+    1: ("nopdl", "pdl", "unfused", "bn128 w4"),
+    16: ("nopdl", "pdl", "bn128 w4", "st4"),
 }
-PROBE_SET_OTHER = ("ptr", "pdl", "bn128 w4")
+PROBE_SET_OTHER = ("nopdl", "pdl", "bn128 w4")
 
 
 def _per_call(replay, calls):
@@ -453,7 +454,10 @@ def main():
     ap.add_argument("--probe", action="store_true", help="only: kernel variants, 4k-32k (batch 1) or 4k-16k")
     ap.add_argument("--probe-batch", type=int, default=1, help="--probe's batch")
     ap.add_argument("--variants", help="--probe's variants, comma-separated names of VARIANTS")
-    ap.add_argument("--pdl", action="store_true", help="split kernel by programmatic dependent launch")
+    ap.add_argument("--probe-contexts", help="--probe's contexts, comma-separated (default 4k-32k or 4k-16k)")
+    ap.add_argument(
+        "--pdl", choices=["on", "off"], help="split kernel by programmatic dependent launch (default USE_PDL)"
+    )
     ap.add_argument("--bandwidth", action="store_true", help="only: B=1 16k/32k with three timings")
     ap.add_argument("--host-profile", action="store_true", help="only: cProfile of eager 4k steps")
     ap.add_argument(
@@ -463,7 +467,8 @@ def main():
         help="ringflash.use_tma mode (decoding uses TMA descriptors for the cache only under 'on')",
     )
     args = ap.parse_args()
-    kdec.USE_PDL = args.pdl
+    if args.pdl:
+        kdec.USE_PDL = args.pdl == "on"
     with use_tma(args.tma):
         _main(args)
 
@@ -481,6 +486,8 @@ def _main(args):
         sweep(bw)
     if args.probe:
         ctxs = (4096, 16384) if args.probe_batch > 1 else (4096, 16384, 32768)
+        if args.probe_contexts:
+            ctxs = tuple(int(c) for c in args.probe_contexts.split(","))
         names = args.variants.split(",") if args.variants else None
         variant_probe(ctxs, batch=args.probe_batch, names=names)
         return

@@ -3,7 +3,7 @@
 #   benchmarks/run_one_gpu.sh OUT_DIR [PARTS] [SECONDS]   PARTS: comma-separated, default all of
 #   dtests     the CUDA decode tests (fused step, counters per stream / arena slices per capture, graphs)
 #   decode     bench_decode.py (every row, beside SDPA flash and cuDNN, graphed step)
-#   decodepdl  the same with the split kernel launched by programmatic dependent launch (--pdl)
+#   decodepdl  the same with the split kernel launched by programmatic dependent launch (--pdl on)
 #   sweep      sweep_bwd.py: every backward tile config at head dim 128, timed alone
 #   attention  bench_attention.py (every row, forward and backward, beside SDPA flash and cuDNN,
 #              and the public flash_attn_func through autograd)
@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG
 want dtests && stage dtests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py \
     tests/test_decode_counters.py -k cuda
 want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
-want decodepdl && stage decodepdl 150 python3 benchmarks/bench_decode.py --pdl --out "$LOG/decode_pdl"
+want decodepdl && stage decodepdl 150 python3 benchmarks/bench_decode.py --pdl on --out "$LOG/decode_pdl"
 # SWEEP_ARGS (e.g. "--dims 64 --base-dims 64") and SWEEP_S (its seconds) narrow the sweep.
 SWEEP_S=${SWEEP_S:-$(($(left) - 20))}
 want sweep && stage sweep $((SWEEP_S + 20)) python3 benchmarks/sweep_bwd.py --out "$LOG/sweep" --budget "$SWEEP_S" ${SWEEP_ARGS:-}
@@ -56,8 +56,10 @@ want gqa && stage gqa 200 python3 benchmarks/bench_gqa.py
 want bandwidth && stage bandwidth 90 python3 benchmarks/bench_decode.py --bandwidth --out "$LOG/decode"
 want pieces && stage pieces 150 python3 benchmarks/bench_ring_pieces.py --world 8
 want pieces && stage pieces4 100 python3 benchmarks/bench_ring_pieces.py --world 4
-want probe && stage probe 200 python3 benchmarks/bench_decode.py --probe --out "$LOG/decode"
-want probe16 && stage probe16 200 python3 benchmarks/bench_decode.py --probe --probe-batch 16 --out "$LOG/decode"
+# PROBE_ARGS (e.g. "--probe-contexts 131072,262144 --variants nopdl,pdl"): the probe's contexts
+# and variants (PROBE16_ARGS: probe16's).
+want probe && stage probe 200 python3 benchmarks/bench_decode.py --probe ${PROBE_ARGS:-} --out "$LOG/decode"
+want probe16 && stage probe16 200 python3 benchmarks/bench_decode.py --probe --probe-batch 16 ${PROBE16_ARGS:-} --out "$LOG/decode"
 want bwtma && stage bwtma 90 python3 benchmarks/bench_decode.py --bandwidth --tma on --out "$LOG/decode"
 want order && stage order 200 python3 benchmarks/bench_tile_order.py
 want bwdov && stage bwdov 200 python3 benchmarks/bench_bwd_overlap.py
