@@ -462,11 +462,11 @@ MAX_SPLITS = 256
 WIDE_BLOCK_N = 128
 WIDE_MIN_GBPS_PER_SM = 30.0
 WIDE_MIN_KEYS = 1024
-# Programmatic dependent launch of the split kernel (CUDA, compute capability >= 9.0). Off: on an
-# H100 and an H200 (2026-11-27) it saves 0.5-0.7 us a call only where our own split kernels run
-# back to back at short contexts (batch 1, 4k), and costs 0.3-1% from batch 1 at 128k and at
-# batch 16 from 16k (benchmarks/RESULTS.md); between a model's other kernels, which do not let
-# it launch early, it has less to save.
+# Programmatic dependent launch of the split kernel (CUDA, compute capability >= 9.0). Off: it
+# saves time only where one split kernel follows another (0.6-0.7 us a call at batch 1, 4k, on an
+# H100 and an H200; 0.0-0.7 us elsewhere on the H100), as a model's other kernels do not let the
+# next launch early; and with the H200's 128-key tiles it costs 0.3-1% from batch 1 at 128k and
+# at batch 16 from 16k (benchmarks/RESULTS.md, 2026-11-27).
 USE_PDL = False
 
 
