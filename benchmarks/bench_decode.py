@@ -23,7 +23,9 @@ model's decoding step: 32 layers, each with its own 4k cache, captured in one gr
 Times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed call) of CUDA
 graph replays: every method (ours, both SDPA backends) is captured once and replayed, so the table
 compares GPU time, not Python launch overhead (our launcher is Python; at small contexts its
-eager time is host bound, shown in the ``eager`` column).
+eager time is host bound, shown in the ``eager`` column). In the table each row's four graphs
+are timed in turn for ``TABLE_ROUNDS`` rounds and each column is the median of its rounds, so a
+drift of clocks or memory during the row reaches every column alike.
 
 Usage: ``python benchmarks/bench_decode.py --out bench_out [--quick] [--sweep] [--probe]``. Prints
 the GPU, versions and a table; writes ``decode.csv`` and ``decode.png`` (if matplotlib is
@@ -54,6 +56,7 @@ from ringflash.parallel import sharded_decode as sd
 
 HQ, HK, D = 32, 8, 128
 DT = torch.bfloat16
+TABLE_ROUNDS = 3  # interleaved rounds per row of the table
 
 
 def _bench(fn, rep=200):
@@ -387,6 +390,11 @@ VARIANTS = {
     "bn128 w4 st2": ("off", dict(block_n=128, num_warps=4, num_stages=2)),
     "pdl": ("off", dict(set=((kdec, "USE_PDL", True),))),
     "nopdl": ("off", dict(set=((kdec, "USE_PDL", False),))),
+    "pf0": ("off", dict(set=((kdec, "PREFETCH_ROWS", 0),))),
+    "pf32": ("off", dict(set=((kdec, "PREFETCH_ROWS", 32),))),
+    "pf64": ("off", dict(set=((kdec, "PREFETCH_ROWS", 64),))),
+    "pf128": ("off", dict(set=((kdec, "PREFETCH_ROWS", 128),))),
+    "pf256": ("off", dict(set=((kdec, "PREFETCH_ROWS", 256),))),
 }
 # The default set per --probe-batch (batch 16 runs one split per KV head: 128 programs).
 PROBE_SETS = {
@@ -510,16 +518,19 @@ def _main(args):
             fn = ours_fn(q, kc, vc, lens)
             err = check_close(q, kc, vc, lens, fn()[0])
             row = dict(batch=b, ctx=s, kv_mb=nbytes / 1e6, floor_us=nbytes / (bw * 1e3), rel_err=err)
-            row["ours_us"] = _bench_graph(fn)
-            row["unfused_us"] = _bench_graph(ours_fn(q, kc, vc, lens, fuse_combine=False))
+            replays = {"ours": graphed(fn), "unfused": graphed(ours_fn(q, kc, vc, lens, fuse_combine=False))}
+            for tag, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                sfn, row[f"{tag}_kv"] = sdpa_fn(q, kc, vc, be)
+                replays[tag] = graphed(sfn) if sfn is not None else None
+            # Every column timed once per round, in turn (medians of TABLE_ROUNDS rounds): clock
+            # and memory drift over the row then hits ours and SDPA's alike.
+            med = interleaved_medians([_per_call(r, 1) for r in replays.values()], TABLE_ROUNDS)
+            for tag, us in zip(replays, med, strict=True):
+                row[f"{tag}_us"] = us
             row["ours_eager_us"] = _bench(fn)
             row["splits"] = kdec.pick_num_splits(b, HK, HQ // HK, 1, s, q.device)
             row["block_n"] = kdec.pick_block_n(row["splits"] * b * HK, s // row["splits"], D * 2, q.device)
-            for tag, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                sfn, how = sdpa_fn(q, kc, vc, be)
-                row[f"{tag}_us"] = _bench_graph(sfn) if sfn is not None else float("nan")
-                row[f"{tag}_kv"] = how
-                del sfn
+            del replays
             for tag in ("ours", "flash", "cudnn"):
                 row[f"{tag}_gbs"] = nbytes / (row[f"{tag}_us"] * 1e-6) / 1e9
                 row[f"{tag}_frac"] = row[f"{tag}_gbs"] / bw

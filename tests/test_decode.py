@@ -358,6 +358,33 @@ def _capture(step):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "B,S,cap,D,dtype",
+    [
+        (16, 4096, 4096, 128, torch.bfloat16),
+        (1, 4000, 5000, 128, torch.bfloat16),
+        (3, 100, 130, 80, torch.float16),
+        (2, 0, 40, 64, torch.float32),
+    ],
+)
+def test_decode_cuda_prefetch_changes_nothing(monkeypatch, B, S, cap, D, dtype):
+    """The L2 prefetch of split 0's first rows is a hint: with it, without it and with more rows
+    than the cache holds, the outputs are bitwise the same."""
+    from ringflash.kernels import decode as kd
+
+    q = torch.randn(B, 1, 16, D, device="cuda", dtype=dtype)
+    kc = torch.randn(B, cap, 4, D, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    outs = []
+    for rows in (0, 64, 256):
+        monkeypatch.setattr(kd, "PREFETCH_ROWS", rows)
+        outs.append(kd.decode_fwd(q, kc, vc, lens, softmax_scale=D**-0.5))
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tma,pdl", [("auto", False), ("on", False), ("auto", True)])
 def test_decode_cuda_graph(monkeypatch, tma, pdl):
     """A captured append+attend step replays for new lengths (read on the device) exactly (also

@@ -11,6 +11,7 @@ attention skip the blocks that its position offsets mask out.
 from __future__ import annotations
 
 import functools
+import os
 
 # Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
 # exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
@@ -322,6 +323,12 @@ def _tma_device(device: torch.device, mode: str) -> bool:
     if mode == "off" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     return _capability(cuda_index(device)) >= (9, 0)
+
+
+def ptx_device(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are compiled to PTX, so inline PTX may be used: NVIDIA CUDA
+    devices, not ROCm's, and not under Triton's interpreter."""
+    return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def pdl_supported(device: torch.device) -> bool:

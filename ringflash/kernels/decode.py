@@ -42,6 +42,7 @@ from .common import (
     on_tensor_device,
     pad_dim,
     pdl_supported,
+    ptx_device,
     sm_count,
     tma_applies,
 )
@@ -104,6 +105,14 @@ def _attend_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, DOT_F32)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ``ptrs`` (no registers written; nothing waits for them)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit(
@@ -183,6 +192,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    PREFETCH_ROWS: tl.constexpr = 0,
+    PREFETCH_LINES: tl.constexpr = 1,
+    PREFETCH_STEP: tl.constexpr = 64,
 ):
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -197,6 +209,19 @@ def _decode_split_kernel(
         # holds it until this grid is complete.
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+    if PREFETCH_ROWS > 0:
+        # Split 0 of a contiguous cache with no lower window starts at key 0 whatever the length:
+        # ask L2 for its first rows now, so the loop's first loads, issued once the length has
+        # arrived, do not wait a second DRAM round trip. A hint only: nothing is read into
+        # registers, and rows are clamped into the cache.
+        if split == 0:
+            pf_rows = tl.minimum(tl.arange(0, PREFETCH_ROWS), capacity - 1).to(tl.int64)
+            pf_cols = tl.arange(0, PREFETCH_LINES) * PREFETCH_STEP
+            pf_k = K + hk * stride_kh + b.to(tl.int64) * stride_kb + pf_rows[:, None] * stride_ks
+            pf_v = V + hk * stride_vh + b.to(tl.int64) * stride_vb + pf_rows[:, None] * stride_vs
+            _prefetch_l2(pf_k + pf_cols[None, :])
+            _prefetch_l2(pf_v + pf_cols[None, :])
 
     # Lengths, rows and pages are clamped into the cache: a no-op for checked inputs, and with
     # value checks skipped (or a captured graph replayed past its cache) nothing outside the cache
@@ -468,6 +493,10 @@ WIDE_MIN_KEYS = 1024
 # next launch early; and with the H200's 128-key tiles it costs 0.3-1% from batch 1 at 128k and
 # at batch 16 from 16k (benchmarks/RESULTS.md, 2026-11-27).
 USE_PDL = False
+# Key rows of split 0 prefetched into L2 before the cache length is read (0: none). One 64-key
+# tile on an H100 (2026-11-27): 0.3-1.9 us faster at batches 4-16 (batch 16 at 4k from 0.99x
+# cuDNN to 1.00x), no change at batch 1 and 32; 128 or 256 rows no better (benchmarks/RESULTS.md).
+PREFETCH_ROWS = 64
 
 
 def block_m(group: int, seqlen_q: int) -> int:
@@ -618,6 +647,9 @@ def decode_fwd(
     # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under
     # use_tma("on") (3-16% slower than pointer loads on an H100, benchmarks/RESULTS.md).
     tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
+    # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
+    prefetch = ptx_device(dev) and not paged and not tma and cache_batch_idx is None and not has_lo
+    prefetch_rows = min(PREFETCH_ROWS, next_pow2(capacity)) if prefetch else 0
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
@@ -672,6 +704,9 @@ def decode_fwd(
         BLOCK_N=bn,
         TMA=tma,
         PDL=pdl,
+        PREFETCH_ROWS=prefetch_rows,
+        PREFETCH_LINES=cdiv(D * k_cache.element_size(), 128),
+        PREFETCH_STEP=128 // k_cache.element_size(),  # elements per 128-byte line
         **launch,
     )
     if not fused:
