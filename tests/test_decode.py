@@ -365,11 +365,12 @@ def _capture(step):
         (1, 4000, 5000, 128, torch.bfloat16),
         (3, 100, 130, 80, torch.float16),
         (2, 0, 40, 64, torch.float32),
+        (2, 0, 0, 64, torch.float32),
     ],
 )
 def test_decode_cuda_prefetch_changes_nothing(monkeypatch, B, S, cap, D, dtype):
     """The L2 prefetch of split 0's first rows is a hint: with it, without it and with more rows
-    than the cache holds, the outputs are bitwise the same."""
+    than the cache holds, the outputs are bitwise the same (and an empty cache prefetches nothing)."""
     from ringflash.kernels import decode as kd
 
     q = torch.randn(B, 1, 16, D, device="cuda", dtype=dtype)

@@ -649,7 +649,7 @@ def decode_fwd(
     tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
     prefetch = ptx_device(dev) and not paged and not tma and cache_batch_idx is None and not has_lo
-    prefetch_rows = min(PREFETCH_ROWS, next_pow2(capacity)) if prefetch else 0
+    prefetch_rows = next_pow2(min(PREFETCH_ROWS, capacity)) if prefetch else 0  # 0 for an empty cache
     _decode_split_kernel[(n_splits, B * Hk, m_blocks)](
         q,
         k_cache,
