@@ -37,7 +37,7 @@ PACK=g
 # shellcheck source=benchmarks/stages.sh
 source benchmarks/stages.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/env.txt"
-want dtests && stage dtests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py \
+want dtests && stage dtests 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decode.py \
     tests/test_decode_counters.py -k cuda
 want decode && stage decode 150 python3 benchmarks/bench_decode.py --out "$LOG/decode"
 want decodepdl && stage decodepdl 150 python3 benchmarks/bench_decode.py --pdl on --out "$LOG/decode_pdl"
