@@ -390,11 +390,8 @@ VARIANTS = {
     "bn128 w4 st2": ("off", dict(block_n=128, num_warps=4, num_stages=2)),
     "pdl": ("off", dict(set=((kdec, "USE_PDL", True),))),
     "nopdl": ("off", dict(set=((kdec, "USE_PDL", False),))),
-    "pf0": ("off", dict(set=((kdec, "PREFETCH_ROWS", 0),))),
-    "pf32": ("off", dict(set=((kdec, "PREFETCH_ROWS", 32),))),
-    "pf64": ("off", dict(set=((kdec, "PREFETCH_ROWS", 64),))),
-    "pf128": ("off", dict(set=((kdec, "PREFETCH_ROWS", 128),))),
-    "pf256": ("off", dict(set=((kdec, "PREFETCH_ROWS", 256),))),
+    # pfN: N key rows of split 0 prefetched into L2 (pf0: none).
+    **{f"pf{rows}": ("off", dict(set=((kdec, "PREFETCH_ROWS", rows),))) for rows in (0, 32, 64, 128, 256)},
 }
 # The default set per --probe-batch (batch 16 runs one split per KV head: 128 programs).
 PROBE_SETS = {
