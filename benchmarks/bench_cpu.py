@@ -91,11 +91,16 @@ def _status_kib(field):
 
 
 def peak_memory(which, b, s, h, d, backward):
+    """Peak resident memory of one call, measured in a fresh process (this script's folder on its
+    path, wherever the command runs from); the child's own error is shown if it fails."""
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import sys, json; sys.path.insert(0, 'benchmarks'); import bench_cpu as m; "
+        f"import sys, json; sys.path.insert(0, {here!r}); import bench_cpu as m; "
         f"print(json.dumps(m._peak_child({which!r}, {b}, {s}, {h}, {d}, {backward})))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the memory probe for {which} at S={s} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

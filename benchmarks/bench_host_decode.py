@@ -14,13 +14,16 @@ checks on and inside ``skip_value_checks()``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend takes CPU tensors (its launch is stubbed)
 
-from ringflash import skip_value_checks, use_backend
-from ringflash.decode import flash_attn_with_kvcache
-from ringflash.kernels import decode as kd
+import torch  # noqa: E402
+
+from ringflash import skip_value_checks, use_backend  # noqa: E402
+from ringflash.decode import flash_attn_with_kvcache  # noqa: E402
+from ringflash.kernels import decode as kd  # noqa: E402
 
 
 class _StubLaunch:

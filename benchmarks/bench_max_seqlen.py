@@ -32,7 +32,7 @@ from bench_io import write_csv
 from bench_timing import start_distributed
 
 import ringflash as rf
-from ringflash.backends import DEFAULT_RING_PREFETCH
+from ringflash.parallel.options import DEFAULT_RING_PREFETCH
 
 PREFETCH = [DEFAULT_RING_PREFETCH]  # --prefetch
 

@@ -54,8 +54,9 @@ import torch
 from bench_timing import interleaved_medians
 from torch.nn import functional
 
-from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for, backend_name
+from ringflash.backends import backend_for, backend_name
 from ringflash.parallel import ring_loop, shard_for, simulate_ring_attn, simulate_ring_attn_backward
+from ringflash.parallel.options import DEFAULT_RING_PREFETCH
 
 LINKS = {
     "NVLink4 (H100, ~450 GB/s)": 450e9,

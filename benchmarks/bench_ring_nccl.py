@@ -48,7 +48,8 @@ from bench_io import write_csv
 from bench_timing import dist_median_time, start_distributed
 
 import ringflash as rf
-from ringflash.backends import DEFAULT_RING_PREFETCH, backend_for
+from ringflash.backends import backend_for
+from ringflash.parallel.options import DEFAULT_RING_PREFETCH
 
 FUNCS = {
     "zigzag": rf.zigzag_ring_flash_attn_func,

@@ -7,7 +7,7 @@ a 2-D Ulysses x ring hybrid, and flash
 decoding with a KV cache on one device or sharded over ranks.
 """
 
-from .backends import use_backend, use_ring_prefetch, use_ring_transport, use_tma
+from .backends import use_backend, use_tma
 from .checks import skip_value_checks
 from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
@@ -31,6 +31,8 @@ from .parallel import (
     stripe_flash_attn_qkvpacked_func,
     ulysses_attn_func,
     unshard,
+    use_ring_prefetch,
+    use_ring_transport,
     usp_attn_func,
     usp_positions,
     usp_shard,

@@ -1,9 +1,18 @@
-"""Backend choice for the local attention ops.
+"""The one place a backend is chosen: attention, its backward, decoding, cache appends and merges.
 
-A backend is a module with ``attn_fwd``, ``attn_bwd`` and ``attn_bwd_delta`` (the interface
-documented in ``ringflash.blockwise``): ``"triton"`` (``ringflash.kernels``) or ``"torch"``
-(``ringflash.blockwise``). By default CUDA tensors use Triton when it is importable and everything
-else uses the blockwise PyTorch backend; ``use_backend`` overrides the choice within a block.
+A backend is an object with the methods of :class:`Backend` (the interface every layer above
+calls; ``ringflash.blockwise`` documents the arguments). Two are built in:
+
+- ``"triton"``: the Triton kernels of ``ringflash.kernels`` (CUDA tensors; CPU tensors only under
+  Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is imported);
+- ``"torch"``: the blockwise PyTorch backend of ``ringflash.blockwise`` (any device).
+
+By default CUDA tensors use ``"triton"`` when Triton is importable and everything else uses
+``"torch"``; ``use_backend`` overrides the choice inside a block. Tunables (tile sizes, launch
+options) are explicit config objects (``BlockwiseConfig``, ``ringflash.kernels.options``'s
+``AttnConfig`` / ``DecodeConfig``) set for a block with ``use_config``; nothing reads or assigns
+module globals. ``ops.py``, ``decode.py`` and ``parallel/`` call the backend returned by
+:func:`backend_for`; none of them imports ``ringflash.kernels``.
 """
 
 from __future__ import annotations
@@ -11,14 +20,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-from types import ModuleType
+import os
 
 import torch
 
+from . import blockwise
+from .blockwise import BlockwiseConfig
+
 BACKENDS = ("triton", "torch")
-# A plain list (innermost choice last) rather than a ContextVar: torch.compile can read and guard
+# Plain lists (innermost choice last) rather than ContextVars: torch.compile can read and guard
 # on a module-level list, not on ContextVar.get.
 _forced: list[str] = []
+_configs: list[object] = []
 
 
 @functools.cache
@@ -27,10 +40,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreter() -> bool:
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @contextlib.contextmanager
-def _pushed(stack: list, value):
-    """``value`` on top of ``stack`` inside the block (the choices of the ``use_*`` context managers
-    nest: the innermost block wins)."""
+def pushed(stack: list, value):
+    """``value`` on top of ``stack`` inside the block (the ``use_*`` context managers nest: the
+    innermost block wins)."""
     stack.append(value)
     try:
         yield
@@ -40,10 +58,14 @@ def _pushed(stack: list, value):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ringflash attention calls inside the block on backend ``"triton"`` or ``"torch"``.
+    """Run the ringflash attention and decoding calls inside the block on backend ``name``.
 
-    ``"triton"`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` set before
-    Triton is imported).
+    Args:
+        name: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
+            ``"torch"`` (the blockwise PyTorch backend, any device).
+
+    Raises:
+        ValueError: an unknown name, or ``"triton"`` without the triton package.
 
     Example:
         >>> with ringflash.use_backend("torch"):
@@ -52,9 +74,182 @@ def use_backend(name: str):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
     if name == "triton" and not triton_available():
-        raise ValueError("backend 'triton' asked for, but the triton package is not installed")
-    with _pushed(_forced, name):
+        raise ValueError(
+            "backend 'triton' asked for, but the triton package is not installed "
+            "(pip install triton, or pip install 'ringflash[triton]')"
+        )
+    with pushed(_forced, name):
         yield
+
+
+@contextlib.contextmanager
+def use_config(config):
+    """Use ``config`` (a ``BlockwiseConfig``, or ``ringflash.kernels.options.AttnConfig`` /
+    ``DecodeConfig``) for the calls inside the block; each backend reads the innermost config of
+    its own type. Configs change tiling and scheduling, never results beyond rounding order.
+
+    Example:
+        >>> with ringflash.backends.use_config(BlockwiseConfig(block_q=64, block_k=64)):
+        ...     out = ringflash.flash_attn_func(q, k, v)
+    """
+    with pushed(_configs, config):
+        yield
+
+
+def current_config(kind: type):
+    """The innermost ``use_config`` object of type ``kind``, or ``kind()`` (its defaults)."""
+    for c in reversed(_configs):
+        if isinstance(c, kind):
+            return c
+    return kind()
+
+
+class Backend:
+    """The interface of a backend; ``ringflash.blockwise`` documents every argument.
+
+    - ``attn_fwd(q, k, v, *, softmax_scale, causal, window_size, softcap, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge) -> (out, lse)``
+    - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv) -> (dq, dk, dv)``
+    - ``attn_bwd_delta(dout, out, packed) -> delta``
+    - ``decode_fwd(q, k_cache, v_cache, cache_seqlens, *, n_new, k_new, v_new, block_table,
+      cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
+      out_dtype) -> (out, lse)``: attention over a KV cache; with ``k_new``/``v_new`` it also
+      appends them (``cache_seqlens``: keys before the new ones).
+    - ``append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table, cache_batch_idx)``
+    - ``combine(outs [N, B, Sq, H, D], lses [N, B, Sq, H], out_dtype) -> (out, lse [B, H, Sq])``:
+      the exact merge of N float32 partials (sharded decoding).
+    """
+
+    name = ""
+
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether this backend can run tensors on ``device``."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The blockwise PyTorch backend (``ringflash.blockwise``): any device."""
+
+    name = "torch"
+
+    def runs_on(self, device):
+        return True
+
+    def attn_fwd(self, q, k, v, **kw):
+        return blockwise.attn_fwd(q, k, v, config=current_config(BlockwiseConfig), **kw)
+
+    def attn_bwd(self, dout, q, k, v, out, lse, **kw):
+        return blockwise.attn_bwd(dout, q, k, v, out, lse, config=current_config(BlockwiseConfig), **kw)
+
+    def attn_bwd_delta(self, dout, out, packed=False):
+        return blockwise.attn_bwd_delta(dout, out, packed=packed)
+
+    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, **kw):
+        cfg = current_config(BlockwiseConfig)
+        return blockwise.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
+
+    def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
+        blockwise.append_kv(
+            k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, cache_batch_idx=cache_batch_idx
+        )
+
+    def combine(self, outs, lses, out_dtype):
+        from .merge import combine_attn_partials
+
+        out, lse = combine_attn_partials(outs, lses.permute(0, 1, 3, 2))
+        return out.to(out_dtype), lse
+
+
+class TritonBackend(Backend):
+    """The Triton kernels (``ringflash.kernels``): CUDA tensors, or CPU tensors under the interpreter."""
+
+    name = "triton"
+
+    def runs_on(self, device):
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
+
+    def attn_fwd(self, q, k, v, **kw):
+        from .kernels import fwd
+
+        return fwd.attn_fwd(q, k, v, **kw)
+
+    def attn_bwd(self, dout, q, k, v, out, lse, **kw):
+        from .kernels import bwd
+
+        return bwd.attn_bwd(dout, q, k, v, out, lse, **kw)
+
+    def attn_bwd_delta(self, dout, out, packed=False):
+        from .kernels import bwd
+
+        return bwd.attn_bwd_delta(dout, out, packed=packed)
+
+    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, **kw):
+        from .kernels.decode import decode_fwd
+
+        # The split kernel reads rows with a unit stride in the head dim (the cache is checked to
+        # have one: it is written in place).
+        q, k_new, v_new = _unit_last(q), _unit_last(k_new), _unit_last(v_new)
+        return decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, **kw)
+
+    def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
+        from .kernels.decode import append_kv
+
+        append_kv(
+            k_cache,
+            v_cache,
+            _unit_last(k),
+            _unit_last(v),
+            cache_seqlens,
+            block_table=block_table,
+            cache_batch_idx=cache_batch_idx,
+        )
+
+    def combine(self, outs, lses, out_dtype):
+        from .kernels.decode import combine_partials
+
+        _, batch, sq, heads, dim = outs.shape
+        out = torch.empty((batch, sq, heads, dim), dtype=out_dtype, device=outs.device)
+        lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=outs.device)
+        return combine_partials(outs, lses, out, lse, split_dim=0)
+
+
+def _unit_last(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+_BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}
+
+
+def backend_name(device: torch.device) -> str:
+    """The name of the backend that a call on ``device`` uses now."""
+    if _forced:
+        return _forced[-1]
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}") from None
+
+
+def backend_for(x: torch.Tensor) -> Backend:
+    """The backend that a call on tensor ``x`` uses now.
+
+    Raises:
+        ValueError: the chosen backend cannot run tensors on ``x``'s device (e.g. ``"triton"``
+            on CPU tensors without ``TRITON_INTERPRET=1``).
+    """
+    be = get_backend(backend_name(x.device))
+    if not be.runs_on(x.device):
+        raise ValueError(
+            f"backend {be.name!r} cannot run {x.device.type} tensors: 'triton' runs CUDA tensors "
+            "(CPU tensors only with TRITON_INTERPRET=1 set before triton is imported); use "
+            "use_backend('torch') for other devices"
+        )
+    return be
 
 
 TMA_MODES = ("auto", "on", "off")
@@ -66,10 +261,10 @@ def use_tma(mode: str):
     """Choose how the Triton kernels inside the block load their streamed tiles on Hopper.
 
     ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
-    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (measured faster
-    for shorter calls, see benchmarks/RESULTS.md). ``"on"``: descriptors at every length (and under
-    Triton's interpreter), and in the decoding kernel for a contiguous KV cache (only under
-    ``"on"``: 3-16% slower than its pointer loads on an H100). ``"off"``: pointer loads only.
+    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (faster for
+    shorter calls, see docs/performance.md). ``"on"``: descriptors at every length (and under
+    Triton's interpreter), and in the decoding kernel for a contiguous KV cache. ``"off"``:
+    pointer loads only.
 
     Example:
         >>> with ringflash.use_tma("off"):
@@ -77,101 +272,10 @@ def use_tma(mode: str):
     """
     if mode not in TMA_MODES:
         raise ValueError(f"unknown TMA mode {mode!r}: expected one of {TMA_MODES}")
-    with _pushed(_tma_forced, mode):
+    with pushed(_tma_forced, mode):
         yield
-
-
-RING_TRANSPORTS = ("nccl", "copy_engine")
-_transport_forced: list[str] = []
-
-
-@contextlib.contextmanager
-def use_ring_transport(name: str):
-    """Choose how ring attention inside the block moves K/V between the GPUs of one node.
-
-    ``"nccl"`` (the default): send/receive through the process group (NCCL or gloo). Its kernels
-    need SMs, so a transfer posted during a ring step's attention kernel waits for that kernel's
-    thread blocks to be issued. ``"copy_engine"``: a peer-to-peer DMA copy into the next GPU's
-    memory (PyTorch symmetric memory; every rank of the group on one node, CUDA tensors), which
-    runs alongside the attention kernel (see ``ringflash/comm/copy_engine.py`` and
-    benchmarks/RESULTS.md). Every rank of the group must choose the same transport. The copy
-    engines' receive buffers (three per K/V shape, and per float32 dK/dV shape) stay allocated for
-    the life of the process; the results are bitwise those of ``"nccl"``.
-
-    Example:
-        >>> with ringflash.use_ring_transport("copy_engine"):
-        ...     out = ringflash.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=group)
-    """
-    if name not in RING_TRANSPORTS:
-        raise ValueError(f"unknown ring transport {name!r}: expected one of {RING_TRANSPORTS}")
-    with _pushed(_transport_forced, name):
-        yield
-
-
-def ring_transport() -> str:
-    """The ``use_ring_transport`` choice in force now (``"nccl"`` outside any block)."""
-    return _transport_forced[-1] if _transport_forced else "nccl"
-
-
-DEFAULT_RING_PREFETCH = 2
-_prefetch_forced: list[int] = []
-
-
-@contextlib.contextmanager
-def use_ring_prefetch(blocks: int):
-    """Choose how many K/V blocks the forward of ring attention inside the block holds at once.
-
-    After its own block, each rank holds the K/V of ``blocks`` ring steps and computes them
-    together: unmasked pieces over the same query rows become one attention call over their keys
-    laid end to end (fewer, longer kernel launches and fewer passes over the float32 output
-    state), while the next ``blocks`` blocks travel, each sent ``blocks`` ranks ahead. ``1`` is
-    the plain ring (one block per step); the default, 2, made the forward of a simulated
-    Llama-3-8B zigzag ring 4-13% faster on an H100 (benchmarks/RESULTS.md). Memory: during the
-    forward a rank keeps up to ``3 * blocks`` K/V shards (held, arriving, and keys laid end to
-    end for a fused call) where the plain ring keeps two. The backward and the results (up to float32
-    rounding order) do not change. Every rank of the group must choose the same value; under
-    ``use_ring_transport("copy_engine")``, whose copies go one rank ahead, the forward holds one.
-
-    Example:
-        >>> with ringflash.use_ring_prefetch(1):
-        ...     out = ringflash.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=group)
-    """
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"use_ring_prefetch expects a whole number of K/V blocks >= 1, got {blocks!r}")
-    with _pushed(_prefetch_forced, blocks):
-        yield
-
-
-def ring_prefetch() -> int:
-    """The ``use_ring_prefetch`` choice in force now (``DEFAULT_RING_PREFETCH`` outside any block)."""
-    return _prefetch_forced[-1] if _prefetch_forced else DEFAULT_RING_PREFETCH
 
 
 def tma_mode() -> str:
     """The ``use_tma`` mode in force now (``"auto"`` outside any block)."""
     return _tma_forced[-1] if _tma_forced else "auto"
-
-
-def backend_name(device: torch.device) -> str:
-    """The backend that a call on ``device`` uses now."""
-    if _forced:
-        return _forced[-1]
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
-
-
-def get_backend(name: str) -> ModuleType:
-    """The backend module for ``name``."""
-    if name == "triton":
-        from . import kernels
-
-        return kernels
-    if name == "torch":
-        from . import blockwise
-
-        return blockwise
-    raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
-
-
-def backend_for(x: torch.Tensor) -> ModuleType:
-    """The backend module that a call on tensor ``x`` uses now."""
-    return get_backend(backend_name(x.device))

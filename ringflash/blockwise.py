@@ -12,24 +12,51 @@ products sum over the head group for free.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
 from .merge import merge_into_, merge_rows_
 
-BLOCK_Q = 256
-BLOCK_K = 256
-# Bytes of float32 scores per (query tile x key block): key blocks grow up to this budget, so a
-# tile needs few, large matrix products (fewer Python-level ops) while memory stays
-# O(seqlen * block) and never seqlen_q x seqlen_k for long inputs.
-SCORE_BUDGET = 16 * 2**20
 _M_FLOOR = -1e30
 
 
-def _key_block(rows: int) -> int:
-    """Key block size for a query tile of ``rows`` = B * Hq * bq score rows."""
-    return max(BLOCK_K, SCORE_BUDGET // (4 * rows))
+@dataclass(frozen=True)
+class BlockwiseConfig:
+    """Tiles of the blockwise backend (set for a block with ``ringflash.backends.use_config``).
+
+    Attributes:
+        block_q: query rows per tile.
+        block_k: the smallest key block.
+        score_budget: bytes of float32 scores per (query tile x key block): key blocks grow up to
+            this budget, so a tile needs few, large matrix products (fewer Python-level ops) while
+            memory stays O(seqlen * block), never seqlen_q x seqlen_k for long inputs.
+        fused_cpu: compute unmasked tiles on CPU tensors with PyTorch's fused flash-attention
+            kernel (the fastest there); False: explicit products everywhere, as on other devices.
+    """
+
+    block_q: int = 256
+    block_k: int = 256
+    score_budget: int = 16 * 2**20
+    fused_cpu: bool = True
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_k < 1 or self.score_budget < 0:
+            raise ValueError(f"BlockwiseConfig needs block_q, block_k >= 1 and score_budget >= 0, got {self}")
+
+    def key_block(self, rows: int) -> int:
+        """Key block size for a query tile of ``rows`` = B * Hq * bq score rows."""
+        return max(self.block_k, self.score_budget // (4 * max(rows, 1)))
+
+
+DEFAULT_CONFIG = BlockwiseConfig()
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride in its last dim (PyTorch's fused CPU kernel and some matmul paths
+    assume one); a copy only for views such as ``x[..., ::2]`` or a head-minor permute."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def _masked_spans(lo: float, hi: float, i0: int, i1: int, j0: int, j1: int):
@@ -77,7 +104,7 @@ def _fused_cpu_op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape5):
+def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape5, cfg):
     """Online softmax over key blocks with explicit products. ``qb [B, Hk, G*bq, D]`` is pre-scaled;
     ``vh1`` is V with a column of ones, so p @ [v | 1] yields the numerator and its row sum l in
     one product. Returns ``(out, lse)`` as ``[B, Hk, G*bq, Dv]`` and ``[B, Hk, G*bq, 1]``."""
@@ -87,7 +114,7 @@ def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape
     # seen no key yet (no isinf/where per tile); such rows end with l == 0.
     m = torch.full((B, Hk, rows, 1), _M_FLOOR, device=qb.device)
     acc = torch.zeros((B, Hk, rows, Dv + 1), device=qb.device)
-    bk = _key_block(B * Hk * rows)
+    bk = cfg.key_block(B * Hk * rows)
     for j0 in range(j_start, j_end, bk):
         j1 = min(j_end, j0 + bk)
         if is_fully_masked(lo, hi, i0, i1, j0, j1):
@@ -108,9 +135,12 @@ def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape
     return acc / torch.where(has_key, l, torch.ones_like(l)), lse
 
 
-def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G):
-    """The same tile through PyTorch's fused CPU kernel: one unmasked call over the keys every row
-    sees, and calls with an additive mask over the (at most ``bq``-wide) edges, merged by LSE."""
+def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G, cfg):
+    """The same tile through PyTorch's fused CPU kernel for the keys every row sees, and the
+    explicit path (``_fwd_tile_matmul``) over the (at most ``bq``-wide) masked edges, merged by LSE.
+
+    The edges stay off the fused kernel: its additive mask turns a masked score of ``+inf`` (an
+    ``inf`` in a key) into NaN, which would reach rows that cannot see that key."""
     B, Hk, rows, _ = qb.shape
     f0 = max(j_start, int(i1 - 1 + lo)) if lo != -math.inf else j_start
     f1 = min(j_end, int(i0 + hi) + 1) if hi != math.inf else j_end
@@ -121,17 +151,18 @@ def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G):
     else:
         spans = [(j_start, j_end, True)]
     out = lse = None
+    bq = i1 - i0
     for a, b, masked in spans:
-        mask = None
         if masked:
-            vis = _tile_mask(lo, hi, i0, i1, a, b, qb.device)
-            mask = torch.zeros(vis.shape, device=qb.device).masked_fill_(~vis, -math.inf).repeat(G, 1)
-        o, l = op(qb, kh[:, :, a:b], vh[:, :, a:b], 0.0, False, attn_mask=mask, scale=scale)
-        l = l.unsqueeze(-1)
-        if masked:
-            # The fused kernel reports lse 0 for a row that sees no key of the span; it must be -inf.
-            seen = vis.any(dim=1).repeat(G)[:, None]
-            l = l.masked_fill(~seen, -math.inf)
+            ones = vh.new_ones(B, Hk, b - a, 1)
+            vh1 = torch.cat([vh[:, :, a:b], ones], -1)
+            # Key indices relative to the span: the band moves by ``a``.
+            o, l = _fwd_tile_matmul(
+                qb * scale, kh[:, :, a:b], vh1, lo - a, hi - a, 0.0, i0, i1, 0, b - a, (B, Hk, G, bq, 0), cfg
+            )
+        else:
+            o, l = op(qb, kh[:, :, a:b], vh[:, :, a:b], 0.0, False, scale=scale)
+            l = l.unsqueeze(-1)
         if out is None:
             out, lse = o.float(), l.float()
         else:
@@ -142,7 +173,7 @@ def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G):
     return out, lse
 
 
-def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_acc):
+def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_acc, cfg):
     """Attention of padded ``q [B,Sq,Hq,D]`` over ``k, v [B,Sk,Hk,*]``.
 
     With ``out_acc.accumulate`` the result is merged into the float32 views ``out_acc.t`` /
@@ -150,26 +181,28 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
     """
     B, Sq, Hq, _ = q.shape
     Sk, Hk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if B == 0 or Sq == 0:
+        return
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
     # PyTorch's fused CPU kernel computes each tile fastest; softcap needs the explicit path.
-    op = _fused_cpu_op() if q.device.type == "cpu" and softcap == 0 else None
+    op = _fused_cpu_op() if cfg.fused_cpu and q.device.type == "cpu" and softcap == 0 else None
     kh = k.permute(0, 2, 1, 3).float()  # [B, Hk, Sk, D]
     if op is not None:
         vh = v.permute(0, 2, 1, 3).float()
     else:
         vh = torch.cat([v.permute(0, 2, 1, 3).float(), v.new_ones(B, Hk, Sk, 1, dtype=torch.float32)], -1)
-    for i0 in range(0, Sq, BLOCK_Q):
-        i1 = min(Sq, i0 + BLOCK_Q)
+    for i0 in range(0, Sq, cfg.block_q):
+        i1 = min(Sq, i0 + cfg.block_q)
         bq = i1 - i0
         j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
-        qt = _q_tile(q, i0, i1, Hk).reshape(B, Hk, G * bq, -1)
+        qt = _q_tile(q, i0, i1, Hk).reshape(B, Hk, G * bq, q.shape[-1])
         if op is not None:
-            out_b, lse_b = _fwd_tile_fused(op, qt, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G)
+            out_b, lse_b = _fwd_tile_fused(op, qt, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G, cfg)
         else:
             shape5 = (B, Hk, G, bq, 0)
             out_b, lse_b = _fwd_tile_matmul(
-                qt * scale, kh, vh, lo, hi, softcap, i0, i1, j_start, j_end, shape5
+                qt * scale, kh, vh, lo, hi, softcap, i0, i1, j_start, j_end, shape5, cfg
             )
         # [B, Hk, G*bq, *] -> [B, bq, Hq, Dv] and [B, Hq, bq]
         out_b = out_b.reshape(B, Hk, G, bq, Dv).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, Dv)
@@ -181,10 +214,12 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
             lse_acc[:, :, i0:i1].copy_(lse_b)
 
 
-def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv):
+def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv, cfg):
     """Gradients of padded attention, recomputed from the saved LSE; adds into float32 dq/dk/dv."""
     B, Sq, Hq, _ = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
+    if B == 0 or Sq == 0 or Sk == 0:
+        return
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
     kh = k.permute(0, 2, 1, 3)
@@ -193,17 +228,17 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
     dvh = dv.permute(0, 2, 1, 3)
     # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse.float())
-    for i0 in range(0, Sq, BLOCK_Q):
-        i1 = min(Sq, i0 + BLOCK_Q)
+    for i0 in range(0, Sq, cfg.block_q):
+        i1 = min(Sq, i0 + cfg.block_q)
         bq = i1 - i0
-        qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, -1)
-        dob = _q_tile(do, i0, i1, Hk).reshape(B, Hk, G * bq, -1)
+        qb = (_q_tile(q, i0, i1, Hk) * scale).reshape(B, Hk, G * bq, q.shape[-1])
+        dob = _q_tile(do, i0, i1, Hk).reshape(B, Hk, G * bq, do.shape[-1])
         lse_b = lse_safe[:, :, i0:i1].reshape(B, Hk, G * bq, 1)
         delta_b = delta[:, :, i0:i1].reshape(B, Hk, G * bq, 1)
         dqb = torch.zeros_like(qb)
         j_start, j_end = _key_range(lo, hi, i0, i1, Sk)
         # The backward keeps four score-sized tiles (s, p, dp, ds) alive at once.
-        bk = _key_block(4 * B * Hq * bq)
+        bk = cfg.key_block(4 * B * Hq * bq)
         for j0 in range(j_start, j_end, bk):
             j1 = min(j_end, j0 + bk)
             if is_fully_masked(lo, hi, i0, i1, j0, j1):
@@ -223,7 +258,12 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
                 ds.mul_(1.0 - t * t)
             dqb.add_(torch.matmul(ds, kb))
             dkh[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qb)
-        dq_tile = (dqb * scale).view(B, Hk, G, bq, -1).permute(0, 3, 1, 2, 4).reshape(B, bq, Hq, -1)
+        dq_tile = (
+            (dqb * scale)
+            .view(B, Hk, G, bq, q.shape[-1])
+            .permute(0, 3, 1, 2, 4)
+            .reshape(B, bq, Hq, q.shape[-1])
+        )
         dq[:, i0:i1] += dq_tile
 
 
@@ -260,6 +300,7 @@ def attn_fwd(
     out=None,
     lse=None,
     merge=True,
+    config: BlockwiseConfig | None = None,
 ):
     """Forward attention returning ``(out, lse)``.
 
@@ -268,9 +309,12 @@ def attn_fwd(
     index aligned with query 0 (an int, or one per packed sequence); by default ``Sk - Sq`` per
     sequence. With ``out``/``lse`` given (float32), the result is merged into them in place
     (accumulate mode; ``merge=False``: written over them) and they are returned; otherwise ``out``
-    is in ``q.dtype``, ``lse`` float32. Inputs are trusted: the public functions in
-    ``ringflash.ops`` validate them.
+    is in ``q.dtype``, ``lse`` float32. Inputs are trusted (the public functions in
+    ``ringflash.ops`` validate them); any strides are taken. ``config``: tiles (default
+    ``BlockwiseConfig()``).
     """
+    cfg = config or DEFAULT_CONFIG
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     given = out is not None
     accumulate = given and merge
     Dv = v.shape[-1]
@@ -281,7 +325,7 @@ def attn_fwd(
     args = (softmax_scale, causal, window_size, softcap)
     if cu_seqlens_q is None:
         diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
-        _fwd_dense(q, k, v, *args, diag, _Target(out, accumulate), lse)
+        _fwd_dense(q, k, v, *args, diag, _Target(out, accumulate), lse, cfg)
     else:
         for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
             lse_seg = lse[:, qa:qb].unsqueeze(0)
@@ -298,6 +342,7 @@ def attn_fwd(
                 d,
                 _Target(out[None, qa:qb], accumulate),
                 lse_seg,
+                cfg,
             )
     if given:
         return out, lse
@@ -325,6 +370,7 @@ def attn_bwd(
     dq=None,
     dk=None,
     dv=None,
+    config: BlockwiseConfig | None = None,
 ):
     """Backward of ``attn_fwd`` from the saved ``(out, lse)``; returns ``(dq, dk, dv)``.
 
@@ -333,6 +379,8 @@ def attn_bwd(
     ``dv`` given, gradients are added into them and they are returned (ring steps); otherwise the
     gradients come back in the inputs' dtypes.
     """
+    cfg = config or DEFAULT_CONFIG
+    dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     accumulate = dq is not None
     if delta is None:
         delta = attn_bwd_delta(dout, out, packed=cu_seqlens_q is not None)
@@ -343,7 +391,7 @@ def attn_bwd(
     args = (softmax_scale, causal, window_size, softcap)
     if cu_seqlens_q is None:
         diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
-        _bwd_dense(dout, q, k, v, lse, delta, *args, diag, dq, dk, dv)
+        _bwd_dense(dout, q, k, v, lse, delta, *args, diag, dq, dk, dv, cfg)
     else:
         for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
             if kb == ka or qb == qa:
@@ -360,6 +408,7 @@ def attn_bwd(
                 dq[None, qa:qb],
                 dk[None, ka:kb],
                 dv[None, ka:kb],
+                cfg,
             )
     if accumulate:
         return dq, dk, dv
@@ -370,3 +419,121 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
     """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
     d = (dout.float() * out.float()).sum(-1)
     return d.transpose(-1, -2).contiguous() if packed else d.transpose(1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------ KV-cache decoding
+
+
+def _cache_capacity(k_cache, block_table) -> int:
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def _clamped_lens(cache_seqlens, capacity: int, n_new: int) -> torch.Tensor:
+    """``cache_seqlens`` as int64 clamped so an append of ``n_new`` fits (a no-op for checked
+    values; the Triton kernels clamp the same way), so nothing outside the cache is touched."""
+    return cache_seqlens.long().clamp(0, max(capacity - n_new, 0))
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
+    """Write ``k``/``v`` ``[B, Snew, Hk, D]`` at ``cache_seqlens[b] + [0, Snew)`` of each row, in place.
+
+    Positions are computed on the device (no host sync), clamped into the cache.
+    """
+    B, n_new = k.shape[0], k.shape[1]
+    if n_new == 0 or B == 0:
+        return
+    dev, n_rows = k.device, k_cache.shape[0]
+    pos = _clamped_lens(cache_seqlens, _cache_capacity(k_cache, block_table), n_new)[:, None]
+    pos = pos + torch.arange(n_new, device=dev)[None, :]  # [B, Snew]
+    if block_table is not None:
+        page = k_cache.shape[1]
+        rows = torch.gather(block_table.long(), 1, pos // page).clamp(0, n_rows - 1)
+        slots = pos % page
+    else:
+        base = (
+            cache_batch_idx.long().clamp(0, n_rows - 1)
+            if cache_batch_idx is not None
+            else torch.arange(B, device=dev)
+        )
+        rows = base[:, None].expand(-1, n_new)
+        slots = pos
+    k_cache[rows, slots] = k
+    v_cache[rows, slots] = v
+
+
+def decode_fwd(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    n_new=0,
+    k_new=None,
+    v_new=None,
+    block_table=None,
+    cache_batch_idx=None,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=0,
+    diag_offset=None,
+    out_dtype=None,
+    config: BlockwiseConfig | None = None,
+):
+    """Attention of ``q [B, Sq, Hq, D]`` over a KV cache, one batch row at a time; the interface of
+    ``ringflash.kernels.decode.decode_fwd``.
+
+    With ``k_new``/``v_new`` ``[B, Snew, Hk, D]`` they are first written at ``cache_seqlens[b]``
+    (``append_kv``); without them the cache already holds ``n_new`` new tokens after
+    ``cache_seqlens[b]``. Row ``b`` attends to its first ``cache_seqlens[b] + Snew`` keys, the key
+    range cut into ``num_splits`` pieces merged exactly. ``diag_offset``: int32 ``[B]`` key index
+    aligned with query token 0 (sharded caches), or None for bottom-right alignment.
+
+    Returns:
+        ``(out [B, Sq, Hq, D] in out_dtype (default q's), lse [B, Hq, Sq] float32)``.
+    """
+    cfg = config or DEFAULT_CONFIG
+    if k_new is not None:
+        n_new = k_new.shape[1]
+        append_kv(
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            cache_seqlens,
+            block_table=block_table,
+            cache_batch_idx=cache_batch_idx,
+        )
+    B, Sq, Hq, D = q.shape
+    out = torch.zeros((B, Sq, Hq, v_cache.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=q.device)
+    capacity, n_rows = _cache_capacity(k_cache, block_table), k_cache.shape[0]
+    lens = (_clamped_lens(cache_seqlens, capacity, n_new) + n_new).tolist()
+    diags = diag_offset.tolist() if diag_offset is not None else [n - Sq for n in lens]
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        if block_table is not None:
+            page = k_cache.shape[1]
+            pages = block_table[b, : math.ceil(n / page)].long().clamp(0, n_rows - 1)
+            kb, vb = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+        else:
+            row = int(cache_batch_idx[b].clamp(0, n_rows - 1)) if cache_batch_idx is not None else b
+            kb, vb = k_cache[row, :n], v_cache[row, :n]
+        step = math.ceil(n / max(1, min(num_splits or 1, n)))
+        for j0 in range(0, n, step):  # each split merged into the float32 state exactly
+            attn_fwd(
+                q[b : b + 1],
+                kb[None, j0 : j0 + step],
+                vb[None, j0 : j0 + step],
+                softmax_scale=softmax_scale,
+                causal=causal,
+                window_size=window_size,
+                softcap=softcap,
+                diag_offset=diags[b] - j0,
+                out=out[b : b + 1],
+                lse=lse[b : b + 1],
+                config=cfg,
+            )
+    return out.to(out_dtype or q.dtype), lse

@@ -1,21 +1,27 @@
-"""Input validation shared by the public functions: clear errors at the API boundary.
+"""Argument checks shared by every public entry point: clear errors at the API boundary.
 
-Every check raises ``ValueError`` (shapes, values) or ``TypeError`` (types, dtypes) with a message
-that says what was expected. Checks that need tensor values on the host (cu_seqlens, cache lengths)
-are skipped while a CUDA graph is being captured or torch.compile is tracing, and inside
-``skip_value_checks()``.
+Local, packed, KV-cache, ring, Ulysses, hybrid and sharded-decoding functions (and the
+integrations, which call them) validate through this one module, so the paths cannot drift apart.
+A check raises ``ValueError`` (shapes, values) or ``TypeError`` (types, dtypes) with a message that
+says what was expected. The distributed functions run the same checks, catch the error, and make
+every rank of the group raise it (``ringflash.comm.agree``).
+
+Checks that need tensor values on the host (``cu_seqlens``, cache lengths) are skipped while a CUDA
+graph is being captured or torch.compile traces, and inside ``skip_value_checks()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
+import operator
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
-
 
 _SKIP_VALUE_CHECKS = contextvars.ContextVar("ringflash_skip_value_checks", default=False)
 
@@ -54,93 +60,344 @@ def host_checks_allowed(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+# ---------------------------------------------------------------------------------- scalars
+
+
+def _real(x, name: str, what: str) -> float:
+    """``x`` as a finite float; bools, tensors, strings and NaN/inf are rejected."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+    return float(x)
+
+
+def check_int(x, name: str, minimum: int | None = None) -> int:
+    """``x`` as an int (Python or NumPy integers; not bools, floats or tensors)."""
+    if isinstance(x, bool):
+        raise ValueError(f"{name} must be an int, got {x!r}")
+    try:
+        n = operator.index(x)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {x!r}") from None
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+def check_flag(x, name: str) -> bool:
+    """A bool option; ints 0 and 1 are accepted (``causal=1``), anything else is an error."""
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, numbers.Integral) and x in (0, 1):
+        return bool(x)
+    raise ValueError(f"{name} must be True or False, got {x!r}")
+
+
 def check_options(
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
+    dropout_p=0.0,
+    softmax_scale=None,
     window_size=(-1, -1),
-    softcap: float = 0.0,
+    softcap=0.0,
     alibi_slopes=None,
-) -> tuple[int, int]:
-    """Validate the scalar options; returns ``window_size`` as a tuple of two ints."""
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: attention dropout is not supported by ringflash (pass 0.0)")
+    causal=False,
+) -> tuple[bool, tuple[int, int], float, float | None]:
+    """Validate the scalar options of an attention call.
+
+    Returns:
+        ``(causal, (window_left, window_right), softcap, softmax_scale or None)``, normalised.
+    """
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError(
+            f"dropout_p={dropout_p!r}: attention dropout is not supported by ringflash (pass 0.0)"
+        )
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes is not supported by ringflash (pass None)")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
-    if not (isinstance(softcap, (int, float)) and softcap >= 0):
-        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
-    try:
-        left, right = window_size
-        left, right = int(left), int(right)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    scale = None
+    if softmax_scale is not None:
+        scale = _real(softmax_scale, "softmax_scale", "a positive finite float or None")
+        if scale <= 0:
+            raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+    cap = _real(softcap, "softcap", "a finite float >= 0 (0 disables it)")
+    if cap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left = check_int(window_size[0], "window_size[0]")
+    right = check_int(window_size[1], "window_size[1]")
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 means unbounded), got {window_size!r}")
-    return left, right
+    return check_flag(causal, "causal"), (left, right), cap, scale
 
 
-def check_qkv(q, k, v, packed: bool = False) -> None:
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: the given one, or ``head_dim ** -0.5``."""
+    return scale if scale is not None else head_dim**-0.5
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def check_tensor(t, name: str, ndim: int, layout: str) -> None:
+    """A floating tensor of ``ndim`` dims in a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32")
+
+
+def check_heads(hq: int, hk: int, d: int, dv: int, what: str = "k/v") -> None:
+    """Head counts (GQA/MQA: ``hq % hk == 0``) and head dims (1..256)."""
+    if hq < 1 or hk < 1:
+        raise ValueError(f"q and {what} need at least one head, got {hq} and {hk}")
+    if hq % hk:
+        raise ValueError(
+            f"nheads of q ({hq}) must be a multiple of nheads of {what} ({hk}) (MHA, GQA or MQA)"
+        )
+    if not 0 < d <= MAX_HEADDIM or not 0 < dv <= MAX_HEADDIM:
+        got = d if not 0 < d <= MAX_HEADDIM else dv
+        raise ValueError(f"head dim must be in 1..{MAX_HEADDIM}, got {got}")
+
+
+def check_qkv(q, k, v, packed: bool = False, same_tokens: bool = False) -> None:
     """Check q/k/v types, ranks, dtypes, devices and head layout.
 
-    Padded inputs are ``[B, S, H, D]``; packed (varlen) inputs are ``[T, H, D]``.
+    Padded inputs are ``[B, S, H, D]``; packed (varlen) inputs are ``[T, H, D]``. Any strides are
+    accepted (every backend handles them). ``same_tokens``: q and k/v must hold the same tokens
+    (sequence-parallel shards).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     rank = 3 if packed else 4
     layout = "[total_tokens, nheads, headdim]" if packed else "[batch, seqlen, nheads, headdim]"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32")
+        check_tensor(t, name, rank, layout)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[-1] != v.shape[-1]:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if not packed and q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"q and k/v must have the same head dim, got {d} and {k.shape[-1]}")
-    if not 0 < d <= MAX_HEADDIM:
-        raise ValueError(f"head dim must be in 1..{MAX_HEADDIM}, got {d}")
-    hq, hk = q.shape[-2], k.shape[-2]
-    if hk == 0 or hq % hk != 0:
-        raise ValueError(f"nheads of q ({hq}) must be a multiple of nheads of k/v ({hk}) (MHA, GQA or MQA)")
+    if same_tokens and q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must hold the same tokens (sequence parallelism "
+            "shards queries and keys together)"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k/v must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    check_heads(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
 
 
-def check_cu_seqlens(cu: torch.Tensor, total: int, name: str, device: torch.device) -> None:
-    """Check a ``cu_seqlens`` tensor: int32, 1-D, on ``device``, starting at 0, non-decreasing,
-    ending at ``total`` (the token count of the packed tensor it describes)."""
+def check_cu_seqlens(
+    cu, total: int, name: str, device: torch.device, allow_cpu: bool = False
+) -> list[int] | None:
+    """Check a ``cu_seqlens`` tensor: int32, 1-D, on ``device`` (or the CPU with ``allow_cpu``),
+    starting at 0, non-decreasing, ending at ``total`` (the token count it describes).
+
+    Returns:
+        Its values as a list when they were read (None inside ``skip_value_checks`` and the like).
+    """
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        raise TypeError(f"{name} must be int32 (as in flash-attn), got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
-    if cu.device != device:
+    if cu.device != device and not (allow_cpu and cu.device.type == "cpu"):
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
     if not host_checks_allowed(cu):
-        return
+        return None
     vals = cu.tolist()
+    check_cu_list(vals, total, name)
+    return vals
+
+
+def check_cu_list(vals: list[int], total: int | None, name: str) -> None:
+    """The values of a ``cu_seqlens``: start at 0, never decrease, end at ``total`` (unless None)."""
     if vals[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {vals[0]}")
-    if any(b < a for a, b in zip(vals[:-1], vals[1:], strict=True)):
-        raise ValueError(f"{name} must be non-decreasing, got {vals}")
-    if vals[-1] != total:
+        raise ValueError(f"{name} must start at 0, got {_short(vals)}")
+    bad = next((i for i in range(1, len(vals)) if vals[i] < vals[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be non-decreasing, but entry {bad} ({vals[bad]}) < {vals[bad - 1]}")
+    if total is not None and vals[-1] != total:
         raise ValueError(f"{name} ends at {vals[-1]} but the packed tensor has {total} tokens")
 
 
-def check_max_seqlen(cu: torch.Tensor, max_seqlen: int, name: str) -> None:
-    """``max_seqlen`` must bound every sequence length described by ``cu``."""
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {max_seqlen!r}")
-    if host_checks_allowed(cu):
-        actual = int((cu[1:] - cu[:-1]).max().item())
-        if actual > max_seqlen:
-            raise ValueError(f"{name}={max_seqlen} is smaller than the longest sequence ({actual})")
+def check_max_seqlen(cu: torch.Tensor, max_seqlen, name: str, vals: list[int] | None = None) -> int:
+    """``max_seqlen`` must be an int bounding every sequence length described by ``cu``."""
+    n = check_int(max_seqlen, name, minimum=0)
+    if vals is not None:
+        actual = max(b - a for a, b in zip(vals[:-1], vals[1:], strict=True))
+        if actual > n:
+            raise ValueError(f"{name}={n} is smaller than the longest sequence ({actual})")
+    return n
+
+
+def _short(vals, limit: int = 12) -> str:
+    """A list for an error message, elided in the middle when long."""
+    if len(vals) <= limit:
+        return str(list(vals))
+    return f"[{', '.join(map(str, vals[:6]))}, ..., {', '.join(map(str, vals[-4:]))}] ({len(vals)} entries)"
+
+
+def short_repr(x) -> str:
+    """``repr`` for error messages: long lists and tuples elided."""
+    return _short(x) if isinstance(x, (list, tuple)) else repr(x)
+
+
+# ---------------------------------------------------------------------------------- KV cache
+
+
+def _check_index(t, name, ndim, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dim(s), got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_cache_tensors(q, k_cache, v_cache, k, v):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(t, name, 4, "[batch, seqlen, nheads, headdim]")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(
+            f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        # The cache is written in place, so it cannot be copied into a friendlier layout.
+        raise ValueError("k_cache and v_cache must be contiguous in the head dim (stride 1)")
+    d, hq, hk = q.shape[-1], q.shape[2], k_cache.shape[2]
+    if k_cache.shape[-1] != d:
+        raise ValueError(f"q and the cache must share the head dim, got {d} and {k_cache.shape[-1]}")
+    check_heads(hq, hk, d, d, "the cache")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v to append, or neither")
+    if k is None:
+        return
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, the cache has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        want = (q.shape[0], t.shape[1] if t.dim() == 4 else -1, hk, d)
+        if t.dim() != 4 or tuple(t.shape) != want:
+            raise ValueError(f"{name} must be [B, Snew, Hk, D] = {want}, got shape {tuple(t.shape)}")
+
+
+class KVCacheArgs:
+    """Validated, normalised arguments of one KV-cache call (shapes and int32 index tensors).
+
+    Every check runs before anything is written, so a bad call leaves the cache untouched.
+    """
+
+    def __init__(self, q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits):
+        _check_cache_tensors(q, k_cache, v_cache, k, v)
+        batch = q.shape[0]
+        n_new = 0 if k is None else k.shape[1]
+        self.paged = block_table is not None
+        self.batch, self.seqlen_q, self.n_new = batch, q.shape[1], n_new
+        if self.paged:
+            if cache_batch_idx is not None:
+                raise ValueError("cache_batch_idx cannot be combined with block_table (paged cache)")
+            _check_index(block_table, "block_table", 2, q.device)
+            if block_table.shape[0] != batch:
+                raise ValueError(
+                    f"block_table must be [B={batch}, max_blocks], got shape {tuple(block_table.shape)}"
+                )
+            self.capacity = block_table.shape[1] * k_cache.shape[1]
+        else:
+            if cache_batch_idx is not None:
+                _check_index(cache_batch_idx, "cache_batch_idx", 1, q.device)
+                if cache_batch_idx.shape[0] != batch:
+                    raise ValueError(
+                        f"cache_batch_idx must be [B={batch}], got shape {tuple(cache_batch_idx.shape)}"
+                    )
+            elif k_cache.shape[0] != batch:
+                raise ValueError(
+                    f"k_cache has {k_cache.shape[0]} rows but q has batch {batch}: pass cache_batch_idx "
+                    "to map batch rows to cache rows"
+                )
+            self.capacity = k_cache.shape[1]
+        if n_new > self.capacity:  # known from shapes: checked even when values are not
+            raise ValueError(f"cannot append {n_new} tokens to a cache of {self.capacity} slots per row")
+        if cache_seqlens is None:
+            if k is not None:
+                raise ValueError("appending k/v needs cache_seqlens (where the new tokens go)")
+            # flash-attn: no cache_seqlens means every row uses its whole cache.
+            cache_seqlens = torch.full((batch,), self.capacity, dtype=torch.int32, device=q.device)
+        elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+            n = check_int(cache_seqlens, "cache_seqlens", minimum=0)
+            if n + n_new > self.capacity:
+                raise ValueError(
+                    f"the cache is too small: a row needs {n + n_new} slots (cache_seqlens + {n_new} new) "
+                    f"but holds {self.capacity}"
+                )
+            cache_seqlens = torch.full((batch,), n, dtype=torch.int32, device=q.device)
+        else:
+            _check_index(cache_seqlens, "cache_seqlens", 1, q.device)
+            if cache_seqlens.shape[0] != batch:
+                raise ValueError(
+                    f"cache_seqlens must be int32 [B={batch}], got shape {tuple(cache_seqlens.shape)}"
+                )
+        self.cache_seqlens = cache_seqlens
+        self.cache_batch_idx = cache_batch_idx
+        self.block_table = block_table
+        self.num_splits = check_int(num_splits, "num_splits (0 picks it)", minimum=0)
+        if host_checks_allowed(q):
+            self._check_values(k_cache)
+
+    def _check_values(self, k_cache):
+        """Lengths, pages and cache rows in range; one device-to-host read however many rows
+        (the error path reads more to name the culprit)."""
+        if self.batch == 0:
+            return
+        lens = self.cache_seqlens.long()
+        flags = [lens.min() < 0, lens.max() + self.n_new > self.capacity]
+        n_rows = k_cache.shape[0]
+        if self.paged:
+            page, bt = k_cache.shape[1], self.block_table.long()
+            need = ((lens.clamp(min=0) + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
+            used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
+            flags.append((used & ((bt < 0) | (bt >= n_rows))).any())
+        if self.cache_batch_idx is not None:
+            idx = self.cache_batch_idx
+            flags.append(((idx < 0) | (idx >= n_rows)).any())
+            if self.n_new:  # only appends collide
+                srt = idx.sort().values
+                flags.append((srt[1:] == srt[:-1]).any())
+        if not any(torch.stack(flags).tolist()):
+            return
+        lens = self.cache_seqlens.tolist()
+        if any(n < 0 for n in lens):
+            raise ValueError(f"cache_seqlens must be >= 0, got {_short(lens)}")
+        worst = max(lens) + self.n_new
+        if worst > self.capacity:
+            what = "block_table pages * page size" if self.paged else "k_cache.shape[1]"
+            raise ValueError(
+                f"the cache is too small: a row needs {worst} slots (cache_seqlens + {self.n_new} new) "
+                f"but holds {self.capacity} ({what})"
+            )
+        if self.paged:
+            page = k_cache.shape[1]
+            for b, n in enumerate(lens):
+                used = self.block_table[b, : math.ceil((n + self.n_new) / page)].tolist()
+                if any(p < 0 or p >= n_rows for p in used):
+                    raise ValueError(
+                        f"block_table row {b} points outside the cache's {n_rows} pages: {_short(used)}"
+                    )
+        idx = self.cache_batch_idx.tolist() if self.cache_batch_idx is not None else []
+        if any(i < 0 or i >= n_rows for i in idx):
+            raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}), got {_short(idx)}")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"cache_batch_idx has repeated rows {_short(idx)}: appends would collide")

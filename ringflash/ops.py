@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_name, get_backend
-from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
+from .backends import backend_for, get_backend
+from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, resolve_scale
 from .merge import combine_attn_partials, merge_attn_states
 
 __all__ = [
@@ -241,10 +241,6 @@ class _EagerAttn(torch.autograd.Function):
 # ---------------------------------------------------------------- public functions
 
 
-def _resolve_scale(softmax_scale, q):
-    return float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-
-
 def _finish(out, lse, return_attn_probs):
     return (out, lse, None) if return_attn_probs else out
 
@@ -285,10 +281,12 @@ def flash_attn_func(
         >>> k = v = torch.randn(2, 1024, 2, 64, dtype=torch.bfloat16, device="cuda")
         >>> out = flash_attn_func(q, k, v, causal=True)
     """
-    wl, wr = check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    causal, (wl, wr), softcap, scale = check_options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
+    )
     check_qkv(q, k, v)
-    scale = _resolve_scale(softmax_scale, q)
-    args = (q, k, v, scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
+    scale = resolve_scale(scale, q.shape[-1])
+    args = (q, k, v, scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_fwd(*args)
     else:
@@ -329,20 +327,23 @@ def flash_attn_varlen_func(
         >>> cu = torch.tensor([0, 100, 350], dtype=torch.int32)
         >>> out = flash_attn_varlen_func(q, k, v, cu, cu, 250, 250, causal=True)
     """
-    wl, wr = check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    causal, (wl, wr), softcap, scale = check_options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
+    )
     check_qkv(q, k, v, packed=True)
-    check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
-    check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device)
+    cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    cu_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
             f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
         )
-    check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
-    check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
-    scale = _resolve_scale(softmax_scale, q)
-    opts = (scale, bool(causal), wl, wr, float(softcap), backend_name(q.device))
-    lens = (int(max_seqlen_q), int(max_seqlen_k))
+    lens = (
+        check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q", cu_q),
+        check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k", cu_k),
+    )
+    scale = resolve_scale(scale, q.shape[-1])
+    opts = (scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
     else:

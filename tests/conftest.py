@@ -10,13 +10,13 @@ def _seed():
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
+def small_blocks():
     """Make the blockwise backend use tiny tiles so small tests cross many tile edges."""
-    from ringflash import blockwise
+    from ringflash.backends import use_config
+    from ringflash.blockwise import BlockwiseConfig
 
-    monkeypatch.setattr(blockwise, "BLOCK_Q", 16)
-    monkeypatch.setattr(blockwise, "BLOCK_K", 8)
-    monkeypatch.setattr(blockwise, "SCORE_BUDGET", 0)
+    with use_config(BlockwiseConfig(block_q=16, block_k=8, score_budget=0)):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -65,9 +65,9 @@ def test_unsupported_options():
         rf.flash_attn_func(q, k, v, window_size=(-2, 0))
     with pytest.raises(ValueError, match="window_size must be a pair"):
         rf.flash_attn_func(q, k, v, window_size=4)
-    with pytest.raises(ValueError, match="softcap must be a float >= 0"):
+    with pytest.raises(ValueError, match="softcap must be a finite float >= 0"):
         rf.flash_attn_func(q, k, v, softcap=-1.0)
-    with pytest.raises(ValueError, match="softmax_scale must be a positive float"):
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite float"):
         rf.flash_attn_func(q, k, v, softmax_scale=-0.1)
 
 

@@ -27,12 +27,14 @@ def test_cli_module_runs_and_rejects_unknown_command():
 
 
 def test_bench_tiny_on_cpu_writes_tables_csv_and_plots(tmp_path):
+    """Run from outside the repository (a helper path once assumed the repository root)."""
     out = tmp_path / "bench"
     res = subprocess.run(
         [sys.executable, "-m", "ringflash.cli", "bench", "--tiny", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("cpu.csv", "cpu.png", "ring.csv", "ring.png"):

@@ -219,15 +219,23 @@ def test_use_backend_torch_and_unknown():
 @pytest.mark.parametrize(
     "use, current, default, outer, inner, error",
     [
-        ("use_tma", "tma_mode", "auto", "off", "on", "unknown TMA mode"),
-        ("use_ring_transport", "ring_transport", "nccl", "copy_engine", "nccl", "unknown ring transport"),
-        ("use_ring_prefetch", "ring_prefetch", 2, 1, 3, "whole number of K/V blocks"),
+        ("use_tma", "backends.tma_mode", "auto", "off", "on", "unknown TMA mode"),
+        (
+            "use_ring_transport",
+            "parallel.options.ring_transport",
+            "nccl",
+            "copy_engine",
+            "nccl",
+            "unknown ring transport",
+        ),
+        ("use_ring_prefetch", "parallel.options.ring_prefetch", 2, 1, 3, "whole number of K/V blocks"),
     ],
 )
 def test_mode_context_managers_nest_and_unknown_is_an_error(use, current, default, outer, inner, error):
-    from ringflash import backends
+    import importlib
 
-    use, current = getattr(rf, use), getattr(backends, current)
+    module, name = current.rsplit(".", 1)
+    use, current = getattr(rf, use), getattr(importlib.import_module(f"ringflash.{module}"), name)
     assert current() == default
     with use(outer):
         with use(inner):
@@ -243,7 +251,7 @@ def test_mode_context_managers_nest_and_unknown_is_an_error(use, current, defaul
 def test_ring_forward_prefetch_choice():
     """The ring's forward holds ``use_ring_prefetch`` blocks, except under the copy-engine
     transport, which passes blocks one rank ahead only."""
-    from ringflash.parallel.ring_attn import forward_prefetch
+    from ringflash.parallel.options import forward_prefetch
 
     assert forward_prefetch("nccl") == 2
     with rf.use_ring_prefetch(3):
@@ -254,11 +262,16 @@ def test_ring_forward_prefetch_choice():
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]][:6], ids=case_id)
-def test_explicit_products_path_matches_oracle(case, small_blocks, monkeypatch):
+def test_explicit_products_path_matches_oracle(case):
     """The blockwise path used off-CPU (and for softcap): explicit products, no fused CPU kernel."""
-    from ringflash import blockwise
+    from ringflash.backends import use_config
+    from ringflash.blockwise import BlockwiseConfig
 
-    monkeypatch.setattr(blockwise, "_fused_cpu_op", lambda: None)
+    with use_config(BlockwiseConfig(block_q=16, block_k=8, score_budget=0, fused_cpu=False)):
+        _check_case_against_oracle(case)
+
+
+def _check_case_against_oracle(case):
     B, Sq, Sk, Hq, Hk, D, causal, window, softcap = case
     (q, k, v), (q64, k64, v64) = _inputs([(B, Sq, Hq, D), (B, Sk, Hk, D), (B, Sk, Hk, D)], torch.float32)
     ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal, window_size=window)

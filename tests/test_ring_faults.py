@@ -51,17 +51,18 @@ def _bad_inputs(rank: int, world: int, device: str = "cpu") -> dict:
         with use_ring_transport("copy_engine"):
             msgs["transport"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
         # Past that check (as on GPUs): ranks that chose different transports, or sit on different
-        # nodes, are told so on every rank before any transfer.
-        saved = ring_attn._transport_error, ring_attn._node_id
-        ring_attn._transport_error = lambda *a: None
-        ring_attn._node_id = lambda: 1000 + rank
-        try:
-            with use_ring_transport("copy_engine" if rank == 1 else "nccl"):
-                msgs["mixed"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
-            with use_ring_transport("copy_engine"):
-                msgs["nodes"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, q, k, v, causal=True)
-        finally:
-            ring_attn._transport_error, ring_attn._node_id = saved
+        # nodes, are told so on every rank before any transfer (the ring's fields, agreed on).
+        import torch.distributed as dist
+
+        from ringflash.comm.agree import agree
+
+        def agree_on(**fields):
+            return _expect_value_error(
+                agree, [(dist.group.WORLD, world)], None, fields, "the ring", ring_attn._HINTS
+            )
+
+        msgs["mixed"] = agree_on(**{"ring transport": "copy_engine" if rank == 1 else "nccl"})
+        msgs["nodes"] = agree_on(**{"ring transport": "copy_engine", "node": 1000 + rank})
     # The ring is still in step after all of that: a good call works.
     out = rp.zigzag_ring_flash_attn_func(q, k, v, causal=True)
     assert out.shape == q.shape and torch.isfinite(out).all()
@@ -75,21 +76,22 @@ def test_bad_input_raises_on_every_rank(device):
         pytest.skip("needs 2 CUDA GPUs")
     backend = "nccl" if device == "cuda" else "gloo"
     res = spawn(_bad_inputs, 2, device, timeout=120, pg_timeout=PG_TIMEOUT, backend=backend)
-    for rank, msgs in enumerate(res):
-        assert "local seqlen" in msgs["unequal"] and "equal length" in msgs["unequal"], msgs["unequal"]
+    for msgs in res:
+        assert "q shape" in msgs["unequal"] and "equal length" in msgs["unequal"], msgs["unequal"]
         assert "even number of tokens" in msgs["zigzag_odd"], msgs["zigzag_odd"]
         assert "global cu_seqlens" in msgs["local_cu"] and "12" in msgs["local_cu"], msgs["local_cu"]
         assert "dropout" in msgs["dropout"], msgs["dropout"]
-        expected = "float64" if rank == 1 else "rank(s) [1]"
-        assert expected in msgs["one_rank_dtype"], msgs["one_rank_dtype"]
+        # Every rank reads the failing rank's own error.
+        assert "rank 1: q has dtype torch.float64" in msgs["one_rank_dtype"], msgs["one_rank_dtype"]
         assert "disagree on causal" in msgs["causal_mismatch"], msgs["causal_mismatch"]
-        assert "multiple of kv heads" in msgs["gqa"], msgs["gqa"]
-        assert "size 2" in msgs["kvpacked"], msgs["kvpacked"]
+        assert "must be a multiple of nheads of k/v" in msgs["gqa"], msgs["gqa"]
+        assert "with 2 at dim 2" in msgs["kvpacked"], msgs["kvpacked"]
         assert "divide by the world size" in msgs["shard"], msgs["shard"]
-        assert "disagree on ring prefetch: [1, 2]" in msgs["prefetch"], msgs["prefetch"]
+        assert "disagree on ring prefetch (rank 0: 1, rank 1: 2)" in msgs["prefetch"], msgs["prefetch"]
         if device == "cpu":
             assert "copy_engine" in msgs["transport"] and "gloo group" in msgs["transport"], msgs["transport"]
-            assert "disagree on ring transport: ['nccl', 'copy_engine']" in msgs["mixed"], msgs["mixed"]
+            want = "disagree on ring transport (rank 0: 'nccl', rank 1: 'copy_engine')"
+            assert want in msgs["mixed"], msgs["mixed"]
             assert "disagree on node" in msgs["nodes"] and "one node" in msgs["nodes"], msgs["nodes"]
 
 

@@ -46,13 +46,8 @@ def _ref(q, k, v, dout, cu=None, upcast=True, **kw):
 @pytest.mark.parametrize(
     "mask", [dict(causal=True), dict(causal=True, window_size=(9, 0)), dict(window_size=(4, 7))], ids=str
 )
-@pytest.mark.parametrize("split", [False, True], ids=["own-last", "own-split"])
-def test_simulated_ring_matches_oracle(layout, world, mask, split, small_blocks, monkeypatch):
-    """Forward and backward of every layout and mask; the backward with its own block whole after
-    the remote steps and split around them (``ring_loop.SPLIT_OWN_BLOCK``)."""
-    from ringflash.parallel import ring_loop
-
-    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", split)
+def test_simulated_ring_matches_oracle(layout, world, mask, small_blocks):
+    """Forward and backward of every layout and mask."""
     L = 10
     q, k, v = (
         torch.randn(2, world * L, 4, 16),
@@ -261,65 +256,17 @@ def test_window_drops_hops_outside_it():
         assert_matches(f"window {name}", got, want, None, 2)
 
 
-def _visible_pairs(pieces):
-    from ringflash.masking import diag_bounds
-
-    pairs = set()
-    for pc in pieces:
-        lo, hi = diag_bounds(pc.diag, pc.causal, pc.window)
-        pairs |= {
-            (pc.q0 + i, pc.k0 + j)
-            for i in range(pc.q1 - pc.q0)
-            for j in range(pc.k1 - pc.k0)
-            if lo <= j - i <= hi
-        }
-    return pairs
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
-@pytest.mark.parametrize(
-    "mask", [(True, (-1, -1)), (True, (9, 0)), (False, (4, 7)), (False, (-1, -1))], ids=str
-)
-@pytest.mark.parametrize("rows", [2, 8, 40, 100])
-def test_backward_own_block_splits_exactly(layout, mask, rows):
-    """The backward's own block in two parts (``split_own_block``): the same (query, key) pairs,
-    each once, the first part on the first rows with no key column that none of them sees."""
-    from ringflash.parallel.ring_loop import split_own_block
-
-    causal, window = mask
-    if layout != "contiguous" and not causal:
-        pytest.skip("zigzag and stripe are causal-only")
-    own = build_plan(layout, 1, 4, rows, causal, window).steps[0]
-    first, last = split_own_block(own, False, rows)
-    assert _visible_pairs(first) | _visible_pairs(last) == _visible_pairs(own)
-    assert not _visible_pairs(first) & _visible_pairs(last)
-    if len(own) > 1:  # zigzag under a window: one piece per chunk pair, run whole, last
-        assert (first, last) == ([], own)
-        return
-    assert len(first) == len(last) == 1, (first, last)  # one call over every row: split in two
-    m = first[0].q1
-    assert first[0].q0 == 0 and last[0].q0 == m and last[0].q1 == rows and 0 < m < rows
-    if causal:
-        assert max(j for _, j in _visible_pairs(first)) == first[0].k1 - 1
-    # Packed pieces and several pieces run whole, last.
-    assert split_own_block(own, True, rows) == ([], own)
-    assert split_own_block(own + own, False, rows) == ([], own + own)
-
-
-@pytest.mark.parametrize("split", [False, True], ids=["own-last", "own-split"])
-def test_backward_own_partial_stays_home(split, monkeypatch):
+def test_backward_own_partial_stays_home():
     """dK/dV sums start at the first rank after a block's owner: W - 1 dK/dV messages per rank
     (the last one home), not W. The own block runs after the last message is posted and before
-    the home sum is awaited; split, its first rows run before the first wait."""
+    the home sum is awaited."""
     import types
 
     from ringflash import blockwise
     from ringflash.comm import Post, run_simulated
-    from ringflash.parallel import ring_loop
     from ringflash.parallel.ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop
     from ringflash.parallel.simulate import simulate_plans
 
-    monkeypatch.setattr(ring_loop, "SPLIT_OWN_BLOCK", split)
     W, L = 4, 8
     logs = [[] for _ in range(W)]
 
@@ -354,10 +301,8 @@ def test_backward_own_partial_stays_home(split, monkeypatch):
         assert posts.count((TAG_KV, 1)) == W - 1
         assert [p for p in posts if p[0] == TAG_DKV] == [(TAG_DKV, 1)] * (W - 1)  # home: one ahead
         own = xs[r].data_ptr()
-        second = ("bwd", L // 2, own) if split else ("wait",)
-        assert log[0] == ("post", TAG_KV, 1) and log[1] == second, log[:2]
-        last_rows = L - L // 2 if split else L
-        assert log[-3:] == [("post", TAG_DKV, 1), ("bwd", last_rows, own), ("wait",)], log[-3:]
+        assert log[0] == ("post", TAG_KV, 1) and log[1] == ("wait",), log[:2]
+        assert log[-3:] == [("post", TAG_DKV, 1), ("bwd", L, own), ("wait",)], log[-3:]
 
 
 def test_profile_times_every_rank():

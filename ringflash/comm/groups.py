@@ -34,6 +34,20 @@ class USPGroups:
         return iter((self.ulysses_group, self.ring_group))
 
 
+def group_rank_world(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
+    """``(group, rank, world_size)`` of ``group`` (None: the default group); ``(None, 0, 1)`` when
+    torch.distributed is not initialised (every function then runs locally)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given, but torch.distributed is not initialised")
+        return None, 0, 1
+    g = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(g)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group it passed")
+    return g, rank, dist.get_world_size(g)
+
+
 def usp_grid(ulysses_degree: int, ring_degree: int, world: int) -> tuple[list[list[int]], list[list[int]]]:
     """Group ranks of every Ulysses group and every ring group for a world of ``world`` ranks."""
     if not (isinstance(ulysses_degree, int) and isinstance(ring_degree, int)):

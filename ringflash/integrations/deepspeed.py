@@ -38,11 +38,13 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import check_qkv, check_tensor
+from ..comm.agree import agree
 from ..comm.alltoall import seq_all_to_all
-from ..comm.groups import build_usp_groups
+from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func
 from ..parallel.hybrid import usp_attn_func, usp_degrees
-from ..parallel.ring_attn import group_rank_world, ring_flash_attn_func
+from ..parallel.ring_attn import ring_flash_attn_func
 from ..parallel.ulysses import kv_replication, ulysses_attn_func
 
 _FLASH_ARGS = (
@@ -169,16 +171,35 @@ class DistributedAttention(nn.Module):
         return self._grids[(u, r)]
 
     def forward(self, query, key, value, batch_dim_idx: int = 0, rotary_pos_emb=None, *args, **kwargs):
-        if batch_dim_idx not in (0, 1):
-            raise ValueError(f"batch_dim_idx must be 0 or 1, got {batch_dim_idx}")
-        if rotary_pos_emb is not None:
-            raise ValueError(
-                "rotary_pos_emb is not supported by ringflash's DistributedAttention: apply rotary "
-                "embeddings to the local shard before the call, with the shard's global positions"
-            )
+        g, _, world = group_rank_world(self.spg)
+        plan, err = None, None
+        try:
+            if batch_dim_idx not in (0, 1):
+                raise ValueError(f"batch_dim_idx must be 0 or 1, got {batch_dim_idx}")
+            if rotary_pos_emb is not None:
+                raise ValueError(
+                    "rotary_pos_emb is not supported by ringflash's DistributedAttention: apply rotary "
+                    "embeddings to the local shard before the call, with the shard's global positions"
+                )
+            check_tensor(query, "query", 4, "[B, S/P, H, D] or [S/P, B, H, D]")
+            if not self._ours():  # the user's kernel runs inside Ulysses: check what it needs
+                self._check_custom(query, key, value, world)
+            plan = self.plan(query.shape[2])
+        except (ValueError, TypeError) as e:
+            err = e
+        # The algorithm follows the head count, so ranks that disagree on it would run different
+        # collectives. Ulysses and the ring agree over this group first thing; the hybrid agrees
+        # over its two sub-groups, so before it (or when this rank could not even pick) the ranks
+        # agree here: a mismatch then meets the same single gather on every rank.
+        if err is not None or plan[0] == "hybrid" or not self._ours():
+            fields = {}
+            if plan:
+                shapes = (tuple(query.shape), tuple(key.shape), str(query.dtype))
+                fields = {"DistributedAttention plan": plan, "batch_dim_idx": batch_dim_idx, "shapes": shapes}
+            agree([(g, world)], err, fields, "the sequence-parallel group")
+        algo, u, r = plan
         if batch_dim_idx == 1:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        algo, u, r = self.plan(query.shape[2])
         if not self._ours():
             out = self._custom_ulysses(query, key, value, batch_dim_idx, args, kwargs)
         else:
@@ -196,16 +217,21 @@ class DistributedAttention(nn.Module):
             raise ValueError("return_attn_probs is not supported through DistributedAttention")
         return out.transpose(0, 1) if batch_dim_idx == 1 else out
 
+    @staticmethod
+    def _check_custom(q, k, v, world):
+        check_qkv(q, k, v, same_tokens=True)
+        hq = q.shape[2]
+        if hq % world:
+            raise ValueError(
+                f"a custom local_attention runs inside Ulysses, which needs the q heads ({hq}) to divide by "
+                f"the sequence-parallel size ({world}); pass local_attention=None to let ringflash use "
+                "ring / hybrid attention beyond the head count"
+            )
+
     def _custom_ulysses(self, q, k, v, batch_dim_idx, args, kwargs):
         """Ulysses around a user's local attention, which sees DeepSpeed's post-all-to-all layout."""
         g, _, world = group_rank_world(self.spg)
         hq, hk = q.shape[2], k.shape[2]
-        if hq % world or hq % hk:
-            raise ValueError(
-                f"a custom local_attention runs inside Ulysses, which needs the q heads ({hq}) to divide by "
-                f"the sequence-parallel size ({world}) and by the kv heads ({hk}); pass local_attention=None "
-                "to let ringflash use ring / hybrid attention beyond the head count"
-            )
         f = kv_replication(hq, hk, world)
         if f > 1:
             k, v = k.repeat_interleave(f, 2), v.repeat_interleave(f, 2)

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.distributed as dist
 
+from ..comm.groups import group_rank_world
 from ..ops import flash_attn_func
-from ..parallel.ulysses import RING_FUNCS, ulysses_attn_func
+from ..parallel.ring_attn import RING_FUNCS, ring_attention
+from ..parallel.ulysses import sp_attention
 
 METHODS = ("ring", "ulysses")
 _REGISTERED: dict[tuple, str] = {}
@@ -74,25 +77,46 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         is_causal=None,
         **kwargs,
     ):
+        # Problems found here travel with the call, so a bad input on one rank is an error on every
+        # rank of the group (the functions below agree on their arguments before any data moves).
+        error = None
         if attention_mask is not None:
-            raise ValueError(
+            error = (
                 "ringflash's sequence-parallel attention takes no attention_mask (padding masks are not "
                 "supported; causal and sliding-window masks come from the model config)"
             )
-        if dropout:
-            raise ValueError(f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0")
+        elif dropout:
+            error = f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0"
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         window = (-1, -1)
         if sliding_window is not None and sliding_window > 0:
             window = (sliding_window - 1, 0 if causal else sliding_window - 1)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S, H, D]
-        kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=float(softcap or 0.0))
-        if not (dist.is_available() and dist.is_initialized()):
-            out = flash_attn_func(q, k, v, **kw)
-        elif method == "ulysses":
-            out = ulysses_attn_func(q, k, v, group=group, **kw)
+        q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (query, key, value))
+        opts = (0.0, scaling, window, softcap or 0.0, None, causal)
+        g, _, world = group_rank_world(group)
+        if world == 1:  # one process: the local kernel (a torch.library op, so torch.compile traces it)
+            if error:
+                raise ValueError(error)
+            kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+            return flash_attn_func(q, k, v, **kw), None
+        if method == "ulysses":
+            out = sp_attention(
+                "ulysses_attn_func",
+                q,
+                k,
+                v,
+                opts,
+                False,
+                False,
+                (g, 0, world),
+                None,
+                "contiguous",
+                error=error,
+            )
         else:
-            out = RING_FUNCS[layout](q, k, v, group=group, **kw)
+            out = ring_attention(
+                RING_FUNCS[layout].__name__, q, k, v, layout, opts, False, group, error=error
+            )
         return out, None
 
     return attention

@@ -3,6 +3,7 @@ Ulysses and the hybrid (Ulysses x ring)."""
 
 from .hybrid import usp_attn_func, usp_positions, usp_shard, usp_unshard
 from .layouts import LAYOUTS, build_plan, build_varlen_plan, positions
+from .options import use_ring_prefetch, use_ring_transport
 from .ring_attn import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
@@ -42,6 +43,8 @@ __all__ = [
     "ulysses_attn_func",
     "unshard",
     "unshard_from",
+    "use_ring_prefetch",
+    "use_ring_transport",
     "usp_attn_func",
     "usp_positions",
     "usp_shard",

@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from ..comm.gather import all_gather_cat, all_gather_flat
+from ..comm.groups import group_rank_world
 from .layouts import check_layout, positions
-from .ring_attn import group_rank_world
 from .sharding import shard_for
 from .ulysses import sp_attention
 
@@ -88,22 +88,8 @@ def usp_attn_func(
         >>> out = usp_attn_func(q, k, v, causal=True, ulysses_group=uly, ring_group=ring)
     """
     uly, ring = _groups(ulysses_group, ring_group)
-    return sp_attention(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        uly,
-        ring,
-        layout if ring is not None else "contiguous",
-    )
+    opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
+    return sp_attention("usp_attn_func", q, k, v, opts, deterministic, return_attn_probs, uly, ring, layout)
 
 
 def usp_degrees(nheads: int, world: int) -> tuple[int, int]:
@@ -152,16 +138,8 @@ def usp_unshard(x: torch.Tensor, ulysses_group=None, ring_group=None, dim: int =
     u, nu, i, nr = _coords(ulysses_group, ring_group)
     lay = layout if nr > 1 else "contiguous"
     n_local = x.shape[dim]
-    parts = [x.contiguous()]
-    if nu > 1:
-        g = [torch.empty_like(x) for _ in range(nu)]
-        dist.all_gather(g, x.contiguous(), group=ulysses_group)
-        parts = g
-    ring_shard = torch.cat(parts, dim)
-    shards = [ring_shard]
-    if nr > 1:
-        shards = [torch.empty_like(ring_shard) for _ in range(nr)]
-        dist.all_gather(shards, ring_shard.contiguous(), group=ring_group)
+    ring_shard = all_gather_cat(x, nu, ulysses_group, dim)
+    shards = list(all_gather_flat(ring_shard, nr, ring_group).view(nr, *ring_shard.shape).unbind(0))
     idx = torch.cat([positions(lay, r, nr, n_local * nu) for r in range(nr)]).to(x.device)
     full = torch.empty_like(torch.cat(shards, dim))
     return full.index_copy_(dim, idx, torch.cat(shards, dim))

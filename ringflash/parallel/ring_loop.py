@@ -25,7 +25,6 @@ import math
 import torch
 
 from ..comm.ring import Post, Wait
-from ..masking import diag_bounds, is_fully_masked
 from .layouts import Piece, Plan
 
 TAG_KV, TAG_DKV = 0, 1
@@ -177,59 +176,17 @@ def ring_fwd_loop(
     return out, lse
 
 
-# The backward runs its own block last, while the last dK/dV sum travels home. With
-# SPLIT_OWN_BLOCK its first rows run first instead, while the first K/V block arrives
-# (``split_own_block``): the own block then covers both waits, but its float32 dK/dV stay allocated
-# through the whole backward (one more K/V-sized float32 pair at the peak) and its two calls are
-# smaller than one. Off until measured on GPUs (``bench_ring_nccl.py --split-own``).
-SPLIT_OWN_BLOCK = False
-
-
-def _has_keys(pc: Piece) -> bool:
-    lo, hi = diag_bounds(pc.diag, pc.causal, pc.window)
-    return not is_fully_masked(lo, hi, 0, pc.q1 - pc.q0, 0, pc.k1 - pc.k0)
-
-
-def split_own_block(pieces: list[Piece], packed: bool, rows: int) -> tuple[list[Piece], list[Piece]]:
-    """The backward's own-block pieces in two parts: one to run before the first remote step, one
-    after the last (``SPLIT_OWN_BLOCK``).
-
-    A rank's own block needs no transfer, so it can fill the two waits that nothing else covers:
-    the first K/V block's arrival at the start, and the last dK/dV sum's trip home at the end
-    (twice the bytes: float32). One unpacked piece over every local row (every padded layout's own
-    block) splits at the middle row: the first part (a quarter of a causal block's work) comes
-    first, the rest last. Anything else runs whole, last.
-    """
-    if packed or len(pieces) != 1 or rows < 2:
-        return [], pieces
-    pc = pieces[0]
-    if pc.q0 != 0 or pc.q1 != rows or isinstance(pc.diag, list):
-        return [], pieces
-    m = rows // 2 if rows < 64 else rows // 2 // 16 * 16  # whole tiles in both parts at GPU sizes
-    lo, hi = diag_bounds(pc.diag, pc.causal, pc.window)
-    n_keys = pc.k1 - pc.k0
-    # The first rows see no key past (m - 1) + hi: leave those keys out of their call.
-    end = n_keys if hi == math.inf else max(0, min(n_keys, m + int(hi)))
-    first = Piece(0, m, pc.k0, pc.k0 + end, pc.causal, pc.diag, pc.window, pc.full)
-    last = Piece(m, rows, pc.k0, pc.k1, pc.causal, pc.diag + m, pc.window, pc.full)
-    return [p for p in (first,) if _has_keys(p)], [p for p in (last,) if _has_keys(p)]
-
-
 def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, softcap: float, packed: bool):
     """Generator: this rank's backward ring; returns float32 ``(dq, dk, dv)`` of its own shard.
 
     The dK/dV sum of a block starts at the first rank that visits it after its owner (step 1),
     travels with the block, and goes home after the last step, where the owner adds it to its own
     block's part: that part never travels. The own block runs after the remote steps, while the
-    last sum travels home (see ``SPLIT_OWN_BLOCK``).
+    last sum travels home.
     """
     delta = backend.attn_bwd_delta(dout, out, packed=packed)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     n, world = plan.n_steps, plan.world
-    rows = q.shape[0 if packed else 1]
-    own_first, own_last = [], plan.steps[0]
-    if SPLIT_OWN_BLOCK and n > 1:
-        own_first, own_last = split_own_block(own_last, packed, rows)
 
     def zeros_like(x):
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -241,10 +198,6 @@ def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, so
             )
 
     kv_handle = (yield Post([k, v], 1, TAG_KV)) if n > 1 else None
-    dk = dv = None
-    if own_first:
-        dk, dv = zeros_like(k), zeros_like(v)
-        run(own_first, k, v, dk, dv)
     dkv_handle = None
     for t in range(1, n):
         kv = yield Wait(kv_handle)
@@ -266,9 +219,8 @@ def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, so
         # r - (n-1) is here: n-1 ranks back, i.e. W-n+1 ahead).
         shift = 1 if t + 1 < n else world - n + 1
         dkv_handle = yield Post([dk_t, dv_t], shift, TAG_DKV)
-    if dk is None:
-        dk, dv = zeros_like(k), zeros_like(v)
-    run(own_last, k, v, dk, dv)
+    dk, dv = zeros_like(k), zeros_like(v)
+    run(plan.steps[0], k, v, dk, dv)
     if n > 1:
         dk_home, dv_home = yield Wait(dkv_handle)
         dk.add_(dk_home)

@@ -39,45 +39,43 @@ With no process group, or a group of one rank, everything runs locally.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ..backends import backend_name
-from ..checks import check_options, skip_value_checks
-from ..decode import DecodeArgs, append_kv_, attend_kvcache, flash_attn_with_kvcache
-from ..merge import combine_attn_partials
+from ..backends import backend_for
+from ..checks import KVCacheArgs, check_options, resolve_scale, skip_value_checks
+from ..comm.agree import agree
+from ..comm.gather import all_gather_flat
+from ..comm.groups import group_rank_world
+from ..decode import attend_kvcache, flash_attn_with_kvcache
 
 __all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]
 
 
-def _world(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _gather(x: torch.Tensor, world: int, group) -> torch.Tensor:
-    """All-gather a flat tensor: ``[world, n]``."""
-    x = x.contiguous().view(-1)
-    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
-        out = torch.empty((world, x.numel()), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)  # one output buffer: no per-rank copies
-        return out
-    parts = [torch.empty_like(x) for _ in range(world)]  # gloo has no all_gather_into_tensor
-    dist.all_gather(parts, x, group=group)
-    return torch.stack(parts)
-
-
-def _combine(outs: torch.Tensor, lses: torch.Tensor, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of ``outs [W, B, Sq, H, D]`` / ``lses [W, B, Sq, H]`` -> ``(out, lse [B, H, Sq])``."""
-    if backend_name(outs.device) == "triton":
-        from ..kernels.decode import combine_partials
-
-        W, B, Sq, H, D = outs.shape
-        out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=outs.device)
-        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=outs.device)
-        return combine_partials(outs, lses, out, lse, split_dim=0)
-    out, lse = combine_attn_partials(outs, lses.permute(0, 1, 3, 2))
-    return out.to(out_dtype), lse
+def _validate(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    cache_seqlens,
+    cache_batch_idx,
+    block_table,
+    opts,
+    num_splits,
+    key_offsets,
+    global_seqlens,
+):
+    causal, window, softcap, scale = check_options(*opts)
+    a = KVCacheArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
+    backend_for(q)
+    for name, t in (("key_offsets", key_offsets), ("global_seqlens", global_seqlens)):
+        if t is not None and (
+            not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (a.batch,)
+        ):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be an int32 tensor [B={a.batch}], got {got}")
+    if (key_offsets is None) != (global_seqlens is None):
+        raise ValueError("pass key_offsets and global_seqlens together (or neither)")
+    return a, causal, window, softcap, scale
 
 
 def sharded_flash_attn_with_kvcache(
@@ -117,53 +115,94 @@ def sharded_flash_attn_with_kvcache(
     Returns:
         ``out [B, Sq, Hq, D]`` (or ``(out, lse [B, Hq, Sq])``), identical on every rank.
 
+    Raises:
+        ValueError on every rank when any rank's arguments are invalid or the ranks disagree on
+        the query, the masks or the options (checked before the first collective).
+
     Example:
         >>> out = sharded_flash_attn_with_kvcache(q, k_shard, v_shard, cache_seqlens=local_lens)
     """
-    rank, world = _world(group)
-    kw = dict(
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        num_splits=num_splits,
-        return_softmax_lse=return_softmax_lse,
-    )
+    g, rank, world = group_rank_world(group)
+    opts = (0.0, softmax_scale, window_size, softcap, None, causal)
     if world == 1:
         return flash_attn_with_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, **kw
+            q,
+            k_cache,
+            v_cache,
+            k,
+            v,
+            cache_seqlens,
+            cache_batch_idx,
+            block_table,
+            softmax_scale,
+            causal,
+            window_size,
+            softcap,
+            num_splits,
+            return_softmax_lse,
         )
-    window = check_options(0.0, softmax_scale, window_size, softcap, None)
-    a = DecodeArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
-    for name, t in (("key_offsets", key_offsets), ("global_seqlens", global_seqlens)):
-        if t is not None and (
-            not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (a.batch,)
-        ):
-            raise ValueError(f"{name} must be an int32 tensor [B={a.batch}], got {t!r}")
-    if (key_offsets is None) != (global_seqlens is None):
-        raise ValueError("pass key_offsets and global_seqlens together (or neither)")
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    err, fields = None, {}
+    try:
+        a, causal, window, softcap, scale = _validate(
+            q,
+            k_cache,
+            v_cache,
+            k,
+            v,
+            cache_seqlens,
+            cache_batch_idx,
+            block_table,
+            opts,
+            num_splits,
+            key_offsets,
+            global_seqlens,
+        )
+        fields = {
+            "function": "sharded_flash_attn_with_kvcache",
+            "q shape": tuple(q.shape),
+            "dtype": str(q.dtype),
+            "causal": causal,
+            "window_size": window,
+            "softcap": softcap,
+            "softmax_scale": scale,
+            "key_offsets given": key_offsets is not None,
+        }
+    except (ValueError, TypeError) as e:
+        err = e
+    agree([(g, world)], err, fields, "the group")
+    scale = resolve_scale(scale, q.shape[-1])
     Sq = q.shape[1]
     with torch.no_grad():
-        append_kv_(k_cache, v_cache, k, v, a)
         diag = None
         if (causal and Sq > 1) or window != (-1, -1):
-            local = a.cache_seqlens + a.n_new
             if key_offsets is None:
-                lens = _gather(local, world, group)  # [W, B]
+                # Where this rank's run starts: a tiny all_gather of the local lengths (the new
+                # tokens are appended below, on this rank, so they count here).
+                lens = all_gather_flat(a.cache_seqlens + a.n_new, world, g)  # [W, B]
                 key_offsets = (lens.cumsum(0) - lens)[rank].to(torch.int32)
                 global_seqlens = lens.sum(0).to(torch.int32)
             diag = (global_seqlens.to(q.device) - Sq - key_offsets.to(q.device)).to(torch.int32)
         out, lse = attend_kvcache(
-            q, k_cache, v_cache, a, scale, bool(causal), window, float(softcap), diag, torch.float32
+            q,
+            k_cache,
+            v_cache,
+            a,
+            scale,
+            causal,
+            window,
+            softcap,
+            k=k,
+            v=v,
+            diag_offset=diag,
+            out_dtype=torch.float32,
         )
         B, _, H, D = out.shape
         packed = torch.cat([out.reshape(-1), lse.transpose(1, 2).reshape(-1)])
-        got = _gather(packed, world, group)  # the one collective of the step
+        got = all_gather_flat(packed, world, g)  # the one collective of the step
         n = out.numel()
         outs = got[:, :n].view(world, B, Sq, H, D)
         lses = got[:, n:].view(world, B, Sq, H)
-        out, lse = _combine(outs, lses, q.dtype)
+        out, lse = backend_for(q).combine(outs, lses, q.dtype)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -183,7 +222,7 @@ class ShardedKVCache:
         if capacity < 0 or batch < 1:
             raise ValueError(f"need batch >= 1 and capacity >= 0, got {batch} and {capacity}")
         self.group = group
-        self.rank, self.world = _world(group)
+        _, self.rank, self.world = group_rank_world(group)
         self.capacity = int(capacity)
         self.k = torch.zeros(batch, capacity, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..comm.gather import all_gather_flat
+from ..comm.groups import group_rank_world
 from .layouts import check_layout, local_len_error, positions
-from .ring_attn import group_rank_world
 
 
 def _check(n: int, world: int, layout: str, dim: int) -> int:
@@ -70,6 +71,5 @@ def unshard(
     g, _, world = group_rank_world(group)
     if world == 1:
         return x.clone()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=g)
-    return unshard_from(parts, dim, layout)
+    parts = all_gather_flat(x, world, g).view(world, *x.shape).unbind(0)
+    return unshard_from(list(parts), dim, layout)

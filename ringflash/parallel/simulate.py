@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..backends import backend_for, ring_prefetch
+from ..backends import backend_for
 from ..comm.ring import SimProfile, run_simulated
 from .layouts import Plan, build_plan, build_varlen_plan
+from .options import ring_prefetch
 from .ring_loop import ring_bwd_loop, ring_fwd_loop
 
 

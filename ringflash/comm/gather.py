@@ -1,0 +1,30 @@
+"""All-gathers of whole tensors over a group (the sharded decode's partials, unsharding)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_gather_flat(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    """All-gather ``x`` flattened: ``[world, x.numel()]``, row ``r`` from group rank ``r``.
+
+    NCCL gathers into one output buffer (no per-rank copies); gloo has no
+    ``all_gather_into_tensor``, so its parts are stacked.
+    """
+    x = x.contiguous().view(-1)
+    if world == 1:
+        return x.clone().view(1, -1)
+    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
+        out = torch.empty((world, x.numel()), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return torch.stack(parts)
+
+
+def all_gather_cat(x: torch.Tensor, world: int, group, dim: int) -> torch.Tensor:
+    """All-gather ``x`` (the same shape on every rank) and concatenate along ``dim`` in rank order."""
+    parts = all_gather_flat(x, world, group).view(world, *x.shape)
+    return torch.cat(parts.unbind(0), dim)

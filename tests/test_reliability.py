@@ -1,0 +1,103 @@
+"""Defects that once gave a silent wrong answer, a NaN or an internal error, each pinned by a test."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import ringflash as rf
+from ringflash.backends import use_config
+from ringflash.blockwise import BlockwiseConfig
+from ringflash.reference import attention_ref
+from tests.oracle import assert_matches
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "explicit"])
+def test_inf_in_one_key_stays_out_of_rows_that_cannot_see_it(fused):
+    """Rows that cannot see a key with an ``inf`` stay finite and exact on every path (it once
+    spread NaN through the fused CPU kernel's additive mask). An ``inf`` in a *value* is another
+    matter: a row whose tile holds it multiplies it by a zero weight, NaN, as in SDPA's kernels."""
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    j = 25
+    k[0, j, 0, 3] = math.inf
+    with use_config(BlockwiseConfig(block_q=16, block_k=8, fused_cpu=fused)):
+        out, lse, _ = rf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref, ref_lse = attention_ref(q.double()[:, :j], k.double()[:, :j], v.double()[:, :j], causal=True)
+    # Rows before j never see key j: finite and exact.
+    assert torch.isfinite(out[:, :j]).all() and torch.isfinite(lse[..., :j]).all()
+    assert_matches("out[:j]", out[:, :j], ref, None, 0)
+    assert_matches("lse[:j]", lse[..., :j], ref_lse, None, 0)
+
+
+def test_inf_in_one_key_stays_out_of_the_cache_rows_that_cannot_see_it():
+    k_cache, v_cache = torch.randn(2, 30, 1, 8), torch.randn(2, 30, 1, 8)
+    k_cache[0, 20, 0, 0] = math.inf  # past row 0's length: never attended
+    q = torch.randn(2, 1, 2, 8)
+    lens = torch.tensor([12, 30], dtype=torch.int32)
+    out = rf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    assert torch.isfinite(out[0]).all()
+    ref, _ = attention_ref(q[:1].double(), k_cache[:1, :12].double(), v_cache[:1, :12].double())
+    assert_matches("row 0", out[:1], ref, None, 0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs triton on CPU")
+def test_triton_on_cpu_tensors_is_a_clear_error():
+    pytest.importorskip("triton")
+    q = torch.randn(1, 4, 2, 8)
+    with rf.use_backend("triton"):
+        for call in (
+            lambda: rf.flash_attn_func(q, q, q),
+            lambda: rf.flash_attn_with_kvcache(q[:, :1], q, q),
+            lambda: rf.ring_flash_attn_func(q, q, q),
+        ):
+            with pytest.raises(ValueError, match="cannot run cpu tensors.*TRITON_INTERPRET=1"):
+                call()
+
+
+EMPTY = [(0, 5, 5), (2, 0, 5), (2, 5, 0), (2, 0, 0)]
+
+
+@pytest.mark.parametrize("B, Sq, Sk", EMPTY, ids=[f"B{b}-Sq{q}-Sk{k}" for b, q, k in EMPTY])
+def test_empty_batches_and_lengths_give_empty_or_no_key_results(B, Sq, Sk):
+    q = torch.randn(B, Sq, 4, 16, requires_grad=True)
+    k = torch.randn(B, Sk, 2, 16, requires_grad=True)
+    v = torch.randn(B, Sk, 2, 16, requires_grad=True)
+    out, lse, _ = rf.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.shape == (B, Sq, 4, 16) and lse.shape == (B, 4, Sq)
+    assert (out == 0).all() if Sk == 0 else True
+    assert (lse == -math.inf).all() if Sk == 0 else True
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (q.grad == 0).all() if Sk == 0 else True
+    if Sq == Sk:  # a sequence-parallel shard holds queries and keys of the same tokens
+        assert rf.zigzag_ring_flash_attn_func(q, k, v, causal=True).shape == out.shape
+
+
+def test_empty_packed_batch_and_empty_kvcache_batch():
+    z = torch.zeros(0, 2, 16)
+    cu = torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="batch\\+1 >= 2 entries"):
+        rf.flash_attn_varlen_func(z, z, z, cu, cu, 0, 0)
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    assert rf.flash_attn_varlen_func(z, z, z, cu, cu, 0, 0).shape == (0, 2, 16)
+    q, cache = torch.zeros(0, 1, 2, 16), torch.zeros(0, 8, 2, 16)
+    assert rf.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=0).shape == (0, 1, 2, 16)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [((1, 4, 0, 16), "at least one head"), ((1, 4, 2, 0), "head dim must be in 1..256")],
+    ids=["no-heads", "no-head-dim"],
+)
+def test_zero_heads_or_head_dim_is_a_clear_error(shape, match):
+    x = torch.randn(shape)
+    for call in (
+        lambda: rf.flash_attn_func(x, x, x),
+        lambda: rf.flash_attn_with_kvcache(x[:, :1], x, x),
+        lambda: rf.ring_flash_attn_func(x, x, x),
+        lambda: rf.ulysses_attn_func(x, x, x),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
