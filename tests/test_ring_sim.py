@@ -264,7 +264,7 @@ def test_backward_own_partial_stays_home():
 
     from ringflash import blockwise
     from ringflash.comm import Post, run_simulated
-    from ringflash.parallel.ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop
+    from ringflash.parallel.ring_loop import TAG_DKV, TAG_HOME, TAG_KV, ring_bwd_loop
     from ringflash.parallel.simulate import simulate_plans
 
     W, L = 4, 8
@@ -299,10 +299,15 @@ def test_backward_own_partial_stays_home():
     for r, log in enumerate(logs):
         posts = [e[1:] for e in log if e[0] == "post"]
         assert posts.count((TAG_KV, 1)) == W - 1
-        assert [p for p in posts if p[0] == TAG_DKV] == [(TAG_DKV, 1)] * (W - 1)  # home: one ahead
+        # Each block's sum travels W - 2 hops, then goes home (one ahead), and one comes home.
+        assert [p for p in posts if p[0] == TAG_DKV] == [(TAG_DKV, 1)] * (W - 2)
+        assert [p for p in posts if p[0] == TAG_HOME] == [(TAG_HOME, 1), (TAG_HOME, 1)]
         own = xs[r].data_ptr()
         assert log[0] == ("post", TAG_KV, 1) and log[1] == ("wait",), log[:2]
-        assert log[-3:] == [("post", TAG_DKV, 1), ("bwd", L, own), ("wait",)], log[-3:]
+        # The own block runs after the home receive is posted and before it is awaited.
+        assert log[-5:-1] == [("post", TAG_HOME, 1), ("post", TAG_HOME, 1), ("bwd", L, own), ("wait",)], log[
+            -5:
+        ]
 
 
 def test_profile_times_every_rank():

@@ -28,3 +28,17 @@ def all_gather_cat(x: torch.Tensor, world: int, group, dim: int) -> torch.Tensor
     """All-gather ``x`` (the same shape on every rank) and concatenate along ``dim`` in rank order."""
     parts = all_gather_flat(x, world, group).view(world, *x.shape)
     return torch.cat(parts.unbind(0), dim)
+
+
+def reduce_scatter_flat(x: torch.Tensor, world: int, rank: int, group) -> torch.Tensor:
+    """Sum ``x [world, n]`` over the group and return this rank's row ``[n]`` (float32 sums stay
+    float32). NCCL reduce-scatters; gloo has no reduce-scatter, so it all-reduces and slices."""
+    if world == 1:
+        return x[0]
+    x = x.contiguous()
+    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x, group=group)
+        return out
+    dist.all_reduce(x, group=group)
+    return x[rank]

@@ -35,11 +35,23 @@ class Post:
     """Request: send ``tensors`` to rank ``rank + shift`` and receive the same shapes from ``rank - shift``.
 
     ``tag`` separates independent streams (K/V and dK/dV) between the same pair of ranks.
+    ``recv``: the shapes and dtypes to receive when they differ from what is sent (``[]``: receive
+    nothing; ``tensors=[]``: send nothing), from rank ``rank - recv_shift`` (default ``shift``).
     """
 
     tensors: Sequence[torch.Tensor]
     shift: int = 1
     tag: int = 0
+    recv: Sequence[torch.Tensor] | None = None
+    recv_shift: int | None = None
+
+    @property
+    def receives(self) -> Sequence[torch.Tensor]:
+        return self.tensors if self.recv is None else self.recv
+
+    @property
+    def source_shift(self) -> int:
+        return self.shift if self.recv_shift is None else self.recv_shift
 
 
 @dataclass
@@ -84,18 +96,28 @@ class RingComm:
         """Global rank of the group rank ``shift`` steps ahead on the ring."""
         return self.global_ranks[(self.rank + shift) % self.world_size]
 
-    def post(self, tensors: Sequence[torch.Tensor], shift: int = 1, tag: int = 0) -> _Transfer:
-        """Start sending ``tensors`` ``shift`` ranks ahead and receiving as many from ``shift`` behind."""
-        if self.copy_engine is not None and shift % self.world_size == 1 and tag in self.copy_engine_tags:
+    def post(self, tensors: Sequence[torch.Tensor], shift: int = 1, tag: int = 0, recv=None, recv_shift=None):
+        """Start sending ``tensors`` ``shift`` ranks ahead and receiving ``recv`` (default: tensors
+        of the same shapes) from ``recv_shift`` (default ``shift``) ranks behind."""
+        regular = recv is None and recv_shift is None
+        if (
+            regular
+            and self.copy_engine is not None
+            and shift % self.world_size == 1
+            and tag in self.copy_engine_tags
+        ):
             return self.copy_engine.post(tensors, tag)
-        dst, src = self.peer(shift), self.peer(-shift)
+        dst = self.peer(shift)
+        src = self.peer(-(shift if recv_shift is None else recv_shift))
         sends = [t.contiguous() for t in tensors]
-        bufs = [torch.empty_like(t) for t in sends]
+        bufs = [
+            torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (sends if recv is None else recv)
+        ]
         # Receives are posted first: gloo matches messages per (peer, tag) in posting order, so each
         # tensor gets its own tag; NCCL ignores tags and runs the list as one group.
         ops = [dist.P2POp(dist.irecv, b, src, self.group, tag=tag * 64 + i) for i, b in enumerate(bufs)]
         ops += [dist.P2POp(dist.isend, t, dst, self.group, tag=tag * 64 + i) for i, t in enumerate(sends)]
-        works = dist.batch_isend_irecv(ops)
+        works = dist.batch_isend_irecv(ops) if ops else []
         return _Transfer(works, bufs, sends, self.timeout)
 
     def finish(self) -> None:
@@ -143,7 +165,7 @@ def _drive(loop: RingLoop, comm: RingComm | None):
             if isinstance(req, Post):
                 if comm is None:
                     raise RuntimeError("a ring of one rank tried to communicate")
-                resp = comm.post(req.tensors, req.shift, req.tag)
+                resp = comm.post(req.tensors, req.shift, req.tag, req.recv, req.recv_shift)
             elif isinstance(req, Wait):
                 resp = req.handle.wait()
             else:
@@ -264,10 +286,13 @@ def run_simulated(
                 req = pending[r]
                 dep = None
                 if isinstance(req, Post):
-                    dst, src = (r + req.shift) % world, (r - req.shift) % world
+                    dst, src = (r + req.shift) % world, (r - req.source_shift) % world
                     posted_at = (r, len(after[r]) - 1)  # the segment that ends with this Post
-                    boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], posted_at))
-                    value = (src, r, req.tag)
+                    if req.tensors:
+                        boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], posted_at))
+                    value = (src, r, req.tag) if req.receives else None
+                elif isinstance(req, Wait) and req.handle is None:  # a post that received nothing
+                    value = []
                 elif isinstance(req, Wait):
                     box = boxes[req.handle]
                     if not box:

@@ -1,8 +1,9 @@
 """Sequence-parallel attention: layouts, sharding, the ring and its single-process simulator,
 Ulysses and the hybrid (Ulysses x ring)."""
 
+from .doc_layouts import build_doc_plan, doc_positions
 from .hybrid import usp_attn_func, usp_positions, usp_shard, usp_unshard
-from .layouts import LAYOUTS, build_plan, build_varlen_plan, positions
+from .layouts import LAYOUTS, build_plan, positions
 from .options import use_ring_prefetch, use_ring_transport
 from .ring_attn import (
     ring_flash_attn_func,
@@ -25,7 +26,8 @@ from .ulysses import ulysses_attn_func
 __all__ = [
     "LAYOUTS",
     "build_plan",
-    "build_varlen_plan",
+    "build_doc_plan",
+    "doc_positions",
     "positions",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",

@@ -27,7 +27,6 @@ window that does not reach that far back) are dropped: neither computed nor comm
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -72,15 +71,39 @@ class Piece:
 
 @dataclass
 class Plan:
-    """What one rank computes at each ring step; ``steps[t]`` pairs it with rank ``(rank - t) % W``."""
+    """What one rank computes at each ring step; ``steps[t]`` pairs it with rank ``(rank - t) % W``.
+
+    ``reach[b]`` is how many hops the K/V block of rank ``b`` travels (every rank's plan holds the
+    same table): rank ``r`` receives a block at step ``t`` only while ``t <= reach[(r - t) % W]``.
+    A regular plan sends every block ``n_steps - 1`` hops; a packed stream of short documents
+    sends blocks no further than the farthest rank that one of their documents reaches.
+    """
 
     rank: int
     world: int
     steps: list[list[Piece]]
+    reach: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.reach:
+            self.reach = (len(self.steps) - 1,) * self.world
 
     @property
     def n_steps(self) -> int:
         return len(self.steps)
+
+    @property
+    def regular(self) -> bool:
+        """Every block travels the same number of hops (``n_steps - 1``)."""
+        return all(h == self.n_steps - 1 for h in self.reach)
+
+    def holds(self, t: int) -> bool:
+        """Whether this rank holds a K/V block at step ``t`` (the block of rank ``rank - t``)."""
+        return t == 0 or (t < self.n_steps and t <= self.reach[(self.rank - t) % self.world])
+
+    def sends(self, t: int) -> bool:
+        """Whether the block this rank holds at step ``t`` goes on to the next rank."""
+        return self.holds(t) and t + 1 <= self.reach[(self.rank - t) % self.world]
 
 
 def check_layout(layout: str) -> None:
@@ -223,14 +246,20 @@ def step_pieces(
     return _coalesce(pieces)
 
 
-def _trim(per_rank: list[list[list[Piece]]], rank: int, world: int) -> Plan:
-    """Keep steps up to the last one that any rank needs (all ranks must agree on the count)."""
+def trim(per_rank: list[list[list[Piece]]], rank: int, world: int, reach: bool = False) -> Plan:
+    """Keep steps up to the last one that any rank needs (all ranks must agree on the count).
+
+    With ``reach``, each block travels only as far as the last rank that needs it (``Plan.reach``).
+    """
     n = 1
-    for steps in per_rank:
+    hops = [0] * world
+    for r, steps in enumerate(per_rank):
         for t, ps in enumerate(steps):
-            if ps:
+            if ps and t:
                 n = max(n, t + 1)
-    return Plan(rank, world, per_rank[rank][:n])
+                b = (r - t) % world
+                hops[b] = max(hops[b], t)
+    return Plan(rank, world, per_rank[rank][:n], tuple(hops) if reach else ())
 
 
 def build_plan(
@@ -241,47 +270,4 @@ def build_plan(
         [step_pieces(layout, r, (r - t) % world, world, n_local, causal, window) for t in range(world)]
         for r in range(world)
     ]
-    return _trim(per_rank, rank, world)
-
-
-def _varlen_step(cu: list[int], q_rank: int, k_rank: int, n_local: int, causal: bool, window) -> list[Piece]:
-    """Pieces between two contiguous shards of a packed stream of documents ``cu``."""
-    qs, ks = q_rank * n_local, k_rank * n_local
-    docs = []  # (qa, qb, ka, kb, causal, diag, window) per document, shard-local ranges
-    for a, b in itertools.pairwise(cu):
-        qa, qb = max(a, qs), min(b, qs + n_local)
-        ka, kb = max(a, ks), min(b, ks + n_local)
-        if qa >= qb or ka >= kb:
-            continue
-        lo, hi = _band(qa, ka, 1, causal, window)
-        args = _mask_args(lo, hi, qb - qa, kb - ka)
-        if args is None:
-            continue
-        c, d, w, _ = args
-        docs.append((qa - qs, qb - qs, ka - ks, kb - ks, c, d, w))
-    pieces: list[Piece] = []
-    for qa, qb, ka, kb, c, d, w in docs:
-        last = pieces[-1] if pieces else None
-        if last is not None and last.q1 == qa and last.k1 == ka and (last.causal, last.window) == (c, w):
-            last.q1, last.k1 = qb, kb
-            last.cu_q.append(qb - last.q0)
-            last.cu_k.append(kb - last.k0)
-            last.diag.append(d)
-        else:
-            pieces.append(Piece(qa, qb, ka, kb, c, [d], w, False, [0, qb - qa], [0, kb - ka]))
-    return pieces
-
-
-def build_varlen_plan(
-    cu_seqlens: list[int], rank: int, world: int, n_local: int, causal: bool, window: tuple[int, int]
-) -> Plan:
-    """The ring plan of ``rank`` for a packed stream (global ``cu_seqlens``) sharded contiguously.
-
-    Documents may cross shard boundaries: each step intersects every document with the query
-    shard and the key shard and gives each intersection its own diag offset.
-    """
-    per_rank = [
-        [_varlen_step(cu_seqlens, r, (r - t) % world, n_local, causal, window) for t in range(world)]
-        for r in range(world)
-    ]
-    return _trim(per_rank, rank, world)
+    return trim(per_rank, rank, world)

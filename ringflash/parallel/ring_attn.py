@@ -33,7 +33,8 @@ from ..comm.agree import agree
 from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
-from .layouts import LAYOUTS, Plan, build_plan, build_varlen_plan, local_len_error
+from .doc_layouts import build_doc_plan, total_error
+from .layouts import LAYOUTS, Plan, build_plan, local_len_error
 from .options import forward_prefetch, ring_transport
 from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
 
@@ -61,8 +62,8 @@ def _cached_plan(layout, rank, world, n_local, causal, window) -> Plan:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_varlen_plan(cu, rank, world, n_local, causal, window) -> Plan:
-    return build_varlen_plan(list(cu), rank, world, n_local, causal, window)
+def _cached_doc_plan(layout, cu, rank, world, causal, window) -> Plan:
+    return build_doc_plan(layout, cu, rank, world, causal, window)
 
 
 class RingAttention(torch.autograd.Function):
@@ -99,7 +100,9 @@ def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm |
     to the next rank by copy engine (a dK/dV sent home over several hops goes through the group)."""
     if plan.world == 1:
         return None
-    tags = (TAG_KV, TAG_DKV) if transport == "copy_engine" else ()
+    # The copy engines carry the regular one-hop stream; a plan whose blocks travel different
+    # distances posts sends and receives alone, which go through the group.
+    tags = (TAG_KV, TAG_DKV) if transport == "copy_engine" and plan.regular else ()
     return RingComm(group, copy_engine_tags=tags, device=device)
 
 
@@ -123,6 +126,9 @@ def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, trans
                 f"its total is {cu_list[-1]}, but world_size * local tokens = {world} * {n_local} = "
                 f"{world * n_local}. Pass the global cu_seqlens, not the cu_seqlens of this rank's shard."
             )
+        err = total_error(world, cu_list[-1], layout)
+        if err:
+            raise ValueError(err)
         check_max_seqlen(cu_seqlens, max_seqlen, "max_seqlen", cu_list)
     else:
         err = local_len_error(layout, world, n_local)
@@ -185,7 +191,7 @@ def ring_attention(
     scale = resolve_scale(scale, q.shape[-1])
     packed = cu_list is not None
     if packed:
-        plan = _cached_varlen_plan(tuple(cu_list), rank, world, q.shape[0], causal, window)
+        plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
     out, lse = RingAttention.apply(

@@ -27,7 +27,7 @@ import torch
 from ..comm.ring import Post, Wait
 from .layouts import Piece, Plan
 
-TAG_KV, TAG_DKV = 0, 1
+TAG_KV, TAG_DKV, TAG_HOME = 0, 1, 2
 MAX_PREFETCH = 31  # K/V blocks held at once: one message of 2 * 31 tensors fits the gloo tags
 
 
@@ -125,6 +125,16 @@ def _fused_calls(steps: list[list[Piece]], blocks: list[list[torch.Tensor]], pac
     return calls
 
 
+def _pass_on(plan: Plan, t: int, held: list, like: list):
+    """The step-``t`` post of K/V: the block held at step ``t`` goes on to the next rank and the
+    block of step ``t + 1`` comes in, each only where the plan's reach says (None: neither)."""
+    send = held if plan.sends(t) else []
+    recv = like if plan.holds(t + 1) else []
+    if not send and not recv:
+        return None
+    return Post(send, 1, TAG_KV, recv=None if send and recv else recv)
+
+
 def ring_fwd_loop(
     backend, q, k, v, plan: Plan, scale: float, softcap: float, packed: bool, prefetch: int = 1
 ):
@@ -133,7 +143,9 @@ def ring_fwd_loop(
     ``prefetch`` (``p``): after its own block, a rank holds the K/V blocks of ``p`` ring steps at
     once and computes them together (``_fused_calls``), while the next ``p`` blocks travel: each
     rank sends the blocks it holds ``p`` ranks ahead (the first ``p`` blocks: its own, to ranks
-    ``r+1 .. r+p``). ``p = 1`` is the plain ring. Every rank must pass the same ``p``.
+    ``r+1 .. r+p``). ``p = 1`` is the plain ring. Every rank must pass the same ``p``. A plan whose
+    blocks travel different distances (``Plan.reach``) runs the plain ring, each block going only
+    as far as it is needed.
     """
     n = plan.n_steps
     # When the first step is one call over every local query (a rank's own block), it writes the
@@ -149,10 +161,14 @@ def ring_fwd_loop(
     else:
         out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
         lse = torch.full(lse_shape(q, packed), -math.inf, dtype=torch.float32, device=q.device)
-    g = max(1, min(int(prefetch), n - 1, MAX_PREFETCH))
-    handles = []
-    for shift in range(1, g + 1 if n > 1 else 1):
-        handles.append((yield Post([k, v], shift, TAG_KV)))
+    g = max(1, min(int(prefetch), n - 1, MAX_PREFETCH)) if plan.regular else 1
+    if g == 1:
+        post = _pass_on(plan, 0, [k, v], [k, v])
+        handles = [(yield post)] if post is not None else []
+    else:
+        handles = []
+        for shift in range(1, g + 1):
+            handles.append((yield Post([k, v], shift, TAG_KV)))
     for pc in first:
         fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, packed, not write_first)
     held: list[torch.Tensor] = []
@@ -161,8 +177,12 @@ def ring_fwd_loop(
     t = 1
     while t < n:
         size = min(g, n - t)  # held: the blocks of steps t .. t + size - 1
-        need = min(g, n - t - size)  # blocks of the next steps, held now by rank r - g
-        handle = (yield Post(held[: 2 * need], g, TAG_KV)) if need else None
+        if g == 1:
+            post = _pass_on(plan, t, held, [k, v])
+        else:
+            need = min(g, n - t - size)  # blocks of the next steps, held now by rank r - g
+            post = Post(held[: 2 * need], g, TAG_KV) if need else None
+        handle = (yield post) if post is not None else None
         if size == 1:
             calls = [(pc, held[0], held[1]) for pc in plan.steps[t]]
         else:
@@ -170,8 +190,7 @@ def ring_fwd_loop(
             calls = _fused_calls(plan.steps[t : t + size], blocks, packed)
         for pc, kb, vb in calls:
             fwd_piece(backend, q, kb, vb, out, lse, pc, scale, softcap, packed)
-        if handle is not None:
-            held = yield Wait(handle)
+        held = (yield Wait(handle)) if handle is not None else []
         t += size
     return out, lse
 
@@ -179,10 +198,10 @@ def ring_fwd_loop(
 def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, softcap: float, packed: bool):
     """Generator: this rank's backward ring; returns float32 ``(dq, dk, dv)`` of its own shard.
 
-    The dK/dV sum of a block starts at the first rank that visits it after its owner (step 1),
-    travels with the block, and goes home after the last step, where the owner adds it to its own
-    block's part: that part never travels. The own block runs after the remote steps, while the
-    last sum travels home.
+    K/V travel as in the forward (``Plan.reach``). The dK/dV sum of a block starts at the first
+    rank that visits it after its owner (step 1), travels with the block, and from the last rank
+    it reaches goes straight home, where the owner adds it to its own block's part: that part
+    never travels. The own block runs after the remote steps, while the last sum travels home.
     """
     delta = backend.attn_bwd_delta(dout, out, packed=packed)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -197,32 +216,51 @@ def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, so
                 backend, dout, q, kb, vb, out, lse, delta, dq, dk_acc, dv_acc, pc, scale, softcap, packed
             )
 
-    kv_handle = (yield Post([k, v], 1, TAG_KV)) if n > 1 else None
-    dkv_handle = None
+    # Shapes of the float32 dK/dV sums that arrive (the communicator allocates the buffers).
+    dkv_like = [torch.empty((), device=x.device).expand(x.shape) for x in (k, v)]
+    post = _pass_on(plan, 0, [k, v], [k, v])
+    kv_handle = (yield post) if post is not None else None
+    dkv_handle = None  # brings the sum of the ranks before this one for the block of the next step
+    sent = []  # sums sent without a receive in the same post: waited for at the end
     for t in range(1, n):
-        kv = yield Wait(kv_handle)
-        kv_handle = (yield Post(kv, 1, TAG_KV)) if t + 1 < n else None
+        kv = (yield Wait(kv_handle)) if kv_handle is not None else []
+        post = _pass_on(plan, t, kv, [k, v])
+        kv_handle = (yield post) if post is not None else None
         dk_t = dv_t = None
         if plan.steps[t]:
             dk_t, dv_t = zeros_like(k), zeros_like(v)
             run(plan.steps[t], kv[0], kv[1], dk_t, dv_t)
-        if dkv_handle is not None:  # the sum of the ranks before us for this block
+        if dkv_handle is not None:
             dk_in, dv_in = yield Wait(dkv_handle)
             if dk_t is None:
                 dk_t, dv_t = dk_in, dv_in
             else:
                 dk_t.add_(dk_in)
                 dv_t.add_(dv_in)
-        elif dk_t is None:
+        elif dk_t is None and plan.holds(t):
             dk_t, dv_t = zeros_like(k), zeros_like(v)
-        # Pass the block's sum on with it; after the last step, send it home (the block of rank
-        # r - (n-1) is here: n-1 ranks back, i.e. W-n+1 ahead).
-        shift = 1 if t + 1 < n else world - n + 1
-        dkv_handle = yield Post([dk_t, dv_t], shift, TAG_DKV)
+        # The block's sum goes on with it, or home from the last rank it reaches (W - t ahead);
+        # the sum for the next step's block comes from the rank before.
+        recv = dkv_like if plan.holds(t + 1) else []
+        dkv_handle = None
+        if dk_t is not None and plan.sends(t) and recv:  # the regular ring: pass on and receive
+            dkv_handle = yield Post([dk_t, dv_t], 1, TAG_DKV)
+        else:
+            if dk_t is not None:
+                shift, tag = (1, TAG_DKV) if plan.sends(t) else (world - t, TAG_HOME)
+                sent.append((yield Post([dk_t, dv_t], shift, tag, recv=[])))
+            if recv:
+                dkv_handle = yield Post([], 1, TAG_DKV, recv=recv)
+    hops = plan.reach[plan.rank] if n > 1 else 0
+    home = None
+    if hops:
+        home = yield Post([], 1, TAG_HOME, recv=dkv_like, recv_shift=world - hops)
     dk, dv = zeros_like(k), zeros_like(v)
     run(plan.steps[0], k, v, dk, dv)
-    if n > 1:
-        dk_home, dv_home = yield Wait(dkv_handle)
+    if home is not None:
+        dk_home, dv_home = yield Wait(home)
         dk.add_(dk_home)
         dv.add_(dv_home)
+    for h in sent:
+        yield Wait(h)
     return dq, dk, dv

@@ -13,7 +13,8 @@ import torch
 
 from ..backends import backend_for
 from ..comm.ring import SimProfile, run_simulated
-from .layouts import Plan, build_plan, build_varlen_plan
+from .doc_layouts import build_doc_plan
+from .layouts import Plan, build_plan
 from .options import ring_prefetch
 from .ring_loop import ring_bwd_loop, ring_fwd_loop
 
@@ -33,7 +34,7 @@ def simulate_plans(
     cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
     if cu[-1] != world * n_local:
         raise ValueError(f"global cu_seqlens total {cu[-1]} != world * local tokens {world * n_local}")
-    return [build_varlen_plan(cu, r, world, n_local, causal, window) for r in range(world)]
+    return [build_doc_plan(layout, tuple(cu), r, world, bool(causal), window) for r in range(world)]
 
 
 def simulate_ring_attn(
