@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
+
+from .kernels.options import TMA_MODES, tma_mode, use_tma  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "torch")
 # A plain list (innermost choice last) rather than a ContextVar: torch.compile can read and guard
@@ -54,30 +56,6 @@ def use_backend(name: str):
     if name == "triton" and not triton_available():
         raise ValueError("backend 'triton' asked for, but the triton package is not installed")
     with _pushed(_forced, name):
-        yield
-
-
-TMA_MODES = ("auto", "on", "off")
-_tma_forced: list[str] = []  # innermost use_tma() choice last (a plain list, as _forced)
-
-
-@contextlib.contextmanager
-def use_tma(mode: str):
-    """Choose how the Triton kernels inside the block load their streamed tiles on Hopper.
-
-    ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
-    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (measured faster
-    for shorter calls, see benchmarks/RESULTS.md). ``"on"``: descriptors at every length (and under
-    Triton's interpreter), and in the decoding kernel for a contiguous KV cache (only under
-    ``"on"``: 3-16% slower than its pointer loads on an H100). ``"off"``: pointer loads only.
-
-    Example:
-        >>> with ringflash.use_tma("off"):
-        ...     out = ringflash.flash_attn_func(q, k, v, causal=True)
-    """
-    if mode not in TMA_MODES:
-        raise ValueError(f"unknown TMA mode {mode!r}: expected one of {TMA_MODES}")
-    with _pushed(_tma_forced, mode):
         yield
 
 
@@ -147,11 +125,6 @@ def ring_prefetch() -> int:
     return _prefetch_forced[-1] if _prefetch_forced else DEFAULT_RING_PREFETCH
 
 
-def tma_mode() -> str:
-    """The ``use_tma`` mode in force now (``"auto"`` outside any block)."""
-    return _tma_forced[-1] if _tma_forced else "auto"
-
-
 def backend_name(device: torch.device) -> str:
     """The backend that a call on ``device`` uses now."""
     if _forced:
@@ -159,12 +132,19 @@ def backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 
-def get_backend(name: str) -> ModuleType:
+@functools.cache
+def _triton_backend() -> SimpleNamespace:
+    """The Triton launchers under the backend interface's names (``ringflash.kernels`` itself
+    imports no kernel, so that its options load without Triton)."""
+    from .kernels import bwd, fwd
+
+    return SimpleNamespace(attn_fwd=fwd.attn_fwd, attn_bwd=bwd.attn_bwd, attn_bwd_delta=bwd.attn_bwd_delta)
+
+
+def get_backend(name: str) -> ModuleType | SimpleNamespace:
     """The backend module for ``name``."""
     if name == "triton":
-        from . import kernels
-
-        return kernels
+        return _triton_backend()
     if name == "torch":
         from . import blockwise
 
@@ -172,6 +152,6 @@ def get_backend(name: str) -> ModuleType:
     raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
 
 
-def backend_for(x: torch.Tensor) -> ModuleType:
+def backend_for(x: torch.Tensor) -> ModuleType | SimpleNamespace:
     """The backend module that a call on tensor ``x`` uses now."""
     return get_backend(backend_name(x.device))
