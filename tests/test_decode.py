@@ -257,6 +257,9 @@ CASES = [
     case(
         [33, 0], Hq=4, Hk=4, D=16, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2], expect_masked=False
     ),
+    # Head dims that are no power of two (192: MLA-style models).
+    case([40, 3], Hq=4, Hk=2, D=80, dtype="bf16", Snew=1, splits=[0, 3]),
+    case([20, 9], Hq=2, Hk=1, D=192, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2]),
 ]
 
 
@@ -318,6 +321,53 @@ def test_split_kv_pays(batch, seqlen_q, hq, hk, seqlen_k, want):
     assert split_kv_pays(batch, seqlen_q, hq, hk, seqlen_k, 132) == want
 
 
+@pytest.mark.parametrize("D", [80, 96, 160, 192, 224, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_split_launch_args_every_head_dim(D, dtype):
+    """The split kernel's launch arguments for head dims that are no power of two: the L2
+    prefetch's line count (an arange's length) is a power of two covering the row, whose extra
+    lines start past the row (the kernel clamps them onto its last line). Built on CPU; the
+    prefetch itself runs only on NVIDIA GPUs (see the CUDA cases at head dims 80 and 192)."""
+    pytest.importorskip("triton")
+    from ringflash.kernels.decode import prefetch_lines, split_args
+    from ringflash.kernels.options import DecodeConfig
+
+    B, Hq, Hk, S = 2, 8, 2, 100
+    q = torch.zeros(B, 1, Hq, D, dtype=dtype)
+    kc, vc = torch.zeros(B, S, Hk, D, dtype=dtype), torch.zeros(B, S, Hk, D, dtype=dtype)
+    lens = torch.full((B,), S, dtype=torch.int32)
+    out, lse = torch.empty(B, 1, Hq, D, dtype=dtype), torch.empty(B, Hq, 1)
+    grid, args = split_args(
+        q,
+        kc,
+        vc,
+        lens,
+        out,
+        lse,
+        n_new=0,
+        k_new=None,
+        v_new=None,
+        block_table=None,
+        cache_batch_idx=None,
+        softmax_scale=D**-0.5,
+        causal=True,
+        window_size=(-1, -1),
+        softcap=0.0,
+        num_splits=0,
+        diag_offset=None,
+        config=DecodeConfig(),
+    )
+    lines, step = args["PREFETCH_LINES"], args["PREFETCH_STEP"]
+    assert (lines, step) == prefetch_lines(D, kc.element_size())
+    assert lines & (lines - 1) == 0, f"D={D}: {lines} prefetch lines is no power of two"
+    assert step * kc.element_size() == 128
+    assert lines * step >= D, "the prefetch misses part of the row"
+    true_lines = -(-D * kc.element_size() // 128)
+    assert all(i * step >= D for i in range(true_lines, lines)), "an extra line starts inside the row"
+    assert args["HEAD_DIM"] == D and args["D_PAD"] >= D and args["D_PAD"] & (args["D_PAD"] - 1) == 0
+    assert grid[1] == B * Hk
+
+
 def test_int_seqlens_and_no_seqlens():
     """``cache_seqlens`` as an int, and None (whole cache, no append), match the tensor form."""
     q = torch.randn(2, 1, 4, 16)
@@ -347,6 +397,9 @@ GPU_CASES = [
         [4000, 30], Hq=8, Hk=2, D=80, dtype="bf16", Snew=3, Sq=3, window=(512, 0), softcap=30.0, splits=[0, 2]
     ),
     case([1500, 0], Hq=8, Hk=2, D=128, dtype="fp32", Snew=0, splits=[0, 4], expect_masked=True),
+    # Head dims 192 (MLA-style) and 80 on a contiguous cache: the L2 prefetch's padded lines.
+    case([3000, 77], Hq=16, Hk=2, D=192, dtype="bf16", Snew=1, splits=[0, 3]),
+    case([2500, 0, 31], Hq=8, Hk=8, D=80, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 4]),
 ]
 
 
@@ -385,6 +438,8 @@ def _capture(step):
         (3, 100, 130, 80, torch.float16),
         (2, 0, 40, 64, torch.float32),
         (2, 0, 0, 64, torch.float32),
+        (2, 700, 900, 192, torch.bfloat16),
+        (2, 700, 900, 80, torch.float32),
     ],
 )
 def test_decode_cuda_prefetch_changes_nothing(B, S, cap, D, dtype):

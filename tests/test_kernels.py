@@ -398,6 +398,10 @@ CPU_CASES = [
     _pad(1, 33, 33, 2, 2, 32, "fp32", causal=True, softcap=5.0),
     _pad(1, 33, 40, 2, 2, 32, "bf16", softcap=30.0),
     _pad(1, 20, 20, 1, 1, 256, "fp32", causal=True),
+    # Head dims that are no power of two (MLA-style 192 among them): padded tiles, masked columns.
+    _pad(1, 33, 40, 2, 1, 192, "bf16", causal=True),
+    _pad(1, 20, 20, 2, 2, 192, "fp32", window=(6, 2)),
+    _pad(1, 17, 30, 2, 1, 96, "fp16", causal=True),
     _pad(1, 30, 50, 2, 2, 32, "fp32", causal=True, diag=-10, expect_masked=True),
     _pad(1, 30, 50, 2, 1, 32, "fp32", causal=True, diag=70),
     _pad(1, 33, 33, 2, 2, 32, "bf16", causal=True, qkv_packed=True),
@@ -432,6 +436,8 @@ CPU_CASES = [
     _pad(1, 1, 1100, 4, 2, 32, "fp32", causal=True, split_kv=True),
     _pad(1, 3, 1100, 4, 1, 32, "bf16", window=(200, 0), softcap=10.0, split_kv=True),
     _pad(2, 2, 1030, 2, 2, 32, "fp32", causal=True, diag=-5, expect_masked=True, split_kv=True),
+    _pad(1, 1, 1030, 4, 2, 192, "bf16", causal=True, split_kv=True),
+    _pad(1, 2, 1030, 2, 1, 80, "fp16", causal=True, split_kv=True),
     _pad(1, 3, 1000, 4, 1, 32, "fp32", causal=True, split_kv=False),
 ]
 
@@ -466,6 +472,10 @@ GPU_CASES = [
     dict(lens_q=[1, 500, 1023, 7], lens_k=[1, 500, 1023, 7], Hq=8, Hk=2, D=128, dtype="bf16", causal=True),
     _pad(1, 1, 32768, 32, 8, 128, "bf16", causal=True, split_kv=True),
     _pad(4, 4, 8192, 32, 8, 128, "bf16", causal=True, window=(4096, 0), split_kv=True),
+    # Head dims 192 (MLA-style) and 80 through the split kernel and its L2 prefetch.
+    _pad(1, 1, 8192, 16, 2, 192, "bf16", causal=True, split_kv=True),
+    _pad(2, 2, 4096, 8, 8, 80, "fp16", causal=True, split_kv=True),
+    _pad(1, 1000, 1000, 4, 2, 192, "bf16", causal=True),
     dict(
         lens_q=[300, 1, 800],
         lens_k=[500, 9, 700],

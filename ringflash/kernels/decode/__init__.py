@@ -122,6 +122,13 @@ def pick_block_n(
     return config.wide_block_n if wide else _GPU_BLOCK_N
 
 
+def prefetch_lines(head_dim: int, elem_size: int) -> tuple[int, int]:
+    """``(lines, step)`` of the split kernel's L2 prefetch of a K/V row: the row's 128-byte lines
+    rounded up to a power of two (an arange's length; the kernel clamps the extra lines onto the
+    last), and the elements per line."""
+    return next_pow2(cdiv(head_dim * elem_size, 128)), 128 // elem_size
+
+
 _Q, _KC, _VC = stride_names("q", "bsh"), stride_names("k", "bsh"), stride_names("v", "bsh")
 _KN, _VN = stride_names("kn", "bsh"), stride_names("vn", "bsh")
 _OUT, _LSE = stride_names("o", "bsh"), stride_names("l", "bhs")
@@ -195,6 +202,7 @@ def split_args(
     tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
     prefetch = ptx_device(dev) and not paged and not tma and cache_batch_idx is None and not has_lo
+    lines, step = prefetch_lines(D, k_cache.element_size())
     kn = k_new if fuse_append else None
     vn = v_new if fuse_append else None
     args = dict(
@@ -253,8 +261,8 @@ def split_args(
         BLOCK_N=bn,
         # A power of two of at most the cache's rows; 0 (none) for an empty cache.
         PREFETCH_ROWS=next_pow2(min(config.prefetch_rows, capacity)) if prefetch else 0,
-        PREFETCH_LINES=cdiv(D * k_cache.element_size(), 128),
-        PREFETCH_STEP=128 // k_cache.element_size(),  # elements per 128-byte line
+        PREFETCH_LINES=lines,
+        PREFETCH_STEP=step,
     )
     if not cpu:
         args.update(num_warps=config.num_warps, num_stages=config.num_stages)

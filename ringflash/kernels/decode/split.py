@@ -102,10 +102,14 @@ def _decode_split_kernel(
         # Split 0 of a contiguous cache with no lower window starts at key 0 whatever the length:
         # ask L2 for its first rows now, so the loop's first loads, issued once the length has
         # arrived, do not wait a second DRAM round trip. A hint only: nothing is read into
-        # registers, and rows are clamped into the cache.
+        # registers, and rows are clamped into the cache. PREFETCH_LINES is the row's 128-byte
+        # lines rounded up to a power of two (an arange's length): lines past the row's last are
+        # clamped onto it (no mask is needed for a repeated hint).
         if split == 0:
             pf_rows = tl.minimum(tl.arange(0, PREFETCH_ROWS), capacity - 1).to(tl.int64)
             pf_cols = tl.arange(0, PREFETCH_LINES) * PREFETCH_STEP
+            if PREFETCH_LINES * PREFETCH_STEP >= HEAD_DIM + PREFETCH_STEP:
+                pf_cols = tl.minimum(pf_cols, HEAD_DIM - 1)
             pf_k = K + hk * stride_kh + b.to(tl.int64) * stride_kb + pf_rows[:, None] * stride_ks
             pf_v = V + hk * stride_vh + b.to(tl.int64) * stride_vb + pf_rows[:, None] * stride_vs
             _prefetch_l2(pf_k + pf_cols[None, :])
