@@ -26,6 +26,7 @@ import torch
 
 from . import blockwise
 from .blockwise import BlockwiseConfig
+from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "torch")
 # Plain lists (innermost choice last) rather than ContextVars: torch.compile can read and guard
@@ -169,14 +170,49 @@ class TritonBackend(Backend):
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
 
     def attn_fwd(self, q, k, v, **kw):
-        from .kernels import fwd
+        from .kernels import decode, fwd
 
-        return fwd.attn_fwd(q, k, v, **kw)
+        if kw.get("out") is None and kw.get("cu_seqlens_q") is None and _split_kv_suits(q, k, v, decode):
+            # A few query rows against a long context (a generate loop without a KV cache): the
+            # split-KV decoding kernel spreads the keys over every SM and reads K/V once per KV head.
+            return self._split_kv(q, k, v, **kw)
+        return fwd.attn_fwd(q, k, v, config=current_config(AttnConfig), **kw)
+
+    def _split_kv(
+        self,
+        q,
+        k,
+        v,
+        *,
+        softmax_scale,
+        causal=False,
+        window_size=(-1, -1),
+        softcap=0.0,
+        diag_offset=None,
+        **_,
+    ):
+        from .kernels.decode import decode_fwd
+
+        batch, seqlen_k = q.shape[0], k.shape[1]
+        lens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
+        diag = None if diag_offset is None else torch.full_like(lens, int(diag_offset))
+        return decode_fwd(
+            q,
+            k,
+            v,
+            lens,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            diag_offset=diag,
+            config=current_config(DecodeConfig),
+        )
 
     def attn_bwd(self, dout, q, k, v, out, lse, **kw):
         from .kernels import bwd
 
-        return bwd.attn_bwd(dout, q, k, v, out, lse, **kw)
+        return bwd.attn_bwd(dout, q, k, v, out, lse, config=current_config(AttnConfig), **kw)
 
     def attn_bwd_delta(self, dout, out, packed=False):
         from .kernels import bwd
@@ -189,7 +225,8 @@ class TritonBackend(Backend):
         # The split kernel reads rows with a unit stride in the head dim (the cache is checked to
         # have one: it is written in place).
         q, k_new, v_new = _unit_last(q), _unit_last(k_new), _unit_last(v_new)
-        return decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, **kw)
+        cfg = current_config(DecodeConfig)
+        return decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, config=cfg, **kw)
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
         from .kernels.decode import append_kv
@@ -211,6 +248,18 @@ class TritonBackend(Backend):
         out = torch.empty((batch, sq, heads, dim), dtype=out_dtype, device=outs.device)
         lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=outs.device)
         return combine_partials(outs, lses, out, lse, split_dim=0)
+
+
+def _split_kv_suits(q, k, v, decode) -> bool:
+    """Whether a padded forward goes to the split-KV decoding kernel (``decode.split_kv_pays``;
+    under the interpreter the SM count is a stand-in, so tests reach this path too)."""
+    from .kernels.common import sm_count
+
+    if v.shape[-1] != q.shape[-1] or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        return False
+    return decode.split_kv_pays(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], k.shape[1], sm_count(q.device)
+    )
 
 
 def _unit_last(x):
@@ -250,32 +299,3 @@ def backend_for(x: torch.Tensor) -> Backend:
             "use_backend('torch') for other devices"
         )
     return be
-
-
-TMA_MODES = ("auto", "on", "off")
-_tma_forced: list[str] = []  # innermost use_tma() choice last (a plain list, as _forced)
-
-
-@contextlib.contextmanager
-def use_tma(mode: str):
-    """Choose how the Triton kernels inside the block load their streamed tiles on Hopper.
-
-    ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
-    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (faster for
-    shorter calls, see docs/performance.md). ``"on"``: descriptors at every length (and under
-    Triton's interpreter), and in the decoding kernel for a contiguous KV cache. ``"off"``:
-    pointer loads only.
-
-    Example:
-        >>> with ringflash.use_tma("off"):
-        ...     out = ringflash.flash_attn_func(q, k, v, causal=True)
-    """
-    if mode not in TMA_MODES:
-        raise ValueError(f"unknown TMA mode {mode!r}: expected one of {TMA_MODES}")
-    with pushed(_tma_forced, mode):
-        yield
-
-
-def tma_mode() -> str:
-    """The ``use_tma`` mode in force now (``"auto"`` outside any block)."""
-    return _tma_forced[-1] if _tma_forced else "auto"

@@ -49,8 +49,6 @@ def case_id(p):
         s += f"-tma{p['tma']}"
     if p.get("wide"):
         s += "-wide"
-    if p.get("pdl"):
-        s += "-pdl"
     return s
 
 
@@ -137,21 +135,40 @@ def _err(a, b):
 
 def run_case(p):
     """Every check of case ``p``: ``{name: [error, bound]}`` (``p["tma"]``: under that
-    ``ringflash.use_tma`` mode; ``p["wide"]``: GPU tiles as wide as ``pick_block_n`` picks on
-    fast memory, wherever the programs fit one wave; ``p["pdl"]``: the split kernel launched
-    with programmatic dependent launch)."""
-    from ringflash import use_tma
-    from ringflash.kernels import decode as kd
+    ``use_tma`` mode; ``p["wide"]``: through ``decode_fwd`` with GPU tiles as wide as
+    ``pick_block_n`` picks on fast memory, wherever the programs fit one wave)."""
+    from ringflash.kernels.options import use_tma
 
-    saved = kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS, kd.USE_PDL
-    if p.get("wide"):
-        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS = 0.0, 0
-    kd.USE_PDL = bool(p.get("pdl", kd.USE_PDL))
-    try:
-        with use_tma(p.get("tma", "auto")):
-            return _run_case(p)
-    finally:
-        kd.WIDE_MIN_GBPS_PER_SM, kd.WIDE_MIN_KEYS, kd.USE_PDL = saved
+    with use_tma(p.get("tma", "auto")):
+        return _run_case(p)
+
+
+def _attend(p, q, kc, vc, k, v, kw, opts, num_splits):
+    """One step (append + attend) through the public function, or for ``p["wide"]`` through the
+    kernel's launcher with wide tiles allowed everywhere."""
+    if not p.get("wide"):
+        with use_backend(p.get("backend", "torch")):
+            return flash_attn_with_kvcache(
+                q, kc, vc, k, v, **kw, **opts, num_splits=num_splits, return_softmax_lse=True
+            )
+    from ringflash.kernels.decode import decode_fwd
+    from ringflash.kernels.options import DecodeConfig
+
+    wide = DecodeConfig(wide_min_gbps_per_sm=0.0, wide_min_keys=0)
+    return decode_fwd(
+        q,
+        kc,
+        vc,
+        kw["cache_seqlens"],
+        k_new=k,
+        v_new=v,
+        block_table=kw.get("block_table"),
+        cache_batch_idx=kw.get("cache_batch_idx"),
+        softmax_scale=q.shape[-1] ** -0.5,
+        num_splits=num_splits,
+        config=wide,
+        **opts,
+    )
 
 
 def _run_case(p):
@@ -186,13 +203,9 @@ def _run_case(p):
         window_size=tuple(p.get("window", (-1, -1))),
         softcap=p.get("softcap", 0.0),
     )
-    backend = p.get("backend", "torch")
     for ns in p.get("splits", [0]):
         kc, vc = k_cache.clone(), v_cache.clone()
-        with use_backend(backend):
-            out, lse = flash_attn_with_kvcache(
-                q, kc, vc, k, v, **kw, **opts, num_splits=ns, return_softmax_lse=True
-            )
+        out, lse = _attend(p, q, kc, vc, k, v, kw, opts, ns)
         tag = f"splits={ns}"
         checks[f"{tag} k_cache changed outside the appended slots"] = [
             float(not torch.equal(kc, want_k)),
@@ -244,6 +257,9 @@ CASES = [
     case(
         [33, 0], Hq=4, Hk=4, D=16, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2], expect_masked=False
     ),
+    # Head dims that are no power of two (192: MLA-style models).
+    case([40, 3], Hq=4, Hk=2, D=80, dtype="bf16", Snew=1, splits=[0, 3]),
+    case([20, 9], Hq=2, Hk=1, D=192, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2]),
 ]
 
 
@@ -280,13 +296,76 @@ def test_paged_matches_contiguous(p):
         (0.0, 128, 4096, 256, 64),  # bandwidth unknown
     ],
 )
-def test_pick_block_n(monkeypatch, gbps, programs, keys, row_bytes, want):
+def test_pick_block_n(gbps, programs, keys, row_bytes, want):
     """Wide tiles only for one wave of long splits of narrow rows on memory fast per SM."""
-    from ringflash.kernels import decode as kd
+    from ringflash.kernels.decode import pick_block_n
 
-    monkeypatch.setattr(kd, "sm_count", lambda device: 132)
-    monkeypatch.setattr(kd, "bandwidth_per_sm", lambda device: gbps)
-    assert kd.pick_block_n(programs, keys, row_bytes, torch.device("cuda")) == want
+    assert pick_block_n(programs, keys, row_bytes, 132, gbps) == want
+
+
+@pytest.mark.parametrize(
+    "batch,seqlen_q,hq,hk,seqlen_k,want",
+    [
+        (1, 1, 32, 8, 32768, True),  # one token of a generate loop, long context
+        (4, 4, 32, 8, 8192, True),  # 4 tokens x a group of 4 = 16 rows a program
+        (1, 1, 32, 8, 1023, False),  # too short to spread
+        (1, 17, 32, 8, 8192, False),  # 68 rows: more than one program holds
+        (5, 1, 32, 8, 8192, False),  # 160 (row, head) programs fill 132 SMs already
+        (1, 64, 8, 8, 4096, True),
+    ],
+)
+def test_split_kv_pays(batch, seqlen_q, hq, hk, seqlen_k, want):
+    from ringflash.kernels.decode import MAX_BLOCK_M, split_kv_pays
+
+    assert MAX_BLOCK_M == 64
+    assert split_kv_pays(batch, seqlen_q, hq, hk, seqlen_k, 132) == want
+
+
+@pytest.mark.parametrize("D", [80, 96, 160, 192, 224, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_split_launch_args_every_head_dim(D, dtype):
+    """The split kernel's launch arguments for head dims that are no power of two: the L2
+    prefetch's line count (an arange's length) is a power of two covering the row, whose extra
+    lines start past the row (the kernel clamps them onto its last line). Built on CPU; the
+    prefetch itself runs only on NVIDIA GPUs (see the CUDA cases at head dims 80 and 192)."""
+    pytest.importorskip("triton")
+    from ringflash.kernels.decode import prefetch_lines, split_args
+    from ringflash.kernels.options import DecodeConfig
+
+    B, Hq, Hk, S = 2, 8, 2, 100
+    q = torch.zeros(B, 1, Hq, D, dtype=dtype)
+    kc, vc = torch.zeros(B, S, Hk, D, dtype=dtype), torch.zeros(B, S, Hk, D, dtype=dtype)
+    lens = torch.full((B,), S, dtype=torch.int32)
+    out, lse = torch.empty(B, 1, Hq, D, dtype=dtype), torch.empty(B, Hq, 1)
+    grid, args = split_args(
+        q,
+        kc,
+        vc,
+        lens,
+        out,
+        lse,
+        n_new=0,
+        k_new=None,
+        v_new=None,
+        block_table=None,
+        cache_batch_idx=None,
+        softmax_scale=D**-0.5,
+        causal=True,
+        window_size=(-1, -1),
+        softcap=0.0,
+        num_splits=0,
+        diag_offset=None,
+        config=DecodeConfig(),
+    )
+    lines, step = args["PREFETCH_LINES"], args["PREFETCH_STEP"]
+    assert (lines, step) == prefetch_lines(D, kc.element_size())
+    assert lines & (lines - 1) == 0, f"D={D}: {lines} prefetch lines is no power of two"
+    assert step * kc.element_size() == 128
+    assert lines * step >= D, "the prefetch misses part of the row"
+    true_lines = -(-D * kc.element_size() // 128)
+    assert all(i * step >= D for i in range(true_lines, lines)), "an extra line starts inside the row"
+    assert args["HEAD_DIM"] == D and args["D_PAD"] >= D and args["D_PAD"] & (args["D_PAD"] - 1) == 0
+    assert grid[1] == B * Hk
 
 
 def test_int_seqlens_and_no_seqlens():
@@ -318,6 +397,9 @@ GPU_CASES = [
         [4000, 30], Hq=8, Hk=2, D=80, dtype="bf16", Snew=3, Sq=3, window=(512, 0), softcap=30.0, splits=[0, 2]
     ),
     case([1500, 0], Hq=8, Hk=2, D=128, dtype="fp32", Snew=0, splits=[0, 4], expect_masked=True),
+    # Head dims 192 (MLA-style) and 80 on a contiguous cache: the L2 prefetch's padded lines.
+    case([3000, 77], Hq=16, Hk=2, D=192, dtype="bf16", Snew=1, splits=[0, 3]),
+    case([2500, 0, 31], Hq=8, Hk=8, D=80, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 4]),
 ]
 
 
@@ -326,22 +408,12 @@ GPU_CASES = [
 GPU_CASES += [dict(c, tma="on") for c in GPU_CASES if c["dtype"] != "fp32" and not c.get("page")] + [
     dict(c, wide=True) for c in GPU_CASES if c["dtype"] != "fp32" and c["D"] <= 128
 ]
-# Two cases (appending, paged) with the split kernel launched by programmatic dependent launch.
-GPU_CASES += [dict(GPU_CASES[0], pdl=True), dict(GPU_CASES[2], pdl=True)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("p", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
 def test_decode_cuda(p):
-    _skip_without_pdl(p.get("pdl"))
     assert_checks(run_case(dict(p, device="cuda", backend="triton")), case_id(p))
-
-
-def _skip_without_pdl(pdl):
-    from ringflash.kernels.common import pdl_supported
-
-    if pdl and not pdl_supported(torch.device("cuda")):
-        pytest.skip("no programmatic dependent launch on this GPU / Triton")
 
 
 def _capture(step):
@@ -366,12 +438,15 @@ def _capture(step):
         (3, 100, 130, 80, torch.float16),
         (2, 0, 40, 64, torch.float32),
         (2, 0, 0, 64, torch.float32),
+        (2, 700, 900, 192, torch.bfloat16),
+        (2, 700, 900, 80, torch.float32),
     ],
 )
-def test_decode_cuda_prefetch_changes_nothing(monkeypatch, B, S, cap, D, dtype):
+def test_decode_cuda_prefetch_changes_nothing(B, S, cap, D, dtype):
     """The L2 prefetch of split 0's first rows is a hint: with it, without it and with more rows
     than the cache holds, the outputs are bitwise the same (and an empty cache prefetches nothing)."""
     from ringflash.kernels import decode as kd
+    from ringflash.kernels.options import DecodeConfig
 
     q = torch.randn(B, 1, 16, D, device="cuda", dtype=dtype)
     kc = torch.randn(B, cap, 4, D, device="cuda", dtype=dtype)
@@ -379,23 +454,19 @@ def test_decode_cuda_prefetch_changes_nothing(monkeypatch, B, S, cap, D, dtype):
     lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
     outs = []
     for rows in (0, 64, 256):
-        monkeypatch.setattr(kd, "PREFETCH_ROWS", rows)
-        outs.append(kd.decode_fwd(q, kc, vc, lens, softmax_scale=D**-0.5))
+        config = DecodeConfig(prefetch_rows=rows)
+        outs.append(kd.decode_fwd(q, kc, vc, lens, softmax_scale=D**-0.5, config=config))
     for out, lse in outs[1:]:
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tma,pdl", [("auto", False), ("on", False), ("auto", True)])
-def test_decode_cuda_graph(monkeypatch, tma, pdl):
+@pytest.mark.parametrize("tma", ["auto", "on"])
+def test_decode_cuda_graph(tma):
     """A captured append+attend step replays for new lengths (read on the device) exactly (also
-    with the cache read through TMA descriptors, whose scratch is allocated at capture, and with
-    the split kernel captured as a programmatic dependent launch)."""
-    from ringflash import use_tma
-    from ringflash.kernels import decode as kd
+    with the cache read through TMA descriptors, whose scratch is allocated at capture)."""
+    from ringflash.kernels.options import use_tma
 
-    _skip_without_pdl(pdl)
-    monkeypatch.setattr(kd, "USE_PDL", pdl)
     with use_tma(tma):
         _graph_replays_exactly()
 
@@ -454,6 +525,7 @@ def fused_vs_unfused(dev, splits, page=None, **shape):
     """One launch (append + attend + merge) against append kernel + split kernel + combine kernel
     (Triton on ``dev``): ``{check: [error, bound]}``, the semaphore counters' sum included."""
     from ringflash.kernels import decode as kd
+    from ringflash.kernels.options import DecodeConfig
 
     q, k, v, kc, vc, kw = _fused_step_inputs(dev, page=page, **shape)
     bt, lens = kw.get("block_table"), kw["cache_seqlens"]
@@ -461,7 +533,8 @@ def fused_vs_unfused(dev, splits, page=None, **shape):
     kc2, vc2 = kc.clone(), vc.clone()
     o1, l1 = kd.decode_fwd(q, kc, vc, lens, k_new=k, v_new=v, **opts)
     kd.append_kv(kc2, vc2, k, v, lens, block_table=bt)
-    o2, l2 = kd.decode_fwd(q, kc2, vc2, lens, n_new=k.shape[1], fuse_combine=False, **opts)
+    unfused = DecodeConfig(fuse_combine=False)
+    o2, l2 = kd.decode_fwd(q, kc2, vc2, lens, n_new=k.shape[1], config=unfused, **opts)
     sem = kd.semaphore_buffer(q.device, 1)
     o1, o2 = o1.float().cpu(), o2.float().cpu()
     return {
@@ -490,6 +563,7 @@ def test_decode_cuda_graph_replays_fused():
     """A captured fused step (one kernel) replays many times with the same result, the counters
     stay at 0, and it matches the unfused eager path."""
     from ringflash.kernels import decode as kd
+    from ringflash.kernels.options import DecodeConfig
 
     q, k, v, kc, vc, kw = _fused_step_inputs("cuda", B=1, S=4096, Hq=32, Hk=8, n_new=1, seed=1)
     lens = kw["cache_seqlens"]
@@ -512,7 +586,14 @@ def test_decode_cuda_graph_replays_fused():
     kc2, vc2 = kc0.clone(), vc0.clone()
     kd.append_kv(kc2, vc2, k, v, lens)
     o2, l2 = kd.decode_fwd(
-        q, kc2, vc2, lens, n_new=1, softmax_scale=128**-0.5, causal=True, fuse_combine=False
+        q,
+        kc2,
+        vc2,
+        lens,
+        n_new=1,
+        softmax_scale=128**-0.5,
+        causal=True,
+        config=DecodeConfig(fuse_combine=False),
     )
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2), "graph append wrote other slots"
     err_o = (out.float() - o2.float()).abs().max().item()

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringflash.kernels import decode_counters as dc
+pytest.importorskip("triton")
+
+from ringflash.kernels.decode import counters as dc  # noqa: E402
+from ringflash.kernels.options import CounterArenaConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def fresh_arenas(monkeypatch):
+def arenas():
     """No arena yet, small limits: the arena logic on CPU tensors."""
-    monkeypatch.setattr(dc, "_arenas", {})
-    monkeypatch.setattr(dc, "ARENA_MIN_COUNTERS", 64)
-    monkeypatch.setattr(dc, "ARENA_HEADROOM_CALLS", 4)
-    monkeypatch.setattr(dc, "ARENA_MAX_COUNTERS", 512)
+    return dc.CounterArenas(CounterArenaConfig(min_counters=64, max_counters=512, headroom_calls=4))
 
 
 def test_arena_slices_are_zero_disjoint_and_never_reused():
@@ -29,34 +29,42 @@ def test_arena_slices_are_zero_disjoint_and_never_reused():
     assert arena.take(1) is None, "an exhausted arena handed out counters"
 
 
-def test_no_capture_counters_before_an_eager_call(fresh_arenas):
-    assert dc.capture_counters(CPU, 8) is None
+def test_no_capture_counters_before_an_eager_call(arenas):
+    assert arenas.take(CPU, 8) is None
 
 
-def test_reserve_keeps_headroom_and_earlier_arenas(fresh_arenas):
-    dc.reserve_capture_counters(CPU, 8)  # headroom 4 calls x 8 = 32 -> one arena of 64
-    (first,) = dc._arenas[("cpu", None)]
+def test_reserve_keeps_headroom_and_earlier_arenas(arenas):
+    arenas.reserve(CPU, 8)  # headroom 4 calls x 8 = 32 -> one arena of 64
+    (first,) = arenas.of(CPU)
     assert first.buf.numel() == 64
-    taken = [dc.capture_counters(CPU, 8) for _ in range(5)]
+    taken = [arenas.take(CPU, 8) for _ in range(5)]
     assert all(t is not None for t in taken) and first.free == 24
-    dc.reserve_capture_counters(CPU, 8)  # 24 < 32 left: a second arena, twice the size
-    arenas = dc._arenas[("cpu", None)]
-    assert len(arenas) == 2 and arenas[0] is first and arenas[1].buf.numel() == 128
-    fresh = dc.capture_counters(CPU, 8)
-    assert fresh.untyped_storage().data_ptr() == arenas[1].buf.untyped_storage().data_ptr()
+    arenas.reserve(CPU, 8)  # 24 < 32 left: a second arena, twice the size
+    both = arenas.of(CPU)
+    assert len(both) == 2 and both[0] is first and both[1].buf.numel() == 128
+    fresh = arenas.take(CPU, 8)
+    assert fresh.untyped_storage().data_ptr() == both[1].buf.untyped_storage().data_ptr()
     for t in taken:
         t.fill_(7)
     assert int(fresh.sum()) == 0, "a new slice shares counters with an earlier one"
 
 
-def test_reserve_stops_at_the_limit(fresh_arenas):
+def test_reserve_stops_at_the_limit(arenas):
     for _ in range(10):
-        dc.reserve_capture_counters(CPU, 16)  # 64 needed per arena
-        while dc.capture_counters(CPU, 16) is not None:
+        arenas.reserve(CPU, 16)  # 64 needed per arena
+        while arenas.take(CPU, 16) is not None:
             pass
-    held = sum(a.buf.numel() for a in dc._arenas[("cpu", None)])
-    assert 0 < held <= dc.ARENA_MAX_COUNTERS
-    assert dc.capture_counters(CPU, 16) is None
+    held = sum(a.buf.numel() for a in arenas.of(CPU))
+    assert 0 < held <= arenas.config.max_counters
+    assert arenas.take(CPU, 16) is None
+
+
+def test_clear_forgets_every_arena(arenas):
+    arenas.reserve(CPU, 8)
+    kept = arenas.take(CPU, 8)
+    arenas.clear()
+    assert arenas.of(CPU) == [] and arenas.take(CPU, 8) is None
+    assert kept.numel() == 8, "a slice handed out stays valid"
 
 
 def test_semaphore_buffer_on_cpu_is_one_zeroed_buffer():
@@ -75,7 +83,7 @@ def test_cuda_captured_calls_take_arena_slices_else_zero_their_own():
     with the arena exhausted, a captured call gets a buffer that the graph zeroes."""
     dev = torch.device("cuda", torch.cuda.current_device())
     eager = dc.semaphore_buffer(dev, 8)
-    arena = dc._arenas[dc._key(dev)][-1]
+    arena = dc.default_arenas().of(dev)[-1]
     base = arena.buf.untyped_storage().data_ptr()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -94,11 +102,12 @@ def test_cuda_captured_calls_take_arena_slices_else_zero_their_own():
 
 @needs_cuda
 @pytest.mark.parametrize("warm", [True, False], ids=["arena", "own-buffer"])
-def test_cuda_graph_of_several_fused_calls(warm, monkeypatch):
+def test_cuda_graph_of_several_fused_calls(warm):
     """Three fused decode calls captured in one graph (a model's layers), with arena counters or,
     with no arena, buffers the graph zeroes: every replay merges exactly like the
     unfused path and leaves the counters at 0."""
     from ringflash.kernels import decode as kd
+    from ringflash.kernels.options import DecodeConfig
 
     g = torch.Generator(device="cuda").manual_seed(3)
     B, S, Hq, Hk, D = 2, 1000, 8, 2, 64
@@ -121,12 +130,13 @@ def test_cuda_graph_of_several_fused_calls(warm, monkeypatch):
         step()
     torch.cuda.current_stream().wait_stream(s)
     if not warm:
-        monkeypatch.setattr(dc, "_arenas", {})  # as if the capture came first
+        dc.default_arenas().clear()  # as if the capture came first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = step()
-    want = [kd.decode_fwd(q, kc, vc, lens, fuse_combine=False, **opts) for q, kc, vc in layers]
-    arena = dc._arenas.get(dc._key(lens.device))
+    unfused = DecodeConfig(fuse_combine=False)
+    want = [kd.decode_fwd(q, kc, vc, lens, config=unfused, **opts) for q, kc, vc in layers]
+    arena = dc.default_arenas().of(lens.device)
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()

@@ -90,9 +90,22 @@ def _key_parts(p):
     return parts
 
 
+def _split_kv_fwd(q, k, v, kw):
+    """The forward through the split-KV decode kernel: every key row a full cache (what the
+    dispatch does for a few query rows against a long context, ``split_kv_pays``)."""
+    from ringflash.kernels.decode import decode_fwd
+
+    B, Sk = q.shape[0], k.shape[1]
+    lens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+    diag = kw.pop("diag_offset")
+    if diag is not None:
+        diag = torch.full((B,), int(diag), dtype=torch.int32, device=q.device)
+    return decode_fwd(q, k, v, lens, diag_offset=diag, **kw)
+
+
 def _kernel(p, q, k, v, dout, scale):
     """Run ringflash.kernels for the case; returns out, lse, dq, dk, dv (float32 in accumulate mode)."""
-    from ringflash import kernels
+    from ringflash.kernels import bwd, fwd
 
     kw = dict(
         softmax_scale=scale,
@@ -111,8 +124,11 @@ def _kernel(p, q, k, v, dout, scale):
             kw.update(cu_seqlens_k=cu_k, max_seqlen_k=max(p["lens_k"]), diag_offset=p.get("diag"))
         else:
             kw.update(diag_offset=p.get("diag"))
-        out, lse = kernels.attn_fwd(q, k, v, **kw)
-        dq, dk, dv = kernels.attn_bwd(dout, q, k, v, out, lse, **kw)
+        if p.get("split_kv"):
+            out, lse = _split_kv_fwd(q, k, v, dict(kw))
+        else:
+            out, lse = fwd.attn_fwd(q, k, v, **kw)
+        dq, dk, dv = bwd.attn_bwd(dout, q, k, v, out, lse, **kw)
         return out, lse, dq, dk, dv
     # Accumulate mode: two disjoint key halves, the first written over float32 (out, lse) buffers
     # that hold NaN (merge=False), the second merged into them; then gradients added into float32
@@ -130,8 +146,8 @@ def _kernel(p, q, k, v, dout, scale):
             if varlen
             else {}
         )
-        kernels.attn_fwd(q, kk, vv, **kw, **extra, diag_offset=diag, out=out, lse=lse, merge=i > 0)
-    delta = kernels.attn_bwd_delta(dout, out, packed=varlen)
+        fwd.attn_fwd(q, kk, vv, **kw, **extra, diag_offset=diag, out=out, lse=lse, merge=i > 0)
+    delta = bwd.attn_bwd_delta(dout, out, packed=varlen)
     g = torch.Generator().manual_seed(7)
     init = [torch.randn(x.shape, generator=g).to(dev) for x in (q, k, v)]
     dq, dk, dv = (t.clone() for t in init)
@@ -146,7 +162,7 @@ def _kernel(p, q, k, v, dout, scale):
         if varlen:  # packed halves interleave: gradient buffers of the half, scattered back after
             dk_p = dk.index_select(0, idx)
             dv_p = dv.index_select(0, idx)
-            kernels.attn_bwd(
+            bwd.attn_bwd(
                 dout,
                 q,
                 kk,
@@ -165,7 +181,7 @@ def _kernel(p, q, k, v, dout, scale):
             dv.index_copy_(0, idx, dv_p)
         else:  # contiguous halves: the kernel adds straight into strided views of the buffers
             a, b = int(idx[0]) if len(idx) else 0, int(idx[-1]) + 1 if len(idx) else 0
-            kernels.attn_bwd(
+            bwd.attn_bwd(
                 dout,
                 q,
                 kk,
@@ -210,7 +226,7 @@ def run_case(p):
         B, Sq, Sk = p["B"], p["Sq"], p["Sk"]
         q, k, v, dout = rnd(B, Sq, Hq, D), rnd(B, Sk, Hk, D), rnd(B, Sk, Hk, Dv), rnd(B, Sq, Hq, Dv)
     scale = D**-0.5
-    from ringflash.backends import use_tma
+    from ringflash.kernels.options import use_tma
 
     with use_tma(p.get("tma", "auto")):  # "on": the descriptor code Hopper runs, at any length
         out, lse, dq, dk, dv = _kernel(p, q, k, v, dout, scale)
@@ -249,7 +265,7 @@ def run_case(p):
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
     if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
-        from ringflash.kernels.common import _TMA_MIN_SEQLEN, tma_applies
+        from ringflash.kernels.tma import _TMA_MIN_SEQLEN, tma_applies
 
         mode = p.get("tma", "auto")
         hopper = dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
@@ -257,10 +273,11 @@ def run_case(p):
         expect = mode == "on" or (hopper and mode == "auto" and longest >= _TMA_MIN_SEQLEN)
         with use_tma(mode):
             checks["TMA route"] = [float(tma_applies(q, k, v, seqlen=longest) != expect), 0.0]
-    if "split_kv" in p:  # whether the forward took the split-KV decode kernel (few rows, long context)
-        from ringflash.kernels import fwd
+    if "split_kv" in p:  # whether a dispatch sends the forward to the split-KV decode kernel
+        from ringflash.kernels.common import sm_count
+        from ringflash.kernels.decode import split_kv_pays
 
-        routed = fwd._split_kv_pays(q, k, v, p["B"], p["Sq"], p["Sk"])
+        routed = split_kv_pays(p["B"], p["Sq"], Hq, Hk, p["Sk"], sm_count(q.device))
         checks["split-KV route"] = [float(routed != p["split_kv"]), 0.0]
     return checks
 
@@ -381,6 +398,10 @@ CPU_CASES = [
     _pad(1, 33, 33, 2, 2, 32, "fp32", causal=True, softcap=5.0),
     _pad(1, 33, 40, 2, 2, 32, "bf16", softcap=30.0),
     _pad(1, 20, 20, 1, 1, 256, "fp32", causal=True),
+    # Head dims that are no power of two (MLA-style 192 among them): padded tiles, masked columns.
+    _pad(1, 33, 40, 2, 1, 192, "bf16", causal=True),
+    _pad(1, 20, 20, 2, 2, 192, "fp32", window=(6, 2)),
+    _pad(1, 17, 30, 2, 1, 96, "fp16", causal=True),
     _pad(1, 30, 50, 2, 2, 32, "fp32", causal=True, diag=-10, expect_masked=True),
     _pad(1, 30, 50, 2, 1, 32, "fp32", causal=True, diag=70),
     _pad(1, 33, 33, 2, 2, 32, "bf16", causal=True, qkv_packed=True),
@@ -415,6 +436,8 @@ CPU_CASES = [
     _pad(1, 1, 1100, 4, 2, 32, "fp32", causal=True, split_kv=True),
     _pad(1, 3, 1100, 4, 1, 32, "bf16", window=(200, 0), softcap=10.0, split_kv=True),
     _pad(2, 2, 1030, 2, 2, 32, "fp32", causal=True, diag=-5, expect_masked=True, split_kv=True),
+    _pad(1, 1, 1030, 4, 2, 192, "bf16", causal=True, split_kv=True),
+    _pad(1, 2, 1030, 2, 1, 80, "fp16", causal=True, split_kv=True),
     _pad(1, 3, 1000, 4, 1, 32, "fp32", causal=True, split_kv=False),
 ]
 
@@ -449,6 +472,10 @@ GPU_CASES = [
     dict(lens_q=[1, 500, 1023, 7], lens_k=[1, 500, 1023, 7], Hq=8, Hk=2, D=128, dtype="bf16", causal=True),
     _pad(1, 1, 32768, 32, 8, 128, "bf16", causal=True, split_kv=True),
     _pad(4, 4, 8192, 32, 8, 128, "bf16", causal=True, window=(4096, 0), split_kv=True),
+    # Head dims 192 (MLA-style) and 80 through the split kernel and its L2 prefetch.
+    _pad(1, 1, 8192, 16, 2, 192, "bf16", causal=True, split_kv=True),
+    _pad(2, 2, 4096, 8, 8, 80, "fp16", causal=True, split_kv=True),
+    _pad(1, 1000, 1000, 4, 2, 192, "bf16", causal=True),
     dict(
         lens_q=[300, 1, 800],
         lens_k=[500, 9, 700],
@@ -486,17 +513,16 @@ def test_kernels_cuda(gpu_configs, case):
 
 _WIDE_SCRIPT = """
 import torch
-import ringflash.kernels.bwd as kb, ringflash.kernels.fwd as kf
-from ringflash import kernels
+from ringflash.kernels import bwd, fwd
+from ringflash.kernels.options import AttnConfig
 torch.manual_seed(0)
 q, k, v, do = (torch.randn(1, 77, h, 32) for h in (4, 2, 2, 4))
 kw = dict(softmax_scale=32 ** -0.5, causal=True)
-def run():
-    out, lse = kernels.attn_fwd(q, k, v, **kw)
-    return (out, lse, *kernels.attn_bwd(do, q, k, v, out, lse, **kw))
+def run(config=None):
+    out, lse = fwd.attn_fwd(q, k, v, config=config, **kw)
+    return (out, lse, *bwd.attn_bwd(do, q, k, v, out, lse, config=config, **kw))
 narrow = run()
-kf.wide_offsets = kb.wide_offsets = lambda *t: True   # force the 64-bit loop code
-wide = run()
+wide = run(AttnConfig(int64_offsets=True))  # the 64-bit loop code
 for a, b in zip(narrow, wide):
     assert torch.equal(a, b), (a - b).abs().max()
 print("same")
@@ -515,7 +541,7 @@ def test_kernels_cuda_offsets_past_int32():
     them in 64 bits. Views of one head out of 256 give a token stride of 32768 elements, so 70k
     tokens reach 2.3e9 elements without the compute of 256 heads; the results must equal the
     same call on compact copies (small strides) - forward, accumulate mode and backward."""
-    from ringflash import kernels
+    from ringflash.kernels import bwd, fwd
 
     S, D, W = 70_000, 128, 256
     assert S * W * D > 2**31
@@ -527,8 +553,8 @@ def test_kernels_cuda_offsets_past_int32():
 
     def run(q, k, v, dout, out, dq, dk, dv):
         lse = torch.full((1, 1, S), float("-inf"), device="cuda")
-        kernels.attn_fwd(q, k, v, out=out, lse=lse, **kw)  # accumulate mode: float32 state
-        kernels.attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **kw)
+        fwd.attn_fwd(q, k, v, out=out, lse=lse, **kw)  # accumulate mode: float32 state
+        bwd.attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **kw)
         return out, lse, dq, dk, dv
 
     wide_res = run(q, k, v, dout, *(wide32[:, :, i : i + 1] for i in range(4)))
@@ -541,26 +567,26 @@ def test_kernels_cuda_offsets_past_int32():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_kernels_cuda_dq_beside_dkdv(accumulate, monkeypatch):
-    """dQ on a second stream beside dK/dV (``kernels.bwd.CONCURRENT_DQ``, the default) gives
+def test_kernels_cuda_dq_beside_dkdv(accumulate):
+    """dQ on a second stream beside dK/dV (``AttnConfig.concurrent_dq``, the default) gives
     bitwise the gradients of the two kernels one after the other, also when the caller runs on
     its own stream and reads the gradients right after the call (the join orders that read after
     dQ), when the call is replayed from a CUDA graph, and when its first call is captured."""
-    from ringflash import kernels
-    from ringflash.kernels import bwd
+    from ringflash.kernels import bwd, fwd
+    from ringflash.kernels.options import AttnConfig
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (
         torch.randn(2, 1000, h, 64, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2, 8)
     )
     kw = dict(softmax_scale=0.125, causal=True)
-    out, lse = kernels.attn_fwd(q, k, v, **kw)
+    out, lse = fwd.attn_fwd(q, k, v, **kw)
 
-    def grads():
+    def grads(config=None):
         if not accumulate:
-            return [x.float() for x in kernels.attn_bwd(do, q, k, v, out, lse, **kw)]
+            return [x.float() for x in bwd.attn_bwd(do, q, k, v, out, lse, config=config, **kw)]
         acc = [torch.ones(x.shape, device="cuda") for x in (q, k, v)]
-        kernels.attn_bwd(do, q, k, v, out, lse, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
+        bwd.attn_bwd(do, q, k, v, out, lse, dq=acc[0], dk=acc[1], dv=acc[2], config=config, **kw)
         return acc
 
     def captured(stream):
@@ -572,10 +598,9 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate, monkeypatch):
         torch.cuda.synchronize()
         return static
 
-    monkeypatch.setattr(bwd, "CONCURRENT_DQ", False)
-    ref = grads()
-    monkeypatch.setattr(bwd, "CONCURRENT_DQ", True)
+    ref = grads(AttnConfig(concurrent_dq=False))
     got = {"second stream": grads()}
+    assert bwd.side_stream_devices() == [torch.cuda.current_device()]
     caller = torch.cuda.Stream()
     caller.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(caller):
@@ -583,9 +608,9 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate, monkeypatch):
     torch.cuda.current_stream().wait_stream(caller)
     got["graph replay"] = captured(caller)
     # A first call inside a capture makes no stream: it runs on the capturing stream alone.
-    monkeypatch.setattr(bwd, "_SIDE", {})
+    bwd.forget_side_streams()
     got["first capture"] = captured(caller)
-    assert not bwd._SIDE
+    assert not bwd.side_stream_devices()
     for how, grads_how in got.items():
         for name, r, x in zip("qkv", ref, grads_how, strict=True):
             assert torch.equal(x, r), f"d{name} with dQ beside, {how}: max diff {(x - r).abs().max()}"
@@ -595,8 +620,8 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate, monkeypatch):
 def test_kernels_cuda_tensors_on_another_gpu():
     """Tensors on GPU 1 while GPU 0 is current (a model split over GPUs in one process): the
     kernels launch on GPU 1 and give the same results as with GPU 1 current."""
-    from ringflash import kernels
     from ringflash.decode import flash_attn_with_kvcache
+    from ringflash.kernels import bwd, fwd
 
     torch.cuda.set_device(0)
     dev = torch.device("cuda:1")
@@ -607,8 +632,8 @@ def test_kernels_cuda_tensors_on_another_gpu():
     kw = dict(softmax_scale=0.125, causal=True)
 
     def run():
-        out, lse = kernels.attn_fwd(q, k, v, **kw)
-        grads = kernels.attn_bwd(do, q, k, v, out, lse, **kw)
+        out, lse = fwd.attn_fwd(q, k, v, **kw)
+        grads = bwd.attn_bwd(do, q, k, v, out, lse, **kw)
         kc, vc = (
             torch.zeros(2, 400, 2, 64, device=dev, dtype=q.dtype),
             torch.zeros(2, 400, 2, 64, device=dev, dtype=q.dtype),

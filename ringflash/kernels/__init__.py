@@ -1,12 +1,15 @@
-"""Triton flash-attention kernels: the ``triton`` backend (same interface as ``ringflash.blockwise``).
+"""Triton kernels and their launchers: ``(q, k, v, ...) -> (out, lse)``, no autograd.
 
-``attn_fwd`` returns ``(out, lse)``; ``attn_bwd`` returns ``(dq, dk, dv)`` from the saved forward
-results; ``attn_bwd_delta`` is ``rowsum(dout * out)`` laid out like the LSE. CUDA tensors run the
-compiled kernels (autotuned for Hopper); CPU tensors need Triton's interpreter
-(``TRITON_INTERPRET=1`` set before Triton is imported) and run one fixed small tile shape.
+- ``kernels.fwd.attn_fwd`` / ``kernels.bwd.attn_bwd`` / ``kernels.bwd.attn_bwd_delta``: flash
+  attention forward and backward (the interface of ``ringflash.blockwise``).
+- ``kernels.decode``: split-KV decoding over a KV cache (``decode_fwd``), the cache append and the
+  merge of partials.
+- ``kernels.options``: the configs passed to the launchers (``AttnConfig``, ``DecodeConfig``) and
+  the TMA mode (``use_tma``).
+
+Invariant: every launcher returns exact attention, ``softmax(q k^T * scale) v``, with its
+natural-log LSE (``-inf`` and output 0 for rows that see no key). Nothing here imports anything
+above ``ringflash.kernels``; this package imports nothing itself, so ``kernels.options`` loads
+without Triton. CUDA tensors run the compiled kernels; CPU tensors need Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported) and run small fixed tiles.
 """
-
-from .bwd import attn_bwd, attn_bwd_delta
-from .fwd import attn_fwd
-
-__all__ = ["attn_bwd", "attn_bwd_delta", "attn_fwd"]

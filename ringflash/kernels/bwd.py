@@ -22,45 +22,30 @@ import triton.language as tl
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
+    attn_args,
+    attn_heuristics,
     cdiv,
     cuda_index,
-    dot_f32,
-    dot_precision,
-    mask_flags,
     on_tensor_device,
     pad_dim,
-    sched_width,
-    shape_bucket,
     sm_count,
-    tma_applies,
-    varlen_diag,
+    stride_names,
+    strides,
     wide_offsets,
 )
-from .fwd import _bshd_strides
+from .options import AttnConfig
+from .tma import tma_applies
 
 
 @triton.jit
 def _delta_kernel(
-    DO,
-    O,
-    DELTA,
-    stride_db,
-    stride_ds,
-    stride_dh,
-    stride_dd,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_od,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    seqlen,
-    n_heads,
-    HEAD_DIM_V: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    DO, O, DELTA,
+    stride_db, stride_ds, stride_dh, stride_dd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    seqlen, n_heads,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -96,13 +81,12 @@ def _delta_kernel(
 
 
 # Tile configs (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, from timing every config of each
-# kernel alone on an H100 (benchmarks/sweep_bwd.py, RESULTS.md). At head dims 64 and 128 the dK/dV
-# kernel is fastest with 64 resident k/v rows and 4 warps for non-causal masks (32x64: 1.45x faster
-# than 64x128 at head dim 128, 4k); causal masks favour 128 streamed rows (head dim 64) or 8 warps
-# over 128 resident rows (head dim 128, long sequences).
-# (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV lists: on H100 with triton
-# 3.6 it raised "misaligned address" at head dim 128, non-causal, seqlen 1024 (2026-11-26; the
-# same tiles with 3 stages, and at head dim 64, ran correctly). Not root-caused; see RESULTS.md.
+# kernel alone on an H100 (benchmarks/sweep_bwd.py; docs/performance.md). At head dims 64 and 128 the
+# dK/dV kernel is fastest with 64 resident k/v rows and 4 warps for non-causal masks; causal masks
+# favour 128 streamed rows (head dim 64) or 8 warps over 128 resident rows (head dim 128, long
+# sequences). (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV lists: on an H100
+# with triton 3.6 it raised "misaligned address" at head dim 128 (not root-caused; see
+# docs/performance.md).
 _DKDV_TILES = {
     256: [(32, 64, 4, 2)],  # head dims above 128 (padded to 256): the resident tile and two stages fit
     64: [(32, 64, 4, 4), (128, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 2)],
@@ -151,35 +135,56 @@ _dq_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune(_DQ_TILES)},
     restore_value=["DQ"],
 )(_attn_bwd_dq_kernel)
+_dkdv_gpu, _dq_gpu = attn_heuristics(_dkdv_tuned), attn_heuristics(_dq_tuned)
+_dkdv_cpu, _dq_cpu = attn_heuristics(_attn_bwd_dkdv_kernel), attn_heuristics(_attn_bwd_dq_kernel)
 # Interpreter tiles: small, and different in the two directions so both edge runs are exercised.
 _CPU_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
 _CPU_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
+_DO, _OUT, _DELTA = stride_names("d", "bshd"), stride_names("o", "bshd"), stride_names("l", "bhs")
+
+
 @on_tensor_device
 def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
-    """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
+    """``rowsum(dout * out)`` in float32, laid out like the LSE.
+
+    Args:
+        dout, out: ``[B, S, H, Dv]``, or packed ``[T, H, Dv]``.
+        packed: whether the inputs are packed.
+
+    Returns:
+        delta: float32 ``[B, H, S]`` (packed: ``[H, T]``).
+    """
     if packed:
         T, H, Dv = out.shape
+        B, S = 1, T
         delta = torch.empty((H, T), dtype=torch.float32, device=out.device)
-        B, S, d_str, o_str, l_str = (
-            1,
-            T,
-            _bshd_strides(dout, True),
-            _bshd_strides(out, True),
-            (0, *delta.stride()),
-        )
     else:
         B, S, H, Dv = out.shape
         delta = torch.empty((B, H, S), dtype=torch.float32, device=out.device)
-        d_str, o_str, l_str = dout.stride(), out.stride(), delta.stride()
     if delta.numel() == 0:
         return delta
     block = 64 if out.device.type != "cpu" else 32
     _delta_kernel[(cdiv(S, block), B * H)](
-        dout, out, delta, *d_str, *o_str, *l_str, S, H, HEAD_DIM_V=Dv, DV_PAD=pad_dim(Dv), BLOCK_M=block
+        DO=dout,
+        O=out,
+        DELTA=delta,
+        **strides(dout, _DO, packed),
+        **strides(out, _OUT, packed),
+        **strides(delta, _DELTA, packed),
+        seqlen=S,
+        n_heads=H,
+        HEAD_DIM_V=Dv,
+        DV_PAD=pad_dim(Dv),
+        BLOCK_M=block,
     )
     return delta
+
+
+_DOUT, _DQ = stride_names("do", "bshd"), stride_names("dq", "bshd")
+_DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
+_LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 
 
 @on_tensor_device
@@ -204,18 +209,30 @@ def attn_bwd(
     dq=None,
     dk=None,
     dv=None,
+    config=None,
 ):
     """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
 
-    The interface of ``ringflash.blockwise.attn_bwd``: ``delta`` (rowsum of ``dout * out``, laid
-    out like ``lse``) is computed when not given; with float32 ``dq``/``dk``/``dv`` given the
-    gradients are added into them and they are returned, else they come back in input dtypes.
+    The interface of ``ringflash.blockwise.attn_bwd``.
+
+    Args:
+        dout: ``[B, Sq, Hq, Dv]`` (packed ``[Tq, Hq, Dv]``), the gradient of ``out``.
+        q, k, v, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, diag_offset: as given to ``attn_fwd``.
+        out, lse: ``attn_fwd``'s results (lse float32 ``[B, Hq, Sq]``, packed ``[Hq, Tq]``).
+        delta: ``rowsum(dout * out)`` laid out like ``lse`` (:func:`attn_bwd_delta`; computed when
+            None).
+        dq, dk, dv: float32 buffers shaped like q/k/v: the gradients are added into them and they
+            are returned. None: new tensors in the inputs' dtypes.
+        config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
     """
+    config = config or AttnConfig()
     packed = cu_seqlens_q is not None
     add = dq is not None
-    Hq, D = q.shape[-2], q.shape[-1]
-    Hk, Dv = k.shape[-2], v.shape[-1]
-    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
+    Hq, Hk = q.shape[-2], k.shape[-2]
     if delta is None:
         delta = attn_bwd_delta(dout, out, packed=packed)
     if add:
@@ -225,121 +242,86 @@ def attn_bwd(
         dq = alloc(q.shape, dtype=q.dtype, device=q.device)
         dk = alloc(k.shape, dtype=k.dtype, device=k.device)
         dv = alloc(v.shape, dtype=v.dtype, device=v.device)
-    if packed:
-        B = cu_seqlens_q.numel() - 1
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
-        Sq, Sk, diag = int(max_seqlen_q), int(max_seqlen_k), 0
-        diag_t = varlen_diag(diag_offset, B, q.device)
-        lse_str, delta_str = (0, *lse.stride()), (0, *delta.stride())
-    else:
-        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-        diag = Sk - Sq if diag_offset is None else int(diag_offset)
-        diag_t = None
-        lse_str, delta_str = lse.stride(), delta.stride()
+    args, B, Sq, Sk = attn_args(
+        q,
+        k,
+        v,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        diag_offset=diag_offset,
+        config=config,
+    )
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
         if not add:
             dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv
-    cu_q = cu_seqlens_q if packed else q
-    cu_k = cu_seqlens_k if packed else q
-    ptrs = (q, k, v, dout, lse, delta)
-    strides = (
-        *_bshd_strides(q, packed),
-        *_bshd_strides(k, packed),
-        *_bshd_strides(v, packed),
-        *_bshd_strides(dout, packed),
-    )
-    scalars = (Sq, Sk, diag, wl, wr)
-    tail = (Hq // Hk, float(softmax_scale), float(softcap), sched_width(q.device), shape_bucket(Sq, Sk))
-    flags = dict(
-        HEAD_DIM=D,
-        HEAD_DIM_V=Dv,
-        D_PAD=pad_dim(D),
-        DV_PAD=pad_dim(Dv),
-        HAS_LO=has_lo,
-        HAS_HI=has_hi,
-        SOFTCAP=softcap > 0,
-        IS_VARLEN=packed,
-        DIAG_FROM_PTR=diag_t is not None,
+    args.update(
+        DO=dout,
+        LSE=lse,
+        DELTA=delta,
+        **strides(dout, _DOUT, packed),
+        **strides(lse, _LSE, packed),
+        **strides(delta, _DELTA_E, packed),
         ADD=add,
-        WIDE=wide_offsets(q, k, v, dout, dq, dk, dv),
-        DOT_PREC=dot_precision(q.dtype),
-        DOT_F32=dot_f32(q),
+        WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
         TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)),
     )
-    diag_p = diag_t if diag_t is not None else q
-    dkdv_args = (
-        *ptrs,
-        dk,
-        dv,
-        cu_q,
-        cu_k,
-        diag_p,
-        *strides,
-        *_bshd_strides(dk, packed),
-        *_bshd_strides(dv, packed),
-        *lse_str,
-        *delta_str,
-        *scalars,
-        Hk,
-        *tail,
-    )
-    dq_args = (
-        *ptrs,
-        dq,
-        cu_q,
-        cu_k,
-        diag_p,
-        *strides,
-        *_bshd_strides(dq, packed),
-        *lse_str,
-        *delta_str,
-        *scalars,
-        Hq,
-        *tail,
-    )
+    dkdv_args = dict(args, DK=dk, DV=dv, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk)
+    dq_args = dict(args, DQ=dq, **strides(dq, _DQ, packed), n_heads_q=Hq)
     if q.device.type == "cpu":
-        _attn_bwd_dkdv_kernel[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags, **_CPU_DKDV)
-        _attn_bwd_dq_kernel[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](*dq_args, **flags, **_CPU_DQ)
-    else:
-        side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device) else None
-        if side is not None:
-            main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)
-        _dkdv_tuned[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](*dkdv_args, **flags)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _dq_tuned[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](*dq_args, **flags)
-        if side is not None:
-            # The join is a wait on the GPU, not the host, so the caller's later work (and any
-            # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
-            main.wait_stream(side)
+        _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**dkdv_args, **_CPU_DKDV)
+        _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**dq_args, **_CPU_DQ)
+        return dq, dk, dv
+    side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
+    _dkdv_gpu[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](**dkdv_args)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _dq_gpu[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](**dq_args)
+    if side is not None:
+        # The join is a wait on the GPU, not the host, so the caller's later work (and any
+        # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
+        main.wait_stream(side)
     return dq, dk, dv
 
 
 # dK/dV and dQ write different tensors, so dQ can run on a second stream beside dK/dV: dQ's
 # programs fill the SMs that dK/dV's last wave leaves idle (launched second, they start as SMs free
-# up). That pays while dK/dV's launch is a few waves: measured on H100, 1-5% on the backward up to
-# 1k programs of 128 keys (8k-16k tokens at 8 KV heads; a ring's steps), but 3% slower at 2k (32k
-# tokens), where the last wave is a small part and the two kernels contend for L2 instead.
-CONCURRENT_DQ = True  # False: dQ after dK/dV on the caller's stream (benchmarks compare the two)
-CONCURRENT_DQ_MAX_WAVES = 8  # dK/dV programs of 128 keys per SM up to which dQ runs beside
-_SIDE: dict[int, torch.cuda.Stream] = {}
+# up). That pays while dK/dV's launch is a few waves (``AttnConfig.concurrent_dq_max_waves``); in
+# longer launches the last wave is a small part and the two kernels contend for L2 instead
+# (docs/performance.md).
+_side_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def _dq_beside(dkdv_programs: int, device: torch.device) -> bool:
-    return CONCURRENT_DQ and dkdv_programs <= CONCURRENT_DQ_MAX_WAVES * sm_count(device)
+def _dq_beside(dkdv_programs: int, device: torch.device, config: AttnConfig) -> bool:
+    return config.concurrent_dq and dkdv_programs <= config.concurrent_dq_max_waves * sm_count(device)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The device's second stream (made on first use; None if that would be inside a graph capture,
     where creating a stream is best avoided: the call then runs on one stream)."""
     index = cuda_index(device)
-    side = _SIDE.get(index)
+    side = _side_streams.get(index)
     if side is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        side = _SIDE[index] = torch.cuda.Stream(device=index)
+        side = _side_streams[index] = torch.cuda.Stream(device=index)
     return side
+
+
+def side_stream_devices() -> list[int]:
+    """Indices of the CUDA devices for which ``attn_bwd`` has made its second stream."""
+    return sorted(_side_streams)
+
+
+def forget_side_streams() -> None:
+    """Drop the second streams, so the next ``attn_bwd`` on a device makes its stream anew (or,
+    inside a graph capture, runs on one stream). For tests of the first call of a process."""
+    _side_streams.clear()

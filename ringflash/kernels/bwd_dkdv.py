@@ -11,198 +11,94 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _tile_order, _tile_src, _visible
+from .common import _attn_prologue, _block_ranges, _dot, _run_bounds, _scores, _tile_src, _visible
 
 
 @triton.jit
 def _dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_src,
-    do_src,
-    lse_ptrs,
-    delta_ptrs,
-    stride_qs,
-    stride_dos,
-    stride_ls,
-    stride_es,
-    offs_m,
-    offs_n,
-    offs_d,
-    offs_dv,
-    i_start,
-    i_end,
-    seqlen_q,
-    seqlen_k,
-    lo,
-    hi,
-    sm_scale,
-    softcap,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    dk, dv, k, v, q_src, do_src, lse_ptrs, delta_ptrs, stride_qs, stride_dos, stride_ls, stride_es,
+    offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi,
+    sm_scale, softcap,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     # q_src / do_src: TMA descriptors of this query head's rows (zero-filled past the sequence and
-    # the head dim), else pointer tiles at its first row. Blocks run last to first: under a causal
-    # mask every program ends its rows at the sequence's end, so programs that start together
-    # read the same query blocks at the same time (shared through L2), where first-to-last order
-    # starts each at its own diagonal and no two read the same block at once.
-    n_blocks = tl.cdiv(i_end - i_start, BLOCK_M)
-    for it in range(0, n_blocks):
-        i0 = i_start + (n_blocks - 1 - it) * BLOCK_M
-        offs_i = i0 + offs_m
-        row = offs_i < seqlen_q
-        if TMA:
-            q = q_src.load([i0, 0])
-            do = do_src.load([i0, 0])
-        elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
-            q = tl.load(
-                q_src + i0 * stride_qs,
-                mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
-                other=0.0,
-            )
-            do = tl.load(
-                do_src + i0 * stride_dos,
-                mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
-                other=0.0,
-            )
-        else:
-            q = tl.load(q_src + i0 * stride_qs)
-            do = tl.load(do_src + i0 * stride_dos)
-        lse = tl.load(lse_ptrs + i0 * stride_ls, mask=row, other=0.0)
-        delta = tl.load(delta_ptrs + i0 * stride_es, mask=row, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        sT, tT = _scores(k, q, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)  # [BLOCK_N, BLOCK_M]
-        pT = tl.exp2(sT - lse2[None, :])
-        if MASKED:
-            # Rows are keys here: key j sees query i iff -hi <= i - j <= -lo.
-            pT = tl.where(_visible(offs_n, offs_i, seqlen_k, seqlen_q, -hi, -lo, HAS_HI, HAS_LO), pT, 0.0)
-        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, DOT_F32)
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC, DOT_F32)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
-        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, DOT_F32)
+    # the head dim), else pointer tiles at its first row. ``start``..``end``: the runs of query
+    # blocks that see this key block. Blocks run last to first, so the runs do too (masked tail,
+    # mask-free middle, masked head; MASKED a constexpr of each): under a causal mask every
+    # program ends its rows at the sequence's end, so programs that start together read the same
+    # query blocks at the same time (shared through L2), where first-to-last order starts each at
+    # its own diagonal and no two read the same block at once.
+    for R in tl.static_range(3):
+        RUN = 2 - R
+        MASKED = RUN != 1
+        i_start, i_end = _run_bounds(RUN, start, full_start, full_end, end)
+        n_blocks = tl.cdiv(i_end - i_start, BLOCK_M)
+        for it in range(0, n_blocks):
+            i0 = i_start + (n_blocks - 1 - it) * BLOCK_M
+            offs_i = i0 + offs_m
+            row = offs_i < seqlen_q
+            if TMA:
+                q = q_src.load([i0, 0])
+                do = do_src.load([i0, 0])
+            elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+                q = tl.load(
+                    q_src + i0 * stride_qs,
+                    mask=row[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0,
+                )
+                do = tl.load(
+                    do_src + i0 * stride_dos,
+                    mask=row[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+                    other=0.0,
+                )
+            else:
+                q = tl.load(q_src + i0 * stride_qs)
+                do = tl.load(do_src + i0 * stride_dos)
+            lse = tl.load(lse_ptrs + i0 * stride_ls, mask=row, other=0.0)
+            delta = tl.load(delta_ptrs + i0 * stride_es, mask=row, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            sT, tT = _scores(k, q, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)  # [BLOCK_N, BLOCK_M]
+            pT = tl.exp2(sT - lse2[None, :])
+            if MASKED:
+                # Rows are keys here: key j sees query i iff -hi <= i - j <= -lo.
+                pT = tl.where(_visible(offs_n, offs_i, seqlen_k, seqlen_q, -hi, -lo, HAS_HI, HAS_LO), pT, 0.0)
+            dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, DOT_F32)
+            dpT = _dot(v, tl.trans(do), None, DOT_PREC, DOT_F32)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, DOT_F32)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    CU_Q,
-    CU_K,
-    DIAG_PTR,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_vd,
-    stride_dob,
-    stride_dos,
-    stride_doh,
-    stride_dod,
-    stride_dkb,
-    stride_dks,
-    stride_dkh,
-    stride_dkd,
-    stride_dvb,
-    stride_dvs,
-    stride_dvh,
-    stride_dvd,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    stride_eb,
-    stride_eh,
-    stride_es,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window_left,
-    window_right,
-    n_heads_k,
-    group,
-    sm_scale,
-    softcap,
-    sched_width,
-    SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr,
-    ADD: tl.constexpr,
-    WIDE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr = False,
-):
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR,
+    stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd, stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_lb, stride_lh, stride_ls, stride_eb, stride_eh, stride_es,
+    seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k, group,
+    sm_scale, softcap, sched_width, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
     # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
     # (``_tile_order``).
-    pid_n, pid_bh = _tile_order(tl.cdiv(seqlen_k, BLOCK_N), sched_width, HAS_HI, False)
-    b = pid_bh // n_heads_k
-    hk = pid_bh % n_heads_k
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-    else:
-        q_start = b * 0
-        k_start = b * 0
-    if DIAG_FROM_PTR:
-        diag = tl.load(DIAG_PTR + b)
-    j0 = pid_n * BLOCK_N
+    b, hk, j0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_n, k_row0, cols, qs, dos = _attn_prologue(
+        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k,
+        sched_width, stride_qs, stride_dos, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, True, BLOCK_N,
+    )  # fmt: skip
     if j0 >= seqlen_k:
         return
-    lo = diag - window_left
-    hi = diag + window_right
-
-    offs_n = j0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     kv_row = offs_n[:, None] < seqlen_k
-    # WIDE (token offsets past 2^31 elements): 64-bit tile bases and loop steps; see fwd.py.
-    k_row0 = k_start
-    cols = offs_n
-    qs, dos = stride_qs, stride_dos
-    if WIDE:
-        k_row0 = k_start + j0
-        cols = tl.arange(0, BLOCK_N)
-        qs, dos = tl.cast(stride_qs, tl.int64), tl.cast(stride_dos, tl.int64)
     k_off = b.to(tl.int64) * stride_kb + k_row0.to(tl.int64) * stride_ks + hk * stride_kh
     v_off = b.to(tl.int64) * stride_vb + k_row0.to(tl.int64) * stride_vs + hk * stride_vh
     k = tl.load(
@@ -232,101 +128,12 @@ def _attn_bwd_dkdv_kernel(
         )
         lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
         delta_ptrs = DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es
-        args = (
-            q_src,
-            do_src,
-            lse_ptrs,
-            delta_ptrs,
-            qs,
-            dos,
-            stride_ls,
-            stride_es,
-            offs_m,
-            offs_n,
-            offs_d,
-            offs_dv,
-        )
         dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            *args,
-            full_end,
-            end,
-            seqlen_q,
-            seqlen_k,
-            lo,
-            hi,
-            sm_scale,
-            softcap,
-            True,
-            HAS_LO,
-            HAS_HI,
-            SOFTCAP,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            D_PAD,
-            DV_PAD,
-            DOT_PREC,
-            DOT_F32,
-            TMA,
-            BLOCK_M,
-        )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            *args,
-            full_start,
-            full_end,
-            seqlen_q,
-            seqlen_k,
-            lo,
-            hi,
-            sm_scale,
-            softcap,
-            False,
-            HAS_LO,
-            HAS_HI,
-            SOFTCAP,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            D_PAD,
-            DV_PAD,
-            DOT_PREC,
-            DOT_F32,
-            TMA,
-            BLOCK_M,
-        )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            *args,
-            start,
-            full_start,
-            seqlen_q,
-            seqlen_k,
-            lo,
-            hi,
-            sm_scale,
-            softcap,
-            True,
-            HAS_LO,
-            HAS_HI,
-            SOFTCAP,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            D_PAD,
-            DV_PAD,
-            DOT_PREC,
-            DOT_F32,
-            TMA,
-            BLOCK_M,
-        )
+            dk, dv, k, v, q_src, do_src, lse_ptrs, delta_ptrs, qs, dos, stride_ls, stride_es,
+            offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k,
+            lo, hi, sm_scale, softcap,
+            HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_M,
+        )  # fmt: skip
     dk = dk * sm_scale
 
     dk_ptrs = (

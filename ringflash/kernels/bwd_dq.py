@@ -10,180 +10,81 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _block_ranges, _dot, _scores, _tile_order, _tile_src, _visible
+from .common import _attn_prologue, _block_ranges, _dot, _run_bounds, _scores, _tile_src, _visible
 
 
 @triton.jit
 def _dq_inner(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_src,
-    v_src,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_n,
-    offs_d,
-    offs_dv,
-    j_start,
-    j_end,
-    seqlen_q,
-    seqlen_k,
-    lo,
-    hi,
-    sm_scale,
-    softcap,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+    start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, sm_scale, softcap,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # k_src / v_src: TMA descriptors of the sequence's K/V (zero-filled past its end and past the
-    # head dim), else pointer tiles at its first key.
-    for j0 in range(j_start, j_end, BLOCK_N):
-        offs_j = j0 + offs_n
-        kv_row = offs_j[:, None] < seqlen_k
-        if TMA:
-            k = k_src.load([j0, 0])
-            v = v_src.load([j0, 0])
-        elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
-            k = tl.load(
-                k_src + j0 * stride_ks,
-                mask=kv_row & (offs_d[None, :] < HEAD_DIM),
-                other=0.0,
-            )
-            v = tl.load(
-                v_src + j0 * stride_vs,
-                mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
-                other=0.0,
-            )
-        else:
-            k = tl.load(k_src + j0 * stride_ks)
-            v = tl.load(v_src + j0 * stride_vs)
-        s, t = _scores(q, k, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
-        p = tl.exp2(s - lse2[:, None])
-        if MASKED:
-            p = tl.where(_visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), p, 0.0)
-        dp = _dot(do, tl.trans(v), None, DOT_PREC, DOT_F32)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, DOT_F32)
+    # head dim), else pointer tiles at its first key. The forward's three runs of key blocks in
+    # order, MASKED a constexpr of each.
+    for RUN in tl.static_range(3):
+        MASKED = RUN != 1
+        j_start, j_end = _run_bounds(RUN, start, full_start, full_end, end)
+        for j0 in range(j_start, j_end, BLOCK_N):
+            offs_j = j0 + offs_n
+            kv_row = offs_j[:, None] < seqlen_k
+            if TMA:
+                k = k_src.load([j0, 0])
+                v = v_src.load([j0, 0])
+            elif MASKED or D_PAD != HEAD_DIM or DV_PAD != HEAD_DIM_V:
+                k = tl.load(
+                    k_src + j0 * stride_ks,
+                    mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0,
+                )
+                v = tl.load(
+                    v_src + j0 * stride_vs,
+                    mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+                    other=0.0,
+                )
+            else:
+                k = tl.load(k_src + j0 * stride_ks)
+                v = tl.load(v_src + j0 * stride_vs)
+            s, t = _scores(q, k, sm_scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
+            p = tl.exp2(s - lse2[:, None])
+            if MASKED:
+                p = tl.where(_visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), p, 0.0)
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, DOT_F32)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, DOT_F32)
     return dq
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    CU_Q,
-    CU_K,
-    DIAG_PTR,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_vd,
-    stride_dob,
-    stride_dos,
-    stride_doh,
-    stride_dod,
-    stride_dqb,
-    stride_dqs,
-    stride_dqh,
-    stride_dqd,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    stride_eb,
-    stride_eh,
-    stride_es,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window_left,
-    window_right,
-    n_heads_q,
-    group,
-    sm_scale,
-    softcap,
-    sched_width,
-    SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr,
-    ADD: tl.constexpr,
-    WIDE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr = False,
-):
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DIAG_PTR,
+    stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    stride_lb, stride_lh, stride_ls, stride_eb, stride_eh, stride_es,
+    seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q, group,
+    sm_scale, softcap, sched_width, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
     # Causal: the longest row blocks first, in groups of heads (``_tile_order``).
-    pid_m, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK_M), sched_width, HAS_HI, HAS_HI)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-    else:
-        q_start = b * 0
-        k_start = b * 0
-    if DIAG_FROM_PTR:
-        diag = tl.load(DIAG_PTR + b)
-    i0 = pid_m * BLOCK_M
+    b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
+        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
+        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, False, BLOCK_M,
+    )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    lo = diag - window_left
-    hi = diag + window_right
-
-    offs_m = i0 + tl.arange(0, BLOCK_M)
+    hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     row = offs_m < seqlen_q
-    # WIDE (token offsets past 2^31 elements): 64-bit tile bases and loop steps; see fwd.py.
-    q_row0 = q_start
-    rows = offs_m
-    ks, vs = stride_ks, stride_vs
-    if WIDE:
-        q_row0 = q_start + i0
-        rows = tl.arange(0, BLOCK_M)
-        ks, vs = tl.cast(stride_ks, tl.int64), tl.cast(stride_vs, tl.int64)
     q = tl.load(
         Q
         + b.to(tl.int64) * stride_qb
@@ -222,79 +123,11 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, do, lse2, delta, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     dq = _dq_inner(
-        dq,
-        *args,
-        start,
-        full_start,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        sm_scale,
-        softcap,
-        True,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
-    dq = _dq_inner(
-        dq,
-        *args,
-        full_start,
-        full_end,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        sm_scale,
-        softcap,
-        False,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
-    dq = _dq_inner(
-        dq,
-        *args,
-        full_end,
-        end,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        sm_scale,
-        softcap,
-        True,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
+        dq, q, do, lse2, delta, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv,
+        start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, sm_scale, softcap,
+        HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
+    )  # fmt: skip
     dq = dq * sm_scale
 
     dq_ptrs = (

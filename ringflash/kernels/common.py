@@ -1,11 +1,17 @@
-"""Pieces shared by the forward and backward kernels: mask bounds, block ranges, launch helpers.
+"""Pieces shared by the kernels: program prologue, mask bounds, block runs, launch helpers.
 
 Mask convention (``ringflash.masking``): query ``i`` sees key ``j`` iff ``lo <= j - i <= hi`` with
 ``lo = diag - window_left`` (only when ``HAS_LO``) and ``hi = diag + window_right`` (``0`` when
 causal; only when ``HAS_HI``). For one block of rows the visible columns split into three runs of
 column blocks: a masked head (left window edge), a mask-free middle, and a masked tail (diagonal
 and the sequence end). Blocks outside the runs are never touched, which is what lets ring
-attention skip the blocks that its position offsets mask out.
+attention skip the blocks that its position offsets mask out. ``_run_bounds`` gives run ``RUN``'s
+blocks, so a kernel's inner loop runs the three with ``MASKED`` a constexpr of each (the mask-free
+middle compiles without mask code).
+
+``_attn_prologue`` is the start of every attention program (forward, dK/dV, dQ): which sequence,
+head and tile it owns, its sequence's bounds (padded or packed), its mask band, and how it
+addresses its tile (64-bit bases; 64-bit loop steps when an offset of the call can pass 2^31).
 """
 
 from __future__ import annotations
@@ -13,14 +19,14 @@ from __future__ import annotations
 import functools
 import os
 
-# Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
-# exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 
-from ..backends import tma_mode
+from .options import AttnConfig
+
+# Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
+# exponentials are exp2), 0.6931471805599453 = ln(2) (the stored LSE is a natural log).
 
 
 @triton.jit
@@ -61,7 +67,7 @@ def _tile_order(n_tiles, sched_width, GROUPED: tl.constexpr, REVERSE: tl.constex
     if GROUPED:
         # Only launches of up to 6 * sched_width programs (24 per SM): in larger ones the last
         # heads' tiles are a small part of the work, and head-major order keeps the most programs
-        # on one head's K/V (measured: 8k tokens at batch 8, 16k programs, ran 9% slower grouped).
+        # on one head's K/V, which measured faster there (docs/performance.md).
         span = tl.minimum(n_heads, tl.cdiv(sched_width, n_tiles))
         group = tl.where(tl.num_programs(0) <= 6 * sched_width, span, 1)
     per_group = group * n_tiles
@@ -76,12 +82,83 @@ def _tile_order(n_tiles, sched_width, GROUPED: tl.constexpr, REVERSE: tl.constex
     return tile, head
 
 
-SCHED_PER_SM = 4  # 0 gives plain head-major order everywhere (benchmarks compare the two)
+def sched_width(device: torch.device, config: AttnConfig) -> int:
+    """The ``sched_width`` of ``_tile_order``: ``config.sched_per_sm`` programs per SM of ``device``."""
+    return max(1, config.sched_per_sm * sm_count(device))
 
 
-def sched_width(device: torch.device) -> int:
-    """The ``sched_width`` of ``_tile_order``: ``SCHED_PER_SM`` programs per SM of ``device``."""
-    return max(1, SCHED_PER_SM * sm_count(device))
+@triton.jit
+def _attn_prologue(
+    CU_Q,
+    CU_K,
+    DIAG_PTR,
+    seqlen_q,
+    seqlen_k,
+    diag,
+    window_left,
+    window_right,
+    n_heads,
+    sched_width,
+    stride_a,
+    stride_b,
+    HAS_HI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr,
+    WIDE: tl.constexpr,
+    KEY_TILES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Where an attention program works: one tile of ``BLOCK`` query rows of one (sequence, query
+    head) (forward, dQ), or with ``KEY_TILES`` of ``BLOCK`` keys of one (sequence, KV head) (dK/dV).
+
+    ``seqlen_q``/``seqlen_k``/``diag`` are the launch's (the longest sequences when packed); packed
+    sequences read their bounds from ``CU_Q``/``CU_K`` (bottom-right diagonal), and ``DIAG_PTR``
+    holds one diagonal per sequence. Causal tiles are ordered longest first (``_tile_order``).
+
+    Returns ``(b, h, t0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs, row0, rows, step_a,
+    step_b)``: the sequence and head; the tile's first row ``t0`` (past the sequence's end the
+    caller returns); the sequence's first token in packed inputs (0 when padded), its lengths and
+    mask band (query i sees key j iff ``lo <= j - i <= hi``); the tile's rows ``offs = t0 + [0,
+    BLOCK)``; the tile's base row ``row0`` (the sequence's first row, plus ``t0`` with ``WIDE``) and
+    ``rows``, the offsets that address the tile from it (``offs``, or ``[0, BLOCK)`` with
+    ``WIDE``); and ``stride_a``/``stride_b``, the row strides of what the program streams, as
+    int64 with ``WIDE``. 64-bit bases: ``b * stride_b`` overflows int32 for large batches of long
+    sequences; with ``WIDE`` (a token offset of the call passes 2^31 elements, e.g. 512k tokens x
+    32 heads x 128) the base also takes the tile's first row, so only in-tile offsets stay 32-bit
+    and the loops step in 64 bits; without it the code is the plain 32-bit one.
+    """
+    if KEY_TILES:
+        pid_t, pid_bh = _tile_order(tl.cdiv(seqlen_k, BLOCK), sched_width, HAS_HI, False)
+    else:
+        pid_t, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK), sched_width, HAS_HI, HAS_HI)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        diag = seqlen_k - seqlen_q
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    if DIAG_FROM_PTR:
+        diag = tl.load(DIAG_PTR + b)
+    t0 = pid_t * BLOCK
+    lo = diag - window_left
+    hi = diag + window_right
+    offs = t0 + tl.arange(0, BLOCK)
+    if KEY_TILES:
+        row0 = k_start
+    else:
+        row0 = q_start
+    rows = offs
+    step_a, step_b = stride_a, stride_b
+    if WIDE:
+        row0 = row0 + t0
+        rows = tl.arange(0, BLOCK)
+        step_a, step_b = tl.cast(stride_a, tl.int64), tl.cast(stride_b, tl.int64)
+    return b, h, t0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs, row0, rows, step_a, step_b
 
 
 @triton.jit
@@ -120,6 +197,21 @@ def _block_ranges(
 
 
 @triton.jit
+def _run_bounds(RUN: tl.constexpr, start, full_start, full_end, end):
+    """Blocks ``[run_start, run_end)`` of run ``RUN`` of ``_block_ranges``' runs: 0 the masked
+    head, 1 the mask-free middle, 2 the masked tail. A kernel's inner loop runs
+    ``for RUN in tl.static_range(3)`` with ``MASKED = RUN != 1``, so each run is compiled on its
+    own, the middle without mask code."""
+    if RUN == 0:
+        run_start, run_end = start, full_start
+    elif RUN == 1:
+        run_start, run_end = full_start, full_end
+    else:
+        run_start, run_end = full_end, end
+    return run_start, run_end
+
+
+@triton.jit
 def _visible(offs_r, offs_c, n_rows, n_cols, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
     """Boolean ``[R, C]`` tile: in bounds and inside the diagonal band."""
     mask = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
@@ -135,6 +227,19 @@ def mask_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
     left, right = int(window_size[0]), int(window_size[1])
     has_hi = bool(causal) or right >= 0
     return left >= 0, has_hi, max(left, 0), 0 if causal else max(right, 0)
+
+
+def stride_names(tensor: str, dims: str) -> tuple[str, ...]:
+    """Kernel argument names of a tensor's strides: ``stride_names("q", "bsh")`` is
+    ``("stride_qb", "stride_qs", "stride_qh")``."""
+    return tuple(f"stride_{tensor}{d}" for d in dims)
+
+
+def strides(t: torch.Tensor, names: tuple[str, ...], packed: bool = False) -> dict[str, int]:
+    """Keyword arguments ``{name: stride}`` for the leading dims of ``t`` (``names`` from
+    ``stride_names``); ``packed`` ``[T, H, D]`` tensors get a batch stride of 0 first, so that they
+    are addressed as ``[1, T, H, D]``."""
+    return dict(zip(names, (0, *t.stride()) if packed else t.stride(), strict=False))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -165,22 +270,16 @@ def shape_bucket(seqlen_q: int, seqlen_k: int) -> int:
 
 def dot_precision(dtype) -> str:
     """float32 inputs use 3xTF32 (about float32 accuracy at tensor-core speed); 16-bit ignore it."""
-    import torch
-
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def dot_f32(t) -> bool:
     """The interpreter path for bfloat16 needs float32 dot operands (see ``_dot``)."""
-    import torch
-
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
 def varlen_diag(diag_offset, n_seq: int, device):
     """Per-sequence diagonal offsets for packed inputs as an int32 tensor, or None (bottom-right)."""
-    import torch
-
     if diag_offset is None:
         return None
     d = torch.as_tensor(diag_offset, dtype=torch.int32, device=device).reshape(-1)
@@ -301,86 +400,93 @@ def on_tensor_device(fn):
     return wrapper
 
 
-# Tensor-memory-accelerator (TMA) loads: kernels built with ``TMA`` read their streamed tiles
-# through device-side tensor descriptors (Hopper's bulk asynchronous copies) instead of pointer
-# tiles. ``ringflash.use_tma`` picks the mode: "auto" (the default) uses them on CUDA devices of
-# compute capability 9.0 and newer when the longer side of the call has at least
-# ``_TMA_MIN_SEQLEN`` tokens; "on" at every length and also under the interpreter (tests); "off"
-# never. Each program builds its descriptors once, a fixed cost that short loops do not earn back:
-# on an H100 at head dim 128, TMA made the forward 6-10% slower at 1k tokens and 2-10% faster at
-# 16k, the backward 8% faster at 16k and even at 1k-4k (benchmarks/RESULTS.md).
-_TMA_MIN_SEQLEN = 8192
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _tma_device(device: torch.device, mode: str) -> bool:
-    if mode == "on":
-        return True
-    if mode == "off" or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    return _capability(cuda_index(device)) >= (9, 0)
-
-
 def ptx_device(device: torch.device) -> bool:
     """Whether kernels on ``device`` are compiled to PTX, so inline PTX may be used: NVIDIA CUDA
     devices, not ROCm's, and not under Triton's interpreter."""
     return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch (a kernel launched while the one before it finishes, waiting
-    in ``griddepcontrol.wait`` before its first read): CUDA devices of compute capability 9.0 and
-    newer, with a Triton that has ``tl.extra.cuda.gdc_wait``."""
-    if device.type != "cuda":
-        return False
-    return _pdl(cuda_index(device))
+# ----------------------------------------------------------------- attention launches (host side)
+
+# Flags of the attention kernels that follow from their arguments. Applied outside the autotuner,
+# so that they are in its key and its prune sees the padded head dims.
+attn_heuristics = triton.heuristics(
+    {
+        "D_PAD": lambda a: pad_dim(a["HEAD_DIM"]),
+        "DV_PAD": lambda a: pad_dim(a["HEAD_DIM_V"]),
+        "SOFTCAP": lambda a: a["softcap"] > 0,
+        "IS_VARLEN": lambda a: a["CU_Q"] is not None,
+        "DIAG_FROM_PTR": lambda a: a["DIAG_PTR"] is not None,
+        "DOT_PREC": lambda a: dot_precision(a["Q"].dtype),
+        "DOT_F32": lambda a: dot_f32(a["Q"]),
+    }
+)
+_Q, _K, _V = stride_names("q", "bshd"), stride_names("k", "bshd"), stride_names("v", "bshd")
 
 
-@functools.cache
-def _pdl(index: int) -> bool:
-    try:
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return _capability(index) >= (9, 0)
+def attn_args(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    diag_offset,
+    config: AttnConfig,
+) -> tuple[dict, int, int, int]:
+    """The launch arguments that the forward, dK/dV and dQ kernels share, and ``(B, Sq, Sk)``.
 
-
-def _tma_aligned(t: torch.Tensor) -> bool:
-    # A descriptor's base address and every stride but the last must be multiples of 16 bytes.
-    size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
-
-
-def tma_applies(*tensors: torch.Tensor, seqlen: int) -> bool:
-    """Whether a launch on these (fp16/bf16) tensors, whose longer side has ``seqlen`` tokens,
-    uses TMA descriptors under the current ``ringflash.use_tma`` mode; sets Triton's scratch
-    allocator, which device-side descriptors need, when none is set."""
-    mode = tma_mode()
-    t0 = tensors[0]
-    if t0.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(t0.device, mode):
-        return False
-    if mode != "on" and seqlen < _TMA_MIN_SEQLEN:
-        return False
-    if not all(_tma_aligned(t) for t in tensors):
-        return False
-    if t0.device.type == "cuda":
-        _ensure_allocator()
-    return True
-
-
-def _scratch(size: int, alignment: int, stream):
-    # Descriptors are written to this per-launch scratch (128 bytes a program); torch's caching
-    # allocator serves it on the current device and stream, also inside CUDA-graph capture.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    # Triton keeps its allocator in a context variable: a thread that never set one (autograd's
-    # backward thread, a user's worker) starts with the null allocator. A caller's own allocator
-    # is left in place.
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+    Padded q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D(v)]``; or packed q ``[Tq, Hq, D]``, k/v
+    ``[Tk, Hk, D(v)]`` with int32 ``cu_seqlens_q``/``cu_seqlens_k`` ``[B + 1]`` (``Sq``/``Sk``
+    are then the longest sequences, ``max_seqlen_*`` or computed). ``diag_offset``: the key index
+    aligned with query 0 (an int; for packed inputs one per sequence), None for bottom-right.
+    """
+    packed = cu_seqlens_q is not None
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hk, Dv = k.shape[-2], v.shape[-1]
+    assert Hq % Hk == 0 and k.shape[-1] == D and D <= 256 and Dv <= 256
+    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
+    if packed:
+        B = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        Sq, Sk, diag = int(max_seqlen_q), int(max_seqlen_k), 0
+        diag_t = varlen_diag(diag_offset, B, q.device)
+    else:
+        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+        diag = Sk - Sq if diag_offset is None else int(diag_offset)
+        diag_t = None
+    args = dict(
+        Q=q,
+        K=k,
+        V=v,
+        CU_Q=cu_seqlens_q,
+        CU_K=cu_seqlens_k if packed else None,
+        DIAG_PTR=diag_t,
+        **strides(q, _Q, packed),
+        **strides(k, _K, packed),
+        **strides(v, _V, packed),
+        seqlen_q=Sq,
+        seqlen_k=Sk,
+        diag=diag,
+        window_left=wl,
+        window_right=wr,
+        group=Hq // Hk,
+        sm_scale=float(softmax_scale),
+        softcap=float(softcap),
+        sched_width=sched_width(q.device, config),
+        SEQ_BUCKET=shape_bucket(Sq, Sk),
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        HAS_LO=has_lo,
+        HAS_HI=has_hi,
+    )
+    return args, B, Sq, Sk

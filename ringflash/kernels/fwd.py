@@ -18,112 +18,84 @@ import triton
 import triton.language as tl
 
 from .common import (
+    _attn_prologue,
     _block_ranges,
     _dot,
     _rows_desc,
+    _run_bounds,
     _tanh,
-    _tile_order,
     _tile_src,
     _visible,
+    attn_args,
+    attn_heuristics,
     cdiv,
-    dot_f32,
-    dot_precision,
-    mask_flags,
     on_tensor_device,
-    pad_dim,
-    sched_width,
-    shape_bucket,
-    sm_count,
-    tma_applies,
-    varlen_diag,
+    stride_names,
+    strides,
     wide_offsets,
 )
-from .decode import _MAX_BLOCK_M, decode_fwd
+from .options import AttnConfig
+from .tma import tma_applies
 
 
 @triton.jit
 def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_src,
-    v_src,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_n,
-    offs_d,
-    offs_dv,
-    j_start,
-    j_end,
-    seqlen_q,
-    seqlen_k,
-    lo,
-    hi,
-    qk_scale,
-    cap_scale,
-    cap_out,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+    start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # k_src / v_src: tensor descriptors of this sequence's K/V rows (TMA: rows past seqlen_k and
-    # columns past the head dim read as 0), else pointer tiles at its first key.
-    for j0 in range(j_start, j_end, BLOCK_N):
-        offs_j = j0 + offs_n
-        if TMA:
-            k = k_src.load([j0, 0])
-            v = v_src.load([j0, 0])
-        elif MASKED:
-            kv_row = offs_j[:, None] < seqlen_k
-            k = tl.load(
-                k_src + j0 * stride_ks,
-                mask=kv_row & (offs_d[None, :] < HEAD_DIM),
-                other=0.0,
-            )
-            v = tl.load(
-                v_src + j0 * stride_vs,
-                mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
-                other=0.0,
-            )
-        elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
-            k = tl.load(k_src + j0 * stride_ks)
-            v = tl.load(v_src + j0 * stride_vs)
-        else:
-            k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
-        if SOFTCAP:
-            s = _tanh(s * cap_scale) * cap_out
-        else:
-            s = s * qk_scale
-        if MASKED:
-            s = tl.where(
-                _visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), s, float("-inf")
-            )
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
-            # exp2(-inf - -inf) never makes a NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = m_new
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
-        m_i = m_new
+    # columns past the head dim read as 0), else pointer tiles at its first key. The three runs of
+    # key blocks (masked head, mask-free middle, masked tail) in order, MASKED a constexpr of each.
+    for RUN in tl.static_range(3):
+        MASKED = RUN != 1
+        j_start, j_end = _run_bounds(RUN, start, full_start, full_end, end)
+        for j0 in range(j_start, j_end, BLOCK_N):
+            offs_j = j0 + offs_n
+            if TMA:
+                k = k_src.load([j0, 0])
+                v = v_src.load([j0, 0])
+            elif MASKED:
+                kv_row = offs_j[:, None] < seqlen_k
+                k = tl.load(
+                    k_src + j0 * stride_ks,
+                    mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0,
+                )
+                v = tl.load(
+                    v_src + j0 * stride_vs,
+                    mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+                    other=0.0,
+                )
+            elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
+                k = tl.load(k_src + j0 * stride_ks)
+                v = tl.load(v_src + j0 * stride_vs)
+            else:
+                k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+            if SOFTCAP:
+                s = _tanh(s * cap_scale) * cap_out
+            else:
+                s = s * qk_scale
+            if MASKED:
+                vis = _visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI)
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
+                # exp2(-inf - -inf) never makes a NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_sub = m_new
+            p = tl.exp2(s - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -131,99 +103,40 @@ def _fwd_inner(
 # only multiply compilations.
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    CU_Q,
-    CU_K,
-    DIAG_PTR,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_vd,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_od,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window_left,
-    window_right,
-    n_heads_q,
-    group,
-    sm_scale,
-    softcap,
-    sched_width,
-    SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    WIDE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr = False,
-):
-    # Causal row blocks get cheaper as the block index falls: launch the expensive ones first, in
+    Q, K, V, O, LSE, CU_Q, CU_K, DIAG_PTR,
+    stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q, group,
+    sm_scale, softcap, sched_width, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # The online softmax state of BLOCK_M rows, scores in base 2.
+    qk_scale = sm_scale * 1.4426950408889634
+    cap_scale = 0.0
+    cap_out = 0.0
+    if SOFTCAP:
+        cap_scale = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+
+    # Causal row blocks get cheaper as the block index falls: the expensive ones start first, in
     # groups of heads, so the last wave is short (``_tile_order``).
-    pid_m, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK_M), sched_width, HAS_HI, HAS_HI)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-    else:
-        q_start = b * 0
-        k_start = b * 0
-    if DIAG_FROM_PTR:
-        diag = tl.load(DIAG_PTR + b)
-    i0 = pid_m * BLOCK_M
+    b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
+        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
+        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, False, BLOCK_M,
+    )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    lo = diag - window_left
-    hi = diag + window_right
-
-    offs_m = i0 + tl.arange(0, BLOCK_M)
+    hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    # 64-bit base offsets: b * stride_b overflows int32 for large batches of long sequences. With
-    # WIDE (a token offset of this call passes 2^31 elements, e.g. 512k tokens x 32 heads x 128)
-    # the base also takes the tile's first row, so only in-tile offsets stay 32-bit, and the loops
-    # below step in 64 bits; without it the code is the plain 32-bit one.
-    q_row0 = q_start
-    rows = offs_m
-    ks, vs = stride_ks, stride_vs
-    if WIDE:
-        q_row0 = q_start + i0
-        rows = tl.arange(0, BLOCK_M)
-        ks, vs = tl.cast(stride_ks, tl.int64), tl.cast(stride_vs, tl.int64)
     q_base = Q + b.to(tl.int64) * stride_qb + q_row0.to(tl.int64) * stride_qs + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
@@ -240,99 +153,12 @@ def _attn_fwd_kernel(
         v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
     )
 
-    qk_scale = sm_scale * 1.4426950408889634
-    cap_scale = 0.0
-    cap_out = 0.0
-    if SOFTCAP:
-        cap_scale = sm_scale / softcap
-        cap_out = softcap * 1.4426950408889634
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    args = (q, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv)
     acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        *args,
-        start,
-        full_start,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        qk_scale,
-        cap_scale,
-        cap_out,
-        True,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        *args,
-        full_start,
-        full_end,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        qk_scale,
-        cap_scale,
-        cap_out,
-        False,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        *args,
-        full_end,
-        end,
-        seqlen_q,
-        seqlen_k,
-        lo,
-        hi,
-        qk_scale,
-        cap_scale,
-        cap_out,
-        True,
-        HAS_LO,
-        HAS_HI,
-        SOFTCAP,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        D_PAD,
-        DV_PAD,
-        DOT_PREC,
-        DOT_F32,
-        TMA,
-        BLOCK_N,
-    )
+        acc, l_i, m_i, q, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv,
+        start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+        HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
+    )  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -410,54 +236,13 @@ _attn_fwd_tuned = triton.autotune(
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
 )(_attn_fwd_kernel)
+_fwd_gpu = attn_heuristics(_attn_fwd_tuned)
+_fwd_cpu = attn_heuristics(_attn_fwd_kernel)
 
 # The interpreter (CPU tensors) runs one small fixed tile shape: autotuning there would only cost
 # time, and blocks smaller than the test sequences exercise every masked/unmasked run.
 _CPU_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
-
-
-# A few query rows against a long context (decoding without a KV cache, e.g. a model's generate
-# loop): one program per (batch row, q head) would leave most SMs idle, so such calls go to the
-# split-KV decode kernel, which spreads the keys of each KV head over the SMs (as FlashAttention's
-# forward does for an underfilled grid) and reads K/V once per KV head.
-_SPLIT_KV_MIN_KEYS = 1024
-
-
-def _split_kv_pays(q, k, v, B, Sq, Sk):
-    Hq, Hk = q.shape[2], k.shape[2]
-    return (
-        Sk >= _SPLIT_KV_MIN_KEYS
-        and Sq * (Hq // Hk) <= _MAX_BLOCK_M
-        and B * Hq < sm_count(q.device)
-        and v.shape[-1] == q.shape[-1]
-        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    )
-
-
-def _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap):
-    """``attn_fwd`` through the split-KV decode kernel: K/V as a full cache of ``Sk`` keys a row."""
-    lens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
-    diag = (
-        None
-        if diag_offset is None
-        else torch.full((B,), int(diag_offset), dtype=torch.int32, device=q.device)
-    )
-    return decode_fwd(
-        q,
-        k,
-        v,
-        lens,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        diag_offset=diag,
-    )
-
-
-def _bshd_strides(x, packed):
-    """Strides as (batch, seq, head, dim); packed ``[T, H, D]`` tensors get batch stride 0."""
-    return (0, *x.stride()) if packed else x.stride()
+_O, _LSE = stride_names("o", "bshd"), stride_names("l", "bhs")
 
 
 @on_tensor_device
@@ -478,36 +263,51 @@ def attn_fwd(
     out=None,
     lse=None,
     merge=True,
+    config=None,
 ):
     """Forward attention returning ``(out, lse)``; the interface of ``ringflash.blockwise.attn_fwd``.
 
-    Padded: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]``, lse ``[B, Hq, Sq]``. Packed: q
-    ``[Tq, Hq, D]`` with ``cu_seqlens_q`` (int32), lse ``[Hq, Tq]``. With float32 ``out``/``lse``
-    given, the result is merged into them in place (accumulate mode; ``merge=False``: written over
-    them; rows of a packed batch outside every sequence are then left as they are) and they are
-    returned.
+    Args:
+        q: ``[B, Sq, Hq, D]``, or packed ``[Tq, Hq, D]`` with ``cu_seqlens_q``.
+        k, v: ``[B, Sk, Hk, D]`` / ``[B, Sk, Hk, Dv]`` (packed: ``[Tk, Hk, D(v)]``); ``Hq % Hk ==
+            0``, ``D, Dv <= 256``.
+        softmax_scale: the score scale.
+        causal, window_size, softcap: the mask (bottom-right aligned, or at ``diag_offset``) and
+            the score cap (``softcap * tanh(s / softcap)``; 0 for none).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` sequence starts of packed inputs, or None.
+        max_seqlen_q, max_seqlen_k: the longest packed sequences (computed when None).
+        diag_offset: key index aligned with query 0 (an int; per sequence for packed inputs), or
+            None for bottom-right alignment.
+        out, lse: float32 buffers shaped like the result: the result is merged into them in place
+            (accumulate mode; ``merge=False``: written over them; rows of a packed batch outside
+            every sequence are then left as they are) and they are returned.
+        config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
+
+    Returns:
+        ``(out, lse)``: out ``[B, Sq, Hq, Dv]`` (packed ``[Tq, Hq, Dv]``) in q's dtype (float32 in
+        accumulate mode), lse float32 ``[B, Hq, Sq]`` (packed ``[Hq, Tq]``), natural log; ``-inf``
+        and output 0 for rows that see no key.
     """
+    config = config or AttnConfig()
     packed = cu_seqlens_q is not None
     given = out is not None
     accumulate = given and merge
-    Hq, D = q.shape[-2], q.shape[-1]
-    Hk, Dv = k.shape[-2], v.shape[-1]
-    assert Hq % Hk == 0 and k.shape[-1] == D and D <= 256 and Dv <= 256
-    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
-    if packed:
-        B = cu_seqlens_q.numel() - 1
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
-        Sq, Sk, diag = int(max_seqlen_q), int(max_seqlen_k), 0
-        diag_t = varlen_diag(diag_offset, B, q.device)
-    else:
-        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-        diag = Sk - Sq if diag_offset is None else int(diag_offset)
-        diag_t = None
-        if not given and _split_kv_pays(q, k, v, B, Sq, Sk):
-            return _split_kv_fwd(q, k, v, B, Sk, diag_offset, softmax_scale, causal, window_size, softcap)
+    args, B, Sq, Sk = attn_args(
+        q,
+        k,
+        v,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        diag_offset=diag_offset,
+        config=config,
+    )
+    Hq, Dv = q.shape[-2], v.shape[-1]
     if not given:
         # Packed rows outside every sequence (if any) must still read as "no key"; padded rows are
         # all written by the kernel.
@@ -524,58 +324,18 @@ def attn_fwd(
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
-    lse_strides = (0, *lse.stride()) if packed else lse.stride()
-    cu_q = cu_seqlens_q if packed else q  # dummy pointers when unused
-    cu_k = cu_seqlens_k if packed else q
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_q,
-        cu_k,
-        diag_t if diag_t is not None else q,
-        *_bshd_strides(q, packed),
-        *_bshd_strides(k, packed),
-        *_bshd_strides(v, packed),
-        *_bshd_strides(out, packed),
-        *lse_strides,
-        Sq,
-        Sk,
-        diag,
-        wl,
-        wr,
-        Hq,
-        Hq // Hk,
-        float(softmax_scale),
-        float(softcap),
-        sched_width(q.device),
-        shape_bucket(Sq, Sk),
-    )
-    flags = dict(
-        HEAD_DIM=D,
-        HEAD_DIM_V=Dv,
-        D_PAD=pad_dim(D),
-        DV_PAD=pad_dim(Dv),
-        HAS_LO=has_lo,
-        HAS_HI=has_hi,
-        SOFTCAP=softcap > 0,
-        IS_VARLEN=packed,
-        DIAG_FROM_PTR=diag_t is not None,
+    args.update(
+        O=out,
+        LSE=lse,
+        **strides(out, _O, packed),
+        **strides(lse, _LSE, packed),
+        n_heads_q=Hq,
         ACCUMULATE=accumulate,
-        WIDE=wide_offsets(q, k, v, out),
-        DOT_PREC=dot_precision(q.dtype),
-        DOT_F32=dot_f32(q),
+        WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
         TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)),
     )
     if q.device.type == "cpu":
-        grid = (cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)
-        _attn_fwd_kernel[grid](*args, **flags, **_CPU_FWD)
+        _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**args, **_CPU_FWD)
     else:
-
-        def grid(meta):
-            return (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)
-
-        _attn_fwd_tuned[grid](*args, **flags)
+        _fwd_gpu[lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)](**args)
     return out, lse

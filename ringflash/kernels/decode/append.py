@@ -1,8 +1,9 @@
 """Appending new keys/values to a KV cache in place (contiguous, ``cache_batch_idx`` or paged).
 
 One program per new token; positions are read on the device (``cache_seqlens``), so the append is
-CUDA-graph safe. The fused decode kernel (``decode.py``) does the same write itself; this launch
+CUDA-graph safe. The fused decode kernel (``split.py``) does the same write itself; this launch
 serves the unfused path and the sharded cache, which appends only on the rank owning the ends.
+Positions are clamped into the cache as in the split kernel: nothing outside it is ever written.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import next_pow2, on_tensor_device, pad_dim
+from ..common import next_pow2, on_tensor_device, pad_dim, stride_names, strides
 
 
 @triton.jit(do_not_specialize=["n_new", "page_size", "capacity", "n_rows"])
@@ -74,38 +75,49 @@ def _append_kv_kernel(
     tl.store(V + dst_v, tl.load(V_NEW + srcv, mask=mask), mask=mask)
 
 
+_NEW_K, _NEW_V = stride_names("n", "bsh"), stride_names("vn", "bsh")
+_CACHE_K, _CACHE_V = stride_names("k", "bsh"), stride_names("v", "bsh")
+
+
 @on_tensor_device
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
-    """Write ``k``/``v`` ``[B, Snew, Hk, D]`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
+    """Write ``k``/``v`` into the cache at ``cache_seqlens[b] + [0, Snew)`` in place.
 
     One launch, positions read on the device (CUDA-graph safe). The public function has checked
     that every slot lies inside the cache; unchecked values are clamped into it.
+
+    Args:
+        k_cache, v_cache: ``[B_cache, S_cache, Hk, D]``, or paged ``[num_pages, page_size, Hk, D]``
+            with ``block_table``; last dim contiguous. Written in place.
+        k, v: ``[B, Snew, Hk, D]``, last dim contiguous.
+        cache_seqlens: int32 ``[B]``, tokens already in each row's cache.
+        block_table: int32 ``[B, max_pages]`` (paged cache) or None.
+        cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache) or None.
     """
     B, n_new, Hk, D = k.shape
     if B * n_new == 0:
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1
     paged = block_table is not None
-    dummy = cache_seqlens
     launch = {} if k.device.type == "cpu" else dict(num_warps=4)
     _append_kv_kernel[(B * n_new,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        block_table if paged else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        block_table.stride(0) if paged else 0,
-        n_new,
-        k_cache.shape[1],
-        block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1],
-        k_cache.shape[0],
-        Hk,
+        K_NEW=k,
+        V_NEW=v,
+        K=k_cache,
+        V=v_cache,
+        SEQLENS=cache_seqlens,
+        BT=block_table,
+        CBI=cache_batch_idx,
+        **strides(k, _NEW_K),
+        **strides(v, _NEW_V),
+        **strides(k_cache, _CACHE_K),
+        **strides(v_cache, _CACHE_V),
+        stride_btb=block_table.stride(0) if paged else 0,
+        n_new=n_new,
+        page_size=k_cache.shape[1],
+        capacity=block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1],
+        n_rows=k_cache.shape[0],
+        n_kv_heads=Hk,
         HEAD_DIM=D,
         D_PAD=pad_dim(D),
         H_PAD=next_pow2(Hk),

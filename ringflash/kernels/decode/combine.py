@@ -2,7 +2,7 @@
 
 ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``; ``-inf`` safe (a row with no
 key ends as ``out = 0``, ``lse = -inf``). ``_combine_rows`` is the merge of a tile of rows, shared by
-the split-KV decode kernel (whose last program per row merges in place, see ``decode.py``) and by
+the split-KV decode kernel (whose last program per row merges in place, see ``split.py``) and by
 ``_decode_combine_kernel``, the separate launch used for stacked partials (e.g. gathered from the
 ranks of a sharded cache) and by the unfused decode path.
 """
@@ -12,39 +12,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import next_pow2, on_tensor_device, pad_dim
+from ..common import next_pow2, on_tensor_device, pad_dim, stride_names, strides
 
 
 @triton.jit
 def _combine_rows(
-    OP,
-    LSEP,
-    O,
-    LSE,
-    b,
-    hk,
-    r0,
-    r_end,
-    n_splits,
-    stride_opb,
-    stride_ops,
-    stride_oph,
-    stride_opn,
-    stride_lpb,
-    stride_lps,
-    stride_lph,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    COMBINE_M: tl.constexpr,
+    OP, LSEP, O, LSE, b, hk, r0, r_end, n_splits,
+    stride_opb, stride_ops, stride_oph, stride_opn, stride_lpb, stride_lps, stride_lph,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, COMBINE_M: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """Merge the ``n_splits`` float32 partials of rows ``[r0, r_end)`` into ``O`` / ``LSE``.
 
     ``COMBINE_M`` rows x ``SPLIT_BLOCK`` splits x ``D_PAD`` are loaded at once (one round trip to
@@ -95,27 +73,12 @@ def _combine_rows(
 
 @triton.jit
 def _decode_combine_kernel(
-    OP,
-    LSEP,
-    O,
-    LSE,
-    n_splits,
-    seqlen_q,
-    n_heads,
-    stride_opr,
-    stride_opn,
-    stride_lpr,
-    stride_lpn,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,
-):
+    OP, LSEP, O, LSE, n_splits, seqlen_q, n_heads,
+    stride_opr, stride_opn, stride_lpr, stride_lpn,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+):  # fmt: skip
     # One program per (b, t, h) row; row r's split s sits at OP + r * stride_opr + s * stride_opn
     # (and likewise in LSEP), so both [B, Sq, H, N, D] partials and N stacked [B, Sq, H, D] fit.
     row = tl.program_id(0)
@@ -153,14 +116,28 @@ def _decode_combine_kernel(
     tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + t * stride_ls, lse)
 
 
+_PART = ("stride_opr", "stride_opn", "stride_lpr", "stride_lpn")
+_OUT, _LSE = stride_names("o", "bsh"), stride_names("l", "bhs")
+
+
 @on_tensor_device
 def combine_partials(o_part, lse_part, out, lse, split_dim=3):
-    """Merge float32 partials exactly into ``out [B, Sq, H, D]`` (any float dtype) and ``lse
-    [B, H, Sq]`` (float32), in place; returns ``(out, lse)``.
+    """Merge float32 partials exactly into ``out`` and ``lse`` in place; returns ``(out, lse)``.
 
-    ``split_dim=3``: ``o_part [B, Sq, H, N, D]``, ``lse_part [B, Sq, H, N]`` (the decode kernel's
-    layout). ``split_dim=0``: ``o_part [N, B, Sq, H, D]``, ``lse_part [N, B, Sq, H]`` (N stacked
-    partials, e.g. gathered from N ranks). ``-inf`` safe: rows with no key end as 0 / ``-inf``.
+    ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``; ``-inf`` safe: rows
+    with no key end as 0 / ``-inf``.
+
+    Args:
+        o_part, lse_part: float32 partials. ``split_dim=3``: ``o_part [B, Sq, H, N, D]``,
+            ``lse_part [B, Sq, H, N]`` (the decode kernel's layout, contiguous). ``split_dim=0``:
+            ``o_part [N, B, Sq, H, D]``, ``lse_part [N, B, Sq, H]`` (N stacked partials, e.g.
+            gathered from N ranks; each contiguous).
+        out: ``[B, Sq, H, D]``, any float dtype, last dim contiguous; written.
+        lse: float32 ``[B, H, Sq]``; written.
+        split_dim: 3 or 0, where the split axis is.
+
+    Returns:
+        ``(out, lse)``.
     """
     if split_dim == 0:
         N, B, Sq, H, D = o_part.shape
@@ -175,16 +152,16 @@ def combine_partials(o_part, lse_part, out, lse, split_dim=3):
         return out, lse
     launch = {} if o_part.device.type == "cpu" else dict(num_warps=4)
     _decode_combine_kernel[(B * Sq * H,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        N,
-        Sq,
-        H,
-        *rows,
-        *out.stride()[:3],
-        *lse.stride()[:3],
+        OP=o_part,
+        LSEP=lse_part,
+        O=out,
+        LSE=lse,
+        n_splits=N,
+        seqlen_q=Sq,
+        n_heads=H,
+        **dict(zip(_PART, rows, strict=True)),
+        **strides(out, _OUT),
+        **strides(lse, _LSE),
         HEAD_DIM=D,
         D_PAD=pad_dim(D),
         SPLIT_BLOCK=min(16, next_pow2(N)),

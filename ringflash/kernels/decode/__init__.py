@@ -1,0 +1,373 @@
+"""Split-KV flash decoding: a few query tokens against a long (optionally paged) KV cache.
+
+``decode_fwd`` launches the split kernel (``split.py``): the keys a batch row can see are divided
+into ``num_splits`` runs, one program per (run, batch row, KV head, block of query rows) writes a
+float32 partial ``(out, lse)``, and the partials merge exactly (``lse = log sum exp lse_s``, ``out =
+sum exp(lse_s - lse) out_s``), by default in the same launch (the last program of a row merges,
+with the counters of ``counters.py``), else by the combine kernel (``combine.py``). New tokens
+given as ``k_new``/``v_new`` are appended to the cache by the same launch; ``append_kv``
+(``append.py``) is the append on its own.
+
+Invariant: every path returns exact attention over the first ``cache_seqlens[b] + n_new`` keys
+of each row (bottom-right masks, or at ``diag_offset``): ``-inf`` LSE and output 0 for rows that
+see no key; nothing outside the cache is read or written, whatever the lengths. CUDA graphs:
+lengths are read on the device, every buffer is sized from the shapes and ``num_splits``, and
+nothing syncs with the host, so a step can be captured once and replayed for any cache lengths.
+
+Flags are computed here, not by ``@triton.heuristics``: each heuristic copies the launch's
+arguments, host time that a decoding step (tens of microseconds of GPU time) does not spare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import (
+    bandwidth_per_sm,
+    cdiv,
+    dot_f32,
+    dot_precision,
+    mask_flags,
+    next_pow2,
+    on_tensor_device,
+    pad_dim,
+    ptx_device,
+    sm_count,
+    stride_names,
+    strides,
+)
+from ..options import DecodeConfig, tma_mode
+from ..tma import tma_applies
+from .append import append_kv
+from .combine import combine_partials
+from .counters import semaphore_buffer
+from .split import _decode_split_kernel
+
+__all__ = [
+    "MAX_BLOCK_M",
+    "append_kv",
+    "block_m",
+    "combine_partials",
+    "decode_fwd",
+    "pick_block_n",
+    "pick_num_splits",
+    "semaphore_buffer",
+    "split_kv_pays",
+]
+
+# Tiles: 16 rows is the smallest tensor-core dot; GPU tiles were measured on Hopper
+# (docs/performance.md). The interpreter gets one small shape that crosses block edges.
+_GPU_BLOCK_N = 64
+_CPU_BLOCK_N = 16
+MAX_BLOCK_M = 64  # rows (query tokens x heads of a group) of one program at most
+_COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at once
+# Split heuristic: one wave, about one program per SM, at least MIN_KEYS_PER_SPLIT keys of cache
+# capacity per split, at most MAX_SPLITS splits (docs/performance.md).
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 256
+# A few query rows against a long context (attention without a KV cache, e.g. a generate loop)
+# leave most SMs idle with one program per (batch row, query head): the split kernel spreads the
+# keys over the SMs and reads K/V once per KV head (see split_kv_pays).
+_SPLIT_KV_MIN_KEYS = 1024
+
+
+def block_m(group: int, seqlen_q: int) -> int:
+    """Rows per program: the whole head group times the query tokens, 16..64, a power of two."""
+    return min(MAX_BLOCK_M, max(16, next_pow2(group * seqlen_q)))
+
+
+def split_kv_pays(
+    batch: int, seqlen_q: int, nheads_q: int, nheads_k: int, seqlen_k: int, sm_count: int
+) -> bool:
+    """Whether attention of ``seqlen_q`` query rows over ``seqlen_k`` keys (no cache) is faster
+    through ``decode_fwd`` (every key row a full cache) than through ``kernels.fwd.attn_fwd``:
+    long contexts where all query rows of a head group fit one program and one program per
+    (batch row, query head) would leave SMs idle. Shapes only; the caller checks the rest (16-bit
+    or float32 inputs with contiguous last dims, ``Dv == D``, no packed sequences)."""
+    group = nheads_q // nheads_k
+    return seqlen_k >= _SPLIT_KV_MIN_KEYS and seqlen_q * group <= MAX_BLOCK_M and batch * nheads_q < sm_count
+
+
+def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capacity: int, device) -> int:
+    """Splits per (batch row, KV head) from the shapes and the SM count only (no cache lengths).
+
+    ``capacity`` is the most keys a row can hold (cache length, or pages per row * page size).
+    """
+    m_blocks = cdiv(group * seqlen_q, block_m(group, seqlen_q))
+    programs = batch * n_kv_heads * m_blocks
+    want = sm_count(device) // max(programs, 1)
+    cap = max(1, cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
+    return int(max(1, min(want, cap, MAX_SPLITS)))
+
+
+def pick_block_n(
+    programs: int,
+    keys_per_split: int,
+    row_bytes: int,
+    sm_count: int,
+    gbps_per_sm: float,
+    config: DecodeConfig | None = None,
+) -> int:
+    """Keys per K/V tile on a GPU: ``config.wide_block_n`` (twice the bytes in flight per program)
+    where one wave of ``programs`` fits the ``sm_count`` SMs, memory is fast per SM (``gbps_per_sm``
+    at least ``config.wide_min_gbps_per_sm``; measured faster there, mixed on slower memory) and
+    each split has at least ``config.wide_min_keys`` keys of capacity; else 64."""
+    config = config or DecodeConfig()
+    wide = (
+        programs <= sm_count
+        and keys_per_split >= config.wide_min_keys
+        and row_bytes <= 256  # a 128-key K tile <= 32 KiB: three stages of K and V fit
+        and gbps_per_sm >= config.wide_min_gbps_per_sm
+    )
+    return config.wide_block_n if wide else _GPU_BLOCK_N
+
+
+def prefetch_lines(head_dim: int, elem_size: int) -> tuple[int, int]:
+    """``(lines, step)`` of the split kernel's L2 prefetch of a K/V row: the row's 128-byte lines
+    rounded up to a power of two (an arange's length; the kernel clamps the extra lines onto the
+    last), and the elements per line."""
+    return next_pow2(cdiv(head_dim * elem_size, 128)), 128 // elem_size
+
+
+_Q, _KC, _VC = stride_names("q", "bsh"), stride_names("k", "bsh"), stride_names("v", "bsh")
+_KN, _VN = stride_names("kn", "bsh"), stride_names("vn", "bsh")
+_OUT, _LSE = stride_names("o", "bsh"), stride_names("l", "bhs")
+_PARTS = ("stride_opb", "stride_ops", "stride_oph", "stride_opn", "stride_lpb", "stride_lps", "stride_lph")
+
+
+def split_args(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    out,
+    lse,
+    *,
+    n_new,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    num_splits,
+    diag_offset,
+    config: DecodeConfig,
+) -> tuple[tuple[int, int, int], dict]:
+    """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
+    there; ``out``/``lse`` the results to write). Allocates the float32 partials (``OP``/``LSEP``)
+    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    B, Sq, Hq, D = q.shape
+    paged = block_table is not None
+    Hk = k_cache.shape[2]
+    group = Hq // Hk
+    dev = q.device
+    fuse_append = k_new is not None and k_new.shape[1] > 0
+    has_lo, has_hi, wl, wr = mask_flags(causal, window_size)
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    bm = block_m(group, Sq)
+    m_blocks = cdiv(group * Sq, bm)
+    n_splits = int(num_splits) or pick_num_splits(B, Hk, group, Sq, capacity, dev)
+    fused = config.fuse_combine
+    # Partials [B, Sq, Hq, n_splits, D]: each (b, t, h) row's splits are contiguous for the combine.
+    if fused and n_splits == 1:
+        o_part = lse_part = out  # unused: the one split writes out / lse directly
+        parts = dict.fromkeys(_PARTS, 0)
+    else:
+        o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=dev)
+        parts = dict(zip(_PARTS, (*o_part.stride()[:4], *lse_part.stride()[:3]), strict=True))
+    cpu = dev.type == "cpu"
+    d_pad = pad_dim(D)
+    if config.block_n:
+        bn = config.block_n
+    elif cpu:
+        bn = _CPU_BLOCK_N
+    else:
+        programs = n_splits * B * Hk * m_blocks
+        bn = pick_block_n(
+            programs,
+            capacity // n_splits,
+            d_pad * q.element_size(),
+            sm_count(dev),
+            bandwidth_per_sm(dev),
+            config,
+        )
+    combine_m = min(bm, next_pow2(group * Sq))
+    # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under use_tma("on")
+    # (slower than pointer loads here, docs/performance.md).
+    tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
+    # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
+    prefetch = ptx_device(dev) and not paged and not tma and cache_batch_idx is None and not has_lo
+    lines, step = prefetch_lines(D, k_cache.element_size())
+    kn = k_new if fuse_append else None
+    vn = v_new if fuse_append else None
+    args = dict(
+        Q=q,
+        K=k_cache,
+        V=v_cache,
+        KN=kn,
+        VN=vn,
+        OP=o_part,
+        LSEP=lse_part,
+        O=out,
+        LSE=lse,
+        # With one split the merge is compiled but never runs: any int32 pointer will do.
+        SEM=semaphore_buffer(dev, B * Hk * m_blocks) if fused and n_splits > 1 else cache_seqlens,
+        SEQLENS=cache_seqlens,
+        BT=block_table,
+        CBI=cache_batch_idx,
+        DIAG=diag_offset,
+        **strides(q, _Q),
+        **strides(k_cache, _KC),
+        **strides(v_cache, _VC),
+        **(strides(kn, _KN) if fuse_append else dict.fromkeys(_KN, 0)),
+        **(strides(vn, _VN) if fuse_append else dict.fromkeys(_VN, 0)),
+        stride_btb=block_table.stride(0) if paged else 0,
+        **parts,
+        **strides(out, _OUT),
+        **strides(lse, _LSE),
+        seqlen_q=Sq,
+        n_new=int(n_new),
+        page_size=page_size,
+        capacity=capacity,
+        n_rows=k_cache.shape[0],
+        window_left=wl,
+        window_right=wr,
+        n_kv_heads=Hk,
+        sm_scale=float(softmax_scale),
+        softcap=float(softcap),
+        GROUP=group,
+        HEAD_DIM=D,
+        D_PAD=d_pad,
+        HAS_LO=has_lo,
+        HAS_HI=has_hi,
+        SOFTCAP=softcap > 0,
+        PAGED=paged,
+        HAS_CBI=cache_batch_idx is not None,
+        DIAG_FROM_PTR=diag_offset is not None,
+        DOT_PREC=dot_precision(q.dtype),
+        DOT_F32=dot_f32(q),
+        FUSE_APPEND=fuse_append,
+        FUSE_COMBINE=fused,
+        EVICT=config.evict,
+        TMA=tma,
+        COMBINE_M=combine_m,
+        SPLIT_BLOCK=max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad))),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        # A power of two of at most the cache's rows; 0 (none) for an empty cache.
+        PREFETCH_ROWS=next_pow2(min(config.prefetch_rows, capacity)) if prefetch else 0,
+        PREFETCH_LINES=lines,
+        PREFETCH_STEP=step,
+    )
+    if not cpu:
+        args.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    return (n_splits, B * Hk, m_blocks), args
+
+
+@on_tensor_device
+def decode_fwd(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    n_new=0,
+    k_new=None,
+    v_new=None,
+    block_table=None,
+    cache_batch_idx=None,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=0,
+    diag_offset=None,
+    out_dtype=None,
+    config=None,
+):
+    """Split-KV decode attention; with ``k_new``/``v_new`` it also appends them to the cache.
+
+    Args:
+        q: ``[B, Sq, Hq, D]`` (last dim contiguous), ``D <= 256``.
+        k_cache, v_cache: ``[B_cache, S_cache, Hk, D]``, or paged ``[num_pages, page_size, Hk, D]``
+            with ``block_table``; last dim contiguous; ``Hq % Hk == 0``.
+        cache_seqlens: int32 ``[B]`` on q's device.
+        n_new: without ``k_new``: the cache already holds ``n_new`` new tokens after
+            ``cache_seqlens[b]`` and row ``b`` attends to ``cache_seqlens[b] + n_new`` keys.
+        k_new, v_new: ``[B, Snew, Hk, D]`` (last dim contiguous) or None. Fused append: the kernel
+            writes them to cache slots ``cache_seqlens[b] + [0, Snew)`` and attends to them read
+            from ``k_new``/``v_new`` (the same keys the unfused append + attend sees).
+        block_table: int32 ``[B, max_pages]`` (paged cache) or None.
+        cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache) or None.
+        softmax_scale, causal, window_size, softcap: the score scale, the mask (bottom-right
+            aligned, or at ``diag_offset``) and the score cap (0 for none).
+        num_splits: 0 picks it from the shapes and the SM count (:func:`pick_num_splits`).
+        diag_offset: int32 ``[B]``, the key index aligned with query token 0 per row (sharded
+            caches), or None for bottom-right alignment.
+        out_dtype: dtype of ``out`` (default q's; float32 for partials that are merged again).
+        config: :class:`~ringflash.kernels.options.DecodeConfig` (default: ``DecodeConfig()``):
+            tiles, load policy, prefetch, and whether the merge is fused.
+
+    Returns:
+        ``(out [B, Sq, Hq, D] in out_dtype, lse [B, Hq, Sq] float32)``. Nothing syncs with the host
+        and every buffer is sized from shapes, so the call can be captured in a CUDA graph.
+
+    Example:
+        >>> lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+        >>> out, lse = decode_fwd(q, k, v, lens, softmax_scale=D**-0.5)  # k, v [B, S, Hk, D]
+    """
+    config = config or DecodeConfig()
+    B, Sq, Hq, D = q.shape
+    Hk = k_cache.shape[2]
+    assert Hq % Hk == 0 and k_cache.shape[-1] == D and D <= 256
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (B,)
+    if diag_offset is not None:
+        assert diag_offset.dtype == torch.int32 and diag_offset.shape == (B,)
+    out = torch.empty((B, Sq, Hq, D), dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    fuse_append = k_new is not None and k_new.shape[1] > 0
+    if fuse_append:
+        assert v_new is not None and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+        n_new = k_new.shape[1]
+        if out.numel() == 0:  # no program runs: append on its own
+            append_kv(
+                k_cache,
+                v_cache,
+                k_new,
+                v_new,
+                cache_seqlens,
+                block_table=block_table,
+                cache_batch_idx=cache_batch_idx,
+            )
+    if out.numel() == 0:
+        return out, lse
+    grid, args = split_args(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        out,
+        lse,
+        n_new=n_new,
+        k_new=k_new,
+        v_new=v_new,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        num_splits=num_splits,
+        diag_offset=diag_offset,
+        config=config,
+    )
+    _decode_split_kernel[grid](**args)
+    if not config.fuse_combine:
+        combine_partials(args["OP"], args["LSEP"], out, lse)
+    return out, lse
