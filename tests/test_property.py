@@ -20,20 +20,44 @@ from ringflash.reference import attention_ref, attention_varlen_ref
 from tests.oracle import assert_matches
 
 LAYOUTS = ("contiguous", "last-dim-stride", "head-minor", "offset", "expanded")
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def device(request):
+    """``cpu`` (the blockwise backend), or ``cuda`` (the Triton kernels), where the draw runs. On
+    CUDA each kernel keeps one tile config: every draw is a new shape, which would autotune."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    from dist_utils import one_triton_config, restore_triton_configs
+
+    saved = one_triton_config(picks=(-1, 0, 0))
+    yield torch.device("cuda")
+    restore_triton_configs(saved)
+
+
+def _devices(draws, n_cuda):
+    """Every draw on CPU, the first ``n_cuda`` also on CUDA (each new shape compiles kernels)."""
+    return [(c, "cpu") for c in draws] + [(c, "cuda") for c in draws[:n_cuda]]
+
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
     """A tensor equal to ``values`` (``[B, S, H, D]`` or ``[T, H, D]``) stored in ``layout``."""
     if layout == "last-dim-stride":
-        buf = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype)
+        buf = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype, device=values.device)
         buf[..., ::2] = values
         return buf[..., ::2]
     if layout == "head-minor":
         buf = values.transpose(-1, -2).contiguous()
         return buf.transpose(-1, -2)
     if layout == "offset":
-        buf = torch.zeros(values.numel() + 37, dtype=values.dtype)
+        buf = torch.zeros(values.numel() + 37, dtype=values.dtype, device=values.device)
         out = buf[37:].view(values.shape)
         out.copy_(values)
         return out
@@ -69,15 +93,15 @@ def _case_id(c):
     )
 
 
-def _tensors(c, gen):
+def _tensors(c, gen, device="cpu"):
     shapes = [
         (c["B"], c["Sq"], c["Hq"], c["D"]),
         (c["B"], c["Sk"], c["Hk"], c["D"]),
         (c["B"], c["Sk"], c["Hk"], c["D"]),
     ]
-    vals = [torch.randn(s, generator=gen).to(c["dtype"]) for s in shapes]
+    vals = [torch.randn(s, generator=gen).to(c["dtype"]).to(device) for s in shapes]
     xs = [laid_out(x, lay) for x, lay in zip(vals, c["layouts"], strict=True)]
-    return xs, [x.double() for x in xs]
+    return xs, [x.double().cpu() for x in xs]
 
 
 def _opts(c):
@@ -85,31 +109,38 @@ def _opts(c):
 
 
 def _check(name, got, ref64, lowp, factor):
-    assert_matches(name, got, ref64, lowp if got.dtype != torch.float32 else None, factor)
+    lowp = lowp.cpu() if got.dtype != torch.float32 else None
+    assert_matches(name, got.cpu(), ref64, lowp, factor)
 
 
 DRAWS = [_draw(random.Random(seed)) for seed in range(48)]
 
 
-@pytest.mark.parametrize("c", DRAWS, ids=_case_id)
-def test_flash_attn_func_random(c):
+@pytest.mark.parametrize(
+    "c, device",
+    _devices(DRAWS, 16),
+    ids=[f"{_case_id(c)}-{d}" for c, d in _devices(DRAWS, 16)],
+    indirect=["device"],
+)
+def test_flash_attn_func_random(c, device):
     gen = torch.Generator().manual_seed(1)
-    (q, k, v), (q64, k64, v64) = _tensors(c, gen)
+    (q, k, v), (q64, k64, v64) = _tensors(c, gen, device)
     opts = _opts(c)
     q64.requires_grad_(), k64.requires_grad_(), v64.requires_grad_()
     ref, ref_lse = attention_ref(q64, k64, v64, **opts)
     low, _ = attention_ref(q, k, v, upcast=False, **opts)
-    dout = torch.randn(ref.shape, generator=gen).to(c["dtype"])
+    dout = torch.randn(ref.shape, generator=gen).to(c["dtype"]).to(device)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     qs, ks, vs = (
         laid_out(x, lay) if lay != "expanded" else x for x, lay in zip(leaves, c["layouts"], strict=True)
     )
     out, lse, _ = rf.flash_attn_func(qs, ks, vs, return_attn_probs=True, **opts)
     _check("out", out, ref, low, 2)
-    assert_matches("lse", lse, ref_lse, None, 0) if c["dtype"] == torch.float32 else None
+    if c["dtype"] == torch.float32:
+        assert_matches("lse", lse.cpu(), ref_lse, None, 0)
     if ref.numel() and k.numel():
         grads = torch.autograd.grad(out, leaves, dout)
-        rgrads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+        rgrads = torch.autograd.grad(ref, (q64, k64, v64), dout.double().cpu())
         low_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         low_out, _ = attention_ref(*low_leaves, upcast=False, **opts)
         lgrads = torch.autograd.grad(low_out, low_leaves, dout)
@@ -120,8 +151,13 @@ def test_flash_attn_func_random(c):
 VARLEN_DRAWS = [_draw(random.Random(100 + seed), packed=True) for seed in range(24)]
 
 
-@pytest.mark.parametrize("c", VARLEN_DRAWS, ids=_case_id)
-def test_flash_attn_varlen_func_random(c):
+@pytest.mark.parametrize(
+    "c, device",
+    _devices(VARLEN_DRAWS, 8),
+    ids=[f"{_case_id(c)}-{d}" for c, d in _devices(VARLEN_DRAWS, 8)],
+    indirect=["device"],
+)
+def test_flash_attn_varlen_func_random(c, device):
     rng = random.Random(c["Sq"] * 31 + c["Sk"])
     gen = torch.Generator().manual_seed(2)
     n = rng.choice([1, 2, 4])
@@ -130,17 +166,18 @@ def test_flash_attn_varlen_func_random(c):
     cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32)
     vals = [
-        torch.randn(int(cu[-1]), h, c["D"], generator=gen).to(c["dtype"])
+        torch.randn(int(cu[-1]), h, c["D"], generator=gen).to(c["dtype"]).to(device)
         for cu, h in ((cu_q, c["Hq"]), (cu_k, c["Hk"]), (cu_k, c["Hk"]))
     ]
     xs = [laid_out(x, lay) for x, lay in zip(vals, c["layouts"], strict=True)]
     opts = _opts(c)
-    ref, ref_lse = attention_varlen_ref(*(x.double() for x in xs), cu_q, cu_k, **opts)
-    low, _ = attention_varlen_ref(*xs, cu_q, cu_k, upcast=False, **opts)
+    ref, ref_lse = attention_varlen_ref(*(x.double().cpu() for x in xs), cu_q, cu_k, **opts)
+    low, _ = attention_varlen_ref(*(x.cpu() for x in xs), cu_q, cu_k, upcast=False, **opts)
+    cu_q, cu_k = cu_q.to(device), cu_k.to(device)
     out, lse, _ = rf.flash_attn_varlen_func(*xs, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True, **opts)
     _check("out", out, ref, low, 2)
     if c["dtype"] == torch.float32:
-        assert_matches("lse", lse, ref_lse, None, 0)
+        assert_matches("lse", lse.cpu(), ref_lse, None, 0)
 
 
 @pytest.mark.parametrize("c", DRAWS[:24], ids=_case_id)
@@ -157,8 +194,13 @@ def test_packed_forms_random(c):
     _check("qkvpacked", rf.flash_attn_qkvpacked_func(qkv, **opts), ref3, low3, 2)
 
 
-@pytest.mark.parametrize("c", DRAWS[:32], ids=_case_id)
-def test_flash_attn_with_kvcache_random(c):
+@pytest.mark.parametrize(
+    "c, device",
+    _devices(DRAWS[:32], 8),
+    ids=[f"{_case_id(c)}-{d}" for c, d in _devices(DRAWS[:32], 8)],
+    indirect=["device"],
+)
+def test_flash_attn_with_kvcache_random(c, device):
     rng = random.Random(c["D"] * 7 + c["Sk"])
     gen = torch.Generator().manual_seed(4)
     B = max(c["B"], 1)
@@ -182,11 +224,13 @@ def test_flash_attn_with_kvcache_random(c):
         kb, vb = want_k[b : b + 1, :n], want_v[b : b + 1, :n]
         refs.append(attention_ref(q[b : b + 1].double(), kb.double(), vb.double(), **kw)[0])
         lows.append(attention_ref(q[b : b + 1], kb, vb, upcast=False, **kw)[0])
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    out = rf.flash_attn_with_kvcache(
-        q, k_cache, v_cache, new[0] if n_new else None, new[1] if n_new else None, cache_seqlens=lens_t, **kw
+    kc, vc, qd = k_cache.to(device), v_cache.to(device), laid_out(q.to(device), c["layouts"][0])
+    kn, vn = (
+        laid_out(x.to(device), lay) if n_new else None for x, lay in zip(new, c["layouts"][1:], strict=True)
     )
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the append wrote the wrong slots"
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = rf.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=lens_t, **kw)
+    assert torch.equal(kc.cpu(), want_k) and torch.equal(vc.cpu(), want_v), "the append wrote the wrong slots"
     _check("out", out, torch.cat(refs), torch.cat(lows), 2)
 
 
