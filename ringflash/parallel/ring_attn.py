@@ -33,6 +33,7 @@ from ..comm.agree import agree
 from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
+from .allgather import METHODS, allgather_attention, choose_method
 from .doc_layouts import build_doc_plan, total_error
 from .layouts import LAYOUTS, Plan, build_plan, local_len_error
 from .options import forward_prefetch, ring_transport
@@ -106,10 +107,14 @@ def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm |
     return RingComm(group, copy_engine_tags=tags, device=device)
 
 
-def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, transport):
+def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, transport, method):
     """This rank's arguments, checked and normalised (raises ValueError / TypeError)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    if method != "ring" and cu_seqlens is None:
+        raise ValueError(f"method={method!r} is for packed documents (ring_flash_attn_varlen_func)")
     causal, window, softcap, scale = check_options(*opts)
     packed = cu_seqlens is not None
     check_qkv(q, k, v, packed=packed, same_tokens=True)
@@ -155,10 +160,12 @@ def ring_attention(
     cu_seqlens=None,
     max_seqlen=0,
     error: str | None = None,
+    method: str = "ring",
 ):
     """Check, agree and run one ring call; ``opts`` = ``(dropout_p, softmax_scale, window_size,
     softcap, alibi_slopes, causal)`` as ``check_options`` takes them. ``error``: a problem the
-    caller already found (a malformed packed input): raised on every rank like any other."""
+    caller already found (a malformed packed input): raised on every rank like any other.
+    ``method``: ``"ring"``, ``"allgather"`` or ``"auto"`` (packed streams)."""
     g, rank, world = group_rank_world(group)
     transport = ring_transport()
     prefetch = forward_prefetch(transport)
@@ -167,11 +174,12 @@ def ring_attention(
         if error:
             raise ValueError(error)
         causal, window, softcap, scale, cu_list = _validate(
-            q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport
+            q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport, method
         )
         fields = {
             "function": name,
             "layout": layout,
+            "method": method,
             "causal": causal,
             "window_size": window,
             "softcap": softcap,
@@ -192,6 +200,13 @@ def ring_attention(
     packed = cu_list is not None
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
+        if method == "auto":
+            method = choose_method(plan.reach, layout, world)
+        if method == "allgather" and world > 1:
+            out, lse = allgather_attention(
+                q, k, v, layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world
+            )
+            return (out, lse, None) if return_attn_probs else out
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
     out, lse = RingAttention.apply(
@@ -371,18 +386,29 @@ def ring_flash_attn_varlen_func(
     deterministic=False,
     return_attn_probs=False,
     group=None,
+    layout="contiguous",
+    method="ring",
 ):
-    """Ring attention over a packed stream of documents sharded contiguously across the ring.
+    """Sequence-parallel attention over a packed stream of documents sharded across the group.
 
     ``cu_seqlens`` describes the WHOLE packed stream (all ranks' tokens, the same on every rank);
-    rank ``r`` holds tokens ``[r*T/W, (r+1)*T/W)`` of it. Documents may cross shard boundaries;
-    only the total ``T`` must divide by the world size. Each document attends only to itself.
+    each rank holds ``T / W`` of its tokens in ``layout`` (as ``shard(x, group, dim=0,
+    layout=layout, cu_seqlens=cu_seqlens)`` leaves them). Each document attends only to itself;
+    documents may cross shard boundaries and need no divisibility: only the total ``T`` must divide
+    by the world size.
 
     Args:
         q: ``[T_local, Hq, D]``; k, v: ``[T_local, Hk, D]``: this rank's shard.
         cu_seqlens: int32 ``[N + 1]`` (on q's device or the CPU), global cumulative document
             lengths, ``cu_seqlens[-1] == W * T_local``.
         max_seqlen: an int bounding the longest document.
+        layout: how the stream was sharded: ``"contiguous"`` (rank r holds tokens
+            ``[r*T/W, (r+1)*T/W)``), ``"zigzag"`` (every document cut into ``2W`` pieces, rank r
+            holding pieces ``r`` and ``2W-1-r``: balanced causal work) or ``"stripe"`` (see
+            ``ringflash.parallel.doc_layouts``).
+        method: ``"ring"`` (K/V travel the ring, each block only as far as a document that it holds
+            reaches), ``"allgather"`` (the stream's K/V gathered on every rank, the float32 dK/dV
+            reduce-scattered) or ``"auto"`` (``ringflash.parallel.allgather.choose_method``).
         Other arguments as for ``ring_flash_attn_func``.
 
     Returns:
@@ -393,59 +419,32 @@ def ring_flash_attn_varlen_func(
 
     Example:
         >>> cu = torch.tensor([0, 700, 1500, 4096], dtype=torch.int32)   # 3 documents, 4 ranks
-        >>> q, k, v = (shard(x, group, dim=0, layout="contiguous") for x in (q_all, k_all, v_all))
-        >>> out = ring_flash_attn_varlen_func(q, k, v, cu, 2596, causal=True, group=group)
+        >>> q, k, v = (shard(x, group, dim=0, layout="zigzag", cu_seqlens=cu) for x in (q_all, k_all, v_all))
+        >>> out = ring_flash_attn_varlen_func(q, k, v, cu, 2596, causal=True, group=group, layout="zigzag")
     """
     opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
+    name = "ring_flash_attn_varlen_func"
     return ring_attention(
-        "ring_flash_attn_varlen_func",
-        q,
-        k,
-        v,
-        "contiguous",
-        opts,
-        return_attn_probs,
-        group,
-        cu_seqlens,
-        max_seqlen,
+        name, q, k, v, layout, opts, return_attn_probs, group, cu_seqlens, max_seqlen, method=method
     )
+
+
+def _varlen_packed(q, k, v, error, cu_seqlens, max_seqlen, args, kwargs):
+    """``ring_flash_attn_varlen_func`` on unpacked views; a malformed pack raises on every rank."""
+    if error:
+        return ring_attention(
+            "ring_flash_attn_varlen_func", q, k, v, "contiguous", (), False, kwargs.get("group"), error=error
+        )
+    return ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, *args, **kwargs):
     """``ring_flash_attn_varlen_func`` with ``kv [T_local, 2, Hk, D]`` packed."""
     (k, v), error = _unpack(kv, 2, 1, "kv [T_local, 2, Hk, D]")
-    if error:
-        return ring_attention(
-            "ring_flash_attn_varlen_func",
-            q,
-            k,
-            v,
-            "contiguous",
-            (),
-            False,
-            kwargs.get("group"),
-            cu_seqlens,
-            max_seqlen,
-            error,
-        )
-    return ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs)
+    return _varlen_packed(q, k, v, error, cu_seqlens, max_seqlen, args, kwargs)
 
 
 def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *args, **kwargs):
     """``ring_flash_attn_varlen_func`` with ``qkv [T_local, 3, H, D]`` packed."""
     (q, k, v), error = _unpack(qkv, 3, 1, "qkv [T_local, 3, H, D]")
-    if error:
-        return ring_attention(
-            "ring_flash_attn_varlen_func",
-            q,
-            k,
-            v,
-            "contiguous",
-            (),
-            False,
-            kwargs.get("group"),
-            cu_seqlens,
-            max_seqlen,
-            error,
-        )
-    return ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs)
+    return _varlen_packed(q, k, v, error, cu_seqlens, max_seqlen, args, kwargs)

@@ -13,6 +13,7 @@ import torch
 
 from ..backends import backend_for
 from ..comm.ring import SimProfile, run_simulated
+from .allgather import METHODS, allgather_bwd_loop, allgather_fwd_loop, choose_method
 from .doc_layouts import build_doc_plan
 from .layouts import Plan, build_plan
 from .options import ring_prefetch
@@ -37,6 +38,18 @@ def simulate_plans(
     return [build_doc_plan(layout, tuple(cu), r, world, bool(causal), window) for r in range(world)]
 
 
+def _cu(cu_seqlens) -> tuple[int, ...]:
+    return tuple(
+        int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)
+    )
+
+
+def _method(method: str, plans: list[Plan], layout: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    return choose_method(plans[0].reach, layout, len(plans)) if method == "auto" else method
+
+
 def simulate_ring_attn(
     qs: Sequence[torch.Tensor],
     ks: Sequence[torch.Tensor],
@@ -51,6 +64,7 @@ def simulate_ring_attn(
     sync: Callable[[], None] | None = None,
     cuda_events: bool = False,
     prefetch: int | None = None,
+    method: str = "ring",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], SimProfile | None]:
     """Forward ring attention of ``W = len(qs)`` virtual ranks.
 
@@ -62,6 +76,8 @@ def simulate_ring_attn(
             ``ringflash.comm.ring.run_simulated``.
         prefetch: K/V blocks each rank holds and computes at once after its own (``ring_fwd_loop``);
             None: ``ringflash.use_ring_prefetch``'s choice, as the ring functions use.
+        method: ``"ring"``, ``"allgather"`` or ``"auto"`` for a packed stream (its gather and
+            reduce-scatter made of ring messages), as ``ring_flash_attn_varlen_func`` takes it.
 
     Returns:
         ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
@@ -72,10 +88,19 @@ def simulate_ring_attn(
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
     prefetch = ring_prefetch() if prefetch is None else prefetch
-    loops = [
-        ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed, prefetch)
-        for q, k, v, p in zip(qs, ks, vs, plans, strict=True)
-    ]
+    if _method(method, plans, layout) == "allgather":
+        cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
+        loops = [
+            allgather_fwd_loop(
+                backend, q, k.contiguous(), v.contiguous(), layout, cu, r, len(qs), *mask, scale, softcap
+            )
+            for r, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True))
+        ]
+    else:
+        loops = [
+            ring_fwd_loop(backend, q, k.contiguous(), v.contiguous(), p, scale, softcap, packed, prefetch)
+            for q, k, v, p in zip(qs, ks, vs, plans, strict=True)
+        ]
     res, prof = run_simulated(loops, profile, sync, cuda_events)
     return [o.to(q.dtype) for (o, _), q in zip(res, qs, strict=True)], [lse for _, lse in res], prof
 
@@ -96,6 +121,7 @@ def simulate_ring_attn_backward(
     profile=False,
     sync=None,
     cuda_events=False,
+    method="ring",
 ):
     """Backward of ``simulate_ring_attn``: returns ``(dqs, dks, dvs, profile)`` per virtual rank."""
     packed = cu_seqlens is not None
@@ -103,12 +129,21 @@ def simulate_ring_attn_backward(
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
-    loops = [
-        ring_bwd_loop(
-            backend, do.contiguous(), q, k.contiguous(), v.contiguous(), o, lse, p, scale, softcap, packed
-        )
-        for do, q, k, v, o, lse, p in zip(douts, qs, ks, vs, outs, lses, plans, strict=True)
-    ]
+    if _method(method, plans, layout) == "allgather":
+        cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
+        loops = [
+            allgather_bwd_loop(
+                backend, do.contiguous(), q, k, v, o, lse, layout, cu, r, len(qs), *mask, scale, softcap
+            )
+            for r, (do, q, k, v, o, lse) in enumerate(zip(douts, qs, ks, vs, outs, lses, strict=True))
+        ]
+    else:
+        loops = [
+            ring_bwd_loop(
+                backend, do.contiguous(), q, k.contiguous(), v.contiguous(), o, lse, p, scale, softcap, packed
+            )
+            for do, q, k, v, o, lse, p in zip(douts, qs, ks, vs, outs, lses, plans, strict=True)
+        ]
     res, prof = run_simulated(loops, profile, sync, cuda_events)
     dqs = [dq.to(q.dtype) for (dq, _, _), q in zip(res, qs, strict=True)]
     dks = [dk.to(k.dtype) for (_, dk, _), k in zip(res, ks, strict=True)]
