@@ -1,0 +1,190 @@
+"""Benchmark: packed documents across W ranks, simulated on one device, against one device's varlen call.
+
+Each virtual rank runs its share (the ring's steps, or the all-gather method's calls) on the same
+device; the simulator times each rank's GPU work between messages (CUDA events). Efficiency is
+``t(one call on the whole stream) / (W * t(slowest rank))``: 1.0 means the work split perfectly,
+without overhead. Only pairs inside a document count as work, as in the baseline.
+
+Length distributions of the documents in a stream of ``W * tokens-per-rank`` tokens:
+``longtail`` (lengths from a Pareto law of mean ~4k, clipped to [64, stream], so some documents
+span the whole stream), ``1k`` (every document 1024 tokens), ``one`` (a single document).
+
+Usage:
+    python benchmarks/bench_packed.py                 # Llama-3-8B attention: 32 q / 8 KV heads, d 128, bf16
+    python benchmarks/bench_packed.py --tiny          # a seconds-long CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import random
+import statistics
+import sys
+
+import torch
+
+import ringflash as rf
+from ringflash.parallel import shard_for
+from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
+
+VARIANTS = [("contiguous", "ring"), ("zigzag", "ring"), ("zigzag", "allgather"), ("stripe", "ring")]
+
+
+def documents(dist: str, total: int, seed: int = 0, mean: int = 4096) -> torch.Tensor:
+    """cu_seqlens of a stream of ``total`` tokens in distribution ``dist``."""
+    rng = random.Random(seed)
+    if dist == "one":
+        lens = [total]
+    elif dist.endswith("k") and dist[:-1].isdigit():
+        n = int(dist[:-1]) * 1024
+        lens = [n] * (total // n) + ([total % n] if total % n else [])
+    else:  # Pareto with shape 1.5 has mean 3 * scale: scale mean / 3
+        lens, left = [], total
+        while left > 0:
+            n = min(left, max(64, int(mean / 3 * rng.paretovariate(1.5))))
+            lens.append(n)
+            left -= n
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of ``fn`` (CUDA events on a GPU, the host clock elsewhere)."""
+    times = []
+    for _ in range(reps + 1):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0):
+    cu = documents(dist, world * tokens, seed)
+    T = int(cu[-1])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v, dout = (
+        torch.randn(T, h, dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads, heads)
+    )
+    maxlen = int((cu[1:] - cu[:-1]).max())
+    cud = cu.to(device)
+
+    def base_fwd():
+        return rf.flash_attn_varlen_func(
+            q, k, v, cud, cud, maxlen, maxlen, causal=True, return_attn_probs=True
+        )
+
+    qg = q.detach().requires_grad_()
+    out, lse, _ = rf.flash_attn_varlen_func(
+        qg, k, v, cud, cud, maxlen, maxlen, causal=True, return_attn_probs=True
+    )
+    t_fwd = _time(base_fwd, reps)
+    t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
+    rows = []
+    for layout, method in VARIANTS:
+        qs, ks, vs, ds = (
+            [shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in (q, k, v, dout)
+        )
+        fwd, bwd = [], []
+        for _ in range(reps):
+            outs, lses, pf = simulate_ring_attn(
+                qs,
+                ks,
+                vs,
+                layout,
+                causal=True,
+                cu_seqlens=cu,
+                method=method,
+                profile=True,
+                cuda_events=torch.cuda.is_available(),
+                sync=None if torch.cuda.is_available() else (lambda: None),
+            )
+            *_, pb = simulate_ring_attn_backward(
+                ds,
+                qs,
+                ks,
+                vs,
+                outs,
+                lses,
+                layout,
+                causal=True,
+                cu_seqlens=cu,
+                method=method,
+                profile=True,
+                cuda_events=torch.cuda.is_available(),
+                sync=None if torch.cuda.is_available() else (lambda: None),
+            )
+            fwd.append(max(pf.rank_time(r) for r in range(world)))
+            bwd.append(max(pb.rank_time(r) for r in range(world)))
+        f, b = statistics.median(fwd), statistics.median(bwd)
+        rows.append(
+            dict(
+                dist=dist,
+                world=world,
+                docs=len(cu) - 1,
+                layout=layout,
+                method=method,
+                base_fwd_ms=t_fwd * 1e3,
+                base_bwd_ms=t_bwd * 1e3,
+                rank_fwd_ms=f * 1e3,
+                rank_bwd_ms=b * 1e3,
+                eff_fwd=t_fwd / (world * f),
+                eff_fwd_bwd=(t_fwd + t_bwd) / (world * (f + b)),
+            )
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
+    ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: 2 ranks, 256 tokens, small heads")
+    ap.add_argument("--out", default=None, help="folder for packed.csv")
+    a = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = (32, 8, 128, torch.bfloat16)
+    if a.tiny:
+        a.worlds, a.tokens, a.reps, shape = [2], 256, 1, (4, 2, 32, torch.float32)
+        a.dists = ["longtail", "one"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    heads = f"{shape[0]} q / {shape[1]} kv heads, d {shape[2]}, {str(shape[3])[6:]}, causal"
+    print(
+        f"# packed documents, simulated | {name} | torch {torch.__version__} | {heads}, {a.tokens} per rank"
+    )
+    print(f"{'dist':9s} {'W':>2s} {'docs':>5s} {'layout':10s} {'method':9s} {'fwd eff':>8s} {'f+b eff':>8s}")
+    rows = []
+    for dist in a.dists:
+        for world in a.worlds:
+            for r in run(world, a.tokens, *shape, device, dist, a.reps):
+                rows.append(r)
+                print(
+                    f"{r['dist']:9s} {r['world']:2d} {r['docs']:5d} {r['layout']:10s} {r['method']:9s} "
+                    f"{r['eff_fwd']:8.3f} {r['eff_fwd_bwd']:8.3f}",
+                    flush=True,
+                )
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "packed.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"csv: {os.path.join(a.out, 'packed.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
