@@ -155,3 +155,46 @@ def test_deepspeed_launcher_example_trains_on_cpu(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "OK: 4 rank(s), hybrid (ulysses 2 x ring 2), ZeRO stage 2" in res.stdout, out[-4000:]
+
+
+def _packed_worker(rank, world, hq, hk, marks):
+    """The drop-in with a packed batch (one row of documents, marked as transformers marks it):
+    Ulysses when the heads divide, the ring when they do not; against the oracle per document."""
+    import itertools
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import doc_positions
+    from ringflash.reference import attention_varlen_ref
+
+    torch.manual_seed(3)
+    lens = [5, 1, 9, 2, 7]  # 24 tokens
+    lens[-1] += (-sum(lens)) % world
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v, dout = (torch.randn(T, h, 16) for h in (hq, hk, hk, hq))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    sh = lambda x: shard(x, dim=0, layout="contiguous", cu_seqlens=cu)  # noqa: E731
+    ql, kl, vl = (sh(x)[None].requires_grad_() for x in (q, k, v))
+    kw = (
+        dict(position_ids=sh(pos)[None])
+        if marks == "position_ids"
+        else dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    )
+    with use_backend("torch"):
+        out = DistributedAttention(None, None)(ql, kl, vl, 0, causal=True, **kw)
+        out.backward(sh(dout)[None])
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, _ = attention_varlen_ref(*leaves, cu, cu, causal=True)
+    ref.backward(dout.double())
+    idx = doc_positions("contiguous", tuple(cu.tolist()), rank, world)
+    tag = f"rank {rank}/{world} H{hq}:{hk} {marks}"
+    assert_matches(f"{tag} out", out[0], ref.detach()[idx], None, 2)
+    for name, got, x in zip(("dq", "dk", "dv"), (ql, kl, vl), leaves, strict=True):
+        assert_matches(f"{tag} {name}", got.grad[0], x.grad[idx], None, 3)
+
+
+@pytest.mark.parametrize(
+    "hq, hk, marks", [(4, 2, "position_ids"), (3, 1, "cu")], ids=["ulysses-posids", "ring-cu"]
+)
+def test_dropin_takes_packed_batches(hq, hk, marks):
+    spawn(_packed_worker, 2, hq, hk, marks, timeout=120)

@@ -83,6 +83,94 @@ def test_llama_sharded_matches_full(world, layout, method):
     assert names == [f"sp_{method}_{layout}_g1"] * world
 
 
+DOCS = [0, 5, 14, 15, 28]  # documents of 5, 9, 1 and 13 tokens: 28 = 2 ranks x 14
+
+
+def _packed_worker(rank, world, layout, method, marks):
+    """Packed documents in one row, sharded per document; every document must match the model run
+    on it alone (logits, the summed loss, every gradient)."""
+    import torch.distributed as dist
+    from torch.nn import functional
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import doc_positions, shard
+
+    name = rt.register(dist.group.WORLD, layout=layout, method=method)
+    model, ref = _tiny_llama(name), _tiny_llama("eager")
+    ref.load_state_dict(model.state_dict())
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    T = DOCS[-1]
+    ids = torch.randint(0, 61, (1, T), generator=torch.Generator().manual_seed(5))
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)])[None]
+    labels = ids.roll(-1, 1)
+    labels[0, cu[1:].long() - 1] = -100  # no document predicts the next one's first token
+    sh = lambda x: shard(x, dim=1, layout=layout, cu_seqlens=cu)  # noqa: E731
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu) if marks == "cu" else {}
+    with use_backend("torch"):
+        logits = model(input_ids=sh(ids), position_ids=sh(pos), use_cache=False, **kw).logits
+        n_valid = (labels != -100).sum()
+        loss = functional.cross_entropy(logits[0], sh(labels)[0], reduction="sum") / n_valid
+        loss.backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    ref_logits = torch.cat(
+        [
+            ref(input_ids=ids[:, a:b], use_cache=False).logits
+            for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)
+        ],
+        1,
+    )
+    ref_loss = functional.cross_entropy(ref_logits[0], labels[0], reduction="sum") / n_valid
+    ref_loss.backward()
+    tag = f"rank {rank} {layout}/{method}/{marks}"
+    mine = doc_positions(layout, tuple(DOCS), rank, world)
+    err = (logits[0] - ref_logits[0, mine]).abs().max().item()
+    assert err < 1e-4, f"{tag}: logits differ by {err:.3g}"
+    assert abs(total.item() - ref_loss.item()) < 1e-5, f"{tag}: loss {total.item()} vs {ref_loss.item()}"
+    for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        gerr = (p.grad - pr.grad).abs().max().item()
+        assert gerr <= 1e-4 * (pr.grad.abs().max().item() + 1e-6) + 1e-6, (
+            f"{tag}: grad of {n} differs by {gerr:.3g}"
+        )
+
+
+@pytest.mark.parametrize(
+    "layout,method,marks",
+    [
+        ("zigzag", "ring", "cu"),
+        ("zigzag", "allgather", "cu"),
+        ("contiguous", "ring", "position_ids"),
+        ("stripe", "ring", "position_ids"),
+        ("contiguous", "ulysses", "position_ids"),
+    ],
+)
+def test_llama_packed_documents_match_each_document_alone(layout, method, marks):
+    spawn(_packed_worker, 2, layout, method, marks, timeout=240)
+
+
+def _zigzag_without_cu(rank, world):
+    import torch.distributed as dist
+
+    from ringflash.parallel import shard
+
+    model = _tiny_llama(rt.register(dist.group.WORLD, layout="zigzag"))
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)])[None]
+    sh = lambda x: shard(x, dim=1, layout="zigzag", cu_seqlens=cu)  # noqa: E731
+    try:
+        model(input_ids=sh(torch.zeros(1, 28, dtype=torch.long)), position_ids=sh(pos), use_cache=False)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_packed_zigzag_without_cu_seqlens_says_how():
+    for msg in spawn(_zigzag_without_cu, 2, timeout=120):
+        assert "need the global cu_seqlens: pass cu_seq_lens_q" in msg, msg
+
+
 def test_local_backend_and_errors(monkeypatch):
     """No process group: the backend is local flash attention; bad names and versions raise clearly."""
     name = rt.register()
@@ -92,6 +180,16 @@ def test_local_backend_and_errors(monkeypatch):
     ids = torch.randint(0, 61, (1, 19))
     err = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
     assert err < 1e-4, f"local backend logits differ by {err:.3g}"
+    # One process, packed documents marked by position ids: each document attends only to itself.
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)])[None]
+    ids = torch.randint(0, 61, (1, DOCS[-1]))
+    got = model(input_ids=ids, position_ids=pos).logits
+    want = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)], 1)
+    assert (got - want).abs().max().item() < 1e-4
+    fn = rt.make_attention()
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="pack the batch instead"):
+        fn(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4))
     with pytest.raises(ValueError, match="flash"):
         rt.register(name="ringflash_ring")
     with pytest.raises(ValueError, match="layout"):

@@ -44,8 +44,12 @@ from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func
 from ..parallel.hybrid import usp_attn_func, usp_degrees
-from ..parallel.ring_attn import ring_flash_attn_func
-from ..parallel.ulysses import kv_replication, ulysses_attn_func
+from ..parallel.ring_attn import ring_flash_attn_func, ring_flash_attn_varlen_func
+from ..parallel.ulysses import kv_replication, ulysses_attn_func, ulysses_attn_varlen_func
+from .packing import global_cu_seqlens
+
+# Keyword arguments that mark a packed batch, as transformers passes them (see ``.packing``).
+_PACKED_MARKS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 
 _FLASH_ARGS = (
     "dropout_p",
@@ -125,11 +129,16 @@ class DistributedAttention(nn.Module):
         ``query [B, S/P, Hq, D]`` (``batch_dim_idx=0``) or ``[S/P, B, Hq, D]`` (``batch_dim_idx=1``),
         key/value with ``Hk`` heads; ``args``/``kwargs`` are ``flash_attn_func`` options (``causal``,
         ``softmax_scale``, ...) or go to the custom ``local_attention``. Returns the output in the
-        query's layout.
+        query's layout. A packed batch (one row of documents, B = 1) is marked as transformers marks
+        it: ``position_ids=`` (this rank's, restarting at 0 for every document) or
+        ``cu_seq_lens_q=``/``cu_seq_lens_k=`` (the global documents); every document then attends
+        only to itself (Ulysses when the heads divide by ``P``, else the ring; see
+        ``ringflash.integrations.packing``).
 
     Example:
         >>> attn = DistributedAttention(None, sp_group)              # P = 16, Llama-3-8B: 32 q / 8 kv heads
         >>> out = attn(q, k, v, 0, causal=True)                      # Ulysses, KV heads repeated twice
+        >>> out = attn(q, k, v, 0, causal=True, cu_seq_lens_q=cu)    # packed documents [1, S/P, H, D]
     """
 
     def __init__(
@@ -171,7 +180,8 @@ class DistributedAttention(nn.Module):
         return self._grids[(u, r)]
 
     def forward(self, query, key, value, batch_dim_idx: int = 0, rotary_pos_emb=None, *args, **kwargs):
-        g, _, world = group_rank_world(self.spg)
+        g, rank, world = group_rank_world(self.spg)
+        marks = {n: kwargs.pop(n, None) for n in _PACKED_MARKS}
         plan, err = None, None
         try:
             if batch_dim_idx not in (0, 1):
@@ -204,7 +214,11 @@ class DistributedAttention(nn.Module):
             out = self._custom_ulysses(query, key, value, batch_dim_idx, args, kwargs)
         else:
             opts = _flash_kwargs(args, kwargs)
-            if algo == "ulysses":
+            marked = any(m is not None for m in marks.values())
+            cu = global_cu_seqlens(g, rank, world, self.layout, *marks.values()) if marked else None
+            if cu is not None:
+                out = self._packed(query, key, value, cu, algo, opts)
+            elif algo == "ulysses":
                 out = ulysses_attn_func(query, key, value, group=self.spg, **opts)
             elif algo == "ring" and self.layout == "contiguous":
                 out = ring_flash_attn_func(query, key, value, group=self.spg, **opts)
@@ -216,6 +230,24 @@ class DistributedAttention(nn.Module):
         if isinstance(out, tuple):
             raise ValueError("return_attn_probs is not supported through DistributedAttention")
         return out.transpose(0, 1) if batch_dim_idx == 1 else out
+
+    def _packed(self, q, k, v, cu, algo, opts):
+        """A packed batch (one row of documents, ``cu`` the global ones): Ulysses when the heads
+        divide by the group and the stream is sharded contiguously, else the ring (any degree)."""
+        if q.shape[0] != 1:
+            raise ValueError(f"a packed batch is one row of documents, got {q.shape[0]} rows")
+        longest = int((cu[1:] - cu[:-1]).max())
+        if algo == "ulysses" and self.layout == "contiguous":
+            out = ulysses_attn_varlen_func(q[0], k[0], v[0], cu, longest, group=self.spg, **opts)
+        else:
+            out = ring_flash_attn_varlen_func(
+                q[0], k[0], v[0], cu, longest, group=self.spg, layout=self.layout, **opts
+            )
+        return (
+            tuple(x.unsqueeze(0) if i == 0 else x for i, x in enumerate(out))
+            if isinstance(out, tuple)
+            else out.unsqueeze(0)
+        )
 
     @staticmethod
     def _check_custom(q, k, v, world):

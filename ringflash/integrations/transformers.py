@@ -1,10 +1,19 @@
-"""Hugging Face transformers attention backend: sequence-parallel (ring / Ulysses) attention for any
-model that dispatches through ``transformers.AttentionInterface`` (Llama, Mistral, Qwen2, Gemma, ...).
+"""Hugging Face transformers attention backend: sequence-parallel (ring / Ulysses / all-gather)
+attention for any model that dispatches through ``transformers.AttentionInterface`` (Llama,
+Mistral, Qwen2, Gemma, ...).
 
-``register(group, layout)`` registers an attention function and returns its name; build the model
-with ``attn_implementation=name``. Each rank then feeds its own shard of the sequence (``input_ids``
-sharded in ``layout``) together with the GLOBAL ``position_ids`` of those tokens, and gets back its
-shard of the full model's logits; gradients are those of the full model once summed over the ranks.
+``register(group, layout, method)`` registers an attention function and returns its name; build the
+model with ``attn_implementation=name``. Each rank then feeds its own shard of the sequence
+(``input_ids`` sharded in ``layout``) together with the GLOBAL ``position_ids`` of those tokens, and
+gets back its shard of the full model's logits; gradients are those of the full model once summed
+over the ranks. ``method="local"`` registers plain local attention even where a process group exists
+(for a sequence-parallel wrapper that gathers the sequence itself, such as DeepSpeed's ALST).
+
+Packed documents (one row holding several documents) are recognised as transformers marks them:
+``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments (``DataCollatorWithFlattening(
+return_flash_attn_kwargs=True)``), describing the global stream that every rank loaded before
+sharding, or ``position_ids`` that restart at 0 for every document (``ringflash.integrations.
+packing``). Each document then attends only to itself, across the ranks.
 
 transformers calls ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``
 with ``query [B, Hq, S_local, D]`` and ``key``/``value [B, Hk, S_local, D]`` and expects
@@ -12,8 +21,8 @@ with ``query [B, Hq, S_local, D]`` and ``key``/``value [B, Hk, S_local, D]`` and
 implementation name with "flash" in it as a flash-attn kernel to load from its hub. The name is not
 in transformers' mask registry either, so no 4-D mask is built (the mask would describe the local
 shard, not the global sequence): the causal mask comes from ``module.is_causal`` and sliding
-windows from ``sliding_window``, both on global positions; padding masks are not supported (pack
-documents instead, or pad to the sharded length and ignore the pad labels).
+windows from ``sliding_window``, both on global positions. A padding ``attention_mask`` is an error
+that says how to pack the batch instead.
 """
 
 from __future__ import annotations
@@ -24,13 +33,19 @@ import torch
 import torch.distributed as dist
 
 from ..comm.groups import group_rank_world
-from ..ops import flash_attn_func
+from ..ops import flash_attn_func, flash_attn_varlen_func
 from ..parallel.ring_attn import RING_FUNCS, ring_attention
 from ..parallel.ulysses import sp_attention
+from .packing import global_cu_seqlens
 
-METHODS = ("ring", "ulysses")
+METHODS = ("ring", "ulysses", "allgather", "local")
 _REGISTERED: dict[tuple, str] = {}
 _COUNTER = itertools.count(1)
+_PACK_HINT = (
+    "padding masks are not supported: pack the batch instead (one row of documents back to back, "
+    "e.g. transformers' DataCollatorWithFlattening, with position_ids restarting per document or "
+    "cu_seq_lens_q), and give pad or separator tokens the label -100"
+)
 
 
 def _attention_interface():
@@ -49,13 +64,17 @@ def _attention_interface():
     return interface
 
 
+def _longest(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
 def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contiguous", method: str = "ring"):
     """The transformers attention function (not registered): see ``register``.
 
     Returns:
         ``fn(module, query [B, Hq, S, D], key [B, Hk, S, D], value, attention_mask, scaling=None,
-        dropout=0.0, sliding_window=None, softcap=None, is_causal=None, **kwargs)``
-        returning ``(out [B, S, Hq, D], None)``.
+        dropout=0.0, sliding_window=None, softcap=None, is_causal=None, position_ids=None,
+        cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs)`` returning ``(out [B, S, Hq, D], None)``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
@@ -75,16 +94,16 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         sliding_window=None,
         softcap=None,
         is_causal=None,
+        position_ids=None,
+        cu_seq_lens_q=None,
+        cu_seq_lens_k=None,
         **kwargs,
     ):
         # Problems found here travel with the call, so a bad input on one rank is an error on every
         # rank of the group (the functions below agree on their arguments before any data moves).
         error = None
         if attention_mask is not None:
-            error = (
-                "ringflash's sequence-parallel attention takes no attention_mask (padding masks are not "
-                "supported; causal and sliding-window masks come from the model config)"
-            )
+            error = f"ringflash's attention takes no attention_mask: {_PACK_HINT}"
         elif dropout:
             error = f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0"
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -93,15 +112,42 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             window = (sliding_window - 1, 0 if causal else sliding_window - 1)
         q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (query, key, value))
         opts = (0.0, scaling, window, softcap or 0.0, None, causal)
-        g, _, world = group_rank_world(group)
+        g, rank, world = group_rank_world(group) if method != "local" else (None, 0, 1)
+        cu = global_cu_seqlens(g, rank, world, layout, position_ids, cu_seq_lens_q, cu_seq_lens_k)
+        if cu is not None and isinstance(q, torch.Tensor) and q.shape[0] != 1:
+            error = error or f"a packed batch is one row of documents, got {q.shape[0]} rows"
         if world == 1:  # one process: the local kernel (a torch.library op, so torch.compile traces it)
             if error:
                 raise ValueError(error)
             kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
-            return flash_attn_func(q, k, v, **kw), None
+            if cu is None:
+                return flash_attn_func(q, k, v, **kw), None
+            cud, n = cu.to(q.device), _longest(cu)
+            return flash_attn_varlen_func(q[0], k[0], v[0], cud, cud, n, n, **kw).unsqueeze(0), None
+        if cu is None:  # one sequence per row
+            if method == "ulysses":
+                out = sp_attention(
+                    "ulysses_attn_func",
+                    q,
+                    k,
+                    v,
+                    opts,
+                    False,
+                    False,
+                    (g, 0, world),
+                    None,
+                    "contiguous",
+                    error=error,
+                )
+            else:
+                out = ring_attention(
+                    RING_FUNCS[layout].__name__, q, k, v, layout, opts, False, group, error=error
+                )
+            return out, None
+        q, k, v = (x[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
         if method == "ulysses":
             out = sp_attention(
-                "ulysses_attn_func",
+                "ulysses_attn_varlen_func",
                 q,
                 k,
                 v,
@@ -112,12 +158,25 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 None,
                 "contiguous",
                 error=error,
+                cu_seqlens=cu,
+                max_seqlen=_longest(cu),
             )
         else:
             out = ring_attention(
-                RING_FUNCS[layout].__name__, q, k, v, layout, opts, False, group, error=error
+                "ring_flash_attn_varlen_func",
+                q,
+                k,
+                v,
+                layout,
+                opts,
+                False,
+                group,
+                cu,
+                _longest(cu),
+                error=error,
+                method=method,
             )
-        return out, None
+        return out.unsqueeze(0), None
 
     return attention
 
@@ -135,7 +194,11 @@ def register(
             initialised the backend is plain local flash attention).
         layout: how each rank's ``input_ids`` were sharded: ``"contiguous"`` (rank r holds
             ``[r*S/W, (r+1)*S/W)``), ``"zigzag"`` or ``"stripe"`` (``ringflash.parallel.shard``).
-        method: ``"ring"`` (any head count) or ``"ulysses"`` (heads must divide by W; contiguous).
+        method: ``"ring"`` (any head count), ``"ulysses"`` (heads must divide by W; contiguous),
+            ``"allgather"`` (packed documents: the stream's K/V gathered, see
+            ``ring_flash_attn_varlen_func``; a batch of single sequences runs the ring) or
+            ``"local"`` (plain local attention on every rank, whatever the group: for a wrapper that
+            does the sequence parallelism itself).
         name: the implementation name (default ``sp_<method>_<layout>``, plus ``_g<n>`` for an
             explicit group); must not contain "flash" (transformers would fetch a hub kernel).
 
@@ -151,6 +214,10 @@ def register(
         >>> logits = model(input_ids=shard(ids, group, layout="zigzag"),
         ...                position_ids=shard(torch.arange(S)[None], group, layout="zigzag"),
         ...                use_cache=False).logits             # [B, S/W, vocab]: this rank's shard
+        >>> # packed documents: one row, global cu_seqlens, every tensor sharded per document
+        >>> sh = lambda x: shard(x, group, dim=1, layout="zigzag", cu_seqlens=cu)
+        >>> logits = model(input_ids=sh(ids), position_ids=sh(pos), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+        ...                use_cache=False).logits
     """
     interface = _attention_interface()
     fn = make_attention(group, layout, method)

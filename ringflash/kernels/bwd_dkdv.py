@@ -95,6 +95,9 @@ def _attn_bwd_dkdv_kernel(
     )  # fmt: skip
     if j0 >= seqlen_k:
         return
+    if ADD:  # keys that no query sees add nothing to dK/dV (packed calls' spacer sequences)
+        if seqlen_q == 0:
+            return
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)

@@ -80,6 +80,9 @@ def _attn_bwd_dq_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
+    if ADD:  # a sequence with no keys adds nothing to dQ (packed calls' spacer sequences)
+        if seqlen_k == 0:
+            return
     hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)

@@ -133,6 +133,9 @@ def _attn_fwd_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
+    if ACCUMULATE:  # a sequence with no keys merges nothing (packed calls' spacer sequences)
+        if seqlen_k == 0:
+            return
     hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)

@@ -21,7 +21,7 @@ from .ring_attn import (
 )
 from .sharding import shard, shard_for, unshard, unshard_from
 from .simulate import simulate_ring_attn, simulate_ring_attn_backward
-from .ulysses import ulysses_attn_func
+from .ulysses import ulysses_attn_func, ulysses_attn_varlen_func
 
 __all__ = [
     "LAYOUTS",
@@ -43,6 +43,7 @@ __all__ = [
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
     "ulysses_attn_func",
+    "ulysses_attn_varlen_func",
     "unshard",
     "unshard_from",
     "use_ring_prefetch",

@@ -58,7 +58,9 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, cu[sq.doc] + k0, k1 - k0, args))
-    order = torch.cat([doc_positions(layout, cu, s, world) for s in range(world)])
+    order = None  # contiguous shards, gathered in rank order, are the stream in order
+    if layout != "contiguous":
+        order = torch.cat([doc_positions(layout, cu, s, world) for s in range(world)])
     return tuple(_calls(pairs)), order
 
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..backends import backend_for
-from ..checks import check_options, check_qkv
+from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
 from ..comm.agree import agree
 from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import group_rank_world
-from ..ops import flash_attn_func
+from ..ops import flash_attn_func, flash_attn_varlen_func
 from .layouts import LAYOUTS, local_len_error
 from .ring_attn import RING_FUNCS
 
@@ -43,12 +45,22 @@ def kv_replication(hq: int, hk: int, ulysses_degree: int) -> int:
     return math.lcm(hk, ulysses_degree) // hk
 
 
-def _validate(q, k, v, opts, u, r, layout):
-    """This rank's arguments for Ulysses over ``u`` ranks (x a ring of ``r``), checked and normalised."""
+def _validate(q, k, v, opts, u, r, layout, cu_seqlens=None, max_seqlen=0):
+    """This rank's arguments for Ulysses over ``u`` ranks (x a ring of ``r``), checked and normalised;
+    with ``cu_seqlens`` a packed stream ``[T_local, H, D]`` (its global values are returned)."""
     causal, window, softcap, scale = check_options(*opts)
-    check_qkv(q, k, v, same_tokens=True)
+    packed = cu_seqlens is not None
+    check_qkv(q, k, v, packed=packed, same_tokens=True)
     backend_for(q)
-    hq = q.shape[2]
+    cu = None
+    if packed:
+        if r > 1 or layout != "contiguous":
+            raise ValueError("a packed stream goes through Ulysses alone, sharded contiguously")
+        total = u * q.shape[0]
+        cu = check_cu_seqlens(cu_seqlens, total, "cu_seqlens (the global stream's)", q.device, allow_cpu=True)
+        cu = tuple(cu if cu is not None else cu_seqlens.tolist())
+        check_max_seqlen(cu_seqlens, max_seqlen, "max_seqlen", list(cu))
+    hq = q.shape[-2]
     if hq % u:
         g = math.gcd(hq, u * r)
         raise ValueError(
@@ -58,28 +70,44 @@ def _validate(q, k, v, opts, u, r, layout):
         )
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
-    if r > 1:
+    if r > 1 and not packed:
         err = local_len_error(layout, r, q.shape[1] * u)
         if err:
             raise ValueError(err)
-    return causal, window, softcap, scale
+    return causal, window, softcap, scale, cu
 
 
-def sp_attention(name, q, k, v, opts, deterministic, return_attn_probs, ulysses, ring, layout, error=None):
+def sp_attention(
+    name,
+    q,
+    k,
+    v,
+    opts,
+    deterministic,
+    return_attn_probs,
+    ulysses,
+    ring,
+    layout,
+    error=None,
+    cu_seqlens=None,
+    max_seqlen=0,
+):
     """The Ulysses (x ring) core; ``opts`` as ``check_options`` takes them, ``ulysses``/``ring``
     are ``(group, rank, world)``, ``ring`` None: local attention after the all-to-all. ``error``:
-    a problem the caller found, raised on every rank like any other."""
+    a problem the caller found, raised on every rank like any other. With ``cu_seqlens`` (global)
+    q/k/v are a packed stream ``[T_local, H, D]`` sharded contiguously (Ulysses alone)."""
     ug, _, u = ulysses
     rg, _, r = ring if ring is not None else (None, 0, 1)
-    err, fields = None, {}
+    err, fields, cu = None, {}, None
     try:
         if error:
             raise ValueError(error)
-        causal, window, softcap, scale = _validate(q, k, v, opts, u, r, layout)
+        causal, window, softcap, scale, cu = _validate(q, k, v, opts, u, r, layout, cu_seqlens, max_seqlen)
         fields = {
             "function": name,
             "q shape": tuple(q.shape),
-            "kv heads": k.shape[2],
+            "cu_seqlens": cu,
+            "kv heads": k.shape[-2],
             "dtype": str(q.dtype),
             "causal": causal,
             "window_size": window,
@@ -90,6 +118,9 @@ def sp_attention(name, q, k, v, opts, deterministic, return_attn_probs, ulysses,
     except (ValueError, TypeError) as e:
         err = e
     agree([(ug, u), (rg, r)], err, fields, "the sequence-parallel group", _HINTS)
+    packed = cu is not None
+    if packed:  # the stream as a batch of one: the all-to-alls below are the padded ones
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     f = kv_replication(q.shape[2], k.shape[2], u)
     if f > 1:  # just enough copies for every rank to own whole KV heads; autograd sums them back
         k, v = k.repeat_interleave(f, dim=2), v.repeat_interleave(f, dim=2)
@@ -102,14 +133,20 @@ def sp_attention(name, q, k, v, opts, deterministic, return_attn_probs, ulysses,
         deterministic=deterministic,
         return_attn_probs=True,
     )
-    if ring is None:
+    if packed:  # every rank holds the whole stream for its heads: one packed call
+        cud = torch.tensor(cu, dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        out, lse, _ = flash_attn_varlen_func(qh[0], kh[0], vh[0], cud, cud, longest, longest, **kw)
+        out, lse = out.unsqueeze(0), lse.unsqueeze(0)
+    elif ring is None:
         out, lse, _ = flash_attn_func(qh, kh, vh, **kw)
     else:
         out, lse, _ = RING_FUNCS[layout](qh, kh, vh, group=rg, **kw)
     if not return_attn_probs:
-        return seq_all_to_all([out], [1], [2], ug)[0]
+        out = seq_all_to_all([out], [1], [2], ug)[0]
+        return out[0] if packed else out
     out, lse = seq_all_to_all([out, lse], [1, 2], [2, 1], ug)  # [B, S/W, Hq, D], [B, Hq, S/W]
-    return out, lse, None
+    return (out[0], lse[0], None) if packed else (out, lse, None)
 
 
 def ulysses_attn_func(
@@ -160,4 +197,59 @@ def ulysses_attn_func(
     ulysses = group_rank_world(group)
     return sp_attention(
         "ulysses_attn_func", q, k, v, opts, deterministic, return_attn_probs, ulysses, None, "contiguous"
+    )
+
+
+def ulysses_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    group=None,
+):
+    """Ulysses over a packed stream of documents sharded contiguously across ``group``.
+
+    The all-to-all gives every rank the whole stream for ``Hq / W`` heads, which attend in one
+    packed call (each document only to itself), and a second all-to-all brings the output back.
+
+    Args:
+        q: ``[T_local, Hq, D]``, this rank's tokens ``[r*T/W, (r+1)*T/W)`` of the stream; ``Hq``
+            must divide by ``W``. k, v: ``[T_local, Hk, D]`` (KV heads repeated as for Ulysses).
+        cu_seqlens: int32 ``[N + 1]``, the global documents (``cu_seqlens[-1] == W * T_local``), on
+            q's device or the CPU. max_seqlen: an int bounding the longest document.
+        Other arguments: as ``ulysses_attn_func``.
+
+    Returns:
+        ``out [T_local, Hq, D]`` (or ``(out, lse [Hq, T_local], None)``).
+
+    Raises:
+        ValueError on every rank when any rank's arguments are invalid or the ranks disagree.
+
+    Example:
+        >>> q, k, v = (shard(x, group, dim=0, layout="contiguous") for x in (q_all, k_all, v_all))
+        >>> out = ulysses_attn_varlen_func(q, k, v, cu, max_len, causal=True, group=group)
+    """
+    opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
+    return sp_attention(
+        "ulysses_attn_varlen_func",
+        q,
+        k,
+        v,
+        opts,
+        deterministic,
+        return_attn_probs,
+        group_rank_world(group),
+        None,
+        "contiguous",
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
     )

@@ -1,0 +1,97 @@
+"""Packed batches as frameworks pass them: the global documents of a stream sharded over ranks.
+
+transformers (and DeepSpeed's sequence parallelism) mark packed documents in two ways:
+``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments (``DataCollatorWithFlattening(
+return_flash_attn_kwargs=True)``), which here describe the GLOBAL stream that every rank loaded
+before sharding, or ``position_ids`` that restart at 0 for every document. With only position
+ids, each rank holds those of its own tokens: one small all-gather of them rebuilds the stream's
+position ids (contiguous and stripe shards are the stream in a known order), and a document starts
+wherever a position does not follow the one before it. Zigzag shards of a packed stream are cut per
+document, so their order cannot be rebuilt from positions alone: pass ``cu_seq_lens_q`` then.
+
+The result is cached for the last ``position_ids`` tensor seen (a model passes the same tensor to
+every layer, and every rank does so alike), so a forward pays one gather, not one per layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..comm.gather import all_gather_flat
+from ..parallel.layouts import positions
+
+_last: dict = {}
+
+
+def _check_cu(cu_q, cu_k) -> torch.Tensor:
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.cpu(), cu_q.cpu()):
+        raise ValueError(
+            "cu_seq_lens_q and cu_seq_lens_k differ: sequence-parallel self-attention needs one set of "
+            "documents for queries and keys"
+        )
+    return cu_q
+
+
+def _stream(parts: torch.Tensor, layout: str) -> torch.Tensor:
+    """The stream's values from every rank's shard ``parts [W, n_local]`` (contiguous or stripe)."""
+    return parts.t().reshape(-1) if layout == "stripe" else parts.reshape(-1)
+
+
+def global_cu_seqlens(
+    group, rank: int, world: int, layout: str, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None
+) -> torch.Tensor | None:
+    """The packed stream's global ``cu_seqlens`` (int32), or None when each batch row is one
+    sequence (no documents marked). Every rank of ``group`` must call it alike.
+
+    Args:
+        position_ids: this rank's ``[B, S_local]`` position ids (B must be 1 for a packed stream).
+        cu_seq_lens_q, cu_seq_lens_k: the global documents, when the data pipeline gives them.
+    """
+    if cu_seq_lens_q is not None:
+        return _check_cu(cu_seq_lens_q, cu_seq_lens_k)
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or world == 1:
+        return _local_cu(position_ids) if world == 1 else None
+    key = (id(position_ids), position_ids._version, id(group), layout, world)
+    hit = _last.get("key") == key and _last.get("ref") is not None and _last["ref"]() is position_ids
+    if hit:
+        return _last["cu"]
+    pos = position_ids.reshape(-1)
+    parts = all_gather_flat(pos, world, group).cpu()  # [W, S_local]
+    if layout == "zigzag":
+        if not _one_sequence_zigzag(parts, world):
+            raise ValueError(
+                "packed documents in the zigzag layout need the global cu_seqlens: pass cu_seq_lens_q "
+                "(e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True), before sharding), or shard "
+                "the stream contiguously or in stripes, whose position ids rebuild it"
+            )
+        cu = None
+    else:
+        cu = _starts(_stream(parts, layout))
+    _last.update(key=key, ref=weakref.ref(position_ids), cu=cu)
+    return cu
+
+
+def _one_sequence_zigzag(parts: torch.Tensor, world: int) -> bool:
+    """Whether every rank's positions are its padded zigzag positions of one sequence."""
+    n = parts.shape[1]
+    p0 = int(parts.min())
+    return all(torch.equal(parts[r], positions("zigzag", r, world, n) + p0) for r in range(world))
+
+
+def _starts(stream: torch.Tensor) -> torch.Tensor | None:
+    """Documents of a stream of position ids: one starts wherever a position is not the previous
+    one plus one. None for a single run."""
+    breaks = (stream[1:] != stream[:-1] + 1).nonzero().flatten() + 1
+    if breaks.numel() == 0:
+        return None
+    n = stream.numel()
+    return torch.cat([torch.zeros(1, dtype=torch.int64), breaks, torch.tensor([n])]).to(torch.int32)
+
+
+def _local_cu(position_ids) -> torch.Tensor | None:
+    """One process: the documents of its own (whole) stream of position ids."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    return _starts(position_ids.reshape(-1).cpu())
