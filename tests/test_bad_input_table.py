@@ -218,3 +218,20 @@ def test_distributed_bad_input_raises_on_every_rank():
             if etype != "ValueError" or not re.search(match, msg):
                 failures.append(f"rank {rank} {entry} {bad}: {etype}: {msg[:300]}")
     assert not failures, "\n".join(failures)
+
+
+def _sharded_decode_query_lengths(rank, world):
+    """Ranks passing different query lengths once aborted one rank and left the other with an
+    output built from a half-filled buffer; now every rank raises before the collective."""
+    q = torch.randn(1, 1 + rank, HQ, D)
+    cache = torch.randn(1, 8, HK, D)
+    try:
+        rf.sharded_flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_sharded_decode_ranks_with_different_query_lengths_raise():
+    for msg in spawn(_sharded_decode_query_lengths, 2, timeout=60):
+        assert "disagree on q shape (rank 0: [1, 1, 4, 16], rank 1: [1, 2, 4, 16])" in msg, msg

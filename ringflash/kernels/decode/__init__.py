@@ -135,30 +135,64 @@ _OUT, _LSE = stride_names("o", "bsh"), stride_names("l", "bhs")
 _PARTS = ("stride_opb", "stride_ops", "stride_oph", "stride_opn", "stride_lpb", "stride_lps", "stride_lph")
 
 
-def split_args(
+class _Launch:
+    """Everything one split-kernel launch derives from its call's signature (shapes, strides,
+    dtypes, options): the grid, the scalar and constexpr arguments, the partial buffers' shapes."""
+
+    __slots__ = ("grid", "static", "parts", "sem_rows")
+
+    def __init__(self, grid, static, parts, sem_rows):
+        self.grid, self.static, self.parts, self.sem_rows = grid, static, parts, sem_rows
+
+
+# Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
+# derivation (about half of a step's host time) runs once; the per-call work is the binding of the
+# tensors. Bounded: a workload of many shapes starts over rather than growing.
+_LAUNCHES: dict[tuple, _Launch] = {}
+_MAX_LAUNCHES = 512
+
+
+def _signature(
     q,
     k_cache,
     v_cache,
-    cache_seqlens,
-    out,
-    lse,
-    *,
-    n_new,
     k_new,
     v_new,
     block_table,
     cache_batch_idx,
+    diag_offset,
+    out_dtype,
+    n_new,
+    opts,
+    config,
+) -> tuple:
+    kn = None if k_new is None else (k_new.shape, k_new.stride(), v_new.stride())
+    bt = None if block_table is None else (block_table.shape, block_table.stride(0))
+    return (
+        q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
+        kn, bt, cache_batch_idx is None, diag_offset is None, out_dtype, n_new, opts, config,
+    )  # fmt: skip
+
+
+def _derive(
+    q,
+    k_cache,
+    v_cache,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    diag_offset,
+    out_dtype,
+    n_new,
     softmax_scale,
     causal,
     window_size,
     softcap,
     num_splits,
-    diag_offset,
-    config: DecodeConfig,
-) -> tuple[tuple[int, int, int], dict]:
-    """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
-    there; ``out``/``lse`` the results to write). Allocates the float32 partials (``OP``/``LSEP``)
-    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    config,
+) -> _Launch:
+    """The launch of a signature (see ``_Launch``)."""
     B, Sq, Hq, D = q.shape
     paged = block_table is not None
     Hk = k_cache.shape[2]
@@ -174,12 +208,12 @@ def split_args(
     fused = config.fuse_combine
     # Partials [B, Sq, Hq, n_splits, D]: each (b, t, h) row's splits are contiguous for the combine.
     if fused and n_splits == 1:
-        o_part = lse_part = out  # unused: the one split writes out / lse directly
-        parts = dict.fromkeys(_PARTS, 0)
+        parts, part_strides = None, dict.fromkeys(_PARTS, 0)  # the one split writes out / lse
     else:
-        o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=dev)
-        lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=dev)
-        parts = dict(zip(_PARTS, (*o_part.stride()[:4], *lse_part.stride()[:3]), strict=True))
+        parts = ((B, Sq, Hq, n_splits, D), (B, Sq, Hq, n_splits))
+        o_strides = torch.empty(parts[0], device="meta").stride()[:4]
+        l_strides = torch.empty(parts[1], device="meta").stride()[:3]
+        part_strides = dict(zip(_PARTS, (*o_strides, *l_strides), strict=True))
     cpu = dev.type == "cpu"
     d_pad = pad_dim(D)
     if config.block_n:
@@ -197,39 +231,21 @@ def split_args(
             config,
         )
     combine_m = min(bm, next_pow2(group * Sq))
-    # TMA descriptors for the cache's K/V tiles: contiguous caches, and only under use_tma("on")
-    # (slower than pointer loads here, docs/performance.md).
-    tma = not paged and tma_mode() == "on" and tma_applies(k_cache, v_cache, seqlen=capacity)
     # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
-    prefetch = ptx_device(dev) and not paged and not tma and cache_batch_idx is None and not has_lo
+    prefetch = ptx_device(dev) and not paged and cache_batch_idx is None and not has_lo
     lines, step = prefetch_lines(D, k_cache.element_size())
-    kn = k_new if fuse_append else None
-    vn = v_new if fuse_append else None
-    args = dict(
-        Q=q,
-        K=k_cache,
-        V=v_cache,
-        KN=kn,
-        VN=vn,
-        OP=o_part,
-        LSEP=lse_part,
-        O=out,
-        LSE=lse,
-        # With one split the merge is compiled but never runs: any int32 pointer will do.
-        SEM=semaphore_buffer(dev, B * Hk * m_blocks) if fused and n_splits > 1 else cache_seqlens,
-        SEQLENS=cache_seqlens,
-        BT=block_table,
-        CBI=cache_batch_idx,
-        DIAG=diag_offset,
+    out_strides = torch.empty((B, Sq, Hq, D), device="meta").stride()
+    lse_strides = torch.empty((B, Hq, Sq), device="meta").stride()
+    static = dict(
         **strides(q, _Q),
         **strides(k_cache, _KC),
         **strides(v_cache, _VC),
-        **(strides(kn, _KN) if fuse_append else dict.fromkeys(_KN, 0)),
-        **(strides(vn, _VN) if fuse_append else dict.fromkeys(_VN, 0)),
+        **(strides(k_new, _KN) if fuse_append else dict.fromkeys(_KN, 0)),
+        **(strides(v_new, _VN) if fuse_append else dict.fromkeys(_VN, 0)),
         stride_btb=block_table.stride(0) if paged else 0,
-        **parts,
-        **strides(out, _OUT),
-        **strides(lse, _LSE),
+        **part_strides,
+        **dict(zip(_OUT, out_strides, strict=False)),
+        **dict(zip(_LSE, lse_strides, strict=False)),
         seqlen_q=Sq,
         n_new=int(n_new),
         page_size=page_size,
@@ -254,7 +270,7 @@ def split_args(
         FUSE_APPEND=fuse_append,
         FUSE_COMBINE=fused,
         EVICT=config.evict,
-        TMA=tma,
+        TMA=False,
         COMBINE_M=combine_m,
         SPLIT_BLOCK=max(1, min(next_pow2(n_splits), _COMBINE_TILE // (combine_m * d_pad))),
         BLOCK_M=bm,
@@ -265,8 +281,91 @@ def split_args(
         PREFETCH_STEP=step,
     )
     if not cpu:
-        args.update(num_warps=config.num_warps, num_stages=config.num_stages)
-    return (n_splits, B * Hk, m_blocks), args
+        static.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    sem_rows = B * Hk * m_blocks if fused and n_splits > 1 else 0
+    return _Launch((n_splits, B * Hk, m_blocks), static, parts, sem_rows)
+
+
+def split_args(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    out,
+    lse,
+    *,
+    n_new,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    num_splits,
+    diag_offset,
+    config: DecodeConfig,
+) -> tuple[tuple[int, int, int], dict]:
+    """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
+    there; ``out``/``lse`` the results to write). Allocates the float32 partials (``OP``/``LSEP``)
+    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    opts = (softmax_scale, causal, tuple(window_size), softcap, num_splits)
+    tma = tma_mode() == "on" and block_table is None
+    key = _signature(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        block_table,
+        cache_batch_idx,
+        diag_offset,
+        out.dtype,
+        n_new,
+        opts,
+        config,
+    )
+    launch = None if tma else _LAUNCHES.get(key)
+    if launch is None:
+        launch = _derive(
+            q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, out.dtype, n_new,
+            softmax_scale, causal, window_size, softcap, num_splits, config,
+        )  # fmt: skip
+        if tma:  # TMA descriptors for the cache's K/V tiles: only under use_tma("on"), never cached
+            # (slower than pointer loads here, docs/performance.md; the check reads addresses)
+            on = tma_applies(k_cache, v_cache, seqlen=launch.static["capacity"])
+            launch.static.update(TMA=on, PREFETCH_ROWS=0 if on else launch.static["PREFETCH_ROWS"])
+        else:
+            if len(_LAUNCHES) >= _MAX_LAUNCHES:
+                _LAUNCHES.clear()
+            _LAUNCHES[key] = launch
+    dev = q.device
+    if launch.parts is None:
+        o_part = lse_part = out  # unused: the one split writes out / lse directly
+    else:
+        o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
+        lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
+    fuse_append = launch.static["FUSE_APPEND"]
+    args = dict(launch.static)
+    args.update(
+        Q=q,
+        K=k_cache,
+        V=v_cache,
+        KN=k_new if fuse_append else None,
+        VN=v_new if fuse_append else None,
+        OP=o_part,
+        LSEP=lse_part,
+        O=out,
+        LSE=lse,
+        # With one split the merge is compiled but never runs: any int32 pointer will do.
+        SEM=semaphore_buffer(dev, launch.sem_rows) if launch.sem_rows else cache_seqlens,
+        SEQLENS=cache_seqlens,
+        BT=block_table,
+        CBI=cache_batch_idx,
+        DIAG=diag_offset,
+    )
+    return launch.grid, args
 
 
 @on_tensor_device
