@@ -11,13 +11,14 @@ from .backends import use_backend, use_tma
 from .checks import skip_value_checks
 from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
-from .merge import combine_attn_partials, merge_attn_states
-from .ops import (
-    flash_attn_func,
+from .forms import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
 )
+from .merge import combine_attn_partials, merge_attn_states, merge_sink
+from .ops import flash_attn_func, flash_attn_varlen_func
 from .parallel import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
@@ -51,7 +52,10 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "merge_attn_states",
+    "merge_sink",
     "combine_attn_partials",
     "use_backend",
     "use_ring_prefetch",

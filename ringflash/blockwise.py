@@ -480,9 +480,11 @@ def decode_fwd(
     diag_offset=None,
     out_dtype=None,
     config: BlockwiseConfig | None = None,
+    cache_leftpad=None,
 ):
     """Attention of ``q [B, Sq, Hq, D]`` over a KV cache, one batch row at a time; the interface of
-    ``ringflash.kernels.decode.decode_fwd``.
+    ``ringflash.kernels.decode.decode_fwd`` (``cache_leftpad``: row ``b``'s keys start at slot
+    ``cache_leftpad[b]``).
 
     With ``k_new``/``v_new`` ``[B, Snew, Hk, D]`` they are first written at ``cache_seqlens[b]``
     (``append_kv``); without them the cache already holds ``n_new`` new tokens after
@@ -511,16 +513,19 @@ def decode_fwd(
     capacity, n_rows = _cache_capacity(k_cache, block_table), k_cache.shape[0]
     lens = (_clamped_lens(cache_seqlens, capacity, n_new) + n_new).tolist()
     diags = diag_offset.tolist() if diag_offset is not None else [n - Sq for n in lens]
+    pads = cache_leftpad.tolist() if cache_leftpad is not None else [0] * B
     for b, n in enumerate(lens):
-        if n == 0:
+        lp = min(max(pads[b], 0), n)
+        if n == lp:
             continue
         if block_table is not None:
             page = k_cache.shape[1]
             pages = block_table[b, : math.ceil(n / page)].long().clamp(0, n_rows - 1)
-            kb, vb = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+            kb, vb = k_cache[pages].flatten(0, 1)[lp:n], v_cache[pages].flatten(0, 1)[lp:n]
         else:
             row = int(cache_batch_idx[b].clamp(0, n_rows - 1)) if cache_batch_idx is not None else b
-            kb, vb = k_cache[row, :n], v_cache[row, :n]
+            kb, vb = k_cache[row, lp:n], v_cache[row, lp:n]
+        n, diag = n - lp, diags[b] - lp  # key index 0 is now slot lp
         step = math.ceil(n / max(1, min(num_splits or 1, n)))
         for j0 in range(0, n, step):  # each split merged into the float32 state exactly
             attn_fwd(
@@ -531,7 +536,7 @@ def decode_fwd(
                 causal=causal,
                 window_size=window_size,
                 softcap=softcap,
-                diag_offset=diags[b] - j0,
+                diag_offset=diag - j0,
                 out=out[b : b + 1],
                 lse=lse[b : b + 1],
                 config=cfg,

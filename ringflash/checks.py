@@ -190,6 +190,20 @@ def check_qkv(q, k, v, packed: bool = False, same_tokens: bool = False) -> None:
     check_heads(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
 
 
+def check_sink(sink, q: torch.Tensor) -> None:
+    """A learnable sink: None, or a floating tensor ``[Hq]`` (one logit per query head) on q's device."""
+    if sink is None:
+        return
+    if not isinstance(sink, torch.Tensor) or not sink.is_floating_point():
+        got = sink.dtype if isinstance(sink, torch.Tensor) else type(sink).__name__
+        raise TypeError(f"learnable_sink must be a floating torch.Tensor [nheads], got {got}")
+    if sink.dim() != 1 or sink.shape[0] != q.shape[-2]:
+        want = f"[nheads={q.shape[-2]}] (one logit per query head)"
+        raise ValueError(f"learnable_sink must be {want}, got shape {tuple(sink.shape)}")
+    if sink.device != q.device:
+        raise ValueError(f"learnable_sink is on {sink.device} but q is on {q.device}")
+
+
 def check_cu_seqlens(
     cu, total: int, name: str, device: torch.device, allow_cpu: bool = False
 ) -> list[int] | None:
@@ -301,7 +315,19 @@ class KVCacheArgs:
     Every check runs before anything is written, so a bad call leaves the cache untouched.
     """
 
-    def __init__(self, q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits):
+    def __init__(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        cache_batch_idx,
+        block_table,
+        num_splits,
+        cache_leftpad=None,
+    ):
         _check_cache_tensors(q, k_cache, v_cache, k, v)
         batch = q.shape[0]
         n_new = 0 if k is None else k.shape[1]
@@ -350,6 +376,17 @@ class KVCacheArgs:
                 raise ValueError(
                     f"cache_seqlens must be int32 [B={batch}], got shape {tuple(cache_seqlens.shape)}"
                 )
+        if cache_leftpad is not None:
+            if self.paged:
+                raise ValueError(
+                    "cache_leftpad cannot be combined with block_table (paged cache), as in flash-attn"
+                )
+            _check_index(cache_leftpad, "cache_leftpad", 1, q.device)
+            if cache_leftpad.shape[0] != batch:
+                raise ValueError(
+                    f"cache_leftpad must be int32 [B={batch}], got shape {tuple(cache_leftpad.shape)}"
+                )
+        self.cache_leftpad = cache_leftpad
         self.cache_seqlens = cache_seqlens
         self.cache_batch_idx = cache_batch_idx
         self.block_table = block_table
@@ -364,6 +401,9 @@ class KVCacheArgs:
             return
         lens = self.cache_seqlens.long()
         flags = [lens.min() < 0, lens.max() + self.n_new > self.capacity]
+        if self.cache_leftpad is not None:
+            pad = self.cache_leftpad.long()
+            flags.append(((pad < 0) | (pad > lens + self.n_new)).any())
         n_rows = k_cache.shape[0]
         if self.paged:
             page, bt = k_cache.shape[1], self.block_table.long()
@@ -381,6 +421,13 @@ class KVCacheArgs:
         lens = self.cache_seqlens.tolist()
         if any(n < 0 for n in lens):
             raise ValueError(f"cache_seqlens must be >= 0, got {_short(lens)}")
+        if self.cache_leftpad is not None:
+            pads = self.cache_leftpad.tolist()
+            if any(p < 0 or p > n + self.n_new for p, n in zip(pads, lens, strict=True)):
+                raise ValueError(
+                    f"cache_leftpad must be in [0, cache_seqlens + new tokens] per row, got {_short(pads)} "
+                    f"with cache_seqlens {_short(lens)}"
+                )
         worst = max(lens) + self.n_new
         if worst > self.capacity:
             what = "block_table pages * page size" if self.paged else "k_cache.shape[1]"

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 
 from .backends import backend_for
-from .checks import KVCacheArgs, check_options, resolve_scale
+from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale
+from .merge import merge_sink
+from .rotary import apply_rotary
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -47,6 +49,7 @@ def attend_kvcache(
     ``diag_offset``: int32 ``[B]`` key index aligned with query token 0 per row (sharded caches),
     or None for bottom-right alignment.
     """
+    kw = dict(cache_leftpad=a.cache_leftpad) if a.cache_leftpad is not None else {}
     return backend_for(q).decode_fwd(
         q,
         k_cache,
@@ -63,7 +66,42 @@ def attend_kvcache(
         num_splits=a.num_splits,
         diag_offset=diag_offset,
         out_dtype=out_dtype,
+        **kw,
     )
+
+
+def _check_rotary(cos, sin, q, interleaved) -> None:
+    if (cos is None) != (sin is None):
+        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
+    if cos is None:
+        return
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [seqlen_ro, rotary_dim / 2], got {t!r}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"rotary_cos {tuple(cos.shape)} and rotary_sin {tuple(sin.shape)} differ in shape")
+    if 2 * cos.shape[1] > q.shape[-1] or cos.shape[1] == 0:
+        raise ValueError(f"rotary_dim = 2 * {cos.shape[1]} must be in 2..head dim {q.shape[-1]}")
+    check_flag(interleaved, "rotary_interleaved")
+
+
+def _rotate(q, k, cos, sin, a: KVCacheArgs, causal, window, interleaved):
+    """flash-attn's rotary while appending: new keys at their slots ``cache_seqlens + i``; queries at
+    the new tokens' positions when causal or windowed, else all at ``cache_seqlens`` (positions
+    count from ``cache_leftpad`` when given)."""
+    start = a.cache_seqlens.long()
+    if a.cache_leftpad is not None:
+        start = start - a.cache_leftpad.long()
+    if k is not None and a.n_new:
+        k = apply_rotary(k, cos, sin, start[:, None] + torch.arange(a.n_new, device=q.device), interleaved)
+    sq = q.shape[1]
+    if causal or window != (-1, -1):
+        qpos = start[:, None] + a.n_new - sq + torch.arange(sq, device=q.device)
+    else:
+        qpos = start[:, None].expand(-1, sq)
+    return apply_rotary(q, cos, sin, qpos, interleaved), k
 
 
 def flash_attn_with_kvcache(
@@ -72,18 +110,25 @@ def flash_attn_with_kvcache(
     v_cache,
     k=None,
     v=None,
+    rotary_cos=None,
+    rotary_sin=None,
     cache_seqlens=None,
     cache_batch_idx=None,
+    cache_leftpad=None,
     block_table=None,
     softmax_scale=None,
     causal=False,
     window_size=(-1, -1),
     softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
     num_splits=0,
     return_softmax_lse=False,
+    learnable_sink=None,
 ):
     """Append new keys/values to a KV cache in place, then attend to the cache (flash decoding).
 
+    flash-attn's signature, argument for argument, so code switches by changing an import.
     Inference only: no autograd (the cache is mutated in place and no backward is defined).
 
     Args:
@@ -92,24 +137,35 @@ def flash_attn_with_kvcache(
         k_cache, v_cache: ``[B_cache, S_cache, Hk, D]``, or paged ``[num_blocks, block_size, Hk, D]``
             with ``block_table``. ``Hq % Hk == 0`` (GQA/MQA; K/V are read once per KV head).
         k, v: ``[B, Snew, Hk, D]`` new tokens written at ``cache_seqlens[b]`` onwards, or None.
+        rotary_cos, rotary_sin: ``[seqlen_ro, rotary_dim / 2]`` or None: rotary embedding applied
+            to the new keys (before they are written) and to the queries, at their positions (see
+            below); ``rotary_interleaved`` pairs channels (0, 1), (2, 3), ... (GPT-J) when True,
+            else (i, i + rotary_dim / 2) (GPT-NeoX).
         cache_seqlens: int32 ``[B]`` tokens already in each row's cache, or an int for all rows;
             None means every row's whole cache (only without k/v). Lengths may be 0.
         cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache only).
+        cache_leftpad: int32 ``[B]`` or None: row ``b``'s cache starts at slot
+            ``cache_leftpad[b]`` (left-padded prompts): earlier slots are not attended and rotary
+            positions count from it. Not with ``block_table``.
         block_table: int32 ``[B, max_blocks]``, page indices into ``k_cache``'s first dim.
         softmax_scale: defaults to ``D ** -0.5``.
         causal: bottom-right causal mask (query token ``t`` sees keys up to
             ``cache_seqlens[b] + Snew - Sq + t``).
         window_size: ``(left, right)`` sliding window, -1 for unbounded. softcap: as flash-attn.
+        alibi_slopes: must be None (not supported).
         num_splits: key-range splits per (row, KV head); 0 picks from the shape and SM count.
         return_softmax_lse: also return the LSE.
+        learnable_sink: ``[Hq]`` float tensor or None: one logit per query head that joins every
+            row's softmax denominator and carries no value (gpt-oss).
 
     Returns:
         ``out [B, Sq, Hq, D]`` in q's dtype, or ``(out, lse [B, Hq, Sq] float32)``. A row that
-        sees no key (length 0) has output 0 and ``lse = -inf``.
+        sees no key (length 0) has output 0 and ``lse = -inf`` (the sink's logit with a sink).
 
     Raises:
         ValueError / TypeError for bad shapes, dtypes, devices, a cache too small for the append,
-        or block_table / cache_batch_idx entries outside the cache, before anything is written.
+        or block_table / cache_batch_idx / cache_leftpad entries outside the cache, before
+        anything is written.
 
     Example:
         >>> k_cache = torch.zeros(2, 4096, 8, 128, dtype=torch.bfloat16, device="cuda")
@@ -120,10 +176,20 @@ def flash_attn_with_kvcache(
         >>> out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
         >>> lens += 1
     """
-    causal, window, softcap, scale = check_options(0.0, softmax_scale, window_size, softcap, None, causal)
-    a = KVCacheArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
+    causal, window, softcap, scale = check_options(
+        0.0, softmax_scale, window_size, softcap, alibi_slopes, causal
+    )
+    a = KVCacheArgs(
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits, cache_leftpad
+    )
+    _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved)
+    check_sink(learnable_sink, q)
     with torch.no_grad():
+        if rotary_cos is not None:
+            q, k = _rotate(q, k, rotary_cos, rotary_sin, a, causal, window, bool(rotary_interleaved))
         out, lse = attend_kvcache(
             q, k_cache, v_cache, a, resolve_scale(scale, q.shape[-1]), causal, window, softcap, k=k, v=v
         )
+        if learnable_sink is not None:
+            out, lse = merge_sink(out, lse, learnable_sink)
     return (out, lse) if return_softmax_lse else out

@@ -104,3 +104,66 @@ def combine_attn_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     out = (outs.float() * _lse_as_out(w * inv)).sum(dim=0)
     return out.to(outs.dtype), m + torch.log(s)
+
+
+def _sink_like(sink: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``sink [H]`` laid out to broadcast against ``lse [B, H, S]`` or ``[H, T]``."""
+    return sink.float().view(-1, 1) if lse.dim() == 2 else sink.float().view(1, -1, 1)
+
+
+class _SinkMerge(torch.autograd.Function):
+    """``(out, lse)`` with a value-less partial of LSE ``sink[h]`` merged in: every row's softmax
+    denominator gains ``exp(sink[h])``. Exact gradients for ``out``, ``lse`` and ``sink``."""
+
+    @staticmethod
+    def forward(ctx, out, lse, sink):
+        s = _sink_like(sink, lse)
+        new_lse = torch.logaddexp(lse, s)
+        # A row that saw no key: lse = -inf, new_lse = sink, weight exp(-inf) = 0: output 0.
+        w = torch.exp(lse - new_lse)
+        new_out = (out.float() * _lse_as_out(w)).to(out.dtype)
+        ctx.save_for_backward(out, w, new_lse, sink)
+        return new_out, new_lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        out, w, new_lse, sink = ctx.saved_tensors
+        p_sink = torch.exp(_sink_like(sink, new_lse) - new_lse)  # the sink's probability, 1 - w
+        dout = torch.zeros_like(out) if dout is None else dout
+        g = (dout.float() * out.float()).sum(-1)  # [B, S, H] or [T, H]: dout . out per row
+        g = g.transpose(-1, -2)  # laid out like lse
+        dl = torch.zeros_like(new_lse) if dlse is None else dlse.float()
+        d_out = (dout.float() * _lse_as_out(w)).to(out.dtype)
+        d_lse = g * w * p_sink + dl * w
+        d_sink = (-g * w * p_sink + dl * p_sink).sum(
+            dim=tuple(d for d in range(new_lse.dim()) if d != new_lse.dim() - 2)
+        )
+        return d_out, d_lse, d_sink.to(sink.dtype)
+
+
+def merge_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with a learnable sink: ``sink [H]``, one logit per query head, joins every row's
+    softmax denominator and carries no value (gpt-oss). ``(out, lse)`` of attention over the keys
+    become those with the sink; differentiable in all three (the sink's gradient is
+    ``-sum_rows p_sink * (dout . out - dlse)``).
+
+    Args:
+        out: ``[B, S, H, D]`` (or packed ``[T, H, D]``). lse: ``[B, H, S]`` (or ``[H, T]``), float32.
+        sink: ``[H]``, any float dtype (computed in float32).
+
+    Returns:
+        ``(out in out's dtype, lse float32)``.
+
+    Example:
+        >>> out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        >>> out, lse = merge_sink(out, lse, sinks)   # what learnable_sink=sinks computes
+    """
+    _check_pair(out, lse, "out/lse")
+    if not isinstance(sink, torch.Tensor) or sink.dim() != 1 or sink.shape[0] != out.shape[-2]:
+        got = tuple(sink.shape) if isinstance(sink, torch.Tensor) else type(sink).__name__
+        raise ValueError(
+            f"learnable_sink must be a tensor [nheads={out.shape[-2]}] (one logit per query head), got {got}"
+        )
+    if not sink.is_floating_point():
+        raise TypeError(f"learnable_sink must be a floating tensor, got {sink.dtype}")
+    return _SinkMerge.apply(out, lse, sink)

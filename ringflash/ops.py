@@ -16,17 +16,18 @@ from __future__ import annotations
 import torch
 
 from .backends import backend_for, get_backend
-from .checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, resolve_scale
-from .merge import combine_attn_partials, merge_attn_states
+from .checks import (
+    check_cu_seqlens,
+    check_max_seqlen,
+    check_options,
+    check_qkv,
+    check_sink,
+    host_checks_allowed,
+    resolve_scale,
+)
+from .merge import combine_attn_partials, merge_attn_states, merge_sink
 
-__all__ = [
-    "flash_attn_func",
-    "flash_attn_varlen_func",
-    "flash_attn_kvpacked_func",
-    "flash_attn_qkvpacked_func",
-    "merge_attn_states",
-    "combine_attn_partials",
-]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_attn_states", "combine_attn_partials"]
 
 Tensor = torch.Tensor
 
@@ -241,7 +242,9 @@ class _EagerAttn(torch.autograd.Function):
 # ---------------------------------------------------------------- public functions
 
 
-def _finish(out, lse, return_attn_probs):
+def _finish(out, lse, return_attn_probs, sink=None):
+    if sink is not None:
+        out, lse = merge_sink(out, lse, sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -257,6 +260,7 @@ def flash_attn_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """Exact attention ``softmax(q k^T * scale) v`` on one device, flash-attn style.
 
@@ -271,10 +275,13 @@ def flash_attn_func(
         alibi_slopes: must be None (not supported).
         deterministic: accepted for compatibility; the backward is always deterministic.
         return_attn_probs: also return the LSE, as ``(out, lse, None)``.
+        learnable_sink: ``[Hq]`` float tensor or None: one logit per query head that joins every
+            row's softmax denominator and carries no value (gpt-oss's sinks); differentiable.
 
     Returns:
         ``out [B, Sq, Hq, D]`` in q's dtype; with ``return_attn_probs`` also ``lse [B, Hq, Sq]``,
-        float32 natural log, ``-inf`` (and output 0) for rows that see no key.
+        float32 natural log (including the sink), ``-inf`` (and output 0) for rows that see no key
+        (and no sink).
 
     Example:
         >>> q = torch.randn(2, 1024, 8, 64, dtype=torch.bfloat16, device="cuda")
@@ -285,13 +292,14 @@ def flash_attn_func(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
     check_qkv(q, k, v)
+    check_sink(learnable_sink, q)
     scale = resolve_scale(scale, q.shape[-1])
     args = (q, k, v, scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_fwd(*args)
     else:
         out, lse = _EagerAttn.apply(*args, None, None, 0, 0)
-    return _finish(out, lse, return_attn_probs)
+    return _finish(out, lse, return_attn_probs, learnable_sink)
 
 
 def flash_attn_varlen_func(
@@ -310,14 +318,20 @@ def flash_attn_varlen_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    block_table=None,
+    learnable_sink=None,
 ):
     """Attention over packed variable-length sequences.
 
     Args:
-        q: ``[total_q, Hq, D]``. k, v: ``[total_k, Hk, D]``.
+        q: ``[total_q, Hq, D]``. k, v: ``[total_k, Hk, D]``, or with ``block_table`` paged caches
+            ``[num_blocks, page_size, Hk, D]``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]``, cumulative lengths starting at 0; sequence
             ``b`` is ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``. Lengths may be 0.
         max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths.
+        block_table: int32 ``[batch, max_blocks]`` or None: sequence ``b``'s keys are the first
+            ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` slots of its pages ``block_table[b]`` (as in
+            flash-attn; the pages are gathered into one run per sequence before the call).
         Other arguments: as in :func:`flash_attn_func`; masks align per sequence.
 
     Returns:
@@ -330,7 +344,10 @@ def flash_attn_varlen_func(
     causal, (wl, wr), softcap, scale = check_options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
+    if block_table is not None:
+        k, v = _unpage(k, v, block_table, cu_seqlens_k, q)
     check_qkv(q, k, v, packed=True)
+    check_sink(learnable_sink, q)
     cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
     cu_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -348,88 +365,39 @@ def flash_attn_varlen_func(
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
     else:
         out, lse = _EagerAttn.apply(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
-    return _finish(out, lse, return_attn_probs)
+    return _finish(out, lse, return_attn_probs, learnable_sink)
 
 
-def _split_packed(x, n, name, layout):
-    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != n:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be {layout} with {n} at dim 2, got {shape}")
-    return x.unbind(dim=2)
-
-
-def flash_attn_kvpacked_func(
-    q,
-    kv,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
-    """:func:`flash_attn_func` with K and V packed together.
-
-    Args:
-        q: ``[B, Sq, Hq, D]``. kv: ``[B, Sk, 2, Hk, D]``. Other arguments as in :func:`flash_attn_func`.
-
-    Returns:
-        As :func:`flash_attn_func`; gradients flow into ``kv``.
-
-    Example:
-        >>> out = flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), causal=True)
-    """
-    k, v = _split_packed(kv, 2, "kv", "[B, S, 2, H, D]")
-    return flash_attn_func(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-    )
-
-
-def flash_attn_qkvpacked_func(
-    qkv,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
-    """:func:`flash_attn_func` with Q, K and V packed together.
-
-    Args:
-        qkv: ``[B, S, 3, H, D]``. Other arguments as in :func:`flash_attn_func`.
-
-    Returns:
-        As :func:`flash_attn_func`; gradients flow into ``qkv``.
-
-    Example:
-        >>> out = flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2), causal=True)
-    """
-    q, k, v = _split_packed(qkv, 3, "qkv", "[B, S, 3, H, D]")
-    return flash_attn_func(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-    )
+def _unpage(k, v, block_table, cu_seqlens_k, q):
+    """Paged ``k``/``v`` ``[num_blocks, page_size, Hk, D]`` as packed ``[total_k, Hk, D]`` runs:
+    sequence ``b``'s first ``len_b`` slots of the pages ``block_table[b]`` (gathered, so autograd
+    scatters the gradients back into the pages)."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be a paged cache [num_blocks, page_size, Hk, D]")
+    if (
+        not isinstance(block_table, torch.Tensor)
+        or block_table.dtype != torch.int32
+        or block_table.dim() != 2
+    ):
+        raise ValueError("block_table must be an int32 tensor [batch, max_blocks]")
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1:
+        raise ValueError("cu_seqlens_k must be an int32 tensor [batch + 1]")
+    if block_table.shape[0] != cu_seqlens_k.numel() - 1 or block_table.device != q.device:
+        raise ValueError(
+            f"block_table must be [batch={cu_seqlens_k.numel() - 1}, max_blocks] on {q.device}, "
+            f"got {tuple(block_table.shape)} on {block_table.device}"
+        )
+    page = k.shape[1]
+    cu = cu_seqlens_k.to(q.device).long()
+    total = int(cu[-1])
+    if host_checks_allowed(cu_seqlens_k):
+        lens = cu[1:] - cu[:-1]
+        if bool((lens > block_table.shape[1] * page).any()):
+            raise ValueError("a sequence is longer than its block_table's pages hold")
+    t = torch.arange(total, device=q.device)
+    b = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each key
+    pos = t - cu[b]
+    pages = block_table.long()[b, (pos // page).clamp(max=block_table.shape[1] - 1)].clamp(0, k.shape[0] - 1)
+    idx = pages * page + pos % page
+    return k.flatten(0, 1).index_select(0, idx), v.flatten(0, 1).index_select(0, idx)

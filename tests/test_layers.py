@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1] / "ringflash"
 # Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS = [
     ("ringflash.kernels",),
-    ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks"),
+    ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks", "ringflash.rotary"),
     ("ringflash.blockwise",),
     ("ringflash.backends",),
-    ("ringflash.ops", "ringflash.decode"),
+    ("ringflash.ops", "ringflash.decode", "ringflash.forms"),
     ("ringflash.comm",),
     ("ringflash.parallel",),
     ("ringflash.integrations",),

@@ -86,10 +86,12 @@ def gathered_fwd(backend, q, kf, vf, pieces, scale, softcap):
     return out, lse
 
 
-def gathered_bwd(backend, dout, q, kf, vf, out, lse, pieces, scale, softcap, order):
+def gathered_bwd(backend, dout, q, kf, vf, out, lse, pieces, scale, softcap, order, dlse=None):
     """Gradients of ``gathered_fwd``: ``dq`` and float32 ``dK/dV`` of the whole stream in rank-block
-    order (ready to reduce-scatter)."""
+    order (ready to reduce-scatter); ``dlse``: the gradient into the returned LSE, or None."""
     delta = backend.attn_bwd_delta(dout, out, packed=True)
+    if dlse is not None:
+        delta = (delta - dlse).contiguous()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkf = torch.zeros(kf.shape, dtype=torch.float32, device=q.device)
     dvf = torch.zeros(vf.shape, dtype=torch.float32, device=q.device)
@@ -112,16 +114,17 @@ class AllGatherAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
         pieces, order = gather_plan(layout, cu, rank, world, causal, window)
         kf, vf = _gathered(k, world, group, order), _gathered(v, world, group, order)
-        args = (backend_for(q), dout.contiguous(), q, kf, vf, out, lse, pieces, scale, softcap, order)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        args = (backend_for(q), dout, q, kf, vf, out, lse, pieces, scale, softcap, order, dlse)
         dq, dkf, dvf = gathered_bwd(*args)
         both = torch.cat([dkf.view(world, -1), dvf.view(world, -1)], 1)
         mine = reduce_scatter_flat(both, world, rank, group)

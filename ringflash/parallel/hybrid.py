@@ -63,6 +63,7 @@ def usp_attn_func(
     ulysses_group=None,
     ring_group=None,
     layout="zigzag",
+    learnable_sink=None,
 ):
     """Hybrid Ulysses x ring attention (USP): exact attention over a 2-D sharded sequence.
 
@@ -78,6 +79,8 @@ def usp_attn_func(
         ring_group: the ring group (ranks holding the same heads). Either may be None for a degree
             of 1; both None: Ulysses over the default group.
         layout: the ring layout, ``"zigzag"`` (balanced causal work), ``"stripe"`` or ``"contiguous"``.
+        learnable_sink: ``[Hq]`` float tensor or None: one logit per query head joining every
+            row's softmax denominator (no value), merged once after the ring.
 
     Returns:
         ``out [B, S/W, Hq, D]`` in q's dtype (or ``(out, lse, None)``).
@@ -89,7 +92,19 @@ def usp_attn_func(
     """
     uly, ring = _groups(ulysses_group, ring_group)
     opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
-    return sp_attention("usp_attn_func", q, k, v, opts, deterministic, return_attn_probs, uly, ring, layout)
+    return sp_attention(
+        "usp_attn_func",
+        q,
+        k,
+        v,
+        opts,
+        deterministic,
+        return_attn_probs,
+        uly,
+        ring,
+        layout,
+        sink=learnable_sink,
+    )
 
 
 def usp_degrees(nheads: int, world: int) -> tuple[int, int]:

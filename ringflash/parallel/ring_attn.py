@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 
 from ..backends import backend_for
-from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, resolve_scale
+from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, check_sink, resolve_scale
 from ..comm.agree import agree
 from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
+from ..merge import merge_sink
 from .allgather import METHODS, allgather_attention, choose_method
 from .doc_layouts import build_doc_plan, total_error
 from .layouts import LAYOUTS, Plan, build_plan, local_len_error
@@ -82,15 +83,16 @@ class RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.softcap, ctx.group, ctx.packed = plan, scale, softcap, group, packed
         ctx.transport = transport
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         comm = _comm(ctx.group, ctx.plan, ctx.transport, q.device)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         loop = ring_bwd_loop(
-            backend_for(q), dout.contiguous(), q, k, v, out, lse, ctx.plan, ctx.scale, ctx.softcap, ctx.packed
+            backend_for(q), dout, q, k, v, out, lse, ctx.plan, ctx.scale, ctx.softcap, ctx.packed, dlse
         )
         dq, dk, dv = run_on_group(loop, comm)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
@@ -161,11 +163,13 @@ def ring_attention(
     max_seqlen=0,
     error: str | None = None,
     method: str = "ring",
+    sink=None,
 ):
     """Check, agree and run one ring call; ``opts`` = ``(dropout_p, softmax_scale, window_size,
     softcap, alibi_slopes, causal)`` as ``check_options`` takes them. ``error``: a problem the
     caller already found (a malformed packed input): raised on every rank like any other.
-    ``method``: ``"ring"``, ``"allgather"`` or ``"auto"`` (packed streams)."""
+    ``method``: ``"ring"``, ``"allgather"`` or ``"auto"`` (packed streams). ``sink``: the learnable
+    sink ``[Hq]``, merged once into the ring's result."""
     g, rank, world = group_rank_world(group)
     transport = ring_transport()
     prefetch = forward_prefetch(transport)
@@ -176,6 +180,7 @@ def ring_attention(
         causal, window, softcap, scale, cu_list = _validate(
             q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport, method
         )
+        check_sink(sink, q)
         fields = {
             "function": name,
             "layout": layout,
@@ -192,6 +197,7 @@ def ring_attention(
             "ring transport": transport,
             "node": _node_id() if transport == "copy_engine" else None,
             "ring prefetch": prefetch,
+            "learnable_sink given": sink is not None,
         }
     except (ValueError, TypeError) as e:
         err = e
@@ -202,16 +208,16 @@ def ring_attention(
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
             method = choose_method(plan.reach, layout, world)
-        if method == "allgather" and world > 1:
-            out, lse = allgather_attention(
-                q, k, v, layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world
-            )
-            return (out, lse, None) if return_attn_probs else out
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
-    out, lse = RingAttention.apply(
-        q, k, v, plan, float(scale), float(softcap), g, packed, transport, prefetch
-    )
+    if packed and method == "allgather" and world > 1:
+        args = (layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world)
+        out, lse = allgather_attention(q, k, v, *args)
+    else:
+        args = (plan, float(scale), float(softcap), g, packed, transport, prefetch)
+        out, lse = RingAttention.apply(q, k, v, *args)
+    if sink is not None:  # once, after every rank's keys
+        out, lse = merge_sink(out, lse, sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -227,6 +233,8 @@ _ARGS_DOC = """
         alibi_slopes: must be None (not supported).
         deterministic: accepted for compatibility; the ring is always deterministic.
         return_attn_probs: also return the float32 LSE ``[B, Hq, S_local]`` as ``(out, lse, None)``.
+        learnable_sink: ``[Hq]`` float tensor or None: one logit per query head joining every
+            row's softmax denominator (no value), merged exactly once after the ring.
         group: the ring's process group (None: the default group; not initialised: run locally).
             K/V travel through its send/receive, or by the GPUs' copy engines inside
             ``ringflash.use_ring_transport("copy_engine")`` (one node, NCCL).
@@ -268,9 +276,10 @@ def _padded(layout: str, name: str, doc: str):
         deterministic=False,
         return_attn_probs=False,
         group=None,
+        learnable_sink=None,
     ):
         opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
-        return ring_attention(name, q, k, v, layout, opts, return_attn_probs, group)
+        return ring_attention(name, q, k, v, layout, opts, return_attn_probs, group, sink=learnable_sink)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc + _ARGS_DOC
@@ -290,10 +299,13 @@ def _kvpacked(layout: str, name: str):
         deterministic=False,
         return_attn_probs=False,
         group=None,
+        learnable_sink=None,
     ):
         (k, v), error = _unpack(kv, 2, 2, "kv [B, S_local, 2, Hk, D]")
         opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
-        return ring_attention(name, q, k, v, layout, opts, return_attn_probs, group, error=error)
+        return ring_attention(
+            name, q, k, v, layout, opts, return_attn_probs, group, error=error, sink=learnable_sink
+        )
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"``{name.replace('kvpacked_', '')}`` {_PACKED_DOC['kv']}" + _ARGS_DOC
@@ -312,10 +324,13 @@ def _qkvpacked(layout: str, name: str):
         deterministic=False,
         return_attn_probs=False,
         group=None,
+        learnable_sink=None,
     ):
         (q, k, v), error = _unpack(qkv, 3, 2, "qkv [B, S_local, 3, H, D]")
         opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
-        return ring_attention(name, q, k, v, layout, opts, return_attn_probs, group, error=error)
+        return ring_attention(
+            name, q, k, v, layout, opts, return_attn_probs, group, error=error, sink=learnable_sink
+        )
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"``{name.replace('qkvpacked_', '')}`` {_PACKED_DOC['qkv']}" + _ARGS_DOC
@@ -388,6 +403,7 @@ def ring_flash_attn_varlen_func(
     group=None,
     layout="contiguous",
     method="ring",
+    learnable_sink=None,
 ):
     """Sequence-parallel attention over a packed stream of documents sharded across the group.
 
@@ -425,7 +441,18 @@ def ring_flash_attn_varlen_func(
     opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
     name = "ring_flash_attn_varlen_func"
     return ring_attention(
-        name, q, k, v, layout, opts, return_attn_probs, group, cu_seqlens, max_seqlen, method=method
+        name,
+        q,
+        k,
+        v,
+        layout,
+        opts,
+        return_attn_probs,
+        group,
+        cu_seqlens,
+        max_seqlen,
+        method=method,
+        sink=learnable_sink,
     )
 
 

@@ -195,15 +195,20 @@ def ring_fwd_loop(
     return out, lse
 
 
-def ring_bwd_loop(backend, dout, q, k, v, out, lse, plan: Plan, scale: float, softcap: float, packed: bool):
+def ring_bwd_loop(
+    backend, dout, q, k, v, out, lse, plan: Plan, scale: float, softcap: float, packed: bool, dlse=None
+):
     """Generator: this rank's backward ring; returns float32 ``(dq, dk, dv)`` of its own shard.
 
     K/V travel as in the forward (``Plan.reach``). The dK/dV sum of a block starts at the first
     rank that visits it after its owner (step 1), travels with the block, and from the last rank
     it reaches goes straight home, where the owner adds it to its own block's part: that part
     never travels. The own block runs after the remote steps, while the last sum travels home.
+    ``dlse``: the gradient flowing into the returned LSE, or None.
     """
     delta = backend.attn_bwd_delta(dout, out, packed=packed)
+    if dlse is not None:  # d lse / d s = p: a gradient into the LSE folds into delta
+        delta = (delta - dlse).contiguous()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     n, world = plan.n_steps, plan.world
 

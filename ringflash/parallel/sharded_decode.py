@@ -41,11 +41,12 @@ from __future__ import annotations
 import torch
 
 from ..backends import backend_for
-from ..checks import KVCacheArgs, check_options, resolve_scale, skip_value_checks
+from ..checks import KVCacheArgs, check_options, check_sink, resolve_scale, skip_value_checks
 from ..comm.agree import agree
 from ..comm.gather import all_gather_flat
 from ..comm.groups import group_rank_world
 from ..decode import attend_kvcache, flash_attn_with_kvcache
+from ..merge import merge_sink
 
 __all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]
 
@@ -63,6 +64,7 @@ def _validate(
     num_splits,
     key_offsets,
     global_seqlens,
+    sink,
 ):
     causal, window, softcap, scale = check_options(*opts)
     a = KVCacheArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
@@ -75,6 +77,7 @@ def _validate(
             raise ValueError(f"{name} must be an int32 tensor [B={a.batch}], got {got}")
     if (key_offsets is None) != (global_seqlens is None):
         raise ValueError("pass key_offsets and global_seqlens together (or neither)")
+    check_sink(sink, q)
     return a, causal, window, softcap, scale
 
 
@@ -96,6 +99,7 @@ def sharded_flash_attn_with_kvcache(
     key_offsets=None,
     global_seqlens=None,
     group=None,
+    learnable_sink=None,
 ):
     """:func:`ringflash.decode.flash_attn_with_kvcache` over a KV cache sharded across ``group``.
 
@@ -110,6 +114,7 @@ def sharded_flash_attn_with_kvcache(
             global_seqlens: int32 ``[B]``, total keys per sequence after the append. Needed only
             for causal with ``Sq > 1`` or a window; computed by an all_gather when not given.
         group: the process group (None: the default group); no group or one rank runs locally.
+        learnable_sink: ``[Hq]`` float tensor or None: merged once, after the ranks' partials.
         Other arguments: as ``flash_attn_with_kvcache``.
 
     Returns:
@@ -131,15 +136,16 @@ def sharded_flash_attn_with_kvcache(
             v_cache,
             k,
             v,
-            cache_seqlens,
-            cache_batch_idx,
-            block_table,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            num_splits,
-            return_softmax_lse,
+            cache_seqlens=cache_seqlens,
+            cache_batch_idx=cache_batch_idx,
+            block_table=block_table,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            num_splits=num_splits,
+            return_softmax_lse=return_softmax_lse,
+            learnable_sink=learnable_sink,
         )
     err, fields = None, {}
     try:
@@ -156,6 +162,7 @@ def sharded_flash_attn_with_kvcache(
             num_splits,
             key_offsets,
             global_seqlens,
+            learnable_sink,
         )
         fields = {
             "function": "sharded_flash_attn_with_kvcache",
@@ -166,6 +173,7 @@ def sharded_flash_attn_with_kvcache(
             "softcap": softcap,
             "softmax_scale": scale,
             "key_offsets given": key_offsets is not None,
+            "learnable_sink given": learnable_sink is not None,
         }
     except (ValueError, TypeError) as e:
         err = e
@@ -203,6 +211,8 @@ def sharded_flash_attn_with_kvcache(
         outs = got[:, :n].view(world, B, Sq, H, D)
         lses = got[:, n:].view(world, B, Sq, H)
         out, lse = backend_for(q).combine(outs, lses, q.dtype)
+        if learnable_sink is not None:  # once, after every rank's keys
+            out, lse = merge_sink(out, lse, learnable_sink)
     return (out, lse) if return_softmax_lse else out
 
 

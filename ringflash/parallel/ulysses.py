@@ -29,7 +29,7 @@ import math
 import torch
 
 from ..backends import backend_for
-from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv
+from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, check_sink
 from ..comm.agree import agree
 from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import group_rank_world
@@ -91,18 +91,20 @@ def sp_attention(
     error=None,
     cu_seqlens=None,
     max_seqlen=0,
+    sink=None,
 ):
     """The Ulysses (x ring) core; ``opts`` as ``check_options`` takes them, ``ulysses``/``ring``
     are ``(group, rank, world)``, ``ring`` None: local attention after the all-to-all. ``error``:
     a problem the caller found, raised on every rank like any other. With ``cu_seqlens`` (global)
     q/k/v are a packed stream ``[T_local, H, D]`` sharded contiguously (Ulysses alone)."""
-    ug, _, u = ulysses
+    ug, urank, u = ulysses
     rg, _, r = ring if ring is not None else (None, 0, 1)
     err, fields, cu = None, {}, None
     try:
         if error:
             raise ValueError(error)
         causal, window, softcap, scale, cu = _validate(q, k, v, opts, u, r, layout, cu_seqlens, max_seqlen)
+        check_sink(sink, q)
         fields = {
             "function": name,
             "q shape": tuple(q.shape),
@@ -114,6 +116,7 @@ def sp_attention(
             "softcap": softcap,
             "softmax_scale": scale,
             "layout": layout,
+            "learnable_sink given": sink is not None,
         }
     except (ValueError, TypeError) as e:
         err = e
@@ -132,6 +135,8 @@ def sp_attention(
         softcap=softcap,
         deterministic=deterministic,
         return_attn_probs=True,
+        # This rank's heads after the all-to-all are the u-th of U equal chunks.
+        learnable_sink=None if sink is None else sink.view(u, -1)[urank],
     )
     if packed:  # every rank holds the whole stream for its heads: one packed call
         cud = torch.tensor(cu, dtype=torch.int32, device=q.device)
@@ -162,6 +167,7 @@ def ulysses_attn_func(
     deterministic=False,
     return_attn_probs=False,
     group=None,
+    learnable_sink=None,
 ):
     """Ulysses sequence-parallel attention: exact attention over a contiguously sharded sequence.
 
@@ -181,6 +187,8 @@ def ulysses_attn_func(
         return_attn_probs: also return the float32 LSE of this rank's shard:
             ``(out, lse [B, Hq, S/W], None)``.
         group: the sequence-parallel group (None: the default group; not initialised: run locally).
+        learnable_sink: ``[Hq]`` float tensor or None: one logit per query head joining every
+            row's softmax denominator (no value); each rank merges its heads' sinks once.
 
     Returns:
         ``out [B, S/W, Hq, D]`` in q's dtype (or ``(out, lse, None)``).
@@ -196,7 +204,17 @@ def ulysses_attn_func(
     opts = (dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal)
     ulysses = group_rank_world(group)
     return sp_attention(
-        "ulysses_attn_func", q, k, v, opts, deterministic, return_attn_probs, ulysses, None, "contiguous"
+        "ulysses_attn_func",
+        q,
+        k,
+        v,
+        opts,
+        deterministic,
+        return_attn_probs,
+        ulysses,
+        None,
+        "contiguous",
+        sink=learnable_sink,
     )
 
 
@@ -215,6 +233,7 @@ def ulysses_attn_varlen_func(
     deterministic=False,
     return_attn_probs=False,
     group=None,
+    learnable_sink=None,
 ):
     """Ulysses over a packed stream of documents sharded contiguously across ``group``.
 
@@ -252,4 +271,5 @@ def ulysses_attn_varlen_func(
         "contiguous",
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
+        sink=learnable_sink,
     )

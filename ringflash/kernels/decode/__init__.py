@@ -161,6 +161,7 @@ def _signature(
     block_table,
     cache_batch_idx,
     diag_offset,
+    cache_leftpad,
     out_dtype,
     n_new,
     opts,
@@ -170,7 +171,8 @@ def _signature(
     bt = None if block_table is None else (block_table.shape, block_table.stride(0))
     return (
         q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
-        kn, bt, cache_batch_idx is None, diag_offset is None, out_dtype, n_new, opts, config,
+        kn, bt, cache_batch_idx is None, diag_offset is None, cache_leftpad is None, out_dtype, n_new,
+        opts, config,
     )  # fmt: skip
 
 
@@ -183,6 +185,7 @@ def _derive(
     block_table,
     cache_batch_idx,
     diag_offset,
+    cache_leftpad,
     out_dtype,
     n_new,
     softmax_scale,
@@ -232,7 +235,9 @@ def _derive(
         )
     combine_m = min(bm, next_pow2(group * Sq))
     # L2 prefetch (an inline PTX hint, so CUDA only) where split 0's first keys are known early.
-    prefetch = ptx_device(dev) and not paged and cache_batch_idx is None and not has_lo
+    prefetch = (
+        ptx_device(dev) and not paged and cache_batch_idx is None and not has_lo and cache_leftpad is None
+    )
     lines, step = prefetch_lines(D, k_cache.element_size())
     out_strides = torch.empty((B, Sq, Hq, D), device="meta").stride()
     lse_strides = torch.empty((B, Hq, Sq), device="meta").stride()
@@ -265,6 +270,7 @@ def _derive(
         PAGED=paged,
         HAS_CBI=cache_batch_idx is not None,
         DIAG_FROM_PTR=diag_offset is not None,
+        HAS_LEFTPAD=cache_leftpad is not None,
         DOT_PREC=dot_precision(q.dtype),
         DOT_F32=dot_f32(q),
         FUSE_APPEND=fuse_append,
@@ -306,6 +312,7 @@ def split_args(
     num_splits,
     diag_offset,
     config: DecodeConfig,
+    cache_leftpad=None,
 ) -> tuple[tuple[int, int, int], dict]:
     """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
     there; ``out``/``lse`` the results to write). Allocates the float32 partials (``OP``/``LSEP``)
@@ -321,6 +328,7 @@ def split_args(
         block_table,
         cache_batch_idx,
         diag_offset,
+        cache_leftpad,
         out.dtype,
         n_new,
         opts,
@@ -329,8 +337,8 @@ def split_args(
     launch = None if tma else _LAUNCHES.get(key)
     if launch is None:
         launch = _derive(
-            q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, out.dtype, n_new,
-            softmax_scale, causal, window_size, softcap, num_splits, config,
+            q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, cache_leftpad,
+            out.dtype, n_new, softmax_scale, causal, window_size, softcap, num_splits, config,
         )  # fmt: skip
         if tma:  # TMA descriptors for the cache's K/V tiles: only under use_tma("on"), never cached
             # (slower than pointer loads here, docs/performance.md; the check reads addresses)
@@ -364,6 +372,7 @@ def split_args(
         BT=block_table,
         CBI=cache_batch_idx,
         DIAG=diag_offset,
+        LEFTPAD=cache_leftpad,
     )
     return launch.grid, args
 
@@ -388,6 +397,7 @@ def decode_fwd(
     diag_offset=None,
     out_dtype=None,
     config=None,
+    cache_leftpad=None,
 ):
     """Split-KV decode attention; with ``k_new``/``v_new`` it also appends them to the cache.
 
@@ -408,6 +418,8 @@ def decode_fwd(
         num_splits: 0 picks it from the shapes and the SM count (:func:`pick_num_splits`).
         diag_offset: int32 ``[B]``, the key index aligned with query token 0 per row (sharded
             caches), or None for bottom-right alignment.
+        cache_leftpad: int32 ``[B]`` or None: row ``b``'s cache starts at slot ``cache_leftpad[b]``
+            (earlier slots hold no key; positions still count from slot 0).
         out_dtype: dtype of ``out`` (default q's; float32 for partials that are merged again).
         config: :class:`~ringflash.kernels.options.DecodeConfig` (default: ``DecodeConfig()``):
             tiles, load policy, prefetch, and whether the merge is fused.
@@ -465,6 +477,7 @@ def decode_fwd(
         num_splits=num_splits,
         diag_offset=diag_offset,
         config=config,
+        cache_leftpad=cache_leftpad,
     )
     _decode_split_kernel[grid](**args)
     if not config.fuse_combine:

@@ -71,7 +71,7 @@ def _prefetch_l2(ptrs):
     do_not_specialize=["seqlen_q", "n_new", "page_size", "window_left", "window_right", "capacity", "n_rows"]
 )
 def _decode_split_kernel(
-    Q, K, V, KN, VN, OP, LSEP, O, LSE, SEM, SEQLENS, BT, CBI, DIAG,
+    Q, K, V, KN, VN, OP, LSEP, O, LSE, SEM, SEQLENS, BT, CBI, DIAG, LEFTPAD,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -86,7 +86,7 @@ def _decode_split_kernel(
     sm_scale, softcap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, HAS_LEFTPAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     FUSE_APPEND: tl.constexpr, FUSE_COMBINE: tl.constexpr, EVICT: tl.constexpr, TMA: tl.constexpr,
     COMBINE_M: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH_ROWS: tl.constexpr, PREFETCH_LINES: tl.constexpr, PREFETCH_STEP: tl.constexpr,
@@ -142,6 +142,8 @@ def _decode_split_kernel(
     vis_end = seqlen_k
     if HAS_LO:
         vis_start = tl.maximum(t_first + lo, 0)
+    if HAS_LEFTPAD:  # the row's cache starts at cache_leftpad[b]: earlier slots hold no key
+        vis_start = tl.maximum(vis_start, tl.load(LEFTPAD + b))
     if HAS_HI:
         vis_end = tl.minimum(vis_end, t_last + hi + 1)
     vis_end = tl.maximum(vis_end, vis_start)
