@@ -285,19 +285,28 @@ def config_variants(cls, args: argparse.Namespace, names) -> list[tuple[str, obj
 
 
 def _cell(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
         return "n/a"
     return format(value, spec) if spec else str(value)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Rows as aligned text: ``columns`` is ``[(header, key, format spec)]``; missing or NaN
-    values print ``n/a``."""
+    """Rows as aligned text: ``columns`` is ``[(header, key, format spec)]``; NaN prints ``n/a``
+    (measured, but not available), a missing key nothing (not measured for that row)."""
     cells = [[_cell(r.get(key), spec) for _, key, spec in columns] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
     head = line([h for h, _, _ in columns])
     return "\n".join([head, "-" * len(head), *(line(c) for c in cells)])
+
+
+def tokens(n: int) -> str:
+    """A token count as people write it: ``4k``, ``1M``, ``1000``."""
+    if n and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
 
 
 def ratio(a, b) -> float:
