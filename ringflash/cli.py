@@ -219,6 +219,7 @@ def run_child(cmd: list[str], env: dict) -> tuple[int, str]:
 def run_benches(names, out: Path, tiny: bool, scripts: Path, nproc: int) -> int:
     """Run each benchmark in turn into ``out``; a failure is reported with the child's own error
     and the rest still run. Returns 0 if all succeeded, else 1."""
+    out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(scripts.parent), os.environ.get("PYTHONPATH")) if p)
     failed = []
@@ -271,7 +272,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"on CPU run `ringflash bench {' '.join(default_benches(False))}`", file=sys.stderr)
         return 2
     out = Path(args.out or f"ringflash-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     return run_benches(names, out, args.tiny, scripts, args.nproc or gpus or 2)
 
 
