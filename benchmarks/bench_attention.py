@@ -222,8 +222,10 @@ COLUMNS += [("err fwd", "err_fwd", ".1e"), ("err bwd", "err_bwd", ".1e")]
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, tiny="one small shape of each kind (a smoke run)")
-    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims of the main rows")
-    ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    ap.add_argument("--dims", type=int, nargs="*", default=[64, 128], help="head dims of the main rows")
+    ap.add_argument(
+        "--seqlens", type=int, nargs="*", default=[1024, 4096, 16384, 32768], help="(none: GQA rows only)"
+    )
     ap.add_argument("--gqa-seqlens", type=int, nargs="*", default=[8192, 32768], help="Llama-3-8B GQA rows")
     ap.add_argument("--passes", choices=["fwd", "bwd", "both"], default="both")
     ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
