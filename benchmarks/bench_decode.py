@@ -190,21 +190,23 @@ def decode_rows(b, s, variants, bw, args) -> list[dict]:
     q, kc, vc, lens = inputs(b, s)
     nbytes = kv_bytes(b, s)
     base = dict(section="decode", batch=b, context=s, kv_mb=nbytes / 1e6)
-    fns, kv_read = {}, {}
+    ours = {label: ours_fn(q, kc, vc, lens, cfg, splits) for label, cfg, splits in variants}
+    fns, kv_read = {f"ours:{label}": fn for label, fn in ours.items()}, {}
     for name, backend in SDPA.items():
         fns[name], kv_read[name] = sdpa_fn(q, kc, vc, backend)
     base["kv"] = "/".join(kv_read[n] for n in SDPA)
-    sdpa_t = time_methods(fns, args.rounds, args.host_calls)
+    times = time_methods(fns, args.rounds, args.host_calls)  # ours and SDPA's in turn, every round
     rows = []
-    for label, cfg, splits in variants:
-        fn = ours_fn(q, kc, vc, lens, cfg, splits)
-        t = time_methods({"ours": fn}, args.rounds, args.host_calls)["ours"]
+    for label, _, splits in variants:
+        fn = ours[label]
+        t = times[f"ours:{label}"]
         with skip_value_checks():
             t["host_nocheck_us"] = host_us(fn, args.host_calls)
         row = dict(base, config=label, splits=splits or pick_num_splits(b, HK, HQ // HK, 1, s, q.device))
-        for who, tt in (("ours", t), *sdpa_t.items()):
-            row.update({f"{who}_{k}": v for k, v in tt.items()})
         for who in ("ours", *SDPA):
+            row.update(
+                {f"{who}_{k}": v for k, v in times.get(who if who != "ours" else f"ours:{label}", {}).items()}
+            )
             row[f"{who}_copy_frac"] = nbytes / (row.get(f"{who}_graph_us", float("nan")) * 1e-6) / 1e9 / bw
         row["vs_cudnn"] = ratio(row.get("cudnn_graph_us"), row["ours_graph_us"])
         row["err"] = rel_err(q, kc, vc, fn())
