@@ -128,17 +128,22 @@ def main(argv=None) -> int:
     gran = 2 * world * 128  # zigzag: 2W chunks; keep chunks a multiple of the kernel tile
     ring = ring_attention(a.prefetch)
     w = _layer(*heads, device, dtype)
-    for attn in (ring, sdpa_attention):
-        _step(w, a.fit[0], heads, device, dtype, 0, attn)  # compile / warm up
     # Each fit length runs twice and the second run counts: a first call at a new length autotunes
     # the kernels, whose trial runs copy the outputs they write (a peak the training loop never sees).
-    fits = {
-        name: [
-            (L, *[_step(w, L, heads, device, dtype, i, attn) for _ in range(2)][-1])
-            for i, L in enumerate(a.fit)
-        ]
-        for name, attn in (("ring", ring), ("sdpa", sdpa_attention))
-    }
+    fits = {}
+    for name, attn in (("ring", ring), ("sdpa", sdpa_attention)):
+        try:
+            _step(w, a.fit[0], heads, device, dtype, 0, attn)  # compile / warm up
+            runs = [
+                [_step(w, L, heads, device, dtype, i, attn) for _ in range(2)][-1]
+                for i, L in enumerate(a.fit)
+            ]
+        except RuntimeError as e:  # every rank alike: the same shapes (e.g. no fused SDPA kernel for them)
+            if name == "ring":
+                raise
+            print(f"# rank {rank}: the SDPA baseline did not run: {str(e).splitlines()[0][:160]}")
+            runs = []
+        fits[name] = [(L, pk, secs) for L, (pk, secs) in zip(a.fit, runs, strict=False)]
     pts = fits["ring"]
     free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 0
     if device.type == "cuda":
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
     l_run = max(min(l_max, l_time), gran)
     peak, secs = _step(w, l_run, heads, device, dtype, 99, ring)
     pred = float(a0 + b * l_run)
-    sa0, sb = fit_line(fits["sdpa"])
+    sa0, sb = fit_line(fits["sdpa"]) if len(fits["sdpa"]) > 1 else (float("nan"), float("nan"))
     sdpa_max = int((budget - sa0) / sb) if sb > 0 else 0
     if rank == 0:
         run = run_info(device)
