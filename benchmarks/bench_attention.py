@@ -1,285 +1,291 @@
-"""Benchmark: ringflash Triton attention vs torch SDPA (FlashAttention-2 and cuDNN backends).
+"""Attention kernels on one GPU: ringflash's Triton forward and backward against PyTorch SDPA's
+FlashAttention-2 and cuDNN backends, measured in the same run on the same inputs.
 
-bf16, head dims 64 and 128, causal and not, seqlen 1k/4k/16k with batch * seqlen = 16k tokens and
-2048 / headdim heads. FLOPs (FlashAttention's convention): forward 4 * b * h * s * s * d, halved
-for causal; backward 2.5x the forward. Times are ``triton.testing.do_bench`` medians; all
-backends are measured in the same run on the same inputs.
+Rows (bf16):
 
-Usage: ``python benchmarks/bench_attention.py --out bench_out [--quick]``. Prints the GPU, the
-versions and a table to stdout; writes ``attention.csv`` and ``attention.png`` (if matplotlib is
-importable) into ``--out``. ``--bwd-only [--dims 128]`` times only the backward (ours and both
-SDPA backends, fewer compiles and a shorter run) and checks our gradients against FA2's on the same
-inputs (relative L2 error, printed); it writes ``attention_bwd.csv`` / ``attention_bwd_table.txt``.
-``--fwd-only`` times the forward only (the backward columns print nan).
-``--api`` also times the public ``flash_attn_func`` through autograd (argument checks, dispatch,
-its own delta), what a model runs, against the kernels called directly. Every row of the main
-table also gives our output's and gradients' relative L2 error against FA2's on the same inputs.
-``--tma off`` (or ``on``) runs our kernels under ``ringflash.use_tma``: pointer loads instead of TMA
-descriptors (or descriptors at every length); the default is the library's own choice.
+- head dims 64 and 128, causal and not, 1k / 4k / 16k / 32k tokens per sequence, batch x seqlen
+  = 16k tokens (batch 1 from 16k on), 2048 / headdim heads;
+- the Llama-3-8B attention shape: 32 query / 8 KV heads (GQA), head dim 128, causal, batch 1,
+  8k and 32k tokens (SDPA with ``enable_gqa=True``).
+
+Columns, TFLOP/s (FlashAttention's convention: forward ``4 * b * hq * s * s * d``, halved when
+causal; backward 2.5x the forward): ours (``ringflash.kernels.fwd.attn_fwd`` /
+``kernels.bwd.attn_bwd``), ``acc`` (the accumulate-mode forward that each ring step runs:
+``attn_fwd`` with float32 ``out=`` / ``lse=`` given, merged into in place), FA2 and cuDNN, and
+our output's and gradients' relative L2 error against FA2's. ``--api`` adds the public
+``flash_attn_func`` through autograd (what a model runs).
+
+Times are ``triton.testing.do_bench`` medians (L2 flushed before each call); with several
+variants, or ``--rounds N``, every column of a shape is timed in turn over the rounds (medians), so
+clock drift hits ours and SDPA's alike.
+
+Variants: fields of ``ringflash.kernels.options.AttnConfig`` given one or more values
+(``--sched-per-sm 0 4`` times head-major against grouped program order; ``--concurrent-dq on off``
+the backward's dQ kernel beside dK/dV or after it; ``--concurrent-dq-max-waves``,
+``--int64-offsets``) make one row per combination, passed as ``config=`` to the launchers; the
+SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``ringflash.use_tma``.
+
+    python benchmarks/bench_attention.py --out DIR
+    python benchmarks/bench_attention.py --dims 128 --seqlens 4096 8192 --sched-per-sm 0 4 --out DIR
+    python benchmarks/bench_attention.py --tiny --out DIR        # one small shape (smoke run)
+
+Writes ``attention.csv`` and ``attention.png`` into ``--out``. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import contextlib
+import dataclasses
 import os
+import sys
 
 import torch
-import triton
-from bench_io import write_csv
+from bench_timing import (
+    add_common_args,
+    add_config_args,
+    bench_ms,
+    config_variants,
+    format_table,
+    header,
+    interleaved_medians,
+    nan_if_fails,
+    plot_bars,
+    ratio,
+    run_info,
+    write_csv,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import kernels, use_tma
+from ringflash import flash_attn_func, use_tma
+from ringflash.backends import use_config
+from ringflash.kernels.bwd import attn_bwd
+from ringflash.kernels.fwd import attn_fwd
+from ringflash.kernels.options import AttnConfig
+
+CONFIG_FIELDS = ("sched_per_sm", "concurrent_dq", "concurrent_dq_max_waves", "int64_offsets")
+TOKENS = 16384  # batch x seqlen of the head-dim rows
+DT = torch.bfloat16
+DEVICE = "cuda"
+SDPA = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def _flops(b, h, s, d, causal):
-    f = 4 * b * h * s * s * d  # fwd 4bhssd
-    return f / 2 if causal else f
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    b: int
+    s: int
+    hq: int
+    hk: int
+    d: int
+    causal: bool
+    label: str = ""
+
+    def fwd_flops(self) -> float:
+        f = 4 * self.b * self.hq * self.s * self.s * self.d  # fwd 4bhssd
+        return f / 2 if self.causal else f
 
 
-def _bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+def shapes(dims, seqlens, gqa_seqlens) -> list[Shape]:
+    rows = [
+        Shape(max(1, TOKENS // s), s, 2048 // d, 2048 // d, d, causal, f"d{d}")
+        for d in dims
+        for causal in (False, True)
+        for s in seqlens
+    ]
+    return rows + [Shape(1, s, 32, 8, 128, True, "llama3-8b") for s in gqa_seqlens]
 
 
-def _ours(q, k, v, causal, dout):
-    """(fwd, bwd) closures on the kernel interface ([B, S, H, D] layout)."""
-    scale = q.shape[-1] ** -0.5
+def ours(q, k, v, dout, causal, cfg):
+    """(fwd, accumulate-mode fwd, bwd) closures on the kernel launchers, and (out, grads)."""
+    kw = dict(softmax_scale=q.shape[-1] ** -0.5, causal=causal, config=cfg)
+    out, lse = attn_fwd(q, k, v, **kw)
+    # The ring's state: float32 out / lse that each step merges into in place.
+    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full(lse.shape, float("-inf"), dtype=torch.float32, device=q.device)
 
     def fwd():
-        return kernels.attn_fwd(q, k, v, softmax_scale=scale, causal=causal)
+        return attn_fwd(q, k, v, **kw)
 
-    out, lse = fwd()
+    def acc():
+        return attn_fwd(q, k, v, out=acc_out, lse=acc_lse, **kw)
 
     def bwd():
-        return kernels.attn_bwd(dout, q, k, v, out, lse, softmax_scale=scale, causal=causal)
+        return attn_bwd(dout, q, k, v, out, lse, **kw)
 
-    return fwd, bwd
+    return (fwd, acc, bwd), (out, bwd())
 
 
-def _sdpa(q, k, v, causal, dout, backend):
-    """SDPA closures; SDPA wants [B, H, S, D]. Backward timed via autograd.grad on a saved graph."""
+def sdpa(q, k, v, dout, causal, backend):
+    """SDPA closures (it wants [B, H, S, D]; backward by autograd on a kept graph), and (out, grads)."""
     qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
 
     def fwd():
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=causal, enable_gqa=gqa
+            )
 
-    with sdpa_kernel(backend):
-        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-    dout = dout.transpose(1, 2)
+    out = fwd()
+    do = dout.transpose(1, 2)
 
     def bwd():
-        dq, dk, dv = torch.autograd.grad(out, (qt, kt, vt), dout, retain_graph=True)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return torch.autograd.grad(out, (qt, kt, vt), do, retain_graph=True)
 
-    return fwd, bwd
+    grads = [g.transpose(1, 2) for g in bwd()]
+    return (fwd, bwd), (out.detach().transpose(1, 2), grads)
 
 
-def _api(q, k, v, causal, dout):
-    """The public ``flash_attn_func`` (argument checks, dispatch, autograd, its own delta): what a
-    model runs."""
-    from ringflash import flash_attn_func
-
+def api(q, k, v, dout, causal, cfg):
+    """The public ``flash_attn_func`` through autograd (checks, dispatch, its own delta)."""
     qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
 
     def fwd():
-        return flash_attn_func(qa, ka, va, causal=causal)
+        if cfg is None:  # the library's defaults, no config pushed: exactly what a model runs
+            return flash_attn_func(qa, ka, va, causal=causal)
+        with use_config(cfg):
+            return flash_attn_func(qa, ka, va, causal=causal)
 
     out = fwd()
 
     def bwd():
-        return torch.autograd.grad(out, (qa, ka, va), dout, retain_graph=True)
+        with use_config(cfg) if cfg is not None else contextlib.nullcontext():
+            return torch.autograd.grad(out, (qa, ka, va), dout, retain_graph=True)
 
     return fwd, bwd
 
 
-def _rel_err(got, ref):
-    """Largest relative L2 error over (dq, dk, dv); NaN anywhere gives NaN."""
+def rel_err(got, ref) -> float:
+    """Largest relative L2 error over pairs of tensors (NaN anywhere gives NaN)."""
     errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)]
     return float("nan") if any(e != e for e in errs) else max(errs)
 
 
-def _exclude(spec):
-    """Drop autotune configs by index (kernel:index) before anything is tuned."""
-    from ringflash.kernels import bwd, fwd
-
-    tuners = {"fwd": fwd._attn_fwd_tuned, "dkdv": bwd._dkdv_tuned, "dq": bwd._dq_tuned}
-    drop = [item.split(":") for item in spec.split(",") if item]
-    for name, tuner in tuners.items():
-        keep = [c for i, c in enumerate(tuner.configs) if [name, str(i)] not in drop]
-        if len(keep) != len(tuner.configs):
-            print(f"excluded from {name}: {[str(c) for c in tuner.configs if c not in keep]}")
-        tuner.configs = keep
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--quick", action="store_true", help="only seqlen 4k")
-    ap.add_argument("--exclude", default="", help="autotune configs to drop, e.g. 'fwd:1,dq:3' (diagnosis)")
-    ap.add_argument("--bwd-only", action="store_true", help="backward only: ours, fa2, cudnn")
-    ap.add_argument("--fwd-only", action="store_true", help="main table without the backward columns")
-    ap.add_argument("--dims", default="64,128", help="head dims, e.g. '128'")
-    ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
-    ap.add_argument("--tma", choices=["auto", "on", "off"], default="auto", help="ringflash.use_tma mode")
-    args = ap.parse_args()
-    with use_tma(args.tma):
-        if args.bwd_only:
-            return main_bwd(args)
-        return _main(args)
-
-
-def _main(args):
-    _exclude(args.exclude)
-    os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name()
-    print(f"{dev} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+def measure(shape: Shape, variants, args) -> list[dict]:
+    """One row per variant: TFLOP/s of each column, SDPA's measured once, all interleaved."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, dout = (
+        torch.randn(shape.b, shape.s, h, shape.d, generator=g).to(DEVICE, DT)
+        for h in (shape.hq, shape.hk, shape.hk, shape.hq)
+    )
+    passes = ("fwd", "bwd") if args.passes == "both" else (args.passes,)
+    fns, checks = {}, {}
+    for label, cfg in variants:
+        (fwd, acc, bwd), checks[label] = ours(q, k, v, dout, shape.causal, cfg)
+        fns[(label, "ours", "fwd")], fns[(label, "ours", "acc")], fns[(label, "ours", "bwd")] = fwd, acc, bwd
+        if args.api:
+            fns[(label, "api", "fwd")], fns[(label, "api", "bwd")] = api(q, k, v, dout, shape.causal, cfg)
+    for name, backend in SDPA.items():
+        try:
+            (fwd, bwd), checks[name] = sdpa(q, k, v, dout, shape.causal, backend)
+            fns[("", name, "fwd")], fns[("", name, "bwd")] = fwd, bwd
+        except RuntimeError as e:  # a backend missing on this build, or refusing the shape
+            print(f"# {name} at {shape}: {str(e).splitlines()[0][:160]}")
+    keep = {key: fn for key, fn in fns.items() if key[2] in passes or (key[2] == "acc" and "fwd" in passes)}
+    measures = [
+        lambda fn=fn, key=key: nan_if_fails(str(key), lambda: bench_ms(fn)) for key, fn in keep.items()
+    ]
+    ms = dict(zip(keep, interleaved_medians(measures, args.rounds), strict=True))
+    fa2 = checks.get("fa2")
     rows = []
-    seqlens = [4096] if args.quick else [1024, 4096, 16384]
-    for d in (int(x) for x in args.dims.split(",")):
-        for causal in (False, True):
-            for s in seqlens:
-                b, h = 16384 // s, 2048 // d
-                q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
-                f = _flops(b, h, s, d, causal)
-                row = dict(d=d, causal=causal, s=s, b=b, h=h)
-                methods = [
-                    ("ours", _ours, ()),
-                    ("fa2", _sdpa, (SDPBackend.FLASH_ATTENTION,)),
-                    ("cudnn", _sdpa, (SDPBackend.CUDNN_ATTENTION,)),
-                ]
-                if args.api:
-                    methods.append(("api", _api, ()))
-                checked = {}  # ours and FA2: (out [B, S, H, D], grads) for the error columns
-                for name, make, extra in methods:
-                    try:
-                        fwd, bwd = make(q, k, v, causal, dout, *extra)
-                        if name in ("ours", "fa2"):
-                            o = fwd()
-                            grads = None if args.fwd_only else bwd()
-                            checked[name] = (o[0] if isinstance(o, tuple) else o.transpose(1, 2), grads)
-                        row[name + "_fwd"] = f / _bench(fwd) * 1e-9
-                        row[name + "_bwd"] = float("nan") if args.fwd_only else 2.5 * f / _bench(bwd) * 1e-9
-                    except Exception as e:  # a backend missing on this build: report, keep going
-                        print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
-                        row[name + "_fwd"] = row[name + "_bwd"] = float("nan")
-                ok = len(checked) == 2
-                row["err_fwd"] = _rel_err([checked["ours"][0]], [checked["fa2"][0]]) if ok else float("nan")
-                ok_bwd = ok and not args.fwd_only
-                row["err_bwd"] = _rel_err(checked["ours"][1], checked["fa2"][1]) if ok_bwd else float("nan")
-                del checked
-                rows.append(row)
-                print("measured", {k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()})
-                torch.cuda.empty_cache()
+    for label, _ in variants:
+        row = dict(
+            shape=shape.label, d=shape.d, causal=shape.causal, s=shape.s, b=shape.b, hq=shape.hq, hk=shape.hk,
+            config=label,
+        )  # fmt: skip
+        for (lab, who, p), t in ms.items():
+            if lab in ("", label):
+                flops = shape.fwd_flops() * (2.5 if p == "bwd" else 1.0)
+                row[f"{who}_{p}_tflops"] = flops / (t * 1e-3) / 1e12
+                row[f"{who}_{p}_ms"] = t
+        for who in ("fa2", "cudnn"):
+            for p in passes:
+                row[f"ours_{p}_vs_{who}"] = ratio(row.get(f"ours_{p}_tflops"), row.get(f"{who}_{p}_tflops"))
+        row["acc_vs_plain"] = ratio(row.get("ours_acc_tflops"), row.get("ours_fwd_tflops"))
+        out, grads = checks[label]
+        row["err_fwd"] = rel_err([out], [fa2[0]]) if fa2 else float("nan")
+        row["err_bwd"] = rel_err(grads, fa2[1]) if fa2 else float("nan")
+        rows.append(row)
+    return rows
 
-    hdr = (
-        f"{'D':>4} {'causal':>6} {'S':>6} {'B':>3} {'H':>3} | {'fwd ours':>8} {'fa2':>5} {'cudnn':>5} "
-        f"{'/fa2':>5} {'/cudnn':>6} | {'bwd ours':>8} {'fa2':>5} {'cudnn':>5} {'/fa2':>5} {'/cudnn':>6} | "
-        f"{'err fwd':>7} {'err bwd':>7}"
+
+COLUMNS = [(h, k, "") for h, k in (("shape", "shape"), ("D", "d"), ("causal", "causal"), ("S", "s"))]
+COLUMNS += [(h, k, "") for h, k in (("B", "b"), ("Hq", "hq"), ("Hk", "hk"), ("config", "config"))]
+for _p in ("fwd", "bwd"):
+    COLUMNS += [(f"{_p} ours", f"ours_{_p}_tflops", ".0f")]
+    COLUMNS += [("acc", "ours_acc_tflops", ".0f")] if _p == "fwd" else []
+    COLUMNS += [("fa2", f"fa2_{_p}_tflops", ".0f"), ("cuDNN", f"cudnn_{_p}_tflops", ".0f")]
+    COLUMNS += [("/fa2", f"ours_{_p}_vs_fa2", ".2f"), ("/cuDNN", f"ours_{_p}_vs_cudnn", ".2f")]
+COLUMNS += [("err fwd", "err_fwd", ".1e"), ("err bwd", "err_bwd", ".1e")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, tiny="one small shape of each kind (a smoke run)")
+    ap.add_argument("--dims", type=int, nargs="*", default=[64, 128], help="head dims of the main rows")
+    ap.add_argument(
+        "--seqlens", type=int, nargs="*", default=[1024, 4096, 16384, 32768], help="(none: GQA rows only)"
     )
-    lines = [hdr, "-" * len(hdr)]
-    for r in rows:
-        lines.append(
-            f"{r['d']:>4} {r['causal']!s:>6} {r['s']:>6} {r['b']:>3} {r['h']:>3} | "
-            f"{r['ours_fwd']:>8.0f} {r['fa2_fwd']:>5.0f} {r['cudnn_fwd']:>5.0f} "
-            f"{r['ours_fwd'] / r['fa2_fwd']:>5.2f} {r['ours_fwd'] / r['cudnn_fwd']:>6.2f} | "
-            f"{r['ours_bwd']:>8.0f} {r['fa2_bwd']:>5.0f} {r['cudnn_bwd']:>5.0f} "
-            f"{r['ours_bwd'] / r['fa2_bwd']:>5.2f} {r['ours_bwd'] / r['cudnn_bwd']:>6.2f} | "
-            f"{r['err_fwd']:>7.1e} {r['err_bwd']:>7.1e}"
-        )
+    ap.add_argument("--gqa-seqlens", type=int, nargs="*", default=[8192, 32768], help="Llama-3-8B GQA rows")
+    ap.add_argument("--passes", choices=["fwd", "bwd", "both"], default="both")
+    ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
+    ap.add_argument(
+        "--tma", choices=["auto", "on", "off"], default="auto", help="ringflash.use_tma mode for ours"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 1, 3 with variants)"
+    )
+    add_config_args(ap, AttnConfig, CONFIG_FIELDS)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (it compares with SDPA's FA2 and cuDNN)", file=sys.stderr)
+        return 2
+    if args.tiny:
+        args.dims, args.seqlens, args.gqa_seqlens = [64], [1024], [1024]
+    variants = config_variants(AttnConfig, args, CONFIG_FIELDS)
+    args.rounds = args.rounds or (3 if len(variants) > 1 else 1)
+    info = run_info()
+    title = f"attention, bf16, TFLOP/s (fwd 4bhssd, /2 causal; bwd 2.5x fwd); use_tma {args.tma}"
+    print(header(title, info=info), flush=True)
+    rows = []
+    with use_tma(args.tma):
+        for shape in shapes(args.dims, args.seqlens, args.gqa_seqlens):
+            rows += measure(shape, variants, args)
+            print("measured", {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()})
+            torch.cuda.empty_cache()
+    print(header(title, info=info))
+    print("acc: the accumulate-mode forward of a ring step (float32 out/lse merged in place)")
+    print("err: relative L2 error against FA2 (out; the largest of dq, dk, dv)")
+    print(format_table(rows, COLUMNS))
     if args.api:
-        lines += ["", "public flash_attn_func (autograd) against the kernels called directly (ours):"]
-        for r in rows:
-            lines.append(
-                f"{r['d']:>4} {r['causal']!s:>6} {r['s']:>6} | fwd {r['api_fwd']:>5.0f} TFLOP/s"
-                f" ({r['api_fwd'] / r['ours_fwd']:.2f}x ours) | bwd {r['api_bwd']:>5.0f} TFLOP/s"
-                f" ({r['api_bwd'] / r['ours_bwd']:.2f}x ours)"
-            )
-    table = "\n".join(lines)
-    print("TFLOP/s (bf16; fwd 4bhssd, /2 causal; bwd 2.5x fwd); err = rel. L2 vs FA2 (out; max of dq/dk/dv)")
-    print(table)
-    write_csv(os.path.join(args.out, "attention.csv"), rows)
-    with open(os.path.join(args.out, "attention_table.txt"), "w") as fh:
-        fh.write(f"{dev} | torch {torch.__version__} | triton {triton.__version__}\n{table}\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable: no plot written")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    labels = [f"d{r['d']}{'c' if r['causal'] else ''}-{r['s'] // 1024}k" for r in rows]
-    x = range(len(rows))
-    for ax, kind in zip(axes, ("fwd", "bwd"), strict=True):
-        for i, name in enumerate(("ours", "fa2", "cudnn")):
-            ax.bar([xi + (i - 1) * 0.27 for xi in x], [r[f"{name}_{kind}"] for r in rows], 0.27, label=name)
-        ax.set_xticks(list(x), labels, rotation=60, fontsize=7)
-        ax.set_title(f"{kind} TFLOP/s, {dev}")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "attention.png"), dpi=120)
-    print(f"plot: {os.path.join(args.out, 'attention.png')}")
-
-
-def main_bwd(args):
-    """Backward only: ours, fa2, cudnn on the same inputs; our gradients' error against FA2's."""
-    _exclude(args.exclude)
+        print("\npublic flash_attn_func through autograd, TFLOP/s:")
+        api_cols = [
+            ("shape", "shape", ""),
+            ("S", "s", ""),
+            ("causal", "causal", ""),
+            ("config", "config", ""),
+        ]
+        api_cols += [("api fwd", "api_fwd_tflops", ".0f"), ("api bwd", "api_bwd_tflops", ".0f")]
+        print(format_table(rows, api_cols))
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name()
-    print(f"{dev} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
-    names = ("ours", "fa2", "cudnn")
-    hdr = (
-        f"{'D':>4} {'causal':>6} {'S':>6} {'B':>3} {'H':>3} | "
-        f"{'ours':>5} {'fa2':>5} {'cudnn':>5} | {'/fa2':>5} {'/cudnn':>6} | {'err':>7}"
-    )
-    lines = []
-    csv_path = os.path.join(args.out, "attention_bwd.csv")
-    seqlens = [4096] if args.quick else [1024, 4096, 16384]
-    for d in (int(x) for x in args.dims.split(",")):
-        for causal in (False, True):
-            for s in seqlens:
-                b, h = 16384 // s, 2048 // d
-                q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
-                f = 2.5 * _flops(b, h, s, d, causal)  # bwd 2.5x fwd flops
-                r = dict(d=d, causal=causal, s=s, b=b, h=h)
-                grads = {}
-                for name, make, extra in (
-                    ("ours", _ours, ()),
-                    ("fa2", _sdpa, (SDPBackend.FLASH_ATTENTION,)),
-                    ("cudnn", _sdpa, (SDPBackend.CUDNN_ATTENTION,)),
-                ):
-                    try:
-                        _, bwd = make(q, k, v, causal, dout, *extra)
-                        grads[name] = bwd()
-                        r[name] = f / _bench(bwd) * 1e-9
-                    except Exception as e:  # a backend missing on this build: report, keep going
-                        print(f"{name} d={d} causal={causal} s={s}: {type(e).__name__}: {e}")
-                        r[name] = float("nan")
-                ok = "ours" in grads and "fa2" in grads
-                r["err"] = _rel_err(grads["ours"], grads["fa2"]) if ok else float("nan")
-                del grads
-                lines.append(
-                    f"{d:>4} {causal!s:>6} {s:>6} {b:>3} {h:>3} | "
-                    + " ".join(f"{r[n]:>5.0f}" for n in names)
-                    + f" | {r['ours'] / r['fa2']:>5.2f} {r['ours'] / r['cudnn']:>6.2f} | {r['err']:>7.1e}"
-                )
-                print("measured", lines[-1], flush=True)
-                new = not os.path.exists(csv_path)
-                with open(csv_path, "a", newline="") as fh:
-                    w = csv.DictWriter(fh, fieldnames=list(r))
-                    if new:
-                        w.writeheader()
-                    w.writerow(r)
-                torch.cuda.empty_cache()
-    table = "\n".join([hdr, "-" * len(hdr), *lines])
-    print("bwd TFLOP/s (bf16; 2.5 * 4bhssd, /2 causal); err = rel. L2 vs FA2's grads, max of dq/dk/dv")
-    print(table)
-    with open(os.path.join(args.out, "attention_bwd_table.txt"), "a") as fh:
-        fh.write(f"{dev} | torch {torch.__version__} | triton {triton.__version__}\n{table}\n")
+    write_csv(os.path.join(args.out, "attention.csv"), rows, info)
+    labels = [f"{r['shape']}{'c' if r['causal'] else ''}-{r['s'] // 1024}k" for r in rows]
+    if len(variants) > 1:
+        labels = [f"{lab} {r['config']}" for lab, r in zip(labels, rows, strict=True)]
+    panels = {
+        f"{p} TFLOP/s, {info['device']}": {
+            who: [r.get(f"{who}_{p}_tflops", float("nan")) for r in rows] for who in ("ours", "fa2", "cudnn")
+        }
+        for p in ("fwd", "bwd")
+        if any(f"ours_{p}_tflops" in r for r in rows)
+    }
+    plot_bars(os.path.join(args.out, "attention.png"), labels, panels, "TFLOP/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,10 @@ ratio (medians over interleaved repeats, so machine noise hits both alike), and 
 memory a call adds on top of its inputs at growing sequence lengths, each length measured in a
 fresh process from its peak resident set size. FLOPs: fwd 4*b*h*s*s*d, halved for causal.
 
-    python benchmarks/bench_cpu.py                       # 4k timing, memory at 4k/16k/64k
-    python benchmarks/bench_cpu.py --seqlen 1024 --memory-seqlens 1024 2048   # quick
+Writes ``cpu.csv`` and ``cpu.png`` (peak memory against the sequence length) into ``--out``.
+
+    python benchmarks/bench_cpu.py --out DIR             # 4k timing, memory at 4k/16k/64k
+    python benchmarks/bench_cpu.py --tiny --out DIR      # 512 tokens (a smoke run)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_timing import add_common_args, format_table, header, plot_lines, run_info, write_csv
 
 
 def _inputs(b, s, h, d, grad):
@@ -104,55 +107,56 @@ def peak_memory(which, b, s, h, d, backward):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, tiny="512 tokens, 2 repeats, memory at 512 tokens (a smoke run)")
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--headdim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--memory-seqlens", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--memory-heads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="folder for cpu.csv and cpu.png")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, causal")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tiny:
+        args.seqlen, args.repeats, args.memory_seqlens = 512, 2, [512]
+    info = run_info("cpu")
     b, s, h, d = 1, args.seqlen, args.heads, args.headdim
+    title = f"blockwise backend vs SDPA on CPU, float32, causal; B={b} S={s} H={h} D={d}"
+    print(header(title, info=info), flush=True)
     rows = []
-    print(f"\ntime: B={b} S={s} H={h} D={d} (median of {args.repeats})")
-    print(f"{'pass':<8} {'sdpa s':>8} {'ours s':>8} {'ours/sdpa':>9} {'ours GFLOP/s':>12}")
     for name, t_sdpa, t_ours, flops in time_ratio(b, s, h, d, args.repeats):
-        print(f"{name:<8} {t_sdpa:8.3f} {t_ours:8.3f} {t_ours / t_sdpa:9.2f} {flops / t_ours / 1e9:12.1f}")
-        rows.append(dict(kind="time", pass_=name, seqlen=s, sdpa=t_sdpa, ours=t_ours, ratio=t_ours / t_sdpa))
-    if args.memory_seqlens:
-        hm = args.memory_heads
-        print(f"\npeak memory added by one call (MiB), B=1 H={hm} D={d}; inputs are 3 x S*H*D*4 bytes")
-        print(f"{'S':>7} {'inputs':>8} {'ours fwd':>9} {'ours f+b':>9} {'sdpa fwd':>9} {'sdpa f+b':>9}")
-        for sl in args.memory_seqlens:
-            inputs = 3 * sl * hm * d * 4 / 2**20
-            vals = [peak_memory(w, 1, sl, hm, d, bw) for w in ("ours", "sdpa") for bw in (False, True)]
-            print(f"{sl:>7} {inputs:8.1f} " + " ".join(f"{x:9.1f}" for x in vals))
-            for (who, passes), mib in zip(
-                [(w, p) for w in ("ours", "sdpa") for p in ("fwd", "fwd+bwd")], vals, strict=True
-            ):
-                row = dict(kind=f"peak MiB {who}", pass_=passes, seqlen=sl, sdpa="", ours="", ratio=mib)
-                rows.append(row)
-    if args.out:
-        _write_out(args.out, rows)
-
-
-def _write_out(out, rows):
-    from bench_io import plot_lines, write_csv
-
-    write_csv(os.path.join(out, "cpu.csv"), rows)
-    mem = [r for r in rows if r["kind"].startswith("peak")]
-    series = {}
-    for r in mem:
-        xs, ys = series.setdefault(f"{r['kind'][9:]} {r['pass_']}", ([], []))
-        xs.append(r["seqlen"])
-        ys.append(r["ratio"])
-    if series:
-        title = f"peak memory added by one call, torch {torch.__version__} CPU"
-        plot_lines(os.path.join(out, "cpu.png"), series, "sequence length", "MiB", title)
+        row = dict(kind="time", pass_=name, seqlen=s, heads=h, sdpa_s=t_sdpa, ours_s=t_ours)
+        rows.append(dict(row, ours_per_sdpa=t_ours / t_sdpa, ours_gflops=flops / t_ours / 1e9))
+    print(f"\ntime (median of {args.repeats} interleaved repeats):")
+    cols = [("pass", "pass_", ""), ("sdpa s", "sdpa_s", ".3f"), ("ours s", "ours_s", ".3f")]
+    cols += [("ours/sdpa", "ours_per_sdpa", ".2f"), ("ours GFLOP/s", "ours_gflops", ".1f")]
+    print(format_table(rows, cols))
+    passes = [(w, t) for w in ("ours", "sdpa") for t in ("fwd", "fwd_bwd")]
+    mem = []
+    hm = args.memory_heads
+    for sl in args.memory_seqlens:
+        row = dict(kind="peak MiB", seqlen=sl, heads=hm, inputs_mib=3 * sl * hm * d * 4 / 2**20)
+        for who, tag in passes:
+            row[f"{who}_{tag}_mib"] = peak_memory(who, 1, sl, hm, d, tag == "fwd_bwd")
+        mem.append(row)
+    if mem:
+        print(f"\npeak memory added by one call (MiB), B=1 H={hm} D={d}; inputs are 3 x S*H*D*4 bytes:")
+        cols = [("S", "seqlen", ""), ("inputs", "inputs_mib", ".1f")]
+        cols += [(f"{w} {t.replace('_', '+')}", f"{w}_{t}_mib", ".1f") for w, t in passes]
+        print(format_table(mem, cols))
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "cpu.csv"), rows + mem, info)
+    if mem:
+        xs = [r["seqlen"] for r in mem]
+        series = {f"{w} {t.replace('_', '+')}": (xs, [r[f"{w}_{t}_mib"] for r in mem]) for w, t in passes}
+        title = f"peak memory added by one call, {info['device']}, torch {info['torch']}"
+        plot_lines(os.path.join(args.out, "cpu.png"), series, "sequence length", "MiB", title)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

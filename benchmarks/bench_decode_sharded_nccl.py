@@ -1,7 +1,7 @@
 # ruff: noqa: N803, N806
 """Sharded-KV decoding across real GPUs (NCCL) against one GPU holding the whole cache.
 
-    torchrun --nproc_per_node 4 benchmarks/bench_decode_sharded_nccl.py --out decode_sharded
+    torchrun --nproc_per_node 4 benchmarks/bench_decode_sharded_nccl.py --out DIR
     torchrun --nproc_per_node 2 benchmarks/bench_decode_sharded_nccl.py --tiny   # smoke run (CPU/gloo too)
 
 Decode shape of Llama-3-8B: 32 q heads, 8 KV heads, head dim 128, bf16, one query token, batch
@@ -18,20 +18,31 @@ launch overlaps the GPU as in a decoding loop):
   so ``sharded - local`` is what the collective and the combine cost.
 
 Speedup = one GPU / sharded. Every rank checks its sharded output against rank 0's one-GPU output
-(bf16 rounding, relative error printed). ``--graph`` also captures the sharded step (NCCL
-all_gather included) and the one-GPU step in CUDA graphs and times their replays (GPU time without
-the host's launch overhead), when this PyTorch/NCCL allows it.
+(bf16 rounding, relative error printed). On CUDA the sharded step (NCCL all_gather included) and
+the one-GPU step are also captured in CUDA graphs and their replays timed (GPU time without the
+host's launch overhead), when this PyTorch/NCCL allows it (``--no-graph``: not). Writes
+``decode_sharded_W{W}.csv`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
-from bench_io import write_csv
-from bench_timing import dist_median_time, graphed, start_distributed
+from bench_timing import (
+    add_common_args,
+    dist_median_time,
+    format_table,
+    graphed,
+    header,
+    run_info,
+    start_distributed,
+    tokens,
+    write_csv,
+)
 
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.parallel.sharded_decode import sharded_flash_attn_with_kvcache
@@ -100,57 +111,67 @@ def _measure(S, B, heads, dtype, device, a) -> dict:
     )  # fmt: skip
 
 
-def main() -> None:
+COLUMNS = [
+    ("context", "context", ""),
+    ("one GPU us", "one_gpu_us", ".1f"),
+    ("local us", "local_us", ".1f"),
+    ("sharded us", "sharded_us", ".1f"),
+    ("collective+combine", "collective_combine_us", ".1f"),
+    ("speedup", "speedup", ".2f"),
+    ("graph one GPU us", "graph_one_gpu_us", ".1f"),
+    ("graph sharded us", "graph_sharded_us", ".1f"),
+    ("graph speedup", "graph_speedup", ".2f"),
+    ("max rel err", "max_rel_err", ".1e"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, tiny="256 keys per rank, small heads (a smoke run; CPU/gloo too)")
     p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--graph", action="store_true")
-    p.add_argument("--out", default=None)
-    p.add_argument("--tiny", action="store_true")
-    a = p.parse_args()
-    info, device, dtype, name = start_distributed()
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True, help="CUDA-graph columns")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    info, device, dtype = start_distributed()
     rank, world = info.rank, info.world_size
     hq, hk, d = (4, 2, 32) if a.tiny else (HQ, HK, D)
     if a.tiny:
         a.contexts, a.reps, a.iters = [256 * world], 2, 2
     B = a.batch
+    run = run_info(device)
+    title = (
+        f"sharded decode over {world} ranks ({info.backend}); B={B}, Hq={hq} Hk={hk} D={d} "
+        f"{str(dtype)[6:]}, 1 query token; us per step; speedup = one GPU / sharded"
+    )
     if rank == 0:
-        print(f"# sharded decode over {world} x {name}, {info.backend}; torch {torch.__version__}")
-        print(f"# B={B}, Hq={hq} Hk={hk} D={d} {dtype}, 1 query token; times in us per step")
-        cols = "context | one GPU |  local | sharded | collective+combine | speedup"
-        print(
-            cols + (" | graph one GPU | graph sharded | graph speedup" if a.graph else "") + " | max rel err"
-        )
+        print(header(title, info=run), flush=True)
     rows = []
     for S in a.contexts:
         if S % world:
             raise SystemExit(f"context {S} does not divide over {world} ranks")
         row = _measure(S, B, (hq, hk, d), dtype, device, a)
+        if row["graph_one_gpu_us"] and row["graph_sharded_us"]:
+            row["graph_speedup"] = row["graph_one_gpu_us"] / row["graph_sharded_us"]
         rows.append(row)
         if rank == 0:
-            t_one, t_sh, t_graph = row["one_gpu_us"], row["sharded_us"], row["graph_sharded_us"]
-            t_one_graph = row["graph_one_gpu_us"]
-            line = (
-                f"{S:>7} | {t_one:>7.1f} | {row['local_us']:>6.1f} | {t_sh:>7.1f} | "
-                f"{row['collective_combine_us']:>18.1f} | {t_one / t_sh:>6.2f}x"
-            )
-            if a.graph:
-                ok = t_graph and t_one_graph
-                line += (
-                    f" | {t_one_graph:>13.1f} | {t_graph:>13.1f} | {t_one_graph / t_graph:>12.2f}x"
-                    if ok
-                    else " | n/a"
-                )
-            print(line + f" | {row['max_rel_err']:.1e}")
+            print(f"measured {tokens(S)}: {row}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if rank == 0 and a.out:
-        write_csv(os.path.join(a.out, f"decode_sharded_W{world}.csv"), rows)
+    if rank == 0:
+        print("\n" + header(title, info=run))
+        print(format_table(rows, COLUMNS))
+        os.makedirs(a.out, exist_ok=True)
+        write_csv(os.path.join(a.out, f"decode_sharded_W{world}.csv"), rows, run)
     dist.barrier()
     dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

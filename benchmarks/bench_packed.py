@@ -9,22 +9,26 @@ Length distributions of the documents in a stream of ``W * tokens-per-rank`` tok
 ``longtail`` (lengths from a Pareto law of mean ~4k, clipped to [64, stream], so some documents
 span the whole stream), ``1k`` (every document 1024 tokens), ``one`` (a single document).
 
-Usage:
-    python benchmarks/bench_packed.py                 # Llama-3-8B attention: 32 q / 8 KV heads, d 128, bf16
-    python benchmarks/bench_packed.py --tiny          # a seconds-long CPU smoke run
+The baseline, measured in the same run on the same stream: one ``flash_attn_varlen_func`` call
+over the whole stream on this device (forward, and backward through autograd). Writes
+``packed.csv`` into ``--out``.
+
+    python benchmarks/bench_packed.py --out DIR          # Llama-3-8B attention, 8k tokens per rank
+    python benchmarks/bench_packed.py --tiny --out DIR   # a seconds-long smoke run (CPU too)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import random
 import statistics
 import sys
+import time
 
 import torch
+from bench_timing import add_common_args, format_table, header, run_info, write_csv
 
 import ringflash as rf
 from ringflash.parallel import shard_for
@@ -62,8 +66,6 @@ def _time(fn, reps: int) -> float:
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         else:
-            import time
-
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -146,43 +148,57 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0):
     return rows
 
 
-def main(argv=None) -> int:
+COLUMNS = [
+    ("dist", "dist", ""),
+    ("W", "world", ""),
+    ("docs", "docs", ""),
+    ("layout", "layout", ""),
+    ("method", "method", ""),
+    ("one call fwd ms", "base_fwd_ms", ".3f"),
+    ("bwd ms", "base_bwd_ms", ".3f"),
+    ("rank fwd ms", "rank_fwd_ms", ".3f"),
+    ("rank bwd ms", "rank_bwd_ms", ".3f"),
+    ("eff fwd", "eff_fwd", ".3f"),
+    ("eff f+b", "eff_fwd_bwd", ".3f"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, tiny="2 ranks, 256 tokens, small heads (a seconds-long smoke run)")
     ap.add_argument("--worlds", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: 2 ranks, 256 tokens, small heads")
-    ap.add_argument("--out", default=None, help="folder for packed.csv")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = (32, 8, 128, torch.bfloat16)
+    shape = (32, 8, 128, torch.bfloat16 if device == "cuda" else torch.float32)
     if a.tiny:
         a.worlds, a.tokens, a.reps, shape = [2], 256, 1, (4, 2, 32, torch.float32)
         a.dists = ["longtail", "one"]
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    info = run_info(device)
     heads = f"{shape[0]} q / {shape[1]} kv heads, d {shape[2]}, {str(shape[3])[6:]}, causal"
-    print(
-        f"# packed documents, simulated | {name} | torch {torch.__version__} | {heads}, {a.tokens} per rank"
-    )
-    print(f"{'dist':9s} {'W':>2s} {'docs':>5s} {'layout':10s} {'method':9s} {'fwd eff':>8s} {'f+b eff':>8s}")
+    title = f"packed documents, simulated ranks; {heads}, {a.tokens} tokens per rank"
+    title += "; eff = t(one call) / (W * t(slowest rank))"
+    print(header(title, info=info), flush=True)
     rows = []
     for dist in a.dists:
         for world in a.worlds:
             for r in run(world, a.tokens, *shape, device, dist, a.reps):
                 rows.append(r)
                 print(
-                    f"{r['dist']:9s} {r['world']:2d} {r['docs']:5d} {r['layout']:10s} {r['method']:9s} "
-                    f"{r['eff_fwd']:8.3f} {r['eff_fwd_bwd']:8.3f}",
+                    "measured",
+                    {k: round(x, 4) if isinstance(x, float) else x for k, x in r.items()},
                     flush=True,
                 )
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "packed.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"csv: {os.path.join(a.out, 'packed.csv')}")
+    print("\n" + header(title, info=info))
+    print(format_table(rows, COLUMNS))
+    os.makedirs(a.out, exist_ok=True)
+    write_csv(os.path.join(a.out, "packed.csv"), rows, info)
     return 0
 
 

@@ -29,35 +29,50 @@ ranks during its own block's compute, one step's work (a GPU's links to its peer
 bandwidth), so the first step needs ``p`` times the bound on ``L``.
 
 The forward holds ``--prefetch`` K/V blocks at once (``ringflash.use_ring_prefetch``; default the
-library's): with several values, each gets a row, timed in the same process. ``--dq-beside on off``
-times the Triton backward both ways (dQ on a second stream beside dK/dV, the default, or after
-it), the whole-sequence call and the ring alike; ``--split-own off on`` the ring's backward with its
-own block whole after the remote steps (the default) or split around them
-(``ring_loop.SPLIT_OWN_BLOCK``). Every combination gets a row, interleaved with the others.
+library's): with several values, each gets a row, timed in the same process. Fields of
+``ringflash.kernels.options.AttnConfig`` given one or more values (``--concurrent-dq on off``: the
+Triton backward's dQ kernel beside dK/dV or after it; ``--sched-per-sm 0 4``: the causal program
+order) apply to the whole-sequence call and to the ring alike, under
+``ringflash.backends.use_config``; every combination gets a row, interleaved with the others.
 
-    python benchmarks/bench_ring.py            # Llama-3-8B attention: 32 q / 8 kv heads, d 128, bf16, 8k/rank
-    python benchmarks/bench_ring.py --tiny     # a seconds-long CPU smoke run
+Baselines in the same run: the whole-sequence call on this device (``t_full``, the backend the
+ring uses) and SDPA's forward on the same sequence. Writes ``ring.csv`` and ``ring.png`` into
+``--out``.
+
+    python benchmarks/bench_ring.py --out DIR          # Llama-3-8B attention, 8k tokens per rank
+    python benchmarks/bench_ring.py --tiny --out DIR   # a seconds-long smoke run (CPU too)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
+import contextlib
 import itertools
-import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
-from bench_timing import interleaved_medians
+from bench_timing import (
+    add_common_args,
+    add_config_args,
+    bench_ms,
+    config_variants,
+    format_table,
+    header,
+    interleaved_medians,
+    plot_lines,
+    run_info,
+    write_csv,
+)
 from torch.nn import functional
 
-from ringflash.backends import backend_for, backend_name
-from ringflash.parallel import ring_loop, shard_for, simulate_ring_attn, simulate_ring_attn_backward
-from ringflash.parallel.options import DEFAULT_RING_PREFETCH
+from ringflash import use_ring_prefetch
+from ringflash.backends import backend_for, backend_name, use_config
+from ringflash.kernels.options import AttnConfig
+from ringflash.parallel import shard_for, simulate_ring_attn, simulate_ring_attn_backward
 
+CONFIG_FIELDS = ("sched_per_sm", "concurrent_dq", "concurrent_dq_max_waves")
 LINKS = {
     "NVLink4 (H100, ~450 GB/s)": 450e9,
     "PCIe Gen5 x16 (~55 GB/s)": 55e9,
@@ -65,35 +80,18 @@ LINKS = {
 }
 
 
-def _sync(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else None
+def _config(cfg):
+    return use_config(cfg) if cfg is not None else contextlib.nullcontext()
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of ``fn()`` (``triton.testing.do_bench`` on CUDA)."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=5, rep=max(25, reps * 10), return_mode="median") / 1e3
-        except ImportError:
-            pass
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` (``do_bench`` on CUDA, the host clock elsewhere)."""
+    return bench_ms(fn, warmup=5, rep=max(25, reps * 10)) / 1e3
 
 
-def full_times(q, k, v, dout, scale, reps, setups=(None,)):
-    """Per variant: (fwd, fwd+bwd) seconds of one whole-sequence call of the backend, and SDPA's fwd
-    as a baseline; ``setups`` as in ``ring_times`` (the variants' timings interleaved)."""
+def full_times(q, k, v, dout, scale, reps, configs=(None,)):
+    """Per config: (fwd, fwd+bwd) seconds of one whole-sequence call of the backend the ring uses,
+    and SDPA's fwd as a baseline; with several configs their timings are interleaved."""
     be = backend_for(q)
     kw = dict(softmax_scale=scale, causal=True)
 
@@ -111,28 +109,16 @@ def full_times(q, k, v, dout, scale, reps, setups=(None,)):
             qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True
         )
 
-    def timed(setup, fn):
+    def timed(cfg, fn):
         def run():
-            if setup is not None:
-                setup()
-            return _time(fn, q.device, reps)
+            with _config(cfg):
+                return _time(fn, q.device, reps)
 
         return run
 
-    measures = [timed(s, fn) for s in setups for fn in (fwd, fwd_bwd, sdpa)]
-    med = interleaved_medians(measures, 1 if len(setups) == 1 else 3)
-    return [tuple(med[3 * i : 3 * i + 3]) for i in range(len(setups))]
-
-
-def _set_variant(dq_beside: str, split_own: str) -> None:
-    """The Triton backward's dQ kernel beside dK/dV ("on", the default) or after it; the ring
-    backward's own block split around the remote steps ("on") or whole after them."""
-    ring_loop.SPLIT_OWN_BLOCK = split_own == "on"
-    try:
-        from ringflash.kernels import bwd
-    except ImportError:  # no Triton: the blockwise backend has no such choice
-        return
-    bwd.CONCURRENT_DQ = dq_beside == "on"
+    measures = [timed(c, fn) for c in configs for fn in (fwd, fwd_bwd, sdpa)]
+    med = interleaved_medians(measures, 1 if len(configs) == 1 else 3)
+    return [tuple(med[3 * i : 3 * i + 3]) for i in range(len(configs))]
 
 
 def _host_ahead(device: torch.device, events: bool) -> None:
@@ -143,30 +129,29 @@ def _host_ahead(device: torch.device, events: bool) -> None:
         torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at H100 clocks
 
 
-def ring_times(
-    q, k, v, dout, world, layout, scale, reps, timing="events", prefetch=DEFAULT_RING_PREFETCH, setups=(None,)
-):
-    """Per variant: (fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the
+def ring_times(q, k, v, dout, world, layout, scale, reps, timing="events", prefetch=None, configs=(None,)):
+    """Per config: (fwd, fwd+bwd) seconds of the simulated ring (``SimProfile.ring_time``), and the
     forward's and backward's per-rank profiles (``SimProfile``, medians over the repetitions).
 
     ``timing``: "events" (CUDA events, GPU time with the host running ahead, as on a real rank) or
     "wall" (host clock with a device sync around each segment: host launch time counts).
-    ``prefetch``: K/V blocks each rank's forward holds and computes at once (``ring_fwd_loop``).
-    ``setups``: one callable per variant (``None``: as is), run before each of its repetitions;
-    the variants' repetitions are interleaved, so clock drift hits them alike."""
+    ``prefetch``: K/V blocks each rank's forward holds and computes at once (None: the library's).
+    ``configs``: ``AttnConfig`` per variant (None: the library's); the variants' repetitions are
+    interleaved, so clock drift hits them alike."""
     sh = lambda x: [shard_for(x, r, world, 1, layout) for r in range(world)]  # noqa: E731
     qs, ks, vs, dos = sh(q), sh(k), sh(v), sh(dout)
-    events = timing == "events" and q.device.type == "cuda"
-    kw = dict(softmax_scale=scale, causal=True, profile=True, sync=_sync(q.device), cuda_events=events)
-    pfs, pbs = [[] for _ in setups], [[] for _ in setups]
+    cuda = q.device.type == "cuda"
+    events = timing == "events" and cuda
+    sync = torch.cuda.synchronize if cuda else None
+    kw = dict(softmax_scale=scale, causal=True, profile=True, sync=sync, cuda_events=events)
+    pfs, pbs = [[] for _ in configs], [[] for _ in configs]
     for _ in range(reps + 1):  # the first run warms up (kernel compilation)
-        for i, setup in enumerate(setups):
-            if setup is not None:
-                setup()
-            _host_ahead(q.device, events)
-            outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, prefetch=prefetch, **kw)
-            _host_ahead(q.device, events)
-            *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
+        for i, cfg in enumerate(configs):
+            with _config(cfg), use_ring_prefetch(prefetch) if prefetch else contextlib.nullcontext():
+                _host_ahead(q.device, events)
+                outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **kw)
+                _host_ahead(q.device, events)
+                *_, pb = simulate_ring_attn_backward(dos, qs, ks, vs, outs, lses, layout, **kw)
             pfs[i].append(pf)
             pbs[i].append(pb)
     res = []
@@ -201,11 +186,29 @@ def _median_profile(profiles):
     return type(profiles[0])(segs, profiles[0].after)  # the messages are the same every repetition
 
 
-def main() -> None:
+COLUMNS = [
+    ("layout", "layout", ""),
+    ("W", "world", ""),
+    ("S", "seqlen", ""),
+    ("config", "config", ""),
+    ("full fwd ms", "full_fwd_ms", ".3f"),
+    ("SDPA fwd ms", "sdpa_fwd_ms", ".3f"),
+    ("rank fwd ms", "rank_fwd_ms", ".3f"),
+    ("eff fwd", "eff_fwd", ".3f"),
+    ("lockstep", "eff_fwd_lockstep", ".3f"),
+    ("mean rank", "eff_fwd_mean", ".3f"),
+    ("full f+b ms", "full_fwd_bwd_ms", ".3f"),
+    ("rank f+b ms", "rank_fwd_bwd_ms", ".3f"),
+    ("eff f+b", "eff_fwd_bwd", ".3f"),
+    ("lockstep", "eff_fwd_bwd_lockstep", ".3f"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny CPU-sized shapes (smoke test)")
+    add_common_args(p, tiny="tiny CPU-sized shapes (a seconds-long smoke run)")
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"])
+    p.add_argument("--layouts", nargs="+", default=["zigzag", "stripe", "contiguous"])
     p.add_argument("--tokens-per-rank", type=int, default=8192)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -216,65 +219,42 @@ def main() -> None:
         "--prefetch",
         type=int,
         nargs="+",
-        default=[DEFAULT_RING_PREFETCH],
-        help="forward K/V blocks held and computed at once (a row each, one process; default: the library's)",
+        default=[0],
+        help="forward K/V blocks held and computed at once (use_ring_prefetch; 0: the library's; a row each)",
     )
-    p.add_argument(
-        "--dq-beside",
-        choices=["on", "off"],
-        nargs="+",
-        default=["on"],
-        help="backward: dQ on a second stream beside dK/dV (kernels.bwd.CONCURRENT_DQ; a row each)",
-    )
-    p.add_argument(
-        "--split-own",
-        choices=["on", "off"],
-        nargs="+",
-        default=["off"],
-        help="ring backward: own block split around the remote steps (ring_loop.SPLIT_OWN_BLOCK; a row each)",
-    )
-    p.add_argument(
-        "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="RESULTS.md to append to"
-    )
-    p.add_argument("--no-write", action="store_true", help="print only (default for --tiny)")
     p.add_argument("--segments", action="store_true", help="print each rank's forward segment times")
-    p.add_argument("--out", default=None, help="folder for ring.csv and ring.png")
     p.add_argument(
         "--timing",
         choices=["events", "wall"],
         default="events",
         help="rank segments: CUDA-event GPU time (default) or synced wall time (host launch time counts)",
     )
-    a = p.parse_args()
+    add_config_args(p, AttnConfig, CONFIG_FIELDS)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     if a.tiny:
-        a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps, a.no_write = 64, 4, 2, 32, 2, True
+        a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim, a.reps = 64, 4, 2, 32, 2
+        a.worlds = [w for w in a.worlds if w <= 4] or [2]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    versions = f"torch {torch.__version__}"
-    try:
-        import triton
-
-        versions += f", triton {triton.__version__}"
-    except ImportError:
-        pass
+    if device.type == "cpu" and dtype != torch.float32:
+        dtype, a.dtype = torch.float32, "fp32"  # the CPU backend's speed is a float32 figure
     L, Hq, Hk, D = a.tokens_per_rank, a.heads, a.kv_heads, a.head_dim
     elem = torch.finfo(dtype).bits // 8
     scale = D**-0.5
-    print(
-        f"# ring attention efficiency (simulated ring) on {dev_name}; {versions}; "
-        f"backend {backend_name(device)}"
-    )
-    print(
-        f"# causal, B=1, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens per rank; eff = t_full / (W * t_rank)"
-    )
+    variants = config_variants(AttnConfig, a, CONFIG_FIELDS)
+    configs = [cfg for _, cfg in variants]
     events = a.timing == "events" and device.type == "cuda"
-    clock = "CUDA events (GPU time)" if events else "synced wall clock"
-    print(f"# rank segments timed by {clock}")
-    hdr = f"{'layout':>13} {'W':>2} {'S':>7} | {'full fwd ms':>11} {'sdpa fwd ms':>11} {'rank fwd ms':>11} "
-    hdr += f"{'eff fwd':>7} {'lockstep':>8} {'eff mean':>8} | {'full f+b ms':>11} {'rank f+b ms':>11} "
-    hdr += f"{'eff f+b':>7} {'lockstep':>8}"
-    print(hdr)
+    info = run_info(device)
+    title = (
+        f"ring attention, simulated on one device (backend {backend_name(device)}); causal, B=1, Hq={Hq}, "
+        f"Hk={Hk}, D={D}, {a.dtype}, {L} tokens per rank; eff = t_full / (W * t_rank); rank segments "
+        + ("by CUDA events (GPU time)" if events else "by the synced wall clock")
+    )
+    print(header(title, info=info), flush=True)
     rows = []
     fwd_flops_rate = None
     for world in a.worlds:
@@ -283,44 +263,49 @@ def main() -> None:
         q, k, v, dout = (
             torch.randn(1, S, h, D, generator=g).to(device=device, dtype=dtype) for h in (Hq, Hk, Hk, Hq)
         )
-        combos = list(itertools.product(a.dq_beside, a.split_own))
-        setups = [functools.partial(_set_variant, dq, so) for dq, so in combos]
-        fulls = full_times(q, k, v, dout, scale, a.reps, setups)
+        fulls = full_times(q, k, v, dout, scale, a.reps, configs)
         fwd_flops_rate = 4 * S * S * Hq * D / 2 / fulls[0][0]  # causal: half the block
         for layout, pre in itertools.product(a.layouts, a.prefetch):
-            rings = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing, pre, setups)
-            for (dq, so), (t_full, t_full_fb, t_sdpa), (t_rank, t_rank_fb, prof, prof_b) in zip(
-                combos, fulls, rings, strict=True
+            rings = ring_times(q, k, v, dout, world, layout, scale, a.reps, a.timing, pre, configs)
+            for (label, _), (t_full, t_full_fb, t_sdpa), (t_rank, t_rank_fb, prof, prof_b) in zip(
+                variants, fulls, rings, strict=True
             ):
-                name = layout if a.prefetch == [DEFAULT_RING_PREFETCH] else f"{layout}/p{pre}"
-                name += "" if a.dq_beside == ["on"] else f"/dq-{dq}"
-                name += "" if a.split_own == ["off"] else f"/so-{so}"
                 t_mean = sum(prof.rank_time(r) for r in range(world)) / world
                 t_lock, t_lock_fb = prof.lockstep_time(), prof.lockstep_time() + prof_b.lockstep_time()
-                eff, eff_mean, eff_fb = (
-                    t_full / (world * t_rank),
-                    t_full / (world * t_mean),
-                    t_full_fb / (world * t_rank_fb),
+                row = dict(
+                    layout=layout if pre == 0 else f"{layout}/p{pre}",
+                    world=world,
+                    seqlen=S,
+                    config=label,
+                    full_fwd_ms=t_full * 1e3,
+                    sdpa_fwd_ms=t_sdpa * 1e3,
+                    rank_fwd_ms=t_rank * 1e3,
+                    eff_fwd=t_full / (world * t_rank),
+                    eff_fwd_lockstep=t_full / (world * t_lock),
+                    eff_fwd_mean=t_full / (world * t_mean),
+                    full_fwd_bwd_ms=t_full_fb * 1e3,
+                    rank_fwd_bwd_ms=t_rank_fb * 1e3,
+                    eff_fwd_bwd=t_full_fb / (world * t_rank_fb),
+                    eff_fwd_bwd_lockstep=t_full_fb / (world * t_lock_fb),
                 )
+                rows.append(row)
                 print(
-                    f"{name:>13} {world:>2} {S:>7} | {t_full * 1e3:>11.3f} {t_sdpa * 1e3:>11.3f} "
-                    f"{t_rank * 1e3:>11.3f} {eff:>7.3f} {t_full / (world * t_lock):>8.3f} {eff_mean:>8.3f} | "
-                    f"{t_full_fb * 1e3:>11.3f} {t_rank_fb * 1e3:>11.3f} {eff_fb:>7.3f} "
-                    f"{t_full_fb / (world * t_lock_fb):>8.3f}"
+                    "measured",
+                    {k: round(x, 4) if isinstance(x, float) else x for k, x in row.items()},
+                    flush=True,
                 )
-                rows.append((name, world, S, t_full, t_sdpa, t_rank, eff, t_full_fb, t_rank_fb, eff_fb))
                 if a.segments:
                     print_segments(layout, world, prof)
+    print("\n" + header(title, info=info))
+    print(format_table(rows, COLUMNS))
     print("\n# When does communication hide? Per step and rank (forward):")
     kv_bytes, blk_flops = 2 * L * Hk * D * elem, 4 * L * L * Hq * D
-    print(
-        f"#   bytes = 2*L*Hk*D*elem = {kv_bytes / 2**20:.3g} MiB; "
-        f"FLOPs <= 4*L*L*Hq*D = {blk_flops / 1e12:.3g} T"
-    )
+    print(f"#   bytes = 2*L*Hk*D*elem = {kv_bytes / 2**20:.3g} MiB", end="; ")
+    print(f"FLOPs <= 4*L*L*Hq*D = {blk_flops / 1e12:.3g} T")
     print("#   hidden when L >= Hk*elem*F / (2*c*Hq*BW); c = 1 (full block), 1/2 (causal zigzag/stripe step)")
     F = fwd_flops_rate
     print(f"#   F = {F / 1e12:.3g} TFLOP/s (the full causal forward above, at W={a.worlds[-1]})")
-    p = max(a.prefetch)
+    p = max(pre or 2 for pre in a.prefetch)
     print(
         f"#   holding p = {p} blocks (use_ring_prefetch): p blocks travel during p steps' compute, except the"
         " first p, which a rank sends during its own block (one step's work): the first step needs p x L"
@@ -331,43 +316,20 @@ def main() -> None:
             f"#   {name}: zigzag hides the K/V transfer from L >= {lmin:,.0f} tokens per rank"
             f" (its first step at p = {p}: L >= {p * lmin:,.0f})"
         )
-    if a.out:
-        _write_out(a.out, rows, f"simulated ring, {dev_name}, {versions}, Hq={Hq} Hk={Hk} D={D} {a.dtype}")
-    if not a.no_write:
-        path = Path(a.results)
-        new = not path.exists()
-        with path.open("a") as f:
-            if new:
-                f.write("# Benchmark results\n\n")
-            f.write(f"\n## bench_ring.py, {datetime.date.today()}, {dev_name}, {versions}\n\n")
-            f.write(
-                f"causal, Hq={Hq}, Hk={Hk}, D={D}, {a.dtype}, {L} tokens/rank, simulated ring on one device; "
-            )
-            f.write("eff = t_full / (W * t_rank)\n\n")
-            f.write("| layout | W | S | full fwd ms | SDPA fwd ms | rank fwd ms | eff fwd ")
-            f.write("| full f+b ms | rank f+b ms | eff f+b |\n")
-            f.write("|---|---|---|---|---|---|---|---|---|---|\n")
-            for lay, w, s, tf, ts, tr, e, tfb, trfb, efb in rows:
-                f.write(
-                    f"| {lay} | {w} | {s} | {tf * 1e3:.2f} | {ts * 1e3:.2f} | {tr * 1e3:.2f} | {e:.3f} "
-                    f"| {tfb * 1e3:.2f} | {trfb * 1e3:.2f} | {efb:.3f} |\n"
-                )
-        print(f"\nappended to {path}")
-
-
-def _write_out(out: str, rows, title: str) -> None:
-    from bench_io import plot_lines, write_csv
-
-    keys = ("layout", "world", "seqlen", "full_fwd_s", "sdpa_fwd_s", "rank_fwd_s", "eff_fwd")
-    keys += ("full_fwd_bwd_s", "rank_fwd_bwd_s", "eff_fwd_bwd")
-    write_csv(str(Path(out) / "ring.csv"), [dict(zip(keys, r, strict=True)) for r in rows])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "ring.csv", rows, info)
     series = {}
-    for lay in dict.fromkeys(r[0] for r in rows):
-        mine = [r for r in rows if r[0] == lay]
-        series[f"{lay} fwd"] = ([r[1] for r in mine], [r[6] for r in mine])
-        series[f"{lay} fwd+bwd"] = ([r[1] for r in mine], [r[9] for r in mine])
-    plot_lines(str(Path(out) / "ring.png"), series, "world size (virtual ranks)", "efficiency", title)
+    for r in rows:
+        name = r["layout"] + (f" {r['config']}" if len(variants) > 1 else "")
+        for kind, key in (("fwd", "eff_fwd"), ("fwd+bwd", "eff_fwd_bwd")):
+            xs, ys = series.setdefault(f"{name} {kind}", ([], []))
+            xs.append(r["world"])
+            ys.append(r[key])
+    title = f"simulated ring, {info['device']}, Hq={Hq} Hk={Hk} D={D} {a.dtype}, {L} tokens per rank"
+    plot_lines(out / "ring.png", series, "world size (virtual ranks)", "efficiency", title)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,18 +2,22 @@
 
 - ``ringflash demo``: train and generate with a sequence sharded over whatever hardware is there,
   checked against one process (see ``ringflash.demo.run``).
-- ``ringflash bench [attention|decode|ring|cpu]``: runs the benchmark scripts of a source
-  checkout, printing their tables and writing CSV and PNG files into a folder it names.
+- ``ringflash bench [NAME ...] [--out DIR] [--tiny]``: runs the benchmark suite of a source
+  checkout (``benchmarks/bench_NAME.py``, see ``BENCHES``), printing their tables and writing
+  their CSV and PNG files into one folder.
 - ``ringflash env``: versions, devices, distributed backends and the backend each device uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,24 +131,122 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(verdicts(results).values()) else 1
 
 
-BENCHES = ("attention", "decode", "ring", "cpu")
-_GPU_ONLY = ("attention", "decode")  # they compare with SDPA's flash and cuDNN backends: CUDA only
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One script of the suite: ``benchmarks/bench_{name}.py``.
+
+    Attributes:
+        what: what it measures (``ringflash bench --list``).
+        cuda: needs a CUDA GPU (it compares with SDPA's CUDA backends).
+        gpus: launched under torchrun with one process per GPU, on at least this many GPUs
+            (0: one process). Without CUDA such a script runs only ``--tiny``, on 2 gloo processes.
+    """
+
+    what: str
+    cuda: bool = False
+    gpus: int = 0
 
 
-def bench_commands(names, out: Path, tiny: bool, scripts: Path) -> list[list[str]]:
-    """The command line of each benchmark script, writing into ``out``."""
-    extra = {
-        "attention": ["--quick"] if tiny else [],
-        "decode": ["--quick"] if tiny else [],
-        "ring": ["--no-write"] + (["--tiny"] if tiny else []),
-        "cpu": ["--seqlen", "512", "--memory-seqlens", "512", "1024", "--repeats", "2"] if tiny else [],
-    }
-    return [[sys.executable, str(scripts / f"bench_{n}.py"), "--out", str(out), *extra[n]] for n in names]
+BENCHES = {
+    "attention": Bench("forward/backward TFLOP/s vs SDPA FA2 and cuDNN; AttnConfig variants", cuda=True),
+    "decode": Bench("decoding: graph, eager and host time per call vs SDPA cuDNN and FA2", cuda=True),
+    "ring": Bench("ring attention simulated on one device: efficiency per layout and world size"),
+    "packed": Bench("packed documents on simulated ranks: ring and all-gather vs one varlen call"),
+    "cpu": Bench("the blockwise backend vs SDPA on CPU: time and peak memory"),
+    "ring_nccl": Bench("ring attention across GPUs (NCCL) vs one GPU's kernel", gpus=2),
+    "decode_sharded_nccl": Bench("decoding with the KV cache sharded over GPUs vs one GPU", gpus=2),
+    "max_seqlen": Bench("the longest trainable sequence of one layer per GPU count vs SDPA", gpus=1),
+}
+
+
+def default_benches(cuda: bool) -> list[str]:
+    """What ``ringflash bench`` runs with no names: the one-process benchmarks of this machine."""
+    return ["attention", "decode", "ring", "packed"] if cuda else ["cpu", "ring", "packed"]
+
+
+def bench_command(name: str, out: Path, tiny: bool, scripts: Path, nproc: int) -> list[str]:
+    """The command line of benchmark ``name`` writing into ``out`` (torchrun with ``nproc``
+    processes for the multi-process ones)."""
+    cmd = [str(scripts / f"bench_{name}.py"), "--out", str(out)] + (["--tiny"] if tiny else [])
+    if BENCHES[name].gpus:
+        run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        return [sys.executable, *run, *cmd]
+    return [sys.executable, *cmd]
+
+
+def bench_refusal(name: str, tiny: bool, cuda_gpus: int, nproc: int | None) -> str | None:
+    """Why benchmark ``name`` cannot run here (None: it can), for ``cuda_gpus`` visible GPUs."""
+    b = BENCHES[name]
+    if b.cuda and not cuda_gpus:
+        return f"{name} needs a CUDA GPU (it compares with SDPA's FlashAttention-2 and cuDNN backends)"
+    if b.gpus and cuda_gpus and (nproc or cuda_gpus) < b.gpus:
+        return f"{name} needs {b.gpus} GPUs (one process each under torchrun); {cuda_gpus} visible"
+    if b.gpus and cuda_gpus and nproc and nproc > cuda_gpus:
+        return f"{name}: --nproc {nproc} but only {cuda_gpus} GPU(s) visible"
+    if b.gpus and not cuda_gpus and not tiny:
+        return f"{name} needs CUDA GPUs (without them, --tiny runs its smoke form on 2 gloo processes)"
+    return None
+
+
+_ERROR_LINE = re.compile(r"^\s*([\w.]*(Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def child_error(lines) -> str:
+    """The error a failed child reported: its last exception line (not torchrun's own wrapper), or
+    its last line of stderr."""
+    lines = [ln.rstrip() for ln in lines if ln.strip()]
+    for ln in reversed(lines):
+        m = _ERROR_LINE.match(ln)
+        if m and "ChildFailedError" not in ln and not ln.lstrip().startswith("raise "):
+            return m.group(1)
+    return lines[-1].strip() if lines else "no output on stderr"
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run ``cmd`` with its stdout and stderr passed through as they come; ``(exit code, the
+    child's error line)`` (empty when it succeeded)."""
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(line)
+    rc = proc.wait()
+    return rc, child_error(tail) if rc else ""
+
+
+def run_benches(names, out: Path, tiny: bool, scripts: Path, nproc: int) -> int:
+    """Run each benchmark in turn into ``out``; a failure is reported with the child's own error
+    and the rest still run. Returns 0 if all succeeded, else 1."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(scripts.parent), os.environ.get("PYTHONPATH")) if p)
+    failed = []
+    for name in names:
+        print(f"== ringflash bench {name}", flush=True)
+        rc, err = run_child(bench_command(name, out, tiny, scripts, nproc), env)
+        if rc:
+            failed.append(name)
+            print(f"ringflash bench: {name} failed (exit {rc}): {err}", file=sys.stderr, flush=True)
+    written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    print(f"results written to {out}/: " + (", ".join(written) or "nothing"))
+    if failed:
+        print(f"ringflash bench: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.list:
+        width = max(map(len, BENCHES))
+        for name, b in BENCHES.items():
+            needs = (
+                "CUDA GPU" if b.cuda else f"torchrun, {b.gpus}+ GPU(s) or --tiny on CPU" if b.gpus else "any"
+            )
+            print(f"{name:<{width}}  {b.what} [{needs}]")
+        return 0
     scripts = Path(__file__).resolve().parent.parent / "benchmarks"
     if not scripts.is_dir():
         print(
@@ -160,29 +262,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    cuda = torch.cuda.is_available()
-    names = args.which or (["attention", "decode", "ring"] if cuda else ["cpu", "ring"])
-    if not cuda and any(n in _GPU_ONLY for n in names):
-        bad = ", ".join(n for n in names if n in _GPU_ONLY)
-        print(
-            f"ringflash bench: {bad} needs a CUDA GPU (it compares with SDPA's flash and cuDNN backends); "
-            "on CPU run `ringflash bench cpu ring`",
-            file=sys.stderr,
-        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = args.which or default_benches(gpus > 0)
+    refusals = [r for r in (bench_refusal(n, args.tiny, gpus, args.nproc) for n in names) if r]
+    if refusals:
+        for r in refusals:
+            print(f"ringflash bench: {r}", file=sys.stderr)
+        if not gpus:
+            print(f"on CPU run `ringflash bench {' '.join(default_benches(False))}`", file=sys.stderr)
         return 2
-    out = Path(args.out or f"ringflash-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(scripts.parent), os.environ.get("PYTHONPATH", "")])
-    )
-    for name, cmd in zip(names, bench_commands(names, out, args.tiny, scripts), strict=True):
-        print(f"== ringflash bench {name}", flush=True)
-        rc = subprocess.run(cmd, env=env).returncode
-        if rc != 0:
-            print(f"ringflash bench: {name} failed (exit {rc})", file=sys.stderr)
-            return rc
-    print(f"results written to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
-    return 0
+    out = Path(args.out or f"ringflash-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    return run_benches(names, out, args.tiny, scripts, args.nproc or gpus or 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,11 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument(
         "which",
         nargs="*",
-        metavar="{attention,decode,ring,cpu}",
-        help="default: attention decode ring on a GPU, cpu ring on CPU",
+        metavar="NAME",
+        help=f"of {', '.join(BENCHES)} (default: {' '.join(default_benches(True))} on a GPU, "
+        f"{' '.join(default_benches(False))} on CPU)",
     )
     p_bench.add_argument("--out", default=None, help="folder for the results (default: a new dated folder)")
-    p_bench.add_argument("--tiny", action="store_true", help="a short sweep (smoke test)")
+    p_bench.add_argument("--tiny", action="store_true", help="each benchmark's smallest run (a smoke test)")
+    p_bench.add_argument(
+        "--nproc", type=int, default=None, help="processes of torchrun benchmarks (default: GPUs)"
+    )
+    p_bench.add_argument("--list", action="store_true", help="list the benchmarks and what they need")
     p_bench.set_defaults(func=_cmd_bench)
     p_env = sub.add_parser("env", help="versions, devices and the backend each function uses")
     p_env.set_defaults(func=_cmd_env)
