@@ -494,7 +494,7 @@ def gpu_configs():
     """``RINGFLASH_TEST_CONFIGS=one`` pins each autotuned kernel to one tile config, its smallest
     (the head-dim-256 tile, which fits every case): the cases then compile once per variant instead
     of autotuning every shape (about a minute per case). The other configs' numerics are covered by
-    ``benchmarks/sweep_bwd.py`` and the benchmarks' error columns."""
+    the backward tile sweep (docs/performance.md) and the benchmarks' error columns."""
     if os.environ.get("RINGFLASH_TEST_CONFIGS") != "one":
         yield
         return

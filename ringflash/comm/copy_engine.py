@@ -3,7 +3,7 @@
 NCCL's send/recv runs as a kernel, which needs SMs: posted while the attention kernel of a ring
 step holds every SM, it starts only when that kernel's last thread blocks are issued, so the next
 block arrives after the step's compute instead of during it (measured: a 32 MiB transfer that
-takes 0.2 ms alone takes 2.1 ms under attention, ``benchmarks/probe_p2p.py``). Here the transfer
+takes 0.2 ms alone takes 2.1 ms under attention; docs/performance.md). Here the transfer
 is a peer-to-peer DMA copy into the next rank's buffer (PyTorch symmetric memory, one node) and
 its completion a flag that the copy's stream writes into the receiver's signal pad
 (``cuStreamWriteValue32``): neither uses an SM, and the copy runs alongside the attention kernel

@@ -81,7 +81,7 @@ def _delta_kernel(
 
 
 # Tile configs (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, from timing every config of each
-# kernel alone on an H100 (benchmarks/sweep_bwd.py; docs/performance.md). At head dims 64 and 128 the
+# kernel alone on an H100 (docs/performance.md, "Backward tile tables"). At head dims 64 and 128 the
 # dK/dV kernel is fastest with 64 resident k/v rows and 4 warps for non-causal masks; causal masks
 # favour 128 streamed rows (head dim 64) or 8 warps over 128 resident rows (head dim 128, long
 # sequences). (BLOCK_M 64, BLOCK_N 128, 8 warps, 2 stages) is left out of the dK/dV lists: on an H100
