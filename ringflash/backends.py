@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from . import blockwise
+from . import blockwise, blockwise_cache
 from .blockwise import BlockwiseConfig
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 
@@ -147,10 +147,10 @@ class TorchBackend(Backend):
 
     def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, **kw):
         cfg = current_config(BlockwiseConfig)
-        return blockwise.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
+        return blockwise_cache.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
-        blockwise.append_kv(
+        blockwise_cache.append_kv(
             k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, cache_batch_idx=cache_batch_idx
         )
 

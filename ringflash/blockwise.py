@@ -275,18 +275,42 @@ class _Target:
         self.accumulate = accumulate
 
 
-def _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    diags = diag_offset.tolist() if isinstance(diag_offset, torch.Tensor) else diag_offset
-    for b in range(len(cq) - 1):
-        d = diags[b] if diags is not None else (ck[b + 1] - ck[b]) - (cq[b + 1] - cq[b])
-        yield cq[b], cq[b + 1], ck[b], ck[b + 1], d
+@dataclass(frozen=True)
+class _Problem:
+    """Which keys each query sees, shared by ``attn_fwd`` and ``attn_bwd``: the keyword arguments
+    of ``_problem``."""
+
+    scale: float
+    causal: bool
+    window_size: tuple
+    softcap: float
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    diag_offset: object
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def mask(self):
+        return self.scale, self.causal, self.window_size, self.softcap
+
+    def pieces(self, q_len: int, k_len: int):
+        """``(q rows, k rows, diag)`` of each dense piece: one for a padded batch (rows ``None``:
+        all of them), one per sequence for a packed one."""
+        if not self.packed:
+            diag = k_len - q_len if self.diag_offset is None else int(self.diag_offset)
+            yield None, None, diag
+            return
+        cq, ck = self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist()
+        d = self.diag_offset
+        diags = d.tolist() if isinstance(d, torch.Tensor) else d
+        for b in range(len(cq) - 1):
+            diag = diags[b] if diags is not None else (ck[b + 1] - ck[b]) - (cq[b + 1] - cq[b])
+            yield slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), diag
 
 
-def attn_fwd(
-    q,
-    k,
-    v,
+def _problem(
     *,
     softmax_scale,
     causal=False,
@@ -297,53 +321,55 @@ def attn_fwd(
     max_seqlen_q=None,
     max_seqlen_k=None,
     diag_offset=None,
-    out=None,
-    lse=None,
-    merge=True,
-    config: BlockwiseConfig | None = None,
-):
+) -> _Problem:
+    """The arguments ``attn_fwd`` and ``attn_bwd`` share (the kernels' names). ``max_seqlen_*`` are
+    accepted for the interface and unused: every piece is cut from ``cu_seqlens_*`` exactly."""
+    window = tuple(window_size)
+    return _Problem(softmax_scale, causal, window, softcap, cu_seqlens_q, cu_seqlens_k, diag_offset)
+
+
+def _rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """Rows of a padded ``[B, S, ...]`` tensor (``rows`` None: all), or one packed sequence's rows
+    of ``[T, ...]`` as a batch of one."""
+    return x if rows is None else x[None, rows]
+
+
+def _lse_rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """The same for an LSE-shaped tensor (``[B, H, S]`` padded, ``[H, T]`` packed)."""
+    return x if rows is None else x[:, rows].unsqueeze(0)
+
+
+def attn_fwd(q, k, v, *, out=None, lse=None, merge=True, config: BlockwiseConfig | None = None, **problem):
     """Forward attention returning ``(out, lse)``.
 
     Padded: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, *]``, lse ``[B, Hq, Sq]``. Packed (``cu_seqlens_*``
-    given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``diag_offset`` is the key
-    index aligned with query 0 (an int, or one per packed sequence); by default ``Sk - Sq`` per
-    sequence. With ``out``/``lse`` given (float32), the result is merged into them in place
-    (accumulate mode; ``merge=False``: written over them) and they are returned; otherwise ``out``
-    is in ``q.dtype``, ``lse`` float32. Inputs are trusted (the public functions in
-    ``ringflash.ops`` validate them); any strides are taken. ``config``: tiles (default
-    ``BlockwiseConfig()``).
+    given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``problem``: ``softmax_scale``
+    and optionally ``causal``, ``window_size``, ``softcap``, ``cu_seqlens_q``/``_k``,
+    ``max_seqlen_q``/``_k``, ``diag_offset`` (the key index aligned with query 0: an int, or one
+    per packed sequence; by default ``Sk - Sq`` per sequence). With ``out``/``lse`` given (float32),
+    the result is merged into them in place (accumulate mode; ``merge=False``: written over them)
+    and they are returned; otherwise ``out`` is in ``q.dtype``, ``lse`` float32. Inputs are trusted
+    (the public functions in ``ringflash.ops`` validate them); any strides are taken. ``config``:
+    tiles (default ``BlockwiseConfig()``).
     """
     cfg = config or DEFAULT_CONFIG
+    p = _problem(**problem)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     given = out is not None
     accumulate = given and merge
-    Dv = v.shape[-1]
     if not given:
-        out = torch.empty(q.shape[:-1] + (Dv,), dtype=torch.float32, device=q.device)
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
+        lse_shape = (q.shape[1], q.shape[0]) if p.packed else (q.shape[0], q.shape[2], q.shape[1])
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    args = (softmax_scale, causal, window_size, softcap)
-    if cu_seqlens_q is None:
-        diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
-        _fwd_dense(q, k, v, *args, diag, _Target(out, accumulate), lse, cfg)
-    else:
-        for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
-            lse_seg = lse[:, qa:qb].unsqueeze(0)
-            if kb == ka:
-                if not accumulate:
-                    out[qa:qb].zero_()
-                    lse_seg.fill_(-math.inf)
-                continue
-            _fwd_dense(
-                q[None, qa:qb],
-                k[None, ka:kb],
-                v[None, ka:kb],
-                *args,
-                d,
-                _Target(out[None, qa:qb], accumulate),
-                lse_seg,
-                cfg,
-            )
+    for qr, kr, diag in p.pieces(q.shape[1], k.shape[1]):
+        out_p, lse_p = _rows(out, qr), _lse_rows(lse, qr)
+        kp = _rows(k, kr)
+        if kp.shape[1] == 0:  # a packed sequence with no keys
+            if not accumulate:
+                out_p.zero_()
+                lse_p.fill_(-math.inf)
+            continue
+        _fwd_dense(_rows(q, qr), kp, _rows(v, kr), *p.mask(), diag, _Target(out_p, accumulate), lse_p, cfg)
     if given:
         return out, lse
     return out.to(q.dtype), lse
@@ -357,59 +383,43 @@ def attn_bwd(
     out,
     lse,
     *,
-    softmax_scale,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    diag_offset=None,
     delta=None,
     dq=None,
     dk=None,
     dv=None,
     config: BlockwiseConfig | None = None,
+    **problem,
 ):
     """Backward of ``attn_fwd`` from the saved ``(out, lse)``; returns ``(dq, dk, dv)``.
 
-    ``out`` and ``lse`` are the final (fully merged) forward results; ``delta`` (rowsum of
-    ``dout * out``, laid out like ``lse``) is computed when not given. With float32 ``dq``/``dk``/
-    ``dv`` given, gradients are added into them and they are returned (ring steps); otherwise the
-    gradients come back in the inputs' dtypes.
+    ``problem``: as for ``attn_fwd``. ``out`` and ``lse`` are the final (fully merged) forward
+    results; ``delta`` (rowsum of ``dout * out``, laid out like ``lse``) is computed when not given.
+    With float32 ``dq``/``dk``/``dv`` given, gradients are added into them and they are returned
+    (ring steps); otherwise the gradients come back in the inputs' dtypes.
     """
     cfg = config or DEFAULT_CONFIG
+    p = _problem(**problem)
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     accumulate = dq is not None
     if delta is None:
-        delta = attn_bwd_delta(dout, out, packed=cu_seqlens_q is not None)
+        delta = attn_bwd_delta(dout, out, packed=p.packed)
     if not accumulate:
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    args = (softmax_scale, causal, window_size, softcap)
-    if cu_seqlens_q is None:
-        diag = k.shape[1] - q.shape[1] if diag_offset is None else int(diag_offset)
-        _bwd_dense(dout, q, k, v, lse, delta, *args, diag, dq, dk, dv, cfg)
-    else:
-        for qa, qb, ka, kb, d in _segments(cu_seqlens_q, cu_seqlens_k, diag_offset):
-            if kb == ka or qb == qa:
-                continue
-            _bwd_dense(
-                dout[None, qa:qb],
-                q[None, qa:qb],
-                k[None, ka:kb],
-                v[None, ka:kb],
-                lse[:, qa:qb].unsqueeze(0),
-                delta[:, qa:qb].unsqueeze(0),
-                *args,
-                d,
-                dq[None, qa:qb],
-                dk[None, ka:kb],
-                dv[None, ka:kb],
-                cfg,
-            )
+        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    for qr, kr, diag in p.pieces(q.shape[1], k.shape[1]):
+        _bwd_dense(
+            _rows(dout, qr),
+            _rows(q, qr),
+            _rows(k, kr),
+            _rows(v, kr),
+            _lse_rows(lse, qr),
+            _lse_rows(delta, qr),
+            *p.mask(),
+            diag,
+            _rows(dq, qr),
+            _rows(dk, kr),
+            _rows(dv, kr),
+            cfg,
+        )
     if accumulate:
         return dq, dk, dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -419,126 +429,3 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
     """``rowsum(dout * out)`` in float32, laid out like the LSE (``[B, H, S]`` or ``[H, T]``)."""
     d = (dout.float() * out.float()).sum(-1)
     return d.transpose(-1, -2).contiguous() if packed else d.transpose(1, 2).contiguous()
-
-
-# ------------------------------------------------------------------------------ KV-cache decoding
-
-
-def _cache_capacity(k_cache, block_table) -> int:
-    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-
-
-def _clamped_lens(cache_seqlens, capacity: int, n_new: int) -> torch.Tensor:
-    """``cache_seqlens`` as int64 clamped so an append of ``n_new`` fits (a no-op for checked
-    values; the Triton kernels clamp the same way), so nothing outside the cache is touched."""
-    return cache_seqlens.long().clamp(0, max(capacity - n_new, 0))
-
-
-def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
-    """Write ``k``/``v`` ``[B, Snew, Hk, D]`` at ``cache_seqlens[b] + [0, Snew)`` of each row, in place.
-
-    Positions are computed on the device (no host sync), clamped into the cache.
-    """
-    B, n_new = k.shape[0], k.shape[1]
-    if n_new == 0 or B == 0:
-        return
-    dev, n_rows = k.device, k_cache.shape[0]
-    pos = _clamped_lens(cache_seqlens, _cache_capacity(k_cache, block_table), n_new)[:, None]
-    pos = pos + torch.arange(n_new, device=dev)[None, :]  # [B, Snew]
-    if block_table is not None:
-        page = k_cache.shape[1]
-        rows = torch.gather(block_table.long(), 1, pos // page).clamp(0, n_rows - 1)
-        slots = pos % page
-    else:
-        base = (
-            cache_batch_idx.long().clamp(0, n_rows - 1)
-            if cache_batch_idx is not None
-            else torch.arange(B, device=dev)
-        )
-        rows = base[:, None].expand(-1, n_new)
-        slots = pos
-    k_cache[rows, slots] = k
-    v_cache[rows, slots] = v
-
-
-def decode_fwd(
-    q,
-    k_cache,
-    v_cache,
-    cache_seqlens,
-    *,
-    n_new=0,
-    k_new=None,
-    v_new=None,
-    block_table=None,
-    cache_batch_idx=None,
-    softmax_scale,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    num_splits=0,
-    diag_offset=None,
-    out_dtype=None,
-    config: BlockwiseConfig | None = None,
-    cache_leftpad=None,
-):
-    """Attention of ``q [B, Sq, Hq, D]`` over a KV cache, one batch row at a time; the interface of
-    ``ringflash.kernels.decode.decode_fwd`` (``cache_leftpad``: row ``b``'s keys start at slot
-    ``cache_leftpad[b]``).
-
-    With ``k_new``/``v_new`` ``[B, Snew, Hk, D]`` they are first written at ``cache_seqlens[b]``
-    (``append_kv``); without them the cache already holds ``n_new`` new tokens after
-    ``cache_seqlens[b]``. Row ``b`` attends to its first ``cache_seqlens[b] + Snew`` keys, the key
-    range cut into ``num_splits`` pieces merged exactly. ``diag_offset``: int32 ``[B]`` key index
-    aligned with query token 0 (sharded caches), or None for bottom-right alignment.
-
-    Returns:
-        ``(out [B, Sq, Hq, D] in out_dtype (default q's), lse [B, Hq, Sq] float32)``.
-    """
-    cfg = config or DEFAULT_CONFIG
-    if k_new is not None:
-        n_new = k_new.shape[1]
-        append_kv(
-            k_cache,
-            v_cache,
-            k_new,
-            v_new,
-            cache_seqlens,
-            block_table=block_table,
-            cache_batch_idx=cache_batch_idx,
-        )
-    B, Sq, Hq, D = q.shape
-    out = torch.zeros((B, Sq, Hq, v_cache.shape[-1]), dtype=torch.float32, device=q.device)
-    lse = torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=q.device)
-    capacity, n_rows = _cache_capacity(k_cache, block_table), k_cache.shape[0]
-    lens = (_clamped_lens(cache_seqlens, capacity, n_new) + n_new).tolist()
-    diags = diag_offset.tolist() if diag_offset is not None else [n - Sq for n in lens]
-    pads = cache_leftpad.tolist() if cache_leftpad is not None else [0] * B
-    for b, n in enumerate(lens):
-        lp = min(max(pads[b], 0), n)
-        if n == lp:
-            continue
-        if block_table is not None:
-            page = k_cache.shape[1]
-            pages = block_table[b, : math.ceil(n / page)].long().clamp(0, n_rows - 1)
-            kb, vb = k_cache[pages].flatten(0, 1)[lp:n], v_cache[pages].flatten(0, 1)[lp:n]
-        else:
-            row = int(cache_batch_idx[b].clamp(0, n_rows - 1)) if cache_batch_idx is not None else b
-            kb, vb = k_cache[row, lp:n], v_cache[row, lp:n]
-        n, diag = n - lp, diags[b] - lp  # key index 0 is now slot lp
-        step = math.ceil(n / max(1, min(num_splits or 1, n)))
-        for j0 in range(0, n, step):  # each split merged into the float32 state exactly
-            attn_fwd(
-                q[b : b + 1],
-                kb[None, j0 : j0 + step],
-                vb[None, j0 : j0 + step],
-                softmax_scale=softmax_scale,
-                causal=causal,
-                window_size=window_size,
-                softcap=softcap,
-                diag_offset=diag - j0,
-                out=out[b : b + 1],
-                lse=lse[b : b + 1],
-                config=cfg,
-            )
-    return out.to(out_dtype or q.dtype), lse

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ringflash"
 LAYERS = [
     ("ringflash.kernels",),
     ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks", "ringflash.rotary"),
-    ("ringflash.blockwise",),
+    ("ringflash.blockwise", "ringflash.blockwise_cache"),
     ("ringflash.backends",),
     ("ringflash.ops", "ringflash.decode", "ringflash.forms"),
     ("ringflash.comm",),
