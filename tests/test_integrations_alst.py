@@ -227,3 +227,23 @@ def test_shard_batch_without_a_group():
     assert out["shift_labels"].tolist() == [[*sample["labels"][0, 1:].tolist(), -100]]
     with pytest.raises(ValueError, match="input_ids"):
         training.shard_batch({"input_ids": sample["input_ids"], "labels": sample["labels"][:, :5]})
+
+
+def test_tiled_mlp_and_tiled_loss_match_the_plain_model():
+    """DeepSpeed's TiledMLP (patched into this model's MLPs only) and TiledFusedLogitsLoss through
+    ``training``: the loss and every gradient equal the plain model's, one process."""
+    model, ref = _tiny_llama("sdpa"), _tiny_llama("sdpa")
+    batch = training.shard_batch(_sample(3, 40, [17, 23]))
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    want = training.sequence_parallel_loss(ref(**kw).logits, batch["shift_labels"])
+    want.backward()
+    assert training.tile_mlps(model, shards=3) == 2
+    hidden = model.model(**kw)[0]
+    got = training.tiled_causal_lm_loss(model.lm_head, hidden, batch["shift_labels"], shards=4)
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-6, (got.item(), want.item())
+    for (name, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        err = (p.grad - pr.grad).abs().max().item()
+        assert err < 1e-6, f"grad of {name} differs by {err:.3g}"
+    out = ref.model.layers[0].mlp(hidden.detach())  # the reference's MLP class is untouched
+    assert not hasattr(ref.model.layers[0].mlp, "_untiled_forward") and out.shape == hidden.shape

@@ -15,10 +15,11 @@ UlyssesSPDataLoaderAdapter``); ``shard_batch`` applies it to a batch that every 
 The loss is the mean over the valid labels of the whole sequence: each rank sums the cross-entropy
 of its own tokens and divides by the group's count of valid labels (one small gather), so the
 ranks' terms add up to the loss and their gradients add up to its gradient. A gradient reducer
-that AVERAGES over the sequence-parallel ranks (FSDP2's ``fully_shard``, DeepSpeed without a
-sequence-parallel ``mpu``) needs each term multiplied by ``W`` (``grad_average=True``); one that
-sums them (DeepSpeed given ALST's ``mpu``: ZeRO divides by the data-parallel size only; a manual
-``all_reduce``) takes the terms as they are.
+that AVERAGES over the sequence-parallel ranks needs each term multiplied by ``W``
+(``grad_average=True``); one that sums them takes the terms as they are. Measured with DeepSpeed
+0.19 on gloo: FSDP2's ``fully_shard`` and DeepSpeed given no ``mpu`` average (every ZeRO stage);
+DeepSpeed given ALST's ``mpu`` sums over the sequence-parallel ranks at ZeRO-1/2 but averages at
+ZeRO-3.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def sequence_parallel_loss(
         shift_labels: ``[B, S/W]`` from ``shard_batch`` (or ALST's adapter), -100 where ignored.
         group: the sequence-parallel group.
         grad_average: the gradient reducer averages over the group's ranks (FSDP2, DeepSpeed
-            without ALST's mpu): the term is multiplied by ``W`` so the average is the gradient.
+            without an mpu, ZeRO-3 with ALST's): the term is multiplied by ``W`` so the average is
+            the gradient.
 
     Returns:
         A scalar to ``backward()``; ``loss_value(term, group, grad_average)`` is the loss itself.
