@@ -153,7 +153,7 @@ def ds_config(args, dtype, device) -> dict:
                 "weight_decay": 0.0,
                 "torch_adam": device.type == "cpu",
             },
-        },  # fmt: skip
+        },
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": device.type == "cuda",
         "bf16": {"enabled": dtype == torch.bfloat16},
