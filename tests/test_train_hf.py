@@ -5,7 +5,9 @@ where it starts on CPU); the example checks its last step against one process an
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,11 @@ def _run(cmd: list[str], timeout: float = 180) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}"
+    # The lines that say why (a rank's error or abort), then the end of the output.
+    why = "\n".join(ln for ln in out.splitlines() if re.search(r"Error|error:|terminate|what\(\)", ln))
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} exited {proc.returncode}:\n{why[-3000:]}\n...\n{out[-3000:]}"
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     assert len(lines) == 1 and lines[0].startswith("PASS"), out[-4000:]
     return proc.stdout
@@ -66,6 +72,10 @@ def test_train_hf_llama_alst_zero3_on_cpu_script():
 def test_train_hf_llama_under_the_deepspeed_launcher():
     """The deepspeed launcher itself (DeepSpeed's CPU accelerator counts the CPU ranks as devices):
     ALST with ZeRO-3 and the optimizer state offloaded."""
-    cmd = ["deepspeed", "--num_gpus", "2", "launch/train_hf_llama.py", "--attn", "alst", "--zero", "3"]
+    with socket.socket() as s:  # the launcher's default port (29500) may be taken by another job
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port]
+    cmd += ["launch/train_hf_llama.py", "--attn", "alst", "--zero", "3"]
     out = _run([*cmd, "--offload", *TINY])
     assert "attn alst, ZeRO-3 + offload" in out, out
