@@ -1,6 +1,6 @@
-"""Hugging Face transformers attention backend: sequence-parallel (ring / Ulysses / all-gather)
-attention for any model that dispatches through ``transformers.AttentionInterface`` (Llama,
-Mistral, Qwen2, Gemma, ...).
+"""Hugging Face transformers attention backend: sequence-parallel (ring / Ulysses / hybrid /
+all-gather) attention for any model that dispatches through ``transformers.AttentionInterface``
+(Llama, Mistral, Qwen2, Gemma, ...).
 
 ``register(group, layout, method)`` registers an attention function and returns its name; build the
 model with ``attn_implementation=name``. Each rank then feeds its own shard of the sequence
@@ -8,6 +8,11 @@ model with ``attn_implementation=name``. Each rank then feeds its own shard of t
 gets back its shard of the full model's logits; gradients are those of the full model once summed
 over the ranks. ``method="local"`` registers plain local attention even where a process group exists
 (for a sequence-parallel wrapper that gathers the sequence itself, such as DeepSpeed's ALST).
+
+``method="hybrid"`` runs Ulysses inside groups of ``U = gcd(Hq, W)`` consecutive ranks and the ring
+across them (``ringflash.parallel.hybrid``), so the degree ``W`` may exceed the KV and query head
+counts. Its layout is contiguous, which is exactly the sharding of DeepSpeed's ALST data loader
+adapter (rank r holds tokens ``[r*S/W, (r+1)*S/W)``); ``U = W`` is plain Ulysses, ``U = 1`` the ring.
 
 Packed documents (one row holding several documents) are recognised as transformers marks them:
 ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments (``DataCollatorWithFlattening(
@@ -32,13 +37,15 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from ..comm.groups import group_rank_world
+from ..comm.agree import agree
+from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
+from ..parallel.hybrid import usp_degrees
 from ..parallel.ring_attn import RING_FUNCS, ring_attention
 from ..parallel.ulysses import sp_attention
 from .packing import global_cu_seqlens
 
-METHODS = ("ring", "ulysses", "allgather", "local")
+METHODS = ("ring", "ulysses", "hybrid", "allgather", "local")
 _REGISTERED: dict[tuple, str] = {}
 _COUNTER = itertools.count(1)
 _PACK_HINT = (
@@ -80,8 +87,38 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
     if layout not in RING_FUNCS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {tuple(RING_FUNCS)}")
-    if method == "ulysses" and layout != "contiguous":
-        raise ValueError("Ulysses shards the sequence contiguously: use layout='contiguous'")
+    if method in ("ulysses", "hybrid") and layout != "contiguous":
+        raise ValueError(f"{method} shards the sequence contiguously: use layout='contiguous'")
+    grids: dict[tuple[int, int], tuple] = {}  # (U, R) -> (ulysses, ring) groups, built on first use
+
+    def hybrid(q, k, v, opts, g, rank, world, error):
+        """Ulysses over U = gcd(Hq, W) consecutive ranks x the ring over W / U (one sequence per row)."""
+        plan, err = None, error
+        if not err:
+            if isinstance(q, torch.Tensor) and q.dim() == 4:
+                plan = usp_degrees(q.shape[2], world)
+            else:
+                err = "query must be a [B, S, H, D] tensor"
+        if plan is not None and plan[1] == 1:  # Ulysses over the whole group
+            return sp_attention(
+                "ulysses_attn_func", q, k, v, opts, False, False, (g, rank, world), None, "contiguous"
+            )
+        if plan is not None and plan[0] == 1:  # no head to split: the ring
+            return ring_attention(
+                RING_FUNCS["contiguous"].__name__, q, k, v, "contiguous", opts, False, group
+            )
+        # The grid follows the head count, so the ranks agree on it (and on any error found here)
+        # over the whole group before its groups are built; a rank that planned Ulysses or the ring
+        # meets this gather with the same single gather of its own agreement.
+        fields = {}
+        if err is None:
+            shapes = (tuple(q.shape), tuple(k.shape), str(q.dtype))
+            fields = {"hybrid plan (ulysses, ring)": plan, "shapes": shapes}
+        agree([(g, world)], err, fields, "the sequence-parallel group")
+        if plan not in grids:  # only this group's ranks take part (local synchronisation)
+            grids[plan] = tuple(build_usp_groups(*plan, group, local_sync=True))
+        uly, ring = (group_rank_world(x) for x in grids[plan])
+        return sp_attention("usp_attn_func", q, k, v, opts, False, False, uly, ring, "contiguous")
 
     def attention(
         module,
@@ -125,6 +162,8 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             cud, n = cu.to(q.device), _longest(cu)
             return flash_attn_varlen_func(q[0], k[0], v[0], cud, cud, n, n, **kw).unsqueeze(0), None
         if cu is None:  # one sequence per row
+            if method == "hybrid":
+                return hybrid(q, k, v, opts, g, rank, world, error), None
             if method == "ulysses":
                 out = sp_attention(
                     "ulysses_attn_func",
@@ -174,7 +213,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 cu,
                 _longest(cu),
                 error=error,
-                method=method,
+                method="ring" if method == "hybrid" else method,  # the hybrid takes no documents
             )
         return out.unsqueeze(0), None
 
@@ -195,6 +234,8 @@ def register(
         layout: how each rank's ``input_ids`` were sharded: ``"contiguous"`` (rank r holds
             ``[r*S/W, (r+1)*S/W)``), ``"zigzag"`` or ``"stripe"`` (``ringflash.parallel.shard``).
         method: ``"ring"`` (any head count), ``"ulysses"`` (heads must divide by W; contiguous),
+            ``"hybrid"`` (Ulysses over ``gcd(Hq, W)`` consecutive ranks x the ring across them, any
+            head count; contiguous; a packed batch runs the ring over the whole group),
             ``"allgather"`` (packed documents: the stream's K/V gathered, see
             ``ring_flash_attn_varlen_func``; a batch of single sequences runs the ring) or
             ``"local"`` (plain local attention on every rank, whatever the group: for a wrapper that

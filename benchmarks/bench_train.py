@@ -1,0 +1,524 @@
+# ruff: noqa: N803 (S: the sequence length, as in the docstrings)
+"""Training a whole Llama on long sequences, per method: the longest sequence that trains and the
+tokens per second per GPU, for every sequence-parallel attention in the same run.
+
+    torchrun --nproc_per_node 8 benchmarks/bench_train.py --layers 4 --out train     # Llama-3-8B arch
+    torchrun --nproc_per_node 8 benchmarks/bench_train.py --lengths 65536 262144 --offload
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --tiny       # a smoke run (CPU/gloo too)
+
+Methods (the same model, sharding and memory tricks; only the attention differs):
+
+    ring              ringflash's transformers backend, ``method="ring"`` (contiguous shards)
+    hybrid            ringflash, ``method="hybrid"``: Ulysses over gcd(Hq, W) ranks x the ring (Ulysses
+                      when the heads divide by W)
+    alst-sdpa         DeepSpeed's ALST (``UlyssesSPAttentionHF``) with PyTorch SDPA as its core
+                      (needs Hq % W == 0 and Hk % W == 0 or W % Hk == 0)
+    alst-ringflash    ALST with ringflash's local kernels as its core (same limits)
+    context-parallel  ``torch.distributed.tensor.experimental.context_parallel`` around the model's SDPA
+                      (its load-balanced shards; CUDA SDPA kernels only)
+
+The model is a ``LlamaForCausalLM`` built from a config (default: Llama-3-8B's architecture), bf16
+compute with float32 master weights, float32 AdamW state and float32 gradient reduction, sharded by
+FSDP2 (``fully_shard`` per decoder layer and the root) over the W GPUs (``--offload``: parameters,
+gradients and optimizer state on the CPU), activation checkpointing per decoder layer, and
+DeepSpeed's TiledMLP and TiledFusedLogitsLoss (``--no-tiled``: the plain MLP and full logits). One
+row of S tokens per step, sharded over the W ranks (``S / W`` tokens each); one step = forward,
+backward and AdamW step.
+
+Longest sequence: S doubles from ``--start`` until a step fails (out of memory, caught on every rank)
+or takes over ``--max-step-s``, then bisection to ``--resolution``; the row says what limited it:
+for an out-of-memory step, the allocation that failed and where, and the largest live block then.
+Throughput: at each of ``--lengths``, the median of ``--steps`` timed steps after ``--warmup``;
+tokens/s per GPU = S / step time / W, with the peak memory (the slowest / largest rank's).
+
+``--layers N`` below the model's depth D runs N layers, then every throughput length again at N/2:
+per-layer time and memory = their difference / (N - N/2), and the figures printed for D layers are
+that extrapolation (marked ``~``). The longest length is then searched at N layers; for D layers it is
+predicted from a linear fit of the peak in S at both depths (memory grows linearly in S here: no
+method keeps an S x S tensor) against the GPU's memory less ``--reserve`` GiB.
+
+A probe where only some ranks run out of memory can leave the others in a collective: the process
+group's timeout (``--timeout-s``) then ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.util
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from bench_io import write_csv
+
+METHODS = ("ring", "hybrid", "alst-sdpa", "alst-ringflash", "context-parallel")
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 8
+    intermediate: int = 14336
+    vocab: int = 128256
+
+
+TINY = Arch(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=256)
+
+
+def not_applicable(method: str, arch: Arch, world: int, device) -> str | None:
+    """Why ``method`` cannot run here, or None."""
+    if method.startswith("alst") and importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed"
+    if method.startswith("alst") and world == 1:
+        return "ALST's register_with_transformers does nothing for one rank"
+    if method.startswith("alst") and (
+        arch.heads % world or not (arch.kv_heads % world == 0 or world % arch.kv_heads == 0)
+    ):
+        return f"ALST needs q heads ({arch.heads}) % W == 0 and KV heads ({arch.kv_heads}) % W or W % KV == 0"
+    if method == "context-parallel" and device.type != "cuda":
+        return "context_parallel shards only CUDA SDPA kernels"
+    return None
+
+
+def plan(method: str, arch: Arch, world: int) -> str:
+    """How the attention is split over the W ranks."""
+    if method == "hybrid":
+        from ringflash.parallel.hybrid import usp_degrees
+
+        u, r = usp_degrees(arch.heads, world)
+        return f"ulysses {u} x ring {r}"
+    if method.startswith("alst"):
+        return f"ulysses {world}"
+    return f"ring {world}" if method == "ring" else f"ring {world} (load-balanced)"
+
+
+class LossModel(torch.nn.Module):
+    """The Llama and its loss (``ringflash.integrations.training``), as FSDP2 wraps it."""
+
+    def __init__(self, lm, group, tiled: bool):
+        super().__init__()
+        self.lm, self.group, self.tiled = lm, group, tiled
+
+    def forward(self, ids, pos, shift):
+        from ringflash.integrations import training
+
+        kw = dict(input_ids=ids, position_ids=pos, use_cache=False)
+        if self.tiled:
+            h = self.lm.model(**kw)[0]
+            return training.tiled_causal_lm_loss(self.lm.lm_head, h, shift, self.group, grad_average=True)
+        return training.sequence_parallel_loss(self.lm(**kw).logits, shift, self.group, grad_average=True)
+
+
+class Trainer:
+    """One method's model at one depth: ``step(S)`` runs one optimizer step on a row of S tokens."""
+
+    def __init__(self, method: str, arch: Arch, depth: int, args, world: int, device, dtype):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ringflash.integrations import training
+        from ringflash.integrations import transformers as rt
+
+        self.method, self.world, self.device, self.restore = method, world, device, None
+        group = dist.group.WORLD
+        if method in ("ring", "hybrid"):
+            name = rt.register(group, layout="contiguous", method=method)
+        elif method == "alst-ringflash":
+            name = rt.register(method="local", name="sp_local_bench")
+        else:
+            name = "sdpa"
+        cfg = LlamaConfig(
+            vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+            num_hidden_layers=depth, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+            max_position_embeddings=1 << 22, rope_theta=500000.0, attention_dropout=0.0,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        with torch.device(device):  # whole on each GPU for a moment; fully_shard keeps 1/W of it
+            lm = LlamaForCausalLM._from_config(cfg, attn_implementation=name, dtype=torch.float32)
+        if method.startswith("alst"):
+            self.restore = _register_alst(lm, name, world)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.tiled:
+            training.tile_mlps(lm)
+        self.model = LossModel(lm, group, args.tiled)
+        # FSDP2 at any W (at one rank it only sets the precision and the offload)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+        if args.offload:
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        for layer in lm.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(self.model, **kw)
+        fused = device.type == "cuda" and not args.offload
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=fused or None)
+        if method == "context-parallel":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(device.type, (world,))
+
+    def _batch(self, S: int):
+        """``[input_ids, position_ids, shift_labels]``: this rank's shards (ALST's contiguous sharding),
+        or for context_parallel the whole row, which it shards itself (load-balanced)."""
+        from torch.nn import functional
+
+        from ringflash.integrations import training
+
+        g = torch.Generator().manual_seed(S)
+        ids = torch.randint(0, self.model.lm.config.vocab_size, (1, S), generator=g)
+        pos = torch.arange(S)[None]
+        if self.method == "context-parallel":
+            out = dict(
+                input_ids=ids, position_ids=pos, shift_labels=functional.pad(ids, (0, 1), value=-100)[:, 1:]
+            )
+        else:
+            out = training.shard_batch(dict(input_ids=ids, position_ids=pos, labels=ids), dist.group.WORLD)
+        return [out[k].contiguous().to(self.device) for k in ("input_ids", "position_ids", "shift_labels")]
+
+    def step(self, S: int) -> tuple[float, int]:
+        """One step on S tokens: ``(seconds, peak bytes)``, the slowest / largest rank's."""
+        batch = self._batch(S)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        t0 = time.perf_counter()
+        ctx = contextlib.nullcontext()
+        if self.method == "context-parallel":
+            from torch.distributed.tensor.experimental import context_parallel
+
+            ctx = context_parallel(self.mesh, buffers=batch, buffer_seq_dims=[1, 1, 1])
+        with ctx:
+            self.model(*batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        t = torch.tensor(
+            [time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0],
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].item(), int(t[1].item())
+
+    def recover(self) -> None:
+        """After a failed step: drop partial gradients and gathered weights."""
+        self.opt.zero_grad(set_to_none=True)
+        for m in self.model.modules():
+            if hasattr(m, "reshard"):
+                m.reshard()
+
+    def close(self) -> None:
+        if self.restore:
+            self.restore()
+        del self.model, self.opt
+        _free(self.device)
+
+
+def _register_alst(lm, core: str, world: int):
+    """ALST's ``register_with_transformers`` with ``core`` as its core attention; returns an undo.
+    ALST keeps one sequence-parallel group per process and replaces ``core`` in transformers'
+    registry for every model of the process, so the benchmark releases both after the method."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    UlyssesSPAttentionHF.register_with_transformers(
+        lm, core_attn_implementation=core, sequence_parallel_size=world, micro_batch_size=1,
+        seq_length_is_variable=True,
+    )  # fmt: skip
+
+    def undo():
+        del ALL_ATTENTION_FUNCTIONS[core]
+        parallel_state_sp._release_sequence_parallel_groups()
+
+    return undo
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _oom_report(e: BaseException, device) -> str:
+    """What ran out: the allocation that failed, where (the innermost frame of model or library
+    code), and the largest block still allocated."""
+    m = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(e))
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    where = (
+        f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+    )
+    largest = 0
+    if device.type == "cuda":
+        blocks = (b for s in torch.cuda.memory._snapshot()["segments"] for b in s["blocks"])
+        largest = max((b["size"] for b in blocks if b["state"] == "active_allocated"), default=0)
+    return f"OOM: {m.group(1) if m else '?'} in {where}; largest live block {largest / 2**30:.2f} GiB"
+
+
+def attempt(trainer: Trainer, S: int):
+    """``(ok, seconds, peak, why)``: one step, an out-of-memory error on any rank a failure on all."""
+    why, res = "", (0.0, 0)
+    try:
+        res = trainer.step(S)
+    except torch.OutOfMemoryError as e:
+        why = _oom_report(e, trainer.device)
+        e.__traceback__ = None
+    failed = torch.tensor([1.0 if why else 0.0], device=trainer.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        trainer.recover()
+        _free(trainer.device)
+        return False, 0.0, 0, why or "OOM on another rank"
+    return True, res[0], res[1], ""
+
+
+def throughput(trainer: Trainer, lengths, args) -> dict[int, tuple[float, int] | str]:
+    """Median step time and peak at each length (or why it failed)."""
+    out = {}
+    for S in lengths:
+        times, peak = [], 0
+        for i in range(args.warmup + args.steps):
+            ok, secs, pk, why = attempt(trainer, S)
+            if not ok:
+                out[S] = why
+                break
+            if i >= args.warmup:
+                times.append(secs)
+                peak = max(peak, pk)
+        else:
+            out[S] = (statistics.median(times), peak)
+    return out
+
+
+def longest(trainer: Trainer, args, gran: int) -> tuple[int, str, dict[int, int]]:
+    """``(longest S that trained, what stopped the search, {S: peak} of the steps that ran)``."""
+    good, bad, why, peaks = 0, 0, "", {}
+    S = args.start
+    while True:
+        ok, secs, peak, reason = attempt(trainer, S)
+        if not ok:
+            bad, why = S, reason
+            break
+        good, peaks[S] = S, peak
+        if secs > args.max_step_s:
+            why = f"time: a step at {S:,} tokens took {secs:.0f} s (--max-step-s)"
+            break
+        if 2 * S > args.search_max:
+            why = f"search cap {args.search_max:,} (--search-max)"
+            break
+        S *= 2
+    while bad and bad - good > max(gran, int(good * args.resolution)):
+        mid = (good + bad) // 2 // gran * gran
+        if mid <= good:
+            break
+        ok, _, peak, reason = attempt(trainer, mid)
+        if ok:
+            good, peaks[mid] = mid, peak
+        else:
+            bad, why = mid, reason
+    return good, why, peaks
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of y = a + b x."""
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    b = sum((p[0] - mx) * (p[1] - my) for p in points) / var if var else 0.0
+    return my - b * mx, b
+
+
+def run_method(method: str, arch: Arch, args, world: int, device, dtype, gran: int) -> dict:
+    """Everything measured for one method (at ``args.layers`` and, when fewer than the model's, half)."""
+    res = dict(method=method, plan=plan(method, arch, world))
+    depth, half = args.layers, max(1, args.layers // 2)
+    t = Trainer(method, arch, depth, args, world, device, dtype)
+    try:
+        res["tp"] = throughput(t, args.lengths, args)
+        res["max"], res["limit"], res["peaks"] = longest(t, args, gran) if args.search else (0, "", {})
+    except (RuntimeError, NotImplementedError, ValueError) as e:  # e.g. an unsupported SDPA call
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        t.close()
+    if "error" in res or depth >= arch.layers:
+        return res
+    t = Trainer(method, arch, half, args, world, device, dtype)
+    try:
+        res["tp_half"] = throughput(t, args.lengths, args)
+    finally:
+        t.close()
+    return res
+
+
+def extrapolate(res: dict, arch: Arch, args, capacity: int) -> dict:
+    """Per-length ``(seconds, peak, extrapolated?)`` at the model's depth, and the predicted longest."""
+    full, extra = {}, arch.layers - args.layers
+    pts_mem = []
+    for S, v in res.get("tp", {}).items():
+        if isinstance(v, str):
+            full[S] = v
+            continue
+        secs, peak = v
+        h = res.get("tp_half", {}).get(S)
+        if extra and isinstance(h, tuple):
+            dl = args.layers - max(1, args.layers // 2)
+            per_t, per_m = (secs - h[0]) / dl, (peak - h[1]) / dl
+            full[S] = (secs + extra * per_t, peak + extra * per_m, True)
+            pts_mem.append((S, peak + extra * per_m))
+        else:
+            full[S] = (secs, peak, False)
+    res["full"] = full
+    res["predicted_max"] = None
+    if extra and capacity and len(pts_mem) >= 2:
+        a, b = _fit(pts_mem)
+        res["predicted_max"] = int((capacity - a) / b) if b > 0 else None
+    return res
+
+
+def report(results: list[dict], arch: Arch, args, world: int, device, dtype, devname: str) -> list[dict]:
+    import transformers
+
+    try:
+        import deepspeed
+
+        ds = deepspeed.__version__
+    except ImportError:
+        ds = "not installed"
+    depth = f"{arch.layers} layers" + (
+        f" (ran {args.layers}; '~' = extrapolated from {args.layers} and {max(1, args.layers // 2)} layers)"
+        if args.layers < arch.layers
+        else ""
+    )
+    tricks = "tiled MLP + tiled logits loss" if args.tiled else "plain MLP + full logits"
+    print(
+        f"# bench_train | {world} x {devname} | torch {torch.__version__} | transformers "
+        f"{transformers.__version__} | deepspeed {ds} | {datetime.date.today()}\n"
+        f"# Llama: hidden {arch.hidden}, {depth}, {arch.heads} q / {arch.kv_heads} KV heads, intermediate "
+        f"{arch.intermediate}, vocab {arch.vocab}\n"
+        f"# {dtype} compute, float32 master weights + AdamW + gradient reduction, FSDP2 over {world} "
+        f"rank(s), optimizer offload {'on (CPUOffloadPolicy)' if args.offload else 'off'}, activation "
+        f"checkpointing, {tricks}; one row of S tokens"
+    )
+    rows = []
+
+    def row(r, kind, S=None, tps=None, peak=None, extrapolated=False, note=""):
+        gib = peak / 2**30 if peak else None
+        rows.append(dict(method=r["method"], plan=r.get("plan", ""), kind=kind, S=S, tokens_per_s_per_gpu=tps,
+                         peak_gib=gib, extrapolated=extrapolated, note=note))  # fmt: skip
+
+    for r in results:
+        name = f"{r['method']} [{r['plan']}]" if "plan" in r else r["method"]
+        if "skip" in r or "error" in r:
+            print(f"{name:34s} n/a: {r.get('skip') or r['error']}")
+            row(r, "n/a", note=r.get("skip") or r["error"])
+            continue
+        if args.search:
+            pred, pk = r.get("predicted_max"), r["peaks"].get(r["max"], 0)
+            pred_s = f"; predicted at {arch.layers} layers: {pred:,}" if pred else ""
+            pk_s = f", peak {pk / 2**30:.2f} GiB" if pk else ""
+            print(f"{name:34s} longest S that trains: {r['max']:,}{pk_s} (stopped by {r['limit']}){pred_s}")
+            row(r, f"longest at {args.layers} layers", r["max"], peak=pk, note=r["limit"])
+            if pred:
+                row(r, f"longest at {arch.layers} layers", pred, extrapolated=True, note="predicted")
+        for S, v in r["full"].items():
+            if isinstance(v, str):
+                print(f"{name:34s} S={S:>9,}  {v}")
+                row(r, "throughput", S, note=v)
+                continue
+            secs, peak, ex = v
+            tps, mark = S / secs / world, "~" if ex else " "
+            mem = f"{peak / 2**30:7.2f} GiB" if peak else "      -"
+            rate = f"{mark}{tps:>10,.0f} tokens/s/GPU  {mark}{mem}  {mark}{secs:8.3f} s/step"
+            print(f"{name:34s} S={S:>9,}  {rate}")
+            row(r, "throughput", S, tps, peak, ex)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    for f in Arch.__dataclass_fields__:  # the model's architecture (default: Llama-3-8B's)
+        flag = "--num-layers" if f == "layers" else f"--{f.replace('_', '-')}"
+        p.add_argument(flag, dest=f"arch_{f}", type=int, default=None, help=f"default {getattr(Arch(), f)}")
+    p.add_argument(
+        "--layers", type=int, default=None, help="layers to run (default: all; fewer: extrapolate)"
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="S for tokens/s")
+    p.add_argument("--no-search", dest="search", action="store_false", help="skip the longest-length search")
+    p.add_argument("--start", type=int, default=65536, help="first S of the search")
+    p.add_argument("--search-max", type=int, default=1 << 24)
+    p.add_argument("--resolution", type=float, default=0.05, help="bisection stops within this fraction")
+    p.add_argument("--max-step-s", type=float, default=600.0)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload (params, grads, optimizer)")
+    p.add_argument("--no-tiled", dest="tiled", action="store_false")
+    p.add_argument("--reserve", type=float, default=2.0, help="GiB kept free in the full-depth prediction")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--out", default=None, help="folder for train_W{W}.csv")
+    p.add_argument("--tiny", action="store_true", help="tiny model, a few tokens, one step per method")
+    args = p.parse_args(argv)
+
+    from ringflash.comm import init_distributed
+
+    info = init_distributed(timeout=datetime.timedelta(seconds=args.timeout_s))
+    if not dist.is_initialized():
+        print("bench_train: run under torchrun (one rank per GPU; one rank: no sequence parallelism)")
+        return 2
+    if args.tiled and importlib.util.find_spec("deepspeed") is None:
+        print("bench_train: the tiled MLP and loss are DeepSpeed's: install deepspeed or pass --no-tiled")
+        return 2
+    rank, world = info.rank, info.world_size
+    cuda = info.backend == "nccl"
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    devname = torch.cuda.get_device_name() if cuda else "cpu"
+    base = TINY if args.tiny else Arch()
+    arch = Arch(**{f: getattr(args, f"arch_{f}") or getattr(base, f) for f in Arch.__dataclass_fields__})
+    gran = 2 * world * (1 if args.tiny else 128)  # context_parallel's load balancing cuts 2W chunks
+    if args.tiny:
+        args.layers = args.layers or 2
+        args.lengths, args.start, args.search_max = [16 * world], 16 * world, 32 * world
+        args.steps, args.warmup = 1, 0
+    args.layers = min(args.layers or arch.layers, arch.layers)
+    args.lengths = [max(gran, S // gran * gran) for S in args.lengths]
+    args.start = max(gran, args.start // gran * gran)
+    if any(m.startswith("alst") for m in args.methods):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=info.backend)
+    capacity = 0
+    if cuda:
+        capacity = torch.cuda.get_device_properties(device).total_memory - int(args.reserve * 2**30)
+    results = []
+    for method in args.methods:
+        why = not_applicable(method, arch, world, device)
+        if why:
+            results.append(dict(method=method, skip=why))
+            continue
+        r = run_method(method, arch, args, world, device, dtype, gran)
+        results.append(extrapolate(r, arch, args, capacity) if "error" not in r else r)
+    if rank == 0:
+        rows = report(results, arch, args, world, device, dtype, devname)
+        if args.out:
+            write_csv(os.path.join(args.out, f"train_W{world}.csv"), rows)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

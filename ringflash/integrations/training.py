@@ -1,0 +1,185 @@
+"""Training a transformers causal LM on a sequence sharded over a group: ALST's data path, the loss
+across the ranks, and DeepSpeed's tiled MLP and tiled logits loss wired to the model.
+
+The data path is the one of DeepSpeed's ALST (``deepspeed.runtime.sequence_parallel.ulysses_sp.
+UlyssesSPDataLoaderAdapter``); ``shard_batch`` applies it to a batch that every rank already holds
+(no DeepSpeed needed), for a group of ``W`` ranks and a batch of ``S`` tokens per row:
+
+    shift_labels = labels[:, 1:] padded with -100     token t predicts labels[t + 1], shifted on the
+                                                      WHOLE row, so rank r's last token predicts
+                                                      rank r+1's first
+    x_r = x[:, r*S/W : (r+1)*S/W]                     every tensor [B, S, ...], contiguously;
+                                                      position_ids stay global (restarting at 0 per
+                                                      packed document); non-tensors are copied
+
+The loss is the mean over the valid labels of the whole sequence: each rank sums the cross-entropy
+of its own tokens and divides by the group's count of valid labels (one small gather), so the
+ranks' terms add up to the loss and their gradients add up to its gradient. A gradient reducer
+that AVERAGES over the sequence-parallel ranks needs each term multiplied by ``W``
+(``grad_average=True``); one that sums them takes the terms as they are. Measured with DeepSpeed
+0.19 on gloo: FSDP2's ``fully_shard`` and DeepSpeed given no ``mpu`` average (every ZeRO stage);
+DeepSpeed given ALST's ``mpu`` sums over the sequence-parallel ranks at ZeRO-1/2 but averages at
+ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional
+
+from ..comm.gather import all_gather_flat
+from ..comm.groups import group_rank_world
+
+
+def shard_batch(batch: dict, group: dist.ProcessGroup | None = None) -> dict:
+    """This rank's shard of a batch, as ALST's ``UlyssesSPDataLoaderAdapter`` makes it.
+
+    Args:
+        batch: ``input_ids [B, S]``, ``labels [B, S]`` (-100 where nothing is predicted, e.g. each
+            packed document's first token), ``position_ids [B, S]`` (global; made as
+            ``arange(S)`` when absent), any other ``[B, S, ...]`` tensors; the same on every rank.
+        group: the sequence-parallel group (None: the default group; no group: the batch itself,
+            labels shifted).
+
+    Returns:
+        The batch with ``labels`` replaced by ``shift_labels``, every tensor cut to ``[B, S/W, ...]``.
+
+    Raises:
+        ValueError: a tensor's dim 1 is not ``S``, ``S`` does not divide by ``W``, or no ``labels``.
+    """
+    if "input_ids" not in batch or "labels" not in batch:
+        raise ValueError(f"a batch needs input_ids and labels, got {sorted(batch)}")
+    _, rank, world = group_rank_world(group)
+    ids = batch["input_ids"]
+    rows, seq = ids.shape[:2]
+    if seq % world:
+        raise ValueError(f"the batch's sequence length {seq} does not divide by the {world} ranks")
+    out = dict(batch)
+    if out.get("position_ids") is None:
+        out["position_ids"] = torch.arange(seq, device=ids.device).expand(rows, seq)
+    labels = out.pop("labels")
+    out["shift_labels"] = functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    n = seq // world
+    for key, val in out.items():
+        if torch.is_tensor(val):
+            if val.dim() < 2 or val.shape[1] != seq:
+                raise ValueError(f"{key} has shape {tuple(val.shape)}: expected [B, {seq}, ...]")
+            out[key] = val[:, rank * n : (rank + 1) * n].contiguous()
+    return out
+
+
+def _valid_count(shift_labels: torch.Tensor, group) -> int:
+    g, _, world = group_rank_world(group)
+    mine = (shift_labels != -100).sum().reshape(1).to(torch.int64)
+    return int(all_gather_flat(mine, world, g).sum()) if world > 1 else int(mine)
+
+
+def _term_scale(shift_labels, group, grad_average: bool) -> float:
+    _, _, world = group_rank_world(group)
+    total = _valid_count(shift_labels, group)
+    return (world if grad_average else 1) / max(total, 1)
+
+
+def sequence_parallel_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, group=None, grad_average: bool = False
+) -> torch.Tensor:
+    """This rank's term of the mean cross-entropy over the whole sharded sequence.
+
+    Args:
+        logits: ``[B, S/W, V]`` (any float dtype; computed in float32).
+        shift_labels: ``[B, S/W]`` from ``shard_batch`` (or ALST's adapter), -100 where ignored.
+        group: the sequence-parallel group.
+        grad_average: the gradient reducer averages over the group's ranks (FSDP2, DeepSpeed
+            without an mpu, ZeRO-3 with ALST's): the term is multiplied by ``W`` so the average is
+            the gradient.
+
+    Returns:
+        A scalar to ``backward()``; ``loss_value(term, group, grad_average)`` is the loss itself.
+    """
+    ce = functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), reduction="sum")
+    return ce * _term_scale(shift_labels, group, grad_average)
+
+
+def loss_value(term: torch.Tensor, group=None, grad_average: bool = False) -> float:
+    """The loss over the whole sequence from every rank's ``sequence_parallel_loss`` term."""
+    g, _, world = group_rank_world(group)
+    total = all_gather_flat(term.detach().float().reshape(1), world, g).sum() if world > 1 else term.detach()
+    return float(total) / (world if grad_average else 1)
+
+
+def tiled_causal_lm_loss(
+    lm_head: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    shift_labels: torch.Tensor,
+    group=None,
+    grad_average: bool = False,
+    shards: int | None = None,
+) -> torch.Tensor:
+    """``sequence_parallel_loss`` without the ``[S/W, V]`` logits: DeepSpeed's ``TiledFusedLogitsLoss``
+    runs ``lm_head`` and the cross-entropy on ``shards`` slices of the tokens.
+
+    ``TiledFusedLogitsLoss`` back-propagates into ``lm_head`` inside its forward with an incoming
+    gradient of one (its backward scales only the hidden states' gradient), so the normalisation is
+    inside the tiled function here and the result must reach ``backward()`` unscaled (DeepSpeed's
+    gradient accumulation divides the loss by its step count: keep ``gradient_accumulation_steps``
+    at 1, or lm_head's gradient comes out that many times too large).
+
+    Args:
+        lm_head: the model's output projection (``model.lm_head``).
+        hidden_states: ``[B, S/W, hidden]``, the last hidden states (``model.model(...)[0]``).
+        shards: slices (default: about one per ``hidden`` tokens, at least one).
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    scale = _term_scale(shift_labels, group, grad_average)
+    n = hidden_states.shape[0] * hidden_states.shape[1]
+    shards = shards or max(1, math.ceil(n / hidden_states.shape[-1]))
+
+    def loss_fn(head, x, y):
+        logits = head(x).float()
+        return functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum") * scale
+
+    params = [p for p in lm_head.parameters() if p.requires_grad]
+    return TiledFusedLogitsLoss.apply(
+        loss_fn, lm_head, hidden_states, shift_labels, None, shards, params, "sum"
+    )
+
+
+def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
+    """Run every decoder layer's MLP of ``model`` through DeepSpeed's ``TiledMLP``: the MLP sees
+    slices of the tokens, and its backward recomputes them slice by slice, so the intermediate
+    activations ``[S/W, intermediate]`` never exist at once. Patches the model's own modules (not
+    the class), so other models in the process are unchanged.
+
+    Args:
+        shards: slices per call (default: about one per ``hidden`` tokens, as DeepSpeed's example).
+            Every rank sees ``S/W`` tokens, so every rank picks the same count (ZeRO-3 gathers the
+            MLP's weights once per slice: the counts must match).
+
+    Returns:
+        The number of MLPs patched.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def forward(self, x):
+        n = shards or max(1, math.ceil(x.shape[-2] / x.shape[-1]))
+        params = [p for p in self.parameters() if p.requires_grad]
+        return TiledMLP.apply(self._untiled_forward, self, x, n, params)
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("MLP") and not hasattr(module, "_untiled_forward"):
+            cls_forward = type(module).forward
+            module._untiled_forward = lambda self, x, f=cls_forward: f(self, x)
+            module.forward = types.MethodType(forward, module)
+            count += 1
+    if count == 0:
+        raise ValueError(f"no module whose class name ends in 'MLP' in {type(model).__name__}")
+    return count
+
+
+__all__ = ["loss_value", "sequence_parallel_loss", "shard_batch", "tile_mlps", "tiled_causal_lm_loss"]
