@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from bench_io import write_csv
+from bench_timing import write_csv
 
 METHODS = ("ring", "hybrid", "alst-sdpa", "alst-ringflash", "context-parallel")
 
@@ -447,7 +447,7 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     for f in Arch.__dataclass_fields__:  # the model's architecture (default: Llama-3-8B's)
@@ -470,7 +470,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.add_argument("--out", default=None, help="folder for train_W{W}.csv")
     p.add_argument("--tiny", action="store_true", help="tiny model, a few tokens, one step per method")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from ringflash.comm import init_distributed
 

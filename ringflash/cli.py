@@ -156,6 +156,7 @@ BENCHES = {
     "ring_nccl": Bench("ring attention across GPUs (NCCL) vs one GPU's kernel", gpus=2),
     "decode_sharded_nccl": Bench("decoding with the KV cache sharded over GPUs vs one GPU", gpus=2),
     "max_seqlen": Bench("the longest trainable sequence of one layer per GPU count vs SDPA", gpus=1),
+    "train": Bench("a whole Llama per method: longest sequence, tokens/s vs ALST, context_parallel", gpus=1),
 }
 
 
