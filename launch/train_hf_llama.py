@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import math
 import sys
@@ -294,16 +295,16 @@ def describe(args, world: int, device, dtype) -> str:
     )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    info = init_distributed()
+def train(args, info) -> bool:
+    """Train ``args.steps`` steps on this rank; whether every rank finished them, finite and (with
+    the check) equal to one process."""
     rank, world = info.rank, info.world_size
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if info.backend == "nccl" else "cpu")
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     if (args.zero > 0 or args.attn == "alst") and world == 1:
         print("train_hf_llama: DeepSpeed (--zero > 0, --attn alst) needs a launcher (torchrun, deepspeed)")
-        return 2
+        raise SystemExit(2)
     if args.zero > 0 or args.attn == "alst":
         import deepspeed
 
@@ -364,6 +365,18 @@ def main(argv=None) -> int:
         flag = torch.tensor([0.0 if ok else 1.0], device=device)
         dist.all_reduce(flag)
         ok = flag.item() == 0
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = init_distributed()
+    ok = train(args, info)
+    if info.world_size > 1:
+        # The models, optimizers and device meshes of ``train`` hold references to process groups;
+        # freed before the groups are destroyed, no gloo worker thread outlives them into the
+        # interpreter's teardown (where one can abort a run that succeeded).
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return 0 if ok else 1
