@@ -114,8 +114,8 @@ class Backend:
     - ``attn_bwd_delta(dout, out, packed) -> delta``
     - ``decode_fwd(q, k_cache, v_cache, cache_seqlens, *, n_new, k_new, v_new, block_table,
       cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
-      out_dtype) -> (out, lse)``: attention over a KV cache; with ``k_new``/``v_new`` it also
-      appends them (``cache_seqlens``: keys before the new ones).
+      out_dtype, cache_leftpad) -> (out, lse)``: attention over a KV cache; with ``k_new``/``v_new``
+      it also appends them (``cache_seqlens``: keys before the new ones).
     - ``append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table, cache_batch_idx)``
     - ``combine(outs [N, B, Sq, H, D], lses [N, B, Sq, H], out_dtype) -> (out, lse [B, H, Sq])``:
       the exact merge of N float32 partials (sharded decoding).

@@ -49,7 +49,6 @@ def attend_kvcache(
     ``diag_offset``: int32 ``[B]`` key index aligned with query token 0 per row (sharded caches),
     or None for bottom-right alignment.
     """
-    kw = dict(cache_leftpad=a.cache_leftpad) if a.cache_leftpad is not None else {}
     return backend_for(q).decode_fwd(
         q,
         k_cache,
@@ -66,7 +65,7 @@ def attend_kvcache(
         num_splits=a.num_splits,
         diag_offset=diag_offset,
         out_dtype=out_dtype,
-        **kw,
+        cache_leftpad=a.cache_leftpad,
     )
 
 

@@ -46,7 +46,7 @@ from ..ops import flash_attn_func
 from ..parallel.hybrid import usp_attn_func, usp_degrees
 from ..parallel.ring_attn import ring_flash_attn_func, ring_flash_attn_varlen_func
 from ..parallel.ulysses import kv_replication, ulysses_attn_func, ulysses_attn_varlen_func
-from .packing import global_cu_seqlens
+from .packing import global_cu_seqlens, longest_document
 
 # Keyword arguments that mark a packed batch, as transformers passes them (see ``.packing``).
 _PACKED_MARKS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
@@ -236,7 +236,7 @@ class DistributedAttention(nn.Module):
         divide by the group and the stream is sharded contiguously, else the ring (any degree)."""
         if q.shape[0] != 1:
             raise ValueError(f"a packed batch is one row of documents, got {q.shape[0]} rows")
-        longest = int((cu[1:] - cu[:-1]).max())
+        longest = longest_document(cu)
         if algo == "ulysses" and self.layout == "contiguous":
             out = ulysses_attn_varlen_func(q[0], k[0], v[0], cu, longest, group=self.spg, **opts)
         else:

@@ -51,8 +51,10 @@ def global_cu_seqlens(
     """
     if cu_seq_lens_q is not None:
         return _check_cu(cu_seq_lens_q, cu_seq_lens_k)
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or world == 1:
-        return _local_cu(position_ids) if world == 1 else None
+    if world == 1:
+        return _local_cu(position_ids)
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
     key = (id(position_ids), position_ids._version, id(group), layout, world)
     hit = _last.get("key") == key and _last.get("ref") is not None and _last["ref"]() is position_ids
     if hit:
@@ -88,6 +90,11 @@ def _starts(stream: torch.Tensor) -> torch.Tensor | None:
         return None
     n = stream.numel()
     return torch.cat([torch.zeros(1, dtype=torch.int64), breaks, torch.tensor([n])]).to(torch.int32)
+
+
+def longest_document(cu: torch.Tensor) -> int:
+    """The longest document of ``cu`` (the ``max_seqlen`` of a varlen call); 0 for none."""
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
 def _local_cu(position_ids) -> torch.Tensor | None:

@@ -43,7 +43,7 @@ from ..ops import flash_attn_func, flash_attn_varlen_func
 from ..parallel.hybrid import usp_degrees
 from ..parallel.ring_attn import RING_FUNCS, ring_attention
 from ..parallel.ulysses import sp_attention
-from .packing import global_cu_seqlens
+from .packing import global_cu_seqlens, longest_document
 
 METHODS = ("ring", "ulysses", "hybrid", "allgather", "local")
 _REGISTERED: dict[tuple, str] = {}
@@ -69,10 +69,6 @@ def _attention_interface():
             "custom attention backends need transformers >= 4.48 (pip install -U transformers)"
         )
     return interface
-
-
-def _longest(cu: torch.Tensor) -> int:
-    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
 def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contiguous", method: str = "ring"):
@@ -159,7 +155,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
             if cu is None:
                 return flash_attn_func(q, k, v, **kw), None
-            cud, n = cu.to(q.device), _longest(cu)
+            cud, n = cu.to(q.device), longest_document(cu)
             return flash_attn_varlen_func(q[0], k[0], v[0], cud, cud, n, n, **kw).unsqueeze(0), None
         if cu is None:  # one sequence per row
             if method == "hybrid":
@@ -198,7 +194,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 "contiguous",
                 error=error,
                 cu_seqlens=cu,
-                max_seqlen=_longest(cu),
+                max_seqlen=longest_document(cu),
             )
         else:
             out = ring_attention(
@@ -211,7 +207,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 False,
                 group,
                 cu,
-                _longest(cu),
+                longest_document(cu),
                 error=error,
                 method="ring" if method == "hybrid" else method,  # the hybrid takes no documents
             )
