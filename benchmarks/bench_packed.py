@@ -34,7 +34,14 @@ import ringflash as rf
 from ringflash.parallel import shard_for
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
-VARIANTS = [("contiguous", "ring"), ("zigzag", "ring"), ("zigzag", "allgather"), ("stripe", "ring")]
+VARIANTS = [
+    ("contiguous", "ring"),
+    ("zigzag", "ring"),
+    ("zigzag", "allgather"),
+    ("stripe", "ring"),
+    ("balanced", "ring"),
+    ("balanced", "allgather"),
+]
 
 
 def documents(dist: str, total: int, seed: int = 0, mean: int = 4096) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ringflash.parallel.sharding import shard_for, unshard_from
 from ringflash.parallel.simulate import simulate_plans, simulate_ring_attn, simulate_ring_attn_backward
 from ringflash.reference import attention_varlen_ref
 
-LAYOUTS = ("contiguous", "zigzag", "stripe")
+LAYOUTS = ("contiguous", "zigzag", "stripe", "balanced")
 METHODS = ("ring", "allgather", "auto")
 MASKS = {"causal": dict(causal=True), "full": dict(), "window": dict(causal=True, window_size=(5, 0))}
 
@@ -116,6 +116,62 @@ def _sim_case(world, n_local, layout, method, mask, seed, hk=2):
 def test_simulated_packed_matches_oracle(world, layout, method, mask, small_blocks):
     for seed in range(3):
         _sim_case(world, 11 if world == 3 else 12, layout, method, MASKS[mask], seed)
+
+
+def _long_and_short(world: int, n_local: int, seed: int) -> torch.Tensor:
+    """Two documents long enough to be cut into zigzag pieces, the rest short (0 and 1 included)."""
+    rng = random.Random(seed)
+    lens, left = [3 * n_local // 4, 37, 11 * n_local // 20, 1, 0], world * n_local
+    left -= sum(lens)
+    while left > 0:
+        lens.append(min(left, rng.randint(1, n_local // 4)))
+        left -= lens[-1]
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_balanced_layout_keeps_short_documents_whole(world):
+    n_local = 512 * world  # documents of half a shard or more make zigzag pieces of a kernel tile
+    cu = tuple(_long_and_short(world, n_local, world).tolist())
+    lengths = [b - a for a, b in itertools.pairwise(cu)]
+    segs = [doc_segments("balanced", cu, r, world) for r in range(world)]
+    holders = {
+        d: [r for r in range(world) for s in segs[r] if s.doc == d and s.count] for d in range(len(cu) - 1)
+    }
+    for r in range(world):
+        assert [(s.doc, s.pos0) for s in segs[r]] == sorted((s.doc, s.pos0) for s in segs[r]), "doc order"
+    long_docs = [d for d, n in enumerate(lengths) if n >= 2 * world * 128]
+    assert long_docs == [0, 2]
+    for d in long_docs:  # cut in 2W pieces, two per rank
+        assert sorted(holders[d]) == sorted(list(range(world)) * 2), holders[d]
+    cut_short = [d for d, rs in holders.items() if d not in long_docs and len(rs) > 1]
+    assert len(cut_short) <= world - 1, "a short document is cut only to fill a rank's last tokens"
+    work = [sum(s.count * (s.pos0 + s.count / 2) for s in ss) for ss in segs]
+    assert max(work) <= 1.1 * sum(work) / world, work
+    equal = tuple(range(0, 8 * 8192 + 1, 1024))  # 1k documents, 8 ranks: nothing travels
+    assert all(len(doc_segments("balanced", equal, r, 8)) == 8 for r in range(8))
+    plan = simulate_plans(8, 8192, "balanced", True, (-1, -1), torch.tensor(equal, dtype=torch.int32))[0]
+    assert plan.reach == (0,) * 8 and plan.n_steps == 1, plan.reach
+
+
+@pytest.mark.parametrize("method", ["ring", "allgather"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_balanced_layout_with_long_documents_matches_oracle(world, method):
+    torch.manual_seed(world)
+    cu = _long_and_short(world, 512 * world, seed=7)
+    T = cu[-1].item()
+    q, k, v = torch.randn(T, 2, 8), torch.randn(T, 1, 8), torch.randn(T, 1, 8)
+    dout = torch.randn_like(q)
+    for mask in (dict(causal=True), dict(causal=True, window_size=(300, 0))):
+        part = [[shard_for(x, r, world, 0, "balanced", cu) for r in range(world)] for x in (q, k, v, dout)]
+        outs, lses, _ = simulate_ring_attn(*part[:3], "balanced", cu_seqlens=cu, method=method, **mask)
+        dqs, dks, dvs, _ = simulate_ring_attn_backward(
+            part[3], *part[:3], outs, lses, "balanced", cu_seqlens=cu, method=method, **mask
+        )
+        ref, _, rgrads = _reference(q, k, v, cu, dout, **mask)
+        got = [unshard_from(xs, 0, "balanced", cu) for xs in (outs, dqs, dks, dvs)]
+        for name, g, r in zip(("out", "dq", "dk", "dv"), got, (ref, *rgrads), strict=True):
+            assert_matches(f"balanced/{method} W{world} {mask} {name}", g, r, None, 2)
 
 
 def test_single_document_equals_the_padded_ring(small_blocks):

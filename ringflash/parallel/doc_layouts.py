@@ -13,23 +13,31 @@ positions in the document form an arithmetic progression ``pos0 + i * stride``.
                 holds T / W tokens whenever W divides T, whatever the documents' lengths.
     stripe      stream token p goes to rank p % W: inside a document, every W-th token, starting
                 where the stream's stripe falls (one segment of stride W per document).
+    balanced    documents stay whole on one rank where they can: the long ones (those whose causal
+                work would unbalance the ranks) are cut into 2W pieces as in zigzag, and the
+                others are dealt whole to the ranks, most work first, each to the rank with the
+                least work that still has room; a document that fits no rank's room is cut into
+                consecutive parts over the ranks with the most room. Every rank holds its tokens
+                in document order. Short documents then need no communication at all.
 
 Zigzag and stripe balance causal work per document, as the padded layouts do per sequence; a
-document shorter than 2W (or W) tokens leaves some pieces empty, which is fine. Only the total
-must divide by W.
+document shorter than 2W (or W) tokens leaves some pieces empty, which is fine. Balanced keeps the
+kernel calls long (a zigzag piece of a 1k document over 8 ranks is 64 tokens). Only the total must
+divide by W.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .layouts import Piece, Plan, _band, _mask_args, trim
 
-DOC_LAYOUTS = ("contiguous", "zigzag", "stripe")
+DOC_LAYOUTS = ("contiguous", "zigzag", "stripe", "balanced")
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,92 @@ def _zigzag_pieces(lengths: list[int], world: int) -> list[list[int]]:
     return sizes
 
 
+def _run_cost(pos0: int, count: int) -> float:
+    """Causal work of ``count`` queries at document positions ``pos0 ..``: the pairs they see, the
+    query count rounded up to a kernel tile (a short run still costs a tile)."""
+    return -(-count // _TILE) * _TILE * (pos0 + (count + 1) / 2)
+
+
+_TILE = 64
+_MIN_PIECE = 128  # a document is cut into zigzag pieces only if they hold this many tokens each
+# Documents whose causal work exceeds this fraction of a rank's fair share are candidates for
+# cutting into zigzag pieces; the layout keeps the candidate set that balances best.
+_SPLIT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+_GOOD_ENOUGH = 1.03  # the slowest rank's work over the fair share that stops the search
+
+
+def _deal(lengths, whole, room, load):
+    """Deal documents ``whole`` (indices, most work first) to ranks with ``room`` tokens left and
+    ``load`` work so far: each to the least-loaded rank with room for it, or, when none has, in
+    consecutive parts to the ranks with the most room. Returns ``[(rank, doc, pos0, count)]``."""
+    placed = []
+    for d in whole:
+        n = lengths[d]
+        fits = [r for r in range(len(room)) if room[r] >= n]
+        if fits:
+            r = min(fits, key=lambda r: (load[r], -room[r]))
+            placed.append((r, d, 0, n))
+            room[r] -= n
+            load[r] += _run_cost(0, n)
+            continue
+        pos = 0
+        while pos < n:
+            r = max(range(len(room)), key=lambda r: (room[r], -load[r]))
+            c = min(room[r], n - pos)
+            placed.append((r, d, pos, c))
+            room[r] -= c
+            load[r] += _run_cost(pos, c)
+            pos += c
+    return placed
+
+
+@functools.lru_cache(maxsize=128)
+def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """Per rank, its ``(doc, pos0, count)`` runs in local order, for the ``balanced`` layout."""
+    lengths = [b - a for a, b in itertools.pairwise(cu)]
+    n_local = cu[-1] // world
+    by_work = sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d])
+    fair = sum(_run_cost(0, n) for n in lengths) / world
+    best, tried = None, set()
+    cuttable = [d for d in by_work if lengths[d] >= 2 * world * _MIN_PIECE]
+    for frac in (math.inf, *_SPLIT_FRACTIONS):
+        split = [d for d in cuttable if _run_cost(0, lengths[d]) > frac * fair]
+        if tuple(split) in tried:
+            continue
+        tried.add(tuple(split))
+        room, load, placed = [n_local] * world, [0.0] * world, []
+        pieces = _zigzag_pieces([lengths[d] for d in split], world)
+        for d, sizes in zip(split, pieces, strict=True):
+            offsets = [0, *itertools.accumulate(sizes)]
+            for r in range(world):
+                for j in (r, 2 * world - 1 - r):
+                    if sizes[j]:
+                        placed.append((r, d, offsets[j], sizes[j]))
+                        room[r] -= sizes[j]
+                        load[r] += _run_cost(offsets[j], sizes[j])
+        if min(room) < 0:  # the zigzag extras of the cut documents overfill a rank: not this set
+            continue
+        cut = set(split)
+        placed += _deal(lengths, [d for d in by_work if d not in cut], room, load)
+        if best is None or max(load) < best[0]:
+            best = (max(load), split, placed)
+        if best[0] <= _GOOD_ENOUGH * fair:  # fewer cut documents: fewer transfers and longer calls
+            break
+    runs = [[] for _ in range(world)]
+    for r, d, pos0, count in best[2]:
+        runs[r].append((d, pos0, count))
+    return tuple(tuple(sorted(rr)) for rr in runs)
+
+
 @functools.lru_cache(maxsize=128)
 def doc_segments(layout: str, cu: tuple[int, ...], rank: int, world: int) -> tuple[DocSegment, ...]:
     """The segments of rank ``rank``'s tokens, in local order, for the packed stream ``cu``."""
     if layout not in DOC_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {DOC_LAYOUTS}")
     total = cu[-1]
+    err = total_error(world, total, layout)
+    if err:
+        raise ValueError(err)
     n_local = total // world
     segs, local = [], 0
     if layout == "contiguous" or world == 1:
@@ -92,6 +180,11 @@ def doc_segments(layout: str, cu: tuple[int, ...], rank: int, world: int) -> tup
                 if sizes[j]:
                     segs.append(DocSegment(d, local, sizes[j], offsets[j], 1))
                     local += sizes[j]
+        return tuple(segs)
+    if layout == "balanced":
+        for d, pos0, count in _balanced(cu, world)[rank]:
+            segs.append(DocSegment(d, local, count, pos0, 1))
+            local += count
         return tuple(segs)
     for d, (a, b) in enumerate(itertools.pairwise(cu)):
         first = (rank - a) % world  # first position i of the document with (a + i) % W == rank

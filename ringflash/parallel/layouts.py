@@ -106,10 +106,19 @@ class Plan:
         return self.holds(t) and t + 1 <= self.reach[(self.rank - t) % self.world]
 
 
-def check_layout(layout: str) -> None:
-    """Raise ``ValueError`` unless ``layout`` is one of ``LAYOUTS``."""
+def check_layout(layout: str, packed: bool = False) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of ``LAYOUTS`` (of ``DOC_LAYOUTS`` for a packed
+    stream, which adds ``"balanced"``)."""
+    if packed and layout == "balanced":
+        return
+    if layout == "balanced":
+        raise ValueError(
+            "layout 'balanced' places whole documents on ranks: it is for packed streams (pass "
+            f"cu_seqlens); a padded sequence takes one of {LAYOUTS}"
+        )
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+        expected = (*LAYOUTS, "balanced") if packed else LAYOUTS
+        raise ValueError(f"unknown layout {layout!r}: expected one of {expected}")
 
 
 def segments(layout: str, rank: int, world: int, n_local: int) -> list[Segment]:

@@ -36,7 +36,7 @@ from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
 from .allgather import METHODS, allgather_attention, choose_method
 from .doc_layouts import build_doc_plan, total_error
-from .layouts import LAYOUTS, Plan, build_plan, local_len_error
+from .layouts import Plan, build_plan, check_layout, local_len_error
 from .options import forward_prefetch, ring_transport
 from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
 
@@ -111,8 +111,7 @@ def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm |
 
 def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, transport, method):
     """This rank's arguments, checked and normalised (raises ValueError / TypeError)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+    check_layout(layout, packed=cu_seqlens is not None)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
     if method != "ring" and cu_seqlens is None:
@@ -420,7 +419,9 @@ def ring_flash_attn_varlen_func(
         max_seqlen: an int bounding the longest document.
         layout: how the stream was sharded: ``"contiguous"`` (rank r holds tokens
             ``[r*T/W, (r+1)*T/W)``), ``"zigzag"`` (every document cut into ``2W`` pieces, rank r
-            holding pieces ``r`` and ``2W-1-r``: balanced causal work) or ``"stripe"`` (see
+            holding pieces ``r`` and ``2W-1-r``: balanced causal work), ``"stripe"``, or
+            ``"balanced"`` (documents whole on one rank where the work stays balanced, the long
+            ones in zigzag pieces: the fastest for streams of many documents; see
             ``ringflash.parallel.doc_layouts``).
         method: ``"ring"`` (K/V travel the ring, each block only as far as a document that it holds
             reaches), ``"allgather"`` (the stream's K/V gathered on every rank, the float32 dK/dV

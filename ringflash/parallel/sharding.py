@@ -32,7 +32,7 @@ def _local_index(n: int, world: int, rank: int, dim: int, layout: str, cu_seqlen
     """Stream (or sequence) indices of rank ``rank``'s tokens, in local order."""
     if cu_seqlens is None:
         return positions(layout, rank, world, _check(n, world, layout, dim))
-    check_layout(layout)
+    check_layout(layout, packed=True)
     device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None
     vals = check_cu_seqlens(cu_seqlens, n, "cu_seqlens", device)
     cu = tuple(vals if vals is not None else cu_seqlens.tolist())  # the layout needs the values
@@ -74,7 +74,8 @@ def shard(
         x: a tensor whose ``dim`` is the sequence, e.g. ``[B, S, H, D]`` (dim 1), input_ids
             ``[B, S]`` or a packed stream ``[T, H, D]`` / ``[T]`` (dim 0).
         group: the sequence-parallel group (None: default group, or one rank when not initialised).
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"stripe"``.
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"stripe"``; for a packed stream also
+            ``"balanced"`` (whole documents per rank, long ones cut in zigzag pieces).
         cu_seqlens: int32 ``[N + 1]``, the documents of a packed stream (the global ones, the same
             on every rank). With it the layout applies per document (``doc_layouts``): zigzag cuts
             every document into ``2W`` nearly equal pieces, rank ``r`` holding pieces ``r`` and
