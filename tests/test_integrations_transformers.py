@@ -141,6 +141,7 @@ def _packed_worker(rank, world, layout, method, marks):
     [
         ("zigzag", "ring", "cu"),
         ("zigzag", "allgather", "cu"),
+        ("balanced", "ring", "cu"),
         ("contiguous", "ring", "position_ids"),
         ("stripe", "ring", "position_ids"),
         ("contiguous", "ulysses", "position_ids"),
@@ -150,15 +151,15 @@ def test_llama_packed_documents_match_each_document_alone(layout, method, marks)
     spawn(_packed_worker, 2, layout, method, marks, timeout=240)
 
 
-def _zigzag_without_cu(rank, world):
+def _packed_without_cu(rank, world, layout):
     import torch.distributed as dist
 
     from ringflash.parallel import shard
 
-    model = _tiny_llama(rt.register(dist.group.WORLD, layout="zigzag"))
+    model = _tiny_llama(rt.register(dist.group.WORLD, layout=layout))
     cu = torch.tensor(DOCS, dtype=torch.int32)
     pos = torch.cat([torch.arange(b - a) for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)])[None]
-    sh = lambda x: shard(x, dim=1, layout="zigzag", cu_seqlens=cu)  # noqa: E731
+    sh = lambda x: shard(x, dim=1, layout=layout, cu_seqlens=cu)  # noqa: E731
     try:
         model(input_ids=sh(torch.zeros(1, 28, dtype=torch.long)), position_ids=sh(pos), use_cache=False)
     except ValueError as e:
@@ -166,8 +167,9 @@ def _zigzag_without_cu(rank, world):
     return "no error"
 
 
-def test_packed_zigzag_without_cu_seqlens_says_how():
-    for msg in spawn(_zigzag_without_cu, 2, timeout=120):
+@pytest.mark.parametrize("layout", ["zigzag", "balanced"])
+def test_packed_zigzag_without_cu_seqlens_says_how(layout):
+    for msg in spawn(_packed_without_cu, 2, layout, timeout=120):
         assert "need the global cu_seqlens: pass cu_seq_lens_q" in msg, msg
 
 

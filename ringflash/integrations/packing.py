@@ -61,10 +61,10 @@ def global_cu_seqlens(
         return _last["cu"]
     pos = position_ids.reshape(-1)
     parts = all_gather_flat(pos, world, group).cpu()  # [W, S_local]
-    if layout == "zigzag":
-        if not _one_sequence_zigzag(parts, world):
+    if layout in ("zigzag", "balanced"):
+        if layout == "balanced" or not _one_sequence_zigzag(parts, world):
             raise ValueError(
-                "packed documents in the zigzag layout need the global cu_seqlens: pass cu_seq_lens_q "
+                f"packed documents in the {layout} layout need the global cu_seqlens: pass cu_seq_lens_q "
                 "(e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True), before sharding), or shard "
                 "the stream contiguously or in stripes, whose position ids rebuild it"
             )

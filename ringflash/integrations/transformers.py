@@ -81,8 +81,8 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    if layout not in RING_FUNCS:
-        raise ValueError(f"unknown layout {layout!r}: expected one of {tuple(RING_FUNCS)}")
+    if layout not in (*RING_FUNCS, "balanced"):
+        raise ValueError(f"unknown layout {layout!r}: expected one of {(*RING_FUNCS, 'balanced')}")
     if method in ("ulysses", "hybrid") and layout != "contiguous":
         raise ValueError(f"{method} shards the sequence contiguously: use layout='contiguous'")
     grids: dict[tuple[int, int], tuple] = {}  # (U, R) -> (ulysses, ring) groups, built on first use
@@ -158,6 +158,13 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             cud, n = cu.to(q.device), longest_document(cu)
             return flash_attn_varlen_func(q[0], k[0], v[0], cud, cud, n, n, **kw).unsqueeze(0), None
         if cu is None:  # one sequence per row
+            row_layout = layout
+            if layout == "balanced":
+                error = error or (
+                    "layout 'balanced' places whole documents on ranks: pass the packed batch's global "
+                    "cu_seq_lens_q / cu_seq_lens_k (a batch of single sequences takes another layout)"
+                )
+                row_layout = "contiguous"  # the error is raised on every rank through the ring's checks
             if method == "hybrid":
                 return hybrid(q, k, v, opts, g, rank, world, error), None
             if method == "ulysses":
@@ -176,7 +183,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 )
             else:
                 out = ring_attention(
-                    RING_FUNCS[layout].__name__, q, k, v, layout, opts, False, group, error=error
+                    RING_FUNCS[row_layout].__name__, q, k, v, row_layout, opts, False, group, error=error
                 )
             return out, None
         q, k, v = (x[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
@@ -228,7 +235,9 @@ def register(
         group: the sequence-parallel group (None: the default group; with torch.distributed not
             initialised the backend is plain local flash attention).
         layout: how each rank's ``input_ids`` were sharded: ``"contiguous"`` (rank r holds
-            ``[r*S/W, (r+1)*S/W)``), ``"zigzag"`` or ``"stripe"`` (``ringflash.parallel.shard``).
+            ``[r*S/W, (r+1)*S/W)``), ``"zigzag"`` or ``"stripe"`` (``ringflash.parallel.shard``), or
+            for packed batches ``"balanced"`` (documents whole on one rank where the work stays
+            balanced; needs the global ``cu_seq_lens_q``).
         method: ``"ring"`` (any head count), ``"ulysses"`` (heads must divide by W; contiguous),
             ``"hybrid"`` (Ulysses over ``gcd(Hq, W)`` consecutive ranks x the ring across them, any
             head count; contiguous; a packed batch runs the ring over the whole group),
