@@ -19,6 +19,7 @@ from oracle import assert_matches
 
 import ringflash as rf
 from ringflash.comm import Post, run_simulated
+from ringflash.parallel.allgather import gather_plan
 from ringflash.parallel.doc_layouts import doc_positions, doc_segments
 from ringflash.parallel.ring_loop import TAG_KV, ring_fwd_loop
 from ringflash.parallel.sharding import shard_for, unshard_from
@@ -152,6 +153,11 @@ def test_balanced_layout_keeps_short_documents_whole(world):
     assert all(len(doc_segments("balanced", equal, r, 8)) == 8 for r in range(8))
     plan = simulate_plans(8, 8192, "balanced", True, (-1, -1), torch.tensor(equal, dtype=torch.int32))[0]
     assert plan.reach == (0,) * 8 and plan.n_steps == 1, plan.reach
+    assert gather_plan("balanced", equal, 0, 8, True, (-1, -1)).width == 0, "the all-gather sends nothing"
+    for r in range(world):  # the all-gather sends the rows of documents held by several ranks only
+        sent = gather_plan("balanced", cu, r, world, True, (-1, -1)).rows[r].tolist()
+        want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
+        assert sent == want and len(sent) < n_local
 
 
 @pytest.mark.parametrize("method", ["ring", "allgather"])

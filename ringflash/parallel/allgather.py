@@ -1,38 +1,68 @@
 """All-gather context parallelism for packed documents (the document-masked recipe of Llama 3).
 
-Every rank gathers the K/V of the whole stream (GQA makes them a fraction of Q's size), then
-attends its local queries to the keys they need, in a few packed (varlen) calls, with no further
-communication; the backward computes float32 dK/dV for the whole stream and reduce-scatters them
-to their owners. Against the ring it trades memory (the stream's K/V on every rank, and its float32
-dK/dV in the backward) for fewer, larger kernel calls and two collectives instead of ``W - 1``
-transfers per direction.
+Every rank gathers the K/V of the documents that span several ranks (*shared* documents; GQA makes
+K/V a fraction of Q's size), then attends its local queries to the keys they need in a few packed
+(varlen) calls, with no further communication; documents that lie whole on one rank attend their
+local K/V and never travel. The backward computes float32 dK/dV for the shared documents and
+reduce-scatters them to their owners. Against the ring it trades memory (the shared documents' K/V
+on every rank, and their float32 dK/dV in the backward) for fewer, larger kernel calls and two
+collectives instead of ``W - 1`` transfers per direction.
 
-Keys are placed in stream order after the gather, so for ``contiguous`` and ``zigzag`` every local
-query run of a document meets the document's keys in ONE sequence of a packed call (with its own
-causal diagonal): zigzag runs two calls (the first and the second piece of every document),
-contiguous one. ``stripe`` queries sit every ``W``-th position, which no single diagonal describes:
-they attend the gathered blocks with the ring's own per-step pieces (``W`` calls).
+The gathered keys are put in stream order (of the shared documents only), so for ``contiguous``,
+``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
+sequence of a packed call (with its own causal diagonal): zigzag runs two calls (the first and the
+second piece of every document), contiguous one. ``stripe`` queries sit every ``W``-th position,
+which no single diagonal describes: they attend the whole gathered stream in rank-block order with
+the ring's own per-step pieces (``W`` calls).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..backends import backend_for
 from ..comm.gather import all_gather_flat, reduce_scatter_flat
 from ..comm.ring import Post, Wait
-from .doc_layouts import _calls, _coalesce_full, doc_positions, doc_segments
-from .layouts import _band, _mask_args
+from .doc_layouts import _calls, _coalesce_full, _pairs, doc_segments
+from .layouts import Piece, _band, _mask_args
 from .ring_loop import TAG_DKV, TAG_KV, bwd_piece, fwd_piece
 
 
+@dataclass(frozen=True)
+class GatherPlan:
+    """One rank's all-gather plan.
+
+    ``local``: calls on the rank's own K/V (documents whole on this rank). ``shared``: calls on the
+    gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
+    to ``width`` rows). ``src``: for every row of the gathered keys, its row in the rank-block
+    buffer ``[W * width]`` (None: that buffer is used as it is).
+    """
+
+    local: tuple[Piece, ...]
+    shared: tuple[Piece, ...]
+    rows: tuple[torch.Tensor, ...]
+    width: int
+    src: torch.Tensor | None
+
+
+def _spans(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
+    """How many ranks hold tokens of each document."""
+    holders = [set() for _ in range(len(cu) - 1)]
+    for r in range(world):
+        for s in doc_segments(layout, cu, r, world):
+            if s.count:
+                holders[s.doc].add(r)
+    return [len(h) for h in holders]
+
+
 @functools.lru_cache(maxsize=64)
-def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal: bool, window) -> tuple:
-    """``(pieces, order)``: this rank's calls against the gathered keys, and the stream index of
-    every gathered row (None: the keys stay in rank-block order, as stripe uses them)."""
+def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal: bool, window) -> GatherPlan:
+    """This rank's calls on its own and on the gathered keys, and what every rank sends."""
     n_local = cu[-1] // world
     if layout == "stripe" and world > 1:
         pieces = []
@@ -46,9 +76,30 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
                     if args is not None:
                         pairs.append((sq.local0, sq.count, s * n_local + sk.local0, sk.count, args))
             pieces += _calls(_coalesce_full(pairs))
-        return tuple(pieces), None
+        rows = tuple(torch.arange(n_local) for _ in range(world))
+        return GatherPlan((), tuple(pieces), rows, n_local, None)
+    shared = [n > 1 for n in _spans(layout, cu, world)]
+    own = _pairs(layout, cu, rank, rank, world, causal, window)
+    mine = {s.local0 for s in doc_segments(layout, cu, rank, world) if s.count and not shared[s.doc]}
+    local = _calls(_coalesce_full([p for p in own if p[0] in mine]))
+    start, at = [], 0  # each shared document's first row in the gathered keys
+    for d, (a, b) in enumerate(itertools.pairwise(cu)):
+        start.append(at)
+        at += (b - a) if shared[d] else 0
+    rows, src = [], [0] * at
+    for r in range(world):
+        sent = []
+        for s in doc_segments(layout, cu, r, world):
+            if shared[s.doc]:
+                for i in range(s.count):
+                    src[start[s.doc] + s.pos0 + i] = r, len(sent) + i
+                sent += range(s.local0, s.local0 + s.count)
+        rows.append(torch.tensor(sent, dtype=torch.int64))
+    width = max(len(x) for x in rows)
     pairs = []
     for sq in doc_segments(layout, cu, rank, world):
+        if not shared[sq.doc]:
+            continue
         n_doc = cu[sq.doc + 1] - cu[sq.doc]
         lo, hi = _band(sq.pos0, 0, 1, causal, window)  # keys at their positions in the document
         k0 = 0 if lo == -math.inf else max(0, int(lo))
@@ -57,50 +108,84 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
             continue
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
-            pairs.append((sq.local0, sq.count, cu[sq.doc] + k0, k1 - k0, args))
-    order = None  # contiguous shards, gathered in rank order, are the stream in order
-    if layout != "contiguous":
-        order = torch.cat([doc_positions(layout, cu, s, world) for s in range(world)])
-    return tuple(_calls(pairs)), order
+            pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
+    src_rows = torch.tensor([r * width + j for r, j in src], dtype=torch.int64)
+    return GatherPlan(tuple(local), tuple(_calls(pairs)), tuple(rows), width, src_rows)
 
 
-def in_order(blocks: torch.Tensor, order) -> torch.Tensor:
-    """Gathered rank blocks ``[W * T_local, H, D]`` put in stream order (``order``: the stream
-    index of every row; None keeps rank order)."""
-    if order is None:
-        return blocks
-    return torch.empty_like(blocks).index_copy_(0, order.to(blocks.device), blocks)
+def _send_block(x: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
+    """This rank's rows of shared documents ``[width, H, D]`` (padded with zeros): what it gathers out."""
+    mine = plan.rows[rank]
+    if plan.src is None:
+        return x
+    block = x.new_zeros((plan.width, *x.shape[1:]))
+    block[: len(mine)] = x.index_select(0, mine.to(x.device))
+    return block
 
 
-def _gathered(x: torch.Tensor, world: int, group, order) -> torch.Tensor:
-    """Every rank's ``x`` ``[T_local, H, D]``, as ``[T, H, D]`` in stream order (or rank order)."""
-    return in_order(all_gather_flat(x, world, group).view(world * x.shape[0], *x.shape[1:]), order)
+def in_order(blocks: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """Gathered rank blocks ``[W * width, H, D]`` as the shared documents' keys in stream order."""
+    return blocks if plan.src is None else blocks.index_select(0, plan.src.to(blocks.device))
 
 
-def gathered_fwd(backend, q, kf, vf, pieces, scale, softcap):
-    """This rank's attention over the gathered keys: float32 ``(out, lse [H, T_local])``."""
-    out = torch.zeros(q.shape[:-1] + (vf.shape[-1],), dtype=torch.float32, device=q.device)
+def _gathered(x: torch.Tensor, world: int, group, plan: GatherPlan, rank: int) -> torch.Tensor:
+    """The shared documents' rows of every rank's ``x``, in stream order."""
+    block = _send_block(x, plan, rank)
+    flat = all_gather_flat(block, world, group).view(world * plan.width, *x.shape[1:])
+    return in_order(flat, plan)
+
+
+def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
+    """This rank's attention over its own and the gathered keys: float32 ``(out, lse [H, T_local])``."""
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
-    for pc in pieces:
+    for pc in plan.local:
+        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True)
+    for pc in plan.shared:
         fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True)
     return out, lse
 
 
-def gathered_bwd(backend, dout, q, kf, vf, out, lse, pieces, scale, softcap, order, dlse=None):
-    """Gradients of ``gathered_fwd``: ``dq`` and float32 ``dK/dV`` of the whole stream in rank-block
-    order (ready to reduce-scatter); ``dlse``: the gradient into the returned LSE, or None."""
+def gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
+    """Gradients of ``gathered_fwd``: ``dq``, float32 ``dk``/``dv`` of the local documents, and the
+    float32 dK/dV of the shared keys in rank-block order ``[W * width, H, D]`` (ready to
+    reduce-scatter; None without shared documents). ``dlse``: the gradient into the LSE, or None."""
     delta = backend.attn_bwd_delta(dout, out, packed=True)
     if dlse is not None:
         delta = (delta - dlse).contiguous()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkf = torch.zeros(kf.shape, dtype=torch.float32, device=q.device)
-    dvf = torch.zeros(vf.shape, dtype=torch.float32, device=q.device)
-    for pc in pieces:
+
+    def zeros(x):
+        return torch.zeros(x.shape, dtype=torch.float32, device=q.device)
+
+    dq, dk, dv = zeros(q), zeros(k), zeros(v)
+    for pc in plan.local:
+        bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc, scale, softcap, True)
+    if kf is None:
+        return dq, dk, dv, None, None
+    dkf, dvf = zeros(kf), zeros(vf)
+    for pc in plan.shared:
         bwd_piece(backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True)
-    if order is not None:  # back to rank-block order, each block to its owner
-        o = order.to(q.device)
-        dkf, dvf = dkf.index_select(0, o), dvf.index_select(0, o)
-    return dq, dkf, dvf
+    if plan.src is not None:  # back to rank-block order, each block to its owner
+        world = len(plan.rows)
+        blocks = [
+            torch.zeros((world * plan.width, *x.shape[1:]), dtype=torch.float32, device=q.device)
+            for x in (k, v)
+        ]
+        s = plan.src.to(q.device)
+        dkf, dvf = blocks[0].index_copy_(0, s, dkf), blocks[1].index_copy_(0, s, dvf)
+    return dq, dk, dv, dkf, dvf
+
+
+def _add_home(dk, dv, mine_k, mine_v, plan: GatherPlan, rank: int) -> None:
+    """Add the reduced dK/dV of this rank's shared rows (``[width, ...]`` each) into ``dk``/``dv``."""
+    rows = plan.rows[rank]
+    if plan.src is None:
+        dk.add_(mine_k)
+        dv.add_(mine_v)
+    elif len(rows):
+        r = rows.to(dk.device)
+        dk.index_add_(0, r, mine_k[: len(rows)])
+        dv.index_add_(0, r, mine_v[: len(rows)])
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -108,9 +193,11 @@ class AllGatherAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
-        pieces, order = gather_plan(layout, cu, rank, world, causal, window)
-        kf, vf = _gathered(k, world, group, order), _gathered(v, world, group, order)
-        out, lse = gathered_fwd(backend_for(q), q, kf, vf, pieces, scale, softcap)
+        plan = gather_plan(layout, cu, rank, world, causal, window)
+        kf = vf = None
+        if plan.width:
+            kf, vf = _gathered(k, world, group, plan, rank), _gathered(v, world, group, plan, rank)
+        out, lse = gathered_fwd(backend_for(q), q, k, v, kf, vf, plan, scale, softcap)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world)
@@ -121,14 +208,20 @@ class AllGatherAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
-        pieces, order = gather_plan(layout, cu, rank, world, causal, window)
-        kf, vf = _gathered(k, world, group, order), _gathered(v, world, group, order)
+        plan = gather_plan(layout, cu, rank, world, causal, window)
+        kf = vf = None
+        if plan.width:
+            kf, vf = _gathered(k, world, group, plan, rank), _gathered(v, world, group, plan, rank)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        args = (backend_for(q), dout, q, kf, vf, out, lse, pieces, scale, softcap, order, dlse)
-        dq, dkf, dvf = gathered_bwd(*args)
-        both = torch.cat([dkf.view(world, -1), dvf.view(world, -1)], 1)
-        mine = reduce_scatter_flat(both, world, rank, group)
-        dk, dv = mine[: k.numel()].view(k.shape), mine[k.numel() :].view(v.shape)
+        dq, dk, dv, dkf, dvf = gathered_bwd(
+            backend_for(q), dout, q, k, v, kf, vf, out, lse, plan, scale, softcap, dlse
+        )
+        if dkf is not None:
+            both = torch.cat([dkf.view(world, -1), dvf.view(world, -1)], 1)
+            mine = reduce_scatter_flat(both, world, rank, group)
+            n = dkf.numel() // world
+            shape = (plan.width, *k.shape[1:])
+            _add_home(dk, dv, mine[:n].view(shape), mine[n:].view(shape), plan, rank)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
 
 
@@ -144,7 +237,7 @@ def choose_method(plan_reach: tuple[int, ...], layout: str, world: int) -> str:
     it wins; when documents span the stream every block travels ``W - 1`` hops and the all-gather's
     fewer, larger calls win. The rule: all-gather when the blocks' mean reach is at least half the
     ring, for the layouts whose queries meet the gathered keys in one call per piece (contiguous,
-    zigzag); stripe gains nothing in calls and stays on the ring.
+    zigzag, balanced); stripe gains nothing in calls and stays on the ring.
     """
     if world == 1 or layout == "stripe":
         return "ring"
@@ -160,24 +253,28 @@ def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, gro
 # ----------------------------------------------- the same method over ring messages (simulation)
 
 
-def _gather_by_posts(x_pair, rank, world):
-    """Generator: every rank's ``(k, v)`` through ``W - 1`` ring posts; returns rank-ordered blocks."""
+def _gather_by_posts(x_pair, plan: GatherPlan, rank, world):
+    """Generator: every rank's shared rows of ``(k, v)`` through ``W - 1`` ring posts, in the
+    gathered keys' order (None, None without shared documents)."""
+    if not plan.width:
+        return None, None
+    mine = [_send_block(x, plan, rank) for x in x_pair]
     handles = []
     for s in range(1, world):
-        handles.append((yield Post(list(x_pair), s, TAG_KV)))
+        handles.append((yield Post(mine, s, TAG_KV)))
     blocks = [None] * world
-    blocks[rank] = list(x_pair)
+    blocks[rank] = mine
     for s, h in zip(range(1, world), handles, strict=True):
         blocks[(rank - s) % world] = yield Wait(h)
-    return [torch.cat([b[i] for b in blocks]) for i in range(len(x_pair))]
+    return tuple(in_order(torch.cat([b[i] for b in blocks]), plan) for i in range(len(x_pair)))
 
 
 def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
     """Generator (``ringflash.comm.ring``'s protocol): the all-gather method's forward for one rank,
     its gather made of ring posts, for ``ringflash.parallel.simulate``. Returns float32 ``(out, lse)``."""
-    pieces, order = gather_plan(layout, cu, rank, world, causal, window)
-    kb, vb = yield from _gather_by_posts((k, v), rank, world)
-    return gathered_fwd(backend, q, in_order(kb, order), in_order(vb, order), pieces, scale, softcap)
+    plan = gather_plan(layout, cu, rank, world, causal, window)
+    kf, vf = yield from _gather_by_posts((k, v), plan, rank, world)
+    return gathered_fwd(backend, q, k, v, kf, vf, plan, scale, softcap)
 
 
 def allgather_bwd_loop(
@@ -185,20 +282,22 @@ def allgather_bwd_loop(
 ):
     """Generator: the backward of ``allgather_fwd_loop``; the reduce-scatter sends each block's
     float32 dK/dV to its owner. Returns float32 ``(dq, dk, dv)``."""
-    pieces, order = gather_plan(layout, cu, rank, world, causal, window)
-    kb, vb = yield from _gather_by_posts((k, v), rank, world)
-    args = (pieces, scale, softcap, order)
-    dq, dkf, dvf = gathered_bwd(backend, dout, q, in_order(kb, order), in_order(vb, order), out, lse, *args)
-    n = k.shape[0]
-    dk, dv = dkf[rank * n : (rank + 1) * n].clone(), dvf[rank * n : (rank + 1) * n].clone()
+    plan = gather_plan(layout, cu, rank, world, causal, window)
+    kf, vf = yield from _gather_by_posts((k, v), plan, rank, world)
+    dq, dk, dv, dkf, dvf = gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan, scale, softcap)
+    if dkf is None:
+        return dq, dk, dv
+    n = plan.width
+    mine_k, mine_v = dkf[rank * n : (rank + 1) * n].clone(), dvf[rank * n : (rank + 1) * n].clone()
     handles = []
     for s in range(1, world):  # block of rank r + s goes s ranks ahead; the sum for mine comes from r - s
         b = (rank + s) % world
         handles.append((yield Post([dkf[b * n : (b + 1) * n], dvf[b * n : (b + 1) * n]], s, TAG_DKV)))
     for h in handles:
         dk_in, dv_in = yield Wait(h)
-        dk.add_(dk_in)
-        dv.add_(dv_in)
+        mine_k.add_(dk_in)
+        mine_v.add_(dv_in)
+    _add_home(dk, dv, mine_k, mine_v, plan, rank)
     return dq, dk, dv
 
 
