@@ -40,7 +40,8 @@ class GatherPlan:
     ``local``: calls on the rank's own K/V (documents whole on this rank). ``shared``: calls on the
     gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
     to ``width`` rows). ``src``: for every row of the gathered keys, its row in the rank-block
-    buffer ``[W * width]`` (None: that buffer is used as it is).
+    buffer ``[W * width]`` (None: that buffer is used as it is); ``inverse``: the gathered row of
+    every rank-block row, when there is no padding (None otherwise).
     """
 
     local: tuple[Piece, ...]
@@ -48,6 +49,7 @@ class GatherPlan:
     rows: tuple[torch.Tensor, ...]
     width: int
     src: torch.Tensor | None
+    inverse: torch.Tensor | None = None
 
 
 def _spans(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
@@ -86,16 +88,24 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     for d, (a, b) in enumerate(itertools.pairwise(cu)):
         start.append(at)
         at += (b - a) if shared[d] else 0
-    rows, src = [], [0] * at
+    runs = []  # (rank, local0, count, row in the gathered keys) of every shared segment
     for r in range(world):
-        sent = []
-        for s in doc_segments(layout, cu, r, world):
-            if shared[s.doc]:
-                for i in range(s.count):
-                    src[start[s.doc] + s.pos0 + i] = r, len(sent) + i
-                sent += range(s.local0, s.local0 + s.count)
-        rows.append(torch.tensor(sent, dtype=torch.int64))
-    width = max(len(x) for x in rows)
+        runs += [
+            (r, s.local0, s.count, start[s.doc] + s.pos0)
+            for s in doc_segments(layout, cu, r, world)
+            if s.count and shared[s.doc]
+        ]
+    sent = [0] * world
+    for r, _, count, _ in runs:
+        sent[r] += count
+    width = max(sent)
+    rows = [[] for _ in range(world)]
+    src_rows, at_rank = torch.empty(at, dtype=torch.int64), [0] * world
+    for r, local0, count, dest in runs:
+        rows[r].append(torch.arange(local0, local0 + count))
+        src_rows[dest : dest + count] = torch.arange(count) + (r * width + at_rank[r])
+        at_rank[r] += count
+    rows = [torch.cat(x) if x else torch.zeros(0, dtype=torch.int64) for x in rows]
     pairs = []
     for sq in doc_segments(layout, cu, rank, world):
         if not shared[sq.doc]:
@@ -109,14 +119,16 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
-    src_rows = torch.tensor([r * width + j for r, j in src], dtype=torch.int64)
-    return GatherPlan(tuple(local), tuple(_calls(pairs)), tuple(rows), width, src_rows)
+    inverse = None
+    if len(src_rows) == world * width:
+        inverse = torch.empty_like(src_rows).index_copy_(0, src_rows, torch.arange(len(src_rows)))
+    return GatherPlan(tuple(local), tuple(_calls(pairs)), tuple(rows), width, src_rows, inverse)
 
 
 def _send_block(x: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
     """This rank's rows of shared documents ``[width, H, D]`` (padded with zeros): what it gathers out."""
     mine = plan.rows[rank]
-    if plan.src is None:
+    if plan.src is None or len(mine) == x.shape[0]:  # every local row is shared, in local order
         return x
     block = x.new_zeros((plan.width, *x.shape[1:]))
     block[: len(mine)] = x.index_select(0, mine.to(x.device))
@@ -167,11 +179,14 @@ def gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan: GatherPlan, sca
         bwd_piece(backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True)
     if plan.src is not None:  # back to rank-block order, each block to its owner
         world = len(plan.rows)
+        if plan.inverse is not None:  # no padding: a permutation, gathered in one pass
+            inverse = plan.inverse.to(q.device)
+            return dq, dk, dv, dkf.index_select(0, inverse), dvf.index_select(0, inverse)
+        s = plan.src.to(q.device)
         blocks = [
             torch.zeros((world * plan.width, *x.shape[1:]), dtype=torch.float32, device=q.device)
             for x in (k, v)
         ]
-        s = plan.src.to(q.device)
         dkf, dvf = blocks[0].index_copy_(0, s, dkf), blocks[1].index_copy_(0, s, dvf)
     return dq, dk, dv, dkf, dvf
 
