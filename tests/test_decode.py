@@ -337,7 +337,7 @@ def test_split_launch_args_every_head_dim(D, dtype):
     kc, vc = torch.zeros(B, S, Hk, D, dtype=dtype), torch.zeros(B, S, Hk, D, dtype=dtype)
     lens = torch.full((B,), S, dtype=torch.int32)
     out, lse = torch.empty(B, 1, Hq, D, dtype=dtype), torch.empty(B, Hq, 1)
-    grid, args = split_args(
+    grid, args, _ = split_args(
         q,
         kc,
         vc,
@@ -458,6 +458,38 @@ def test_decode_cuda_prefetch_changes_nothing(B, S, cap, D, dtype):
         outs.append(kd.decode_fwd(q, kc, vc, lens, softmax_scale=D**-0.5, config=config))
     for out, lse in outs[1:]:
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("splits", [0, 1])
+def test_decode_cuda_cached_launch_is_tritons_launch(splits):
+    """After its first call a decoding signature launches its compiled kernel directly
+    (``kernels.launch``): bitwise the same results as Triton's own launch, and a pointer of
+    another alignment (a view 8 bytes in) compiles its own kernel rather than reusing one."""
+    from ringflash.kernels import decode as kdecode
+
+    torch.manual_seed(0)
+    B, S, cap = 2, 1000, 1024
+    qs = torch.randn(B, 1, 32 * 128 + 4, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(B, cap, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+
+    def call(q):
+        return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits)
+
+    kdecode._LAUNCHES.clear()
+    q = qs[..., : 32 * 128].unflatten(-1, (32, 128))  # strides of a row of 32 * 128 + 4
+    first = call(q)
+    (slot,) = [entry.compiled for entry in kdecode._LAUNCHES.values()]
+    assert len(slot) == 1, "the first call keeps its compiled kernel"
+    again = call(q)
+    assert torch.equal(first, again)
+    shifted = qs[..., 4:].unflatten(-1, (32, 128))  # same strides, 8 bytes further
+    shifted.copy_(q.clone())
+    assert torch.equal(call(shifted), first)
+    assert len(slot) == 2, "another alignment is another specialization"
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -36,6 +36,7 @@ from ..common import (
     stride_names,
     strides,
 )
+from ..launch import launch_cached
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
 from .append import append_kv
@@ -139,10 +140,11 @@ class _Launch:
     """Everything one split-kernel launch derives from its call's signature (shapes, strides,
     dtypes, options): the grid, the scalar and constexpr arguments, the partial buffers' shapes."""
 
-    __slots__ = ("grid", "static", "parts", "sem_rows")
+    __slots__ = ("grid", "static", "parts", "sem_rows", "compiled")
 
     def __init__(self, grid, static, parts, sem_rows):
         self.grid, self.static, self.parts, self.sem_rows = grid, static, parts, sem_rows
+        self.compiled: dict = {}  # compiled kernels by pointer alignment (``kernels.launch``)
 
 
 # Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
@@ -313,9 +315,10 @@ def split_args(
     diag_offset,
     config: DecodeConfig,
     cache_leftpad=None,
-) -> tuple[tuple[int, int, int], dict]:
+) -> tuple[tuple[int, int, int], dict, dict]:
     """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
-    there; ``out``/``lse`` the results to write). Allocates the float32 partials (``OP``/``LSEP``)
+    there; ``out``/``lse`` the results to write), and the compiled kernels of this signature by
+    pointer alignment (``ringflash.kernels.launch``). Allocates the float32 partials (``OP``/``LSEP``)
     unless the launch writes ``out``/``lse`` directly (one split, fused)."""
     opts = (softmax_scale, causal, tuple(window_size), softcap, num_splits)
     tma = tma_mode() == "on" and block_table is None
@@ -374,7 +377,7 @@ def split_args(
         DIAG=diag_offset,
         LEFTPAD=cache_leftpad,
     )
-    return launch.grid, args
+    return launch.grid, args, launch.compiled
 
 
 @on_tensor_device
@@ -458,7 +461,7 @@ def decode_fwd(
             )
     if out.numel() == 0:
         return out, lse
-    grid, args = split_args(
+    grid, args, compiled = split_args(
         q,
         k_cache,
         v_cache,
@@ -479,7 +482,7 @@ def decode_fwd(
         config=config,
         cache_leftpad=cache_leftpad,
     )
-    _decode_split_kernel[grid](**args)
+    launch_cached(_decode_split_kernel, grid, args, compiled)
     if not config.fuse_combine:
         combine_partials(args["OP"], args["LSEP"], out, lse)
     return out, lse
