@@ -41,8 +41,10 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def triton_interpreter() -> bool:
-    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``; Triton reads it once,
+    when it is imported, and so does this)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

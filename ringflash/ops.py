@@ -222,6 +222,8 @@ class _EagerAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k):
         kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
         out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
+        if ctx is None:  # called directly for inference (``_needs_grad`` false)
+            return out, lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kw, ctx.backend = kw, backend
         ctx.set_materialize_grads(False)
@@ -237,6 +239,10 @@ class _EagerAttn(torch.autograd.Function):
             delta = (delta - dlse).contiguous()
         dq, dk, dv = be.attn_bwd(dout, q, k, v, out, lse, delta=delta, **ctx.kw)
         return (dq, dk, dv) + (None,) * 10
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- public functions
@@ -297,8 +303,10 @@ def flash_attn_func(
     args = (q, k, v, scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_fwd(*args)
-    else:
+    elif _needs_grad(q, k, v):
         out, lse = _EagerAttn.apply(*args, None, None, 0, 0)
+    else:  # inference: the same kernels without the autograd wrapping
+        out, lse = _EagerAttn.forward(None, *args, None, None, 0, 0)
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 
@@ -363,8 +371,10 @@ def flash_attn_varlen_func(
     opts = (scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
-    else:
+    elif _needs_grad(q, k, v):
         out, lse = _EagerAttn.apply(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
+    else:
+        out, lse = _EagerAttn.forward(None, q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

@@ -71,6 +71,25 @@ def test_flash_attn_func_matches_oracle(case, dtype, small_blocks):
         assert_matches(name, g, r, lp, 3)
 
 
+def test_inference_calls_skip_autograd_and_match_it_bitwise():
+    """Without gradients the local calls run the same kernels outside autograd: bitwise equal."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 40, 4, 16), torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    cu = torch.tensor([0, 7, 40, 80], dtype=torch.int32)
+    qg = q.clone().requires_grad_()
+    for fn, args in (
+        (rf.flash_attn_func, ()),
+        (rf.flash_attn_varlen_func, (cu, cu, 40, 40)),
+    ):
+        flat = (lambda x: x.flatten(0, 1)) if args else (lambda x: x)
+        with_grad = fn(flat(qg), flat(k), flat(v), *args, causal=True, return_attn_probs=True)
+        assert with_grad[0].grad_fn is not None
+        with torch.no_grad():
+            plain = fn(flat(qg), flat(k), flat(v), *args, causal=True, return_attn_probs=True)
+        assert plain[0].grad_fn is None
+        assert torch.equal(plain[0], with_grad[0].detach()) and torch.equal(plain[1], with_grad[1].detach())
+
+
 def test_default_blocks_long_causal():
     q, k, v = (torch.randn(1, 1300, 2, 32, dtype=torch.float64) for _ in range(3))
     out, lse, _ = rf.flash_attn_func(q.float(), k.float(), v.float(), causal=True, return_attn_probs=True)
