@@ -79,7 +79,7 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0):
+def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, variants=VARIANTS):
     cu = documents(dist, world * tokens, seed)
     T = int(cu[-1])
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -101,7 +101,7 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0):
     t_fwd = _time(base_fwd, reps)
     t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
     rows = []
-    for layout, method in VARIANTS:
+    for layout, method in variants:
         qs, ks, vs, ds = (
             [shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in (q, k, v, dout)
         )
@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[f"{layout}:{method}" for layout, method in VARIANTS],
+        help="layout:method pairs (default: all)",
+    )
     return ap
 
 
@@ -195,7 +201,8 @@ def main(argv=None) -> int:
     rows = []
     for dist in a.dists:
         for world in a.worlds:
-            for r in run(world, a.tokens, *shape, device, dist, a.reps):
+            variants = [tuple(v.split(":")) for v in a.variants]
+            for r in run(world, a.tokens, *shape, device, dist, a.reps, variants=variants):
                 rows.append(r)
                 print(
                     "measured",

@@ -346,8 +346,9 @@ def attn_fwd(q, k, v, *, out=None, lse=None, merge=True, config: BlockwiseConfig
     given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``problem``: ``softmax_scale``
     and optionally ``causal``, ``window_size``, ``softcap``, ``cu_seqlens_q``/``_k``,
     ``max_seqlen_q``/``_k``, ``diag_offset`` (the key index aligned with query 0: an int, or one
-    per packed sequence; by default ``Sk - Sq`` per sequence). With ``out``/``lse`` given (float32),
-    the result is merged into them in place (accumulate mode; ``merge=False``: written over them)
+    per packed sequence; by default ``Sk - Sq`` per sequence). With ``out``/``lse`` given, the result
+    is merged into them in place (accumulate mode, float32) or written over them (``merge=False``;
+    ``out`` float32 or q's dtype; the rows of a packed sequence with no keys keep their values)
     and they are returned; otherwise ``out`` is in ``q.dtype``, ``lse`` float32. Inputs are trusted
     (the public functions in ``ringflash.ops`` validate them); any strides are taken. ``config``:
     tiles (default ``BlockwiseConfig()``).
@@ -364,8 +365,8 @@ def attn_fwd(q, k, v, *, out=None, lse=None, merge=True, config: BlockwiseConfig
     for qr, kr, diag in p.pieces(q.shape[1], k.shape[1]):
         out_p, lse_p = _rows(out, qr), _lse_rows(lse, qr)
         kp = _rows(k, kr)
-        if kp.shape[1] == 0:  # a packed sequence with no keys
-            if not accumulate:
+        if kp.shape[1] == 0:  # a packed sequence with no keys: given buffers keep their rows
+            if not given:
                 out_p.zero_()
                 lse_p.fill_(-math.inf)
             continue

@@ -158,6 +158,9 @@ def test_balanced_layout_keeps_short_documents_whole(world):
         sent = gather_plan("balanced", cu, r, world, True, (-1, -1)).rows[r].tolist()
         want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
         assert sent == want and len(sent) < n_local
+        plan = gather_plan("balanced", cu, r, world, True, (-1, -1))
+        assert plan.write_once and plan.covers_all, "each row written once, in the input dtype"
+    assert not gather_plan("stripe", cu, 0, world, True, (-1, -1)).write_once
 
 
 @pytest.mark.parametrize("method", ["ring", "allgather"])

@@ -133,7 +133,10 @@ def _attn_fwd_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    if ACCUMULATE:  # a sequence with no keys merges nothing (packed calls' spacer sequences)
+    if ACCUMULATE or IS_VARLEN:
+        # A packed sequence with no keys writes nothing: its rows keep what the buffer holds
+        # (zeros and -inf when allocated here). The ring's and the all-gather's packed calls
+        # use such spacer sequences to skip rows that other calls write.
         if seqlen_k == 0:
             return
     hk = h // group
@@ -281,9 +284,10 @@ def attn_fwd(
         max_seqlen_q, max_seqlen_k: the longest packed sequences (computed when None).
         diag_offset: key index aligned with query 0 (an int; per sequence for packed inputs), or
             None for bottom-right alignment.
-        out, lse: float32 buffers shaped like the result: the result is merged into them in place
-            (accumulate mode; ``merge=False``: written over them; rows of a packed batch outside
-            every sequence are then left as they are) and they are returned.
+        out, lse: buffers shaped like the result: the result is merged into them in place
+            (accumulate mode, float32 ``out``) or, with ``merge=False``, written over them (``out``
+            float32 or q's dtype); rows of a packed batch outside every sequence, or in a
+            sequence with no keys, are left as they are. They are returned.
         config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
 
     Returns:
@@ -321,7 +325,8 @@ def attn_fwd(
             out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
             lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     else:
-        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+        writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
+        assert lse.dtype == torch.float32 and out.dtype in writable
     if B == 0 or Sq == 0 or q.numel() == 0:
         if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
             out.zero_()

@@ -6,8 +6,8 @@ launches it: tens of microseconds of host time for a kernel with ~60 arguments, 
 decoding step takes on the GPU. A caller that already keys its launches by every shape, stride,
 dtype and option (``decode._LAUNCHES``) knows all of that except the pointers' alignment: it keeps
 the compiled kernel per alignment pattern in ``slot`` and launches it directly through its
-launcher, with the same arguments in the same order. Anything unusual (the interpreter, a launch
-hook such as a profiler's) takes Triton's own path.
+launcher, with the same arguments in the same order and the same launch hooks. Under the
+interpreter (no compiled kernel) every call takes Triton's own path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from triton.runtime import driver
 
 try:
     from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - older Triton keeps hooks on CompiledKernel
+except ImportError:  # pragma: no cover - older Triton: no direct launches
     _knobs = None
 
 
@@ -27,13 +27,6 @@ except ImportError:  # pragma: no cover - older Triton keeps hooks on CompiledKe
 def _params(fn) -> tuple[tuple[str, object], ...]:
     """``(name, default)`` of every parameter of the ``@triton.jit`` function ``fn``, in order."""
     return tuple((p.name, p.default) for p in fn.params)
-
-
-def _hooked() -> bool:
-    if _knobs is None:
-        return True
-    rt = _knobs.runtime
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
 
 
 def launch_cached(fn, grid: tuple[int, ...], args: dict, slot: dict) -> None:
@@ -44,15 +37,21 @@ def launch_cached(fn, grid: tuple[int, ...], args: dict, slot: dict) -> None:
     """
     align = tuple(v.data_ptr() % 16 == 0 for v in args.values() if isinstance(v, torch.Tensor))
     compiled = slot.get(align)
-    if compiled is None or _hooked():
+    if compiled is None or _knobs is None:
         kernel = fn[grid](**args)
-        if getattr(kernel, "function", None) is not None and hasattr(kernel, "run") and not _hooked():
+        if getattr(kernel, "function", None) is not None and hasattr(kernel, "launch_metadata"):
             slot[align] = kernel  # a real compiled kernel (None under the interpreter)
         return
     ordered = [args.get(name, default) for name, default in _params(fn)]
     g0, g1, g2 = (*grid, 1, 1)[:3]
     stream = driver.active.get_current_stream(driver.active.get_current_device())
-    compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *ordered)
+    # The launch hooks and their metadata as Triton passes them (profilers read them).
+    meta = compiled.launch_metadata(grid, stream, *ordered)
+    rt = _knobs.runtime
+    compiled.run(
+        g0, g1, g2, stream, compiled.function, compiled.packed_metadata, meta,
+        rt.launch_enter_hook, rt.launch_exit_hook, *ordered,
+    )  # fmt: skip
 
 
 __all__ = ["launch_cached"]

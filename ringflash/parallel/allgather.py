@@ -41,7 +41,8 @@ class GatherPlan:
     gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
     to ``width`` rows). ``src``: for every row of the gathered keys, its row in the rank-block
     buffer ``[W * width]`` (None: that buffer is used as it is); ``inverse``: the gathered row of
-    every rank-block row, when there is no padding (None otherwise).
+    every rank-block row, when there is no padding (None otherwise). ``write_once``: no local row
+    is in two calls' sequences; ``covers_all``: moreover every local row is in one.
     """
 
     local: tuple[Piece, ...]
@@ -50,6 +51,8 @@ class GatherPlan:
     width: int
     src: torch.Tensor | None
     inverse: torch.Tensor | None = None
+    write_once: bool = False
+    covers_all: bool = False
 
 
 def _spans(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
@@ -122,7 +125,11 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     inverse = None
     if len(src_rows) == world * width:
         inverse = torch.empty_like(src_rows).index_copy_(0, src_rows, torch.arange(len(src_rows)))
-    return GatherPlan(tuple(local), tuple(_calls(pairs)), tuple(rows), width, src_rows, inverse)
+    runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *(p for p in own if p[0] in mine)])
+    once = all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # no row in two calls
+    covers = once and sum(b - a for a, b in runs) == n_local
+    calls = tuple(_calls(pairs))
+    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, inverse, once, covers)
 
 
 def _send_block(x: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
@@ -148,13 +155,34 @@ def _gathered(x: torch.Tensor, world: int, group, plan: GatherPlan, rank: int) -
 
 
 def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
-    """This rank's attention over its own and the gathered keys: float32 ``(out, lse [H, T_local])``."""
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    """This rank's attention over its own and the gathered keys: ``(out [T_local, H, Dv], lse
+    [H, T_local] float32)``.
+
+    When every local row belongs to one call's sequence at most (``plan.write_once``; the calls'
+    spacer sequences write nothing), each call writes its rows in q's dtype: no float32 state, no
+    merge, no cast; rows that no call writes (no key visible) are zeros with an LSE of -inf.
+    Otherwise (stripe, or a document in two pieces on one rank under a window) the calls merge
+    into a float32 state.
+    """
+    shape = q.shape[:-1] + (v.shape[-1],)
+    if not plan.write_once:
+        out = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+        for pc in plan.local:
+            fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True)
+        for pc in plan.shared:
+            fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True)
+        return out, lse
+    if plan.covers_all:
+        out = torch.empty(shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros(shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
     for pc in plan.local:
-        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True)
+        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=False)
     for pc in plan.shared:
-        fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True)
+        fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True, merge=False)
     return out, lse
 
 
@@ -286,7 +314,8 @@ def _gather_by_posts(x_pair, plan: GatherPlan, rank, world):
 
 def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
     """Generator (``ringflash.comm.ring``'s protocol): the all-gather method's forward for one rank,
-    its gather made of ring posts, for ``ringflash.parallel.simulate``. Returns float32 ``(out, lse)``."""
+    its gather made of ring posts, for ``ringflash.parallel.simulate``. Returns ``gathered_fwd``'s
+    ``(out, lse)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
     kf, vf = yield from _gather_by_posts((k, v), plan, rank, world)
     return gathered_fwd(backend, q, k, v, kf, vf, plan, scale, softcap)
