@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,17 @@ class GatherPlan:
     inverse: torch.Tensor | None = None
     write_once: bool = False
     covers_all: bool = False
+    copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """``x`` (one of the plan's index tensors) on ``device``, copied there once: a copy from
+        the host on every call would wait for the device to reach it."""
+        if x is None or x.device == device:
+            return x
+        key = (id(x), str(device))
+        if key not in self.copies:
+            self.copies[key] = x.to(device)
+        return self.copies[key]
 
 
 def _spans(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
@@ -138,13 +149,13 @@ def _send_block(x: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
     if plan.src is None or len(mine) == x.shape[0]:  # every local row is shared, in local order
         return x
     block = x.new_zeros((plan.width, *x.shape[1:]))
-    block[: len(mine)] = x.index_select(0, mine.to(x.device))
+    block[: len(mine)] = x.index_select(0, plan.on(mine, x.device))
     return block
 
 
 def in_order(blocks: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     """Gathered rank blocks ``[W * width, H, D]`` as the shared documents' keys in stream order."""
-    return blocks if plan.src is None else blocks.index_select(0, plan.src.to(blocks.device))
+    return blocks if plan.src is None else blocks.index_select(0, plan.on(plan.src, blocks.device))
 
 
 def _gathered(x: torch.Tensor, world: int, group, plan: GatherPlan, rank: int) -> torch.Tensor:
@@ -208,9 +219,9 @@ def gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan: GatherPlan, sca
     if plan.src is not None:  # back to rank-block order, each block to its owner
         world = len(plan.rows)
         if plan.inverse is not None:  # no padding: a permutation, gathered in one pass
-            inverse = plan.inverse.to(q.device)
+            inverse = plan.on(plan.inverse, q.device)
             return dq, dk, dv, dkf.index_select(0, inverse), dvf.index_select(0, inverse)
-        s = plan.src.to(q.device)
+        s = plan.on(plan.src, q.device)
         blocks = [
             torch.zeros((world * plan.width, *x.shape[1:]), dtype=torch.float32, device=q.device)
             for x in (k, v)
@@ -226,7 +237,7 @@ def _add_home(dk, dv, mine_k, mine_v, plan: GatherPlan, rank: int) -> None:
         dk.add_(mine_k)
         dv.add_(mine_v)
     elif len(rows):
-        r = rows.to(dk.device)
+        r = plan.on(rows, dk.device)
         dk.index_add_(0, r, mine_k[: len(rows)])
         dv.index_add_(0, r, mine_v[: len(rows)])
 

@@ -299,14 +299,16 @@ def _calls(pairs) -> list[Piece]:
     return pieces
 
 
+@functools.lru_cache(maxsize=64)
 def build_doc_plan(
     layout: str, cu: tuple[int, ...], rank: int, world: int, causal: bool, window: tuple[int, int]
 ) -> Plan:
     """The ring plan of ``rank`` for the packed stream ``cu`` sharded in ``layout``.
 
-    Each step pairs every local document segment with the segments of the same document in the
-    visiting K/V block; a step that shares no visible pair is skipped, and a K/V block travels
-    only as far as the last rank that needs it (``Plan.reach``).
+    Cached: a plan's pieces keep their index tensors on the device, so a repeated stream copies
+    nothing from the host. Each step pairs every local document segment with the segments of the
+    same document in the visiting K/V block; a step that shares no visible pair is skipped, and a
+    K/V block travels only as far as the last rank that needs it (``Plan.reach``).
     """
     per_rank = [
         [
