@@ -108,8 +108,9 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
     out, lse, _ = rf.flash_attn_varlen_func(
         qg, k, v, cud, cud, maxlen, maxlen, causal=True, return_attn_probs=True
     )
-    t_fwd = _time(base_fwd, reps)
-    t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
+    with rf.skip_value_checks():  # their host sync would let the GPU catch up with the host
+        t_fwd = _time(base_fwd, reps)
+        t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
     rows = []
     for layout, method in variants:
         qs, ks, vs, ds = (
