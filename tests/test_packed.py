@@ -203,6 +203,17 @@ def test_single_document_equals_the_padded_ring(small_blocks):
             torch.testing.assert_close(a[0], b, atol=2e-6, rtol=2e-6)
 
 
+def test_auto_method_rule():
+    """``method="auto"``: the all-gather when blocks would travel most of the ring or not at all."""
+    from ringflash.parallel.allgather import choose_method
+
+    assert choose_method((3, 3, 3, 3), "zigzag", 4) == "allgather"
+    assert choose_method((0, 0, 0, 0), "balanced", 4) == "allgather", "nothing travels: no gather"
+    assert choose_method((1, 1, 1, 0), "contiguous", 4) == "ring", "a neighbour exchange"
+    assert choose_method((3, 3, 3, 3), "stripe", 4) == "ring"
+    assert choose_method((0,), "zigzag", 1) == "ring"
+
+
 def _kv_messages(world, n_local, cu, layout):
     """K/V posts per rank of the simulated forward ring (plain, one block per step)."""
     plans = simulate_plans(world, n_local, layout, True, (-1, -1), cu)

@@ -291,11 +291,14 @@ def choose_method(plan_reach: tuple[int, ...], layout: str, world: int) -> str:
     it wins; when documents span the stream every block travels ``W - 1`` hops and the all-gather's
     fewer, larger calls win. The rule: all-gather when the blocks' mean reach is at least half the
     ring, for the layouts whose queries meet the gathered keys in one call per piece (contiguous,
-    zigzag, balanced); stripe gains nothing in calls and stays on the ring.
+    zigzag, balanced); stripe gains nothing in calls and stays on the ring. When no block travels
+    at all (every document whole on its rank) the all-gather method gathers nothing and its calls
+    write their rows once, without the ring's float32 state: it is taken then too.
     """
     if world == 1 or layout == "stripe":
         return "ring"
-    return "allgather" if 2 * sum(plan_reach) >= world * (world - 1) else "ring"
+    reach = sum(plan_reach)
+    return "allgather" if reach == 0 or 2 * reach >= world * (world - 1) else "ring"
 
 
 def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
