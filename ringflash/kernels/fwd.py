@@ -32,6 +32,7 @@ from .common import (
     on_tensor_device,
     stride_names,
     strides,
+    varlen_diag,
     wide_offsets,
 )
 from .options import AttnConfig
@@ -251,6 +252,35 @@ _CPU_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
 _O, _LSE = stride_names("o", "bshd"), stride_names("l", "bhs")
 
 
+# Launch arguments by call signature (shapes, strides, dtypes, device, mask, options): a model's
+# layers repeat a few signatures, so ``attn_args`` runs once per signature and a call binds only its
+# tensors. Bounded: a workload of many shapes starts over rather than growing.
+_FWD_LAUNCHES: dict[tuple, tuple] = {}
+_MAX_LAUNCHES = 512
+_PER_CALL = frozenset(("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "O", "LSE", "TMA"))
+
+
+def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, config) -> tuple | None:
+    """The signature of a forward launch, or None when its arguments come from tensor values
+    (packed lengths not given) or a padded call's diagonal is not an int."""
+    packed = cu_q is not None
+    if packed:
+        if max_q is None or max_k is None:
+            return None
+        diag_key = diag is None
+        lens = (cu_q.shape[0], int(max_q), int(max_k))
+    else:
+        if diag is not None and not isinstance(diag, int):
+            return None
+        diag_key, lens = diag, None
+    scale, causal, window, softcap = mask
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+        out.dtype, out.stride(), lse.stride(), float(scale), bool(causal), tuple(window),
+        float(softcap), lens, diag_key, accumulate, config,
+    )  # fmt: skip
+
+
 @on_tensor_device
 def attn_fwd(
     q,
@@ -299,21 +329,6 @@ def attn_fwd(
     packed = cu_seqlens_q is not None
     given = out is not None
     accumulate = given and merge
-    args, B, Sq, Sk = attn_args(
-        q,
-        k,
-        v,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        diag_offset=diag_offset,
-        config=config,
-    )
     Hq, Dv = q.shape[-2], v.shape[-1]
     if not given:
         # Packed rows outside every sequence (if any) must still read as "no key"; padded rows are
@@ -323,25 +338,59 @@ def attn_fwd(
             lse = torch.full((Hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         else:
             out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-            lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+            lse = torch.empty((q.shape[0], Hq, q.shape[1]), dtype=torch.float32, device=q.device)
     else:
         writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
         assert lse.dtype == torch.float32 and out.dtype in writable
+    mask = (softmax_scale, causal, window_size, softcap)
+    key = _launch_key(
+        q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, accumulate, config
+    )
+    entry = _FWD_LAUNCHES.get(key) if key is not None else None
+    if entry is None:
+        args, B, Sq, Sk = attn_args(
+            q,
+            k,
+            v,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            diag_offset=diag_offset,
+            config=config,
+        )
+        args.update(
+            **strides(out, _O, packed),
+            **strides(lse, _LSE, packed),
+            n_heads_q=Hq,
+            ACCUMULATE=accumulate,
+            WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
+        )
+        if key is not None:
+            if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
+                _FWD_LAUNCHES.clear()
+            _FWD_LAUNCHES[key] = ({n: a for n, a in args.items() if n not in _PER_CALL}, B, Sq, Sk)
+    else:
+        static, B, Sq, Sk = entry
+        args = dict(static)
+        args.update(
+            Q=q,
+            K=k,
+            V=v,
+            CU_Q=cu_seqlens_q,
+            CU_K=cu_seqlens_k if packed else None,
+            DIAG_PTR=varlen_diag(diag_offset, B, q.device) if packed else None,
+        )
     if B == 0 or Sq == 0 or q.numel() == 0:
         if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
-    args.update(
-        O=out,
-        LSE=lse,
-        **strides(out, _O, packed),
-        **strides(lse, _LSE, packed),
-        n_heads_q=Hq,
-        ACCUMULATE=accumulate,
-        WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
-        TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)),
-    )
+    args.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)))
     if q.device.type == "cpu":
         _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**args, **_CPU_FWD)
     else:
