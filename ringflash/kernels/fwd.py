@@ -35,6 +35,7 @@ from .common import (
     varlen_diag,
     wide_offsets,
 )
+from .launch import SignatureTable
 from .options import AttnConfig
 from .tma import tma_applies
 
@@ -252,11 +253,9 @@ _CPU_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
 _O, _LSE = stride_names("o", "bshd"), stride_names("l", "bhs")
 
 
-# Launch arguments by call signature (shapes, strides, dtypes, device, mask, options): a model's
-# layers repeat a few signatures, so ``attn_args`` runs once per signature and a call binds only its
-# tensors. Bounded: a workload of many shapes starts over rather than growing.
-_FWD_LAUNCHES: dict[tuple, tuple] = {}
-_MAX_LAUNCHES = 512
+# Launch arguments by call signature (shapes, strides, dtypes, device, mask, options): ``attn_args``
+# runs once per signature and a call binds only its tensors.
+_FWD_LAUNCHES = SignatureTable()
 _PER_CALL = frozenset(("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "O", "LSE", "TMA"))
 
 
@@ -371,9 +370,7 @@ def attn_fwd(
             WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
         )
         if key is not None:
-            if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
-                _FWD_LAUNCHES.clear()
-            _FWD_LAUNCHES[key] = ({n: a for n, a in args.items() if n not in _PER_CALL}, B, Sq, Sk)
+            _FWD_LAUNCHES.keep(key, ({n: a for n, a in args.items() if n not in _PER_CALL}, B, Sq, Sk))
     else:
         static, B, Sq, Sk = entry
         args = dict(static)

@@ -23,6 +23,23 @@ except ImportError:  # pragma: no cover - older Triton: no direct launches
     _knobs = None
 
 
+class SignatureTable(dict):
+    """Launch arguments by call signature (every shape, stride, dtype and option a launch derives
+    from). A model's layers repeat a few signatures, so the derivation runs once per signature;
+    bounded: a workload of many shapes starts over rather than growing."""
+
+    def __init__(self, limit: int = 512):
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key, value):
+        """Store ``value`` under ``key`` (emptying a full table first); returns ``value``."""
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
 @functools.cache
 def _params(fn) -> tuple[tuple[str, object], ...]:
     """``(name, default)`` of every parameter of the ``@triton.jit`` function ``fn``, in order."""
@@ -54,4 +71,4 @@ def launch_cached(fn, grid: tuple[int, ...], args: dict, slot: dict) -> None:
     )  # fmt: skip
 
 
-__all__ = ["launch_cached"]
+__all__ = ["SignatureTable", "launch_cached"]

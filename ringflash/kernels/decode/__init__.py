@@ -36,7 +36,7 @@ from ..common import (
     stride_names,
     strides,
 )
-from ..launch import launch_cached
+from ..launch import SignatureTable, launch_cached
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
 from .append import append_kv
@@ -150,8 +150,7 @@ class _Launch:
 # Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
 # derivation (about half of a step's host time) runs once; the per-call work is the binding of the
 # tensors. Bounded: a workload of many shapes starts over rather than growing.
-_LAUNCHES: dict[tuple, _Launch] = {}
-_MAX_LAUNCHES = 512
+_LAUNCHES: SignatureTable = SignatureTable()
 
 
 def _signature(
@@ -348,9 +347,7 @@ def split_args(
             on = tma_applies(k_cache, v_cache, seqlen=launch.static["capacity"])
             launch.static.update(TMA=on, PREFETCH_ROWS=0 if on else launch.static["PREFETCH_ROWS"])
         else:
-            if len(_LAUNCHES) >= _MAX_LAUNCHES:
-                _LAUNCHES.clear()
-            _LAUNCHES[key] = launch
+            _LAUNCHES.keep(key, launch)
     dev = q.device
     if launch.parts is None:
         o_part = lse_part = out  # unused: the one split writes out / lse directly
