@@ -222,7 +222,7 @@ class _EagerAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k):
         kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
         out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
-        if ctx is None:  # called directly for inference (``_needs_grad`` false)
+        if ctx is None:  # called directly for inference (``_eager_attn``)
             return out, lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kw, ctx.backend = kw, backend
@@ -241,8 +241,12 @@ class _EagerAttn(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 10
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _eager_attn(q, k, v, *args):
+    """``_EagerAttn`` through autograd when a gradient can flow into q, k or v; otherwise its
+    forward alone (inference: the same kernels, without the autograd wrapping)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttn.apply(q, k, v, *args)
+    return _EagerAttn.forward(None, q, k, v, *args)
 
 
 # ---------------------------------------------------------------- public functions
@@ -303,10 +307,8 @@ def flash_attn_func(
     args = (q, k, v, scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_fwd(*args)
-    elif _needs_grad(q, k, v):
-        out, lse = _EagerAttn.apply(*args, None, None, 0, 0)
-    else:  # inference: the same kernels without the autograd wrapping
-        out, lse = _EagerAttn.forward(None, *args, None, None, 0, 0)
+    else:
+        out, lse = _eager_attn(*args, None, None, 0, 0)
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 
@@ -371,10 +373,8 @@ def flash_attn_varlen_func(
     opts = (scale, causal, wl, wr, softcap, backend_for(q).name)
     if torch.compiler.is_compiling():
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
-    elif _needs_grad(q, k, v):
-        out, lse = _EagerAttn.apply(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
     else:
-        out, lse = _EagerAttn.forward(None, q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
+        out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 
