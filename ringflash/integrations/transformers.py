@@ -41,6 +41,7 @@ from ..comm.agree import agree
 from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
 from ..parallel.hybrid import usp_degrees
+from ..parallel.layouts import DOC_LAYOUTS
 from ..parallel.ring_attn import RING_FUNCS, ring_attention
 from ..parallel.ulysses import sp_attention
 from .packing import global_cu_seqlens, longest_document
@@ -81,8 +82,8 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    if layout not in (*RING_FUNCS, "balanced"):
-        raise ValueError(f"unknown layout {layout!r}: expected one of {(*RING_FUNCS, 'balanced')}")
+    if layout not in DOC_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {DOC_LAYOUTS}")
     if method in ("ulysses", "hybrid") and layout != "contiguous":
         raise ValueError(f"{method} shards the sequence contiguously: use layout='contiguous'")
     grids: dict[tuple[int, int], tuple] = {}  # (U, R) -> (ulysses, ring) groups, built on first use

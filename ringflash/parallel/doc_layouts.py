@@ -35,9 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import Piece, Plan, _band, _mask_args, trim
-
-DOC_LAYOUTS = ("contiguous", "zigzag", "stripe", "balanced")
+from .layouts import DOC_LAYOUTS, Piece, Plan, _band, _mask_args, trim
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,13 @@ def _zigzag_pieces(lengths: list[int], world: int) -> list[list[int]]:
         start = (start + extra) % n_pieces
         sizes.append(got)
     return sizes
+
+
+def _zigzag_runs(sizes: list[int], rank: int, world: int) -> list[tuple[int, int]]:
+    """``(pos0, count)`` of rank ``rank``'s two zigzag pieces of a document cut into ``sizes``
+    (pieces ``r`` and ``2W-1-r``, the empty ones left out), in position order."""
+    offsets = [0, *itertools.accumulate(sizes)]
+    return [(offsets[j], sizes[j]) for j in (rank, 2 * world - 1 - rank) if sizes[j]]
 
 
 def _run_cost(pos0: int, count: int) -> float:
@@ -133,13 +138,11 @@ def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, in
         room, load, placed = [n_local] * world, [0.0] * world, []
         pieces = _zigzag_pieces([lengths[d] for d in split], world)
         for d, sizes in zip(split, pieces, strict=True):
-            offsets = [0, *itertools.accumulate(sizes)]
             for r in range(world):
-                for j in (r, 2 * world - 1 - r):
-                    if sizes[j]:
-                        placed.append((r, d, offsets[j], sizes[j]))
-                        room[r] -= sizes[j]
-                        load[r] += _run_cost(offsets[j], sizes[j])
+                for pos0, count in _zigzag_runs(sizes, r, world):
+                    placed.append((r, d, pos0, count))
+                    room[r] -= count
+                    load[r] += _run_cost(pos0, count)
         if min(room) < 0:  # the zigzag extras of the cut documents overfill a rank: not this set
             continue
         cut = set(split)
@@ -175,11 +178,9 @@ def doc_segments(layout: str, cu: tuple[int, ...], rank: int, world: int) -> tup
     if layout == "zigzag":
         lengths = [b - a for a, b in itertools.pairwise(cu)]
         for d, sizes in enumerate(_zigzag_pieces(lengths, world)):
-            offsets = [0, *itertools.accumulate(sizes)]
-            for j in (rank, 2 * world - 1 - rank):
-                if sizes[j]:
-                    segs.append(DocSegment(d, local, sizes[j], offsets[j], 1))
-                    local += sizes[j]
+            for pos0, count in _zigzag_runs(sizes, rank, world):
+                segs.append(DocSegment(d, local, count, pos0, 1))
+                local += count
         return tuple(segs)
     if layout == "balanced":
         for d, pos0, count in _balanced(cu, world)[rank]:

@@ -35,6 +35,7 @@ import torch
 from ..masking import is_fully_masked, is_masked_free
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
+DOC_LAYOUTS = (*LAYOUTS, "balanced")  # a packed stream's layouts (``doc_layouts``)
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,15 @@ class Plan:
 def check_layout(layout: str, packed: bool = False) -> None:
     """Raise ``ValueError`` unless ``layout`` is one of ``LAYOUTS`` (of ``DOC_LAYOUTS`` for a packed
     stream, which adds ``"balanced"``)."""
-    if packed and layout == "balanced":
+    allowed = DOC_LAYOUTS if packed else LAYOUTS
+    if layout in allowed:
         return
-    if layout == "balanced":
+    if layout in DOC_LAYOUTS:
         raise ValueError(
-            "layout 'balanced' places whole documents on ranks: it is for packed streams (pass "
+            f"layout {layout!r} places whole documents on ranks: it is for packed streams (pass "
             f"cu_seqlens); a padded sequence takes one of {LAYOUTS}"
         )
-    if layout not in LAYOUTS:
-        expected = (*LAYOUTS, "balanced") if packed else LAYOUTS
-        raise ValueError(f"unknown layout {layout!r}: expected one of {expected}")
+    raise ValueError(f"unknown layout {layout!r}: expected one of {allowed}")
 
 
 def segments(layout: str, rank: int, world: int, n_local: int) -> list[Segment]:
