@@ -95,9 +95,9 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         rows = tuple(torch.arange(n_local) for _ in range(world))
         return GatherPlan((), tuple(pieces), rows, n_local, None)
     shared = [n > 1 for n in _spans(layout, cu, world)]
-    own = _pairs(layout, cu, rank, rank, world, causal, window)
     mine = {s.local0 for s in doc_segments(layout, cu, rank, world) if s.count and not shared[s.doc]}
-    local = _calls(_coalesce_full([p for p in own if p[0] in mine]))
+    own = [p for p in _pairs(layout, cu, rank, rank, world, causal, window) if p[0] in mine]
+    local = _calls(_coalesce_full(own))
     start, at = [], 0  # each shared document's first row in the gathered keys
     for d, (a, b) in enumerate(itertools.pairwise(cu)):
         start.append(at)
@@ -136,7 +136,7 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     inverse = None
     if len(src_rows) == world * width:
         inverse = torch.empty_like(src_rows).index_copy_(0, src_rows, torch.arange(len(src_rows)))
-    runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *(p for p in own if p[0] in mine)])
+    runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own])
     once = all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # no row in two calls
     covers = once and sum(b - a for a, b in runs) == n_local
     calls = tuple(_calls(pairs))
@@ -158,11 +158,17 @@ def in_order(blocks: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     return blocks if plan.src is None else blocks.index_select(0, plan.on(plan.src, blocks.device))
 
 
-def _gathered(x: torch.Tensor, world: int, group, plan: GatherPlan, rank: int) -> torch.Tensor:
-    """The shared documents' rows of every rank's ``x``, in stream order."""
-    block = _send_block(x, plan, rank)
-    flat = all_gather_flat(block, world, group).view(world * plan.width, *x.shape[1:])
-    return in_order(flat, plan)
+def _gathered(k, v, world: int, group, plan: GatherPlan, rank: int):
+    """The shared documents' rows of every rank's ``k`` and ``v``, in stream order (None, None
+    without shared documents: nothing is gathered)."""
+    if not plan.width:
+        return None, None
+
+    def gather(x):
+        flat = all_gather_flat(_send_block(x, plan, rank), world, group)
+        return in_order(flat.view(world * plan.width, *x.shape[1:]), plan)
+
+    return gather(k), gather(v)
 
 
 def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
@@ -175,25 +181,19 @@ def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
     Otherwise (stripe, or a document in two pieces on one rank under a window) the calls merge
     into a float32 state.
     """
-    shape = q.shape[:-1] + (v.shape[-1],)
-    if not plan.write_once:
-        out = torch.zeros(shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
-        for pc in plan.local:
-            fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True)
-        for pc in plan.shared:
-            fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True)
-        return out, lse
+    shape, lse_shape = q.shape[:-1] + (v.shape[-1],), (q.shape[1], q.shape[0])
+    dtype = q.dtype if plan.write_once else torch.float32
     if plan.covers_all:
-        out = torch.empty(shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        out = torch.empty(shape, dtype=dtype, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     else:
-        out = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+        out = torch.zeros(shape, dtype=dtype, device=q.device)
+        lse = torch.full(lse_shape, -math.inf, dtype=torch.float32, device=q.device)
+    merge = not plan.write_once
     for pc in plan.local:
-        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=False)
+        fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=merge)
     for pc in plan.shared:
-        fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True, merge=False)
+        fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True, merge=merge)
     return out, lse
 
 
@@ -248,9 +248,7 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        kf = vf = None
-        if plan.width:
-            kf, vf = _gathered(k, world, group, plan, rank), _gathered(v, world, group, plan, rank)
+        kf, vf = _gathered(k, v, world, group, plan, rank)
         out, lse = gathered_fwd(backend_for(q), q, k, v, kf, vf, plan, scale, softcap)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -263,9 +261,7 @@ class AllGatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        kf = vf = None
-        if plan.width:
-            kf, vf = _gathered(k, world, group, plan, rank), _gathered(v, world, group, plan, rank)
+        kf, vf = _gathered(k, v, world, group, plan, rank)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dq, dk, dv, dkf, dvf = gathered_bwd(
             backend_for(q), dout, q, k, v, kf, vf, out, lse, plan, scale, softcap, dlse
