@@ -388,6 +388,7 @@ def attn_bwd(
     dq=None,
     dk=None,
     dv=None,
+    accumulate=(True, True),
     config: BlockwiseConfig | None = None,
     **problem,
 ):
@@ -395,18 +396,25 @@ def attn_bwd(
 
     ``problem``: as for ``attn_fwd``. ``out`` and ``lse`` are the final (fully merged) forward
     results; ``delta`` (rowsum of ``dout * out``, laid out like ``lse``) is computed when not given.
-    With float32 ``dq``/``dk``/``dv`` given, gradients are added into them and they are returned
-    (ring steps); otherwise the gradients come back in the inputs' dtypes.
+    With ``dq``/``dk``/``dv`` given they are returned: ``accumulate`` says whether the gradients
+    are added into ``dq`` (first) and ``dk``/``dv`` (second), float32 then (ring steps), or written
+    there; rows of a packed call's sequences with no keys (dQ) or no queries (dK/dV) are left as
+    they are. Otherwise the gradients come back in the inputs' dtypes.
     """
     cfg = config or DEFAULT_CONFIG
     p = _problem(**problem)
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    accumulate = dq is not None
+    given = dq is not None
+    add_q, add_kv = accumulate if given else (False, False)
     if delta is None:
         delta = attn_bwd_delta(dout, out, packed=p.packed)
-    if not accumulate:
-        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
-    for qr, kr, diag in p.pieces(q.shape[1], k.shape[1]):
+
+    def work(x, buf, add):  # where the gradient is summed: the buffer itself, or float32 zeros
+        return buf if add else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+    gq, gk, gv = work(q, dq, add_q), work(k, dk, add_kv), work(v, dv, add_kv)
+    pieces = list(p.pieces(q.shape[1], k.shape[1]))
+    for qr, kr, diag in pieces:
         _bwd_dense(
             _rows(dout, qr),
             _rows(q, qr),
@@ -416,14 +424,22 @@ def attn_bwd(
             _lse_rows(delta, qr),
             *p.mask(),
             diag,
-            _rows(dq, qr),
-            _rows(dk, kr),
-            _rows(dv, kr),
+            _rows(gq, qr),
+            _rows(gk, kr),
+            _rows(gv, kr),
             cfg,
         )
-    if accumulate:
-        return dq, dk, dv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if not given:
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+    for qr, kr, _ in pieces:  # written gradients: the rows of every sequence with keys / queries
+        n_q = q.shape[1] if qr is None else qr.stop - qr.start
+        n_k = k.shape[1] if kr is None else kr.stop - kr.start
+        if not add_q and n_k:
+            _rows(dq, qr).copy_(_rows(gq, qr))
+        if not add_kv and n_q:
+            _rows(dk, kr).copy_(_rows(gk, kr))
+            _rows(dv, kr).copy_(_rows(gv, kr))
+    return dq, dk, dv
 
 
 def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) -> torch.Tensor:

@@ -20,7 +20,7 @@ from oracle import assert_matches
 import ringflash as rf
 from ringflash.comm import Post, run_simulated
 from ringflash.parallel.allgather import gather_plan
-from ringflash.parallel.doc_layouts import doc_positions, doc_segments
+from ringflash.parallel.doc_layouts import _run_cost, doc_positions, doc_segments
 from ringflash.parallel.ring_loop import TAG_KV, ring_fwd_loop
 from ringflash.parallel.sharding import shard_for, unshard_from
 from ringflash.parallel.simulate import simulate_plans, simulate_ring_attn, simulate_ring_attn_backward
@@ -120,9 +120,9 @@ def test_simulated_packed_matches_oracle(world, layout, method, mask, small_bloc
 
 
 def _long_and_short(world: int, n_local: int, seed: int) -> torch.Tensor:
-    """Two documents long enough to be cut into zigzag pieces, the rest short (0 and 1 included)."""
+    """A document longer than a shard, one of half a shard, the rest short (0 and 1 included)."""
     rng = random.Random(seed)
-    lens, left = [3 * n_local // 4, 37, 11 * n_local // 20, 1, 0], world * n_local
+    lens, left = [5 * n_local // 4, 37, 11 * n_local // 20, 1, 0], world * n_local
     left -= sum(lens)
     while left > 0:
         lens.append(min(left, rng.randint(1, n_local // 4)))
@@ -130,37 +130,75 @@ def _long_and_short(world: int, n_local: int, seed: int) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_balanced_layout_keeps_short_documents_whole(world):
-    n_local = 512 * world  # documents of half a shard or more make zigzag pieces of a kernel tile
-    cu = tuple(_long_and_short(world, n_local, world).tolist())
-    lengths = [b - a for a, b in itertools.pairwise(cu)]
+def _holders(cu, world):
     segs = [doc_segments("balanced", cu, r, world) for r in range(world)]
     holders = {
-        d: [r for r in range(world) for s in segs[r] if s.doc == d and s.count] for d in range(len(cu) - 1)
+        d: sorted({r for r in range(world) for s in segs[r] if s.doc == d}) for d in range(len(cu) - 1)
     }
+    return segs, holders
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_balanced_layout_keeps_short_documents_whole(world):
+    n_local = 512 * world
+    cu = tuple(_long_and_short(world, n_local, world).tolist())
+    lengths = [b - a for a, b in itertools.pairwise(cu)]
+    segs, holders = _holders(cu, world)
     for r in range(world):
         assert [(s.doc, s.pos0) for s in segs[r]] == sorted((s.doc, s.pos0) for s in segs[r]), "doc order"
-    long_docs = [d for d, n in enumerate(lengths) if n >= 2 * world * 128]
-    assert long_docs == [0, 2]
-    for d in long_docs:  # cut in 2W pieces, two per rank
-        assert sorted(holders[d]) == sorted(list(range(world)) * 2), holders[d]
-    cut_short = [d for d, rs in holders.items() if d not in long_docs and len(rs) > 1]
+        assert sum(s.count for s in segs[r]) == n_local
+    assert len(holders[0]) >= 2, "a document longer than a shard is spread"
+    for d, rs in holders.items():  # a spread document: each holder takes one piece from each end
+        runs = sorted((s.pos0, s.count, r) for r in rs for s in segs[r] if s.doc == d)
+        assert sum(c for _, c, _ in runs) == lengths[d]
+        assert all(p + c == q for (p, c, _), (q, _, _) in itertools.pairwise(runs)), runs
+        order = [r for *_, r in runs]
+        if len(rs) > 1 and order == [r for r, _ in itertools.groupby(order)] and len(order) == 2 * len(rs):
+            assert order == order[: len(rs)] + order[: len(rs)][::-1], order
+        assert all(order.count(r) <= 2 for r in rs), order
+    cut_short = [d for d, rs in holders.items() if lengths[d] < 4 * 128 and len(rs) > 1]
     assert len(cut_short) <= world - 1, "a short document is cut only to fill a rank's last tokens"
-    work = [sum(s.count * (s.pos0 + s.count / 2) for s in ss) for ss in segs]
+    work = [sum(_run_cost(s.pos0, s.count) for s in ss) for ss in segs]  # the layout's cost model
     assert max(work) <= 1.1 * sum(work) / world, work
+    one = (0, world * n_local)  # one document: zigzag over every rank
+    _, h = _holders(one, world)
+    assert h[0] == list(range(world))
     equal = tuple(range(0, 8 * 8192 + 1, 1024))  # 1k documents, 8 ranks: nothing travels
     assert all(len(doc_segments("balanced", equal, r, 8)) == 8 for r in range(8))
     plan = simulate_plans(8, 8192, "balanced", True, (-1, -1), torch.tensor(equal, dtype=torch.int32))[0]
     assert plan.reach == (0,) * 8 and plan.n_steps == 1, plan.reach
     assert gather_plan("balanced", equal, 0, 8, True, (-1, -1)).width == 0, "the all-gather sends nothing"
+    n_sent = 0
     for r in range(world):  # the all-gather sends the rows of documents held by several ranks only
         sent = gather_plan("balanced", cu, r, world, True, (-1, -1)).rows[r].tolist()
         want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
-        assert sent == want and len(sent) < n_local
+        assert sent == want
+        n_sent += len(sent)
         plan = gather_plan("balanced", cu, r, world, True, (-1, -1))
         assert plan.write_once and plan.covers_all, "each row written once, in the input dtype"
+    assert n_sent < world * n_local
     assert not gather_plan("stripe", cu, 0, world, True, (-1, -1)).write_once
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_balanced_layout_pieces_fill_kernel_tiles(world):
+    """Long-tailed documents: few are cut, their pieces are whole query tiles, and the slowest
+    rank's work (pairs rounded to tiles) is close to a fair share."""
+    rng = random.Random(world)
+    lens, left = [], world * 8192
+    while left > 0:
+        lens.append(min(left, max(64, int(4096 / 3 * rng.paretovariate(1.5)))))
+        left -= lens[-1]
+    cu = tuple(itertools.accumulate(lens, initial=0))
+    segs, holders = _holders(cu, world)
+    n_runs = sum(len(ss) for ss in segs)
+    assert n_runs < 2 * world * len(lens), (n_runs, "zigzag makes", 2 * world * len(lens))
+    pieces = [s for ss in segs for s in ss if len(holders[s.doc]) > 1 and s.pos0 + s.count < lens[s.doc]]
+    whole_tiles = sum(s.count % 128 == 0 for s in pieces)
+    assert whole_tiles >= 0.6 * len(pieces), [s.count for s in pieces]
+    tiled = [sum(-(-s.count // 128) * 128 * (s.pos0 + s.count / 2) for s in ss) for ss in segs]
+    fair = sum(-(-n // 128) * 128 * n / 2 for n in lens) / world
+    assert max(tiled) <= 1.15 * fair, [round(t / fair, 3) for t in tiled]
 
 
 @pytest.mark.parametrize("method", ["ring", "allgather"])
@@ -207,7 +245,9 @@ def test_auto_method_rule():
     """``method="auto"``: the all-gather when blocks would travel most of the ring or not at all."""
     from ringflash.parallel.allgather import choose_method
 
-    assert choose_method((3, 3, 3, 3), "zigzag", 4) == "allgather"
+    assert choose_method((3, 3, 3, 3), "zigzag", 4, backward=False) == "allgather"
+    assert choose_method((3, 3, 3, 3), "zigzag", 4) == "ring", "with a backward: the ring"
+    assert choose_method((2, 2, 1, 1), "balanced", 4, backward=False) == "allgather"
     assert choose_method((0, 0, 0, 0), "balanced", 4) == "allgather", "nothing travels: no gather"
     assert choose_method((1, 1, 1, 0), "contiguous", 4) == "ring", "a neighbour exchange"
     assert choose_method((3, 3, 3, 3), "stripe", 4) == "ring"
@@ -347,17 +387,54 @@ import sys
 sys.path.insert(0, "tests")
 import torch
 import ringflash as rf
-from test_packed import _sim_case
+from test_packed import _sim_case, _written_gradients_case
 with rf.use_backend("triton"):
     for layout, method, world, mask in (
         ("zigzag", "ring", 3, dict(causal=True)),
         ("zigzag", "allgather", 2, dict(causal=True, window_size=(5, 0))),
         ("stripe", "ring", 2, dict()),
         ("contiguous", "allgather", 3, dict(causal=True)),
+        ("balanced", "allgather", 2, dict(causal=True)),
     ):
         _sim_case(world, 8, layout, method, mask, seed=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        _written_gradients_case(rf.backends.get_backend("triton"), dtype)
 print("ok")
 """
+
+
+def _written_gradients_case(backend, dtype):
+    """``attn_bwd`` with given buffers and ``accumulate=(False, True)``: dQ written in the buffer's
+    dtype, dK/dV added; the spacer sequences' rows (no keys / no queries) keep what they held."""
+    torch.manual_seed(0)
+    cu_q, cu_k = [0, 5, 9, 9, 16], [0, 7, 7, 12, 20]  # sequence 1: no keys; sequence 2: no queries
+    q, k, v = (torch.randn(n, h, 8, dtype=dtype) for n, h in ((16, 4), (20, 2), (20, 2)))
+    dout = torch.randn(16, 4, 8, dtype=dtype)
+    kw = dict(
+        softmax_scale=8**-0.5,
+        causal=True,
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        max_seqlen_q=7,
+        max_seqlen_k=8,
+    )
+    out, lse = backend.attn_fwd(q, k, v, **kw)
+    want = backend.attn_bwd(dout, q, k, v, out, lse, **kw)
+    dq = torch.full(q.shape, 7.0, dtype=dtype)
+    dk, dv = torch.ones(k.shape), torch.ones(v.shape)
+    backend.attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, accumulate=(False, True), **kw)
+    assert (dq[5:9] == 7).all(), "rows of a sequence with no keys are left as they are"
+    assert (dk[7:12] == 1).all() and (dv[7:12] == 1).all(), "keys of a sequence with no queries too"
+    rows, keys = [*range(5), *range(9, 16)], [*range(7), *range(12, 20)]
+    tol = dict(atol=0, rtol=0) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dq[rows].float(), want[0][rows].float(), **tol)
+    torch.testing.assert_close(dk[keys] - 1, want[1][keys].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dv[keys] - 1, want[2][keys].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gradients_written_into_given_buffers(dtype):
+    _written_gradients_case(rf.backends.get_backend("torch"), dtype)
 
 
 def test_packed_calls_through_the_triton_kernels_under_the_interpreter():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -12,16 +14,34 @@ def all_gather_flat(x: torch.Tensor, world: int, group) -> torch.Tensor:
     NCCL gathers into one output buffer (no per-rank copies); gloo has no
     ``all_gather_into_tensor``, so its parts are stacked.
     """
+    return start_all_gather_flat(x, world, group)()
+
+
+def start_all_gather_flat(x: torch.Tensor, world: int, group) -> Callable[[], torch.Tensor]:
+    """Start ``all_gather_flat(x, world, group)`` and return the function that waits for it and
+    returns its result, so that work queued in between overlaps the collective (on a GPU, the
+    wait orders the current stream after the collective; the host does not block)."""
     x = x.contiguous().view(-1)
     if world == 1:
-        return x.clone().view(1, -1)
+        out = x.clone().view(1, -1)
+        return lambda: out
     if x.is_cuda and "nccl" in str(dist.get_backend(group)):
         out = torch.empty((world, x.numel()), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
-        return out
+        work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
+
+        def done():
+            work.wait()
+            return out
+
+        return done
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
-    return torch.stack(parts)
+    work = dist.all_gather(parts, x, group=group, async_op=True)
+
+    def stacked():
+        work.wait()
+        return torch.stack(parts)
+
+    return stacked
 
 
 def all_gather_cat(x: torch.Tensor, world: int, group, dim: int) -> torch.Tensor:

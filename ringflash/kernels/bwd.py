@@ -209,6 +209,7 @@ def attn_bwd(
     dq=None,
     dk=None,
     dv=None,
+    accumulate=(True, True),
     config=None,
 ):
     """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
@@ -222,8 +223,11 @@ def attn_bwd(
         out, lse: ``attn_fwd``'s results (lse float32 ``[B, Hq, Sq]``, packed ``[Hq, Tq]``).
         delta: ``rowsum(dout * out)`` laid out like ``lse`` (:func:`attn_bwd_delta`; computed when
             None).
-        dq, dk, dv: float32 buffers shaped like q/k/v: the gradients are added into them and they
-            are returned. None: new tensors in the inputs' dtypes.
+        dq, dk, dv: buffers shaped like q/k/v, returned; None: new tensors in the inputs' dtypes.
+        accumulate: for given buffers, whether the gradients are added into ``dq`` (first) and
+            into ``dk``/``dv`` (second), which must then be float32, or written there in the
+            buffers' dtype. Either way rows of a packed call's sequences with no keys (dQ) or no
+            queries (dK/dV) are left as they are.
         config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
 
     Returns:
@@ -231,12 +235,14 @@ def attn_bwd(
     """
     config = config or AttnConfig()
     packed = cu_seqlens_q is not None
-    add = dq is not None
+    given = dq is not None
+    add_q, add_kv = accumulate if given else (False, False)
     Hq, Hk = q.shape[-2], k.shape[-2]
     if delta is None:
         delta = attn_bwd_delta(dout, out, packed=packed)
-    if add:
-        assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+    if given:
+        assert dq.dtype == torch.float32 or not add_q
+        assert dk.dtype == dv.dtype == torch.float32 or not add_kv
     else:
         alloc = torch.zeros if packed else torch.empty
         dq = alloc(q.shape, dtype=q.dtype, device=q.device)
@@ -258,8 +264,11 @@ def attn_bwd(
         config=config,
     )
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
-        if not add:
+        if not given:
             dq.zero_(), dk.zero_(), dv.zero_()
+        elif not packed:  # every row sees nothing: a written gradient is zero
+            for x in ([] if add_q else [dq]) + ([] if add_kv else [dk, dv]):
+                x.zero_()
         return dq, dk, dv
     args.update(
         DO=dout,
@@ -268,12 +277,12 @@ def attn_bwd(
         **strides(dout, _DOUT, packed),
         **strides(lse, _LSE, packed),
         **strides(delta, _DELTA_E, packed),
-        ADD=add,
         WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
         TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)),
     )
     dkdv_args = dict(args, DK=dk, DV=dv, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk)
-    dq_args = dict(args, DQ=dq, **strides(dq, _DQ, packed), n_heads_q=Hq)
+    dkdv_args.update(ADD=add_kv)
+    dq_args = dict(args, DQ=dq, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**dkdv_args, **_CPU_DKDV)
         _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**dq_args, **_CPU_DQ)

@@ -95,9 +95,8 @@ def _attn_bwd_dkdv_kernel(
     )  # fmt: skip
     if j0 >= seqlen_k:
         return
-    if ADD:  # keys that no query sees add nothing to dK/dV (packed calls' spacer sequences)
-        if seqlen_q == 0:
-            return
+    if seqlen_q == 0:  # keys of a packed call's spacer sequence: their dK/dV rows are left as they are
+        return
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)

@@ -80,9 +80,8 @@ def _attn_bwd_dq_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    if ADD:  # a sequence with no keys adds nothing to dQ (packed calls' spacer sequences)
-        if seqlen_k == 0:
-            return
+    if seqlen_k == 0:  # rows of a packed call's spacer sequence: their dQ rows are left as they are
+        return
     hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)

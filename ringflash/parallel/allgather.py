@@ -8,7 +8,8 @@ reduce-scatters them to their owners. Against the ring it trades memory (the sha
 on every rank, and their float32 dK/dV in the backward) for fewer, larger kernel calls and two
 collectives instead of ``W - 1`` transfers per direction.
 
-The gathered keys are put in stream order (of the shared documents only), so for ``contiguous``,
+Each rank keeps, in stream order, the gathered keys of the shared documents it holds queries of
+(the rest of the collective's output is not copied), so for ``contiguous``,
 ``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
 sequence of a packed call (with its own causal diagonal): zigzag runs two calls (the first and the
 second piece of every document), contiguous one. ``stripe`` queries sit every ``W``-th position,
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import backend_for
-from ..comm.gather import all_gather_flat, reduce_scatter_flat
+from ..comm.gather import reduce_scatter_flat, start_all_gather_flat
 from ..comm.ring import Post, Wait
 from .doc_layouts import _calls, _coalesce_full, _pairs, doc_segments
 from .layouts import Piece, _band, _mask_args
@@ -39,10 +40,11 @@ class GatherPlan:
 
     ``local``: calls on the rank's own K/V (documents whole on this rank). ``shared``: calls on the
     gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
-    to ``width`` rows). ``src``: for every row of the gathered keys, its row in the rank-block
-    buffer ``[W * width]`` (None: that buffer is used as it is); ``inverse``: the gathered row of
-    every rank-block row, when there is no padding (None otherwise). ``write_once``: no local row
-    is in two calls' sequences; ``covers_all``: moreover every local row is in one.
+    to ``width`` rows). ``src``: for every row of the gathered keys (the shared documents that this
+    rank holds queries of, in stream order), its row in the rank-block buffer ``[W * width]``
+    (None: that buffer is used as it is); ``complete``: the gathered keys are all of that buffer
+    (no padding, every shared document read here). ``write_once``: no local row is in two calls'
+    sequences; ``covers_all``: moreover every local row is in one.
     """
 
     local: tuple[Piece, ...]
@@ -50,7 +52,7 @@ class GatherPlan:
     rows: tuple[torch.Tensor, ...]
     width: int
     src: torch.Tensor | None
-    inverse: torch.Tensor | None = None
+    complete: bool = False
     write_once: bool = False
     covers_all: bool = False
     copies: dict = field(default_factory=dict, repr=False, compare=False)
@@ -95,33 +97,37 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         rows = tuple(torch.arange(n_local) for _ in range(world))
         return GatherPlan((), tuple(pieces), rows, n_local, None)
     shared = [n > 1 for n in _spans(layout, cu, world)]
-    mine = {s.local0 for s in doc_segments(layout, cu, rank, world) if s.count and not shared[s.doc]}
+    segs = doc_segments(layout, cu, rank, world)
+    mine = {s.local0 for s in segs if s.count and not shared[s.doc]}
     own = [p for p in _pairs(layout, cu, rank, rank, world, causal, window) if p[0] in mine]
     local = _calls(_coalesce_full(own))
-    start, at = [], 0  # each shared document's first row in the gathered keys
+    needed = {s.doc for s in segs if s.count and shared[s.doc]}  # the gathered docs this rank reads
+    start, at = [], 0  # each needed document's first row in the gathered keys
     for d, (a, b) in enumerate(itertools.pairwise(cu)):
         start.append(at)
-        at += (b - a) if shared[d] else 0
-    runs = []  # (rank, local0, count, row in the gathered keys) of every shared segment
+        at += (b - a) if d in needed else 0
+    runs = []  # (rank, local0, count, doc, pos0) of every shared segment
     for r in range(world):
         runs += [
-            (r, s.local0, s.count, start[s.doc] + s.pos0)
+            (r, s.local0, s.count, s.doc, s.pos0)
             for s in doc_segments(layout, cu, r, world)
             if s.count and shared[s.doc]
         ]
     sent = [0] * world
-    for r, _, count, _ in runs:
+    for r, _, count, _, _ in runs:
         sent[r] += count
     width = max(sent)
     rows = [[] for _ in range(world)]
     src_rows, at_rank = torch.empty(at, dtype=torch.int64), [0] * world
-    for r, local0, count, dest in runs:
+    for r, local0, count, doc, pos0 in runs:
         rows[r].append(torch.arange(local0, local0 + count))
-        src_rows[dest : dest + count] = torch.arange(count) + (r * width + at_rank[r])
+        if doc in needed:
+            dest = start[doc] + pos0
+            src_rows[dest : dest + count] = torch.arange(count) + (r * width + at_rank[r])
         at_rank[r] += count
     rows = [torch.cat(x) if x else torch.zeros(0, dtype=torch.int64) for x in rows]
     pairs = []
-    for sq in doc_segments(layout, cu, rank, world):
+    for sq in segs:
         if not shared[sq.doc]:
             continue
         n_doc = cu[sq.doc + 1] - cu[sq.doc]
@@ -133,47 +139,72 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
-    inverse = None
-    if len(src_rows) == world * width:
-        inverse = torch.empty_like(src_rows).index_copy_(0, src_rows, torch.arange(len(src_rows)))
     runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own])
     once = all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # no row in two calls
     covers = once and sum(b - a for a, b in runs) == n_local
     calls = tuple(_calls(pairs))
-    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, inverse, once, covers)
+    complete = len(src_rows) == world * width
+    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, complete, once, covers)
 
 
-def _send_block(x: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
-    """This rank's rows of shared documents ``[width, H, D]`` (padded with zeros): what it gathers out."""
-    mine = plan.rows[rank]
-    if plan.src is None or len(mine) == x.shape[0]:  # every local row is shared, in local order
-        return x
-    block = x.new_zeros((plan.width, *x.shape[1:]))
-    block[: len(mine)] = x.index_select(0, plan.on(mine, x.device))
-    return block
+def _send_pair(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
+    """This rank's rows of shared documents of ``k`` and then of ``v``, each padded with zeros to
+    ``width`` rows, flattened into one buffer: what it gathers out, in one collective."""
+    mine, width = plan.rows[rank], plan.width
+    nk = width * k[0].numel()
+    every = plan.src is None or len(mine) == k.shape[0]  # every local row is shared, in local order
+    buf = (torch.empty if every or len(mine) == width else torch.zeros)(
+        nk + width * v[0].numel(), dtype=k.dtype, device=k.device
+    )
+    kb, vb = buf[:nk].view(width, *k.shape[1:]), buf[nk:].view(width, *v.shape[1:])
+    if every:
+        kb.copy_(k)
+        vb.copy_(v)
+    else:
+        rows = plan.on(mine, k.device)
+        torch.index_select(k, 0, rows, out=kb[: len(mine)])
+        torch.index_select(v, 0, rows, out=vb[: len(mine)])
+    return buf
 
 
-def in_order(blocks: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
-    """Gathered rank blocks ``[W * width, H, D]`` as the shared documents' keys in stream order."""
-    return blocks if plan.src is None else blocks.index_select(0, plan.on(plan.src, blocks.device))
+def _split_pair(flat: torch.Tensor, plan: GatherPlan, k: torch.Tensor, v: torch.Tensor):
+    """Views ``[W, width, Hk, D]`` / ``[W, width, Hk, Dv]`` of the K and V rows of ``[W, n]``
+    buffers laid out as ``_send_pair``'s (gathered keys, or their gradients)."""
+    nk, shape = plan.width * k[0].numel(), (flat.shape[0], plan.width)
+    return flat[:, :nk].view(*shape, *k.shape[1:]), flat[:, nk:].view(*shape, *v.shape[1:])
 
 
-def _gathered(k, v, world: int, group, plan: GatherPlan, rank: int):
-    """The shared documents' rows of every rank's ``k`` and ``v``, in stream order (None, None
-    without shared documents: nothing is gathered)."""
+def _block_rows(plan: GatherPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every gathered key (stream order): its rank block and its row in that block."""
+    key = ("block_rows", str(device))
+    if key not in plan.copies:
+        src = plan.on(plan.src, device)
+        plan.copies[key] = (src // max(plan.width, 1), src % max(plan.width, 1))
+    return plan.copies[key]
+
+
+def _start_gather(k, v, world: int, group, plan: GatherPlan, rank: int):
+    """Start gathering the shared documents' rows of every rank's ``k`` and ``v`` (one collective);
+    returns the function that waits for them and returns them in stream order, of the shared
+    documents this rank reads (``(None, None)`` without shared documents: nothing is gathered)."""
     if not plan.width:
-        return None, None
+        return lambda: (None, None)
+    wait = start_all_gather_flat(_send_pair(k, v, plan, rank), world, group)
 
-    def gather(x):
-        flat = all_gather_flat(_send_block(x, plan, rank), world, group)
-        return in_order(flat.view(world * plan.width, *x.shape[1:]), plan)
+    def gathered():
+        kb, vb = _split_pair(wait().view(world, -1), plan, k, v)
+        if plan.src is None:  # the rank blocks in order are the gathered keys
+            return kb.reshape(-1, *k.shape[1:]), vb.reshape(-1, *v.shape[1:])
+        block, row = _block_rows(plan, k.device)
+        return kb[block, row], vb[block, row]
 
-    return gather(k), gather(v)
+    return gathered
 
 
-def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
+def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
     """This rank's attention over its own and the gathered keys: ``(out [T_local, H, Dv], lse
-    [H, T_local] float32)``.
+    [H, T_local] float32)``. ``gathered()`` returns the gathered ``(kf, vf)``; it is called after
+    the calls on the local documents, which thus overlap the gather.
 
     When every local row belongs to one call's sequence at most (``plan.write_once``; the calls'
     spacer sequences write nothing), each call writes its rows in q's dtype: no float32 state, no
@@ -192,54 +223,79 @@ def gathered_fwd(backend, q, k, v, kf, vf, plan: GatherPlan, scale, softcap):
     merge = not plan.write_once
     for pc in plan.local:
         fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=merge)
+    kf, vf = gathered()
     for pc in plan.shared:
         fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True, merge=merge)
     return out, lse
 
 
-def gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
-    """Gradients of ``gathered_fwd``: ``dq``, float32 ``dk``/``dv`` of the local documents, and the
-    float32 dK/dV of the shared keys in rank-block order ``[W * width, H, D]`` (ready to
-    reduce-scatter; None without shared documents). ``dlse``: the gradient into the LSE, or None."""
+def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
+    """Gradients of ``gathered_fwd``: ``dq``, ``dk``/``dv`` of the local documents, and the float32
+    dK/dV of the shared keys as one buffer ``[W, n]`` laid out like the gathered keys (rank ``r``'s
+    rows of dK, then of dV: ready to reduce-scatter; None without shared documents). ``gathered``
+    and ``dlse`` (the gradient into the LSE, or None) as for ``gathered_fwd``.
+
+    With ``plan.write_once`` each call writes its rows of ``dq`` and of the local ``dk``/``dv`` in
+    the inputs' dtypes (zeros elsewhere); otherwise they are float32 sums. The shared keys' dK/dV
+    are float32 sums either way: every piece of a document reads them.
+    """
     delta = backend.attn_bwd_delta(dout, out, packed=True)
     if dlse is not None:
         delta = (delta - dlse).contiguous()
+    once = plan.write_once
+    add_local, add_gathered = (not once, not once), (not once, True)
 
-    def zeros(x):
-        return torch.zeros(x.shape, dtype=torch.float32, device=q.device)
+    def zeros(x, dtype=torch.float32):
+        return torch.zeros(x.shape, dtype=dtype, device=q.device)
 
-    dq, dk, dv = zeros(q), zeros(k), zeros(v)
+    if once:
+        dq = torch.empty_like(q) if plan.covers_all else zeros(q, q.dtype)
+        dk, dv = zeros(k, k.dtype), zeros(v, v.dtype)
+    else:
+        dq, dk, dv = zeros(q), zeros(k), zeros(v)
     for pc in plan.local:
-        bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc, scale, softcap, True)
+        bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc, scale, softcap, True, add_local)
+    kf, vf = gathered()
     if kf is None:
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None
     dkf, dvf = zeros(kf), zeros(vf)
     for pc in plan.shared:
-        bwd_piece(backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True)
-    if plan.src is not None:  # back to rank-block order, each block to its owner
-        world = len(plan.rows)
-        if plan.inverse is not None:  # no padding: a permutation, gathered in one pass
-            inverse = plan.on(plan.inverse, q.device)
-            return dq, dk, dv, dkf.index_select(0, inverse), dvf.index_select(0, inverse)
-        s = plan.on(plan.src, q.device)
-        blocks = [
-            torch.zeros((world * plan.width, *x.shape[1:]), dtype=torch.float32, device=q.device)
-            for x in (k, v)
-        ]
-        dkf, dvf = blocks[0].index_copy_(0, s, dkf), blocks[1].index_copy_(0, s, dvf)
-    return dq, dk, dv, dkf, dvf
+        bwd_piece(
+            backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True, add_gathered
+        )
+    return dq, dk, dv, _rank_blocks(dkf, dvf, plan, k, v)
 
 
-def _add_home(dk, dv, mine_k, mine_v, plan: GatherPlan, rank: int) -> None:
-    """Add the reduced dK/dV of this rank's shared rows (``[width, ...]`` each) into ``dk``/``dv``."""
+def _rank_blocks(dkf, dvf, plan: GatherPlan, k, v) -> torch.Tensor:
+    """The shared keys' float32 dK/dV (stream order) laid out for the reduce-scatter: ``[W, n]``,
+    each rank's rows as ``_send_pair`` lays out its keys (zeros in the padding)."""
+    world, width = len(plan.rows), plan.width
+    n = width * (k[0].numel() + v[0].numel())
+    every = plan.src is None or plan.complete  # every row is written
+    both = (torch.empty if every else torch.zeros)((world, n), dtype=torch.float32, device=dkf.device)
+    bk, bv = _split_pair(both, plan, k, v)
+    if plan.src is None:  # stripe: the gathered keys are the rank blocks in order
+        bk.copy_(dkf.view(bk.shape))
+        bv.copy_(dvf.view(bv.shape))
+    else:
+        block, row = _block_rows(plan, dkf.device)
+        bk[block, row] = dkf
+        bv[block, row] = dvf
+    return both
+
+
+def _add_home(dk, dv, mine: torch.Tensor, plan: GatherPlan, rank: int) -> None:
+    """Add this rank's reduced dK/dV (its row of the reduce-scatter, laid out as ``_send_pair``'s)
+    into ``dk``/``dv``."""
     rows = plan.rows[rank]
+    mk, mv = _split_pair(mine.view(1, -1), plan, dk, dv)
     if plan.src is None:
-        dk.add_(mine_k)
-        dv.add_(mine_v)
+        dk.add_(mk[0])
+        dv.add_(mv[0])
     elif len(rows):
         r = plan.on(rows, dk.device)
-        dk.index_add_(0, r, mine_k[: len(rows)])
-        dv.index_add_(0, r, mine_v[: len(rows)])
+        dk.index_add_(0, r, mk[0, : len(rows)].to(dk.dtype))
+        dv.index_add_(0, r, mv[0, : len(rows)].to(dv.dtype))
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -248,8 +304,8 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        kf, vf = _gathered(k, v, world, group, plan, rank)
-        out, lse = gathered_fwd(backend_for(q), q, k, v, kf, vf, plan, scale, softcap)
+        gathered = _start_gather(k, v, world, group, plan, rank)
+        out, lse = gathered_fwd(backend_for(q), q, k, v, gathered, plan, scale, softcap)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world)
@@ -261,40 +317,39 @@ class AllGatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        kf, vf = _gathered(k, v, world, group, plan, rank)
+        gathered = _start_gather(k, v, world, group, plan, rank)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv, dkf, dvf = gathered_bwd(
-            backend_for(q), dout, q, k, v, kf, vf, out, lse, plan, scale, softcap, dlse
+        dq, dk, dv, both = gathered_bwd(
+            backend_for(q), dout, q, k, v, gathered, out, lse, plan, scale, softcap, dlse
         )
-        if dkf is not None:
-            both = torch.cat([dkf.view(world, -1), dvf.view(world, -1)], 1)
-            mine = reduce_scatter_flat(both, world, rank, group)
-            n = dkf.numel() // world
-            shape = (plan.width, *k.shape[1:])
-            _add_home(dk, dv, mine[:n].view(shape), mine[n:].view(shape), plan, rank)
+        if both is not None:
+            _add_home(dk, dv, reduce_scatter_flat(both, world, rank, group), plan, rank)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
 
 
 METHODS = ("ring", "allgather", "auto")
 
 
-def choose_method(plan_reach: tuple[int, ...], layout: str, world: int) -> str:
-    """``method="auto"``: the all-gather when the ring would carry most blocks most of the way.
+def choose_method(plan_reach: tuple[int, ...], layout: str, world: int, backward: bool = True) -> str:
+    """``method="auto"``: the all-gather when no block travels, or, for a forward alone, when the
+    ring would carry most blocks most of the way.
 
-    The ring overlaps each transfer with a step's compute but runs one call per step; the all-gather
-    moves the same bytes in one collective and runs one or two calls. When documents are short the
-    ring's blocks stop after a hop or two (``Plan.reach``) and it moves a fraction of the bytes, so
-    it wins; when documents span the stream every block travels ``W - 1`` hops and the all-gather's
-    fewer, larger calls win. The rule: all-gather when the blocks' mean reach is at least half the
-    ring, for the layouts whose queries meet the gathered keys in one call per piece (contiguous,
-    zigzag, balanced); stripe gains nothing in calls and stays on the ring. When no block travels
-    at all (every document whole on its rank) the all-gather method gathers nothing and its calls
-    write their rows once, without the ring's float32 state: it is taken then too.
+    When no block travels (every document whole on its rank) the all-gather method gathers nothing
+    and its calls write their rows once, without the ring's float32 state: it is taken. When
+    blocks travel, the ring overlaps each transfer with a step's compute but runs one call per
+    step; the all-gather moves the same bytes in one collective (not overlapped) and runs one or
+    two calls. For a forward alone (``backward=False``) its fewer, larger calls won on packed
+    streams whose blocks travel at least half the ring on average (``2 * sum(reach) >= W (W - 1)``;
+    docs/ring.md); with a backward, which adds float32 dK/dV for every shared key and their
+    reduce-scatter, the ring measured as fast or faster, so it stays on the ring. Stripe gains
+    nothing in calls and always stays on the ring.
     """
     if world == 1 or layout == "stripe":
         return "ring"
     reach = sum(plan_reach)
-    return "allgather" if reach == 0 or 2 * reach >= world * (world - 1) else "ring"
+    if reach == 0:
+        return "allgather"
+    return "allgather" if not backward and 2 * reach >= world * (world - 1) else "ring"
 
 
 def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
@@ -306,20 +361,42 @@ def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, gro
 # ----------------------------------------------- the same method over ring messages (simulation)
 
 
-def _gather_by_posts(x_pair, plan: GatherPlan, rank, world):
-    """Generator: every rank's shared rows of ``(k, v)`` through ``W - 1`` ring posts, in the
+def _gather_by_posts(k, v, plan: GatherPlan, rank, world):
+    """Generator: every rank's shared rows of ``k`` and ``v`` through ``W - 1`` ring posts, in the
     gathered keys' order (None, None without shared documents)."""
     if not plan.width:
         return None, None
-    mine = [_send_block(x, plan, rank) for x in x_pair]
+    mine = _send_pair(k, v, plan, rank)
     handles = []
     for s in range(1, world):
-        handles.append((yield Post(mine, s, TAG_KV)))
+        handles.append((yield Post([mine], s, TAG_KV)))
     blocks = [None] * world
     blocks[rank] = mine
     for s, h in zip(range(1, world), handles, strict=True):
-        blocks[(rank - s) % world] = yield Wait(h)
-    return tuple(in_order(torch.cat([b[i] for b in blocks]), plan) for i in range(len(x_pair)))
+        (blocks[(rank - s) % world],) = yield Wait(h)
+    if plan.src is None:  # the rank blocks in order are the gathered keys
+        kb, vb = _split_pair(torch.stack(blocks), plan, k, v)
+        return kb.reshape(-1, *k.shape[1:]), vb.reshape(-1, *v.shape[1:])
+    kf = k.new_empty((len(plan.src), *k.shape[1:]))
+    vf = v.new_empty((len(plan.src), *v.shape[1:]))
+    for r, (dest, src) in enumerate(_from_block(plan, k.device)):  # each block's rows into place
+        kb, vb = _split_pair(blocks[r].view(1, -1), plan, k, v)
+        kf.index_copy_(0, dest, kb[0].index_select(0, src))
+        vf.index_copy_(0, dest, vb[0].index_select(0, src))
+    return kf, vf
+
+
+def _from_block(plan: GatherPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank block: the gathered rows it fills and its rows that fill them (device copies, made
+    once per plan)."""
+    key = ("from_block", str(device))
+    if key not in plan.copies:
+        pairs = []
+        for r in range(len(plan.rows)):
+            at = ((plan.src >= r * plan.width) & (plan.src < (r + 1) * plan.width)).nonzero().view(-1)
+            pairs.append((at.to(device), (plan.src[at] - r * plan.width).to(device)))
+        plan.copies[key] = pairs
+    return plan.copies[key]
 
 
 def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
@@ -327,31 +404,28 @@ def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window
     its gather made of ring posts, for ``ringflash.parallel.simulate``. Returns ``gathered_fwd``'s
     ``(out, lse)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    kf, vf = yield from _gather_by_posts((k, v), plan, rank, world)
-    return gathered_fwd(backend, q, k, v, kf, vf, plan, scale, softcap)
+    kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
+    return gathered_fwd(backend, q, k, v, lambda: (kf, vf), plan, scale, softcap)
 
 
 def allgather_bwd_loop(
     backend, dout, q, k, v, out, lse, layout, cu, rank, world, causal, window, scale, softcap
 ):
     """Generator: the backward of ``allgather_fwd_loop``; the reduce-scatter sends each block's
-    float32 dK/dV to its owner. Returns float32 ``(dq, dk, dv)``."""
+    float32 dK/dV to its owner. Returns ``gathered_bwd``'s ``(dq, dk, dv)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    kf, vf = yield from _gather_by_posts((k, v), plan, rank, world)
-    dq, dk, dv, dkf, dvf = gathered_bwd(backend, dout, q, k, v, kf, vf, out, lse, plan, scale, softcap)
-    if dkf is None:
+    kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
+    dq, dk, dv, both = gathered_bwd(backend, dout, q, k, v, lambda: (kf, vf), out, lse, plan, scale, softcap)
+    if both is None:
         return dq, dk, dv
-    n = plan.width
-    mine_k, mine_v = dkf[rank * n : (rank + 1) * n].clone(), dvf[rank * n : (rank + 1) * n].clone()
+    mine = both[rank].clone()
     handles = []
     for s in range(1, world):  # block of rank r + s goes s ranks ahead; the sum for mine comes from r - s
-        b = (rank + s) % world
-        handles.append((yield Post([dkf[b * n : (b + 1) * n], dvf[b * n : (b + 1) * n]], s, TAG_DKV)))
+        handles.append((yield Post([both[(rank + s) % world]], s, TAG_DKV)))
     for h in handles:
-        dk_in, dv_in = yield Wait(h)
-        mine_k.add_(dk_in)
-        mine_v.add_(dv_in)
-    _add_home(dk, dv, mine_k, mine_v, plan, rank)
+        (got,) = yield Wait(h)
+        mine.add_(got)
+    _add_home(dk, dv, mine, plan, rank)
     return dq, dk, dv
 
 

@@ -13,12 +13,16 @@ positions in the document form an arithmetic progression ``pos0 + i * stride``.
                 holds T / W tokens whenever W divides T, whatever the documents' lengths.
     stripe      stream token p goes to rank p % W: inside a document, every W-th token, starting
                 where the stream's stripe falls (one segment of stride W per document).
-    balanced    documents stay whole on one rank where they can: the long ones (those whose causal
-                work would unbalance the ranks) are cut into 2W pieces as in zigzag, and the
-                others are dealt whole to the ranks, most work first, each to the rank with the
-                least work that still has room; a document that fits no rank's room is cut into
-                consecutive parts over the ranks with the most room. Every rank holds its tokens
-                in document order. Short documents then need no communication at all.
+    balanced    documents stay whole on one rank where they can. Most work first, each document
+                goes whole to the least-loaded rank with room, or, if its causal work would
+                unbalance the ranks (or it is longer than a shard), is spread in zigzag over the
+                fewest ranks that even it out: with m holders it is cut into 2m pieces, tile
+                multiples where it is long enough, and holder i takes the i-th piece from each end.
+                A document with no room as planned fills the ranks with the most room the same
+                way. The layout tries several thresholds for "would unbalance" and keeps the one
+                whose slowest rank has the least work (``_run_cost``: pairs rounded to kernel tiles
+                plus the backward's pass over the keys). Every rank holds its tokens in document
+                order. Short documents then need no communication at all.
 
 Zigzag and stripe balance causal work per document, as the padded layouts do per sequence; a
 document shorter than 2W (or W) tokens leaves some pieces empty, which is fine. Balanced keeps the
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -83,42 +86,91 @@ def _zigzag_runs(sizes: list[int], rank: int, world: int) -> list[tuple[int, int
 
 
 def _run_cost(pos0: int, count: int) -> float:
-    """Causal work of ``count`` queries at document positions ``pos0 ..``: the pairs they see, the
-    query count rounded up to a kernel tile (a short run still costs a tile)."""
-    return -(-count // _TILE) * _TILE * (pos0 + (count + 1) / 2)
+    """GPU work of ``count`` queries at document positions ``pos0 ..`` under a causal mask, in
+    query-key pairs: the pairs they see with the query count rounded up to a kernel tile (a short
+    run still costs a tile), plus the backward's pass over the run's keys ``[0, pos0 + count)``,
+    whose cost per key does not shrink with the run (``_KEY_COST`` pairs per key)."""
+    return -(-count // _TILE) * _TILE * (pos0 + (count + 1) / 2) + _KEY_COST * (pos0 + count)
 
 
-_TILE = 64
-_MIN_PIECE = 128  # a document is cut into zigzag pieces only if they hold this many tokens each
-# Documents whose causal work exceeds this fraction of a rank's fair share are candidates for
-# cutting into zigzag pieces; the layout keeps the candidate set that balances best.
-_SPLIT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
-_GOOD_ENOUGH = 1.03  # the slowest rank's work over the fair share that stops the search
+_TILE = 128  # the attention kernels' query tile on a GPU
+_KEY_COST = 125  # pairs per key of a run's backward pass over its keys (fitted: docs/ring.md, "Layouts")
+_MIN_PIECE = 128  # a document is spread over m ranks only if its zigzag pieces hold this many tokens
+# A document whose work exceeds this fraction of a rank's fair share is spread over more ranks; the
+# layout tries each and keeps the one whose slowest rank has the least work.
+_SPREAD_CAPS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 
-def _deal(lengths, whole, room, load):
-    """Deal documents ``whole`` (indices, most work first) to ranks with ``room`` tokens left and
-    ``load`` work so far: each to the least-loaded rank with room for it, or, when none has, in
-    consecutive parts to the ranks with the most room. Returns ``[(rank, doc, pos0, count)]``."""
-    placed = []
-    for d in whole:
-        n = lengths[d]
-        fits = [r for r in range(len(room)) if room[r] >= n]
-        if fits:
-            r = min(fits, key=lambda r: (load[r], -room[r]))
-            placed.append((r, d, 0, n))
-            room[r] -= n
-            load[r] += _run_cost(0, n)
+def _zigzag_split(n: int, shares: list[int]) -> list[list[tuple[int, int]]]:
+    """``(pos0, count)`` runs of a document of ``n`` tokens spread over holders that take
+    ``shares`` tokens each: holder ``i`` takes the ``i``-th piece from the start and the ``i``-th
+    from the end (zigzag over the holders), halves of a tile multiple where the share allows, so
+    that every holder's causal work is close to its share of tokens times ``n / 2``."""
+    heads = [s // 2 // _TILE * _TILE if s >= 2 * _TILE else s // 2 for s in shares]
+    runs, pos = [[] for _ in shares], 0
+    for i, h in enumerate(heads):
+        runs[i].append((pos, h))
+        pos += h
+    for i in reversed(range(len(shares))):
+        runs[i].append((pos, shares[i] - heads[i]))
+        pos += shares[i] - heads[i]
+    out = []
+    for rr in runs:  # the middle holder's two pieces touch: one run
+        rr = [x for x in rr if x[1]]
+        if len(rr) == 2 and rr[0][0] + rr[0][1] == rr[1][0]:
+            rr = [(rr[0][0], rr[0][1] + rr[1][1])]
+        out.append(rr)
+    return out
+
+
+def _equal_shares(n: int, m: int) -> list[int]:
+    """``m`` shares of ``n`` tokens, tile multiples where ``n`` allows, largest first."""
+    unit = _TILE if n >= 2 * m * _TILE else 1
+    q, extra = divmod(n // unit, m)
+    shares = [(q + (i < extra)) * unit for i in range(m)]
+    shares[0] += n - unit * (n // unit)
+    return shares
+
+
+def _place(lengths: list[int], world: int, n_local: int, cap: float):
+    """Documents, most work first, each whole on the least-loaded rank with room, or spread in
+    zigzag over the fewest ranks that bring its work per rank under ``cap``; a document with no
+    room as planned is spread over the ranks with the most room, filling them. Returns the
+    slowest rank's work and ``[(rank, doc, pos0, count)]``."""
+    room, load, placed = [n_local] * world, [0.0] * world, []
+
+    def put(d, holders, shares):
+        for r, runs in zip(holders, _zigzag_split(lengths[d], shares), strict=True):
+            for pos0, count in runs:
+                placed.append((r, d, pos0, count))
+                room[r] -= count
+                load[r] += _run_cost(pos0, count)
+
+    for d in sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d]):
+        n, m = lengths[d], 1
+        while (
+            m < world and n // (2 * (m + 1)) >= _MIN_PIECE and (_run_cost(0, n) / m > cap or n > m * n_local)
+        ):
+            m += 1
+        by_load = sorted(range(world), key=lambda r: (load[r], -room[r]))
+        holders = []
+        for share in _equal_shares(n, m):
+            r = next((r for r in by_load if r not in holders and room[r] >= share), None)
+            if r is None:
+                break
+            holders.append(r)
+        if len(holders) == m:
+            put(d, holders, _equal_shares(n, m))
             continue
-        pos = 0
-        while pos < n:
-            r = max(range(len(room)), key=lambda r: (room[r], -load[r]))
-            c = min(room[r], n - pos)
-            placed.append((r, d, pos, c))
-            room[r] -= c
-            load[r] += _run_cost(pos, c)
-            pos += c
-    return placed
+        holders, shares, left = [], [], n
+        for r in sorted(range(world), key=lambda r: (-room[r], load[r])):
+            if not left or not room[r]:
+                break
+            holders.append(r)
+            shares.append(min(room[r], left))
+            left -= shares[-1]
+        put(d, holders, shares)
+    return max(load), placed
 
 
 @functools.lru_cache(maxsize=128)
@@ -126,33 +178,10 @@ def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, in
     """Per rank, its ``(doc, pos0, count)`` runs in local order, for the ``balanced`` layout."""
     lengths = [b - a for a, b in itertools.pairwise(cu)]
     n_local = cu[-1] // world
-    by_work = sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d])
     fair = sum(_run_cost(0, n) for n in lengths) / world
-    best, tried = None, set()
-    cuttable = [d for d in by_work if lengths[d] >= 2 * world * _MIN_PIECE]
-    for frac in (math.inf, *_SPLIT_FRACTIONS):
-        split = [d for d in cuttable if _run_cost(0, lengths[d]) > frac * fair]
-        if tuple(split) in tried:
-            continue
-        tried.add(tuple(split))
-        room, load, placed = [n_local] * world, [0.0] * world, []
-        pieces = _zigzag_pieces([lengths[d] for d in split], world)
-        for d, sizes in zip(split, pieces, strict=True):
-            for r in range(world):
-                for pos0, count in _zigzag_runs(sizes, r, world):
-                    placed.append((r, d, pos0, count))
-                    room[r] -= count
-                    load[r] += _run_cost(pos0, count)
-        if min(room) < 0:  # the zigzag extras of the cut documents overfill a rank: not this set
-            continue
-        cut = set(split)
-        placed += _deal(lengths, [d for d in by_work if d not in cut], room, load)
-        if best is None or max(load) < best[0]:
-            best = (max(load), split, placed)
-        if best[0] <= _GOOD_ENOUGH * fair:  # fewer cut documents: fewer transfers and longer calls
-            break
+    best = min((_place(lengths, world, n_local, cap * fair) for cap in _SPREAD_CAPS), key=lambda x: x[0])
     runs = [[] for _ in range(world)]
-    for r, d, pos0, count in best[2]:
+    for r, d, pos0, count in best[1]:
         runs[r].append((d, pos0, count))
     return tuple(tuple(sorted(rr)) for rr in runs)
 

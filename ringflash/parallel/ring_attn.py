@@ -206,7 +206,8 @@ def ring_attention(
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
-            method = choose_method(plan.reach, layout, world)
+            grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            method = choose_method(plan.reach, layout, world, backward=grads)
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
     if packed and method == "allgather" and world > 1:

@@ -75,8 +75,26 @@ def fwd_piece(
     backend.attn_fwd(qp, kp, vp, softmax_scale=scale, softcap=softcap, out=op, lse=lp, merge=merge, **kw)
 
 
-def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, scale, softcap, packed) -> None:
-    """Add the gradients of one piece into the float32 ``dq`` (local) and ``dk``/``dv`` (travelling)."""
+def bwd_piece(
+    backend,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    delta,
+    dq,
+    dk,
+    dv,
+    pc: Piece,
+    scale,
+    softcap,
+    packed,
+    accumulate=(True, True),
+) -> None:
+    """Add the gradients of one piece into the float32 ``dq`` (local) and ``dk``/``dv`` (travelling),
+    or write them there (``accumulate``, as for the backends' ``attn_bwd``)."""
     qa, qb, ka, kb = pc.q0, pc.q1, pc.k0, pc.k1
     kw = _mask_kwargs(pc, packed, q.device)
     kw.update(softmax_scale=scale, softcap=softcap, delta=_lse(delta, qa, qb))
@@ -90,6 +108,7 @@ def bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc: Piece, sc
         dq=_tok(dq, packed, qa, qb),
         dk=_tok(dk, packed, ka, kb),
         dv=_tok(dv, packed, ka, kb),
+        accumulate=accumulate,
         **kw,
     )
 

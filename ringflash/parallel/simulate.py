@@ -47,6 +47,7 @@ def _cu(cu_seqlens) -> tuple[int, ...]:
 def _method(method: str, plans: list[Plan], layout: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    # "auto" as for a call with gradients: the forward and backward simulations pick the same way
     return choose_method(plans[0].reach, layout, len(plans)) if method == "auto" else method
 
 
