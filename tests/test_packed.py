@@ -403,25 +403,25 @@ print("ok")
 """
 
 
-def _written_gradients_case(backend, dtype):
+def _written_gradients_case(backend, dtype, device="cpu"):
     """``attn_bwd`` with given buffers and ``accumulate=(False, True)``: dQ written in the buffer's
     dtype, dK/dV added; the spacer sequences' rows (no keys / no queries) keep what they held."""
     torch.manual_seed(0)
     cu_q, cu_k = [0, 5, 9, 9, 16], [0, 7, 7, 12, 20]  # sequence 1: no keys; sequence 2: no queries
-    q, k, v = (torch.randn(n, h, 8, dtype=dtype) for n, h in ((16, 4), (20, 2), (20, 2)))
-    dout = torch.randn(16, 4, 8, dtype=dtype)
+    q, k, v = (torch.randn(n, h, 8, dtype=dtype, device=device) for n, h in ((16, 4), (20, 2), (20, 2)))
+    dout = torch.randn(16, 4, 8, dtype=dtype, device=device)
     kw = dict(
         softmax_scale=8**-0.5,
         causal=True,
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
-        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
         max_seqlen_q=7,
         max_seqlen_k=8,
     )
     out, lse = backend.attn_fwd(q, k, v, **kw)
     want = backend.attn_bwd(dout, q, k, v, out, lse, **kw)
-    dq = torch.full(q.shape, 7.0, dtype=dtype)
-    dk, dv = torch.ones(k.shape), torch.ones(v.shape)
+    dq = torch.full(q.shape, 7.0, dtype=dtype, device=device)
+    dk, dv = torch.ones(k.shape, device=device), torch.ones(v.shape, device=device)
     backend.attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, accumulate=(False, True), **kw)
     assert (dq[5:9] == 7).all(), "rows of a sequence with no keys are left as they are"
     assert (dk[7:12] == 1).all() and (dv[7:12] == 1).all(), "keys of a sequence with no queries too"
@@ -435,6 +435,12 @@ def _written_gradients_case(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_gradients_written_into_given_buffers(dtype):
     _written_gradients_case(rf.backends.get_backend("torch"), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_gradients_written_into_given_buffers_cuda():
+    for dtype in (torch.float32, torch.bfloat16):
+        _written_gradients_case(rf.backends.get_backend("triton"), dtype, "cuda")
 
 
 def test_packed_calls_through_the_triton_kernels_under_the_interpreter():

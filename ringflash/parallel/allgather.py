@@ -42,9 +42,8 @@ class GatherPlan:
     gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
     to ``width`` rows). ``src``: for every row of the gathered keys (the shared documents that this
     rank holds queries of, in stream order), its row in the rank-block buffer ``[W * width]``
-    (None: that buffer is used as it is); ``complete``: the gathered keys are all of that buffer
-    (no padding, every shared document read here). ``write_once``: no local row is in two calls'
-    sequences; ``covers_all``: moreover every local row is in one.
+    (None: that buffer is used as it is). ``write_once``: no local row is in two calls' sequences;
+    ``covers_all``: moreover every local row is in one.
     """
 
     local: tuple[Piece, ...]
@@ -52,7 +51,6 @@ class GatherPlan:
     rows: tuple[torch.Tensor, ...]
     width: int
     src: torch.Tensor | None
-    complete: bool = False
     write_once: bool = False
     covers_all: bool = False
     copies: dict = field(default_factory=dict, repr=False, compare=False)
@@ -143,44 +141,45 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     once = all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # no row in two calls
     covers = once and sum(b - a for a, b in runs) == n_local
     calls = tuple(_calls(pairs))
-    complete = len(src_rows) == world * width
-    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, complete, once, covers)
+    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, once, covers)
 
 
 def _send_pair(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
-    """This rank's rows of shared documents of ``k`` and then of ``v``, each padded with zeros to
-    ``width`` rows, flattened into one buffer: what it gathers out, in one collective."""
+    """This rank's rows of shared documents of ``k`` and then of ``v`` ``[2 * width, Hk, D]``, each
+    padded with zeros to ``width`` rows: what it gathers out, in one collective."""
     mine, width = plan.rows[rank], plan.width
-    nk = width * k[0].numel()
     every = plan.src is None or len(mine) == k.shape[0]  # every local row is shared, in local order
-    buf = (torch.empty if every or len(mine) == width else torch.zeros)(
-        nk + width * v[0].numel(), dtype=k.dtype, device=k.device
-    )
-    kb, vb = buf[:nk].view(width, *k.shape[1:]), buf[nk:].view(width, *v.shape[1:])
+    make = torch.empty if every or len(mine) == width else torch.zeros
+    buf = make((2 * width, *k.shape[1:]), dtype=k.dtype, device=k.device)
     if every:
-        kb.copy_(k)
-        vb.copy_(v)
+        buf[:width].copy_(k)
+        buf[width:].copy_(v)
     else:
         rows = plan.on(mine, k.device)
-        torch.index_select(k, 0, rows, out=kb[: len(mine)])
-        torch.index_select(v, 0, rows, out=vb[: len(mine)])
+        torch.index_select(k, 0, rows, out=buf[: len(mine)])
+        torch.index_select(v, 0, rows, out=buf[width : width + len(mine)])
     return buf
 
 
-def _split_pair(flat: torch.Tensor, plan: GatherPlan, k: torch.Tensor, v: torch.Tensor):
-    """Views ``[W, width, Hk, D]`` / ``[W, width, Hk, Dv]`` of the K and V rows of ``[W, n]``
-    buffers laid out as ``_send_pair``'s (gathered keys, or their gradients)."""
-    nk, shape = plan.width * k[0].numel(), (flat.shape[0], plan.width)
-    return flat[:, :nk].view(*shape, *k.shape[1:]), flat[:, nk:].view(*shape, *v.shape[1:])
-
-
-def _block_rows(plan: GatherPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every gathered key (stream order): its rank block and its row in that block."""
-    key = ("block_rows", str(device))
+def _joint_rows(plan: GatherPlan, device) -> torch.Tensor:
+    """For every gathered key (stream order): its row in the gathered buffers viewed as rows
+    ``[W * 2 * width, Hk, D]`` (rank ``r``'s K rows from ``2 r width``, its V rows ``width``
+    further); device copy made once per plan."""
+    key = ("joint", str(device))
     if key not in plan.copies:
-        src = plan.on(plan.src, device)
-        plan.copies[key] = (src // max(plan.width, 1), src % max(plan.width, 1))
+        src = plan.src
+        plan.copies[key] = (src + src // max(plan.width, 1) * plan.width).to(device)
     return plan.copies[key]
+
+
+def _in_stream_order(rows: torch.Tensor, plan: GatherPlan):
+    """``(kf, vf)``: the gathered keys in stream order from the gathered buffers' rows
+    ``[W * 2 * width, Hk, D]``."""
+    if plan.src is None:  # the rank blocks in order are the gathered keys
+        blocks = rows.view(len(plan.rows), 2, plan.width, *rows.shape[1:])
+        return blocks[:, 0].reshape(-1, *rows.shape[1:]), blocks[:, 1].reshape(-1, *rows.shape[1:])
+    at = _joint_rows(plan, rows.device)
+    return rows.index_select(0, at), rows.index_select(0, at + plan.width)
 
 
 def _start_gather(k, v, world: int, group, plan: GatherPlan, rank: int):
@@ -190,15 +189,7 @@ def _start_gather(k, v, world: int, group, plan: GatherPlan, rank: int):
     if not plan.width:
         return lambda: (None, None)
     wait = start_all_gather_flat(_send_pair(k, v, plan, rank), world, group)
-
-    def gathered():
-        kb, vb = _split_pair(wait().view(world, -1), plan, k, v)
-        if plan.src is None:  # the rank blocks in order are the gathered keys
-            return kb.reshape(-1, *k.shape[1:]), vb.reshape(-1, *v.shape[1:])
-        block, row = _block_rows(plan, k.device)
-        return kb[block, row], vb[block, row]
-
-    return gathered
+    return lambda: _in_stream_order(wait().view(-1, *k.shape[1:]), plan)
 
 
 def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
@@ -231,9 +222,9 @@ def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
 
 def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
     """Gradients of ``gathered_fwd``: ``dq``, ``dk``/``dv`` of the local documents, and the float32
-    dK/dV of the shared keys as one buffer ``[W, n]`` laid out like the gathered keys (rank ``r``'s
-    rows of dK, then of dV: ready to reduce-scatter; None without shared documents). ``gathered``
-    and ``dlse`` (the gradient into the LSE, or None) as for ``gathered_fwd``.
+    dK/dV of the shared keys laid out as the gathered keys were, ``[W, 2 * width * Hk * D]``: rank
+    ``r``'s rows of dK, then of dV (ready to reduce-scatter; None without shared documents).
+    ``gathered`` and ``dlse`` (the gradient into the LSE, or None) as for ``gathered_fwd``.
 
     With ``plan.write_once`` each call writes its rows of ``dq`` and of the local ``dk``/``dv`` in
     the inputs' dtypes (zeros elsewhere); otherwise they are float32 sums. The shared keys' dK/dV
@@ -258,44 +249,49 @@ def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, s
     kf, vf = gathered()
     if kf is None:
         return dq, dk, dv, None
-    dkf, dvf = zeros(kf), zeros(vf)
+    n = kf.shape[0]  # dK rows, a zero row, dV rows, a zero row: the padding's source
+    dkv = torch.zeros((2 * (n + 1), *kf.shape[1:]), dtype=torch.float32, device=q.device)
+    dkf, dvf = dkv[:n], dkv[n + 1 : 2 * n + 1]
     for pc in plan.shared:
         bwd_piece(
             backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True, add_gathered
         )
-    return dq, dk, dv, _rank_blocks(dkf, dvf, plan, k, v)
+    return dq, dk, dv, _rank_blocks(dkv, plan)
 
 
-def _rank_blocks(dkf, dvf, plan: GatherPlan, k, v) -> torch.Tensor:
-    """The shared keys' float32 dK/dV (stream order) laid out for the reduce-scatter: ``[W, n]``,
-    each rank's rows as ``_send_pair`` lays out its keys (zeros in the padding)."""
+def _rank_blocks(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """The shared keys' float32 dK/dV (``gathered_bwd``'s ``dkv``: ``n`` dK rows in stream order,
+    a zero row, the dV rows, a zero row) laid out for the reduce-scatter as the gathered keys were:
+    ``[W, 2 * width * Hk * D]``, zeros in the padding and in other ranks' documents this rank does
+    not read. One row gather, no fill of the large buffer."""
     world, width = len(plan.rows), plan.width
-    n = width * (k[0].numel() + v[0].numel())
-    every = plan.src is None or plan.complete  # every row is written
-    both = (torch.empty if every else torch.zeros)((world, n), dtype=torch.float32, device=dkf.device)
-    bk, bv = _split_pair(both, plan, k, v)
+    n = dkv.shape[0] // 2 - 1
     if plan.src is None:  # stripe: the gathered keys are the rank blocks in order
-        bk.copy_(dkf.view(bk.shape))
-        bv.copy_(dvf.view(bv.shape))
-    else:
-        block, row = _block_rows(plan, dkf.device)
-        bk[block, row] = dkf
-        bv[block, row] = dvf
-    return both
+        dk, dv = dkv[:n].view(world, width, -1), dkv[n + 1 : 2 * n + 1].view(world, width, -1)
+        return torch.stack([dk, dv], 1).view(world, -1)
+    key = ("inverse", str(dkv.device))
+    if key not in plan.copies:  # the dkv row of every joint row (see _joint_rows)
+        j = torch.arange(world * 2 * width)
+        inverse = torch.where((j // max(width, 1)) % 2 == 1, 2 * n + 1, n)
+        at = plan.src + plan.src // max(width, 1) * width
+        inverse[at] = torch.arange(n)
+        inverse[at + width] = torch.arange(n) + n + 1
+        plan.copies[key] = inverse.to(dkv.device)
+    return dkv.index_select(0, plan.copies[key]).view(world, -1)
 
 
 def _add_home(dk, dv, mine: torch.Tensor, plan: GatherPlan, rank: int) -> None:
-    """Add this rank's reduced dK/dV (its row of the reduce-scatter, laid out as ``_send_pair``'s)
-    into ``dk``/``dv``."""
-    rows = plan.rows[rank]
-    mk, mv = _split_pair(mine.view(1, -1), plan, dk, dv)
+    """Add this rank's reduced dK/dV (its row of the reduce-scatter: ``width`` dK rows, then
+    ``width`` dV rows) into ``dk``/``dv``."""
+    rows, width = plan.rows[rank], plan.width
+    mine = mine.view(2 * width, *dk.shape[1:])
     if plan.src is None:
-        dk.add_(mk[0])
-        dv.add_(mv[0])
+        dk.add_(mine[:width])
+        dv.add_(mine[width:])
     elif len(rows):
         r = plan.on(rows, dk.device)
-        dk.index_add_(0, r, mk[0, : len(rows)].to(dk.dtype))
-        dv.index_add_(0, r, mv[0, : len(rows)].to(dv.dtype))
+        dk.index_add_(0, r, mine[: len(rows)].to(dk.dtype))
+        dv.index_add_(0, r, mine[width : width + len(rows)].to(dv.dtype))
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -374,29 +370,7 @@ def _gather_by_posts(k, v, plan: GatherPlan, rank, world):
     blocks[rank] = mine
     for s, h in zip(range(1, world), handles, strict=True):
         (blocks[(rank - s) % world],) = yield Wait(h)
-    if plan.src is None:  # the rank blocks in order are the gathered keys
-        kb, vb = _split_pair(torch.stack(blocks), plan, k, v)
-        return kb.reshape(-1, *k.shape[1:]), vb.reshape(-1, *v.shape[1:])
-    kf = k.new_empty((len(plan.src), *k.shape[1:]))
-    vf = v.new_empty((len(plan.src), *v.shape[1:]))
-    for r, (dest, src) in enumerate(_from_block(plan, k.device)):  # each block's rows into place
-        kb, vb = _split_pair(blocks[r].view(1, -1), plan, k, v)
-        kf.index_copy_(0, dest, kb[0].index_select(0, src))
-        vf.index_copy_(0, dest, vb[0].index_select(0, src))
-    return kf, vf
-
-
-def _from_block(plan: GatherPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per rank block: the gathered rows it fills and its rows that fill them (device copies, made
-    once per plan)."""
-    key = ("from_block", str(device))
-    if key not in plan.copies:
-        pairs = []
-        for r in range(len(plan.rows)):
-            at = ((plan.src >= r * plan.width) & (plan.src < (r + 1) * plan.width)).nonzero().view(-1)
-            pairs.append((at.to(device), (plan.src[at] - r * plan.width).to(device)))
-        plan.copies[key] = pairs
-    return plan.copies[key]
+    return _in_stream_order(torch.cat(blocks), plan)
 
 
 def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
