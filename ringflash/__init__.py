@@ -11,6 +11,7 @@ from .backends import use_backend, use_tma
 from .checks import skip_value_checks
 from .comm import build_usp_groups, init_distributed
 from .decode import flash_attn_with_kvcache
+from .device_errors import check_device_errors, use_value_checks
 from .forms import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -62,6 +63,8 @@ __all__ = [
     "use_ring_transport",
     "use_tma",
     "skip_value_checks",
+    "use_value_checks",
+    "check_device_errors",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",

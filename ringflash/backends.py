@@ -26,6 +26,7 @@ import torch
 
 from . import blockwise, blockwise_cache
 from .blockwise import BlockwiseConfig
+from .device_errors import or_verdicts
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "torch")
@@ -121,6 +122,9 @@ class Backend:
     - ``append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table, cache_batch_idx)``
     - ``combine(outs [N, B, Sq, H, D], lses [N, B, Sq, H], out_dtype) -> (out, lse [B, H, Sq])``:
       the exact merge of N float32 partials (sharded decoding).
+    - ``check_kv_values(flag, a, k_cache)``: OR the bits of the failed value checks of a KV-cache
+      call (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``)
+      without reading anything on the host.
     """
 
     name = ""
@@ -150,6 +154,9 @@ class TorchBackend(Backend):
     def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, **kw):
         cfg = current_config(BlockwiseConfig)
         return blockwise_cache.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
+
+    def check_kv_values(self, flag, a, k_cache):
+        or_verdicts(flag, a._verdicts(k_cache))
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
         blockwise_cache.append_kv(
@@ -229,6 +236,21 @@ class TritonBackend(Backend):
         q, k_new, v_new = _unit_last(q), _unit_last(k_new), _unit_last(v_new)
         cfg = current_config(DecodeConfig)
         return decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, config=cfg, **kw)
+
+    def check_kv_values(self, flag, a, k_cache):
+        from .kernels.decode.check import check_kv_values
+
+        check_kv_values(
+            flag,
+            a.cache_seqlens,
+            capacity=a.capacity,
+            n_new=a.n_new,
+            n_rows=k_cache.shape[0],
+            page_size=k_cache.shape[1] if a.paged else 1,
+            cache_leftpad=a.cache_leftpad,
+            block_table=a.block_table,
+            cache_batch_idx=a.cache_batch_idx,
+        )
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
         from .kernels.decode import append_kv

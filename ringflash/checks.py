@@ -7,23 +7,23 @@ says what was expected. The distributed functions run the same checks, catch the
 every rank of the group raise it (``ringflash.comm.agree``).
 
 Checks that need tensor values on the host (``cu_seqlens``, cache lengths) are skipped while a CUDA
-graph is being captured or torch.compile traces, and inside ``skip_value_checks()``.
+graph is being captured or torch.compile traces, and inside ``skip_value_checks()``. Under
+``use_value_checks("device")`` the KV-cache calls check on the device (``ringflash.device_errors``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import operator
 
 import torch
 
+from .device_errors import BITS, current_mode, raise_completed, use_value_checks
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
-
-_SKIP_VALUE_CHECKS = contextvars.ContextVar("ringflash_skip_value_checks", default=False)
 
 
 @contextlib.contextmanager
@@ -32,22 +32,20 @@ def skip_value_checks():
 
     By default the public functions read ``cache_seqlens``, ``block_table``, ``cache_batch_idx``
     and ``cu_seqlens`` on the host to raise a clear ``ValueError`` for bad values; for CUDA tensors
-    that costs one device sync per call, which stops the host from running ahead of the GPU (an
-    eager decoding loop then pays every layer's Python time on the GPU's clock). Inside this
-    context (as while a CUDA graph captures or torch.compile traces) those checks are skipped:
-    shapes, dtypes and devices are still checked. Values out of range then give undefined results,
-    as in flash-attn, except that the KV-cache kernels still keep every read and write inside the
-    cache (positions, rows and pages are clamped to it).
+    that costs one device sync per call, which stops the host from running ahead of the GPU
+    (``use_value_checks("device")`` checks the KV-cache calls on the device instead, no sync).
+    Inside this context (as
+    while a CUDA graph captures or torch.compile traces) those checks are skipped: shapes, dtypes
+    and devices are still checked. Values out of range then give undefined results, as in
+    flash-attn, except that the KV-cache kernels still keep every read and write inside the cache
+    (positions, rows and pages are clamped to it). The same as ``use_value_checks("off")``.
 
     Example:
         >>> with ringflash.skip_value_checks():
         ...     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
     """
-    token = _SKIP_VALUE_CHECKS.set(True)
-    try:
+    with use_value_checks("off"):
         yield
-    finally:
-        _SKIP_VALUE_CHECKS.reset(token)
 
 
 def host_checks_allowed(t: torch.Tensor) -> bool:
@@ -55,9 +53,15 @@ def host_checks_allowed(t: torch.Tensor) -> bool:
     no reading tensor values then."""
     # is_compiling first: torch.compile cannot trace ContextVar.get (a graph break, an error under
     # fullgraph), and while it traces the answer is False anyway.
-    if torch.compiler.is_compiling() or _SKIP_VALUE_CHECKS.get():
+    if torch.compiler.is_compiling() or current_mode() == "off":
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def value_check_mode(t: torch.Tensor) -> str | None:
+    """Where the KV-cache calls check index values of tensors on ``t``'s device: ``"host"``,
+    ``"device"`` (``ringflash.device_errors``), or None (not at all)."""
+    return current_mode() if host_checks_allowed(t) else None
 
 
 # ---------------------------------------------------------------------------------- scalars
@@ -419,33 +423,46 @@ class KVCacheArgs:
         self.cache_batch_idx = cache_batch_idx
         self.block_table = block_table
         self.num_splits = check_int(num_splits, "num_splits (0 picks it)", minimum=0)
-        if host_checks_allowed(q):
+        mode = value_check_mode(q)
+        if mode is not None:
+            raise_completed(q.device)  # a failure an earlier call queued on the device
+        if mode == "host":
             self._check_values(k_cache)
+        # "device": the caller queues the checks through its backend (``decode.queue_value_checks``)
+        self.device_checks = mode == "device" and self.batch > 0
+
+    def _verdicts(self, k_cache) -> list[tuple[int, torch.Tensor]]:
+        """``(bit, failed)`` per value check (``ringflash.device_errors.BITS``), computed on the
+        tensors' device: lengths, pages and cache rows in range. Nothing is read on the host."""
+        lens, n_rows = self.cache_seqlens, k_cache.shape[0]
+        out = [
+            (BITS["negative_length"], (lens < 0).any()),
+            (BITS["too_long"], (lens > self.capacity - self.n_new).any()),
+        ]
+        if self.cache_leftpad is not None:
+            pad = self.cache_leftpad
+            out.append((BITS["leftpad"], ((pad < 0) | (pad > lens + self.n_new)).any()))
+        if self.paged:
+            page, bt = k_cache.shape[1], self.block_table
+            need = ((lens.long().clamp(min=0) + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
+            used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
+            out.append((BITS["page"], (used & ((bt < 0) | (bt >= n_rows))).any()))
+        if self.cache_batch_idx is not None:
+            idx = self.cache_batch_idx
+            out.append((BITS["row"], ((idx < 0) | (idx >= n_rows)).any()))
+            if self.n_new:  # only appends collide
+                srt = idx.sort().values
+                out.append((BITS["repeated_row"], (srt[1:] == srt[:-1]).any()))
+        return out
 
     def _check_values(self, k_cache):
         """Lengths, pages and cache rows in range; one device-to-host read however many rows
         (the error path reads more to name the culprit)."""
         if self.batch == 0:
             return
-        lens = self.cache_seqlens.long()
-        flags = [lens.min() < 0, lens.max() + self.n_new > self.capacity]
-        if self.cache_leftpad is not None:
-            pad = self.cache_leftpad.long()
-            flags.append(((pad < 0) | (pad > lens + self.n_new)).any())
-        n_rows = k_cache.shape[0]
-        if self.paged:
-            page, bt = k_cache.shape[1], self.block_table.long()
-            need = ((lens.clamp(min=0) + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
-            used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
-            flags.append((used & ((bt < 0) | (bt >= n_rows))).any())
-        if self.cache_batch_idx is not None:
-            idx = self.cache_batch_idx
-            flags.append(((idx < 0) | (idx >= n_rows)).any())
-            if self.n_new:  # only appends collide
-                srt = idx.sort().values
-                flags.append((srt[1:] == srt[:-1]).any())
-        if not any(torch.stack(flags).tolist()):
+        if not any(torch.stack([failed for _, failed in self._verdicts(k_cache)]).tolist()):
             return
+        n_rows = k_cache.shape[0]
         lens = self.cache_seqlens.tolist()
         if any(n < 0 for n in lens):
             raise ValueError(f"cache_seqlens must be >= 0, got {_short(lens)}")

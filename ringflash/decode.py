@@ -13,7 +13,9 @@ attention and the merge of its splits in one launch), elsewhere the blockwise Py
 Inference only: there is no autograd.
 
 Every input is validated before anything is written (``ringflash.checks.KVCacheArgs``), so a bad
-call leaves the cache untouched.
+call leaves the cache untouched; under ``use_value_checks("device")`` the index values are checked
+on the device and a failure is reported by a later call (``ringflash.device_errors``), the faulty
+call's writes clamped into the cache.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ import torch
 
 from .backends import backend_for
 from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale
+from .device_errors import error_flag, publish
 from .merge import merge_sink
 from .rotary import apply_rotary
 
 __all__ = ["flash_attn_with_kvcache"]
+
+
+def queue_value_checks(a: KVCacheArgs, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """In ``"device"`` value-check mode (``a.device_checks``), queue the call's index checks on
+    the device (``ringflash.device_errors``): one launch, then the flag's copy to the host."""
+    if a.device_checks:
+        backend_for(q).check_kv_values(error_flag(q.device), a, k_cache)
+        publish(q.device)
 
 
 def attend_kvcache(
@@ -181,6 +192,7 @@ def flash_attn_with_kvcache(
     a = KVCacheArgs(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits, cache_leftpad
     )
+    queue_value_checks(a, q, k_cache)
     _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved)
     check_sink(learnable_sink, q)
     with torch.no_grad():

@@ -657,15 +657,17 @@ def test_decode_cuda_counters_per_stream_and_per_capture():
     assert int(g1.abs().sum()) == 0 and int(g2.abs().sum()) == 0
 
 
-def unchecked_bad_values(dev, backend, variant):
-    """Bad lengths, rows or pages inside ``skip_value_checks()``: ``{check: [error, bound]}``.
+def unchecked_bad_values(dev, backend, variant, checks="off"):
+    """Bad lengths, rows or pages under ``use_value_checks(checks)`` (``"off"``: as inside
+    ``skip_value_checks()``; ``"device"``: checked on the device, reported later), the call not
+    raising: ``{check: [error, bound]}``.
 
     The cache is the middle of a larger allocation whose first and last rows (or pages) are guards,
     placed where an unclamped write would land: nothing may be written there, and the output stays
     finite. ``variant``: "lens" (a negative length on the first row, one past the cache on the
     last), "cbi" (cache_batch_idx one below and one above the cache's rows) or "paged" (block_table
     pages one below and one above the pool, lengths past the pages)."""
-    from ringflash import skip_value_checks
+    from ringflash import use_value_checks
 
     g = torch.Generator().manual_seed(11)
     B, cap, Hq, Hk, D, n_new = 2, 8, 4, 2, 16, 2
@@ -687,7 +689,7 @@ def unchecked_bad_values(dev, backend, variant):
             kw["cache_batch_idx"] = torch.tensor([-1, B], dtype=torch.int32, device=dev)
             lens = torch.tensor([0, cap - 2], dtype=torch.int32, device=dev)
     guards = alloc[:, [0, -1]].clone()
-    with use_backend(backend), skip_value_checks():
+    with use_backend(backend), use_value_checks(checks):
         out, lse = flash_attn_with_kvcache(
             q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True, **kw
         )

@@ -34,6 +34,10 @@ from test_decode import (  # noqa: E402
     run_case,
     unchecked_bad_values,
 )
+from test_device_errors import value_bits_cases  # noqa: E402
+
+import ringflash  # noqa: E402
+from ringflash.backends import use_backend  # noqa: E402
 
 
 def combine_case():
@@ -67,6 +71,12 @@ TMA_CASES = [dict(c, tma="on") for c in CASES if c["dtype"] != "fp32" and not c.
 FUSED_INTERP = [(1, None), (3, None), (3, 8)]
 # Bad values inside skip_value_checks(): the kernels clamp into the cache.
 UNCHECKED = ["lens", "cbi", "paged"]
+# What ringflash.check_device_errors() names after each of them, checked by the check kernel.
+WHAT_DEVICE = {
+    "lens": "negative cache_seqlens",
+    "cbi": "cache_batch_idx entry outside",
+    "paged": "block_table entry",
+}
 
 
 def _worker_main():
@@ -89,6 +99,16 @@ def _worker_main():
     for variant in UNCHECKED:
         checks = unchecked_bad_values("cpu", "triton", variant)
         proto.write(json.dumps({"id": f"unchecked-{variant}", "checks": checks}) + "\n")
+    for variant in UNCHECKED:  # the same checked on the device (the check kernel), reported after
+        checks = unchecked_bad_values("cpu", "triton", variant, checks="device")
+        try:
+            ringflash.check_device_errors()
+            checks["reported"] = [1.0, 0.0]
+        except ValueError as e:
+            checks["reported"] = [float(WHAT_DEVICE[variant] not in str(e)), 0.0]
+        proto.write(json.dumps({"id": f"device-{variant}", "checks": checks}) + "\n")
+    with use_backend("triton"):
+        proto.write(json.dumps({"id": "value-bits", "checks": value_bits_cases()}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +167,14 @@ def test_unchecked_bad_values_interpreter(interp_results, variant):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker_main()
+
+
+@pytest.mark.parametrize("variant", UNCHECKED)
+def test_device_checks_interpreter(interp_results, variant):
+    """The check kernel flags each kind of bad value; the call stays inside the cache."""
+    assert_checks(_get(interp_results, f"device-{variant}"), variant)
+
+
+def test_check_kernel_bits_interpreter(interp_results):
+    """The check kernel's bits equal the torch checks' on random calls with bad values planted."""
+    assert_checks(_get(interp_results, "value-bits"), "value-bits")

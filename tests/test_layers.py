@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ringflash"
 # Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS = [
     ("ringflash.kernels",),
+    ("ringflash.device_errors",),  # below checks, which queues its value checks there
     ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks", "ringflash.rotary"),
     ("ringflash.blockwise", "ringflash.blockwise_cache"),
     ("ringflash.backends",),

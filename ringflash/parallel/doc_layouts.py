@@ -99,6 +99,7 @@ _MIN_PIECE = 128  # a document is spread over m ranks only if its zigzag pieces 
 # A document whose work exceeds this fraction of a rank's fair share is spread over more ranks; the
 # layout tries each and keeps the one whose slowest rank has the least work.
 _SPREAD_CAPS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+_EVEN = 1.005  # a slowest rank this close to the fair share ends the search
 
 
 def _zigzag_split(n: int, shares: list[int]) -> list[list[tuple[int, int]]]:
@@ -132,11 +133,20 @@ def _equal_shares(n: int, m: int) -> list[int]:
     return shares
 
 
-def _place(lengths: list[int], world: int, n_local: int, cap: float):
+def _holders_wanted(n: int, world: int, n_local: int, cap: float) -> int:
+    """The fewest ranks that bring a document of ``n`` tokens under ``cap`` work per rank (and
+    its tokens under a shard each), while its zigzag pieces keep ``_MIN_PIECE`` tokens."""
+    m = 1
+    while m < world and n // (2 * (m + 1)) >= _MIN_PIECE and (_run_cost(0, n) / m > cap or n > m * n_local):
+        m += 1
+    return m
+
+
+def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]):
     """Documents, most work first, each whole on the least-loaded rank with room, or spread in
-    zigzag over the fewest ranks that bring its work per rank under ``cap``; a document with no
-    room as planned is spread over the ranks with the most room, filling them. Returns the
-    slowest rank's work and ``[(rank, doc, pos0, count)]``."""
+    zigzag over ``wanted[d]`` ranks (the least loaded with room); a document with no room as
+    planned is spread over the ranks with the most room, filling them. Returns the slowest rank's
+    work and ``[(rank, doc, pos0, count)]``."""
     room, load, placed = [n_local] * world, [0.0] * world, []
 
     def put(d, holders, shares):
@@ -147,11 +157,7 @@ def _place(lengths: list[int], world: int, n_local: int, cap: float):
                 load[r] += _run_cost(pos0, count)
 
     for d in sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d]):
-        n, m = lengths[d], 1
-        while (
-            m < world and n // (2 * (m + 1)) >= _MIN_PIECE and (_run_cost(0, n) / m > cap or n > m * n_local)
-        ):
-            m += 1
+        n, m = lengths[d], wanted[d]
         by_load = sorted(range(world), key=lambda r: (load[r], -room[r]))
         holders = []
         for share in _equal_shares(n, m):
@@ -179,7 +185,13 @@ def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, in
     lengths = [b - a for a, b in itertools.pairwise(cu)]
     n_local = cu[-1] // world
     fair = sum(_run_cost(0, n) for n in lengths) / world
-    best = min((_place(lengths, world, n_local, cap * fair) for cap in _SPREAD_CAPS), key=lambda x: x[0])
+    spreads = {tuple(_holders_wanted(n, world, n_local, cap * fair) for n in lengths) for cap in _SPREAD_CAPS}
+    best = None
+    for wanted in sorted(spreads, key=sum):  # fewest spread documents first
+        got = _place(lengths, world, n_local, wanted)
+        best = got if best is None or got[0] < best[0] else best
+        if best[0] <= _EVEN * fair:  # as even as it gets: spreading more only adds pieces
+            break
     runs = [[] for _ in range(world)]
     for r, d, pos0, count in best[1]:
         runs[r].append((d, pos0, count))

@@ -45,7 +45,7 @@ from ..checks import KVCacheArgs, check_options, check_sink, resolve_scale, skip
 from ..comm.agree import agree
 from ..comm.gather import all_gather_flat
 from ..comm.groups import group_rank_world
-from ..decode import attend_kvcache, flash_attn_with_kvcache
+from ..decode import attend_kvcache, flash_attn_with_kvcache, queue_value_checks
 from ..merge import merge_sink
 
 __all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]
@@ -69,6 +69,7 @@ def _validate(
     causal, window, softcap, scale = check_options(*opts)
     a = KVCacheArgs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits)
     backend_for(q)
+    queue_value_checks(a, q, k_cache)
     for name, t in (("key_offsets", key_offsets), ("global_seqlens", global_seqlens)):
         if t is not None and (
             not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (a.batch,)

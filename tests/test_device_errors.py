@@ -1,0 +1,132 @@
+"""Value checks on the device (``ringflash.device_errors``): no host sync, errors reported later."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_decode import _bad_setup, assert_checks, unchecked_bad_values
+
+import ringflash as rf
+
+WHAT = {
+    "lens": "a negative cache_seqlens entry; cache_seqlens \\+ the new tokens larger than the cache holds",
+    "cbi": "a cache_batch_idx entry outside the cache's rows",
+    "paged": "cache_seqlens \\+ the new tokens larger than the cache holds; a block_table entry outside",
+}
+
+
+@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
+def test_device_checks_report_bad_values_after_the_call(variant):
+    """The faulty call raises nothing and stays inside the cache; ``check_device_errors`` then
+    names what it had, once."""
+    assert_checks(unchecked_bad_values("cpu", "torch", variant, checks="device"), variant)
+    with pytest.raises(ValueError, match=f"an earlier KV-cache call on cpu had {WHAT[variant]}"):
+        rf.check_device_errors()
+    rf.check_device_errors()  # reported and cleared
+
+
+def test_device_checks_raise_in_the_next_call():
+    q, kc, vc, k, v, lens = _bad_setup()
+    with rf.use_value_checks("device"):
+        rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+        with pytest.raises(ValueError, match="an earlier KV-cache call .* larger than the cache holds"):
+            rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens)
+        out = rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens)
+    with rf.use_value_checks("host"):
+        want = rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens)
+        with pytest.raises(ValueError, match="too small"):  # host mode: in the call, naming values
+            rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+    assert torch.equal(out, want), "a good call gives the same output in either mode"
+
+
+def test_value_check_modes():
+    q, kc, vc, k, v, lens = _bad_setup()
+    with pytest.raises(ValueError, match="too small"):  # CPU tensors: checked on the host by default
+        rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+    with rf.use_value_checks("off"):
+        rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+    rf.check_device_errors()  # "off" queued nothing
+    with pytest.raises(ValueError, match="unknown value-check mode 'fast'"):
+        with rf.use_value_checks("fast"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_checks_values_without_a_sync():
+    """CUDA tensors in ``"device"`` mode: a KV-cache call's value checks queue on the device (no
+    host sync); a bad length is reported by ``check_device_errors``."""
+    q, kc, vc, k, v, lens = (x.cuda() for x in _bad_setup())
+    rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens)  # compile first
+    torch.cuda.synchronize()
+    with rf.use_value_checks("device"):
+        rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens)  # the check's compile
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rf.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens)
+            rf.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens + 100)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="larger than the cache holds"):
+        rf.check_device_errors()
+
+
+def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
+    """The check kernel of the backend in use against the torch verdicts (``KVCacheArgs._verdicts``)
+    on random calls with bad values planted: ``{check: [mismatches, 0]}``."""
+    import random
+
+    from ringflash.backends import backend_for
+    from ringflash.checks import KVCacheArgs
+    from ringflash.device_errors import or_verdicts
+
+    rng = random.Random(seed)
+    mismatches, seen = [], 0
+    for case in range(n_cases):
+        B = rng.choice([1, 3, 17, 300])
+        n_new = rng.choice([0, 1, 3])
+        kind = rng.choice(["plain", "leftpad", "paged", "cbi"])
+        page = 4
+        cap = 32
+        n_rows = {"paged": 20, "cbi": B + 5}.get(kind, B)
+        lens = [rng.randint(0, cap - n_new) for _ in range(B)]
+        if rng.random() < 0.5:
+            lens[rng.randrange(B)] = rng.choice([-1, cap - n_new + 1])
+        kw = {}
+        if kind == "leftpad":
+            pad = [rng.randint(0, max(0, n + n_new)) for n in lens]
+            if rng.random() < 0.5:
+                pad[rng.randrange(B)] = rng.choice([-2, cap + 1])
+            kw["cache_leftpad"] = torch.tensor(pad, dtype=torch.int32)
+        if kind == "paged":
+            bt = torch.randint(0, n_rows, (B, cap // page), dtype=torch.int32)
+            if rng.random() < 0.6:
+                bt[rng.randrange(B), rng.randrange(cap // page)] = rng.choice([-1, n_rows])
+            kw["block_table"] = bt
+        if kind == "cbi":
+            rows = rng.sample(range(n_rows), B)
+            if rng.random() < 0.3:
+                rows[rng.randrange(B)] = rng.choice([-1, n_rows])
+            if rng.random() < 0.3 and B > 1:
+                rows[0] = rows[-1]
+            kw["cache_batch_idx"] = torch.tensor(rows, dtype=torch.int32)
+        slots = page if kind == "paged" else cap
+        q = torch.randn(B, 1, 1, 8)
+        kc, vc = torch.zeros(n_rows, slots, 1, 8), torch.zeros(n_rows, slots, 1, 8)
+        k = v = torch.randn(B, n_new, 1, 8) if n_new else None
+        with rf.use_value_checks("off"):
+            a = KVCacheArgs(
+                q, kc, vc, k, v, torch.tensor(lens, dtype=torch.int32), kw.get("cache_batch_idx"),
+                kw.get("block_table"), 0, kw.get("cache_leftpad"),
+            )  # fmt: skip
+        want, got = torch.zeros((), dtype=torch.int32), torch.zeros((), dtype=torch.int32)
+        or_verdicts(want, a._verdicts(kc))
+        backend_for(q).check_kv_values(got, a, kc)
+        seen |= int(want)
+        if int(want) != int(got):
+            mismatches.append((case, kind, int(want), int(got)))
+    return {"bits as the torch checks": [len(mismatches), 0], "every bit planted": [float(seen != 63), 0.0]}
+
+
+def test_torch_backend_value_bits():
+    assert_checks(value_bits_cases(), "torch bits")
