@@ -14,7 +14,7 @@ Per row and method (ours, SDPA cuDNN, SDPA FA2), in one run:
   than the GPU (our eager call checks the cache lengths' values, one device sync);
 - ``host us``: host microseconds per eager call, started on an idle GPU: ``torch.cuda.
   synchronize()``, then ``N`` calls on the host clock (no sync after them); for ours also inside
-  ``skip_value_checks()`` (no device sync).
+  ``skip_value_checks()`` and ``use_value_checks("device")`` (no device sync; the eager time too).
 
 Bytes = ``2 * b * s * hk * d * 2`` (K and V read once, bf16); ``% copy`` is bytes / time against
 a device-to-device copy in the same run (which reads and writes, so a read-only kernel can pass
@@ -68,7 +68,13 @@ from bench_timing import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import flash_attn_func, flash_attn_with_kvcache, skip_value_checks
+from ringflash import (
+    check_device_errors,
+    flash_attn_func,
+    flash_attn_with_kvcache,
+    skip_value_checks,
+    use_value_checks,
+)
 from ringflash.backends import use_config
 from ringflash.kernels.decode import pick_num_splits
 from ringflash.kernels.fwd import attn_fwd
@@ -202,6 +208,10 @@ def decode_rows(b, s, variants, bw, args) -> list[dict]:
         t = times[f"ours:{label}"]
         with skip_value_checks():
             t["host_nocheck_us"] = host_us(fn, args.host_calls)
+        with use_value_checks("device"):  # checked on the device: no sync
+            t["eager_device_us"] = us(fn)
+            t["host_device_us"] = host_us(fn, args.host_calls)
+        check_device_errors()
         row = dict(base, config=label, splits=splits or pick_num_splits(b, HK, HQ // HK, 1, s, q.device))
         for who in ("ours", *SDPA):
             row.update(
@@ -254,6 +264,8 @@ def step_rows(args) -> list[dict]:
     )
     with skip_value_checks():
         r["ours_host_nocheck_us"] = host_us(step, args.host_calls)
+    with use_value_checks("device"):
+        r["ours_host_device_us"] = host_us(step, args.host_calls)
     cudnn, _ = sdpa_fn(*cache[:3], SDPBackend.CUDNN_ATTENTION)
     r["cudnn_graph_us"] = graph_us(cudnn)  # attend only: SDPA has no append
     rows.append(r)
@@ -267,6 +279,11 @@ def step_rows(args) -> list[dict]:
     with skip_value_checks():
         us_nocheck = eager_loop_us(step, args.loop_steps)
     rows.append(dict(section="loop", what="the same inside skip_value_checks()", ours_eager_us=us_nocheck))
+    with use_value_checks("device"):
+        us_device = eager_loop_us(step, args.loop_steps)
+    check_device_errors()
+    what = 'the same inside use_value_checks("device")'
+    rows.append(dict(section="loop", what=what, ours_eager_us=us_device))
     steps = [append_step(s) for _ in range(layers)]
     attends = [ours_fn(*c) for _, c in steps]
     cudnns = [sdpa_fn(*c[:3], SDPBackend.CUDNN_ATTENTION)[0] for _, c in steps]
@@ -372,10 +389,12 @@ def _decode_columns(variants: int) -> list:
     cols += [("% copy", "ours_copy_frac", ".1%"), ("cuDNN/ours", "vs_cudnn", ".3f")]
     cols += [
         ("eager ours", "ours_eager_us", ".1f"),
+        ("device-checked", "ours_eager_device_us", ".1f"),
         ("cuDNN", "cudnn_eager_us", ".1f"),
         ("fa2", "fa2_eager_us", ".1f"),
     ]
     cols += [("host ours", "ours_host_us", ".1f"), ("unchecked", "ours_host_nocheck_us", ".1f")]
+    cols += [("device-checked", "ours_host_device_us", ".1f")]
     cols += [("cuDNN", "cudnn_host_us", ".1f"), ("fa2", "fa2_host_us", ".1f")]
     return cols + [("err", "err", ".1e"), ("SDPA kv cuDNN/fa2", "kv", "")]
 
@@ -386,6 +405,7 @@ STEP_COLUMNS = [
     ("eager us", "ours_eager_us", ".1f"),
     ("host us", "ours_host_us", ".1f"),
     ("unchecked", "ours_host_nocheck_us", ".1f"),
+    ("device-checked", "ours_host_device_us", ".1f"),
     ("plain kernel graph us", "plain_kernel_graph_us", ".1f"),
     ("cuDNN graph us", "cudnn_graph_us", ".1f"),
 ]
