@@ -566,6 +566,56 @@ def test_kernels_launch_arguments_kept_per_signature_under_interpreter():
     _assert_interp_script_says_same(_SIGNATURE_SCRIPT)
 
 
+_BWD_SIGNATURE_SCRIPT = """
+import torch
+from ringflash.kernels import bwd, fwd
+torch.manual_seed(0)
+kw = dict(softmax_scale=32 ** -0.5, causal=True)
+def grads(q, k, v, do, fresh=False, **more):
+    out, lse = fwd.attn_fwd(q, k, v, **kw, **more)
+    if fresh:
+        bwd._BWD_LAUNCHES.clear()
+    return bwd.attn_bwd(do, q, k, v, out, lse, **kw, **more)
+def added(q, k, v, do, fresh=False, **more):  # into given float32 buffers, dQ written in q's dtype
+    out, lse = fwd.attn_fwd(q, k, v, **kw, **more)
+    if fresh:
+        bwd._BWD_LAUNCHES.clear()
+    dq, dk, dv = torch.zeros_like(q), torch.ones(k.shape), torch.ones(v.shape)
+    return bwd.attn_bwd(do, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, accumulate=(False, True), **kw, **more)
+q, k, v = (torch.randn(2, 40, h, 32) for h in (4, 2, 2))
+do = torch.randn_like(q)
+grads(q, k, v, do)
+n = len(bwd._BWD_LAUNCHES)
+q2, k2, v2, do2 = (torch.randn_like(x) for x in (q, k, v, do))
+for a, b in zip(grads(q2, k2, v2, do2), grads(q2, k2, v2, do2, fresh=True)):
+    assert torch.equal(a, b)
+assert len(bwd._BWD_LAUNCHES) == n
+qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # the same shape, other strides
+for a, b in zip(grads(qt, k, v, do), grads(q, k, v, do)):
+    assert torch.equal(a, b)
+added(q, k, v, do)
+for a, b in zip(added(q2, k2, v2, do2), added(q2, k2, v2, do2, fresh=True)):
+    assert torch.equal(a, b)
+cu = torch.tensor([0, 9, 40, 80], dtype=torch.int32)
+flat = [x.flatten(0, 1) for x in (q, k, v, do)]
+pk = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=40, max_seqlen_k=40)
+diag = torch.tensor([0, 3, -2], dtype=torch.int32)
+one = grads(*flat, **pk)
+two = grads(*flat, **pk, diag_offset=diag)  # the same signature, other per-sequence diagonals
+for a, b in zip(two, grads(*flat, **pk, diag_offset=diag, fresh=True)):
+    assert torch.equal(a, b)
+assert not torch.equal(one[0], two[0])
+print("same")
+"""
+
+
+def test_kernels_backward_arguments_kept_per_signature_under_interpreter():
+    """The backward's derived launch arguments are kept per call signature too: a repeated
+    signature gives the same gradients as deriving them again (other data, strides, write modes,
+    per-sequence diagonals)."""
+    _assert_interp_script_says_same(_BWD_SIGNATURE_SCRIPT)
+
+
 def test_kernels_wide_offset_code_matches_under_interpreter():
     """The 64-bit loop code (used when offsets pass 2^31 elements, see the CUDA test below) gives
     the same results as the 32-bit code; forced on at a small shape under the interpreter."""

@@ -31,8 +31,11 @@ from .common import (
     sm_count,
     stride_names,
     strides,
+    varlen_diag,
     wide_offsets,
 )
+from .fwd import _launch_key
+from .launch import SignatureTable
 from .options import AttnConfig
 from .tma import tma_applies
 
@@ -185,6 +188,11 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
 _DOUT, _DQ = stride_names("do", "bshd"), stride_names("dq", "bshd")
 _DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
+# The derived arguments of a backward launch per call signature, as the forward keeps its own.
+_BWD_LAUNCHES = SignatureTable()
+_PER_CALL = frozenset(
+    ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA")
+)
 
 
 @on_tensor_device
@@ -248,21 +256,54 @@ def attn_bwd(
         dq = alloc(q.shape, dtype=q.dtype, device=q.device)
         dk = alloc(k.shape, dtype=k.dtype, device=k.device)
         dv = alloc(v.shape, dtype=v.dtype, device=v.device)
-    args, B, Sq, Sk = attn_args(
-        q,
-        k,
-        v,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        diag_offset=diag_offset,
-        config=config,
+    mask = (softmax_scale, causal, window_size, softcap)
+    key = _launch_key(
+        q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, (add_q, add_kv), config
     )
+    if key is not None:
+        key += (dout.stride(), delta.stride(), dk.dtype, dk.stride(), dv.dtype, dv.stride())
+    entry = _BWD_LAUNCHES.get(key) if key is not None else None
+    if entry is None:
+        args, B, Sq, Sk = attn_args(
+            q,
+            k,
+            v,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            diag_offset=diag_offset,
+            config=config,
+        )
+        args.update(
+            **strides(dout, _DOUT, packed),
+            **strides(lse, _LSE, packed),
+            **strides(delta, _DELTA_E, packed),
+            WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
+        )
+        static_kv = dict(
+            args, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk, ADD=add_kv
+        )
+        static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
+        static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
+        static_q = {n: a for n, a in static_q.items() if n not in _PER_CALL}
+        if key is not None:
+            _BWD_LAUNCHES.keep(key, (static_kv, static_q, B, Sq, Sk))
+        per_call = {n: a for n, a in args.items() if n in _PER_CALL}
+    else:
+        static_kv, static_q, B, Sq, Sk = entry
+        per_call = dict(
+            Q=q,
+            K=k,
+            V=v,
+            CU_Q=cu_seqlens_q,
+            CU_K=cu_seqlens_k if packed else None,
+            DIAG_PTR=varlen_diag(diag_offset, B, q.device) if packed else None,
+        )
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
         if not given:
             dq.zero_(), dk.zero_(), dv.zero_()
@@ -270,19 +311,9 @@ def attn_bwd(
             for x in ([] if add_q else [dq]) + ([] if add_kv else [dk, dv]):
                 x.zero_()
         return dq, dk, dv
-    args.update(
-        DO=dout,
-        LSE=lse,
-        DELTA=delta,
-        **strides(dout, _DOUT, packed),
-        **strides(lse, _LSE, packed),
-        **strides(delta, _DELTA_E, packed),
-        WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
-        TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)),
-    )
-    dkdv_args = dict(args, DK=dk, DV=dv, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk)
-    dkdv_args.update(ADD=add_kv)
-    dq_args = dict(args, DQ=dq, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
+    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)))
+    dkdv_args = dict(static_kv, **per_call, DK=dk, DV=dv)
+    dq_args = dict(static_q, **per_call, DQ=dq)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**dkdv_args, **_CPU_DKDV)
         _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**dq_args, **_CPU_DQ)
