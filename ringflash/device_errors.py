@@ -171,7 +171,13 @@ def check_device_errors(device: torch.device | str | None = None) -> None:
         ...     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)
         >>> ringflash.check_device_errors()  # raises here if lens was out of range
     """
-    keys = list(_FLAGS) if device is None else [str(torch.device(device))]
+    if device is None:
+        keys = list(_FLAGS)
+    else:
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None:  # "cuda": the current device, as tensors record it
+            d = torch.device("cuda", torch.cuda.current_device())
+        keys = [str(d)]
     for key in keys:
         f = _FLAGS.get(key)
         if f is None or not f.pending:

@@ -46,6 +46,10 @@ def test_value_check_modes():
     with rf.use_value_checks("off"):
         rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
     rf.check_device_errors()  # "off" queued nothing
+    with rf.use_value_checks("device"):
+        rf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
+    with pytest.raises(ValueError, match="on cpu had"):
+        rf.check_device_errors("cpu")  # one device by name
     with pytest.raises(ValueError, match="unknown value-check mode 'fast'"):
         with rf.use_value_checks("fast"):
             pass
