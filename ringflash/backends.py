@@ -113,7 +113,8 @@ class Backend:
 
     - ``attn_fwd(q, k, v, *, softmax_scale, causal, window_size, softcap, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge) -> (out, lse)``
-    - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv) -> (dq, dk, dv)``
+    - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate) -> (dq, dk, dv)``:
+      given buffers are added into (float32) or written (``accumulate``, per dQ and dK/dV)
     - ``attn_bwd_delta(dout, out, packed) -> delta``
     - ``decode_fwd(q, k_cache, v_cache, cache_seqlens, *, n_new, k_new, v_new, block_table,
       cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
