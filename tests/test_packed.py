@@ -239,6 +239,37 @@ def test_single_document_equals_the_padded_ring(small_blocks):
         got, _, _ = simulate_ring_attn(*packed, "zigzag", causal=True, cu_seqlens=cu, method=method)
         for a, b in zip(want, got, strict=True):
             torch.testing.assert_close(a[0], b, atol=2e-6, rtol=2e-6)
+    for layout in ("zigzag", "balanced"):  # the ring method runs as the padded ring itself
+        mine = [[shard_for(x[0], r, W, 0, layout, cu) for r in range(W)] for x in (q, k, v)]
+        got, _, _ = simulate_ring_attn(*mine, layout, causal=True, cu_seqlens=cu)
+        assert all(torch.equal(a[0], b) for a, b in zip(want, got, strict=True)), layout
+
+
+def _single_document_ranks(rank, world):
+    torch.manual_seed(0)
+    S = 8 * world
+    q, k, v = torch.randn(1, S, 4, 8), torch.randn(1, S, 2, 8), torch.randn(1, S, 2, 8)
+    cu = torch.tensor([0, S], dtype=torch.int32)
+    with rf.use_backend("torch"):
+        mine = [rf.shard(x, dim=1, layout="zigzag").requires_grad_() for x in (q, k, v)]
+        want = rf.zigzag_ring_flash_attn_func(*mine, causal=True)
+        want_grads = torch.autograd.grad(want.sum(), mine)
+        same = {}
+        for layout in ("zigzag", "balanced"):
+            packed = [rf.shard(x[0], dim=0, layout=layout, cu_seqlens=cu).requires_grad_() for x in (q, k, v)]
+            got = rf.ring_flash_attn_varlen_func(*packed, cu, S, causal=True, layout=layout)
+            grads = torch.autograd.grad(got.sum(), packed)
+            same[layout] = torch.equal(got, want[0]) and all(
+                torch.equal(a, b[0]) for a, b in zip(grads, want_grads, strict=True)
+            )
+    return same
+
+
+def test_single_document_runs_the_padded_ring_on_real_ranks():
+    """ring_flash_attn_varlen_func on one document (zigzag or balanced shards) runs the padded
+    zigzag ring: the same output and gradients, bit for bit."""
+    for rank, same in enumerate(spawn(_single_document_ranks, 2, timeout=120)):
+        assert all(same.values()), (rank, same)
 
 
 def test_auto_method_rule():

@@ -245,6 +245,22 @@ def doc_positions(layout: str, cu: tuple[int, ...], rank: int, world: int) -> to
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
+def padded_layout(layout: str, cu: tuple[int, ...], world: int) -> str | None:
+    """The padded layout whose shards of one sequence are ``layout``'s shards of the packed stream
+    ``cu``, when the stream is a single document: its ring then runs as the padded ring of one
+    sequence (the same pairs, one plan with the padded layouts' tuned steps). None otherwise."""
+    if len(cu) != 2 or world == 1:
+        return None
+    if layout in ("contiguous", "stripe"):
+        return layout
+    if cu[-1] % (2 * world):  # the padded zigzag needs equal pieces
+        return None
+    for r in range(world):
+        if not doc_positions(layout, cu, r, world).equal(doc_positions("zigzag", cu, r, world)):
+            return None
+    return "zigzag"
+
+
 # ------------------------------------------------------------------------------ the ring's plan
 
 

@@ -35,7 +35,7 @@ from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
 from .allgather import METHODS, allgather_attention, choose_method
-from .doc_layouts import build_doc_plan, total_error
+from .doc_layouts import build_doc_plan, padded_layout, total_error
 from .layouts import Plan, build_plan, check_layout, local_len_error
 from .options import forward_prefetch, ring_transport
 from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
@@ -210,7 +210,13 @@ def ring_attention(
             method = choose_method(plan.reach, layout, world, backward=grads)
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
-    if packed and method == "allgather" and world > 1:
+    one = padded_layout(layout, tuple(cu_list), world) if packed and method != "allgather" else None
+    if one is not None:  # a single document: the padded ring of one sequence, the same pairs
+        plan = _cached_plan(one, rank, world, q.shape[0], causal, window)
+        args = (plan, float(scale), float(softcap), g, False, transport, prefetch)
+        out, lse = RingAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), *args)
+        out, lse = out[0], lse[0]
+    elif packed and method == "allgather" and world > 1:
         args = (layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world)
         out, lse = allgather_attention(q, k, v, *args)
     else:

@@ -14,7 +14,7 @@ import torch
 from ..backends import backend_for
 from ..comm.ring import SimProfile, run_simulated
 from .allgather import METHODS, allgather_bwd_loop, allgather_fwd_loop, choose_method
-from .doc_layouts import build_doc_plan
+from .doc_layouts import build_doc_plan, padded_layout
 from .layouts import Plan, build_plan
 from .options import ring_prefetch
 from .ring_loop import ring_bwd_loop, ring_fwd_loop
@@ -42,6 +42,14 @@ def _cu(cu_seqlens) -> tuple[int, ...]:
     return tuple(
         int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)
     )
+
+
+def _one_document(layout, cu_seqlens, plans: list[Plan], method: str) -> str | None:
+    """The padded layout a packed call of a single document runs as (``doc_layouts.padded_layout``),
+    unless it takes the all-gather method; None for other calls."""
+    if cu_seqlens is None or _method(method, plans, layout) == "allgather":
+        return None
+    return padded_layout(layout, _cu(cu_seqlens), len(plans))
 
 
 def _method(method: str, plans: list[Plan], layout: str) -> str:
@@ -86,6 +94,14 @@ def simulate_ring_attn(
     packed = cu_seqlens is not None
     n_local = qs[0].shape[0 if packed else 1]
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
+    one = _one_document(layout, cu_seqlens, plans, method)
+    if one is not None:  # as ring_flash_attn_varlen_func: the padded ring of one sequence
+        mask = dict(causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale)
+        rows = ([x.unsqueeze(0) for x in xs] for xs in (qs, ks, vs))
+        outs, lses, prof = simulate_ring_attn(
+            *rows, one, **mask, profile=profile, sync=sync, cuda_events=cuda_events, prefetch=prefetch
+        )
+        return [o[0] for o in outs], [lse[0] for lse in lses], prof
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
     prefetch = ring_prefetch() if prefetch is None else prefetch
@@ -128,6 +144,14 @@ def simulate_ring_attn_backward(
     packed = cu_seqlens is not None
     n_local = qs[0].shape[0 if packed else 1]
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
+    one = _one_document(layout, cu_seqlens, plans, method)
+    if one is not None:
+        mask = dict(causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale)
+        rows = ([x.unsqueeze(0) for x in xs] for xs in (douts, qs, ks, vs, outs, lses))
+        *grads, prof = simulate_ring_attn_backward(
+            *rows, one, **mask, profile=profile, sync=sync, cuda_events=cuda_events
+        )
+        return (*([g[0] for g in gs] for gs in grads), prof)
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
     if _method(method, plans, layout) == "allgather":
