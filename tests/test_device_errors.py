@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_utils import spawn
 from test_decode import _bad_setup, assert_checks, unchecked_bad_values
 
 import ringflash as rf
@@ -134,3 +135,27 @@ def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
 
 def test_torch_backend_value_bits():
     assert_checks(value_bits_cases(), "torch bits")
+
+
+def _sharded_device_checks(rank, world):
+    """Rank 1 passes a length past its shard in device mode: no error in that call; the next
+    sharded call raises on every rank (the ranks agree on the error before any collective)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    good = torch.tensor([5, 3], dtype=torch.int32)
+    bad = torch.tensor([5, 9], dtype=torch.int32) if rank == 1 else good
+    seen = {}
+    with rf.use_value_checks("device"):
+        rf.sharded_flash_attn_with_kvcache(q, kc, vc, cache_seqlens=bad)
+        try:
+            rf.sharded_flash_attn_with_kvcache(q, kc, vc, cache_seqlens=good)
+            seen["next call"] = "no error"
+        except ValueError as e:
+            seen["next call"] = str(e)
+    return seen
+
+
+def test_sharded_decode_device_checks_raise_on_every_rank():
+    for rank, seen in enumerate(spawn(_sharded_device_checks, 2, timeout=120)):
+        assert "larger than the cache holds" in seen["next call"], (rank, seen)
