@@ -157,7 +157,7 @@ class TorchBackend(Backend):
         return blockwise_cache.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
 
     def check_kv_values(self, flag, a, k_cache):
-        or_verdicts(flag, a._verdicts(k_cache))
+        or_verdicts(flag, a.value_verdicts(k_cache))
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
         blockwise_cache.append_kv(

@@ -34,11 +34,11 @@ def skip_value_checks():
     and ``cu_seqlens`` on the host to raise a clear ``ValueError`` for bad values; for CUDA tensors
     that costs one device sync per call, which stops the host from running ahead of the GPU
     (``use_value_checks("device")`` checks the KV-cache calls on the device instead, no sync).
-    Inside this context (as
-    while a CUDA graph captures or torch.compile traces) those checks are skipped: shapes, dtypes
-    and devices are still checked. Values out of range then give undefined results, as in
-    flash-attn, except that the KV-cache kernels still keep every read and write inside the cache
-    (positions, rows and pages are clamped to it). The same as ``use_value_checks("off")``.
+    Inside this context (as while a CUDA graph captures or torch.compile traces) those checks are
+    skipped: shapes, dtypes and devices are still checked. Values out of range then give undefined
+    results, as in flash-attn, except that the KV-cache kernels still keep every read and write
+    inside the cache (positions, rows and pages are clamped to it). The same as
+    ``use_value_checks("off")``.
 
     Example:
         >>> with ringflash.skip_value_checks():
@@ -431,7 +431,7 @@ class KVCacheArgs:
         # "device": the caller queues the checks through its backend (``decode.queue_value_checks``)
         self.device_checks = mode == "device" and self.batch > 0
 
-    def _verdicts(self, k_cache) -> list[tuple[int, torch.Tensor]]:
+    def value_verdicts(self, k_cache) -> list[tuple[int, torch.Tensor]]:
         """``(bit, failed)`` per value check (``ringflash.device_errors.BITS``), computed on the
         tensors' device: lengths, pages and cache rows in range. Nothing is read on the host."""
         lens, n_rows = self.cache_seqlens, k_cache.shape[0]
@@ -460,7 +460,7 @@ class KVCacheArgs:
         (the error path reads more to name the culprit)."""
         if self.batch == 0:
             return
-        if not any(torch.stack([failed for _, failed in self._verdicts(k_cache)]).tolist()):
+        if not any(torch.stack([failed for _, failed in self.value_verdicts(k_cache)]).tolist()):
             return
         n_rows = k_cache.shape[0]
         lens = self.cache_seqlens.tolist()

@@ -77,7 +77,7 @@ def test_cuda_decode_checks_values_without_a_sync():
 
 
 def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
-    """The check kernel of the backend in use against the torch verdicts (``KVCacheArgs._verdicts``)
+    """The check kernel of the backend in use against the torch verdicts (``KVCacheArgs.value_verdicts``)
     on random calls with bad values planted: ``{check: [mismatches, 0]}``."""
     import random
 
@@ -125,7 +125,7 @@ def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
                 kw.get("block_table"), 0, kw.get("cache_leftpad"),
             )  # fmt: skip
         want, got = torch.zeros((), dtype=torch.int32), torch.zeros((), dtype=torch.int32)
-        or_verdicts(want, a._verdicts(kc))
+        or_verdicts(want, a.value_verdicts(kc))
         backend_for(q).check_kv_values(got, a, kc)
         seen |= int(want)
         if int(want) != int(got):
