@@ -24,6 +24,7 @@ from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
     attn_args,
     attn_heuristics,
+    call_tensors,
     cdiv,
     cuda_index,
     on_tensor_device,
@@ -31,7 +32,6 @@ from .common import (
     sm_count,
     stride_names,
     strides,
-    varlen_diag,
     wide_offsets,
 )
 from .fwd import _launch_key
@@ -296,14 +296,7 @@ def attn_bwd(
         per_call = {n: a for n, a in args.items() if n in _PER_CALL}
     else:
         static_kv, static_q, B, Sq, Sk = entry
-        per_call = dict(
-            Q=q,
-            K=k,
-            V=v,
-            CU_Q=cu_seqlens_q,
-            CU_K=cu_seqlens_k if packed else None,
-            DIAG_PTR=varlen_diag(diag_offset, B, q.device) if packed else None,
-        )
+        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
         if not given:
             dq.zero_(), dk.zero_(), dv.zero_()

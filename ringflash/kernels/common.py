@@ -289,6 +289,20 @@ def varlen_diag(diag_offset, n_seq: int, device):
     return d
 
 
+def call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, n_seq: int) -> dict:
+    """The tensor arguments that ``attn_args`` derives, bound for one call: what a launch kept per
+    call signature (``fwd._FWD_LAUNCHES``, ``bwd._BWD_LAUNCHES``) takes anew on every call."""
+    packed = cu_seqlens_q is not None
+    return dict(
+        Q=q,
+        K=k,
+        V=v,
+        CU_Q=cu_seqlens_q,
+        CU_K=cu_seqlens_k if packed else None,
+        DIAG_PTR=varlen_diag(diag_offset, n_seq, q.device) if packed else None,
+    )
+
+
 @triton.jit
 def _rows_desc(base, n_rows, stride, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """TMA descriptor of ``n_rows`` rows of ``COLS`` elements at ``base`` (row stride ``stride``,

@@ -28,11 +28,11 @@ from .common import (
     _visible,
     attn_args,
     attn_heuristics,
+    call_tensors,
     cdiv,
     on_tensor_device,
     stride_names,
     strides,
-    varlen_diag,
     wide_offsets,
 )
 from .launch import SignatureTable
@@ -373,15 +373,7 @@ def attn_fwd(
             _FWD_LAUNCHES.keep(key, ({n: a for n, a in args.items() if n not in _PER_CALL}, B, Sq, Sk))
     else:
         static, B, Sq, Sk = entry
-        args = dict(static)
-        args.update(
-            Q=q,
-            K=k,
-            V=v,
-            CU_Q=cu_seqlens_q,
-            CU_K=cu_seqlens_k if packed else None,
-            DIAG_PTR=varlen_diag(diag_offset, B, q.device) if packed else None,
-        )
+        args = dict(static, **call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B))
     if B == 0 or Sq == 0 or q.numel() == 0:
         if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
             out.zero_()
