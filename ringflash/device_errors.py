@@ -110,10 +110,6 @@ def or_verdicts(flag: torch.Tensor, verdicts: list[tuple[int, torch.Tensor]]) ->
     check, on the flag's device (torch operations; nothing read on the host)."""
     if not verdicts:
         return
-    if len(verdicts) == 1:
-        bit, failed = verdicts[0]
-        flag.bitwise_or_(failed.reshape(()).to(torch.int32) * bit)
-        return
     bits = torch.tensor([b for b, _ in verdicts], dtype=torch.int32, device=flag.device)
     failed = torch.stack([v.reshape(()) for _, v in verdicts]).to(torch.int32)
     flag.bitwise_or_((failed * bits).sum(dtype=torch.int32))
@@ -129,14 +125,14 @@ def publish(device: torch.device) -> None:
     f.pending = True
 
 
-def _take(f: _Flag) -> int:
-    """The flag's bits as last copied to the host, cleared on both sides."""
+def _report(f: _Flag, device) -> None:
+    """Raise the flag's bits as last copied to the host, if any, cleared on both sides first."""
     bits = int(f.on_host)
     f.pending = False
     if bits:
         f.on_device.zero_()
         f.on_host.zero_()
-    return bits
+        raise _error(device, bits)
 
 
 def _error(device: torch.device | str, bits: int) -> ValueError:
@@ -152,11 +148,8 @@ def _error(device: torch.device | str, bits: int) -> ValueError:
 def raise_completed(device: torch.device) -> None:
     """Raise the errors found on ``device`` whose copy to the host has completed (no waiting)."""
     f = _FLAGS.get(str(device))
-    if f is None or not f.pending or not f.ready():
-        return
-    bits = _take(f)
-    if bits:
-        raise _error(device, bits)
+    if f is not None and f.pending and f.ready():
+        _report(f, device)
 
 
 def check_device_errors(device: torch.device | str | None = None) -> None:
@@ -184,9 +177,7 @@ def check_device_errors(device: torch.device | str | None = None) -> None:
             continue
         if f.copied is not None:
             f.copied.synchronize()
-        bits = _take(f)
-        if bits:
-            raise _error(key, bits)
+        _report(f, key)
 
 
 __all__ = [

@@ -137,9 +137,9 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
-    runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own])
-    once = all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # no row in two calls
-    covers = once and sum(b - a for a, b in runs) == n_local
+    q_runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own])
+    once = all(a[1] <= b[0] for a, b in itertools.pairwise(q_runs))  # no row in two calls
+    covers = once and sum(b - a for a, b in q_runs) == n_local
     calls = tuple(_calls(pairs))
     return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, once, covers)
 
@@ -273,7 +273,7 @@ def _rank_blocks(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     if key not in plan.copies:  # the dkv row of every joint row (see _joint_rows)
         j = torch.arange(world * 2 * width)
         inverse = torch.where((j // max(width, 1)) % 2 == 1, 2 * n + 1, n)
-        at = plan.src + plan.src // max(width, 1) * width
+        at = _joint_rows(plan, torch.device("cpu"))
         inverse[at] = torch.arange(n)
         inverse[at + width] = torch.arange(n) + n + 1
         plan.copies[key] = inverse.to(dkv.device)

@@ -159,14 +159,14 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
     for d in sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d]):
         n, m = lengths[d], wanted[d]
         by_load = sorted(range(world), key=lambda r: (load[r], -room[r]))
-        holders = []
-        for share in _equal_shares(n, m):
+        holders, shares = [], _equal_shares(n, m)
+        for share in shares:
             r = next((r for r in by_load if r not in holders and room[r] >= share), None)
             if r is None:
                 break
             holders.append(r)
         if len(holders) == m:
-            put(d, holders, _equal_shares(n, m))
+            put(d, holders, shares)
             continue
         holders, shares, left = [], [], n
         for r in sorted(range(world), key=lambda r: (-room[r], load[r])):
