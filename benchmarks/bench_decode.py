@@ -11,10 +11,10 @@ Per row and method (ours, SDPA cuDNN, SDPA FA2), in one run:
 - ``graph us``: a CUDA-graph replay under ``triton.testing.do_bench`` (L2 zeroed before each
   call): GPU time. The methods are timed in turn over ``--rounds`` rounds (medians);
 - ``eager us``: the eager call under ``do_bench``: what a step costs when the host is slower
-  than the GPU (our eager call checks the cache lengths' values, one device sync);
+  than the GPU (our eager call checks the cache lengths' values on the device by default, no sync);
 - ``host us``: host microseconds per eager call, started on an idle GPU: ``torch.cuda.
   synchronize()``, then ``N`` calls on the host clock (no sync after them); for ours also inside
-  ``skip_value_checks()`` and ``use_value_checks("device")`` (no device sync; the eager time too).
+  ``skip_value_checks()`` and ``use_value_checks("host")`` (one device sync; the eager time too).
 
 Bytes = ``2 * b * s * hk * d * 2`` (K and V read once, bf16); ``% copy`` is bytes / time against
 a device-to-device copy in the same run (which reads and writes, so a read-only kernel can pass
@@ -208,9 +208,9 @@ def decode_rows(b, s, variants, bw, args) -> list[dict]:
         t = times[f"ours:{label}"]
         with skip_value_checks():
             t["host_nocheck_us"] = host_us(fn, args.host_calls)
-        with use_value_checks("device"):  # checked on the device: no sync
-            t["eager_device_us"] = us(fn)
-            t["host_device_us"] = host_us(fn, args.host_calls)
+        with use_value_checks("host"):  # checked on the host: one sync per call
+            t["eager_hostcheck_us"] = us(fn)
+            t["host_hostcheck_us"] = host_us(fn, args.host_calls)
         check_device_errors()
         row = dict(base, config=label, splits=splits or pick_num_splits(b, HK, HQ // HK, 1, s, q.device))
         for who in ("ours", *SDPA):
@@ -264,8 +264,8 @@ def step_rows(args) -> list[dict]:
     )
     with skip_value_checks():
         r["ours_host_nocheck_us"] = host_us(step, args.host_calls)
-    with use_value_checks("device"):
-        r["ours_host_device_us"] = host_us(step, args.host_calls)
+    with use_value_checks("host"):
+        r["ours_host_hostcheck_us"] = host_us(step, args.host_calls)
     cudnn, _ = sdpa_fn(*cache[:3], SDPBackend.CUDNN_ATTENTION)
     r["cudnn_graph_us"] = graph_us(cudnn)  # attend only: SDPA has no append
     rows.append(r)
@@ -389,12 +389,12 @@ def _decode_columns(variants: int) -> list:
     cols += [("% copy", "ours_copy_frac", ".1%"), ("cuDNN/ours", "vs_cudnn", ".3f")]
     cols += [
         ("eager ours", "ours_eager_us", ".1f"),
-        ("device-checked", "ours_eager_device_us", ".1f"),
+        ("host-checked", "ours_eager_hostcheck_us", ".1f"),
         ("cuDNN", "cudnn_eager_us", ".1f"),
         ("fa2", "fa2_eager_us", ".1f"),
     ]
     cols += [("host ours", "ours_host_us", ".1f"), ("unchecked", "ours_host_nocheck_us", ".1f")]
-    cols += [("device-checked", "ours_host_device_us", ".1f")]
+    cols += [("host-checked", "ours_host_hostcheck_us", ".1f")]
     cols += [("cuDNN", "cudnn_host_us", ".1f"), ("fa2", "fa2_host_us", ".1f")]
     return cols + [("err", "err", ".1e"), ("SDPA kv cuDNN/fa2", "kv", "")]
 
@@ -405,7 +405,7 @@ STEP_COLUMNS = [
     ("eager us", "ours_eager_us", ".1f"),
     ("host us", "ours_host_us", ".1f"),
     ("unchecked", "ours_host_nocheck_us", ".1f"),
-    ("device-checked", "ours_host_device_us", ".1f"),
+    ("host-checked", "ours_host_hostcheck_us", ".1f"),
     ("plain kernel graph us", "plain_kernel_graph_us", ".1f"),
     ("cuDNN graph us", "cudnn_graph_us", ".1f"),
 ]

@@ -26,7 +26,7 @@ import torch
 
 from . import blockwise, blockwise_cache
 from .blockwise import BlockwiseConfig
-from .device_errors import or_verdicts
+from .device_errors import error_flag, or_verdicts
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "torch")
@@ -118,14 +118,16 @@ class Backend:
     - ``attn_bwd_delta(dout, out, packed) -> delta``
     - ``decode_fwd(q, k_cache, v_cache, cache_seqlens, *, n_new, k_new, v_new, block_table,
       cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
-      out_dtype, cache_leftpad) -> (out, lse)``: attention over a KV cache; with ``k_new``/``v_new``
-      it also appends them (``cache_seqlens``: keys before the new ones).
+      out_dtype, cache_leftpad, check) -> (out, lse)``: attention over a KV cache; with
+      ``k_new``/``v_new`` it also appends them (``cache_seqlens``: keys before the new ones); with
+      ``check`` (the call's ``checks.KVCacheArgs``) it also checks the index values as
+      ``check_kv_values`` does, in the same launch where it can.
     - ``append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table, cache_batch_idx)``
     - ``combine(outs [N, B, Sq, H, D], lses [N, B, Sq, H], out_dtype) -> (out, lse [B, H, Sq])``:
       the exact merge of N float32 partials (sharded decoding).
-    - ``check_kv_values(flag, a, k_cache)``: OR the bits of the failed value checks of a KV-cache
-      call (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``)
-      without reading anything on the host.
+    - ``check_kv_values(a, k_cache)``: OR the bits of the failed value checks of a KV-cache call
+      (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``) without
+      reading anything on the host.
     """
 
     name = ""
@@ -152,12 +154,14 @@ class TorchBackend(Backend):
     def attn_bwd_delta(self, dout, out, packed=False):
         return blockwise.attn_bwd_delta(dout, out, packed=packed)
 
-    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, **kw):
+    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, check=None, **kw):
+        if check is not None:
+            self.check_kv_values(check, k_cache)
         cfg = current_config(BlockwiseConfig)
         return blockwise_cache.decode_fwd(q, k_cache, v_cache, cache_seqlens, config=cfg, **kw)
 
-    def check_kv_values(self, flag, a, k_cache):
-        or_verdicts(flag, a.value_verdicts(k_cache))
+    def check_kv_values(self, a, k_cache):
+        or_verdicts(k_cache.device, a.value_verdicts(k_cache))
 
     def append_kv(self, k_cache, v_cache, k, v, cache_seqlens, *, block_table=None, cache_batch_idx=None):
         blockwise_cache.append_kv(
@@ -229,21 +233,29 @@ class TritonBackend(Backend):
 
         return bwd.attn_bwd_delta(dout, out, packed=packed)
 
-    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, **kw):
+    def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, check=None, **kw):
         from .kernels.decode import decode_fwd
 
+        flag = None
+        if check is not None:
+            if q.shape[1] == 0:  # no program of the decode kernel runs: the check on its own
+                self.check_kv_values(check, k_cache)
+            else:
+                flag = error_flag(k_cache.device)
         # The split kernel reads rows with a unit stride in the head dim (the cache is checked to
         # have one: it is written in place).
         q, k_new, v_new = _unit_last(q), _unit_last(k_new), _unit_last(v_new)
         cfg = current_config(DecodeConfig)
-        return decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, config=cfg, **kw)
+        return decode_fwd(
+            q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, config=cfg, check_flag=flag, **kw
+        )
 
-    def check_kv_values(self, flag, a, k_cache):
+    def check_kv_values(self, a, k_cache):
         from .kernels.decode.check import check_kv_values
 
         check_kv_values(
-            flag,
             a.cache_seqlens,
+            error_flag(k_cache.device),
             capacity=a.capacity,
             n_new=a.n_new,
             n_rows=k_cache.shape[0],

@@ -20,7 +20,7 @@ import operator
 
 import torch
 
-from .device_errors import BITS, current_mode, raise_completed, use_value_checks
+from .device_errors import BITS, current_mode, mode_for, raise_completed, use_value_checks
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
@@ -61,7 +61,7 @@ def host_checks_allowed(t: torch.Tensor) -> bool:
 def value_check_mode(t: torch.Tensor) -> str | None:
     """Where the KV-cache calls check index values of tensors on ``t``'s device: ``"host"``,
     ``"device"`` (``ringflash.device_errors``), or None (not at all)."""
-    return current_mode() if host_checks_allowed(t) else None
+    return mode_for(t) if host_checks_allowed(t) else None
 
 
 # ---------------------------------------------------------------------------------- scalars

@@ -15,7 +15,7 @@ Inference only: there is no autograd.
 Every input is validated before anything is written (``ringflash.checks.KVCacheArgs``), so a bad
 call leaves the cache untouched; under ``use_value_checks("device")`` the index values are checked
 on the device and a failure is reported by a later call (``ringflash.device_errors``), the faulty
-call's writes clamped into the cache.
+call's writes clamped into the cache (the default for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 
 from .backends import backend_for
 from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale
-from .device_errors import error_flag, publish
 from .merge import merge_sink
 from .rotary import apply_rotary
 
@@ -33,10 +32,9 @@ __all__ = ["flash_attn_with_kvcache"]
 
 def queue_value_checks(a: KVCacheArgs, q: torch.Tensor, k_cache: torch.Tensor) -> None:
     """In ``"device"`` value-check mode (``a.device_checks``), queue the call's index checks on
-    the device (``ringflash.device_errors``): one launch, then the flag's copy to the host."""
+    the device (``ringflash.device_errors``): one launch that writes the host's error flag."""
     if a.device_checks:
-        backend_for(q).check_kv_values(error_flag(q.device), a, k_cache)
-        publish(q.device)
+        backend_for(q).check_kv_values(a, k_cache)
 
 
 def attend_kvcache(
@@ -53,12 +51,14 @@ def attend_kvcache(
     v=None,
     diag_offset=None,
     out_dtype=None,
+    check=False,
 ):
     """Append ``k``/``v`` (the ``a.n_new`` new tokens, or None) and attend ``q`` over the cache:
     ``(out in out_dtype (default q's), lse float32)``.
 
     ``diag_offset``: int32 ``[B]`` key index aligned with query token 0 per row (sharded caches),
-    or None for bottom-right alignment.
+    or None for bottom-right alignment. ``check``: also check ``a``'s index values on the device
+    (``queue_value_checks``), in the same launch where the backend can.
     """
     return backend_for(q).decode_fwd(
         q,
@@ -77,6 +77,7 @@ def attend_kvcache(
         diag_offset=diag_offset,
         out_dtype=out_dtype,
         cache_leftpad=a.cache_leftpad,
+        check=a if check else None,
     )
 
 
@@ -192,15 +193,15 @@ def flash_attn_with_kvcache(
     a = KVCacheArgs(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits, cache_leftpad
     )
-    queue_value_checks(a, q, k_cache)
     _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved)
     check_sink(learnable_sink, q)
     with torch.no_grad():
         if rotary_cos is not None:
             q, k = _rotate(q, k, rotary_cos, rotary_sin, a, causal, window, bool(rotary_interleaved))
         out, lse = attend_kvcache(
-            q, k_cache, v_cache, a, resolve_scale(scale, q.shape[-1]), causal, window, softcap, k=k, v=v
-        )
+            q, k_cache, v_cache, a, resolve_scale(scale, q.shape[-1]), causal, window, softcap, k=k, v=v,
+            check=a.device_checks,
+        )  # fmt: skip
         if learnable_sink is not None:
             out, lse = merge_sink(out, lse, learnable_sink)
     return (out, lse) if return_softmax_lse else out

@@ -2,25 +2,26 @@
 
 Reading an index tensor's values on the host (``cache_seqlens``, ``block_table``, ...) makes the
 host wait for the GPU on every call, so an eager decoding loop pays its Python time on the GPU's
-clock. In ``"device"`` mode (``use_value_checks``) the KV-cache calls check them on the device
-instead, in one launch (``kernels/decode/check.py``; torch operations on the blockwise backend):
-the verdicts are OR-ed into an int32 flag on the device, copied without blocking into pinned host
-memory, and read by the host only once that copy has completed. A failed check is raised as a
-``ValueError`` by the first later checked call on that device that finds the copy done, or at once
-by :func:`check_device_errors`, which waits for it. The faulty call itself still runs, with every
-read and write kept inside the cache (the kernels clamp positions, rows and pages): its results
-for the bad rows are wrong and the error says so.
+clock. In ``"device"`` mode (``use_value_checks``; the default for CUDA tensors) the KV-cache calls
+check them on the device instead, in one launch (``kernels/decode/check.py``; torch operations on
+the blockwise backend), which ORs one bit per failed check into the device's flag. The flag lives
+in pinned host memory that the kernel writes directly, so the host reads it without a copy or a
+sync: a failed check is raised as a ``ValueError`` by the first later checked call on that device
+after the check has run, or by :func:`check_device_errors`, which waits for it. The faulty call
+itself still runs, with every read and write kept inside the cache (the kernels clamp positions,
+rows and pages): its results for the bad rows are wrong and the error says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 
 import torch
 
 VALUE_CHECK_MODES = ("host", "device", "off")
-_MODE = contextvars.ContextVar("ringflash_value_checks", default="host")
+_MODE = contextvars.ContextVar("ringflash_value_checks", default=None)
 
 # One bit per check; the messages name what a faulty call had.
 BITS = {
@@ -46,20 +47,19 @@ def use_value_checks(mode: str):
     """How calls check the values of their index tensors, inside this context.
 
     Args:
-        mode: ``"host"`` (the default): read them on the host and raise in the faulty call
-            itself, naming the values, before anything is written; for CUDA tensors one device
-            sync per call.
-            ``"device"``: the KV-cache calls check them on the device, no sync; a failure is raised
-            by a later call on that device or by :func:`check_device_errors` (module docstring).
-            Other calls (``cu_seqlens``) check on the host as in ``"host"``.
+        mode: ``"host"`` (the default for CPU tensors): read them on the host and raise in the
+            faulty call itself, naming the values, before anything is written; for CUDA tensors
+            one device sync per call.
+            ``"device"`` (the default for CUDA tensors): the KV-cache calls check them on the
+            device, no sync; a failure is raised by a later call on that device or by
+            :func:`check_device_errors` (module docstring). Other calls (``cu_seqlens``) check on
+            the host as in ``"host"``.
             ``"off"``: no value checks (as ``skip_value_checks()``); bad values give wrong results,
             the KV-cache kernels still keep every read and write inside the cache.
 
     Example:
-        >>> with ringflash.use_value_checks("device"):  # an eager decoding loop, no sync per step
-        ...     for step in range(n):
-        ...         out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)
-        >>> ringflash.check_device_errors()
+        >>> with ringflash.use_value_checks("host"):  # raise in the faulty call itself (one sync)
+        ...     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)
     """
     if mode not in VALUE_CHECK_MODES:
         raise ValueError(f"unknown value-check mode {mode!r}: expected one of {VALUE_CHECK_MODES}")
@@ -70,23 +70,42 @@ def use_value_checks(mode: str):
         _MODE.reset(token)
 
 
-def current_mode() -> str:
-    """The mode set by the innermost ``use_value_checks`` (``"host"`` outside any)."""
+def current_mode() -> str | None:
+    """The mode set by the innermost ``use_value_checks``; None outside any (the default of each
+    device: ``mode_for``)."""
     return _MODE.get()
 
 
+def mode_for(t: torch.Tensor) -> str:
+    """The value-check mode for index tensors on ``t``'s device: the innermost
+    ``use_value_checks``'s, else ``"device"`` for CUDA tensors and ``"host"`` for others."""
+    mode = _MODE.get()
+    if mode is None:
+        return "device" if t.is_cuda else "host"
+    return mode
+
+
 class _Flag:
-    """A device's error bits: on the device, and their latest copy in (pinned) host memory."""
+    """A device's error bits, two int32 words in host memory: word 0 written by the check kernels,
+    word 1 a copy of what torch operations OR-ed on the device (``or_verdicts``).
+
+    For a CUDA device the words are pinned host memory, which a kernel writes through its device
+    mapping (unified addressing): the host reads them with no copy and no stream work, and sees a
+    call's bits once its check has run."""
 
     def __init__(self, device: torch.device):
-        cuda = device.type == "cuda"
-        self.on_device = torch.zeros((), dtype=torch.int32, device=device)
-        self.on_host = torch.zeros((), dtype=torch.int32, pin_memory=cuda)
-        self.copied = torch.cuda.Event() if cuda else None  # recorded after each copy to the host
-        self.pending = False
+        self.cuda = device.type == "cuda"
+        self.words = torch.zeros(2, dtype=torch.int32, pin_memory=self.cuda)
+        self.view = (ctypes.c_int32 * 2).from_address(self.words.data_ptr())  # a read costs no torch call
+        self.on_device = None  # CUDA: the bits torch operations OR into (``or_verdicts``), made on use
 
-    def ready(self) -> bool:
-        return self.copied is None or self.copied.query()
+    def bits(self) -> int:
+        return self.view[0] | self.view[1]
+
+    def clear(self) -> None:
+        if self.on_device is not None:
+            self.on_device.zero_()
+        self.view[0] = self.view[1] = 0
 
 
 _FLAGS: dict[str, _Flag] = {}
@@ -94,44 +113,60 @@ _FLAGS: dict[str, _Flag] = {}
 
 def _flag(device: torch.device) -> _Flag:
     key = str(device)
-    if key not in _FLAGS:
-        _FLAGS[key] = _Flag(device)
-    return _FLAGS[key]
+    f = _FLAGS.get(key)
+    if f is None:
+        f = _FLAGS[key] = _Flag(device)
+    return f
 
 
 def error_flag(device: torch.device) -> torch.Tensor:
-    """The device's error flag: int32, one element, on the device; checks OR their bits into it
-    (then ``publish``)."""
-    return _flag(device).on_device
+    """The word that ``device``'s check kernels OR their bits into: int32, one element, in host
+    memory (pinned, so a kernel on ``device`` can write it) for a CUDA device; in place on CPU."""
+    return _flag(device).words[:1]
 
 
-def or_verdicts(flag: torch.Tensor, verdicts: list[tuple[int, torch.Tensor]]) -> None:
-    """OR into ``flag`` the bits of the failed checks: ``(bit, bool tensor of one element)`` per
-    check, on the flag's device (torch operations; nothing read on the host)."""
+def verdict_bits(verdicts: list[tuple[int, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The OR of the bits of the failed checks, an int32 tensor of one element on ``device``:
+    ``(bit, bool tensor of one element)`` per check (torch operations; nothing read on the host)."""
+    if not verdicts:
+        return torch.zeros((), dtype=torch.int32, device=device)
+    bits = torch.tensor([b for b, _ in verdicts], dtype=torch.int32, device=device)
+    failed = torch.stack([v.reshape(()) for _, v in verdicts]).to(torch.int32)
+    return (failed * bits).sum(dtype=torch.int32)
+
+
+def or_verdicts(device: torch.device, verdicts: list[tuple[int, torch.Tensor]]) -> None:
+    """OR into ``device``'s flag the bits of the failed checks (``verdict_bits``); for a CUDA
+    device through an asynchronous copy to the host, nothing read there."""
     if not verdicts:
         return
-    bits = torch.tensor([b for b, _ in verdicts], dtype=torch.int32, device=flag.device)
-    failed = torch.stack([v.reshape(()) for _, v in verdicts]).to(torch.int32)
-    flag.bitwise_or_((failed * bits).sum(dtype=torch.int32))
-
-
-def publish(device: torch.device) -> None:
-    """Start copying the device's flag to the host (no waiting): checks queued before this are
-    reported once the copy has completed."""
     f = _flag(device)
-    f.on_host.copy_(f.on_device, non_blocking=True)
-    if f.copied is not None:
-        f.copied.record()
-    f.pending = True
+    found = verdict_bits(verdicts, device)
+    if not f.cuda:
+        f.words[0].bitwise_or_(found)
+        return
+    if f.on_device is None:
+        f.on_device = torch.zeros((), dtype=torch.int32, device=device)
+    f.on_device.bitwise_or_(found)
+    f.words[1].copy_(f.on_device, non_blocking=True)
 
 
-def _report(f: _Flag, device) -> None:
-    """Raise the flag's bits as last copied to the host, if any, cleared on both sides first."""
-    bits = int(f.on_host)
-    f.pending = False
+def take_bits(device: torch.device | str) -> int:
+    """The bits of ``device``'s flag as the host sees them now (checks that have run), cleared;
+    no waiting (``check_device_errors`` waits, then raises them)."""
+    f = _FLAGS.get(str(device))
+    if f is None:
+        return 0
+    bits = f.bits()
     if bits:
-        f.on_device.zero_()
-        f.on_host.zero_()
+        f.clear()
+    return bits
+
+
+def _report(device) -> None:
+    """Raise the bits of ``device``'s flag, if any, cleared first."""
+    bits = take_bits(device)
+    if bits:
         raise _error(device, bits)
 
 
@@ -146,10 +181,8 @@ def _error(device: torch.device | str, bits: int) -> ValueError:
 
 
 def raise_completed(device: torch.device) -> None:
-    """Raise the errors found on ``device`` whose copy to the host has completed (no waiting)."""
-    f = _FLAGS.get(str(device))
-    if f is not None and f.pending and f.ready():
-        _report(f, device)
+    """Raise the errors found so far on ``device`` by checks that have run (no waiting)."""
+    _report(device)
 
 
 def check_device_errors(device: torch.device | str | None = None) -> None:
@@ -173,11 +206,11 @@ def check_device_errors(device: torch.device | str | None = None) -> None:
         keys = [str(d)]
     for key in keys:
         f = _FLAGS.get(key)
-        if f is None or not f.pending:
+        if f is None:
             continue
-        if f.copied is not None:
-            f.copied.synchronize()
-        _report(f, key)
+        if f.cuda:
+            torch.cuda.synchronize(key)
+        _report(key)
 
 
 __all__ = [
@@ -185,9 +218,11 @@ __all__ = [
     "VALUE_CHECK_MODES",
     "check_device_errors",
     "current_mode",
+    "mode_for",
     "error_flag",
     "or_verdicts",
-    "publish",
+    "take_bits",
+    "verdict_bits",
     "raise_completed",
     "use_value_checks",
 ]

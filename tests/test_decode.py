@@ -17,6 +17,7 @@ subprocess) and the GPU cases at the bottom. What it checks:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -337,7 +338,7 @@ def test_split_launch_args_every_head_dim(D, dtype):
     kc, vc = torch.zeros(B, S, Hk, D, dtype=dtype), torch.zeros(B, S, Hk, D, dtype=dtype)
     lens = torch.full((B,), S, dtype=torch.int32)
     out, lse = torch.empty(B, 1, Hq, D, dtype=dtype), torch.empty(B, Hq, 1)
-    grid, args, _ = split_args(
+    grid, args, _, _ = split_args(
         q,
         kc,
         vc,
@@ -659,8 +660,8 @@ def test_decode_cuda_counters_per_stream_and_per_capture():
 
 def unchecked_bad_values(dev, backend, variant, checks="off"):
     """Bad lengths, rows or pages under ``use_value_checks(checks)`` (``"off"``: as inside
-    ``skip_value_checks()``; ``"device"``: checked on the device, reported later), the call not
-    raising: ``{check: [error, bound]}``.
+    ``skip_value_checks()``; ``"device"``: checked on the device, reported later; None: the
+    device's default), the call not raising: ``{check: [error, bound]}``.
 
     The cache is the middle of a larger allocation whose first and last rows (or pages) are guards,
     placed where an unclamped write would land: nothing may be written there, and the output stays
@@ -689,7 +690,8 @@ def unchecked_bad_values(dev, backend, variant, checks="off"):
             kw["cache_batch_idx"] = torch.tensor([-1, B], dtype=torch.int32, device=dev)
             lens = torch.tensor([0, cap - 2], dtype=torch.int32, device=dev)
     guards = alloc[:, [0, -1]].clone()
-    with use_backend(backend), use_value_checks(checks):
+    mode = use_value_checks(checks) if checks is not None else contextlib.nullcontext()
+    with use_backend(backend), mode:
         out, lse = flash_attn_with_kvcache(
             q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True, **kw
         )

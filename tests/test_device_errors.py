@@ -83,7 +83,7 @@ def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
 
     from ringflash.backends import backend_for
     from ringflash.checks import KVCacheArgs
-    from ringflash.device_errors import or_verdicts
+    from ringflash.device_errors import take_bits, verdict_bits
 
     rng = random.Random(seed)
     mismatches, seen = [], 0
@@ -124,12 +124,13 @@ def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
                 q, kc, vc, k, v, torch.tensor(lens, dtype=torch.int32), kw.get("cache_batch_idx"),
                 kw.get("block_table"), 0, kw.get("cache_leftpad"),
             )  # fmt: skip
-        want, got = torch.zeros((), dtype=torch.int32), torch.zeros((), dtype=torch.int32)
-        or_verdicts(want, a.value_verdicts(kc))
-        backend_for(q).check_kv_values(got, a, kc)
-        seen |= int(want)
-        if int(want) != int(got):
-            mismatches.append((case, kind, int(want), int(got)))
+        want = int(verdict_bits(a.value_verdicts(kc), q.device))
+        take_bits(q.device)
+        backend_for(q).check_kv_values(a, kc)
+        got = take_bits(q.device)
+        seen |= want
+        if want != got:
+            mismatches.append((case, kind, want, got))
     return {"bits as the torch checks": [len(mismatches), 0], "every bit planted": [float(seen != 63), 0.0]}
 
 
@@ -159,3 +160,15 @@ def _sharded_device_checks(rank, world):
 def test_sharded_decode_device_checks_raise_on_every_rank():
     for rank, seen in enumerate(spawn(_sharded_device_checks, 2, timeout=120)):
         assert "larger than the cache holds" in seen["next call"], (rank, seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
+def test_cuda_default_checks_in_the_decode_kernel(variant):
+    """CUDA tensors are checked on the device by default, inside the decoding kernel: the faulty
+    call stays inside the cache and ``check_device_errors`` names what it had."""
+    checks = unchecked_bad_values("cuda", "triton", variant, checks=None)
+    assert_checks(checks, variant)
+    with pytest.raises(ValueError, match=f"an earlier KV-cache call on cuda:0 had {WHAT[variant]}"):
+        rf.check_device_errors()
+    rf.check_device_errors()

@@ -35,7 +35,7 @@ from .common import (
     wide_offsets,
 )
 from .fwd import _launch_key
-from .launch import SignatureTable
+from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
 from .tma import tma_applies
 
@@ -190,9 +190,16 @@ _DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 # The derived arguments of a backward launch per call signature, as the forward keeps its own.
 _BWD_LAUNCHES = SignatureTable()
-_PER_CALL = frozenset(
-    ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA")
-)
+_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")  # ``call_tensors``' arguments, in its order
+_PER_CALL = frozenset((*_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
+
+
+def _launch(fn, grid, static: dict, per_call: dict, slot: dict, key) -> None:
+    """One backward kernel's launch: direct (``kernels.launch``) for a call with a signature."""
+    if key is None:
+        fn[grid](**static, **per_call)
+    else:
+        launch_cached(fn, grid, static, per_call, slot)
 
 
 @on_tensor_device
@@ -291,11 +298,12 @@ def attn_bwd(
         static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
         static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
         static_q = {n: a for n, a in static_q.items() if n not in _PER_CALL}
+        slots = ({}, {})
         if key is not None:
-            _BWD_LAUNCHES.keep(key, (static_kv, static_q, B, Sq, Sk))
-        per_call = {n: a for n, a in args.items() if n in _PER_CALL}
+            _BWD_LAUNCHES.keep(key, (static_kv, static_q, B, Sq, Sk, slots))
+        per_call = {n: args[n] for n in _TENSORS}
     else:
-        static_kv, static_q, B, Sq, Sk = entry
+        static_kv, static_q, B, Sq, Sk, slots = entry
         per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
         if not given:
@@ -305,19 +313,19 @@ def attn_bwd(
                 x.zero_()
         return dq, dk, dv
     per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)))
-    dkdv_args = dict(static_kv, **per_call, DK=dk, DV=dv)
-    dq_args = dict(static_q, **per_call, DQ=dq)
+    dkdv_call = dict(per_call, DK=dk, DV=dv)
+    dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":
-        _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**dkdv_args, **_CPU_DKDV)
-        _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**dq_args, **_CPU_DQ)
+        _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
+        _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
         return dq, dk, dv
     side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
-    _dkdv_gpu[lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,)](**dkdv_args)
+    _launch(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0], key)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _dq_gpu[lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,)](**dq_args)
+        _launch(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1], key)
     if side is not None:
         # The join is a wait on the GPU, not the host, so the caller's later work (and any
         # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.

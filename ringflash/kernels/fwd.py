@@ -35,7 +35,7 @@ from .common import (
     strides,
     wide_offsets,
 )
-from .launch import SignatureTable
+from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
 from .tma import tma_applies
 
@@ -256,7 +256,9 @@ _O, _LSE = stride_names("o", "bshd"), stride_names("l", "bhs")
 # Launch arguments by call signature (shapes, strides, dtypes, device, mask, options): ``attn_args``
 # runs once per signature and a call binds only its tensors.
 _FWD_LAUNCHES = SignatureTable()
-_PER_CALL = frozenset(("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "O", "LSE", "TMA"))
+# What a call binds anew (``call_tensors``, then the results and the TMA flag), in this order.
+_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")
+_PER_CALL = frozenset((*_TENSORS, "O", "LSE", "TMA"))
 
 
 def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, config) -> tuple | None:
@@ -369,19 +371,24 @@ def attn_fwd(
             ACCUMULATE=accumulate,
             WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
         )
-        if key is not None:
-            _FWD_LAUNCHES.keep(key, ({n: a for n, a in args.items() if n not in _PER_CALL}, B, Sq, Sk))
+        static = {n: a for n, a in args.items() if n not in _PER_CALL}
+        slot = _FWD_LAUNCHES.keep(key, (static, B, Sq, Sk, {}))[4] if key is not None else None
+        per_call = {n: args[n] for n in _TENSORS}
     else:
-        static, B, Sq, Sk = entry
-        args = dict(static, **call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B))
+        static, B, Sq, Sk, slot = entry
+        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
     if B == 0 or Sq == 0 or q.numel() == 0:
         if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
-    args.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)))
+    per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)))
     if q.device.type == "cpu":
-        _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**args, **_CPU_FWD)
+        _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**static, **per_call, **_CPU_FWD)
     else:
-        _fwd_gpu[lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)](**args)
+        grid = lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        if slot is None:
+            _fwd_gpu[grid](**static, **per_call)
+        else:
+            launch_cached(_fwd_gpu, grid, static, per_call, slot)
     return out, lse

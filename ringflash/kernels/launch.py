@@ -1,13 +1,16 @@
 """Launching a compiled Triton kernel again without Triton's per-call argument binding.
 
 ``kernel[grid](**args)`` binds every argument, computes the specialization key (dtypes, 16-byte
-alignment of pointers, integers equal to 1 or divisible by 16), looks the compiled kernel up and
+alignment of pointers, integers equal to 1 or divisible by 16), runs the ``@triton.heuristics``
+and ``@triton.autotune`` wrappers (each copies the arguments), looks the compiled kernel up and
 launches it: tens of microseconds of host time for a kernel with ~60 arguments, more than a short
 decoding step takes on the GPU. A caller that already keys its launches by every shape, stride,
-dtype and option (``decode._LAUNCHES``) knows all of that except the pointers' alignment: it keeps
-the compiled kernel per alignment pattern in ``slot`` and launches it directly through its
-launcher, with the same arguments in the same order and the same launch hooks. Under the
-interpreter (no compiled kernel) every call takes Triton's own path.
+dtype and option (``decode._LAUNCHES``, ``fwd._FWD_LAUNCHES``) knows all of that except the
+values it binds per call (tensors, whose alignment matters, and a few flags): it passes those
+apart from the rest, and :func:`launch_cached` launches Triton's first compiled kernel for them
+directly through its launcher, with the same arguments in the same order, the configuration the
+autotuner chose, and the same launch hooks. Under the interpreter (no compiled kernel) every call
+takes Triton's own path.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import JITFunction
+
+from .common import current_raw_stream
 
 try:
     from triton import knobs as _knobs
@@ -41,34 +47,89 @@ class SignatureTable(dict):
 
 
 @functools.cache
-def _params(fn) -> tuple[tuple[str, object], ...]:
+def _params(fn: JITFunction) -> tuple[tuple[str, object], ...]:
     """``(name, default)`` of every parameter of the ``@triton.jit`` function ``fn``, in order."""
     return tuple((p.name, p.default) for p in fn.params)
 
 
-def launch_cached(fn, grid: tuple[int, ...], args: dict, slot: dict) -> None:
-    """``fn[grid](**args)``, through the compiled kernel kept in ``slot`` when there is one.
+def _resolve(fn, args: dict) -> tuple[JITFunction, dict] | None:
+    """The ``@triton.jit`` function inside ``fn`` and every argument its last launch through
+    ``fn`` received: ``args`` plus the heuristics' values and the autotuner's chosen
+    configuration. None if a configuration has a pre-launch hook (it must run every time)."""
+    meta = dict(args)
+    while not isinstance(fn, JITFunction):
+        if isinstance(fn, Heuristics):
+            for name, rule in fn.values.items():
+                meta[name] = rule(meta)
+        elif isinstance(fn, Autotuner):
+            config = fn.best_config
+            if config.pre_hook is not None:
+                return None
+            meta.update(config.all_kwargs())
+        else:
+            return None
+        fn = fn.fn
+    return fn, meta
 
-    ``slot`` must belong to one specialization of every non-tensor argument (the caller's cache
-    entry); its keys here are the alignment patterns of the tensor arguments.
+
+class _Bound:
+    """One compiled kernel with its grid and its ordered arguments, per-call slots left open."""
+
+    __slots__ = ("kernel", "grid", "template", "open")
+
+    def __init__(self, kernel, jit_fn: JITFunction, meta: dict, grid, per_call: dict):
+        self.kernel = kernel
+        g = grid(meta) if callable(grid) else grid
+        self.grid = (*g, 1, 1)[:3]
+        params = _params(jit_fn)
+        self.template = [meta.get(name, default) for name, default in params]
+        self.open = tuple((i, name) for i, (name, _) in enumerate(params) if name in per_call)
+
+
+def _key(per_call: dict) -> tuple:
+    """What a compiled kernel depends on among the per-call values: the 16-byte alignment of the
+    tensors (None is its own case) and the other values themselves."""
+    return tuple(v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v for v in per_call.values())
+
+
+def _stream():
+    """The current CUDA device's current raw stream (what Triton's own launch passes)."""
+    return current_raw_stream(torch.cuda.current_device())
+
+
+def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict) -> None:
+    """``fn[grid](**static, **per_call)``, through the compiled kernel kept in ``slot`` when there
+    is one.
+
+    Args:
+        fn: a ``@triton.jit`` function, or one wrapped by ``@triton.heuristics`` and
+            ``@triton.autotune``.
+        grid: a tuple, or a function of the launch's arguments (the autotuner's choice included).
+        static: the arguments fixed for ``slot``: the same every call that passes ``slot``.
+        per_call: the arguments bound anew on every call (tensors and a few flags), in the same
+            order every call.
+        slot: the caller's dict for one specialization of every ``static`` argument (its
+            signature table entry); kept here: the compiled kernels by ``per_call`` key.
     """
-    align = tuple(v.data_ptr() % 16 == 0 for v in args.values() if isinstance(v, torch.Tensor))
-    compiled = slot.get(align)
-    if compiled is None or _knobs is None:
-        kernel = fn[grid](**args)
+    key = _key(per_call)
+    bound = slot.get(key)
+    if bound is None or _knobs is None:
+        kernel = fn[grid](**static, **per_call)
         if getattr(kernel, "function", None) is not None and hasattr(kernel, "launch_metadata"):
-            slot[align] = kernel  # a real compiled kernel (None under the interpreter)
+            resolved = _resolve(fn, {**static, **per_call})
+            if resolved is not None:  # a real compiled kernel (None under the interpreter)
+                slot[key] = _Bound(kernel, resolved[0], resolved[1], grid, per_call)
         return
-    ordered = [args.get(name, default) for name, default in _params(fn)]
-    g0, g1, g2 = (*grid, 1, 1)[:3]
-    stream = driver.active.get_current_stream(driver.active.get_current_device())
-    # The launch hooks and their metadata as Triton passes them (profilers read them).
-    meta = compiled.launch_metadata(grid, stream, *ordered)
+    ordered = list(bound.template)
+    for i, name in bound.open:
+        ordered[i] = per_call[name]
+    kernel, (g0, g1, g2) = bound.kernel, bound.grid
+    stream = _stream()
     rt = _knobs.runtime
-    compiled.run(
-        g0, g1, g2, stream, compiled.function, compiled.packed_metadata, meta,
-        rt.launch_enter_hook, rt.launch_exit_hook, *ordered,
-    )  # fmt: skip
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    # The launch hooks and their metadata as Triton passes them (profilers read them).
+    meta = None if enter is None and leave is None else kernel.launch_metadata(bound.grid, stream, *ordered)
+    kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *ordered)
 
 
 __all__ = ["SignatureTable", "launch_cached"]

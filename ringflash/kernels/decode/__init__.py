@@ -40,6 +40,7 @@ from ..launch import SignatureTable, launch_cached
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
 from .append import append_kv
+from .check import check_blocks
 from .combine import combine_partials
 from .counters import semaphore_buffer
 from .split import _decode_split_kernel
@@ -167,13 +168,14 @@ def _signature(
     n_new,
     opts,
     config,
+    check,
 ) -> tuple:
     kn = None if k_new is None else (k_new.shape, k_new.stride(), v_new.stride())
     bt = None if block_table is None else (block_table.shape, block_table.stride(0))
     return (
         q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
         kn, bt, cache_batch_idx is None, diag_offset is None, cache_leftpad is None, out_dtype, n_new,
-        opts, config,
+        opts, config, check,
     )  # fmt: skip
 
 
@@ -195,6 +197,7 @@ def _derive(
     softcap,
     num_splits,
     config,
+    check,
 ) -> _Launch:
     """The launch of a signature (see ``_Launch``)."""
     B, Sq, Hq, D = q.shape
@@ -286,6 +289,9 @@ def _derive(
         PREFETCH_ROWS=next_pow2(min(config.prefetch_rows, capacity)) if prefetch else 0,
         PREFETCH_LINES=lines,
         PREFETCH_STEP=step,
+        batch=B,
+        CHECK=check,
+        **{f"CHECK_{n}": v for n, v in check_blocks(B, capacity // page_size).items()},
     )
     if not cpu:
         static.update(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -314,11 +320,13 @@ def split_args(
     diag_offset,
     config: DecodeConfig,
     cache_leftpad=None,
-) -> tuple[tuple[int, int, int], dict, dict]:
-    """The grid and keyword arguments of one split-kernel launch of ``decode_fwd`` (shapes as
-    there; ``out``/``lse`` the results to write), and the compiled kernels of this signature by
-    pointer alignment (``ringflash.kernels.launch``). Allocates the float32 partials (``OP``/``LSEP``)
-    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    check_flag=None,
+) -> tuple[tuple[int, int, int], dict, dict, dict]:
+    """``(grid, static, per_call, slot)`` of one split-kernel launch of ``decode_fwd`` (shapes as
+    there; ``out``/``lse`` the results to write): the arguments fixed for this call's signature,
+    those bound for this call, and the signature's compiled kernels (``kernels.launch``).
+    Allocates the float32 partials (``OP``/``LSEP``) unless the launch writes ``out``/``lse``
+    directly (one split, fused)."""
     opts = (softmax_scale, causal, tuple(window_size), softcap, num_splits)
     tma = tma_mode() == "on" and block_table is None
     key = _signature(
@@ -335,12 +343,14 @@ def split_args(
         n_new,
         opts,
         config,
+        check_flag is not None,
     )
     launch = None if tma else _LAUNCHES.get(key)
     if launch is None:
         launch = _derive(
             q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, cache_leftpad,
             out.dtype, n_new, softmax_scale, causal, window_size, softcap, num_splits, config,
+            check_flag is not None,
         )  # fmt: skip
         if tma:  # TMA descriptors for the cache's K/V tiles: only under use_tma("on"), never cached
             # (slower than pointer loads here, docs/performance.md; the check reads addresses)
@@ -355,8 +365,7 @@ def split_args(
         o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
         lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
     fuse_append = launch.static["FUSE_APPEND"]
-    args = dict(launch.static)
-    args.update(
+    per_call = dict(
         Q=q,
         K=k_cache,
         V=v_cache,
@@ -373,8 +382,9 @@ def split_args(
         CBI=cache_batch_idx,
         DIAG=diag_offset,
         LEFTPAD=cache_leftpad,
+        FLAG=check_flag,
     )
-    return launch.grid, args, launch.compiled
+    return launch.grid, launch.static, per_call, launch.compiled
 
 
 @on_tensor_device
@@ -398,6 +408,7 @@ def decode_fwd(
     out_dtype=None,
     config=None,
     cache_leftpad=None,
+    check_flag=None,
 ):
     """Split-KV decode attention; with ``k_new``/``v_new`` it also appends them to the cache.
 
@@ -423,6 +434,8 @@ def decode_fwd(
         out_dtype: dtype of ``out`` (default q's; float32 for partials that are merged again).
         config: :class:`~ringflash.kernels.options.DecodeConfig` (default: ``DecodeConfig()``):
             tiles, load policy, prefetch, and whether the merge is fused.
+        check_flag: an error flag (``ringflash.device_errors.error_flag``) or None: the launch
+            also checks the index values (``check.py``) and ORs the failures' bits into it.
 
     Returns:
         ``(out [B, Sq, Hq, D] in out_dtype, lse [B, Hq, Sq] float32)``. Nothing syncs with the host
@@ -458,7 +471,7 @@ def decode_fwd(
             )
     if out.numel() == 0:
         return out, lse
-    grid, args, compiled = split_args(
+    grid, static, per_call, slot = split_args(
         q,
         k_cache,
         v_cache,
@@ -478,8 +491,9 @@ def decode_fwd(
         diag_offset=diag_offset,
         config=config,
         cache_leftpad=cache_leftpad,
+        check_flag=check_flag,
     )
-    launch_cached(_decode_split_kernel, grid, args, compiled)
+    launch_cached(_decode_split_kernel, grid, static, per_call, slot)
     if not config.fuse_combine:
-        combine_partials(args["OP"], args["LSEP"], out, lse)
+        combine_partials(per_call["OP"], per_call["LSEP"], out, lse)
     return out, lse

@@ -1,5 +1,9 @@
 """A KV-cache call's index values checked on the device, in one program: no host sync.
 
+``kv_value_bits`` is that program's work; the check kernel here runs it alone (before a decode
+kernel, or for the sharded cache), and the decode kernel of ``split.py`` runs it in one of its
+programs (``CHECK``), so that a checked decoding step is still one launch.
+
 The kernel reads ``cache_seqlens`` (and ``cache_leftpad``, the used entries of ``block_table``,
 ``cache_batch_idx``) and ORs one bit per failed check into an int32 flag
 (``ringflash.device_errors``), which the host reads later. It writes nothing else, so it can run
@@ -19,27 +23,14 @@ from ..common import next_pow2, on_tensor_device
 from ..launch import SignatureTable, launch_cached
 
 
-@triton.jit(do_not_specialize=["batch", "capacity", "n_new", "n_rows", "page_size", "max_pages", "stride_bt"])
-def _kv_values_kernel(
-    LENS,
-    LEFTPAD,
-    BT,
-    CBI,
-    FLAG,
-    batch,
-    capacity,
-    n_new,
-    n_rows,
-    page_size,
-    max_pages,
-    stride_bt,
-    HAS_LEFTPAD: tl.constexpr,
-    PAGED: tl.constexpr,
-    HAS_CBI: tl.constexpr,
-    APPENDS: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+@triton.jit
+def kv_value_bits(
+    LENS, LEFTPAD, BT, CBI, batch, capacity, n_new, n_rows, page_size, max_pages, stride_bt,
+    HAS_LEFTPAD: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr, APPENDS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """The OR of the bits of a KV-cache call's failed value checks, computed by one program (the
+    check kernel's, or one of the decode kernel's, which runs it beside its own work)."""
     bits = tl.full((), 0, tl.int32)
     for b0 in range(0, batch, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
@@ -69,8 +60,33 @@ def _kv_values_kernel(
                     same = (idx[:, None] == theirs[None, :]) & live[:, None] & (other[None, :] < batch)
                     same = same & (other[None, :] > rows[:, None])
                     bits |= tl.max(tl.max(same.to(tl.int32), 1), 0) * 32
+    return bits
+
+
+@triton.jit
+def or_into_flag(FLAG, bits):
+    """OR ``bits`` into the flag when nonzero: a plain read-modify-write, since the flag may be
+    host memory, where atomics may not reach."""
     if bits != 0:
-        tl.atomic_or(FLAG, bits)
+        tl.store(FLAG, tl.load(FLAG) | bits)
+
+
+@triton.jit(do_not_specialize=["batch", "capacity", "n_new", "n_rows", "page_size", "max_pages", "stride_bt"])
+def _kv_values_kernel(
+    LENS, LEFTPAD, BT, CBI, FLAG, batch, capacity, n_new, n_rows, page_size, max_pages, stride_bt,
+    HAS_LEFTPAD: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr, APPENDS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    bits = kv_value_bits(
+        LENS, LEFTPAD, BT, CBI, batch, capacity, n_new, n_rows, page_size, max_pages, stride_bt,
+        HAS_LEFTPAD, PAGED, HAS_CBI, APPENDS, BLOCK_B, BLOCK_P,
+    )  # fmt: skip
+    or_into_flag(FLAG, bits)
+
+
+def check_blocks(batch: int, max_pages: int) -> dict:
+    """The check's tile sizes (batch rows, pages) for a call's shapes."""
+    return dict(BLOCK_B=min(256, next_pow2(batch)), BLOCK_P=min(64, next_pow2(max_pages)))
 
 
 _LAUNCHES = SignatureTable()
@@ -78,8 +94,8 @@ _LAUNCHES = SignatureTable()
 
 @on_tensor_device
 def check_kv_values(
-    flag: torch.Tensor,
     cache_seqlens: torch.Tensor,
+    flag: torch.Tensor,
     *,
     capacity: int,
     n_new: int,
@@ -89,12 +105,13 @@ def check_kv_values(
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
 ) -> None:
-    """OR the bits of the failed checks of one KV-cache call's index values into ``flag`` (int32,
-    one element, on their device): one launch, nothing read on the host.
+    """OR the bits of the failed checks of one KV-cache call's index values into ``flag``: one
+    launch, nothing read on the host.
 
     Args:
-        flag: the device's error flag (``ringflash.device_errors``).
         cache_seqlens: int32 ``[B]``.
+        flag: int32, one element, on the tensors' device or in pinned host memory (the device's
+            error flag, ``ringflash.device_errors.error_flag``).
         capacity: slots per cache row (``block_table`` pages x ``page_size`` when paged).
         n_new: tokens appended by the call.
         n_rows: the cache's rows (pages when paged).
@@ -112,17 +129,9 @@ def check_kv_values(
         PAGED=paged,
         HAS_CBI=cache_batch_idx is not None,
         APPENDS=n_new > 0,
-        BLOCK_B=min(256, next_pow2(batch)),
-        BLOCK_P=min(64, next_pow2(max_pages)),
+        **check_blocks(batch, max_pages),
     )
-    key = tuple(flags.values())
-    slot = _LAUNCHES.get(key) or _LAUNCHES.keep(key, {})
-    args = dict(
-        LENS=cache_seqlens,
-        LEFTPAD=cache_leftpad if cache_leftpad is not None else dummy,
-        BT=block_table if paged else dummy,
-        CBI=cache_batch_idx if cache_batch_idx is not None else dummy,
-        FLAG=flag,
+    static = dict(
         batch=batch,
         capacity=capacity,
         n_new=n_new,
@@ -132,7 +141,16 @@ def check_kv_values(
         stride_bt=block_table.stride(0) if paged else 0,
         **flags,
     )
-    launch_cached(_kv_values_kernel, (1,), args, slot)
+    key = tuple(static.values())
+    slot = _LAUNCHES.get(key) or _LAUNCHES.keep(key, {})
+    per_call = dict(
+        LENS=cache_seqlens,
+        LEFTPAD=cache_leftpad if cache_leftpad is not None else dummy,
+        BT=block_table if paged else dummy,
+        CBI=cache_batch_idx if cache_batch_idx is not None else dummy,
+        FLAG=flag,
+    )
+    launch_cached(_kv_values_kernel, (1,), static, per_call, slot)
 
 
-__all__ = ["check_kv_values"]
+__all__ = ["check_blocks", "check_kv_values", "kv_value_bits", "or_into_flag"]

@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from ..common import cuda_index, next_pow2
+from ..common import cuda_index, current_raw_stream, next_pow2
 from ..options import CounterArenaConfig
 
 __all__ = ["CounterArena", "CounterArenas", "default_arenas", "semaphore_buffer"]
@@ -128,7 +128,7 @@ def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
             piece = _default.take(device, rows)
             return piece if piece is not None else torch.zeros(rows, dtype=torch.int32, device=device)
         _default.reserve(device, rows)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = current_raw_stream(cuda_index(device)) if device.type == "cuda" else 0
     key = (*_key(device), stream)
     buf = _semaphores.get(key)
     if buf is None or buf.numel() < rows:

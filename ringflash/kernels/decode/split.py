@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import _dot, _rows_desc, _tanh
+from .check import kv_value_bits, or_into_flag
 from .combine import _combine_rows
 
 # Literal constants: 1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2) (see common.py).
@@ -68,7 +69,16 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit(
-    do_not_specialize=["seqlen_q", "n_new", "page_size", "window_left", "window_right", "capacity", "n_rows"]
+    do_not_specialize=[
+        "seqlen_q",
+        "n_new",
+        "page_size",
+        "window_left",
+        "window_right",
+        "capacity",
+        "n_rows",
+        "batch",
+    ]
 )
 def _decode_split_kernel(
     Q, K, V, KN, VN, OP, LSEP, O, LSE, SEM, SEQLENS, BT, CBI, DIAG, LEFTPAD,
@@ -83,13 +93,14 @@ def _decode_split_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
     seqlen_q, n_new, page_size, capacity, n_rows, window_left, window_right, n_kv_heads,
-    sm_scale, softcap,
+    sm_scale, softcap, FLAG, batch,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, HAS_LEFTPAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     FUSE_APPEND: tl.constexpr, FUSE_COMBINE: tl.constexpr, EVICT: tl.constexpr, TMA: tl.constexpr,
     COMBINE_M: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH_ROWS: tl.constexpr, PREFETCH_LINES: tl.constexpr, PREFETCH_STEP: tl.constexpr,
+    CHECK: tl.constexpr, CHECK_BLOCK_B: tl.constexpr, CHECK_BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -98,6 +109,14 @@ def _decode_split_kernel(
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
     r0 = pid_m * BLOCK_M
+    if CHECK:  # the call's value checks (``check.py``), in one program beside its own work
+        if (split == 0) & (pid_bh == 0) & (pid_m == 0):
+            bits = kv_value_bits(
+                SEQLENS, LEFTPAD, BT, CBI, batch, capacity, n_new, n_rows, page_size,
+                capacity // page_size, stride_btb, HAS_LEFTPAD, PAGED, HAS_CBI, FUSE_APPEND,
+                CHECK_BLOCK_B, CHECK_BLOCK_P,
+            )  # fmt: skip
+            or_into_flag(FLAG, bits)
     if PREFETCH_ROWS > 0:
         # Split 0 of a contiguous cache with no lower window starts at key 0 whatever the length:
         # ask L2 for its first rows now, so the loop's first loads, issued once the length has
