@@ -1,11 +1,14 @@
 """The one place a backend is chosen: attention, its backward, decoding, cache appends and merges.
 
 A backend is an object with the methods of :class:`Backend` (the interface every layer above
-calls; ``ringflash.blockwise`` documents the arguments). Two are built in:
+calls; ``ringflash.blockwise`` documents the arguments). Three are built in:
 
 - ``"triton"``: the Triton kernels of ``ringflash.kernels`` (CUDA tensors; CPU tensors only under
   Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is imported);
-- ``"torch"``: the blockwise PyTorch backend of ``ringflash.blockwise`` (any device).
+- ``"torch"``: the blockwise PyTorch backend of ``ringflash.blockwise`` (any device);
+- ``"cudnn"``: cuDNN's attention through PyTorch (``ringflash.cudnn``), for the attention calls it
+  computes exactly (``cudnn.serves``); every other call, and decoding, goes to ``"triton"`` (or
+  ``"torch"`` without Triton), never to a different mask.
 
 By default CUDA tensors use ``"triton"`` when Triton is importable and everything else uses
 ``"torch"``; ``use_backend`` overrides the choice inside a block. Tunables (tile sizes, launch
@@ -24,12 +27,12 @@ import os
 
 import torch
 
-from . import blockwise, blockwise_cache
+from . import blockwise, blockwise_cache, cudnn
 from .blockwise import BlockwiseConfig
 from .device_errors import error_flag, or_verdicts
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "cudnn")
 # Plain lists (innermost choice last) rather than ContextVars: torch.compile can read and guard
 # on a module-level list, not on ContextVar.get.
 _forced: list[str] = []
@@ -65,11 +68,13 @@ def use_backend(name: str):
     """Run the ringflash attention and decoding calls inside the block on backend ``name``.
 
     Args:
-        name: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
-            ``"torch"`` (the blockwise PyTorch backend, any device).
+        name: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (the blockwise PyTorch backend, any device) or ``"cudnn"`` (cuDNN's
+            attention where it computes the call exactly, the next backend elsewhere; CUDA).
 
     Raises:
-        ValueError: an unknown name, or ``"triton"`` without the triton package.
+        ValueError: an unknown name, ``"triton"`` without the triton package, or ``"cudnn"``
+            without a CUDA build of PyTorch with cuDNN.
 
     Example:
         >>> with ringflash.use_backend("torch"):
@@ -81,6 +86,12 @@ def use_backend(name: str):
         raise ValueError(
             "backend 'triton' asked for, but the triton package is not installed "
             "(pip install triton, or pip install 'ringflash[triton]')"
+        )
+    if name == "cudnn" and not cudnn.available():
+        raise ValueError(
+            "backend 'cudnn' asked for, but PyTorch has no CUDA device with cuDNN attention here "
+            "(install a CUDA build of torch >= 2.5: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cu128)"
         )
     with pushed(_forced, name):
         yield
@@ -287,6 +298,48 @@ class TritonBackend(Backend):
         return combine_partials(outs, lses, out, lse, split_dim=0)
 
 
+class CudnnBackend(Backend):
+    """cuDNN's attention (``ringflash.cudnn``) for the calls it computes exactly; every other call
+    on the next backend (``"triton"``, or ``"torch"`` without Triton)."""
+
+    name = "cudnn"
+
+    def runs_on(self, device):
+        return device.type == "cuda" and cudnn.available()
+
+    @staticmethod
+    def next(x: torch.Tensor) -> Backend:
+        """The backend of the calls on ``x``'s device that cuDNN does not serve: the default one."""
+        return _BACKENDS[_default_name(x.device)]
+
+    def attn_fwd(self, q, k, v, **kw):
+        if cudnn.serves(q, k, v, **kw):
+            return cudnn.attn_fwd(q, k, v, **kw)
+        return self.next(q).attn_fwd(q, k, v, **kw)
+
+    def attn_bwd(self, dout, q, k, v, out, lse, **kw):
+        if cudnn.serves_backward(dout, q, k, v, **kw):
+            return cudnn.attn_bwd(dout, q, k, v, out, lse, **kw)
+        return self.next(q).attn_bwd(dout, q, k, v, out, lse, **kw)
+
+    def attn_bwd_delta(self, dout, out, packed=False):
+        if packed or not dout.is_cuda:
+            return self.next(dout).attn_bwd_delta(dout, out, packed=packed)
+        return cudnn.attn_bwd_delta(dout, out)
+
+    def decode_fwd(self, q, *args, **kw):
+        return self.next(q).decode_fwd(q, *args, **kw)
+
+    def check_kv_values(self, a, k_cache):
+        self.next(k_cache).check_kv_values(a, k_cache)
+
+    def append_kv(self, k_cache, *args, **kw):
+        self.next(k_cache).append_kv(k_cache, *args, **kw)
+
+    def combine(self, outs, lses, out_dtype):
+        return self.next(outs).combine(outs, lses, out_dtype)
+
+
 def _split_kv_suits(q, k, v, decode) -> bool:
     """Whether a padded forward goes to the split-KV decoding kernel (``decode.split_kv_pays``;
     under the interpreter the SM count is a stand-in, so tests reach this path too)."""
@@ -303,14 +356,18 @@ def _unit_last(x):
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-_BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend()}
+_BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend(), "cudnn": CudnnBackend()}
+
+
+def _default_name(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 
 def backend_name(device: torch.device) -> str:
     """The name of the backend that a call on ``device`` uses now."""
     if _forced:
         return _forced[-1]
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return _default_name(device)
 
 
 def get_backend(name: str) -> Backend:
@@ -331,8 +388,8 @@ def backend_for(x: torch.Tensor) -> Backend:
     be = get_backend(backend_name(x.device))
     if not be.runs_on(x.device):
         raise ValueError(
-            f"backend {be.name!r} cannot run {x.device.type} tensors: 'triton' runs CUDA tensors "
-            "(CPU tensors only with TRITON_INTERPRET=1 set before triton is imported); use "
-            "use_backend('torch') for other devices"
+            f"backend {be.name!r} cannot run {x.device.type} tensors: 'triton' and 'cudnn' run CUDA "
+            "tensors ('triton' CPU tensors too with TRITON_INTERPRET=1 set before triton is "
+            "imported); use use_backend('torch') for other devices"
         )
     return be

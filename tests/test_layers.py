@@ -13,7 +13,7 @@ LAYERS = [
     ("ringflash.kernels",),
     ("ringflash.device_errors",),  # below checks, which queues its value checks there
     ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks", "ringflash.rotary"),
-    ("ringflash.blockwise", "ringflash.blockwise_cache"),
+    ("ringflash.blockwise", "ringflash.blockwise_cache", "ringflash.cudnn"),
     ("ringflash.backends",),
     ("ringflash.ops", "ringflash.decode", "ringflash.forms"),
     ("ringflash.comm",),
