@@ -13,7 +13,8 @@ causal; backward 2.5x the forward): ours (``ringflash.kernels.fwd.attn_fwd`` /
 ``kernels.bwd.attn_bwd``), ``acc`` (the accumulate-mode forward that each ring step runs:
 ``attn_fwd`` with float32 ``out=`` / ``lse=`` given, merged into in place), FA2 and cuDNN, and
 our output's and gradients' relative L2 error against FA2's. ``--api`` adds the public
-``flash_attn_func`` through autograd (what a model runs).
+``flash_attn_func`` through autograd (what a model runs); ``--backends triton cudnn`` the same
+call under each ringflash backend (``ringflash.use_backend``), side by side.
 
 Times are ``triton.testing.do_bench`` medians (L2 flushed before each call); with several
 variants, or ``--rounds N``, every column of a shape is timed in turn over the rounds (medians), so
@@ -28,6 +29,7 @@ SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``rin
     python benchmarks/bench_attention.py --out DIR
     python benchmarks/bench_attention.py --dims 128 --seqlens 4096 8192 --sched-per-sm 0 4 --out DIR
     python benchmarks/bench_attention.py --tiny --out DIR        # one small shape (smoke run)
+    python benchmarks/bench_attention.py --backends triton cudnn --passes both --out DIR
 
 Writes ``attention.csv`` and ``attention.png`` into ``--out``. Needs a CUDA GPU.
 """
@@ -58,7 +60,7 @@ from bench_timing import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import flash_attn_func, use_tma
-from ringflash.backends import use_config
+from ringflash.backends import BACKENDS, use_backend, use_config
 from ringflash.kernels.bwd import attn_bwd
 from ringflash.kernels.fwd import attn_fwd
 from ringflash.kernels.options import AttnConfig
@@ -136,20 +138,27 @@ def sdpa(q, k, v, dout, causal, backend):
     return (fwd, bwd), (out.detach().transpose(1, 2), grads)
 
 
-def api(q, k, v, dout, causal, cfg):
-    """The public ``flash_attn_func`` through autograd (checks, dispatch, its own delta)."""
+def api(q, k, v, dout, causal, cfg, backend=None):
+    """The public ``flash_attn_func`` through autograd (checks, dispatch, its own delta), on
+    ``backend`` (``ringflash.use_backend``; None: the default one)."""
     qa, ka, va = (x.detach().requires_grad_() for x in (q, k, v))
 
+    def scope():
+        stack = contextlib.ExitStack()
+        if cfg is not None:  # None: the library's defaults, no config pushed (what a model runs)
+            stack.enter_context(use_config(cfg))
+        if backend is not None:
+            stack.enter_context(use_backend(backend))
+        return stack
+
     def fwd():
-        if cfg is None:  # the library's defaults, no config pushed: exactly what a model runs
-            return flash_attn_func(qa, ka, va, causal=causal)
-        with use_config(cfg):
+        with scope():
             return flash_attn_func(qa, ka, va, causal=causal)
 
     out = fwd()
 
     def bwd():
-        with use_config(cfg) if cfg is not None else contextlib.nullcontext():
+        with scope():
             return torch.autograd.grad(out, (qa, ka, va), dout, retain_graph=True)
 
     return fwd, bwd
@@ -175,6 +184,9 @@ def measure(shape: Shape, variants, args) -> list[dict]:
         fns[(label, "ours", "fwd")], fns[(label, "ours", "acc")], fns[(label, "ours", "bwd")] = fwd, acc, bwd
         if args.api:
             fns[(label, "api", "fwd")], fns[(label, "api", "bwd")] = api(q, k, v, dout, shape.causal, cfg)
+        for name in args.backends:
+            pair = api(q, k, v, dout, shape.causal, cfg, backend=name)
+            fns[(label, f"api_{name}", "fwd")], fns[(label, f"api_{name}", "bwd")] = pair
     for name, backend in SDPA.items():
         try:
             (fwd, bwd), checks[name] = sdpa(q, k, v, dout, shape.causal, backend)
@@ -230,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--passes", choices=["fwd", "bwd", "both"], default="both")
     ap.add_argument("--api", action="store_true", help="also time the public flash_attn_func (autograd)")
     ap.add_argument(
+        "--backends",
+        nargs="*",
+        default=[],
+        choices=BACKENDS,
+        help="also time flash_attn_func under use_backend(NAME) for each (e.g. triton cudnn)",
+    )
+    ap.add_argument(
         "--tma", choices=["auto", "on", "off"], default="auto", help="ringflash.use_tma mode for ours"
     )
     ap.add_argument(
@@ -261,15 +280,17 @@ def main(argv=None) -> int:
     print("acc: the accumulate-mode forward of a ring step (float32 out/lse merged in place)")
     print("err: relative L2 error against FA2 (out; the largest of dq, dk, dv)")
     print(format_table(rows, COLUMNS))
-    if args.api:
-        print("\npublic flash_attn_func through autograd, TFLOP/s:")
+    if args.api or args.backends:
+        print("\npublic flash_attn_func through autograd, TFLOP/s (per backend: use_backend(name)):")
         api_cols = [
             ("shape", "shape", ""),
             ("S", "s", ""),
             ("causal", "causal", ""),
             ("config", "config", ""),
         ]
-        api_cols += [("api fwd", "api_fwd_tflops", ".0f"), ("api bwd", "api_bwd_tflops", ".0f")]
+        for who in (["api"] if args.api else []) + [f"api_{n}" for n in args.backends]:
+            name = who.removeprefix("api_") if who != "api" else "default"
+            api_cols += [(f"{name} {p}", f"{who}_{p}_tflops", ".0f") for p in ("fwd", "bwd")]
         print(format_table(rows, api_cols))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "attention.csv"), rows, info)
