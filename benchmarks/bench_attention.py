@@ -14,7 +14,8 @@ causal; backward 2.5x the forward): ours (``ringflash.kernels.fwd.attn_fwd`` /
 ``attn_fwd`` with float32 ``out=`` / ``lse=`` given, merged into in place), FA2 and cuDNN, and
 our output's and gradients' relative L2 error against FA2's. ``--api`` adds the public
 ``flash_attn_func`` through autograd (what a model runs); ``--backends triton cudnn`` the same
-call under each ringflash backend (``ringflash.use_backend``), side by side.
+call under each ringflash backend (``ringflash.use_backend``), side by side: by default every GPU
+backend available (``triton``, and ``cudnn`` where PyTorch has cuDNN attention).
 
 Times are ``triton.testing.do_bench`` medians (L2 flushed before each call); with several
 variants, or ``--rounds N``, every column of a shape is timed in turn over the rounds (medians), so
@@ -29,7 +30,7 @@ SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``rin
     python benchmarks/bench_attention.py --out DIR
     python benchmarks/bench_attention.py --dims 128 --seqlens 4096 8192 --sched-per-sm 0 4 --out DIR
     python benchmarks/bench_attention.py --tiny --out DIR        # one small shape (smoke run)
-    python benchmarks/bench_attention.py --backends triton cudnn --passes both --out DIR
+    python benchmarks/bench_attention.py --backends --out DIR    # the kernels and SDPA only
 
 Writes ``attention.csv`` and ``attention.png`` into ``--out``. Needs a CUDA GPU.
 """
@@ -61,6 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringflash import flash_attn_func, use_tma
 from ringflash.backends import BACKENDS, use_backend, use_config
+from ringflash.cudnn import available as cudnn_available
 from ringflash.kernels.bwd import attn_bwd
 from ringflash.kernels.fwd import attn_fwd
 from ringflash.kernels.options import AttnConfig
@@ -244,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--backends",
         nargs="*",
-        default=[],
+        default=None,
         choices=BACKENDS,
-        help="also time flash_attn_func under use_backend(NAME) for each (e.g. triton cudnn)",
+        help="time flash_attn_func under use_backend(NAME) for each (default: every GPU backend "
+        "available: triton, and cudnn with PyTorch's cuDNN attention; none when given no name)",
     )
     ap.add_argument(
         "--tma", choices=["auto", "on", "off"], default="auto", help="ringflash.use_tma mode for ours"
@@ -265,6 +268,8 @@ def main(argv=None) -> int:
         return 2
     if args.tiny:
         args.dims, args.seqlens, args.gqa_seqlens = [64], [1024], [1024]
+    if args.backends is None:
+        args.backends = ["triton"] + (["cudnn"] if cudnn_available() else [])
     variants = config_variants(AttnConfig, args, CONFIG_FIELDS)
     args.rounds = args.rounds or (3 if len(variants) > 1 else 1)
     info = run_info()
