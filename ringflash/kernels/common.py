@@ -366,19 +366,6 @@ def cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-try:  # what torch.cuda.current_stream(i).cuda_stream reads, without building a Stream object
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # a torch without CUDA
-    _raw_stream = None
-
-
-def current_raw_stream(index: int) -> int:
-    """The handle of CUDA device ``index``'s current stream (as Triton's launches pass it)."""
-    if _raw_stream is not None:
-        return _raw_stream(index)
-    return torch.cuda.current_stream(index).cuda_stream
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -21,8 +21,6 @@ import torch
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction
 
-from .common import current_raw_stream
-
 try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: no direct launches
@@ -92,6 +90,19 @@ def _key(per_call: dict) -> tuple:
     return tuple(v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v for v in per_call.values())
 
 
+try:  # what torch.cuda.current_stream(i).cuda_stream reads, without building a Stream object
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # a torch without CUDA
+    _raw_stream = None
+
+
+def current_raw_stream(index: int) -> int:
+    """The handle of CUDA device ``index``'s current stream (as Triton's launches pass it)."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 def _stream():
     """The current CUDA device's current raw stream (what Triton's own launch passes)."""
     return current_raw_stream(torch.cuda.current_device())
@@ -132,4 +143,4 @@ def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict) -> None:
     kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *ordered)
 
 
-__all__ = ["SignatureTable", "launch_cached"]
+__all__ = ["SignatureTable", "current_raw_stream", "launch_cached"]

@@ -24,7 +24,8 @@ import threading
 
 import torch
 
-from ..common import cuda_index, current_raw_stream, next_pow2
+from ..common import cuda_index, next_pow2
+from ..launch import current_raw_stream
 from ..options import CounterArenaConfig
 
 __all__ = ["CounterArena", "CounterArenas", "default_arenas", "semaphore_buffer"]
