@@ -1,13 +1,14 @@
 """Direct launches (``ringflash.kernels.launch``): a call whose signature was seen launches the
 compiled kernel without Triton's binding; its results must equal Triton's own launch bit for bit
-(CUDA only: under the interpreter nothing is compiled, so every call takes Triton's path)."""
+(CUDA: under the interpreter nothing is compiled, so every call takes Triton's path), and the
+arguments it resolves from Triton's wrappers (any device)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _direct_slots(table) -> int:
@@ -39,6 +40,7 @@ def _misaligned(x: torch.Tensor) -> torch.Tensor:
 SHAPES = [(2, 300, 8, 2, 64), (1, 8200, 4, 2, 128)]
 
 
+@cuda
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"S{s[1]}" for s in SHAPES])
 def test_forward_and_backward_direct_launch_equals_triton_launch(shape):
     from ringflash.kernels import bwd, fwd
@@ -71,6 +73,7 @@ def test_forward_and_backward_direct_launch_equals_triton_launch(shape):
         assert torch.equal(a, b), "packed: the direct launch differs"
 
 
+@cuda
 @pytest.mark.parametrize("n_new", [0, 1])
 def test_decode_direct_launch_equals_triton_launch(n_new):
     import ringflash as rf
@@ -97,3 +100,42 @@ def test_decode_direct_launch_equals_triton_launch(n_new):
     for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), *results, strict=True):
         assert torch.equal(a, b), f"{name}: the direct launch differs"
     rf.check_device_errors()
+
+
+def _wrapped_kernel():
+    """A heuristics-over-autotune-over-jit kernel as the attention kernels are built (never run)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    def body(X, n, SCALE: tl.constexpr, BLOCK: tl.constexpr, PAD: tl.constexpr):
+        pass
+
+    jit = triton.jit(body)
+    configs = [triton.Config({"BLOCK": 32}, num_warps=4), triton.Config({"BLOCK": 64}, num_warps=8)]
+    tuned = triton.autotune(configs, key=["n"])(jit)
+    return jit, triton.heuristics({"PAD": lambda a: a["n"] * 2})(tuned), tuned
+
+
+def test_direct_launch_arguments_are_those_triton_passes():
+    """A direct launch passes what Triton's own launch did: the call's arguments, the heuristics'
+    values computed from them, and the autotuner's chosen configuration, in the kernel's order, with
+    the per-call tensors' places left open (CPU: the resolution only, nothing launched)."""
+    from ringflash.kernels.launch import _Bound, _resolve
+
+    jit, wrapped, tuned = _wrapped_kernel()
+    tuned.best_config = tuned.configs[1]  # as the autotuner leaves it after a launch
+    x = torch.zeros(4)
+    fn, meta = _resolve(wrapped, dict(n=100, SCALE=3, X=x))
+    assert fn is jit
+    assert meta["PAD"] == 200 and meta["BLOCK"] == 64 and meta["num_warps"] == 8 and meta["SCALE"] == 3
+    bound = _Bound("compiled", fn, meta, lambda m: (m["n"] // m["BLOCK"],), dict(X=x))
+    assert bound.grid == (1, 1, 1)
+    assert bound.template == [x, 100, 3, 64, 200] and bound.open == ((0, "X"),)
+    tuned.best_config = triton_config_with_hook(tuned.configs[0])
+    assert _resolve(wrapped, dict(n=100, SCALE=3, X=x)) is None, "a pre-launch hook must run every time"
+
+
+def triton_config_with_hook(config):
+    import triton
+
+    return triton.Config(config.kwargs, num_warps=config.num_warps, pre_hook=lambda args: None)
