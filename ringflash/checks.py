@@ -8,7 +8,8 @@ every rank of the group raise it (``ringflash.comm.agree``).
 
 Checks that need tensor values on the host (``cu_seqlens``, cache lengths) are skipped while a CUDA
 graph is being captured or torch.compile traces, and inside ``skip_value_checks()``. Under
-``use_value_checks("device")`` the KV-cache calls check on the device (``ringflash.device_errors``).
+``use_value_checks("device")`` (the default for CUDA tensors) the KV-cache calls check on the device
+(``ringflash.device_errors``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ MAX_HEADDIM = 256
 def skip_value_checks():
     """Inside this context, ringflash trusts the values of index tensors and does not read them.
 
-    By default the public functions read ``cache_seqlens``, ``block_table``, ``cache_batch_idx``
-    and ``cu_seqlens`` on the host to raise a clear ``ValueError`` for bad values; for CUDA tensors
-    that costs one device sync per call, which stops the host from running ahead of the GPU
-    (``use_value_checks("device")`` checks the KV-cache calls on the device instead, no sync).
+    By default the public functions check ``cache_seqlens``, ``block_table``, ``cache_batch_idx``
+    and ``cu_seqlens`` to raise a clear ``ValueError`` for bad values: the KV-cache calls on CUDA
+    tensors on the device (a later call raises, no sync; ``use_value_checks``), everything else on
+    the host, which for CUDA tensors costs one device sync per call.
     Inside this context (as while a CUDA graph captures or torch.compile traces) those checks are
     skipped: shapes, dtypes and devices are still checked. Values out of range then give undefined
     results, as in flash-attn, except that the KV-cache kernels still keep every read and write

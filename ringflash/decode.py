@@ -13,9 +13,10 @@ attention and the merge of its splits in one launch), elsewhere the blockwise Py
 Inference only: there is no autograd.
 
 Every input is validated before anything is written (``ringflash.checks.KVCacheArgs``), so a bad
-call leaves the cache untouched; under ``use_value_checks("device")`` the index values are checked
-on the device and a failure is reported by a later call (``ringflash.device_errors``), the faulty
-call's writes clamped into the cache (the default for CUDA tensors).
+call leaves the cache untouched, except the index values under ``use_value_checks("device")`` (the
+default for CUDA tensors): those are checked on the device, inside the decoding kernel, and a
+failure is reported by a later call (``ringflash.device_errors``), the faulty call's writes clamped
+into the cache.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def flash_attn_with_kvcache(
     Raises:
         ValueError / TypeError for bad shapes, dtypes, devices, a cache too small for the append,
         or block_table / cache_batch_idx / cache_leftpad entries outside the cache, before
-        anything is written.
+        anything is written. For CUDA tensors the index values are checked on the device instead
+        (no sync): a failure is raised by a later call or ``check_device_errors()``
+        (``use_value_checks("host")`` raises in the call itself).
 
     Example:
         >>> k_cache = torch.zeros(2, 4096, 8, 128, dtype=torch.bfloat16, device="cuda")
