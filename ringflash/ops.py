@@ -234,9 +234,9 @@ class _EagerAttn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         be = get_backend(ctx.backend)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = be.attn_bwd_delta(dout, out, packed="cu_seqlens_q" in ctx.kw)
-        if dlse is not None:
-            delta = (delta - dlse).contiguous()
+        delta = None  # rowsum(dout * out): each backend computes it if it needs it (cuDNN does not)
+        if dlse is not None:  # d lse / d s = p: a gradient into the LSE folds into delta
+            delta = (be.attn_bwd_delta(dout, out, packed="cu_seqlens_q" in ctx.kw) - dlse).contiguous()
         dq, dk, dv = be.attn_bwd(dout, q, k, v, out, lse, delta=delta, **ctx.kw)
         return (dq, dk, dv) + (None,) * 10
 
