@@ -323,9 +323,8 @@ class CudnnBackend(Backend):
         return self.next(q).attn_bwd(dout, q, k, v, out, lse, **kw)
 
     def attn_bwd_delta(self, dout, out, packed=False):
-        if packed or not dout.is_cuda:
-            return self.next(dout).attn_bwd_delta(dout, out, packed=packed)
-        return cudnn.attn_bwd_delta(dout, out)
+        delta = self.next(dout).attn_bwd_delta(dout, out, packed=packed)
+        return delta if packed else cudnn.mark_plain(delta)
 
     def decode_fwd(self, q, *args, **kw):
         return self.next(q).decode_fwd(q, *args, **kw)

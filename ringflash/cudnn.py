@@ -11,8 +11,8 @@ Grouped KV heads are repeated for cuDNN, and their gradients summed back over ea
 
 The backward takes the final ``(out, lse)`` of the forward, as every backend does, and cuDNN
 computes ``delta = rowsum(dout * out)`` itself. A ``delta`` with more folded in (an LSE gradient)
-cannot be given to cuDNN, so :func:`serves_backward` admits only the deltas that
-:func:`attn_bwd_delta` made.
+cannot be given to cuDNN, so :func:`serves_backward` admits only the deltas marked plain
+(:func:`mark_plain`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .merge import merge_into_
 
 MAX_HEADDIM = 128
 
-# The deltas this module made (``attn_bwd_delta``): exactly rowsum(dout * out), which cuDNN
-# recomputes; a delta that is not one of them carries more and must take another backend.
+# The deltas known to be exactly rowsum(dout * out) (``mark_plain``), which cuDNN recomputes; a
+# delta that is not one of them carries more and must take another backend.
 # (By identity: tensors compare elementwise, so a WeakSet cannot hold them.)
 _PLAIN_DELTAS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -90,12 +90,12 @@ def fits(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), sof
 
 def serves_backward(dout, q, k, v, *, delta=None, **problem) -> bool:
     """Whether cuDNN computes this backward call exactly: a call :func:`serves`, with no delta or
-    one that :func:`attn_bwd_delta` made, and ``dout`` contiguous in the head dim."""
+    one marked plain (:func:`mark_plain`), and ``dout`` contiguous in the head dim."""
     return plain_delta(delta) and dout.stride(-1) == 1 and serves(q, k, v, **problem)
 
 
 def plain_delta(delta) -> bool:
-    """None, or a delta that :func:`attn_bwd_delta` made (or a view of one: a ring piece's rows)."""
+    """None, or a delta marked plain (:func:`mark_plain`), or a view of one (a ring piece's rows)."""
     if delta is None:
         return True
     return any(x is not None and _PLAIN_DELTAS.get(id(x)) is x for x in (delta, delta._base))
@@ -148,11 +148,11 @@ def attn_fwd(
     return out, lse
 
 
-def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rowsum(dout * out)`` in float32 ``[B, H, S]``, marked as plain (:func:`serves_backward`)."""
-    d = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    _PLAIN_DELTAS[id(d)] = d
-    return d
+def mark_plain(delta: torch.Tensor) -> torch.Tensor:
+    """``delta``, recorded as exactly ``rowsum(dout * out)`` (another backend's
+    ``attn_bwd_delta``), which cuDNN may recompute (:func:`serves_backward`)."""
+    _PLAIN_DELTAS[id(delta)] = delta
+    return delta
 
 
 def _put(dst, src, add: bool):
@@ -221,10 +221,10 @@ def attn_bwd(
 __all__ = [
     "MAX_HEADDIM",
     "attn_bwd",
-    "attn_bwd_delta",
     "attn_fwd",
     "available",
     "fits",
+    "mark_plain",
     "plain_delta",
     "serves",
     "serves_backward",

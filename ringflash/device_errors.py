@@ -163,13 +163,6 @@ def take_bits(device: torch.device | str) -> int:
     return bits
 
 
-def _report(device) -> None:
-    """Raise the bits of ``device``'s flag, if any, cleared first."""
-    bits = take_bits(device)
-    if bits:
-        raise _error(device, bits)
-
-
 def _error(device: torch.device | str, bits: int) -> ValueError:
     what = "; ".join(m for b, m in _MESSAGES.items() if bits & b)
     return ValueError(
@@ -180,9 +173,12 @@ def _error(device: torch.device | str, bits: int) -> ValueError:
     )
 
 
-def raise_completed(device: torch.device) -> None:
-    """Raise the errors found so far on ``device`` by checks that have run (no waiting)."""
-    _report(device)
+def raise_completed(device: torch.device | str) -> None:
+    """Raise the errors found so far on ``device`` by checks that have run (no waiting), cleared
+    first."""
+    bits = take_bits(device)
+    if bits:
+        raise _error(device, bits)
 
 
 def check_device_errors(device: torch.device | str | None = None) -> None:
@@ -210,7 +206,7 @@ def check_device_errors(device: torch.device | str | None = None) -> None:
             continue
         if f.cuda:
             torch.cuda.synchronize(key)
-        _report(key)
+        raise_completed(key)
 
 
 __all__ = [

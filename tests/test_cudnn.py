@@ -76,7 +76,7 @@ def test_only_plain_deltas_reach_cudnn():
     """A delta the backend made is ``rowsum(dout * out)``, which cuDNN recomputes; one with more
     folded in (an LSE gradient) must take the next backend."""
     dout, out = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
-    delta = cudnn.attn_bwd_delta(dout, out)
+    delta = CudnnBackend().attn_bwd_delta(dout, out)
     assert cudnn.plain_delta(delta) and cudnn.plain_delta(None) and cudnn.plain_delta(delta[..., 2:5])
     assert not cudnn.plain_delta(delta - 1.0)
     assert torch.allclose(delta, (dout * out).sum(-1).transpose(1, 2))
@@ -87,6 +87,18 @@ def test_asking_for_cudnn_without_it_says_how_to_get_it():
     with pytest.raises(ValueError, match="backend 'cudnn' asked for.*CUDA build of torch"):
         with rf.use_backend("cudnn"):
             pass
+
+
+def _oracle(q, k, v, dout, causal):
+    """``(out, lse, grads)`` of the float64 oracle and ``(out, grads)`` of plain PyTorch in the
+    inputs' precision (the error that ``assert_matches`` scales)."""
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal)
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    low_out, _ = attention_ref(ql, kl, vl, causal=causal, upcast=False)
+    low_grads = torch.autograd.grad(low_out, (ql, kl, vl), dout)
+    return (ref_out, ref_lse, ref_grads), (low_out, low_grads)
 
 
 # (B, Sq, Sk, Hq, Hk, D, causal)
@@ -106,12 +118,7 @@ def test_cudnn_matches_oracle(case, dtype):
     q, k, v = (torch.randn(B, s, h, D, device="cuda", generator=g).to(dtype) for s, h in
                ((Sq, Hq), (Sk, Hk), (Sk, Hk)))  # fmt: skip
     dout = torch.randn(B, Sq, Hq, D, device="cuda", generator=g).to(dtype)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
-    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    low_out, _ = attention_ref(ql, kl, vl, causal=causal, upcast=False)
-    low_grads = torch.autograd.grad(low_out, (ql, kl, vl), dout)
+    (ref_out, ref_lse, ref_grads), (low_out, low_grads) = _oracle(q, k, v, dout, causal)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     with rf.use_backend("cudnn"):
         assert cudnn.serves(qs, ks, vs, softmax_scale=D**-0.5, causal=causal)
@@ -165,12 +172,7 @@ def test_ring_with_cudnn_steps_matches_oracle(layout):
     with rf.use_backend("cudnn"):
         outs, lses, _ = simulate_ring_attn(*shards[:3], layout, causal=True)
         *grads, _ = simulate_ring_attn_backward(shards[3], *shards[:3], outs, lses, layout, causal=True)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, _ = attention_ref(q64, k64, v64, causal=True)
-    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
-    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    low_out, _ = attention_ref(ql, kl, vl, causal=True, upcast=False)
-    low_grads = torch.autograd.grad(low_out, (ql, kl, vl), dout)
+    (ref_out, _, ref_grads), (low_out, low_grads) = _oracle(q, k, v, dout, True)
     ref_shards = [[shard_for(x, r, W, 1, layout) for r in range(W)] for x in (ref_out, low_out)]
     for r in range(W):
         assert_matches(f"out rank {r}", outs[r], ref_shards[0][r], ref_shards[1][r], 2)

@@ -22,6 +22,7 @@ import triton.language as tl
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
+    CALL_TENSORS,
     attn_args,
     attn_heuristics,
     call_tensors,
@@ -190,16 +191,7 @@ _DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 # The derived arguments of a backward launch per call signature, as the forward keeps its own.
 _BWD_LAUNCHES = SignatureTable()
-_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")  # ``call_tensors``' arguments, in its order
-_PER_CALL = frozenset((*_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
-
-
-def _launch(fn, grid, static: dict, per_call: dict, slot: dict, key) -> None:
-    """One backward kernel's launch: direct (``kernels.launch``) for a call with a signature."""
-    if key is None:
-        fn[grid](**static, **per_call)
-    else:
-        launch_cached(fn, grid, static, per_call, slot)
+_PER_CALL = frozenset((*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
 
 
 @on_tensor_device
@@ -298,10 +290,10 @@ def attn_bwd(
         static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
         static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
         static_q = {n: a for n, a in static_q.items() if n not in _PER_CALL}
-        slots = ({}, {})
+        slots = (None, None)  # no signature: Triton launches every time
         if key is not None:
-            _BWD_LAUNCHES.keep(key, (static_kv, static_q, B, Sq, Sk, slots))
-        per_call = {n: args[n] for n in _TENSORS}
+            slots = _BWD_LAUNCHES.keep(key, (static_kv, static_q, B, Sq, Sk, ({}, {})))[5]
+        per_call = {n: args[n] for n in CALL_TENSORS}
     else:
         static_kv, static_q, B, Sq, Sk, slots = entry
         per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
@@ -323,9 +315,9 @@ def attn_bwd(
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
-    _launch(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0], key)
+    launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _launch(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1], key)
+        launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
     if side is not None:
         # The join is a wait on the GPU, not the host, so the caller's later work (and any
         # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.

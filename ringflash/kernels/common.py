@@ -289,18 +289,16 @@ def varlen_diag(diag_offset, n_seq: int, device):
     return d
 
 
+CALL_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")  # what ``call_tensors`` binds, in its order
+
+
 def call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, n_seq: int) -> dict:
     """The tensor arguments that ``attn_args`` derives, bound for one call: what a launch kept per
     call signature (``fwd._FWD_LAUNCHES``, ``bwd._BWD_LAUNCHES``) takes anew on every call."""
     packed = cu_seqlens_q is not None
-    return dict(
-        Q=q,
-        K=k,
-        V=v,
-        CU_Q=cu_seqlens_q,
-        CU_K=cu_seqlens_k if packed else None,
-        DIAG_PTR=varlen_diag(diag_offset, n_seq, q.device) if packed else None,
-    )
+    cu_k = cu_seqlens_k if packed else None
+    diag = varlen_diag(diag_offset, n_seq, q.device) if packed else None
+    return dict(zip(CALL_TENSORS, (q, k, v, cu_seqlens_q, cu_k, diag), strict=True))
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    CALL_TENSORS,
     _attn_prologue,
     _block_ranges,
     _dot,
@@ -256,9 +257,8 @@ _O, _LSE = stride_names("o", "bshd"), stride_names("l", "bhs")
 # Launch arguments by call signature (shapes, strides, dtypes, device, mask, options): ``attn_args``
 # runs once per signature and a call binds only its tensors.
 _FWD_LAUNCHES = SignatureTable()
-# What a call binds anew (``call_tensors``, then the results and the TMA flag), in this order.
-_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")
-_PER_CALL = frozenset((*_TENSORS, "O", "LSE", "TMA"))
+# What a call binds anew (``call_tensors``, then the results and the TMA flag).
+_PER_CALL = frozenset((*CALL_TENSORS, "O", "LSE", "TMA"))
 
 
 def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, config) -> tuple | None:
@@ -373,7 +373,7 @@ def attn_fwd(
         )
         static = {n: a for n, a in args.items() if n not in _PER_CALL}
         slot = _FWD_LAUNCHES.keep(key, (static, B, Sq, Sk, {}))[4] if key is not None else None
-        per_call = {n: args[n] for n in _TENSORS}
+        per_call = {n: args[n] for n in CALL_TENSORS}
     else:
         static, B, Sq, Sk, slot = entry
         per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
@@ -386,9 +386,5 @@ def attn_fwd(
     if q.device.type == "cpu":
         _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**static, **per_call, **_CPU_FWD)
     else:
-        grid = lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,)  # noqa: E731
-        if slot is None:
-            _fwd_gpu[grid](**static, **per_call)
-        else:
-            launch_cached(_fwd_gpu, grid, static, per_call, slot)
+        launch_cached(_fwd_gpu, lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,), static, per_call, slot)
     return out, lse

@@ -108,7 +108,7 @@ def _stream():
     return current_raw_stream(torch.cuda.current_device())
 
 
-def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict) -> None:
+def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict | None) -> None:
     """``fn[grid](**static, **per_call)``, through the compiled kernel kept in ``slot`` when there
     is one.
 
@@ -120,8 +120,12 @@ def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict) -> None:
         per_call: the arguments bound anew on every call (tensors and a few flags), in the same
             order every call.
         slot: the caller's dict for one specialization of every ``static`` argument (its
-            signature table entry); kept here: the compiled kernels by ``per_call`` key.
+            signature table entry); kept here: the compiled kernels by ``per_call`` key. None: a
+            call with no signature, launched by Triton every time.
     """
+    if slot is None:
+        fn[grid](**static, **per_call)
+        return
     key = _key(per_call)
     bound = slot.get(key)
     if bound is None or _knobs is None:
