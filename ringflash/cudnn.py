@@ -69,7 +69,7 @@ def serves(q, k, v, **problem) -> bool:
     return q.is_cuda and fits(q, k, v, **problem)
 
 
-def fits(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+def fits(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
          cu_seqlens_q=None, diag_offset=None, **_) -> bool:  # fmt: skip
     """Whether the call's dtype, shapes and mask are ones cuDNN computes exactly (any device)."""
     d = q.shape[-1]
@@ -109,7 +109,7 @@ def _heads_first(x: torch.Tensor, group: int = 1) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-def _call(q, k, v, softmax_scale, causal, diag_offset):
+def _call(q, k, v, causal, diag_offset):
     group = q.shape[2] // k.shape[2]
     qt, kt, vt = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
     is_causal = _square_causal(q, k, causal, diag_offset)
@@ -132,7 +132,7 @@ def attn_fwd(
     """Forward attention ``(out [B, Sq, Hq, D], lse [B, Hq, Sq] float32)`` of a call that
     :func:`serves`; ``out``/``lse`` given: merged into them (float32) or, with ``merge=False``,
     written over them (``ringflash.blockwise.attn_fwd``'s contract)."""
-    qt, kt, vt, _, is_causal = _call(q, k, v, softmax_scale, causal, diag_offset)
+    qt, kt, vt, _, is_causal = _call(q, k, v, causal, diag_offset)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         qt, kt, vt, None, True, 0.0, is_causal, False, scale=float(softmax_scale)
     )
@@ -185,7 +185,7 @@ def attn_bwd(
 ):
     """Backward from the final ``(out, lse)`` of a call that :func:`serves_backward`;
     ``ringflash.blockwise.attn_bwd``'s contract for given buffers and ``accumulate``."""
-    qt, kt, vt, group, is_causal = _call(q, k, v, softmax_scale, causal, diag_offset)
+    qt, kt, vt, group, is_causal = _call(q, k, v, causal, diag_offset)
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     none = torch.zeros((), dtype=torch.int64, device=q.device)  # the dropout seed and offset: unused
