@@ -429,7 +429,8 @@ class KVCacheArgs:
             raise_completed(q.device)  # a failure an earlier call queued on the device
         if mode == "host":
             self._check_values(k_cache)
-        # "device": the caller queues the checks through its backend (``decode.queue_value_checks``)
+        # "device": the caller has its backend check them (``decode.attend_kvcache(check=True)``, in
+        # the decoding launch; ``decode.queue_value_checks`` on their own)
         self.device_checks = mode == "device" and self.batch > 0
 
     def value_verdicts(self, k_cache) -> list[tuple[int, torch.Tensor]]:
