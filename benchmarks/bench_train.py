@@ -12,7 +12,8 @@ Methods (the same model, sharding and memory tricks; only the attention differs)
     hybrid            ringflash, ``method="hybrid"``: Ulysses over gcd(Hq, W) ranks x the ring (Ulysses
                       when the heads divide by W)
     alst-sdpa         DeepSpeed's ALST (``UlyssesSPAttentionHF``) with PyTorch SDPA as its core
-                      (needs Hq % W == 0 and Hk % W == 0 or W % Hk == 0)
+                      (needs Hq % W == 0 and Hk % W == 0 or W % Hk == 0); on one GPU, where ALST
+                      registers nothing, its core alone with the same tiling and offloads
     alst-ringflash    ALST with ringflash's local kernels as its core (same limits)
     context-parallel  ``torch.distributed.tensor.experimental.context_parallel`` around the model's SDPA
                       (its load-balanced shards; CUDA SDPA kernels only)
@@ -21,7 +22,9 @@ The model is a ``LlamaForCausalLM`` built from a config (default: Llama-3-8B's a
 compute with float32 master weights, float32 AdamW state and float32 gradient reduction, sharded by
 FSDP2 (``fully_shard`` per decoder layer and the root) over the W GPUs (``--offload``: parameters,
 gradients and optimizer state on the CPU), activation checkpointing per decoder layer, and
-DeepSpeed's TiledMLP and TiledFusedLogitsLoss (``--no-tiled``: the plain MLP and full logits). One
+DeepSpeed's TiledMLP and TiledFusedLogitsLoss (``--no-tiled``: the plain MLP and full logits);
+``--offload-activations`` keeps each layer's checkpointed input in pinned host memory (torch's
+``save_on_cpu`` around the forward), so GPU memory no longer grows with the depth. One
 row of S tokens per step, sharded over the W ranks (``S / W`` tokens each); one step = forward,
 backward and AdamW step.
 
@@ -80,8 +83,6 @@ def not_applicable(method: str, arch: Arch, world: int, device) -> str | None:
     """Why ``method`` cannot run here, or None."""
     if method.startswith("alst") and importlib.util.find_spec("deepspeed") is None:
         return "DeepSpeed is not installed"
-    if method.startswith("alst") and world == 1:
-        return "ALST's register_with_transformers does nothing for one rank"
     if method.startswith("alst") and (
         arch.heads % world or not (arch.kv_heads % world == 0 or world % arch.kv_heads == 0)
     ):
@@ -98,8 +99,8 @@ def plan(method: str, arch: Arch, world: int) -> str:
 
         u, r = usp_degrees(arch.heads, world)
         return f"ulysses {u} x ring {r}"
-    if method.startswith("alst"):
-        return f"ulysses {world}"
+    if method.startswith("alst"):  # ALST registers nothing for one rank: its core attention runs alone
+        return f"ulysses {world}" if world > 1 else "one GPU: its core alone"
     return f"ring {world}" if method == "ring" else f"ring {world} (load-balanced)"
 
 
@@ -130,6 +131,7 @@ class Trainer:
         from ringflash.integrations import transformers as rt
 
         self.method, self.world, self.device, self.restore = method, world, device, None
+        self.offload_activations = args.offload_activations
         group = dist.group.WORLD
         if method in ("ring", "hybrid"):
             name = rt.register(group, layout="contiguous", method=method)
@@ -146,7 +148,7 @@ class Trainer:
         torch.manual_seed(0)
         with torch.device(device):  # whole on each GPU for a moment; fully_shard keeps 1/W of it
             lm = LlamaForCausalLM._from_config(cfg, attn_implementation=name, dtype=torch.float32)
-        if method.startswith("alst"):
+        if method.startswith("alst") and world > 1:
             self.restore = _register_alst(lm, name, world)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.tiled:
@@ -200,8 +202,14 @@ class Trainer:
             from torch.distributed.tensor.experimental import context_parallel
 
             ctx = context_parallel(self.mesh, buffers=batch, buffer_seq_dims=[1, 1, 1])
+        if self.offload_activations:  # each layer's checkpointed input waits in pinned host memory
+            ctx2 = torch.autograd.graph.save_on_cpu(pin_memory=cuda)
+        else:
+            ctx2 = contextlib.nullcontext()
         with ctx:
-            self.model(*batch).backward()
+            with ctx2:
+                loss = self.model(*batch)
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if cuda:
@@ -410,8 +418,16 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
         f"{arch.intermediate}, vocab {arch.vocab}\n"
         f"# {dtype} compute, float32 master weights + AdamW + gradient reduction, FSDP2 over {world} "
         f"rank(s), optimizer offload {'on (CPUOffloadPolicy)' if args.offload else 'off'}, activation "
-        f"checkpointing, {tricks}; one row of S tokens"
+        f"checkpointing{' (inputs offloaded to host memory)' if args.offload_activations else ''}, "
+        f"{tricks}; one row of S tokens"
     )
+    if args.offload_activations and args.lengths:  # what the depth costs in host memory instead
+        S = max(args.lengths)
+        per_layer = S // world * arch.hidden * torch.finfo(dtype).bits // 8
+        print(
+            f"# offloaded checkpoints at S={S:,}: {per_layer / 2**30:.2f} GiB of host memory per layer "
+            f"and rank, {per_layer * arch.layers / 2**30:.1f} GiB at {arch.layers} layers"
+        )
     rows = []
 
     def row(r, kind, S=None, tps=None, peak=None, extrapolated=False, note=""):
@@ -422,27 +438,27 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
     for r in results:
         name = f"{r['method']} [{r['plan']}]" if "plan" in r else r["method"]
         if "skip" in r or "error" in r:
-            print(f"{name:34s} n/a: {r.get('skip') or r['error']}")
+            print(f"{name:40s} n/a: {r.get('skip') or r['error']}")
             row(r, "n/a", note=r.get("skip") or r["error"])
             continue
         if args.search:
             pred, pk = r.get("predicted_max"), r["peaks"].get(r["max"], 0)
             pred_s = f"; predicted at {arch.layers} layers: {pred:,}" if pred else ""
             pk_s = f", peak {pk / 2**30:.2f} GiB" if pk else ""
-            print(f"{name:34s} longest S that trains: {r['max']:,}{pk_s} (stopped by {r['limit']}){pred_s}")
+            print(f"{name:40s} longest S that trains: {r['max']:,}{pk_s} (stopped by {r['limit']}){pred_s}")
             row(r, f"longest at {args.layers} layers", r["max"], peak=pk, note=r["limit"])
             if pred:
                 row(r, f"longest at {arch.layers} layers", pred, extrapolated=True, note="predicted")
         for S, v in r["full"].items():
             if isinstance(v, str):
-                print(f"{name:34s} S={S:>9,}  {v}")
+                print(f"{name:40s} S={S:>9,}  {v}")
                 row(r, "throughput", S, note=v)
                 continue
             secs, peak, ex = v
             tps, mark = S / secs / world, "~" if ex else " "
             mem = f"{peak / 2**30:7.2f} GiB" if peak else "      -"
             rate = f"{mark}{tps:>10,.0f} tokens/s/GPU  {mark}{mem}  {mark}{secs:8.3f} s/step"
-            print(f"{name:34s} S={S:>9,}  {rate}")
+            print(f"{name:40s} S={S:>9,}  {rate}")
             row(r, "throughput", S, tps, peak, ex)
     return rows
 
@@ -465,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload (params, grads, optimizer)")
+    p.add_argument(
+        "--offload-activations", action="store_true",
+        help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
+    )  # fmt: skip
     p.add_argument("--no-tiled", dest="tiled", action="store_false")
     p.add_argument("--reserve", type=float, default=2.0, help="GiB kept free in the full-depth prediction")
     p.add_argument("--timeout-s", type=float, default=900.0)

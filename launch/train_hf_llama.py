@@ -10,7 +10,8 @@ the whole row, global ``position_ids``); the attention is
     --attn alst       DeepSpeed's Ulysses (ALST's UlyssesSPAttentionHF) with ringflash's local
                       kernels as its core attention, fed by ALST's UlyssesSPDataLoaderAdapter
 
-with activation checkpointing (``--no-checkpointing`` to turn it off), and either FSDP2
+with activation checkpointing (``--no-checkpointing`` to turn it off; ``--offload-activations`` keeps
+each layer's checkpointed input in pinned host memory), and either FSDP2
 (``fully_shard`` per decoder layer and the root; ``--zero 0``, the default) or DeepSpeed ZeRO
 (``--zero 1|2|3``, the config dict is built below; ``--offload`` keeps the optimizer state on the
 CPU, with FSDP2 the parameters too). ``--tiled`` runs DeepSpeed's TiledMLP and TiledFusedLogitsLoss
@@ -63,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--tiled", action="store_true", help="DeepSpeed's TiledMLP and TiledFusedLogitsLoss")
     p.add_argument("--packed", action="store_true", help="documents of random lengths in each row")
     p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument(
+        "--offload-activations", action="store_true",
+        help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
+    )  # fmt: skip
     p.add_argument("--no-check", action="store_true", help="skip the one-process check (large models)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (all ranks together)")
     p.add_argument("--hidden", type=int, default=64)
@@ -267,7 +272,12 @@ def batches(args, rank: int, world: int, group, device):
 
 def train_step(args, engine, opt, batch: dict, group) -> tuple[float, float]:
     """One optimizer step; ``(loss over the whole row, gradient norm)``."""
-    term = engine(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
+    offload = args.offload_activations and not args.no_checkpointing
+    # Checkpointing keeps one input per layer; save_on_cpu moves those to host memory, so the GPU
+    # holds one layer's activations at a time whatever the depth (ALST's activation offload).
+    saved = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else None
+    with saved or contextlib.nullcontext():
+        term = engine(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
     if args.zero:
         engine.backward(term)
         engine.step()
@@ -287,7 +297,14 @@ def describe(args, world: int, device, dtype) -> str:
         attn += " (ulysses {} x ring {})".format(*usp_degrees(args.heads, world))
     shard = f"ZeRO-{args.zero}" if args.zero else "FSDP2" if world > 1 else "one process"
     extras = [
-        x for x, on in (("offload", args.offload), ("tiled", args.tiled), ("packed", args.packed)) if on
+        x
+        for x, on in (
+            ("offload", args.offload),
+            ("offloaded activations", args.offload_activations),
+            ("tiled", args.tiled),
+            ("packed", args.packed),
+        )
+        if on
     ]
     return (
         f"{world} rank(s), {device.type}, {dtype}, attn {attn}, {' + '.join([shard, *extras])}, "

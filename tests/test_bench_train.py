@@ -42,6 +42,23 @@ def test_bench_train_tiny_runs_under_torchrun(tmp_path):
     assert "CUDA" in by[("context-parallel", "n/a")]["note"]
 
 
+def test_bench_train_one_rank_runs_alst_core_alone_with_offloaded_activations(tmp_path):
+    """On one rank ALST registers nothing, so its row is its core attention alone (the baseline of
+    the one-GPU figures); the offloaded checkpoints still train."""
+    pytest.importorskip("deepspeed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    cmd += ["benchmarks/bench_train.py", "--tiny", "--no-search", "--offload-activations"]
+    cmd += ["--methods", "ring", "alst-sdpa", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "(inputs offloaded to host memory)" in proc.stdout, proc.stdout
+    with open(tmp_path / "train_W1.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh) if r["kind"] == "throughput"}
+    assert rows["alst-sdpa"]["plan"] == "one GPU: its core alone", rows
+    assert all(float(r["tokens_per_s_per_gpu"]) > 0 for r in rows.values()), rows
+
+
 class _FakeTrainer:
     """Steps that take S/1000 s and S*100 bytes, and run out of memory above ``limit`` tokens on
     rank 1 only (the other rank must learn it and fail the probe too)."""

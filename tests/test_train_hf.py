@@ -40,7 +40,7 @@ def _needs_deepspeed(args: list[str]) -> bool:
 
 
 CASES = {
-    "ring-fsdp2": ["--attn", "ring"],
+    "ring-fsdp2-offloaded-activations": ["--attn", "ring", "--offload-activations"],
     "ring-zero2-packed": ["--attn", "ring", "--zero", "2", "--packed"],
     "ulysses-fsdp2-offload-packed": ["--attn", "ulysses", "--offload", "--packed"],
     "ulysses-zero3-tiled": ["--attn", "ulysses", "--zero", "3", "--tiled"],
@@ -56,6 +56,8 @@ def test_train_hf_llama_torchrun(args):
     if _needs_deepspeed(args):
         pytest.importorskip("deepspeed")
     out = _run([*TORCHRUN, "launch/train_hf_llama.py", *args, *TINY])
+    if "--offload-activations" in args:
+        assert "FSDP2 + offloaded activations" in out, out
     if "hybrid" in args:
         assert ("ulysses 1 x ring 2" if "3" in args else "ulysses 2 x ring 1") in out, out
 
