@@ -40,6 +40,7 @@ that extrapolation (marked ``~``). The longest length is then searched at N laye
 predicted from a linear fit of the peak in S at both depths (memory grows linearly in S here: no
 method keeps an S x S tensor) against the GPU's memory less ``--reserve`` GiB.
 
+CUDA runs with PyTorch's expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set.
 A probe where only some ranks run out of memory can leave the others in a collective: the process
 group's timeout (``--timeout-s``) then ends the run.
 """
@@ -361,7 +362,7 @@ def run_method(method: str, arch: Arch, args, world: int, device, dtype, gran: i
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     finally:
         t.close()
-    if "error" in res or depth >= arch.layers:
+    if "error" in res or depth >= arch.layers or half == depth:
         return res
     t = Trainer(method, arch, half, args, world, device, dtype)
     try:
@@ -383,8 +384,13 @@ def extrapolate(res: dict, arch: Arch, args, capacity: int) -> dict:
         h = res.get("tp_half", {}).get(S)
         if extra and isinstance(h, tuple):
             dl = args.layers - max(1, args.layers // 2)
-            per_t, per_m = (secs - h[0]) / dl, (peak - h[1]) / dl
+            # A peak that does not grow with the depth (offloaded activations) adds nothing per layer.
+            per_t, per_m = (secs - h[0]) / dl, max(0.0, (peak - h[1]) / dl)
             full[S] = (secs + extra * per_t, peak + extra * per_m, True)
+            res.setdefault("measured", {})[S] = (
+                f"{args.layers} layers {secs:.2f} s, {peak / 2**30:.1f} GiB; "
+                + (f"{args.layers - dl} {h[0]:.2f} s, {h[1] / 2**30:.1f} GiB")
+            )
             pts_mem.append((S, peak + extra * per_m))
         else:
             full[S] = (secs, peak, False)
@@ -459,7 +465,7 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
             mem = f"{peak / 2**30:7.2f} GiB" if peak else "      -"
             rate = f"{mark}{tps:>10,.0f} tokens/s/GPU  {mark}{mem}  {mark}{secs:8.3f} s/step"
             print(f"{name:40s} S={S:>9,}  {rate}")
-            row(r, "throughput", S, tps, peak, ex)
+            row(r, "throughput", S, tps, peak, ex, note=r.get("measured", {}).get(S, ""))
     return rows
 
 
@@ -495,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Steps of hundreds of thousands of tokens allocate and free GiB-sized blocks of changing sizes;
+    # without expandable segments the cache fragments and a step that fits fails.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     from ringflash.comm import init_distributed
 
