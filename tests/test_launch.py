@@ -5,6 +5,8 @@ arguments it resolves from Triton's wrappers (any device)."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -119,7 +121,7 @@ def _wrapped_kernel():
 def test_direct_launch_arguments_are_those_triton_passes():
     """A direct launch passes what Triton's own launch did: the call's arguments, the heuristics'
     values computed from them, and the autotuner's chosen configuration, in the kernel's order, with
-    the per-call tensors' places left open (CPU: the resolution only, nothing launched)."""
+    the per-call tensors' places left open and empty (CPU: the resolution only, nothing launched)."""
     from ringflash.kernels.launch import _Bound, _resolve
 
     jit, wrapped, tuned = _wrapped_kernel()
@@ -130,7 +132,13 @@ def test_direct_launch_arguments_are_those_triton_passes():
     assert meta["PAD"] == 200 and meta["BLOCK"] == 64 and meta["num_warps"] == 8 and meta["SCALE"] == 3
     bound = _Bound("compiled", fn, meta, lambda m: (m["n"] // m["BLOCK"],), dict(X=x))
     assert bound.grid == (1, 1, 1)
-    assert bound.template == [x, 100, 3, 64, 200] and bound.open == ((0, "X"),)
+    assert bound.template == [None, 100, 3, 64, 200] and bound.open == ((0, "X"),)
+    # The kept launch holds no tensor of the call that made it (a long sequence's would stay alive).
+    y = torch.zeros(4)
+    alive = weakref.ref(y)
+    kept = _Bound("compiled", fn, {**meta, "X": y}, (1,), dict(X=y))
+    del y
+    assert alive() is None and kept.template[0] is None
     tuned.best_config = triton_config_with_hook(tuned.configs[0])
     assert _resolve(wrapped, dict(n=100, SCALE=3, X=x)) is None, "a pre-launch hook must run every time"
 

@@ -80,7 +80,9 @@ class _Bound:
         g = grid(meta) if callable(grid) else grid
         self.grid = (*g, 1, 1)[:3]
         params = _params(jit_fn)
-        self.template = [meta.get(name, default) for name, default in params]
+        # The per-call places stay empty: holding the first call's tensors here would keep them
+        # (a long sequence's q, k, v, out and gradients) alive for as long as the table lives.
+        self.template = [None if name in per_call else meta.get(name, default) for name, default in params]
         self.open = tuple((i, name) for i, (name, _) in enumerate(params) if name in per_call)
 
 
