@@ -133,6 +133,7 @@ class Trainer:
 
         self.method, self.world, self.device, self.restore = method, world, device, None
         self.offload_activations = args.offload_activations
+        self.backend = args.backend if method in ("ring", "hybrid", "alst-ringflash") else None
         group = dist.group.WORLD
         if method in ("ring", "hybrid"):
             name = rt.register(group, layout="contiguous", method=method)
@@ -207,7 +208,13 @@ class Trainer:
             ctx2 = torch.autograd.graph.save_on_cpu(pin_memory=cuda)
         else:
             ctx2 = contextlib.nullcontext()
-        with ctx:
+        if self.backend:
+            from ringflash import use_backend
+
+            ctx3 = use_backend(self.backend)
+        else:
+            ctx3 = contextlib.nullcontext()
+        with ctx, ctx3:
             with ctx2:
                 loss = self.model(*batch)
             loss.backward()
@@ -425,7 +432,7 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
         f"# {dtype} compute, float32 master weights + AdamW + gradient reduction, FSDP2 over {world} "
         f"rank(s), optimizer offload {'on (CPUOffloadPolicy)' if args.offload else 'off'}, activation "
         f"checkpointing{' (inputs offloaded to host memory)' if args.offload_activations else ''}, "
-        f"{tricks}; one row of S tokens"
+        f"{tricks}; one row of S tokens; ringflash's local backend: {args.backend or 'default'}"
     )
     if args.offload_activations and args.lengths:  # what the depth costs in host memory instead
         S = max(args.lengths)
@@ -491,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload-activations", action="store_true",
         help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
     )  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="ringflash's local kernels for its methods (use_backend; default triton)",
+    )
     p.add_argument("--no-tiled", dest="tiled", action="store_false")
     p.add_argument("--reserve", type=float, default=2.0, help="GiB kept free in the full-depth prediction")
     p.add_argument("--timeout-s", type=float, default=900.0)
