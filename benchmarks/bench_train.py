@@ -24,7 +24,8 @@ FSDP2 (``fully_shard`` per decoder layer and the root) over the W GPUs (``--offl
 gradients and optimizer state on the CPU), activation checkpointing per decoder layer, and
 DeepSpeed's TiledMLP and TiledFusedLogitsLoss (``--no-tiled``: the plain MLP and full logits);
 ``--offload-activations`` keeps each layer's checkpointed input in pinned host memory (torch's
-``save_on_cpu`` around the forward), so GPU memory no longer grows with the depth. One
+``save_on_cpu`` around the forward), so GPU memory no longer grows with the depth;
+``--lean-norms`` makes the RMSNorms keep only their input (``training.lean_rmsnorms``). One
 row of S tokens per step, sharded over the W ranks (``S / W`` tokens each); one step = forward,
 backward and AdamW step.
 
@@ -155,6 +156,8 @@ class Trainer:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.tiled:
             training.tile_mlps(lm)
+        if args.lean_norms:
+            training.lean_rmsnorms(lm)
         self.model = LossModel(lm, group, args.tiled)
         # FSDP2 at any W (at one rank it only sets the precision and the offload)
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -432,7 +435,8 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
         f"# {dtype} compute, float32 master weights + AdamW + gradient reduction, FSDP2 over {world} "
         f"rank(s), optimizer offload {'on (CPUOffloadPolicy)' if args.offload else 'off'}, activation "
         f"checkpointing{' (inputs offloaded to host memory)' if args.offload_activations else ''}, "
-        f"{tricks}; one row of S tokens; ringflash's local backend: {args.backend or 'default'}"
+        f"{tricks}{', lean RMSNorms' if args.lean_norms else ''}; one row of S tokens; "
+        f"ringflash's local backend: {args.backend or 'default'}"
     )
     if args.offload_activations and args.lengths:  # what the depth costs in host memory instead
         S = max(args.lengths)
@@ -497,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offload-activations", action="store_true",
         help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lean-norms", action="store_true",
+        help="RMSNorms that keep only their input for the backward (training.lean_rmsnorms)",
     )  # fmt: skip
     p.add_argument(
         "--backend",

@@ -11,7 +11,8 @@ the whole row, global ``position_ids``); the attention is
                       kernels as its core attention, fed by ALST's UlyssesSPDataLoaderAdapter
 
 with activation checkpointing (``--no-checkpointing`` to turn it off; ``--offload-activations`` keeps
-each layer's checkpointed input in pinned host memory), and either FSDP2
+each layer's checkpointed input in pinned host memory; ``--lean-norms``: RMSNorms that save only
+their input), and either FSDP2
 (``fully_shard`` per decoder layer and the root; ``--zero 0``, the default) or DeepSpeed ZeRO
 (``--zero 1|2|3``, the config dict is built below; ``--offload`` keeps the optimizer state on the
 CPU, with FSDP2 the parameters too). ``--tiled`` runs DeepSpeed's TiledMLP and TiledFusedLogitsLoss
@@ -64,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--tiled", action="store_true", help="DeepSpeed's TiledMLP and TiledFusedLogitsLoss")
     p.add_argument("--packed", action="store_true", help="documents of random lengths in each row")
     p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument(
+        "--lean-norms", action="store_true",
+        help="RMSNorms that keep only their input for the backward (training.lean_rmsnorms)",
+    )  # fmt: skip
     p.add_argument(
         "--offload-activations", action="store_true",
         help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
@@ -228,6 +233,8 @@ def build_model(args, name: str, world: int, group, device, dtype):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.tiled:
         training.tile_mlps(lm)
+    if args.lean_norms:
+        training.lean_rmsnorms(lm)
     return lm, group
 
 
@@ -301,6 +308,7 @@ def describe(args, world: int, device, dtype) -> str:
         for x, on in (
             ("offload", args.offload),
             ("offloaded activations", args.offload_activations),
+            ("lean norms", args.lean_norms),
             ("tiled", args.tiled),
             ("packed", args.packed),
         )

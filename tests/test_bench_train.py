@@ -44,15 +44,15 @@ def test_bench_train_tiny_runs_under_torchrun(tmp_path):
 
 def test_bench_train_one_rank_runs_alst_core_alone_with_offloaded_activations(tmp_path):
     """On one rank ALST registers nothing, so its row is its core attention alone (the baseline of
-    the one-GPU figures); the offloaded checkpoints still train."""
+    the one-GPU figures); the offloaded checkpoints and lean norms still train."""
     pytest.importorskip("deepspeed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    cmd += ["benchmarks/bench_train.py", "--tiny", "--no-search", "--offload-activations"]
+    cmd += ["benchmarks/bench_train.py", "--tiny", "--no-search", "--offload-activations", "--lean-norms"]
     cmd += ["--methods", "ring", "alst-sdpa", "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "(inputs offloaded to host memory)" in proc.stdout, proc.stdout
+    assert "(inputs offloaded to host memory)" in proc.stdout and "lean RMSNorms" in proc.stdout, proc.stdout
     with open(tmp_path / "train_W1.csv") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh) if r["kind"] == "throughput"}
     assert rows["alst-sdpa"]["plan"] == "one GPU: its core alone", rows

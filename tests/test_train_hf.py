@@ -40,10 +40,15 @@ def _needs_deepspeed(args: list[str]) -> bool:
 
 
 CASES = {
-    "ring-fsdp2-offloaded-activations": ["--attn", "ring", "--offload-activations"],
+    "ring-fsdp2-offloaded-activations-lean-norms": [
+        "--attn",
+        "ring",
+        "--offload-activations",
+        "--lean-norms",
+    ],
     "ring-zero2-packed": ["--attn", "ring", "--zero", "2", "--packed"],
     "ulysses-fsdp2-offload-packed": ["--attn", "ulysses", "--offload", "--packed"],
-    "ulysses-zero3-tiled": ["--attn", "ulysses", "--zero", "3", "--tiled"],
+    "ulysses-zero3-tiled-lean-norms": ["--attn", "ulysses", "--zero", "3", "--tiled", "--lean-norms"],
     "hybrid-fsdp2-tiled-packed": ["--attn", "hybrid", "--tiled", "--packed"],
     # 3 q heads over 2 ranks: the hybrid's Ulysses degree is gcd(3, 2) = 1, so the ring runs.
     "hybrid-ring-fsdp2": ["--attn", "hybrid", "--heads", "3", "--kv-heads", "1", "--hidden", "48"],
@@ -57,7 +62,7 @@ def test_train_hf_llama_torchrun(args):
         pytest.importorskip("deepspeed")
     out = _run([*TORCHRUN, "launch/train_hf_llama.py", *args, *TINY])
     if "--offload-activations" in args:
-        assert "FSDP2 + offloaded activations" in out, out
+        assert "FSDP2 + offloaded activations + lean norms" in out, out
     if "hybrid" in args:
         assert ("ulysses 1 x ring 2" if "3" in args else "ulysses 2 x ring 1") in out, out
 

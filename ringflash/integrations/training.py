@@ -182,4 +182,112 @@ def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
     return count
 
 
-__all__ = ["loss_value", "sequence_parallel_loss", "shard_batch", "tile_mlps", "tiled_causal_lm_loss"]
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm, operation for operation: float32 variance, the normalised row
+    cast back to x's dtype, times the weight."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    """RMSNorm that saves only its input: the backward recomputes the float32 rows ``chunk`` tokens
+    at a time, so neither pass keeps ``[tokens, hidden]`` float32 copies (transformers' norm saves
+    two per call, 16 bytes per token and channel of a bf16 model)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, chunk):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.chunk = eps, chunk
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
+        for i in range(0, rows.shape[0], chunk):
+            out[i : i + chunk] = _rms_norm(rows[i : i + chunk], weight, eps)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
+        dx = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        w = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+        for i in range(0, rows.shape[0], ctx.chunk):
+            xs = rows[i : i + ctx.chunk].detach().requires_grad_(dx is not None)
+            with torch.enable_grad():
+                y = _rms_norm(xs, w, ctx.eps)
+            wants = [t for t in (xs, w) if t.requires_grad]
+            grads = list(torch.autograd.grad(y, wants, g[i : i + ctx.chunk]))
+            if dx is not None:
+                dx[i : i + ctx.chunk] = grads.pop(0)
+            if grads:
+                dw += grads[0].to(acc)
+        dx = None if dx is None else dx.view(x.shape)
+        return dx, dw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None, None
+
+
+def _check_formula(cls: type, eps: float) -> type:
+    """``cls`` if its forward computes ``_rms_norm``, checked on a stand-in holding only a weight and
+    ``variance_epsilon`` (the model's own weights may be partitioned, as under ZeRO-3)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 24, generator=g), torch.rand(24, generator=g) + 0.5
+    try:
+        with torch.no_grad():
+            same = torch.equal(
+                cls.forward(types.SimpleNamespace(weight=w, variance_epsilon=eps), x), _rms_norm(x, w, eps)
+            )
+    except (AttributeError, TypeError, RuntimeError):
+        same = False
+    if not same:
+        raise ValueError(f"{cls.__name__} is not Llama's RMSNorm formula: left unpatched")
+    return cls
+
+
+def lean_rmsnorms(model: torch.nn.Module, chunk_tokens: int = 8192) -> int:
+    """Make every RMSNorm of ``model`` that computes transformers' Llama formula save only its
+    input: its backward recomputes the normalised rows ``chunk_tokens`` at a time. Outputs are the
+    same bit for bit; gradients are those of the same operations (the weight's summed over the
+    chunks in float32, or the weight's dtype if wider). At long sequences this removes the largest
+    activations a checkpointed layer recomputes: two float32 copies of the hidden states per norm.
+    Patches the model's modules, not their class; works on weights partitioned by ZeRO-3.
+
+    Returns:
+        The number of norms patched.
+
+    Raises:
+        ValueError: a module named ``*RMSNorm`` whose output differs from that formula (Gemma's
+            ``1 + weight``, say): it is left as it was and named in the error; or no norm found.
+    """
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    norms = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RMSNorm") and not hasattr(m, "_unlean_forward")
+    ]
+    if not norms:
+        raise ValueError(f"no module whose class name ends in 'RMSNorm' in {type(model).__name__}")
+    checked: set = set()
+    for m in norms:
+        eps = getattr(m, "variance_epsilon", None)
+        if eps is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            raise ValueError(f"{type(m).__name__} has no weight and variance_epsilon: not Llama's RMSNorm")
+        if type(m) not in checked:  # the same formula? a few rows through the class's own forward
+            checked.add(_check_formula(type(m), eps))
+    for m in norms:
+        m._unlean_forward = m.forward
+        m.forward = types.MethodType(
+            lambda self, x: _LeanRMSNorm.apply(x, self.weight, self.variance_epsilon, chunk_tokens), m
+        )
+    return len(norms)
+
+
+__all__ = [
+    "lean_rmsnorms",
+    "loss_value",
+    "sequence_parallel_loss",
+    "shard_batch",
+    "tile_mlps",
+    "tiled_causal_lm_loss",
+]
