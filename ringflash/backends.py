@@ -147,6 +147,13 @@ class Backend:
         """Whether this backend can run tensors on ``device``."""
         raise NotImplementedError
 
+    def decode_plan(self, q, k_cache, v_cache, *, k_new, v_new, block_table, cache_batch_idx, **kw):
+        """A runner for later ``decode_fwd`` calls of this call's signature (bottom-right masks),
+        ``runner(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
+        cache_leftpad) -> (out, lse)``, or None where every call must take ``decode_fwd`` (the
+        default). ``kw``: ``decode_fwd``'s options and ``check`` (the runner queues the value checks)."""
+        return None
+
 
 class TorchBackend(Backend):
     """The blockwise PyTorch backend (``ringflash.blockwise``): any device."""
@@ -261,6 +268,22 @@ class TritonBackend(Backend):
             q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, config=cfg, check_flag=flag, **kw
         )
 
+    def decode_plan(self, q, k_cache, v_cache, *, check=False, **kw):
+        from .kernels.decode.plan import plan_decode, run_plan
+
+        plan = plan_decode(q, k_cache, v_cache, config=current_config(DecodeConfig), check=check, **kw)
+        if plan is None:
+            return None
+
+        flag = error_flag(k_cache.device) if check else None  # the device's, for the process's life
+
+        def runner(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cbi, leftpad):
+            return run_plan(
+                q, plan, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cbi, leftpad, flag
+            )
+
+        return runner
+
     def check_kv_values(self, a, k_cache):
         from .kernels.decode.check import check_kv_values
 
@@ -329,6 +352,9 @@ class CudnnBackend(Backend):
     def decode_fwd(self, q, *args, **kw):
         return self.next(q).decode_fwd(q, *args, **kw)
 
+    def decode_plan(self, q, *args, **kw):
+        return self.next(q).decode_plan(q, *args, **kw)
+
     def check_kv_values(self, a, k_cache):
         self.next(k_cache).check_kv_values(a, k_cache)
 
@@ -360,6 +386,12 @@ _BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend(), "cudnn": CudnnB
 
 def _default_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def dispatch_state() -> tuple:
+    """What every ``use_backend``, ``use_config`` and ``use_tma`` block in force adds up to: equal
+    tuples choose the same backend, configs and loads for a call."""
+    return (_forced[-1] if _forced else None, *_configs, tma_mode())
 
 
 def backend_name(device: torch.device) -> str:

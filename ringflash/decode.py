@@ -23,12 +23,40 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_for
-from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale
+from .backends import backend_for, dispatch_state
+from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale, value_check_mode
+from .device_errors import raise_completed
 from .merge import merge_sink
 from .rotary import apply_rotary
 
 __all__ = ["flash_attn_with_kvcache"]
+
+# Calls that passed every check and were planned by their backend, by everything the checks and
+# the launch derive from: each tensor's type, shape, strides, dtype and device, each option's type
+# and value, and the backend, configs and value-check mode in force. A decoding loop repeats a few;
+# a later call of one skips the checks and the derivation (the checks of index values still run,
+# on the device, in its launch) and only allocates its results and launches. Bounded: a workload of
+# many shapes starts over rather than growing.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _plan_key(tensors, options, mode) -> tuple | None:
+    """The key of a call in ``_PLANS``, or None for a call that always takes the full path."""
+    if mode == "host" or tensors[5] is None or torch.compiler.is_compiling():
+        return None  # host value checks read every call's values; no cache_seqlens: filled per call
+    window = options[2]
+    if type(window) is not tuple:
+        return None
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif type(t) is torch.Tensor:
+            key.append((t.shape, t.stride(), t.dtype, t.device))
+        else:
+            return None  # an int cache_seqlens or a tensor subclass: the full path handles it
+    return (*key, *options, *map(type, options), *map(type, window), mode, dispatch_state())
 
 
 def queue_value_checks(a: KVCacheArgs, q: torch.Tensor, k_cache: torch.Tensor) -> None:
@@ -190,6 +218,23 @@ def flash_attn_with_kvcache(
         >>> out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
         >>> lens += 1
     """
+    key = None
+    if rotary_cos is None and rotary_sin is None and learnable_sink is None and alibi_slopes is None:
+        tensors = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+        options = (softmax_scale, causal, window_size, softcap, num_splits)
+        mode = value_check_mode(q) if type(q) is torch.Tensor else None
+        key = _plan_key(tensors, options, mode)
+        try:
+            runner = _PLANS.get(key) if key is not None else None
+        except TypeError:  # an unhashable option or config: the full path says what is wrong
+            key = runner = None
+        if runner is not None:
+            if mode is not None:
+                raise_completed(q.device)  # a failure an earlier call queued on the device
+            out, lse = runner(
+                q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, cache_leftpad
+            )
+            return (out, lse) if return_softmax_lse else out
     causal, window, softcap, scale = check_options(
         0.0, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
@@ -207,4 +252,15 @@ def flash_attn_with_kvcache(
         )  # fmt: skip
         if learnable_sink is not None:
             out, lse = merge_sink(out, lse, learnable_sink)
+    if key is not None:
+        runner = backend_for(q).decode_plan(
+            q, k_cache, v_cache, k_new=k if a.n_new else None, v_new=v if a.n_new else None,
+            block_table=a.block_table, cache_batch_idx=a.cache_batch_idx, cache_leftpad=a.cache_leftpad,
+            softmax_scale=resolve_scale(scale, q.shape[-1]), causal=causal, window_size=window,
+            softcap=softcap, num_splits=a.num_splits, check=a.device_checks,
+        )  # fmt: skip
+        if runner is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = runner
     return (out, lse) if return_softmax_lse else out

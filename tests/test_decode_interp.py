@@ -7,8 +7,9 @@ set (this file doubles as the worker: ``python tests/test_decode_interp.py --wor
 prints one JSON line of checks per case; each test then asserts its case's checks, so failures
 name the test and the check. The cases are ``test_decode.CASES`` (lengths 0, 1, 17, 999, every
 num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), plus the sharded
-combine kernel on stacked partials with empty shards, and the fused step (append + attend + merge
-in one launch) against the three-launch path, with the semaphore counters back at 0.
+combine kernel on stacked partials with empty shards, the fused step (append + attend + merge
+in one launch) against the three-launch path, with the semaphore counters back at 0, and planned
+calls against the full path (``test_decode_plans``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from test_decode import (  # noqa: E402
     run_case,
     unchecked_bad_values,
 )
+from test_decode_plans import PLAN_CASES, plans_vs_full  # noqa: E402
 from test_device_errors import value_bits_cases  # noqa: E402
 
 import ringflash  # noqa: E402
@@ -109,6 +111,14 @@ def _worker_main():
         proto.write(json.dumps({"id": f"device-{variant}", "checks": checks}) + "\n")
     with use_backend("triton"):
         proto.write(json.dumps({"id": "value-bits", "checks": value_bits_cases()}) + "\n")
+    for i, c in enumerate(PLAN_CASES):
+        try:
+            reply = {"checks": plans_vs_full(c)}
+        except Exception:  # report, keep going
+            import traceback
+
+            reply = {"error": traceback.format_exc()}
+        proto.write(json.dumps({"id": f"plan-{i}", **reply}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +188,9 @@ def test_device_checks_interpreter(interp_results, variant):
 def test_check_kernel_bits_interpreter(interp_results):
     """The check kernel's bits equal the torch checks' on random calls with bad values planted."""
     assert_checks(_get(interp_results, "value-bits"), "value-bits")
+
+
+@pytest.mark.parametrize("i", range(len(PLAN_CASES)))
+def test_planned_calls_equal_the_full_path_interpreter(interp_results, i):
+    """Replayed plans (``ringflash.decode._PLANS``) against the full path, bit for bit."""
+    assert_checks(_get(interp_results, f"plan-{i}"), f"plan-{i}")

@@ -44,6 +44,16 @@ from .check import check_blocks
 from .combine import combine_partials
 from .counters import semaphore_buffer
 from .split import _decode_split_kernel
+from .tiles import (
+    _COMBINE_TILE,
+    _CPU_BLOCK_N,
+    MAX_BLOCK_M,
+    block_m,
+    pick_block_n,
+    pick_num_splits,
+    prefetch_lines,
+    split_kv_pays,
+)
 
 __all__ = [
     "MAX_BLOCK_M",
@@ -56,80 +66,6 @@ __all__ = [
     "semaphore_buffer",
     "split_kv_pays",
 ]
-
-# Tiles: 16 rows is the smallest tensor-core dot; GPU tiles were measured on Hopper
-# (docs/performance.md). The interpreter gets one small shape that crosses block edges.
-_GPU_BLOCK_N = 64
-_CPU_BLOCK_N = 16
-MAX_BLOCK_M = 64  # rows (query tokens x heads of a group) of one program at most
-_COMBINE_TILE = 8192  # fused combine: rows x splits x D_PAD floats loaded at once
-# Split heuristic: one wave, about one program per SM, at least MIN_KEYS_PER_SPLIT keys of cache
-# capacity per split, at most MAX_SPLITS splits (docs/performance.md).
-MIN_KEYS_PER_SPLIT = 128
-MAX_SPLITS = 256
-# A few query rows against a long context (attention without a KV cache, e.g. a generate loop)
-# leave most SMs idle with one program per (batch row, query head): the split kernel spreads the
-# keys over the SMs and reads K/V once per KV head (see split_kv_pays).
-_SPLIT_KV_MIN_KEYS = 1024
-
-
-def block_m(group: int, seqlen_q: int) -> int:
-    """Rows per program: the whole head group times the query tokens, 16..64, a power of two."""
-    return min(MAX_BLOCK_M, max(16, next_pow2(group * seqlen_q)))
-
-
-def split_kv_pays(
-    batch: int, seqlen_q: int, nheads_q: int, nheads_k: int, seqlen_k: int, sm_count: int
-) -> bool:
-    """Whether attention of ``seqlen_q`` query rows over ``seqlen_k`` keys (no cache) is faster
-    through ``decode_fwd`` (every key row a full cache) than through ``kernels.fwd.attn_fwd``:
-    long contexts where all query rows of a head group fit one program and one program per
-    (batch row, query head) would leave SMs idle. Shapes only; the caller checks the rest (16-bit
-    or float32 inputs with contiguous last dims, ``Dv == D``, no packed sequences)."""
-    group = nheads_q // nheads_k
-    return seqlen_k >= _SPLIT_KV_MIN_KEYS and seqlen_q * group <= MAX_BLOCK_M and batch * nheads_q < sm_count
-
-
-def pick_num_splits(batch: int, n_kv_heads: int, group: int, seqlen_q: int, capacity: int, device) -> int:
-    """Splits per (batch row, KV head) from the shapes and the SM count only (no cache lengths).
-
-    ``capacity`` is the most keys a row can hold (cache length, or pages per row * page size).
-    """
-    m_blocks = cdiv(group * seqlen_q, block_m(group, seqlen_q))
-    programs = batch * n_kv_heads * m_blocks
-    want = sm_count(device) // max(programs, 1)
-    cap = max(1, cdiv(max(capacity, 1), MIN_KEYS_PER_SPLIT))
-    return int(max(1, min(want, cap, MAX_SPLITS)))
-
-
-def pick_block_n(
-    programs: int,
-    keys_per_split: int,
-    row_bytes: int,
-    sm_count: int,
-    gbps_per_sm: float,
-    config: DecodeConfig | None = None,
-) -> int:
-    """Keys per K/V tile on a GPU: ``config.wide_block_n`` (twice the bytes in flight per program)
-    where one wave of ``programs`` fits the ``sm_count`` SMs, memory is fast per SM (``gbps_per_sm``
-    at least ``config.wide_min_gbps_per_sm``; measured faster there, mixed on slower memory) and
-    each split has at least ``config.wide_min_keys`` keys of capacity; else 64."""
-    config = config or DecodeConfig()
-    wide = (
-        programs <= sm_count
-        and keys_per_split >= config.wide_min_keys
-        and row_bytes <= 256  # a 128-key K tile <= 32 KiB: three stages of K and V fit
-        and gbps_per_sm >= config.wide_min_gbps_per_sm
-    )
-    return config.wide_block_n if wide else _GPU_BLOCK_N
-
-
-def prefetch_lines(head_dim: int, elem_size: int) -> tuple[int, int]:
-    """``(lines, step)`` of the split kernel's L2 prefetch of a K/V row: the row's 128-byte lines
-    rounded up to a power of two (an arange's length; the kernel clamps the extra lines onto the
-    last), and the elements per line."""
-    return next_pow2(cdiv(head_dim * elem_size, 128)), 128 // elem_size
-
 
 _Q, _KC, _VC = stride_names("q", "bsh"), stride_names("k", "bsh"), stride_names("v", "bsh")
 _KN, _VN = stride_names("kn", "bsh"), stride_names("vn", "bsh")
@@ -299,6 +235,92 @@ def _derive(
     return _Launch((n_splits, B * Hk, m_blocks), static, parts, sem_rows)
 
 
+def _launch_for(
+    q,
+    k_cache,
+    v_cache,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    diag_offset,
+    cache_leftpad,
+    out_dtype,
+    n_new,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    num_splits,
+    config,
+    check,
+) -> tuple[_Launch, bool]:
+    """``(launch, kept)``: the launch of this call's signature, from ``_LAUNCHES`` or derived;
+    ``kept`` False under ``use_tma("on")``, whose launches depend on addresses."""
+    opts = (softmax_scale, causal, tuple(window_size), softcap, num_splits)
+    tma = tma_mode() == "on" and block_table is None
+    args = (q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, cache_leftpad)
+    key = _signature(*args, out_dtype, n_new, opts, config, check)
+    launch = None if tma else _LAUNCHES.get(key)
+    if launch is None:
+        launch = _derive(
+            *args, out_dtype, n_new, softmax_scale, causal, window_size, softcap, num_splits, config, check
+        )
+        if tma:  # TMA descriptors for the cache's K/V tiles: only under use_tma("on"), never cached
+            # (slower than pointer loads here, docs/performance.md; the check reads addresses)
+            on = tma_applies(k_cache, v_cache, seqlen=launch.static["capacity"])
+            launch.static.update(TMA=on, PREFETCH_ROWS=0 if on else launch.static["PREFETCH_ROWS"])
+        else:
+            _LAUNCHES.keep(key, launch)
+    return launch, not tma
+
+
+def _bind(
+    launch: _Launch,
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    out,
+    lse,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    diag_offset,
+    cache_leftpad,
+    check_flag,
+) -> dict:
+    """The per-call arguments of ``launch``; allocates the float32 partials (``OP``/``LSEP``)
+    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    dev = q.device
+    if launch.parts is None:
+        o_part = lse_part = out  # unused: the one split writes out / lse directly
+    else:
+        o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
+        lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
+    fuse_append = launch.static["FUSE_APPEND"]
+    return dict(
+        Q=q,
+        K=k_cache,
+        V=v_cache,
+        KN=k_new if fuse_append else None,
+        VN=v_new if fuse_append else None,
+        OP=o_part,
+        LSEP=lse_part,
+        O=out,
+        LSE=lse,
+        # With one split the merge is compiled but never runs: any int32 pointer will do.
+        SEM=semaphore_buffer(dev, launch.sem_rows) if launch.sem_rows else cache_seqlens,
+        SEQLENS=cache_seqlens,
+        BT=block_table,
+        CBI=cache_batch_idx,
+        DIAG=diag_offset,
+        LEFTPAD=cache_leftpad,
+        FLAG=check_flag,
+    )  # fmt: skip
+
+
 def split_args(
     q,
     k_cache,
@@ -324,66 +346,16 @@ def split_args(
 ) -> tuple[tuple[int, int, int], dict, dict, dict]:
     """``(grid, static, per_call, slot)`` of one split-kernel launch of ``decode_fwd`` (shapes as
     there; ``out``/``lse`` the results to write): the arguments fixed for this call's signature,
-    those bound for this call, and the signature's compiled kernels (``kernels.launch``).
-    Allocates the float32 partials (``OP``/``LSEP``) unless the launch writes ``out``/``lse``
-    directly (one split, fused)."""
-    opts = (softmax_scale, causal, tuple(window_size), softcap, num_splits)
-    tma = tma_mode() == "on" and block_table is None
-    key = _signature(
-        q,
-        k_cache,
-        v_cache,
-        k_new,
-        v_new,
-        block_table,
-        cache_batch_idx,
-        diag_offset,
-        cache_leftpad,
-        out.dtype,
-        n_new,
-        opts,
-        config,
+    those bound for this call, and the signature's compiled kernels (``kernels.launch``)."""
+    launch, _ = _launch_for(
+        q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, cache_leftpad,
+        out.dtype, n_new, softmax_scale, causal, window_size, softcap, num_splits, config,
         check_flag is not None,
-    )
-    launch = None if tma else _LAUNCHES.get(key)
-    if launch is None:
-        launch = _derive(
-            q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, diag_offset, cache_leftpad,
-            out.dtype, n_new, softmax_scale, causal, window_size, softcap, num_splits, config,
-            check_flag is not None,
-        )  # fmt: skip
-        if tma:  # TMA descriptors for the cache's K/V tiles: only under use_tma("on"), never cached
-            # (slower than pointer loads here, docs/performance.md; the check reads addresses)
-            on = tma_applies(k_cache, v_cache, seqlen=launch.static["capacity"])
-            launch.static.update(TMA=on, PREFETCH_ROWS=0 if on else launch.static["PREFETCH_ROWS"])
-        else:
-            _LAUNCHES.keep(key, launch)
-    dev = q.device
-    if launch.parts is None:
-        o_part = lse_part = out  # unused: the one split writes out / lse directly
-    else:
-        o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
-        lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
-    fuse_append = launch.static["FUSE_APPEND"]
-    per_call = dict(
-        Q=q,
-        K=k_cache,
-        V=v_cache,
-        KN=k_new if fuse_append else None,
-        VN=v_new if fuse_append else None,
-        OP=o_part,
-        LSEP=lse_part,
-        O=out,
-        LSE=lse,
-        # With one split the merge is compiled but never runs: any int32 pointer will do.
-        SEM=semaphore_buffer(dev, launch.sem_rows) if launch.sem_rows else cache_seqlens,
-        SEQLENS=cache_seqlens,
-        BT=block_table,
-        CBI=cache_batch_idx,
-        DIAG=diag_offset,
-        LEFTPAD=cache_leftpad,
-        FLAG=check_flag,
-    )
+    )  # fmt: skip
+    per_call = _bind(
+        launch, q, k_cache, v_cache, cache_seqlens, out, lse, k_new, v_new, block_table, cache_batch_idx,
+        diag_offset, cache_leftpad, check_flag,
+    )  # fmt: skip
     return launch.grid, launch.static, per_call, launch.compiled
 
 

@@ -1,0 +1,98 @@
+"""A decoding call's launch fixed once per call signature, for the eager host path: a decoding loop
+repeats a few signatures (one per layer shape), so everything derived from shapes, strides, dtypes,
+options and config is looked up once by the caller (``ringflash.decode``) and each later call only
+allocates its results, binds its tensors and launches (``run_plan``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import on_tensor_device
+from ..launch import launch_cached
+from ..options import DecodeConfig
+from . import _bind, _Launch, _launch_for
+from .combine import combine_partials
+from .split import _decode_split_kernel
+
+__all__ = ["DecodePlan", "plan_decode", "run_plan"]
+
+
+class DecodePlan:
+    """A ``decode_fwd`` call's launch, fixed for every later call of the same signature (shapes,
+    strides, dtypes, devices, options and config): ``run_plan`` then only allocates the results
+    and launches."""
+
+    __slots__ = ("launch", "out_shape", "out_dtype", "lse_shape", "combine")
+
+    def __init__(self, launch: _Launch, out_shape, out_dtype, lse_shape, combine: bool):
+        self.launch, self.out_shape, self.out_dtype = launch, out_shape, out_dtype
+        self.lse_shape, self.combine = lse_shape, combine
+
+
+def plan_decode(
+    q,
+    k_cache,
+    v_cache,
+    *,
+    k_new=None,
+    v_new=None,
+    block_table=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=0,
+    out_dtype=None,
+    config=None,
+    check=False,
+) -> DecodePlan | None:
+    """The plan of a ``decode_fwd`` call with these arguments (bottom-right masks, ``n_new`` from
+    ``k_new``), or None where the call takes another path (empty output, append alone, inputs
+    whose last dim is strided, a launch that depends on addresses). Inputs as ``decode_fwd``."""
+    config = config or DecodeConfig()
+    B, Sq, Hq, D = q.shape
+    units = all(t is None or t.stride(-1) == 1 for t in (q, k_cache, v_cache, k_new, v_new))
+    if not units or B * Sq * Hq * D == 0 or (k_new is None) != (v_new is None):
+        return None
+    n_new = 0 if k_new is None else k_new.shape[1]
+    out_dtype = out_dtype or q.dtype
+    launch, kept = _launch_for(
+        q, k_cache, v_cache, k_new if n_new else None, v_new if n_new else None, block_table,
+        cache_batch_idx, None, cache_leftpad, out_dtype, n_new, softmax_scale, causal, window_size,
+        softcap, num_splits, config, check,
+    )  # fmt: skip
+    if not kept:
+        return None
+    return DecodePlan(launch, (B, Sq, Hq, D), out_dtype, (B, Hq, Sq), not config.fuse_combine)
+
+
+@on_tensor_device
+def run_plan(
+    q,
+    plan: DecodePlan,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    cache_leftpad,
+    check_flag,
+):
+    """``decode_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature (``check_flag`` given
+    exactly when the plan was made with ``check``)."""
+    dev = q.device
+    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=dev)
+    launch = plan.launch
+    per_call = _bind(
+        launch, q, k_cache, v_cache, cache_seqlens, out, lse, k_new, v_new, block_table, cache_batch_idx,
+        None, cache_leftpad, check_flag,
+    )  # fmt: skip
+    launch_cached(_decode_split_kernel, launch.grid, launch.static, per_call, launch.compiled)
+    if plan.combine:
+        combine_partials(per_call["OP"], per_call["LSEP"], out, lse)
+    return out, lse

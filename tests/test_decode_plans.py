@@ -1,0 +1,151 @@
+"""The eager fast path of ``flash_attn_with_kvcache``: a call whose signature (every tensor's type,
+shape, strides, dtype and device, every option, the backend, configs and value-check mode in force)
+already passed the checks replays its backend's plan instead of checking and deriving again.
+
+``plans_vs_full`` (run by the interpreter worker in ``test_decode_interp.py``, and on GPUs) checks
+that planned calls equal the full path bit for bit, with new lengths and new tensors each call, that
+a plan holds no tensor of the call that made it, and that bad values in a planned call are still
+reported. The tests here check the key: which calls are planned, and that any change of signature
+or of the state in force takes the full path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from test_decode import build
+
+from ringflash import check_device_errors, use_value_checks
+from ringflash import decode as rdecode
+from ringflash.backends import use_backend, use_config
+from ringflash.decode import flash_attn_with_kvcache
+from ringflash.kernels.options import DecodeConfig, use_tma
+
+# Small cases of test_decode's kinds: append or not, GQA, paged, cache_batch_idx, masks, softcap.
+PLAN_CASES = [
+    dict(lens=[5, 17], Hq=4, Hk=2, D=16, dtype="fp32", Snew=1),
+    dict(lens=[9, 0], Hq=4, Hk=1, D=16, dtype="bf16", Snew=2, Sq=2, causal=True),
+    dict(lens=[12, 3], Hq=2, Hk=2, D=16, dtype="fp16", Snew=0, page=8),
+    dict(lens=[6, 11], Hq=4, Hk=2, D=16, dtype="fp32", Snew=1, cbi=True, window=(4, 0), softcap=5.0),
+]
+
+
+def plans_vs_full(p: dict, backend: str = "triton") -> dict:
+    """``{check: [error, bound]}`` for case ``p``: three calls under ``use_value_checks("device")``
+    (the first plans, the next replay, with new lengths and fresh tensors), each against the same
+    call under ``"host"`` (always the full path); then a planned call with a bad length, reported by
+    ``check_device_errors``."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, k_cache, v_cache, kw = build(p, g)
+    opts = dict(causal=p.get("causal", False), window_size=tuple(p.get("window", (-1, -1))))
+    opts["softcap"] = p.get("softcap", 0.0)
+    checks, before = {}, len(rdecode._PLANS)
+    with use_backend(backend):
+        with use_value_checks("device"):  # the call that plans keeps none of its tensors alive
+            qi, kc = q.clone(), k_cache.clone()
+            out = flash_attn_with_kvcache(qi, kc, v_cache.clone(), k, v, **kw, **opts)
+        refs = [weakref.ref(t) for t in (qi, kc, out)]
+        del qi, kc, out
+        gc.collect()
+        checks["a plan holds no tensor of its first call"] = [float(sum(r() is not None for r in refs)), 0.0]
+        for i in range(3):
+            call_kw = dict(kw, cache_seqlens=(kw["cache_seqlens"] - i).clamp(min=0))
+            results = []
+            for mode in ("device", "host"):
+                kc, vc = k_cache.clone(), v_cache.clone()
+                with use_value_checks(mode):
+                    out, lse = flash_attn_with_kvcache(
+                        q.clone(), kc, vc, k, v, **call_kw, **opts, return_softmax_lse=True
+                    )
+                results.append((out, lse, kc, vc))
+            for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), *results, strict=True):
+                checks[f"call {i}: {name} equals the full path"] = [float(not torch.equal(a, b)), 0.0]
+        checks["one plan made"] = [float(len(rdecode._PLANS) - before != 1), 0.0]
+        check_device_errors()
+        with use_value_checks("device"):
+            bad = kw["cache_seqlens"].clone()
+            bad[0] = -1
+            flash_attn_with_kvcache(
+                q, k_cache.clone(), v_cache.clone(), k, v, **dict(kw, cache_seqlens=bad), **opts
+            )
+        try:
+            check_device_errors()
+            checks["a planned call's bad length reported"] = [1.0, 0.0]
+        except ValueError as e:
+            checks["a planned call's bad length reported"] = [
+                float("negative cache_seqlens" not in str(e)),
+                0.0,
+            ]
+        checks["still one plan"] = [float(len(rdecode._PLANS) - before != 1), 0.0]
+    return checks
+
+
+def _key(q, kc, vc, lens, window=(-1, -1), causal=False, mode="device", k=None, v=None):
+    tensors = (q, kc, vc, k, v, lens, None, None, None)
+    return rdecode._plan_key(tensors, (None, causal, window, 0.0, 0), mode)
+
+
+def test_the_key_follows_the_signature_and_the_state_in_force():
+    q, kc = torch.zeros(2, 1, 4, 16), torch.zeros(2, 8, 2, 16)
+    lens = torch.zeros(2, dtype=torch.int32)
+    base = _key(q, kc, kc, lens)
+    assert base is not None and base == _key(q.clone(), kc.clone(), kc.clone(), lens + 3)
+    others = [
+        _key(q, kc, kc, lens, causal=True),
+        _key(q, kc, kc, lens, causal=1),  # equal to True, but the full path rejects an int
+        _key(q, kc, kc, lens, window=(2, 0)),
+        _key(q, kc, kc, lens, mode="off"),
+        _key(q.double(), kc, kc, lens),
+        _key(torch.zeros(2, 1, 8, 16)[:, :, ::2], kc, kc, lens),  # other strides
+        _key(torch.zeros(3, 1, 4, 16), kc, kc, lens),
+        _key(q, kc, kc, lens, k=torch.zeros(2, 1, 2, 16), v=torch.zeros(2, 1, 2, 16)),
+    ]
+    with use_backend("torch"):
+        others.append(_key(q, kc, kc, lens))
+    with use_config(DecodeConfig(fuse_combine=False)):
+        others.append(_key(q, kc, kc, lens))
+    with use_tma("off"):
+        others.append(_key(q, kc, kc, lens))
+    assert all(o is not None for o in others)
+    assert len({base, *others}) == len(others) + 1, "two different calls share a key"
+
+
+def test_calls_that_always_take_the_full_path():
+    q, kc = torch.zeros(2, 1, 4, 16), torch.zeros(2, 8, 2, 16)
+    lens = torch.zeros(2, dtype=torch.int32)
+    assert _key(q, kc, kc, lens, mode="host") is None  # host checks read every call's values
+    assert _key(q, kc, kc, 3) is None and _key(q, kc, kc, None) is None
+    assert _key(q, kc, kc, lens, window=[-1, -1]) is None
+    assert _key(torch.nn.Parameter(q), kc, kc, lens) is None
+
+
+def test_the_torch_backend_plans_nothing():
+    q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 8, 2, 16)
+    before = dict(rdecode._PLANS)
+    with use_backend("torch"), use_value_checks("device"):
+        out = flash_attn_with_kvcache(
+            q, kc, kc.clone(), cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)
+        )
+    assert out.shape == q.shape and rdecode._PLANS == before
+    check_device_errors()
+
+
+@pytest.mark.parametrize("p", PLAN_CASES, ids=range(len(PLAN_CASES)))
+def test_plans_torch_backend_full_path_runs(p):
+    """The same script through the torch backend (no plans: every call the full path), so the
+    checks themselves are exercised without Triton; the interpreter runs them with plans."""
+    checks = plans_vs_full(p, backend="torch")
+    checks.pop("one plan made")
+    checks.pop("still one plan")
+    for name, (err, bound) in checks.items():
+        assert err <= bound, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("p", PLAN_CASES, ids=range(len(PLAN_CASES)))
+def test_planned_calls_equal_the_full_path_gpu(p):
+    checks = plans_vs_full(dict(p, device="cuda"))
+    for name, (err, bound) in checks.items():
+        assert err <= bound, name
