@@ -147,6 +147,12 @@ class Backend:
         """Whether this backend can run tensors on ``device``."""
         raise NotImplementedError
 
+    def attn_plan(self, q, k, v, **kw):
+        """A runner for later inference calls ``attn_fwd(q, k, v, **kw)`` of this call's signature
+        (padded, results allocated, bottom-right masks), ``runner(q, k, v) -> (out, lse)``, or None
+        where every call must take ``attn_fwd`` (the default)."""
+        return None
+
     def decode_plan(self, q, k_cache, v_cache, *, k_new, v_new, block_table, cache_batch_idx, **kw):
         """A runner for later ``decode_fwd`` calls of this call's signature (bottom-right masks),
         ``runner(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
@@ -209,6 +215,16 @@ class TritonBackend(Backend):
             # split-KV decoding kernel spreads the keys over every SM and reads K/V once per KV head.
             return self._split_kv(q, k, v, **kw)
         return fwd.attn_fwd(q, k, v, config=current_config(AttnConfig), **kw)
+
+    def attn_plan(self, q, k, v, **kw):
+        from .kernels import decode, fwd
+
+        if _split_kv_suits(q, k, v, decode):
+            return None
+        plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), **kw)
+        if plan is None:
+            return None
+        return lambda q, k, v: fwd.run_fwd_plan(q, plan, k, v)
 
     def _split_kv(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_for, get_backend
+from .backends import backend_for, dispatch_state, get_backend
 from .checks import (
     check_cu_seqlens,
     check_max_seqlen,
@@ -249,6 +249,46 @@ def _eager_attn(q, k, v, *args):
     return _EagerAttn.forward(None, q, k, v, *args)
 
 
+# ---------------------------------------------------------------- planned inference calls
+
+# Inference calls of ``flash_attn_func`` that passed every check and were planned by their backend,
+# by everything the checks and the launch derive from (each tensor's type, shape, strides, dtype
+# and device, each option's type and value, the backend and configs in force). A later call of one
+# (a prefill of a repeated length, a model's layers) allocates its results and launches, nothing
+# else. Bounded: many shapes start over rather than growing.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _plan_key(q, k, v, options) -> tuple | None:
+    """The key of an inference call in ``_PLANS``, or None for one that takes the full path."""
+    if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # a call autograd records: the full path (its kernels are longer anyway)
+    window = options[3]
+    if type(window) is not tuple:
+        return None
+    return (
+        q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
+        v.dtype, v.device, *options, *map(type, options), *map(type, window), dispatch_state(),
+    )  # fmt: skip
+
+
+def _planned(key):
+    try:
+        return _PLANS.get(key) if key is not None else None
+    except TypeError:  # an unhashable option or config: the full path says what is wrong
+        return None
+
+
+def _keep_plan(key, runner) -> None:
+    if runner is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = runner
+
+
 # ---------------------------------------------------------------- public functions
 
 
@@ -298,17 +338,27 @@ def flash_attn_func(
         >>> k = v = torch.randn(2, 1024, 2, 64, dtype=torch.bfloat16, device="cuda")
         >>> out = flash_attn_func(q, k, v, causal=True)
     """
+    key = None
+    if learnable_sink is None and alibi_slopes is None:
+        key = _plan_key(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap))
+        runner = _planned(key)
+        if runner is not None:
+            out, lse = runner(q, k, v)
+            return (out, lse, None) if return_attn_probs else out
     causal, (wl, wr), softcap, scale = check_options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
     check_qkv(q, k, v)
     check_sink(learnable_sink, q)
     scale = resolve_scale(scale, q.shape[-1])
-    args = (q, k, v, scale, causal, wl, wr, softcap, backend_for(q).name)
+    be = backend_for(q)
+    args = (q, k, v, scale, causal, wl, wr, softcap, be.name)
     if torch.compiler.is_compiling():
         out, lse = _attn_fwd(*args)
     else:
         out, lse = _eager_attn(*args, None, None, 0, 0)
+        if key is not None:
+            _keep_plan(key, be.attn_plan(q, k, v, **_opts(scale, causal, wl, wr, softcap)))
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

@@ -9,7 +9,7 @@ name the test and the check. The cases are ``test_decode.CASES`` (lengths 0, 1, 
 num_splits, paged and cache_batch_idx caches, causal/window/softcap, GQA/MQA), plus the sharded
 combine kernel on stacked partials with empty shards, the fused step (append + attend + merge
 in one launch) against the three-launch path, with the semaphore counters back at 0, and planned
-calls against the full path (``test_decode_plans``).
+calls against the full path (``test_plans``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from test_decode import (  # noqa: E402
     run_case,
     unchecked_bad_values,
 )
-from test_decode_plans import PLAN_CASES, plans_vs_full  # noqa: E402
 from test_device_errors import value_bits_cases  # noqa: E402
+from test_plans import PLAN_CASES, PREFILL_CASES, plans_vs_full, prefill_plans_vs_full  # noqa: E402
 
 import ringflash  # noqa: E402
 from ringflash.backends import use_backend  # noqa: E402
@@ -119,6 +119,14 @@ def _worker_main():
 
             reply = {"error": traceback.format_exc()}
         proto.write(json.dumps({"id": f"plan-{i}", **reply}) + "\n")
+    for i, c in enumerate(PREFILL_CASES):
+        try:
+            reply = {"checks": prefill_plans_vs_full(c)}
+        except Exception:  # report, keep going
+            import traceback
+
+            reply = {"error": traceback.format_exc()}
+        proto.write(json.dumps({"id": f"prefill-plan-{i}", **reply}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +202,9 @@ def test_check_kernel_bits_interpreter(interp_results):
 def test_planned_calls_equal_the_full_path_interpreter(interp_results, i):
     """Replayed plans (``ringflash.decode._PLANS``) against the full path, bit for bit."""
     assert_checks(_get(interp_results, f"plan-{i}"), f"plan-{i}")
+
+
+@pytest.mark.parametrize("i", range(len(PREFILL_CASES)))
+def test_planned_prefill_equals_the_full_path_interpreter(interp_results, i):
+    """Replayed inference plans of ``flash_attn_func`` (``ringflash.ops._PLANS``), bit for bit."""
+    assert_checks(_get(interp_results, f"prefill-plan-{i}"), f"prefill-plan-{i}")

@@ -383,8 +383,52 @@ def attn_fwd(
             lse.fill_(float("-inf"))
         return out, lse
     per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=max(Sq, Sk)))
+    _launch(q, static, per_call, slot, B, Sq, Hq)
+    return out, lse
+
+
+def _launch(q, static, per_call, slot, B, Sq, Hq) -> None:
     if q.device.type == "cpu":
         _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**static, **per_call, **_CPU_FWD)
     else:
         launch_cached(_fwd_gpu, lambda meta: (cdiv(Sq, meta["BLOCK_M"]) * B * Hq,), static, per_call, slot)
+
+
+class FwdPlan:
+    """The launch of a padded ``attn_fwd`` call that allocates its results, fixed for every later
+    call of the same signature: ``run_fwd_plan`` then allocates, binds q, k, v and launches."""
+
+    __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape")
+
+    def __init__(self, static, slot, shape, out_shape, lse_shape):
+        self.static, self.slot, self.shape = static, slot, shape
+        self.out_shape, self.lse_shape = out_shape, lse_shape
+
+
+def plan_fwd(q, k, v, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0, config=None):
+    """The plan of an ``attn_fwd(q, k, v, ...)`` call (padded, no ``out``/``lse``, bottom-right)
+    that has run before, or None (not kept, or nothing launches)."""
+    config = config or AttnConfig()
+    B, Sq, Hq = q.shape[:3]
+    out_shape, lse_shape = (B, Sq, Hq, v.shape[-1]), (B, Hq, Sq)
+    out = torch.empty(out_shape, dtype=q.dtype, device="meta")  # the strides a fresh result has
+    lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
+    mask = (softmax_scale, causal, window_size, softcap)
+    key = _launch_key(q, k, v, out, lse, mask, None, None, None, None, False, config)
+    entry = _FWD_LAUNCHES.get(key) if key is not None else None
+    if entry is None or q.numel() == 0:
+        return None
+    static, B, Sq, Sk, slot = entry
+    return FwdPlan(static, slot, (B, Sq, Hq, max(Sq, Sk)), out_shape, lse_shape)
+
+
+@on_tensor_device
+def run_fwd_plan(q, plan: FwdPlan, k, v):
+    """``attn_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature."""
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
+    B, Sq, Hq, longest = plan.shape
+    per_call = call_tensors(q, k, v, None, None, None, B)
+    per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=longest))
+    _launch(q, plan.static, per_call, plan.slot, B, Sq, Hq)
     return out, lse

@@ -1,12 +1,14 @@
-"""The eager fast path of ``flash_attn_with_kvcache``: a call whose signature (every tensor's type,
-shape, strides, dtype and device, every option, the backend, configs and value-check mode in force)
-already passed the checks replays its backend's plan instead of checking and deriving again.
+"""The eager fast paths: an inference call of ``flash_attn_func``, or a ``flash_attn_with_kvcache``
+call, whose signature (every tensor's type, shape, strides, dtype and device, every option, the
+backend, configs and value-check mode in force) already passed the checks replays its backend's
+plan instead of checking and deriving again.
 
-``plans_vs_full`` (run by the interpreter worker in ``test_decode_interp.py``, and on GPUs) checks
-that planned calls equal the full path bit for bit, with new lengths and new tensors each call, that
-a plan holds no tensor of the call that made it, and that bad values in a planned call are still
-reported. The tests here check the key: which calls are planned, and that any change of signature
-or of the state in force takes the full path."""
+``plans_vs_full`` (decoding) and ``prefill_plans_vs_full`` (run by the interpreter worker in
+``test_decode_interp.py``, and on GPUs) check that planned calls equal the full path bit for bit,
+with new lengths and new tensors each call, that a plan holds no tensor of the call that made it,
+and that bad values in a planned decoding call are still reported. The tests here check the keys:
+which calls are planned, and that any change of signature or of the state in force takes the full
+path."""
 
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from test_decode import build
 
 from ringflash import check_device_errors, use_value_checks
 from ringflash import decode as rdecode
+from ringflash import ops as rops
 from ringflash.backends import use_backend, use_config
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.kernels.options import DecodeConfig, use_tma
+from ringflash.ops import flash_attn_func
 
 # Small cases of test_decode's kinds: append or not, GQA, paged, cache_batch_idx, masks, softcap.
 PLAN_CASES = [
@@ -147,5 +151,77 @@ def test_plans_torch_backend_full_path_runs(p):
 @pytest.mark.parametrize("p", PLAN_CASES, ids=range(len(PLAN_CASES)))
 def test_planned_calls_equal_the_full_path_gpu(p):
     checks = plans_vs_full(dict(p, device="cuda"))
+    for name, (err, bound) in checks.items():
+        assert err <= bound, name
+
+
+PREFILL_CASES = [
+    dict(B=2, Sq=7, Sk=7, Hq=4, Hk=2, D=16, dtype=torch.float32, causal=True),
+    dict(B=1, Sq=5, Sk=33, Hq=4, Hk=1, D=16, dtype=torch.bfloat16, window_size=(4, 0), softcap=3.0),
+    dict(B=1, Sq=16, Sk=16, Hq=2, Hk=2, D=32, dtype=torch.float16),
+]
+
+
+def prefill_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu") -> dict:
+    """``{check: [error, bound]}``: inference calls of ``flash_attn_func`` (the first plans, the
+    next three replay, each on new tensors) against the same call recorded by autograd (always the
+    full path), bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    shape = dict(p)
+    B, Sq, Sk, Hq, Hk, D, dt = (shape.pop(n) for n in ("B", "Sq", "Sk", "Hq", "Hk", "D", "dtype"))
+
+    def rnd(*s):
+        return torch.randn(s, generator=g).to(device=device, dtype=dt)
+
+    checks, before = {}, len(rops._PLANS)
+    with use_backend(backend):
+        q, k, v = rnd(B, Sq, Hq, D), rnd(B, Sk, Hk, D), rnd(B, Sk, Hk, D)
+        with torch.no_grad():
+            out = flash_attn_func(q, k, v, **shape)
+        refs = [weakref.ref(t) for t in (q, k, out)]
+        del q, k, out
+        gc.collect()
+        checks["a plan holds no tensor of its first call"] = [float(sum(r() is not None for r in refs)), 0.0]
+        for i in range(3):
+            q, k, v = rnd(B, Sq, Hq, D), rnd(B, Sk, Hk, D), rnd(B, Sk, Hk, D)
+            with torch.no_grad():
+                out, lse, _ = flash_attn_func(q, k, v, **shape, return_attn_probs=True)
+            full, full_lse, _ = flash_attn_func(q.requires_grad_(), k, v, **shape, return_attn_probs=True)
+            checks[f"call {i}: out equals the full path"] = [float(not torch.equal(out, full.detach())), 0.0]
+            checks[f"call {i}: lse equals the full path"] = [
+                float(not torch.equal(lse, full_lse.detach())),
+                0.0,
+            ]
+        checks["one plan made"] = [float(len(rops._PLANS) - before != 1), 0.0]
+    return checks
+
+
+def test_prefill_key_takes_recorded_calls_and_other_options_to_the_full_path():
+    q, k = torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16)
+    opts = (0.0, None, False, (-1, -1), 0.0)
+    base = rops._plan_key(q, k, k, opts)
+    assert base is not None and base == rops._plan_key(q.clone(), k.clone(), k.clone(), opts)
+    assert rops._plan_key(q.clone().requires_grad_(), k, k, opts) is None  # autograd records it
+    with torch.no_grad():
+        assert rops._plan_key(q.clone().requires_grad_(), k, k, opts) == base
+    assert rops._plan_key(q, k, k, (0.0, None, True, (-1, -1), 0.0)) != base
+    assert rops._plan_key(q, k, k, (0.0, None, 1, (-1, -1), 0.0)) not in (base, None)
+    assert rops._plan_key(q, k, k, (0.0, None, False, [-1, -1], 0.0)) is None
+    with use_backend("torch"):
+        assert rops._plan_key(q, k, k, opts) != base
+
+
+def test_the_torch_backend_plans_no_prefill():
+    before = dict(rops._PLANS)
+    checks = prefill_plans_vs_full(PREFILL_CASES[0], backend="torch")
+    assert checks.pop("one plan made") == [1.0, 0.0] and rops._PLANS == before
+    for name, (err, bound) in checks.items():
+        assert err <= bound, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("p", PREFILL_CASES, ids=range(len(PREFILL_CASES)))
+def test_planned_prefill_equals_the_full_path_gpu(p):
+    checks = prefill_plans_vs_full(p, device="cuda")
     for name, (err, bound) in checks.items():
         assert err <= bound, name
