@@ -412,6 +412,27 @@ def extrapolate(res: dict, arch: Arch, args, capacity: int) -> dict:
     return res
 
 
+def parameter_count(arch: Arch) -> int:
+    """The Llama's parameters: untied embedding and head, per layer four projections (grouped K/V),
+    the gated MLP and two norms, and the final norm."""
+    head_dim = arch.hidden // arch.heads
+    attn = 2 * arch.hidden * arch.hidden + 2 * arch.hidden * arch.kv_heads * head_dim
+    layer = attn + 3 * arch.hidden * arch.intermediate + 2 * arch.hidden
+    return 2 * arch.vocab * arch.hidden + arch.layers * layer + arch.hidden
+
+
+def host_bound(arch: Arch, args, dtype) -> tuple[int, int, int] | None:
+    """``(fixed bytes, bytes per token of the row, the node's memory)`` that the offloads keep in
+    host memory (all ranks of the node together; one node), or None without offloads: the float32
+    weights, gradients and AdamW state with ``--offload``, each layer's checkpointed input with
+    ``--offload-activations``."""
+    if not (args.offload or args.offload_activations):
+        return None
+    fixed = 16 * parameter_count(arch) if args.offload else 0
+    per_token = arch.layers * arch.hidden * torch.finfo(dtype).bits // 8 if args.offload_activations else 0
+    return fixed, per_token, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def report(results: list[dict], arch: Arch, args, world: int, device, dtype, devname: str) -> list[dict]:
     import transformers
 
@@ -438,12 +459,15 @@ def report(results: list[dict], arch: Arch, args, world: int, device, dtype, dev
         f"{tricks}{', lean RMSNorms' if args.lean_norms else ''}; one row of S tokens; "
         f"ringflash's local backend: {args.backend or 'default'}"
     )
-    if args.offload_activations and args.lengths:  # what the depth costs in host memory instead
-        S = max(args.lengths)
-        per_layer = S // world * arch.hidden * torch.finfo(dtype).bits // 8
+    host = host_bound(arch, args, dtype)
+    if host is not None:  # what the offloads keep in the node's memory
+        fixed, per_token, total = host
+        longest = int((0.9 * total - fixed) // per_token) if per_token else None
         print(
-            f"# offloaded checkpoints at S={S:,}: {per_layer / 2**30:.2f} GiB of host memory per layer "
-            f"and rank, {per_layer * arch.layers / 2**30:.1f} GiB at {arch.layers} layers"
+            f"# host memory of the node, {total / 2**30:.0f} GiB: optimizer offload {fixed / 2**30:.1f} "
+            f"GiB (16 bytes a parameter), offloaded checkpoints {per_token * 1024 / 2**30:.3f} GiB per "
+            f"1k tokens at {arch.layers} layers; longest row in 90% of it: "
+            + (f"{max(0, longest):,}" if longest is not None else "no limit from the length")
         )
     rows = []
 

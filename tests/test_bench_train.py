@@ -53,10 +53,24 @@ def test_bench_train_one_rank_runs_alst_core_alone_with_offloaded_activations(tm
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "(inputs offloaded to host memory)" in proc.stdout and "lean RMSNorms" in proc.stdout, proc.stdout
+    assert "# host memory of the node" in proc.stdout and "longest row in 90% of it" in proc.stdout
     with open(tmp_path / "train_W1.csv") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh) if r["kind"] == "throughput"}
     assert rows["alst-sdpa"]["plan"] == "one GPU: its core alone", rows
     assert all(float(r["tokens_per_s_per_gpu"]) > 0 for r in rows.values()), rows
+
+
+def test_host_memory_bound_of_the_offloads():
+    """Llama-3-8B's 8.03B parameters; the offloads' host bytes: 16 per parameter, and each layer's
+    bf16 checkpoint per token."""
+    arch = bench_train.Arch()
+    assert bench_train.parameter_count(arch) == 8_030_261_248
+    args = SimpleNamespace(offload=True, offload_activations=True)
+    fixed, per_token, total = bench_train.host_bound(arch, args, torch.bfloat16)
+    assert fixed == 16 * 8_030_261_248 and per_token == 32 * 4096 * 2 and total > 0
+    assert (
+        bench_train.host_bound(arch, SimpleNamespace(offload=False, offload_activations=False), None) is None
+    )
 
 
 class _FakeTrainer:
