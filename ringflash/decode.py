@@ -52,10 +52,10 @@ def _plan_key(tensors, options, mode) -> tuple | None:
     for t in tensors:
         if t is None:
             key.append(None)
-        elif type(t) is torch.Tensor:
+        elif type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # a model's sink is one
             key.append((t.shape, t.stride(), t.dtype, t.device))
         else:
-            return None  # an int cache_seqlens or a tensor subclass: the full path handles it
+            return None  # an int cache_seqlens or another tensor subclass: the full path handles it
     return (*key, *options, *map(type, options), *map(type, window), mode, dispatch_state())
 
 
@@ -219,8 +219,11 @@ def flash_attn_with_kvcache(
         >>> lens += 1
     """
     key = None
-    if rotary_cos is None and rotary_sin is None and learnable_sink is None and alibi_slopes is None:
-        tensors = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    if rotary_cos is None and rotary_sin is None and alibi_slopes is None:
+        tensors = (
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            learnable_sink,
+        )  # fmt: skip
         options = (softmax_scale, causal, window_size, softcap, num_splits)
         mode = value_check_mode(q) if type(q) is torch.Tensor else None
         key = _plan_key(tensors, options, mode)
@@ -234,6 +237,9 @@ def flash_attn_with_kvcache(
             out, lse = runner(
                 q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, cache_leftpad
             )
+            if learnable_sink is not None:
+                with torch.no_grad():
+                    out, lse = merge_sink(out, lse, learnable_sink)
             return (out, lse) if return_softmax_lse else out
     causal, window, softcap, scale = check_options(
         0.0, softmax_scale, window_size, softcap, alibi_slopes, causal

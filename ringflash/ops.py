@@ -260,18 +260,22 @@ _PLANS: dict = {}
 _MAX_PLANS = 256
 
 
-def _plan_key(q, k, v, options) -> tuple | None:
+def _plan_key(q, k, v, options, sink=None) -> tuple | None:
     """The key of an inference call in ``_PLANS``, or None for one that takes the full path."""
     if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor):
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if sink is not None and type(sink) is not torch.Tensor and type(sink) is not torch.nn.Parameter:
+        return None
+    grads = q.requires_grad or k.requires_grad or v.requires_grad or (sink is not None and sink.requires_grad)
+    if grads and torch.is_grad_enabled():
         return None  # a call autograd records: the full path (its kernels are longer anyway)
     window = options[3]
     if type(window) is not tuple:
         return None
+    sink_key = None if sink is None else (sink.shape, sink.stride(), sink.dtype, sink.device)
     return (
         q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
-        v.dtype, v.device, *options, *map(type, options), *map(type, window), dispatch_state(),
+        v.dtype, v.device, sink_key, *options, *map(type, options), *map(type, window), dispatch_state(),
     )  # fmt: skip
 
 
@@ -339,12 +343,12 @@ def flash_attn_func(
         >>> out = flash_attn_func(q, k, v, causal=True)
     """
     key = None
-    if learnable_sink is None and alibi_slopes is None:
-        key = _plan_key(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap))
+    if alibi_slopes is None:
+        key = _plan_key(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap), learnable_sink)
         runner = _planned(key)
         if runner is not None:
             out, lse = runner(q, k, v)
-            return (out, lse, None) if return_attn_probs else out
+            return _finish(out, lse, return_attn_probs, learnable_sink)
     causal, (wl, wr), softcap, scale = check_options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )

@@ -30,7 +30,7 @@ from ringflash.ops import flash_attn_func
 # Small cases of test_decode's kinds: append or not, GQA, paged, cache_batch_idx, masks, softcap.
 PLAN_CASES = [
     dict(lens=[5, 17], Hq=4, Hk=2, D=16, dtype="fp32", Snew=1),
-    dict(lens=[9, 0], Hq=4, Hk=1, D=16, dtype="bf16", Snew=2, Sq=2, causal=True),
+    dict(lens=[9, 0], Hq=4, Hk=1, D=16, dtype="bf16", Snew=2, Sq=2, causal=True, sink=True),
     dict(lens=[12, 3], Hq=2, Hk=2, D=16, dtype="fp16", Snew=0, page=8),
     dict(lens=[6, 11], Hq=4, Hk=2, D=16, dtype="fp32", Snew=1, cbi=True, window=(4, 0), softcap=5.0),
 ]
@@ -45,6 +45,8 @@ def plans_vs_full(p: dict, backend: str = "triton") -> dict:
     q, k, v, k_cache, v_cache, kw = build(p, g)
     opts = dict(causal=p.get("causal", False), window_size=tuple(p.get("window", (-1, -1))))
     opts["softcap"] = p.get("softcap", 0.0)
+    if p.get("sink"):  # a model's learnable sink: a Parameter
+        opts["learnable_sink"] = torch.nn.Parameter(torch.randn(p["Hq"], generator=g).to(q.device))
     checks, before = {}, len(rdecode._PLANS)
     with use_backend(backend):
         with use_value_checks("device"):  # the call that plans keeps none of its tensors alive
@@ -87,7 +89,7 @@ def plans_vs_full(p: dict, backend: str = "triton") -> dict:
 
 
 def _key(q, kc, vc, lens, window=(-1, -1), causal=False, mode="device", k=None, v=None):
-    tensors = (q, kc, vc, k, v, lens, None, None, None)
+    tensors = (q, kc, vc, k, v, lens, None, None, None, None)
     return rdecode._plan_key(tensors, (None, causal, window, 0.0, 0), mode)
 
 
@@ -116,13 +118,17 @@ def test_the_key_follows_the_signature_and_the_state_in_force():
     assert len({base, *others}) == len(others) + 1, "two different calls share a key"
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
 def test_calls_that_always_take_the_full_path():
     q, kc = torch.zeros(2, 1, 4, 16), torch.zeros(2, 8, 2, 16)
     lens = torch.zeros(2, dtype=torch.int32)
     assert _key(q, kc, kc, lens, mode="host") is None  # host checks read every call's values
     assert _key(q, kc, kc, 3) is None and _key(q, kc, kc, None) is None
     assert _key(q, kc, kc, lens, window=[-1, -1]) is None
-    assert _key(torch.nn.Parameter(q), kc, kc, lens) is None
+    assert _key(torch.Tensor._make_subclass(_Sub, q), kc, kc, lens) is None  # may override anything
 
 
 def test_the_torch_backend_plans_nothing():
@@ -157,7 +163,9 @@ def test_planned_calls_equal_the_full_path_gpu(p):
 
 PREFILL_CASES = [
     dict(B=2, Sq=7, Sk=7, Hq=4, Hk=2, D=16, dtype=torch.float32, causal=True),
-    dict(B=1, Sq=5, Sk=33, Hq=4, Hk=1, D=16, dtype=torch.bfloat16, window_size=(4, 0), softcap=3.0),
+    dict(
+        B=1, Sq=5, Sk=33, Hq=4, Hk=1, D=16, dtype=torch.bfloat16, window_size=(4, 0), softcap=3.0, sink=True
+    ),
     dict(B=1, Sq=16, Sk=16, Hq=2, Hk=2, D=32, dtype=torch.float16),
 ]
 
@@ -169,6 +177,8 @@ def prefill_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu")
     g = torch.Generator().manual_seed(9)
     shape = dict(p)
     B, Sq, Sk, Hq, Hk, D, dt = (shape.pop(n) for n in ("B", "Sq", "Sk", "Hq", "Hk", "D", "dtype"))
+    if shape.pop("sink", False):  # a model's learnable sink: a Parameter
+        shape["learnable_sink"] = torch.nn.Parameter(torch.randn(Hq, generator=g).to(device))
 
     def rnd(*s):
         return torch.randn(s, generator=g).to(device=device, dtype=dt)
