@@ -23,8 +23,8 @@ compute with float32 master weights, float32 AdamW state and float32 gradient re
 FSDP2 (``fully_shard`` per decoder layer and the root) over the W GPUs (``--offload``: parameters,
 gradients and optimizer state on the CPU), activation checkpointing per decoder layer, and
 DeepSpeed's TiledMLP and TiledFusedLogitsLoss (``--no-tiled``: the plain MLP and full logits);
-``--offload-activations`` keeps each layer's checkpointed input in pinned host memory (torch's
-``save_on_cpu`` around the forward), so GPU memory no longer grows with the depth;
+``--offload-activations`` keeps each layer's checkpointed input in pinned host memory
+(``training.decoder_hidden_states(offload=True)``), so GPU memory no longer grows with the depth;
 ``--lean-norms`` makes the RMSNorms keep only their input (``training.lean_rmsnorms``). One
 row of S tokens per step, sharded over the W ranks (``S / W`` tokens each); one step = forward,
 backward and AdamW step.
@@ -109,18 +109,18 @@ def plan(method: str, arch: Arch, world: int) -> str:
 class LossModel(torch.nn.Module):
     """The Llama and its loss (``ringflash.integrations.training``), as FSDP2 wraps it."""
 
-    def __init__(self, lm, group, tiled: bool):
+    def __init__(self, lm, group, tiled: bool, offload: bool):
         super().__init__()
-        self.lm, self.group, self.tiled = lm, group, tiled
+        self.lm, self.group, self.tiled, self.offload = lm, group, tiled, offload
 
     def forward(self, ids, pos, shift):
         from ringflash.integrations import training
 
         kw = dict(input_ids=ids, position_ids=pos, use_cache=False)
+        h = training.decoder_hidden_states(self.lm, self.offload, **kw)
         if self.tiled:
-            h = self.lm.model(**kw)[0]
             return training.tiled_causal_lm_loss(self.lm.lm_head, h, shift, self.group, grad_average=True)
-        return training.sequence_parallel_loss(self.lm(**kw).logits, shift, self.group, grad_average=True)
+        return training.sequence_parallel_loss(self.lm.lm_head(h), shift, self.group, grad_average=True)
 
 
 class Trainer:
@@ -133,7 +133,6 @@ class Trainer:
         from ringflash.integrations import transformers as rt
 
         self.method, self.world, self.device, self.restore = method, world, device, None
-        self.offload_activations = args.offload_activations
         self.backend = args.backend if method in ("ring", "hybrid", "alst-ringflash") else None
         group = dist.group.WORLD
         if method in ("ring", "hybrid"):
@@ -158,7 +157,7 @@ class Trainer:
             training.tile_mlps(lm)
         if args.lean_norms:
             training.lean_rmsnorms(lm)
-        self.model = LossModel(lm, group, args.tiled)
+        self.model = LossModel(lm, group, args.tiled, args.offload_activations)
         # FSDP2 at any W (at one rank it only sets the precision and the offload)
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -207,10 +206,6 @@ class Trainer:
             from torch.distributed.tensor.experimental import context_parallel
 
             ctx = context_parallel(self.mesh, buffers=batch, buffer_seq_dims=[1, 1, 1])
-        if self.offload_activations:  # each layer's checkpointed input waits in pinned host memory
-            ctx2 = torch.autograd.graph.save_on_cpu(pin_memory=cuda)
-        else:
-            ctx2 = contextlib.nullcontext()
         if self.backend:
             from ringflash import use_backend
 
@@ -218,9 +213,7 @@ class Trainer:
         else:
             ctx3 = contextlib.nullcontext()
         with ctx, ctx3:
-            with ctx2:
-                loss = self.model(*batch)
-            loss.backward()
+            self.model(*batch).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if cuda:

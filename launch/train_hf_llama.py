@@ -131,18 +131,19 @@ class CausalLMLoss(torch.nn.Module):
     """The model and its loss as one module (what FSDP2 and DeepSpeed wrap): ``forward(input_ids,
     position_ids, shift_labels)`` -> this rank's loss term (``ringflash.integrations.training``)."""
 
-    def __init__(self, lm, group, tiled: bool, grad_average: bool):
+    def __init__(self, lm, group, tiled: bool, grad_average: bool, offload: bool = False):
         super().__init__()
         self.lm, self.group, self.tiled, self.grad_average = lm, group, tiled, grad_average
+        self.offload = offload
 
     def forward(self, input_ids, position_ids, shift_labels):
         kw = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = training.decoder_hidden_states(self.lm, self.offload, **kw)
         if self.tiled:
-            hidden = self.lm.model(**kw)[0]
             return training.tiled_causal_lm_loss(
                 self.lm.lm_head, hidden, shift_labels, self.group, self.grad_average
             )
-        logits = self.lm(**kw).logits
+        logits = self.lm.lm_head(hidden)
         return training.sequence_parallel_loss(logits, shift_labels, self.group, self.grad_average)
 
 
@@ -279,12 +280,7 @@ def batches(args, rank: int, world: int, group, device):
 
 def train_step(args, engine, opt, batch: dict, group) -> tuple[float, float]:
     """One optimizer step; ``(loss over the whole row, gradient norm)``."""
-    offload = args.offload_activations and not args.no_checkpointing
-    # Checkpointing keeps one input per layer; save_on_cpu moves those to host memory, so the GPU
-    # holds one layer's activations at a time whatever the depth (ALST's activation offload).
-    saved = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else None
-    with saved or contextlib.nullcontext():
-        term = engine(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
+    term = engine(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
     if args.zero:
         engine.backward(term)
         engine.step()
@@ -349,7 +345,10 @@ def train(args, info) -> bool:
         name = rt.register(group, layout="contiguous", method=args.attn)
     lm, group = build_model(args, name, world, group, device, dtype)
     # FSDP2 and DeepSpeed (given no mpu) average the gradients over the ranks: grad_average.
-    model = CausalLMLoss(lm, group, args.tiled, grad_average=True)
+    # Checkpointing keeps one input per layer; offloading moves those to host memory, so the GPU
+    # holds one layer's activations at a time whatever the depth (ALST's activation offload).
+    offload = args.offload_activations and not args.no_checkpointing
+    model = CausalLMLoss(lm, group, args.tiled, grad_average=True, offload=offload)
     engine, opt = wrap(args, model, world, device, dtype)
     if rank == 0:
         print(describe(args, world, device, dtype), flush=True)

@@ -1,6 +1,7 @@
 """``training.lean_rmsnorms``: transformers' Llama RMSNorm with only its input saved. The same
 outputs bit for bit, the same loss and gradients through a whole model (float64; chunks smaller than
-the sequence), no float32 copy kept for the backward, and clear errors for norms of another formula."""
+the sequence), no float32 copy kept for the backward, and clear errors for norms of another formula.
+``training.decoder_hidden_states`` with its saved tensors offloaded: the same loss and gradients."""
 
 from __future__ import annotations
 
@@ -97,3 +98,21 @@ def test_lean_norms_refuse_another_formula_and_bad_arguments():
         training.lean_rmsnorms(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="chunk_tokens must be a positive int"):
         training.lean_rmsnorms(_llama(torch.float32), chunk_tokens=0)
+
+
+def test_offloaded_decoder_states_give_the_same_loss_and_gradients():
+    """``decoder_hidden_states(offload=True)``: the stack's saved tensors wait in host memory (a
+    no-op move on CPU, but the hooks run); the loss and every gradient equal the plain call's."""
+    model, ref = _llama(torch.float32), _llama(torch.float32)
+    for m in (model, ref):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 53, (1, 24), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for m, offload in ((model, True), (ref, False)):
+        h = training.decoder_hidden_states(m, offload, input_ids=ids, use_cache=False)
+        loss = torch.nn.functional.cross_entropy(m.lm_head(h)[0, :-1], ids[0, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for (name, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(p.grad, pr.grad), name

@@ -182,6 +182,24 @@ def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
     return count
 
 
+def decoder_hidden_states(lm: torch.nn.Module, offload: bool = False, **kw) -> torch.Tensor:
+    """``lm.model(**kw)[0]``: a transformers causal LM's last hidden states (before its head).
+
+    Args:
+        offload: keep what the decoder stack saves for its backward in host memory until then
+            (``torch.autograd.graph.save_on_cpu``, pinned for CUDA tensors). With activation
+            checkpointing that is one input per layer, so the GPU holds one layer's activations
+            whatever the depth. Only the stack: around a tiled loss it would also copy every
+            tile's logits out and back, which the loss makes and consumes within its forward.
+    """
+    if not offload:
+        return lm.model(**kw)[0]
+    first = kw.get("input_ids", kw.get("inputs_embeds"))
+    pin = isinstance(first, torch.Tensor) and first.is_cuda
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        return lm.model(**kw)[0]
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm, operation for operation: float32 variance, the normalised row
     cast back to x's dtype, times the weight."""
@@ -284,6 +302,7 @@ def lean_rmsnorms(model: torch.nn.Module, chunk_tokens: int = 8192) -> int:
 
 
 __all__ = [
+    "decoder_hidden_states",
     "lean_rmsnorms",
     "loss_value",
     "sequence_parallel_loss",
