@@ -12,6 +12,7 @@ path."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 
@@ -33,6 +34,19 @@ PLAN_CASES = [
     dict(lens=[9, 0], Hq=4, Hk=1, D=16, dtype="bf16", Snew=2, Sq=2, causal=True, sink=True),
     dict(lens=[12, 3], Hq=2, Hk=2, D=16, dtype="fp16", Snew=0, page=8),
     dict(lens=[6, 11], Hq=4, Hk=2, D=16, dtype="fp32", Snew=1, cbi=True, window=(4, 0), softcap=5.0),
+    # Left padding, three splits, and the partials merged by the combine kernel (not fused).
+    dict(
+        lens=[14, 9],
+        Hq=4,
+        Hk=2,
+        D=16,
+        dtype="fp32",
+        Snew=1,
+        causal=True,
+        leftpad=[3, 0],
+        splits=3,
+        unfused=True,
+    ),
 ]
 
 
@@ -47,8 +61,12 @@ def plans_vs_full(p: dict, backend: str = "triton") -> dict:
     opts["softcap"] = p.get("softcap", 0.0)
     if p.get("sink"):  # a model's learnable sink: a Parameter
         opts["learnable_sink"] = torch.nn.Parameter(torch.randn(p["Hq"], generator=g).to(q.device))
+    if p.get("leftpad"):
+        kw["cache_leftpad"] = torch.tensor(p["leftpad"], dtype=torch.int32, device=q.device)
+    opts["num_splits"] = p.get("splits", 0)
+    config = use_config(DecodeConfig(fuse_combine=False)) if p.get("unfused") else contextlib.nullcontext()
     checks, before = {}, len(rdecode._PLANS)
-    with use_backend(backend):
+    with use_backend(backend), config:
         with use_value_checks("device"):  # the call that plans keeps none of its tensors alive
             qi, kc = q.clone(), k_cache.clone()
             out = flash_attn_with_kvcache(qi, kc, v_cache.clone(), k, v, **kw, **opts)
