@@ -53,7 +53,8 @@ def main():
 main()
 gc.collect()
 names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print("threads after teardown:", names, flush=True)
+with open(os.path.join(sys.argv[1], f"threads_{os.environ['RANK']}.txt"), "w") as f:  # a file each:
+    f.write("\\n".join(names))  # two ranks printing at once can interleave on one line
 """
 
 
@@ -64,10 +65,12 @@ def test_destroy_process_group_stops_the_group_threads(tmp_path):
     group kept alive into the interpreter's teardown can abort the process at exit."""
     script = tmp_path / "teardown.py"
     script.write_text(_TEARDOWN_SCRIPT)
-    out = _run([*TORCHRUN, "2", str(script)])
-    lines = [ln for ln in out.splitlines() if "threads after teardown:" in ln]
-    assert len(lines) == 2, out[-2000:]
-    assert not any("gloo" in ln for ln in lines), "\n".join(lines)
+    out = _run([*TORCHRUN, "2", str(script), str(tmp_path)])
+    reports = sorted(tmp_path.glob("threads_*.txt"))
+    assert len(reports) == 2, out[-2000:]
+    for report in reports:
+        names = report.read_text().split("\n")
+        assert names and not any("gloo" in n for n in names), f"{report.name}: {names}"
 
 
 @pytest.mark.skipif(
