@@ -31,6 +31,7 @@ from . import blockwise, blockwise_cache, cudnn
 from .blockwise import BlockwiseConfig
 from .device_errors import error_flag, or_verdicts
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
+from .kernels.tables import SignatureTable  # noqa: F401 (re-exported: the public functions' plans)
 
 BACKENDS = ("triton", "torch", "cudnn")
 # Plain lists (innermost choice last) rather than ContextVars: torch.compile can read and guard

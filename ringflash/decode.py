@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_for, dispatch_state
+from .backends import SignatureTable, backend_for, dispatch_state
 from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale, value_check_mode
 from .device_errors import raise_completed
 from .merge import merge_sink
@@ -35,10 +35,8 @@ __all__ = ["flash_attn_with_kvcache"]
 # the launch derive from: each tensor's type, shape, strides, dtype and device, each option's type
 # and value, and the backend, configs and value-check mode in force. A decoding loop repeats a few;
 # a later call of one skips the checks and the derivation (the checks of index values still run,
-# on the device, in its launch) and only allocates its results and launches. Bounded: a workload of
-# many shapes starts over rather than growing.
-_PLANS: dict = {}
-_MAX_PLANS = 256
+# on the device, in its launch) and only allocates its results and launches.
+_PLANS = SignatureTable(256)
 
 
 def _plan_key(tensors, options, mode) -> tuple | None:
@@ -227,10 +225,7 @@ def flash_attn_with_kvcache(
         options = (softmax_scale, causal, window_size, softcap, num_splits)
         mode = value_check_mode(q) if type(q) is torch.Tensor else None
         key = _plan_key(tensors, options, mode)
-        try:
-            runner = _PLANS.get(key) if key is not None else None
-        except TypeError:  # an unhashable option or config: the full path says what is wrong
-            key = runner = None
+        runner = _PLANS.find(key)
         if runner is not None:
             if mode is not None:
                 raise_completed(q.device)  # a failure an earlier call queued on the device
@@ -266,7 +261,5 @@ def flash_attn_with_kvcache(
             softcap=softcap, num_splits=a.num_splits, check=a.device_checks,
         )  # fmt: skip
         if runner is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = runner
+            _PLANS.keep(key, runner)
     return (out, lse) if return_softmax_lse else out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_for, dispatch_state, get_backend
+from .backends import SignatureTable, backend_for, dispatch_state, get_backend
 from .checks import (
     check_cu_seqlens,
     check_max_seqlen,
@@ -255,9 +255,8 @@ def _eager_attn(q, k, v, *args):
 # by everything the checks and the launch derive from (each tensor's type, shape, strides, dtype
 # and device, each option's type and value, the backend and configs in force). A later call of one
 # (a prefill of a repeated length, a model's layers) allocates its results and launches, nothing
-# else. Bounded: many shapes start over rather than growing.
-_PLANS: dict = {}
-_MAX_PLANS = 256
+# else.
+_PLANS = SignatureTable(256)
 
 
 def _plan_key(q, k, v, options, sink=None) -> tuple | None:
@@ -277,20 +276,6 @@ def _plan_key(q, k, v, options, sink=None) -> tuple | None:
         q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
         v.dtype, v.device, sink_key, *options, *map(type, options), *map(type, window), dispatch_state(),
     )  # fmt: skip
-
-
-def _planned(key):
-    try:
-        return _PLANS.get(key) if key is not None else None
-    except TypeError:  # an unhashable option or config: the full path says what is wrong
-        return None
-
-
-def _keep_plan(key, runner) -> None:
-    if runner is not None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = runner
 
 
 # ---------------------------------------------------------------- public functions
@@ -345,7 +330,7 @@ def flash_attn_func(
     key = None
     if alibi_slopes is None:
         key = _plan_key(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap), learnable_sink)
-        runner = _planned(key)
+        runner = _PLANS.find(key)
         if runner is not None:
             out, lse = runner(q, k, v)
             return _finish(out, lse, return_attn_probs, learnable_sink)
@@ -361,8 +346,9 @@ def flash_attn_func(
         out, lse = _attn_fwd(*args)
     else:
         out, lse = _eager_attn(*args, None, None, 0, 0)
-        if key is not None:
-            _keep_plan(key, be.attn_plan(q, k, v, **_opts(scale, causal, wl, wr, softcap)))
+        runner = be.attn_plan(q, k, v, **_opts(scale, causal, wl, wr, softcap)) if key is not None else None
+        if runner is not None:
+            _PLANS.keep(key, runner)
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

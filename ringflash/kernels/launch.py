@@ -21,27 +21,12 @@ import torch
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction
 
+from .tables import SignatureTable
+
 try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: no direct launches
     _knobs = None
-
-
-class SignatureTable(dict):
-    """Launch arguments by call signature (every shape, stride, dtype and option a launch derives
-    from). A model's layers repeat a few signatures, so the derivation runs once per signature;
-    bounded: a workload of many shapes starts over rather than growing."""
-
-    def __init__(self, limit: int = 512):
-        super().__init__()
-        self.limit = limit
-
-    def keep(self, key, value):
-        """Store ``value`` under ``key`` (emptying a full table first); returns ``value``."""
-        if len(self) >= self.limit:
-            self.clear()
-        self[key] = value
-        return value
 
 
 @functools.cache
