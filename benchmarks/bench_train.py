@@ -206,13 +206,12 @@ class Trainer:
             from torch.distributed.tensor.experimental import context_parallel
 
             ctx = context_parallel(self.mesh, buffers=batch, buffer_seq_dims=[1, 1, 1])
+        local = contextlib.nullcontext()
         if self.backend:
             from ringflash import use_backend
 
-            ctx3 = use_backend(self.backend)
-        else:
-            ctx3 = contextlib.nullcontext()
-        with ctx, ctx3:
+            local = use_backend(self.backend)
+        with ctx, local:
             self.model(*batch).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -517,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload (params, grads, optimizer)")
     p.add_argument(
         "--offload-activations", action="store_true",
-        help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
+        help="keep each layer's checkpointed input in pinned host memory (training.decoder_hidden_states)",
     )  # fmt: skip
     p.add_argument(
         "--lean-norms", action="store_true",

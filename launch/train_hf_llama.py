@@ -71,7 +71,7 @@ def parse_args(argv=None):
     )  # fmt: skip
     p.add_argument(
         "--offload-activations", action="store_true",
-        help="keep each layer's checkpointed input in pinned host memory (torch's save_on_cpu)",
+        help="keep each layer's checkpointed input in pinned host memory (training.decoder_hidden_states)",
     )  # fmt: skip
     p.add_argument("--no-check", action="store_true", help="skip the one-process check (large models)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (all ranks together)")

@@ -81,17 +81,22 @@ WHAT_DEVICE = {
 }
 
 
+def _reply(run) -> dict:
+    """``{"checks": run()}``, or the traceback of what ``run`` raised (reported; the worker goes on)."""
+    try:
+        return {"checks": run()}
+    except Exception:
+        import traceback
+
+        return {"error": traceback.format_exc()}
+
+
 def _worker_main():
     torch.set_num_threads(1)
     proto = sys.stdout
     sys.stdout = sys.stderr  # only the protocol goes to the real stdout
     for c in CASES + TMA_CASES:
-        try:
-            reply = {"checks": run_case(dict(c, backend="triton"))}
-        except Exception:  # report, keep going
-            import traceback
-
-            reply = {"error": traceback.format_exc()}
+        reply = _reply(lambda c=c: run_case(dict(c, backend="triton")))
         proto.write(json.dumps({"id": case_id(c), **reply}) + "\n")
         proto.flush()
     proto.write(json.dumps({"id": "combine", "checks": combine_case()}) + "\n")
@@ -112,20 +117,9 @@ def _worker_main():
     with use_backend("triton"):
         proto.write(json.dumps({"id": "value-bits", "checks": value_bits_cases()}) + "\n")
     for i, c in enumerate(PLAN_CASES):
-        try:
-            reply = {"checks": plans_vs_full(c)}
-        except Exception:  # report, keep going
-            import traceback
-
-            reply = {"error": traceback.format_exc()}
-        proto.write(json.dumps({"id": f"plan-{i}", **reply}) + "\n")
+        proto.write(json.dumps({"id": f"plan-{i}", **_reply(lambda c=c: plans_vs_full(c))}) + "\n")
     for i, c in enumerate(PREFILL_CASES):
-        try:
-            reply = {"checks": prefill_plans_vs_full(c)}
-        except Exception:  # report, keep going
-            import traceback
-
-            reply = {"error": traceback.format_exc()}
+        reply = _reply(lambda c=c: prefill_plans_vs_full(c))
         proto.write(json.dumps({"id": f"prefill-plan-{i}", **reply}) + "\n")
 
 
