@@ -167,16 +167,26 @@ def test_balanced_layout_keeps_short_documents_whole(world):
     assert all(len(doc_segments("balanced", equal, r, 8)) == 8 for r in range(8))
     plan = simulate_plans(8, 8192, "balanced", True, (-1, -1), torch.tensor(equal, dtype=torch.int32))[0]
     assert plan.reach == (0,) * 8 and plan.n_steps == 1, plan.reach
-    assert gather_plan("balanced", equal, 0, 8, True, (-1, -1)).width == 0, "the all-gather sends nothing"
+    assert not gather_plan("balanced", equal, 0, 8, True, (-1, -1)).moves, "the all-gather sends nothing"
     n_sent = 0
-    for r in range(world):  # the all-gather sends the rows of documents held by several ranks only
-        sent = gather_plan("balanced", cu, r, world, True, (-1, -1)).rows[r].tolist()
-        want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
-        assert sent == want
-        n_sent += len(sent)
+    for r in range(world):  # the rows of documents held by several ranks, to the ranks that read them
         plan = gather_plan("balanced", cu, r, world, True, (-1, -1))
+        want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
+        assert plan.own.tolist() == want
+        for d in range(world):
+            reads = {s.doc for s in segs[d]}
+            want_d = [
+                s.local0 + i
+                for s in segs[r]
+                if len(holders[s.doc]) > 1 and s.doc in reads
+                for i in range(s.count)
+            ]
+            assert plan.send[d].tolist() == want_d, (r, d)
+            assert plan.own[plan.home[d]].tolist() == want_d, "where each row's gradient comes back"
+            assert gather_plan("balanced", cu, d, world, True, (-1, -1)).recv[r] == len(want_d)
+        n_sent += sum(len(x) for d, x in enumerate(plan.send) if d != r)
         assert plan.write_once and plan.covers_all, "each row written once, in the input dtype"
-    assert n_sent < world * n_local
+    assert n_sent < (world - 1) * world * n_local
     assert not gather_plan("stripe", cu, 0, world, True, (-1, -1)).write_once
 
 

@@ -1,4 +1,5 @@
-"""All-gathers of whole tensors over a group (the sharded decode's partials, unsharding)."""
+"""All-gathers of whole tensors over a group (the sharded decode's partials, unsharding), and the
+uneven all-to-all of rows that the all-gather method for packed documents exchanges."""
 
 from __future__ import annotations
 
@@ -50,15 +51,18 @@ def all_gather_cat(x: torch.Tensor, world: int, group, dim: int) -> torch.Tensor
     return torch.cat(parts.unbind(0), dim)
 
 
-def reduce_scatter_flat(x: torch.Tensor, world: int, rank: int, group) -> torch.Tensor:
-    """Sum ``x [world, n]`` over the group and return this rank's row ``[n]`` (float32 sums stay
-    float32). NCCL reduce-scatters; gloo has no reduce-scatter, so it all-reduces and slices."""
-    if world == 1:
-        return x[0]
+def start_exchange(x: torch.Tensor, sends: list[int], recvs: list[int], group) -> Callable[[], torch.Tensor]:
+    """Start an uneven all-to-all of ``x``'s rows: the first ``sends[0]`` rows go to group rank 0,
+    the next ``sends[1]`` to rank 1, and so on; returns the function that waits for it and returns
+    the rows received, ``[sum(recvs), *x.shape[1:]]``, ``recvs[s]`` of them from rank ``s``, in rank
+    order. Every rank of the group calls it (with zeros where it exchanges nothing); work queued
+    before the wait overlaps the transfer."""
     x = x.contiguous()
-    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x, group=group)
+    out = x.new_empty((sum(recvs), *x.shape[1:]))
+    work = dist.all_to_all_single(out.flatten(1), x.flatten(1), recvs, sends, group=group, async_op=True)
+
+    def done():
+        work.wait()
         return out
-    dist.all_reduce(x, group=group)
-    return x[rank]
+
+    return done

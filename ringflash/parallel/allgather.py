@@ -3,13 +3,14 @@
 Every rank gathers the K/V of the documents that span several ranks (*shared* documents; GQA makes
 K/V a fraction of Q's size), then attends its local queries to the keys they need in a few packed
 (varlen) calls, with no further communication; documents that lie whole on one rank attend their
-local K/V and never travel. The backward computes float32 dK/dV for the shared documents and
-reduce-scatters them to their owners. Against the ring it trades memory (the shared documents' K/V
-on every rank, and their float32 dK/dV in the backward) for fewer, larger kernel calls and two
-collectives instead of ``W - 1`` transfers per direction.
+local K/V and never travel. The backward computes float32 dK/dV for the shared documents and sends
+each key's partial back to the rank that holds the key, which sums them. Against the ring it
+trades memory (the shared documents' K/V on every rank that reads them, and their float32 dK/dV in
+the backward) for fewer, larger kernel calls and two collectives instead of ``W - 1`` transfers
+per direction.
 
-Each rank keeps, in stream order, the gathered keys of the shared documents it holds queries of
-(the rest of the collective's output is not copied), so for ``contiguous``,
+The gather is an uneven all-to-all: a rank sends another only the rows of the documents that rank
+holds queries of, and keeps the keys it receives in stream order, so for ``contiguous``,
 ``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
 sequence of a packed call (with its own causal diagonal): zigzag runs two calls (the first and the
 second piece of every document), contiguous one. ``stripe`` queries sit every ``W``-th position,
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import backend_for
-from ..comm.gather import reduce_scatter_flat, start_all_gather_flat
+from ..comm.gather import start_exchange
 from ..comm.ring import Post, Wait
-from .doc_layouts import _calls, _coalesce_full, _pairs, doc_segments
+from .doc_layouts import DocSegment, _calls, _coalesce_full, _pairs, doc_segments
 from .layouts import Piece, _band, _mask_args
 from .ring_loop import TAG_DKV, TAG_KV, bwd_piece, fwd_piece
 
@@ -39,17 +40,26 @@ class GatherPlan:
     """One rank's all-gather plan.
 
     ``local``: calls on the rank's own K/V (documents whole on this rank). ``shared``: calls on the
-    gathered K/V. ``rows[r]``: rank ``r``'s local rows of shared documents, which it sends (padded
-    to ``width`` rows). ``src``: for every row of the gathered keys (the shared documents that this
-    rank holds queries of, in stream order), its row in the rank-block buffer ``[W * width]``
-    (None: that buffer is used as it is). ``write_once``: no local row is in two calls' sequences;
-    ``covers_all``: moreover every local row is in one.
+    gathered K/V. ``send[d]``: this rank's local rows that rank ``d`` reads (rows of documents held
+    by several ranks; ``send[rank]``: those it reads itself), in the order ``d`` places them;
+    ``recv[s]``: how many rows it receives from rank ``s``. The exchange's blocks are a
+    destination's K rows then its V rows. ``own``: the local rows of shared documents (the union
+    of ``send``); ``home[d]``: the position in ``own`` of each row of ``send[d]``, where its
+    gradient comes back. ``moves``: some rank sends a row (the same on every rank, so every rank
+    joins the collective or none does). ``src``: ``[2, n]``, for every gathered key (the shared
+    documents that this rank holds queries of, in stream order), its K row and its V row in the
+    received blocks (None: stripe, whose received blocks in rank order are the gathered keys).
+    ``write_once``: no local row is in two calls' sequences; ``covers_all``: moreover every local
+    row is in one.
     """
 
     local: tuple[Piece, ...]
     shared: tuple[Piece, ...]
-    rows: tuple[torch.Tensor, ...]
-    width: int
+    send: tuple[torch.Tensor, ...]
+    recv: tuple[int, ...]
+    own: torch.Tensor
+    home: tuple[torch.Tensor, ...]
+    moves: bool
     src: torch.Tensor | None
     write_once: bool = False
     covers_all: bool = False
@@ -78,7 +88,7 @@ def _spans(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
 
 @functools.lru_cache(maxsize=64)
 def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal: bool, window) -> GatherPlan:
-    """This rank's calls on its own and on the gathered keys, and what every rank sends."""
+    """This rank's calls on its own and on the gathered keys, and the rows it exchanges."""
     n_local = cu[-1] // world
     if layout == "stripe" and world > 1:
         pieces = []
@@ -92,38 +102,40 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
                     if args is not None:
                         pairs.append((sq.local0, sq.count, s * n_local + sk.local0, sk.count, args))
             pieces += _calls(_coalesce_full(pairs))
-        rows = tuple(torch.arange(n_local) for _ in range(world))
-        return GatherPlan((), tuple(pieces), rows, n_local, None)
+        every = torch.arange(n_local)
+        return GatherPlan(
+            (), tuple(pieces), (every,) * world, (n_local,) * world, every, (every,) * world, True, None
+        )
     shared = [n > 1 for n in _spans(layout, cu, world)]
-    segs = doc_segments(layout, cu, rank, world)
-    mine = {s.local0 for s in segs if s.count and not shared[s.doc]}
-    own = [p for p in _pairs(layout, cu, rank, rank, world, causal, window) if p[0] in mine]
-    local = _calls(_coalesce_full(own))
-    needed = {s.doc for s in segs if s.count and shared[s.doc]}  # the gathered docs this rank reads
-    start, at = [], 0  # each needed document's first row in the gathered keys
+    segs_of = [[s for s in doc_segments(layout, cu, r, world) if s.count] for r in range(world)]
+    reads = [{s.doc for s in segs if shared[s.doc]} for segs in segs_of]  # the gathered docs each rank reads
+    segs = segs_of[rank]
+    mine = {s.local0 for s in segs if not shared[s.doc]}
+    own_pairs = [p for p in _pairs(layout, cu, rank, rank, world, causal, window) if p[0] in mine]
+    local = _calls(_coalesce_full(own_pairs))
+    start, at = [], 0  # each read document's first row in the gathered keys
     for d, (a, b) in enumerate(itertools.pairwise(cu)):
         start.append(at)
-        at += (b - a) if d in needed else 0
-    runs = []  # (rank, local0, count, doc, pos0) of every shared segment
-    for r in range(world):
-        runs += [
-            (r, s.local0, s.count, s.doc, s.pos0)
-            for s in doc_segments(layout, cu, r, world)
-            if s.count and shared[s.doc]
-        ]
-    sent = [0] * world
-    for r, _, count, _, _ in runs:
-        sent[r] += count
-    width = max(sent)
-    rows = [[] for _ in range(world)]
-    src_rows, at_rank = torch.empty(at, dtype=torch.int64), [0] * world
-    for r, local0, count, doc, pos0 in runs:
-        rows[r].append(torch.arange(local0, local0 + count))
-        if doc in needed:
-            dest = start[doc] + pos0
-            src_rows[dest : dest + count] = torch.arange(count) + (r * width + at_rank[r])
-        at_rank[r] += count
-    rows = [torch.cat(x) if x else torch.zeros(0, dtype=torch.int64) for x in rows]
+        at += (b - a) if d in reads[rank] else 0
+
+    def rows_for(r: int, d: int) -> list[DocSegment]:  # rank r's segments that rank d reads
+        return [s for s in segs_of[r] if s.doc in reads[d]]
+
+    send = tuple(_rows(rows_for(rank, d)) for d in range(world))
+    recv = tuple(sum(s.count for s in rows_for(r, rank)) for r in range(world))
+    own = _rows([s for s in segs if shared[s.doc]])
+    where = torch.full((n_local,), -1, dtype=torch.int64)
+    where[own] = torch.arange(len(own))
+    home = tuple(where[x] for x in send)
+    src, block = torch.empty((2, at), dtype=torch.int64), 0
+    for r in range(world):  # rank r's block: its K rows for this rank, then its V rows
+        i = 0
+        for s in rows_for(r, rank):
+            dest = start[s.doc] + s.pos0
+            src[0, dest : dest + s.count] = torch.arange(block + i, block + i + s.count)
+            src[1, dest : dest + s.count] = src[0, dest : dest + s.count] + recv[r]
+            i += s.count
+        block += 2 * recv[r]
     pairs = []
     for sq in segs:
         if not shared[sq.doc]:
@@ -137,59 +149,62 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
-    q_runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own])
+    q_runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own_pairs])
     once = all(a[1] <= b[0] for a, b in itertools.pairwise(q_runs))  # no row in two calls
     covers = once and sum(b - a for a, b in q_runs) == n_local
-    calls = tuple(_calls(pairs))
-    return GatherPlan(tuple(local), calls, tuple(rows), width, src_rows, once, covers)
+    return GatherPlan(
+        tuple(local), tuple(_calls(pairs)), send, recv, own, home, any(shared), src, once, covers
+    )
 
 
-def _send_pair(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan, rank: int) -> torch.Tensor:
-    """This rank's rows of shared documents of ``k`` and then of ``v`` ``[2 * width, Hk, D]``, each
-    padded with zeros to ``width`` rows: what it gathers out, in one collective."""
-    mine, width = plan.rows[rank], plan.width
-    every = plan.src is None or len(mine) == k.shape[0]  # every local row is shared, in local order
-    make = torch.empty if every or len(mine) == width else torch.zeros
-    buf = make((2 * width, *k.shape[1:]), dtype=k.dtype, device=k.device)
-    if every:
-        buf[:width].copy_(k)
-        buf[width:].copy_(v)
-    else:
-        rows = plan.on(mine, k.device)
-        torch.index_select(k, 0, rows, out=buf[: len(mine)])
-        torch.index_select(v, 0, rows, out=buf[width : width + len(mine)])
-    return buf
+def _rows(segs) -> torch.Tensor:
+    """The local rows of ``segs``, in their order."""
+    if not segs:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([torch.arange(s.local0, s.local0 + s.count) for s in segs])
 
 
-def _joint_rows(plan: GatherPlan, device) -> torch.Tensor:
-    """For every gathered key (stream order): its row in the gathered buffers viewed as rows
-    ``[W * 2 * width, Hk, D]`` (rank ``r``'s K rows from ``2 r width``, its V rows ``width``
-    further); device copy made once per plan."""
-    key = ("joint", str(device))
+def _sizes(plan: GatherPlan) -> tuple[list[int], list[int]]:
+    """Rows this rank sends to and receives from each rank in the exchange of K and V (a block is
+    K rows, then as many V rows)."""
+    return [2 * len(x) for x in plan.send], [2 * n for n in plan.recv]
+
+
+def _cached(plan: GatherPlan, key, device, make):
+    """A device tensor derived from the plan, made once per device."""
+    key = (key, str(device))
     if key not in plan.copies:
-        src = plan.src
-        plan.copies[key] = (src + src // max(plan.width, 1) * plan.width).to(device)
+        plan.copies[key] = make().to(device)
     return plan.copies[key]
 
 
-def _in_stream_order(rows: torch.Tensor, plan: GatherPlan):
-    """``(kf, vf)``: the gathered keys in stream order from the gathered buffers' rows
-    ``[W * 2 * width, Hk, D]``."""
-    if plan.src is None:  # the rank blocks in order are the gathered keys
-        blocks = rows.view(len(plan.rows), 2, plan.width, *rows.shape[1:])
-        return blocks[:, 0].reshape(-1, *rows.shape[1:]), blocks[:, 1].reshape(-1, *rows.shape[1:])
-    at = _joint_rows(plan, rows.device)
-    return rows.index_select(0, at), rows.index_select(0, at + plan.width)
+def _outgoing(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """The exchange's input ``[sum(sends), Hk, D]``: for every rank ``d`` in order, this rank's K
+    rows that ``d`` reads, then their V rows."""
+    n = k.shape[0]
+    rows = _cached(plan, ("out", n), k.device, lambda: torch.cat([torch.cat([x, x + n]) for x in plan.send]))
+    return torch.cat([k, v]).index_select(0, rows)
 
 
-def _start_gather(k, v, world: int, group, plan: GatherPlan, rank: int):
-    """Start gathering the shared documents' rows of every rank's ``k`` and ``v`` (one collective);
-    returns the function that waits for them and returns them in stream order, of the shared
-    documents this rank reads (``(None, None)`` without shared documents: nothing is gathered)."""
-    if not plan.width:
+def _in_stream_order(got: torch.Tensor, plan: GatherPlan):
+    """``(kf, vf)``: the gathered keys in stream order from the received blocks ``got``."""
+    if plan.src is None:  # stripe: the blocks in rank order are the gathered keys
+        blocks = got.view(len(plan.recv), 2, plan.recv[0], *got.shape[1:])
+        return blocks[:, 0].reshape(-1, *got.shape[1:]), blocks[:, 1].reshape(-1, *got.shape[1:])
+    both = got.index_select(0, _cached(plan, "src", got.device, lambda: plan.src.reshape(-1)))
+    n = plan.src.shape[1]
+    return both[:n], both[n:]
+
+
+def _start_gather(k, v, group, plan: GatherPlan):
+    """Start exchanging the shared documents' rows of ``k`` and ``v`` (one collective); returns the
+    function that waits for them and returns the gathered keys in stream order (``(None, None)``
+    when no row moves: nothing is exchanged)."""
+    if not plan.moves:
         return lambda: (None, None)
-    wait = start_all_gather_flat(_send_pair(k, v, plan, rank), world, group)
-    return lambda: _in_stream_order(wait().view(-1, *k.shape[1:]), plan)
+    sends, recvs = _sizes(plan)
+    wait = start_exchange(_outgoing(k, v, plan), sends, recvs, group)
+    return lambda: _in_stream_order(wait(), plan)
 
 
 def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
@@ -222,8 +237,8 @@ def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
 
 def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
     """Gradients of ``gathered_fwd``: ``dq``, ``dk``/``dv`` of the local documents, and the float32
-    dK/dV of the shared keys laid out as the gathered keys were, ``[W, 2 * width * Hk * D]``: rank
-    ``r``'s rows of dK, then of dV (ready to reduce-scatter; None without shared documents).
+    dK/dV of the gathered keys in the received blocks' layout, ready to go back to their owners
+    (``_returning``; None when nothing was gathered).
     ``gathered`` and ``dlse`` (the gradient into the LSE, or None) as for ``gathered_fwd``.
 
     With ``plan.write_once`` each call writes its rows of ``dq`` and of the local ``dk``/``dv`` in
@@ -249,58 +264,59 @@ def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, s
     kf, vf = gathered()
     if kf is None:
         return dq, dk, dv, None
-    n = kf.shape[0]  # dK rows, a zero row, dV rows, a zero row: the padding's source
-    dkv = torch.zeros((2 * (n + 1), *kf.shape[1:]), dtype=torch.float32, device=q.device)
-    dkf, dvf = dkv[:n], dkv[n + 1 : 2 * n + 1]
+    n = kf.shape[0]  # keys no query sees get zeros
+    dkv = torch.zeros((2 * n, *kf.shape[1:]), dtype=torch.float32, device=q.device)
+    dkf, dvf = dkv[:n], dkv[n:]
     for pc in plan.shared:
         bwd_piece(
             backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True, add_gathered
         )
-    return dq, dk, dv, _rank_blocks(dkv, plan)
+    return dq, dk, dv, _returning(dkv, plan)
 
 
-def _rank_blocks(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
-    """The shared keys' float32 dK/dV (``gathered_bwd``'s ``dkv``: ``n`` dK rows in stream order,
-    a zero row, the dV rows, a zero row) laid out for the reduce-scatter as the gathered keys were:
-    ``[W, 2 * width * Hk * D]``, zeros in the padding and in other ranks' documents this rank does
-    not read. One row gather, no fill of the large buffer."""
-    world, width = len(plan.rows), plan.width
-    n = dkv.shape[0] // 2 - 1
-    if plan.src is None:  # stripe: the gathered keys are the rank blocks in order
-        dk, dv = dkv[:n].view(world, width, -1), dkv[n + 1 : 2 * n + 1].view(world, width, -1)
-        return torch.stack([dk, dv], 1).view(world, -1)
-    key = ("inverse", str(dkv.device))
-    if key not in plan.copies:  # the dkv row of every joint row (see _joint_rows)
-        j = torch.arange(world * 2 * width)
-        inverse = torch.where((j // max(width, 1)) % 2 == 1, 2 * n + 1, n)
-        at = _joint_rows(plan, torch.device("cpu"))
-        inverse[at] = torch.arange(n)
-        inverse[at + width] = torch.arange(n) + n + 1
-        plan.copies[key] = inverse.to(dkv.device)
-    return dkv.index_select(0, plan.copies[key]).view(world, -1)
+def _returning(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """The shared keys' float32 dK/dV (``dkv``: their dK rows in stream order, then their dV rows)
+    in the received blocks' layout, for the reverse exchange that takes them to their owners."""
+    n = dkv.shape[0] // 2
+    if plan.src is None:  # stripe: stream order is the blocks' rank order
+        world = len(plan.recv)
+        return torch.stack([dkv[:n].view(world, -1), dkv[n:].view(world, -1)], 1).view(dkv.shape)
+
+    def inverse():  # src is a permutation of the received rows: every one is a gathered key
+        inv = torch.empty(2 * n, dtype=torch.int64)
+        inv[plan.src.reshape(-1)] = torch.arange(2 * n)
+        return inv
+
+    return dkv.index_select(0, _cached(plan, "inverse", dkv.device, inverse))
 
 
-def _add_home(dk, dv, mine: torch.Tensor, plan: GatherPlan, rank: int) -> None:
-    """Add this rank's reduced dK/dV (its row of the reduce-scatter: ``width`` dK rows, then
-    ``width`` dV rows) into ``dk``/``dv``."""
-    rows, width = plan.rows[rank], plan.width
-    mine = mine.view(2 * width, *dk.shape[1:])
-    if plan.src is None:
-        dk.add_(mine[:width])
-        dv.add_(mine[width:])
-    elif len(rows):
-        r = plan.on(rows, dk.device)
-        dk.index_add_(0, r, mine[: len(rows)].to(dk.dtype))
-        dv.index_add_(0, r, mine[width : width + len(rows)].to(dv.dtype))
+def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
+    """Add the partials that came back (``back``: from every rank ``d`` in order, float32 dK then
+    dV of the rows of ``send[d]``) into ``dk``/``dv``: summed in float32 in rank order first, so
+    the sum is the same on a simulated and a real group."""
+    n_own = len(plan.own)
+    if not n_own:
+        return
+    acc = torch.zeros((2 * n_own, *back.shape[1:]), dtype=torch.float32, device=back.device)
+    at = 0
+    for d, (rows, home) in enumerate(zip(plan.send, plan.home, strict=True)):
+        m = len(rows)
+        if m:  # no row twice in one add: its order is fixed
+            idx = _cached(plan, ("home", d), back.device, lambda h=home: torch.cat([h, h + n_own]))
+            acc.index_add_(0, idx, back[at : at + 2 * m])
+        at += 2 * m
+    own = _cached(plan, "own", dk.device, lambda: plan.own)
+    dk.index_add_(0, own, acc[:n_own].to(dk.dtype))
+    dv.index_add_(0, own, acc[n_own:].to(dv.dtype))
 
 
 class AllGatherAttention(torch.autograd.Function):
-    """Autograd for the all-gather method: gather, attend, and in the backward reduce-scatter."""
+    """Autograd for the all-gather method: gather, attend, and in the backward send dK/dV back."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        gathered = _start_gather(k, v, world, group, plan, rank)
+        gathered = _start_gather(k, v, group, plan)
         out, lse = gathered_fwd(backend_for(q), q, k, v, gathered, plan, scale, softcap)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -313,13 +329,14 @@ class AllGatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        gathered = _start_gather(k, v, world, group, plan, rank)
+        gathered = _start_gather(k, v, group, plan)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv, both = gathered_bwd(
+        dq, dk, dv, back = gathered_bwd(
             backend_for(q), dout, q, k, v, gathered, out, lse, plan, scale, softcap, dlse
         )
-        if both is not None:
-            _add_home(dk, dv, reduce_scatter_flat(both, world, rank, group), plan, rank)
+        if back is not None:  # the reverse exchange: each partial to the rank that sent the row
+            sends, recvs = _sizes(plan)
+            _add_home(dk, dv, start_exchange(back, recvs, sends, group)(), plan)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
 
 
@@ -333,11 +350,11 @@ def choose_method(plan_reach: tuple[int, ...], layout: str, world: int, backward
     When no block travels (every document whole on its rank) the all-gather method gathers nothing
     and its calls write their rows once, without the ring's float32 state: it is taken. When
     blocks travel, the ring overlaps each transfer with a step's compute but runs one call per
-    step; the all-gather moves the same bytes in one collective (not overlapped) and runs one or
+    step; the all-gather moves them in one collective (not overlapped) and runs one or
     two calls. For a forward alone (``backward=False``) its fewer, larger calls won on packed
     streams whose blocks travel at least half the ring on average (``2 * sum(reach) >= W (W - 1)``;
-    docs/ring.md); with a backward, which adds float32 dK/dV for every shared key and their
-    reduce-scatter, the ring measured as fast or faster, so it stays on the ring. Stripe gains
+    docs/ring.md); with a backward, which adds float32 dK/dV for every gathered key and their
+    return, the ring measured as fast or faster, so it stays on the ring. Stripe gains
     nothing in calls and always stays on the ring.
     """
     if world == 1 or layout == "stripe":
@@ -357,26 +374,37 @@ def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, gro
 # ----------------------------------------------- the same method over ring messages (simulation)
 
 
-def _gather_by_posts(k, v, plan: GatherPlan, rank, world):
-    """Generator: every rank's shared rows of ``k`` and ``v`` through ``W - 1`` ring posts, in the
-    gathered keys' order (None, None without shared documents)."""
-    if not plan.width:
-        return None, None
-    mine = _send_pair(k, v, plan, rank)
+def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank: int, world: int, tag: int):
+    """Generator: ``start_exchange(x, sends, recvs)``'s result through ring posts (the block for
+    rank ``rank + s`` goes ``s`` ranks ahead; blocks of no rows are not posted)."""
+    at = [0, *itertools.accumulate(sends)]
     handles = []
     for s in range(1, world):
-        handles.append((yield Post([mine], s, TAG_KV)))
-    blocks = [None] * world
-    blocks[rank] = mine
-    for s, h in zip(range(1, world), handles, strict=True):
-        (blocks[(rank - s) % world],) = yield Wait(h)
-    return _in_stream_order(torch.cat(blocks), plan)
+        dst, src = (rank + s) % world, (rank - s) % world
+        out = [x[at[dst] : at[dst + 1]]] if sends[dst] else []
+        into = [x.new_empty((recvs[src], *x.shape[1:]))] if recvs[src] else []
+        handles.append((src, (yield Post(out, s, tag, recv=into))))
+    blocks = [x.new_empty((0, *x.shape[1:]))] * world
+    blocks[rank] = x[at[rank] : at[rank + 1]]
+    for src, h in handles:
+        got = yield Wait(h)
+        if got:
+            blocks[src] = got[0]
+    return torch.cat(blocks)
+
+
+def _gather_by_posts(k, v, plan: GatherPlan, rank: int, world: int):
+    """Generator: ``_start_gather``'s gathered keys through ring posts."""
+    if not plan.moves:
+        return None, None
+    got = yield from _exchange_by_posts(_outgoing(k, v, plan), *_sizes(plan), rank, world, TAG_KV)
+    return _in_stream_order(got, plan)
 
 
 def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
     """Generator (``ringflash.comm.ring``'s protocol): the all-gather method's forward for one rank,
-    its gather made of ring posts, for ``ringflash.parallel.simulate``. Returns ``gathered_fwd``'s
-    ``(out, lse)``."""
+    its exchange made of ring posts, for ``ringflash.parallel.simulate``. Returns
+    ``gathered_fwd``'s ``(out, lse)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
     kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
     return gathered_fwd(backend, q, k, v, lambda: (kf, vf), plan, scale, softcap)
@@ -385,21 +413,14 @@ def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window
 def allgather_bwd_loop(
     backend, dout, q, k, v, out, lse, layout, cu, rank, world, causal, window, scale, softcap
 ):
-    """Generator: the backward of ``allgather_fwd_loop``; the reduce-scatter sends each block's
-    float32 dK/dV to its owner. Returns ``gathered_bwd``'s ``(dq, dk, dv)``."""
+    """Generator: the backward of ``allgather_fwd_loop``; the reverse exchange takes each gathered
+    key's float32 dK/dV to the rank that sent it. Returns ``gathered_bwd``'s ``(dq, dk, dv)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
     kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
-    dq, dk, dv, both = gathered_bwd(backend, dout, q, k, v, lambda: (kf, vf), out, lse, plan, scale, softcap)
-    if both is None:
-        return dq, dk, dv
-    mine = both[rank].clone()
-    handles = []
-    for s in range(1, world):  # block of rank r + s goes s ranks ahead; the sum for mine comes from r - s
-        handles.append((yield Post([both[(rank + s) % world]], s, TAG_DKV)))
-    for h in handles:
-        (got,) = yield Wait(h)
-        mine.add_(got)
-    _add_home(dk, dv, mine, plan, rank)
+    dq, dk, dv, back = gathered_bwd(backend, dout, q, k, v, lambda: (kf, vf), out, lse, plan, scale, softcap)
+    if back is not None:
+        sends, recvs = _sizes(plan)
+        _add_home(dk, dv, (yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)), plan)
     return dq, dk, dv
 
 

@@ -431,8 +431,8 @@ def ring_flash_attn_varlen_func(
             ones in zigzag pieces: the fastest for streams of many documents; see
             ``ringflash.parallel.doc_layouts``).
         method: ``"ring"`` (K/V travel the ring, each block only as far as a document that it holds
-            reaches), ``"allgather"`` (the stream's K/V gathered on every rank, the float32 dK/dV
-            reduce-scattered) or ``"auto"`` (``ringflash.parallel.allgather.choose_method``).
+            reaches), ``"allgather"`` (each rank gathers the K/V of the documents it reads, and
+            sends their float32 dK/dV back) or ``"auto"`` (``ringflash.parallel.allgather.choose_method``).
         Other arguments as for ``ring_flash_attn_func``.
 
     Returns:

@@ -85,8 +85,8 @@ def simulate_ring_attn(
             ``ringflash.comm.ring.run_simulated``.
         prefetch: K/V blocks each rank holds and computes at once after its own (``ring_fwd_loop``);
             None: ``ringflash.use_ring_prefetch``'s choice, as the ring functions use.
-        method: ``"ring"``, ``"allgather"`` or ``"auto"`` for a packed stream (its gather and
-            reduce-scatter made of ring messages), as ``ring_flash_attn_varlen_func`` takes it.
+        method: ``"ring"``, ``"allgather"`` or ``"auto"`` for a packed stream (its two
+            exchanges made of ring messages), as ``ring_flash_attn_varlen_func`` takes it.
 
     Returns:
         ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
