@@ -7,7 +7,9 @@ the ring, Ulysses and the local functions can run their local steps on it. It se
 block (the only alignment on which every cuDNN version agrees), head dims that are multiples of 8
 up to 128 (a window ``(-1, 0)`` under a causal mask is no window); :func:`serves` says which.
 ``ringflash.backends`` sends every other call to the next backend, never to a different mask.
-Grouped KV heads are repeated for cuDNN, and their gradients summed back over each group.
+Grouped KV heads go to cuDNN as they are from PyTorch 2.11 (checked on an H100: outputs and LSE
+equal to the repeated heads', dK/dV summed over each group inside cuDNN); before 2.11 they are
+repeated, and their gradients summed back over each group.
 
 The backward takes the final ``(out, lse)`` of the forward, as every backend does, and cuDNN
 computes ``delta = rowsum(dout * out)`` itself. A ``delta`` with more folded in (an LSE gradient)
@@ -101,6 +103,10 @@ def plain_delta(delta) -> bool:
     return any(x is not None and _PLAIN_DELTAS.get(id(x)) is x for x in (delta, delta._base))
 
 
+# The PyTorch version from which the cuDNN op takes fewer KV heads than query heads.
+_NATIVE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+
+
 def _heads_first(x: torch.Tensor, group: int = 1) -> torch.Tensor:
     """``[B, S, H, D]`` as the ``[B, H * group, S, D]`` view cuDNN takes (KV heads repeated
     ``group`` times for grouped-query attention)."""
@@ -110,7 +116,7 @@ def _heads_first(x: torch.Tensor, group: int = 1) -> torch.Tensor:
 
 
 def _call(q, k, v, causal, diag_offset):
-    group = q.shape[2] // k.shape[2]
+    group = 1 if _NATIVE_GQA else q.shape[2] // k.shape[2]
     qt, kt, vt = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
     is_causal = _square_causal(q, k, causal, diag_offset)
     return qt, kt, vt, group, is_causal
