@@ -307,7 +307,16 @@ class _Problem:
         diags = d.tolist() if isinstance(d, torch.Tensor) else d
         for b in range(len(cq) - 1):
             diag = diags[b] if diags is not None else (ck[b + 1] - ck[b]) - (cq[b + 1] - cq[b])
-            yield slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), diag
+            keys = slice(ck[b], ck[b + 1])
+            if isinstance(diag, list):  # two-part: rows from ``split`` on use the second diagonal
+                diag, split, diag2 = diag
+                cut = min(cq[b] + max(split, 0), cq[b + 1])
+                if cq[b] < cut < cq[b + 1]:
+                    yield slice(cq[b], cut), keys, diag
+                    yield slice(cut, cq[b + 1]), keys, diag2 + (cut - cq[b])
+                    continue
+                diag = diag if cut == cq[b + 1] else diag2
+            yield slice(cq[b], cq[b + 1]), keys, diag
 
 
 def _problem(
@@ -346,7 +355,9 @@ def attn_fwd(q, k, v, *, out=None, lse=None, merge=True, config: BlockwiseConfig
     given): q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, *]``, lse ``[Hq, Tq]``. ``problem``: ``softmax_scale``
     and optionally ``causal``, ``window_size``, ``softcap``, ``cu_seqlens_q``/``_k``,
     ``max_seqlen_q``/``_k``, ``diag_offset`` (the key index aligned with query 0: an int, or one
-    per packed sequence; by default ``Sk - Sq`` per sequence). With ``out``/``lse`` given, the result
+    per packed sequence, or ``[n_seq, 3]`` two-part diagonals ``(diag, split, diag2)``: rows from
+    ``split`` on align key ``diag2`` with query 0, see ``kernels.common.varlen_diag``; by default
+    ``Sk - Sq`` per sequence). With ``out``/``lse`` given, the result
     is merged into them in place (accumulate mode, float32) or written over them (``merge=False``;
     ``out`` float32 or q's dtype; the rows of a packed sequence with no keys keep their values)
     and they are returned; otherwise ``out`` is in ``q.dtype``, ``lse`` float32. Inputs are trusted

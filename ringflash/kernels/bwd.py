@@ -126,7 +126,8 @@ def _prune(table):
     return prune
 
 
-_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TMA", "ADD"]
+_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TWO_PART"]
+_KEY += ["TMA", "ADD"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
     key=_KEY,

@@ -84,14 +84,15 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
     # (``_tile_order``).
     b, hk, j0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_n, k_row0, cols, qs, dos = _attn_prologue(
         CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k,
-        sched_width, stride_qs, stride_dos, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, True, BLOCK_N,
+        sched_width, stride_qs, stride_dos, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, TWO_PART, WIDE, True, BLOCK_N,
     )  # fmt: skip
     if j0 >= seqlen_k:
         return
@@ -118,6 +119,12 @@ def _attn_bwd_dkdv_kernel(
 
     # Query rows that see this key block: -hi <= i - j <= -lo (the forward band, transposed).
     start, full_start, full_end, end = _block_ranges(j0, seqlen_q, -hi, -lo, HAS_HI, HAS_LO, BLOCK_N, BLOCK_M)
+    if TWO_PART:  # keys past the first part's reach: its rows see none of them
+        split = tl.load(DIAG_PTR + 3 * b + 1)
+        floor = tl.where(j0 >= split + tl.load(DIAG_PTR + 3 * b), split, 0)
+        start = tl.minimum(tl.maximum(start, floor), end)
+        full_start = tl.minimum(tl.maximum(full_start, start), end)
+        full_end = tl.maximum(full_end, full_start)
     for g in range(0, group):
         h = hk * group + g
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh

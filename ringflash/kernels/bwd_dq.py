@@ -70,13 +70,14 @@ def _attn_bwd_dq_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # Causal: the longest row blocks first, in groups of heads (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
         CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
-        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, False, BLOCK_M,
+        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, TWO_PART, WIDE, False, BLOCK_M,
     )  # fmt: skip
     if i0 >= seqlen_q:
         return

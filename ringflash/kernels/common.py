@@ -104,6 +104,7 @@ def _attn_prologue(
     HAS_HI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
+    TWO_PART: tl.constexpr,
     WIDE: tl.constexpr,
     KEY_TILES: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -113,7 +114,11 @@ def _attn_prologue(
 
     ``seqlen_q``/``seqlen_k``/``diag`` are the launch's (the longest sequences when packed); packed
     sequences read their bounds from ``CU_Q``/``CU_K`` (bottom-right diagonal), and ``DIAG_PTR``
-    holds one diagonal per sequence. Causal tiles are ordered longest first (``_tile_order``).
+    holds one diagonal per sequence; with ``TWO_PART`` three values per sequence, ``(diag, split,
+    diag2)``: rows from ``split`` on use ``diag2`` (a causal sequence whose queries are two runs
+    of a document, see ``varlen_diag``), so a query tile takes the diagonal of its part, and a key
+    tile ``diag2`` once it lies past the first part's last visible key. Causal tiles are ordered
+    longest first (``_tile_order``).
 
     Returns ``(b, h, t0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs, row0, rows, step_a,
     step_b)``: the sequence and head; the tile's first row ``t0`` (past the sequence's end the
@@ -142,9 +147,18 @@ def _attn_prologue(
     else:
         q_start = b * 0
         k_start = b * 0
-    if DIAG_FROM_PTR:
-        diag = tl.load(DIAG_PTR + b)
     t0 = pid_t * BLOCK
+    if DIAG_FROM_PTR:
+        if TWO_PART:
+            diag = tl.load(DIAG_PTR + 3 * b)
+            split = tl.load(DIAG_PTR + 3 * b + 1)
+            if KEY_TILES:
+                late = t0 >= split + diag  # keys past the first part's reach
+            else:
+                late = t0 >= split
+            diag = tl.where(late, tl.load(DIAG_PTR + 3 * b + 2), diag)
+        else:
+            diag = tl.load(DIAG_PTR + b)
     lo = diag - window_left
     hi = diag + window_right
     offs = t0 + tl.arange(0, BLOCK)
@@ -278,10 +292,25 @@ def dot_f32(t) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
+def two_part(diag_offset) -> bool:
+    """Whether a packed call's ``diag_offset`` gives two-part diagonals: ``[n_seq, 3]`` rows of
+    ``(diag, split, diag2)``."""
+    return isinstance(diag_offset, torch.Tensor) and diag_offset.dim() == 2
+
+
 def varlen_diag(diag_offset, n_seq: int, device):
-    """Per-sequence diagonal offsets for packed inputs as an int32 tensor, or None (bottom-right)."""
+    """Per-sequence diagonal offsets for packed inputs as an int32 tensor, or None (bottom-right).
+
+    ``[n_seq, 3]`` rows ``(diag, split, diag2)`` (``two_part``) describe causal sequences without a
+    window whose query rows from ``split`` on see keys up to ``row + diag2`` instead of ``row +
+    diag``, with ``diag2 >= diag``: a rank's two runs of one document against its keys, in one
+    sequence. The kernels need ``split`` and ``split + diag`` to be multiples of 128 (the largest
+    tile), so that no tile holds rows or keys of both parts' diagonals."""
     if diag_offset is None:
         return None
+    if two_part(diag_offset):
+        assert diag_offset.shape == (n_seq, 3), "two-part diagonals need (diag, split, diag2) per sequence"
+        return diag_offset.to(device=device, dtype=torch.int32).contiguous()
     d = torch.as_tensor(diag_offset, dtype=torch.int32, device=device).reshape(-1)
     if d.numel() == 1 and n_seq != 1:
         d = d.expand(n_seq).contiguous()
@@ -429,6 +458,7 @@ attn_heuristics = triton.heuristics(
         "SOFTCAP": lambda a: a["softcap"] > 0,
         "IS_VARLEN": lambda a: a["CU_Q"] is not None,
         "DIAG_FROM_PTR": lambda a: a["DIAG_PTR"] is not None,
+        "TWO_PART": lambda a: a["DIAG_PTR"] is not None and a["DIAG_PTR"].dim() == 2,
         "DOT_PREC": lambda a: dot_precision(a["Q"].dtype),
         "DOT_F32": lambda a: dot_f32(a["Q"]),
     }

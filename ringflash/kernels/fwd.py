@@ -34,6 +34,7 @@ from .common import (
     on_tensor_device,
     stride_names,
     strides,
+    two_part,
     wide_offsets,
 )
 from .launch import SignatureTable, launch_cached
@@ -114,8 +115,9 @@ def _attn_fwd_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # The online softmax state of BLOCK_M rows, scores in base 2.
     qk_scale = sm_scale * 1.4426950408889634
@@ -132,7 +134,7 @@ def _attn_fwd_kernel(
     # groups of heads, so the last wave is short (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
         CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
-        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, WIDE, False, BLOCK_M,
+        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, TWO_PART, WIDE, False, BLOCK_M,
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
@@ -238,6 +240,7 @@ _attn_fwd_tuned = triton.autotune(
         "HAS_HI",
         "SOFTCAP",
         "IS_VARLEN",
+        "TWO_PART",
         "TMA",
         "ACCUMULATE",
     ],
@@ -268,7 +271,7 @@ def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, c
     if packed:
         if max_q is None or max_k is None:
             return None
-        diag_key = diag is None
+        diag_key = "two-part" if two_part(diag) else diag is None
         lens = (cu_q.shape[0], int(max_q), int(max_k))
     else:
         if diag is not None and not isinstance(diag, int):
