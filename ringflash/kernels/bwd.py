@@ -126,8 +126,18 @@ def _prune(table):
     return prune
 
 
-_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "IS_VARLEN", "TWO_PART"]
-_KEY += ["TMA", "ADD"]
+_KEY = [
+    "SEQ_BUCKET",
+    "HEAD_DIM",
+    "HEAD_DIM_V",
+    "HAS_LO",
+    "HAS_HI",
+    "SOFTCAP",
+    "IS_VARLEN",
+    "TWO_PART",
+    "TMA",
+    "ADD",
+]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
     key=_KEY,
