@@ -215,12 +215,18 @@ def test_balanced_layout_pieces_fill_kernel_tiles(world):
 @pytest.mark.parametrize("method", ["ring", "allgather"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_balanced_layout_with_long_documents_matches_oracle(world, method):
+    _long_documents_case(world, method, (dict(causal=True), dict(causal=True, window_size=(300, 0))))
+
+
+def _long_documents_case(world, method, masks):
+    """Long documents spread over ranks in tile-multiple pieces (so the all-gather method runs a
+    rank's two runs of a document as one two-part sequence) against the oracle."""
     torch.manual_seed(world)
     cu = _long_and_short(world, 512 * world, seed=7)
     T = cu[-1].item()
     q, k, v = torch.randn(T, 2, 8), torch.randn(T, 1, 8), torch.randn(T, 1, 8)
     dout = torch.randn_like(q)
-    for mask in (dict(causal=True), dict(causal=True, window_size=(300, 0))):
+    for mask in masks:
         part = [[shard_for(x, r, world, 0, "balanced", cu) for r in range(world)] for x in (q, k, v, dout)]
         outs, lses, _ = simulate_ring_attn(*part[:3], "balanced", cu_seqlens=cu, method=method, **mask)
         dqs, dks, dvs, _ = simulate_ring_attn_backward(
@@ -429,7 +435,7 @@ import sys
 sys.path.insert(0, "tests")
 import torch
 import ringflash as rf
-from test_packed import _sim_case, _two_part_case, _written_gradients_case
+from test_packed import _long_documents_case, _sim_case, _two_part_case, _written_gradients_case
 with rf.use_backend("triton"):
     for layout, method, world, mask in (
         ("zigzag", "ring", 3, dict(causal=True)),
@@ -443,6 +449,7 @@ with rf.use_backend("triton"):
         _written_gradients_case(rf.backends.get_backend("triton"), dtype)
     err = _two_part_case(rf.backends.get_backend("triton"))
     assert err < 1e-4, err
+    _long_documents_case(2, "allgather", [dict(causal=True)])
 print("ok")
 """
 

@@ -12,8 +12,10 @@ per direction.
 The gather is an uneven all-to-all: a rank sends another only the rows of the documents that rank
 holds queries of, and keeps the keys it receives in stream order, so for ``contiguous``,
 ``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
-sequence of a packed call (with its own causal diagonal): zigzag runs two calls (the first and the
-second piece of every document), contiguous one. ``stripe`` queries sit every ``W``-th position,
+sequence of a packed call (with its own causal diagonal): contiguous runs one call, zigzag and
+balanced one where a rank's two pieces of a document are tile multiples (one sequence with a
+two-part diagonal, ``doc_layouts._two_part``) and two otherwise (the first and the second piece
+of every document). ``stripe`` queries sit every ``W``-th position,
 which no single diagonal describes: they attend the whole gathered stream in rank-block order with
 the ring's own per-step pieces (``W`` calls).
 """
@@ -30,7 +32,7 @@ import torch
 from ..backends import backend_for
 from ..comm.gather import start_exchange
 from ..comm.ring import Post, Wait
-from .doc_layouts import DocSegment, _calls, _coalesce_full, _pairs, doc_segments
+from .doc_layouts import DocSegment, _calls, _coalesce_full, _pairs, _two_part, doc_segments
 from .layouts import Piece, _band, _mask_args
 from .ring_loop import TAG_DKV, TAG_KV, bwd_piece, fwd_piece
 
@@ -50,7 +52,8 @@ class GatherPlan:
     documents that this rank holds queries of, in stream order), its K row and its V row in the
     received blocks (None: stripe, whose received blocks in rank order are the gathered keys).
     ``write_once``: no local row is in two calls' sequences; ``covers_all``: moreover every local
-    row is in one.
+    row is in one; ``keys_once``: no gathered key is in two sequences (a document's two runs on
+    this rank are one sequence), so the backward writes the gathered keys' dK/dV instead of adding.
     """
 
     local: tuple[Piece, ...]
@@ -63,6 +66,7 @@ class GatherPlan:
     src: torch.Tensor | None
     write_once: bool = False
     covers_all: bool = False
+    keys_once: bool = False
     copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     def on(self, x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -149,11 +153,14 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
         if args is not None:
             pairs.append((sq.local0, sq.count, start[sq.doc] + k0, k1 - k0, args))
+    pairs = _two_part(pairs)  # a document's two runs on this rank: one sequence
     q_runs = sorted((p[0], p[0] + p[1]) for p in [*pairs, *own_pairs])
     once = all(a[1] <= b[0] for a, b in itertools.pairwise(q_runs))  # no row in two calls
     covers = once and sum(b - a for a, b in q_runs) == n_local
+    k_runs = sorted((p[2], p[2] + p[3]) for p in pairs)
+    keys_once = all(a[1] <= b[0] for a, b in itertools.pairwise(k_runs))
     return GatherPlan(
-        tuple(local), tuple(_calls(pairs)), send, recv, own, home, any(shared), src, once, covers
+        tuple(local), tuple(_calls(pairs)), send, recv, own, home, any(shared), src, once, covers, keys_once
     )
 
 
@@ -243,13 +250,14 @@ def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, s
 
     With ``plan.write_once`` each call writes its rows of ``dq`` and of the local ``dk``/``dv`` in
     the inputs' dtypes (zeros elsewhere); otherwise they are float32 sums. The shared keys' dK/dV
-    are float32 sums either way: every piece of a document reads them.
+    are float32 either way: written when no gathered key is in two sequences (``plan.keys_once``),
+    else sums.
     """
     delta = backend.attn_bwd_delta(dout, out, packed=True)
     if dlse is not None:
         delta = (delta - dlse).contiguous()
     once = plan.write_once
-    add_local, add_gathered = (not once, not once), (not once, True)
+    add_local, add_gathered = (not once, not once), (not once, not plan.keys_once)
 
     def zeros(x, dtype=torch.float32):
         return torch.zeros(x.shape, dtype=dtype, device=q.device)

@@ -306,10 +306,36 @@ def _coalesce_full(pairs):
     return out
 
 
+_SPLIT_TILE = 128  # the Triton kernels' largest tile (see ``kernels.common.varlen_diag``)
+
+
+def _two_part(pairs):
+    """Pairs in order, each causal pair merged with the next when the two are a rank's two runs of
+    one document against the same first key (touching query runs, the second after the first in
+    the document): one sequence with a two-part diagonal (``kernels.common.varlen_diag``), over the
+    second run's keys, so the backward's dK/dV pass runs over the shared keys once instead of once
+    per run. Only where the first run's length and last visible key fall on tile boundaries."""
+    out = []
+    for p in pairs:
+        if out:
+            q0, nq, k0, nk, (causal, diag, window, full) = out[-1]
+            causal2, diag2, window2, full2 = p[4]
+            if (
+                causal and causal2 and window == window2 == (-1, 0) and not (full or full2)
+                and isinstance(diag, int) and q0 + nq == p[0] and k0 == p[2] and nk <= p[3]
+                and nq % _SPLIT_TILE == 0 and (diag + nq) % _SPLIT_TILE == 0 and diag2 >= diag + nq
+            ):  # fmt: skip
+                out[-1] = (q0, nq + p[1], k0, p[3], (True, (diag, nq, diag2 - nq), window, False))
+                continue
+        out.append(p)
+    return out
+
+
 def _calls(pairs) -> list[Piece]:
     """Pack pairs into packed (varlen) calls: in one call query runs and key runs must increase
     and never overlap (programs of a call write their rows at once). The runs between a call's
-    pairs become sequences with no keys (or no queries), which cost nothing."""
+    pairs become sequences with no keys (or no queries), which cost nothing. A pair's diagonal
+    may be two-part (``_two_part``)."""
     kinds: dict[tuple, list] = {}
     has_causal = any(a[0] and a[2] == (-1, 0) for *_, a in pairs)
     for q0, nq, k0, nk, (causal, diag, window, full) in sorted(pairs):

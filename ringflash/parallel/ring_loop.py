@@ -40,6 +40,15 @@ def _lse(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return x.narrow(-1, a, b - a)
 
 
+def _diag_rows(pc: Piece) -> list:
+    """A packed piece's diagonals: one per sequence, or ``(diag, split, diag2)`` rows for every
+    sequence when one of them is two-part (the others then split past their last row)."""
+    if not any(isinstance(d, tuple) for d in pc.diag):
+        return pc.diag
+    lens = [b - a for a, b in itertools.pairwise(pc.cu_q)]
+    return [d if isinstance(d, tuple) else (d, n, d) for d, n in zip(pc.diag, lens, strict=True)]
+
+
 def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
     kw = {"causal": pc.causal, "window_size": pc.window}
     if not packed:
@@ -48,7 +57,7 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
     key = str(device)
     if key not in pc.tensors:
         as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(pc.diag))
+        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(_diag_rows(pc)))
     cu_q, cu_k, diag = pc.tensors[key]
     kw.update(
         cu_seqlens_q=cu_q,
