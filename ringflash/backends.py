@@ -34,6 +34,10 @@ from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_
 from .kernels.tables import SignatureTable  # noqa: F401 (re-exported: the public functions' plans)
 
 BACKENDS = ("triton", "torch", "cudnn")
+# Two-part diagonals (``diag_offset`` rows ``(diag, split, diag2)`` of a packed call) need ``split``
+# and ``split + diag`` to be multiples of this: the Triton kernels' largest tile, so that no tile
+# holds rows or keys of both parts' diagonals (``kernels.common.varlen_diag``).
+SPLIT_TILE = 128
 # Plain lists (innermost choice last) rather than ContextVars: torch.compile can read and guard
 # on a module-level list, not on ContextVar.get.
 _forced: list[str] = []
@@ -124,7 +128,8 @@ class Backend:
     """The interface of a backend; ``ringflash.blockwise`` documents every argument.
 
     - ``attn_fwd(q, k, v, *, softmax_scale, causal, window_size, softcap, cu_seqlens_q,
-      cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge) -> (out, lse)``
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge) -> (out, lse)``;
+      a packed call's ``diag_offset`` may be two-part (``[n_seq, 3]``, see ``SPLIT_TILE``)
     - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate) -> (dq, dk, dv)``:
       given buffers are added into (float32) or written (``accumulate``, per dQ and dK/dV)
     - ``attn_bwd_delta(dout, out, packed) -> delta``

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import SPLIT_TILE
 from .layouts import DOC_LAYOUTS, Piece, Plan, _band, _mask_args, trim
 
 
@@ -306,9 +307,6 @@ def _coalesce_full(pairs):
     return out
 
 
-_SPLIT_TILE = 128  # the Triton kernels' largest tile (see ``kernels.common.varlen_diag``)
-
-
 def _two_part(pairs):
     """Pairs in order, each causal pair merged with the next when the two are a rank's two runs of
     one document against the same first key (touching query runs, the second after the first in
@@ -323,7 +321,7 @@ def _two_part(pairs):
             if (
                 causal and causal2 and window == window2 == (-1, 0) and not (full or full2)
                 and isinstance(diag, int) and q0 + nq == p[0] and k0 == p[2] and nk <= p[3]
-                and nq % _SPLIT_TILE == 0 and (diag + nq) % _SPLIT_TILE == 0 and diag2 >= diag + nq
+                and nq % SPLIT_TILE == 0 and (diag + nq) % SPLIT_TILE == 0 and diag2 >= diag + nq
             ):  # fmt: skip
                 out[-1] = (q0, nq + p[1], k0, p[3], (True, (diag, nq, diag2 - nq), window, False))
                 continue
