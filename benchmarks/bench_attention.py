@@ -31,6 +31,7 @@ SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``rin
     python benchmarks/bench_attention.py --dims 128 --seqlens 4096 8192 --sched-per-sm 0 4 --out DIR
     python benchmarks/bench_attention.py --tiny --out DIR        # one small shape (smoke run)
     python benchmarks/bench_attention.py --backends --out DIR    # the kernels and SDPA only
+    python benchmarks/bench_attention.py --eager 128 512 2048 --out DIR  # eager prefill calls only
 
 Writes ``attention.csv`` and ``attention.png`` into ``--out``. Needs a CUDA GPU.
 """
@@ -51,6 +52,7 @@ from bench_timing import (
     config_variants,
     format_table,
     header,
+    host_us,
     interleaved_medians,
     nan_if_fails,
     plot_bars,
@@ -233,6 +235,48 @@ for _p in ("fwd", "bwd"):
 COLUMNS += [("err fwd", "err_fwd", ".1e"), ("err bwd", "err_bwd", ".1e")]
 
 
+def eager_prefill(seqlens, rounds: int) -> list[dict]:
+    """Eager inference prefill: ``flash_attn_func`` under ``no_grad`` (a planned call from its
+    second signature on) against SDPA's cuDNN call, Llama-3-8B attention (32 q / 8 KV heads, head
+    dim 128, causal, bf16, batch 1): ``do_bench`` medians and host microseconds per call."""
+    return [_eager_row(s, rounds) for s in seqlens]
+
+
+def _eager_row(s: int, rounds: int) -> dict:
+    q = torch.randn(1, s, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, s, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def ours():
+        return flash_attn_func(q, k, v, causal=True)
+
+    def cudnn():
+        return sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    # The backend choice is entered once, outside the timed calls, as a model would.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_ours, t_cudnn = interleaved_medians([lambda: bench_ms(ours), lambda: bench_ms(cudnn)], rounds)
+        return dict(
+            s=s,
+            ours_us=t_ours * 1e3,
+            cudnn_us=t_cudnn * 1e3,
+            cudnn_over_ours=ratio(t_cudnn, t_ours),
+            ours_host_us=host_us(ours),
+            cudnn_host_us=host_us(cudnn),
+        )
+
+
+EAGER_COLUMNS = [
+    ("S", "s", ""),
+    ("ours us", "ours_us", ".1f"),
+    ("cuDNN us", "cudnn_us", ".1f"),
+    ("cuDNN/ours", "cudnn_over_ours", ".2f"),
+    ("host ours", "ours_host_us", ".1f"),
+    ("host cuDNN", "cudnn_host_us", ".1f"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, tiny="one small shape of each kind (a smoke run)")
@@ -257,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds (default 1, 3 with variants)"
     )
+    ap.add_argument(
+        "--eager",
+        type=int,
+        nargs="*",
+        default=None,
+        help="only the eager inference prefill table at these token counts (e.g. 128 512 2048)",
+    )
     add_config_args(ap, AttnConfig, CONFIG_FIELDS)
     return ap
 
@@ -273,6 +324,15 @@ def main(argv=None) -> int:
     variants = config_variants(AttnConfig, args, CONFIG_FIELDS)
     args.rounds = args.rounds or (3 if len(variants) > 1 else 1)
     info = run_info()
+    if args.eager:
+        title = "eager prefill, no grad: Llama-3-8B attention (32 q / 8 KV heads, d 128), causal, bf16, B=1"
+        rows = eager_prefill(args.eager, args.rounds)
+        print(header(title, info=info))
+        print("us: do_bench medians; host: host us per eager call from an idle GPU")
+        print(format_table(rows, EAGER_COLUMNS))
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(os.path.join(args.out, "eager.csv"), rows, info)
+        return 0
     title = f"attention, bf16, TFLOP/s (fwd 4bhssd, /2 causal; bwd 2.5x fwd); use_tma {args.tma}"
     print(header(title, info=info), flush=True)
     rows = []
