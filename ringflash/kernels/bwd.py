@@ -23,6 +23,7 @@ from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
 from .common import (
     CALL_TENSORS,
+    TUNE_KEY,
     attn_args,
     attn_heuristics,
     call_tensors,
@@ -126,18 +127,7 @@ def _prune(table):
     return prune
 
 
-_KEY = [
-    "SEQ_BUCKET",
-    "HEAD_DIM",
-    "HEAD_DIM_V",
-    "HAS_LO",
-    "HAS_HI",
-    "SOFTCAP",
-    "IS_VARLEN",
-    "TWO_PART",
-    "TMA",
-    "ADD",
-]
+_KEY = [*TUNE_KEY, "ADD"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
     key=_KEY,

@@ -458,10 +458,23 @@ attn_heuristics = triton.heuristics(
         "SOFTCAP": lambda a: a["softcap"] > 0,
         "IS_VARLEN": lambda a: a["CU_Q"] is not None,
         "DIAG_FROM_PTR": lambda a: a["DIAG_PTR"] is not None,
-        "TWO_PART": lambda a: a["DIAG_PTR"] is not None and a["DIAG_PTR"].dim() == 2,
+        "TWO_PART": lambda a: two_part(a["DIAG_PTR"]),
         "DOT_PREC": lambda a: dot_precision(a["Q"].dtype),
         "DOT_F32": lambda a: dot_f32(a["Q"]),
     }
+)
+# What the attention kernels' tuned configs depend on, besides their own in-place flag (the forward's
+# ACCUMULATE, the backward's ADD): the autotuners' keys.
+TUNE_KEY = (
+    "SEQ_BUCKET",
+    "HEAD_DIM",
+    "HEAD_DIM_V",
+    "HAS_LO",
+    "HAS_HI",
+    "SOFTCAP",
+    "IS_VARLEN",
+    "TWO_PART",
+    "TMA",
 )
 _Q, _K, _V = stride_names("q", "bshd"), stride_names("k", "bshd"), stride_names("v", "bshd")
 

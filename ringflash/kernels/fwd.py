@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .common import (
     CALL_TENSORS,
+    TUNE_KEY,
     _attn_prologue,
     _block_ranges,
     _dot,
@@ -232,18 +233,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=[
-        "SEQ_BUCKET",
-        "HEAD_DIM",
-        "HEAD_DIM_V",
-        "HAS_LO",
-        "HAS_HI",
-        "SOFTCAP",
-        "IS_VARLEN",
-        "TWO_PART",
-        "TMA",
-        "ACCUMULATE",
-    ],
+    key=[*TUNE_KEY, "ACCUMULATE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
