@@ -69,14 +69,12 @@ class GatherPlan:
     keys_once: bool = False
     copies: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def on(self, x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """``x`` (one of the plan's index tensors) on ``device``, copied there once: a copy from
-        the host on every call would wait for the device to reach it."""
-        if x is None or x.device == device:
-            return x
-        key = (id(x), str(device))
+    def on(self, key, device: torch.device, make) -> torch.Tensor:
+        """The index tensor ``make()`` (derived from the plan) on ``device``, made and copied there
+        once under ``key``: a copy from the host on every call would wait for the device."""
+        key = (key, str(device))
         if key not in self.copies:
-            self.copies[key] = x.to(device)
+            self.copies[key] = make().to(device)
         return self.copies[key]
 
 
@@ -177,19 +175,11 @@ def _sizes(plan: GatherPlan) -> tuple[list[int], list[int]]:
     return [2 * len(x) for x in plan.send], [2 * n for n in plan.recv]
 
 
-def _cached(plan: GatherPlan, key, device, make):
-    """A device tensor derived from the plan, made once per device."""
-    key = (key, str(device))
-    if key not in plan.copies:
-        plan.copies[key] = make().to(device)
-    return plan.copies[key]
-
-
 def _outgoing(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     """The exchange's input ``[sum(sends), Hk, D]``: for every rank ``d`` in order, this rank's K
     rows that ``d`` reads, then their V rows."""
     n = k.shape[0]
-    rows = _cached(plan, ("out", n), k.device, lambda: torch.cat([torch.cat([x, x + n]) for x in plan.send]))
+    rows = plan.on(("out", n), k.device, lambda: torch.cat([torch.cat([x, x + n]) for x in plan.send]))
     return torch.cat([k, v]).index_select(0, rows)
 
 
@@ -198,7 +188,7 @@ def _in_stream_order(got: torch.Tensor, plan: GatherPlan):
     if plan.src is None:  # stripe: the blocks in rank order are the gathered keys
         blocks = got.view(len(plan.recv), 2, plan.recv[0], *got.shape[1:])
         return blocks[:, 0].reshape(-1, *got.shape[1:]), blocks[:, 1].reshape(-1, *got.shape[1:])
-    both = got.index_select(0, _cached(plan, "src", got.device, lambda: plan.src.reshape(-1)))
+    both = got.index_select(0, plan.on("src", got.device, lambda: plan.src.reshape(-1)))
     n = plan.src.shape[1]
     return both[:n], both[n:]
 
@@ -295,7 +285,7 @@ def _returning(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
         inv[plan.src.reshape(-1)] = torch.arange(2 * n)
         return inv
 
-    return dkv.index_select(0, _cached(plan, "inverse", dkv.device, inverse))
+    return dkv.index_select(0, plan.on("inverse", dkv.device, inverse))
 
 
 def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
@@ -310,10 +300,10 @@ def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
     for d, (rows, home) in enumerate(zip(plan.send, plan.home, strict=True)):
         m = len(rows)
         if m:  # no row twice in one add: its order is fixed
-            idx = _cached(plan, ("home", d), back.device, lambda h=home: torch.cat([h, h + n_own]))
+            idx = plan.on(("home", d), back.device, lambda h=home: torch.cat([h, h + n_own]))
             acc.index_add_(0, idx, back[at : at + 2 * m])
         at += 2 * m
-    own = _cached(plan, "own", dk.device, lambda: plan.own)
+    own = plan.on("own", dk.device, lambda: plan.own)
     dk.index_add_(0, own, acc[:n_own].to(dk.dtype))
     dv.index_add_(0, own, acc[n_own:].to(dv.dtype))
 
