@@ -416,6 +416,25 @@ def dispatch_state() -> tuple:
     return (_forced[-1] if _forced else None, *_configs, tma_mode())
 
 
+def plan_signature(tensors, options, window, *extra) -> tuple | None:
+    """The key of a public function's planned call: each tensor's shape, strides, dtype and device
+    (None kept as None), each option's value and type and the types of ``window``'s members,
+    ``extra``, and the dispatch state in force (``dispatch_state``). None, for a call that takes
+    the full path: a tensor that is neither a plain tensor nor a ``Parameter``, or a window that
+    is not a tuple."""
+    if type(window) is not tuple:
+        return None
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # a model's sink is a Parameter
+            key.append((t.shape, t.stride(), t.dtype, t.device))
+        else:
+            return None
+    return (*key, *options, *map(type, options), *map(type, window), *extra, dispatch_state())
+
+
 def backend_name(device: torch.device) -> str:
     """The name of the backend that a call on ``device`` uses now."""
     if _forced:

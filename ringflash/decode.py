@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import SignatureTable, backend_for, dispatch_state
+from .backends import SignatureTable, backend_for, plan_signature
 from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale, value_check_mode
 from .device_errors import raise_completed
 from .merge import merge_sink
@@ -43,18 +43,8 @@ def _plan_key(tensors, options, mode) -> tuple | None:
     """The key of a call in ``_PLANS``, or None for a call that always takes the full path."""
     if mode == "host" or tensors[5] is None or torch.compiler.is_compiling():
         return None  # host value checks read every call's values; no cache_seqlens: filled per call
-    window = options[2]
-    if type(window) is not tuple:
-        return None
-    key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-        elif type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # a model's sink is one
-            key.append((t.shape, t.stride(), t.dtype, t.device))
-        else:
-            return None  # an int cache_seqlens or another tensor subclass: the full path handles it
-    return (*key, *options, *map(type, options), *map(type, window), mode, dispatch_state())
+    # An int cache_seqlens or a tensor subclass gives no key: the full path handles it.
+    return plan_signature(tensors, options, options[2], mode)
 
 
 def queue_value_checks(a: KVCacheArgs, q: torch.Tensor, k_cache: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import SignatureTable, backend_for, dispatch_state, get_backend
+from .backends import SignatureTable, backend_for, get_backend, plan_signature
 from .checks import (
     check_cu_seqlens,
     check_max_seqlen,
@@ -263,19 +263,10 @@ def _plan_key(q, k, v, options, sink=None) -> tuple | None:
     """The key of an inference call in ``_PLANS``, or None for one that takes the full path."""
     if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor):
         return None
-    if sink is not None and type(sink) is not torch.Tensor and type(sink) is not torch.nn.Parameter:
-        return None
-    grads = q.requires_grad or k.requires_grad or v.requires_grad or (sink is not None and sink.requires_grad)
-    if grads and torch.is_grad_enabled():
+    grads = q.requires_grad or k.requires_grad or v.requires_grad
+    if (grads or getattr(sink, "requires_grad", False)) and torch.is_grad_enabled():
         return None  # a call autograd records: the full path (its kernels are longer anyway)
-    window = options[3]
-    if type(window) is not tuple:
-        return None
-    sink_key = None if sink is None else (sink.shape, sink.stride(), sink.dtype, sink.device)
-    return (
-        q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
-        v.dtype, v.device, sink_key, *options, *map(type, options), *map(type, window), dispatch_state(),
-    )  # fmt: skip
+    return plan_signature((q, k, v, sink), options, options[3])
 
 
 # ---------------------------------------------------------------- public functions
