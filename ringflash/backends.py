@@ -29,6 +29,7 @@ import torch
 
 from . import blockwise, blockwise_cache, cudnn
 from .blockwise import BlockwiseConfig
+from .checks import bounded_cu
 from .device_errors import error_flag, or_verdicts
 from .kernels.options import TMA_MODES, AttnConfig, DecodeConfig, tma_mode, use_tma  # noqa: F401 (re-exported)
 from .kernels.tables import SignatureTable  # noqa: F401 (re-exported: the public functions' plans)
@@ -145,9 +146,24 @@ class Backend:
     - ``check_kv_values(a, k_cache)``: OR the bits of the failed value checks of a KV-cache call
       (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``) without
       reading anything on the host.
+    - ``bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, report) -> (cu_q, cu_k)``: packed
+      sequences' bounds clamped to the tensors' rows, on the device (``checks.bounded_cu``).
     """
 
     name = ""
+
+    def bounded_cu_seqlens(self, cu_q, cu_k, totals, max_lens, report):
+        """``cu_q``/``cu_k`` clamped so that every row they describe exists (``checks.bounded_cu``),
+        with the failed checks ORed into the device's error flag when ``report``; nothing read on
+        the host. Torch operations here; a backend may do it in one launch."""
+        safe_q, verdicts = bounded_cu(cu_q, totals[0], max_lens[0])
+        safe_k = safe_q
+        if cu_k is not cu_q or totals[0] != totals[1] or max_lens[0] != max_lens[1]:
+            safe_k, more = bounded_cu(cu_k, totals[1], max_lens[1])
+            verdicts = [(bit, a | b) for (bit, a), (_, b) in zip(verdicts, more, strict=True)]
+        if report:
+            or_verdicts(cu_q.device, verdicts)
+        return safe_q, safe_k
 
     def runs_on(self, device: torch.device) -> bool:
         """Whether this backend can run tensors on ``device``."""
@@ -306,6 +322,11 @@ class TritonBackend(Backend):
 
         return runner
 
+    def bounded_cu_seqlens(self, cu_q, cu_k, totals, max_lens, report):
+        from .kernels.cu_check import bounded_cu_seqlens
+
+        return bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, error_flag(cu_q.device) if report else None)
+
     def check_kv_values(self, a, k_cache):
         from .kernels.decode.check import check_kv_values
 
@@ -379,6 +400,9 @@ class CudnnBackend(Backend):
 
     def check_kv_values(self, a, k_cache):
         self.next(k_cache).check_kv_values(a, k_cache)
+
+    def bounded_cu_seqlens(self, cu_q, *args):
+        return self.next(cu_q).bounded_cu_seqlens(cu_q, *args)
 
     def append_kv(self, k_cache, *args, **kw):
         self.next(k_cache).append_kv(k_cache, *args, **kw)

@@ -210,10 +210,11 @@ def check_sink(sink, q: torch.Tensor) -> None:
 
 
 def check_cu_seqlens(
-    cu, total: int, name: str, device: torch.device, allow_cpu: bool = False
+    cu, total: int, name: str, device: torch.device, allow_cpu: bool = False, read: bool = True
 ) -> list[int] | None:
     """Check a ``cu_seqlens`` tensor: int32, 1-D, on ``device`` (or the CPU with ``allow_cpu``),
-    starting at 0, non-decreasing, ending at ``total`` (the token count it describes).
+    starting at 0, non-decreasing, ending at ``total`` (the token count it describes); its values
+    only with ``read``.
 
     Returns:
         Its values as a list when they were read (None inside ``skip_value_checks`` and the like).
@@ -226,11 +227,24 @@ def check_cu_seqlens(
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device and not (allow_cpu and cu.device.type == "cpu"):
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
-    if not host_checks_allowed(cu):
+    if not read or not host_checks_allowed(cu):
         return None
     vals = cu.tolist()
     check_cu_list(vals, total, name)
     return vals
+
+
+def bounded_cu(cu: torch.Tensor, total: int, max_len: int) -> tuple[torch.Tensor, list]:
+    """A ``cu_seqlens`` bounded on its device, ``min(cummax(max(cu, 0)), total)`` (equal to ``cu``
+    when valid; otherwise still non-decreasing inside ``[0, total]``, so every row it describes
+    exists), and the ``(bit, failed)`` verdicts of its checks (``ringflash.device_errors.BITS``:
+    ``cu_seqlens`` its start, order and end; ``max_seqlen`` its longest sequence). Nothing is read
+    on the host."""
+    x = cu.long()
+    safe = x.clamp(min=0).cummax(0).values.clamp(max=total).to(torch.int32)
+    steps = x[1:] - x[:-1]
+    shape = (x[0] != 0) | (x[-1] != total) | (steps < 0).any()
+    return safe, [(BITS["cu_seqlens"], shape), (BITS["max_seqlen"], (steps > max_len).any())]
 
 
 def check_cu_list(vals: list[int], total: int | None, name: str) -> None:

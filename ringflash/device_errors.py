@@ -1,15 +1,17 @@
 """Value checks without a host sync: a sticky error flag per device.
 
-Reading an index tensor's values on the host (``cache_seqlens``, ``block_table``, ...) makes the
-host wait for the GPU on every call, so an eager decoding loop pays its Python time on the GPU's
-clock. In ``"device"`` mode (``use_value_checks``; the default for CUDA tensors) the KV-cache calls
-check them on the device instead, in one launch (``kernels/decode/check.py``; torch operations on
-the blockwise backend), which ORs one bit per failed check into the device's flag. The flag lives
-in pinned host memory that the kernel writes directly, so the host reads it without a copy or a
-sync: a failed check is raised as a ``ValueError`` by the first later checked call on that device
-after the check has run, or by :func:`check_device_errors`, which waits for it. The faulty call
-itself still runs, with every read and write kept inside the cache (the kernels clamp positions,
-rows and pages): its results for the bad rows are wrong and the error says so.
+Reading an index tensor's values on the host (``cache_seqlens``, ``block_table``, ``cu_seqlens``,
+...) makes the host wait for the GPU on every call, so an eager loop pays its Python time on the
+GPU's clock. In ``"device"`` mode (``use_value_checks``; the default for CUDA tensors) the
+KV-cache calls and ``flash_attn_varlen_func`` check them on the device instead, in one launch
+(``kernels/decode/check.py``, ``kernels/cu_check.py``; torch operations on the blockwise backend),
+which ORs one bit per failed check into the device's flag. The flag lives in pinned host memory
+that the kernel writes directly, so the host reads it without a copy or a sync: a failed check is
+raised as a ``ValueError`` by the first later checked call on that device after the check has run,
+or by :func:`check_device_errors`, which waits for it. The faulty call itself still runs, with
+every read and write kept inside its tensors (the kernels clamp positions, rows and pages; packed
+sequences' bounds are clamped to the tensors' rows): its results for the bad rows are wrong and
+the error says so.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ BITS = {
     "page": 8,
     "row": 16,
     "repeated_row": 32,
+    "cu_seqlens": 64,
+    "max_seqlen": 128,
 }
 _MESSAGES = {
     1: "a negative cache_seqlens entry",
@@ -39,6 +43,8 @@ _MESSAGES = {
     8: "a block_table entry outside the cache's pages",
     16: "a cache_batch_idx entry outside the cache's rows",
     32: "cache_batch_idx repeating a row while appending (the appends collide)",
+    64: "a cu_seqlens that does not start at 0, decreases, or does not end at the packed tensor's rows",
+    128: "a packed sequence longer than its max_seqlen",
 }
 
 
@@ -50,12 +56,12 @@ def use_value_checks(mode: str):
         mode: ``"host"`` (the default for CPU tensors): read them on the host and raise in the
             faulty call itself, naming the values, before anything is written; for CUDA tensors
             one device sync per call.
-            ``"device"`` (the default for CUDA tensors): the KV-cache calls check them on the
-            device, no sync; a failure is raised by a later call on that device or by
-            :func:`check_device_errors` (module docstring). Other calls (``cu_seqlens``) check on
-            the host as in ``"host"``.
+            ``"device"`` (the default for CUDA tensors): the KV-cache calls and
+            ``flash_attn_varlen_func`` check them on the device, no sync; a failure is raised by a
+            later call on that device or by :func:`check_device_errors` (module docstring). The
+            distributed functions, which plan from ``cu_seqlens``, read it on the host.
             ``"off"``: no value checks (as ``skip_value_checks()``); bad values give wrong results,
-            the KV-cache kernels still keep every read and write inside the cache.
+            every read and write still stays inside the tensors (KV caches, packed rows).
 
     Example:
         >>> with ringflash.use_value_checks("host"):  # raise in the faulty call itself (one sync)
@@ -165,11 +171,13 @@ def take_bits(device: torch.device | str) -> int:
 
 def _error(device: torch.device | str, bits: int) -> ValueError:
     what = "; ".join(m for b, m in _MESSAGES.items() if bits & b)
+    kind = "KV-cache call" if bits < BITS["cu_seqlens"] else "call"
     return ValueError(
-        f"an earlier KV-cache call on {device} had {what} (checked on the device, so a later call "
-        "reports it). Its reads and writes were kept inside the cache, but its results for those rows "
-        "are wrong. Call ringflash.check_device_errors() after a call to learn at once, or wrap the "
-        "calls in ringflash.use_value_checks('host') to raise in the faulty call itself, naming the values."
+        f"an earlier {kind} on {device} had {what} (checked on the device, so a later call "
+        "reports it). Its reads and writes were kept inside its tensors, but its results for those "
+        "rows are wrong. Call ringflash.check_device_errors() after a call to learn at once, or wrap "
+        "the calls in ringflash.use_value_checks('host') to raise in the faulty call itself, naming "
+        "the values."
     )
 
 

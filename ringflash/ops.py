@@ -24,7 +24,9 @@ from .checks import (
     check_sink,
     host_checks_allowed,
     resolve_scale,
+    value_check_mode,
 )
+from .device_errors import raise_completed
 from .merge import combine_attn_partials, merge_attn_states, merge_sink
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_attn_states", "combine_attn_partials"]
@@ -389,8 +391,12 @@ def flash_attn_varlen_func(
         k, v = _unpage(k, v, block_table, cu_seqlens_k, q)
     check_qkv(q, k, v, packed=True)
     check_sink(learnable_sink, q)
-    cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
-    cu_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device)
+    mode = value_check_mode(q)  # "host": read cu_seqlens here; else bounded on the device
+    if mode is not None:
+        raise_completed(q.device)  # a failure an earlier call queued on the device
+    read = mode == "host"
+    cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device, read=read)
+    cu_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", k.device, read=read)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
@@ -401,7 +407,14 @@ def flash_attn_varlen_func(
         check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k", cu_k),
     )
     scale = resolve_scale(scale, q.shape[-1])
-    opts = (scale, causal, wl, wr, softcap, backend_for(q).name)
+    be = backend_for(q)
+    opts = (scale, causal, wl, wr, softcap, be.name)
+    if not read and not torch.compiler.is_compiling():
+        # The kernels trust cu_seqlens: unread, its copy bounded to the rows is what they get.
+        totals = (q.shape[0], k.shape[0])
+        cu_seqlens_q, cu_seqlens_k = be.bounded_cu_seqlens(
+            cu_seqlens_q, cu_seqlens_k, totals, lens, mode == "device"
+        )
     if torch.compiler.is_compiling():
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
     else:

@@ -35,7 +35,7 @@ from test_decode import (  # noqa: E402
     run_case,
     unchecked_bad_values,
 )
-from test_device_errors import value_bits_cases  # noqa: E402
+from test_device_errors import bad_cu_call, cu_bounds_cases, value_bits_cases  # noqa: E402
 from test_plans import PLAN_CASES, PREFILL_CASES, plans_vs_full, prefill_plans_vs_full  # noqa: E402
 
 import ringflash  # noqa: E402
@@ -116,6 +116,8 @@ def _worker_main():
         proto.write(json.dumps({"id": f"device-{variant}", "checks": checks}) + "\n")
     with use_backend("triton"):
         proto.write(json.dumps({"id": "value-bits", "checks": value_bits_cases()}) + "\n")
+        proto.write(json.dumps({"id": "cu-bounds", **_reply(cu_bounds_cases)}) + "\n")
+        proto.write(json.dumps({"id": "bad-cu-call", **_reply(bad_cu_call)}) + "\n")
     for i, c in enumerate(PLAN_CASES):
         proto.write(json.dumps({"id": f"plan-{i}", **_reply(lambda c=c: plans_vs_full(c))}) + "\n")
     for i, c in enumerate(PREFILL_CASES):
@@ -190,6 +192,13 @@ def test_device_checks_interpreter(interp_results, variant):
 def test_check_kernel_bits_interpreter(interp_results):
     """The check kernel's bits equal the torch checks' on random calls with bad values planted."""
     assert_checks(_get(interp_results, "value-bits"), "value-bits")
+
+
+@pytest.mark.parametrize("cid", ["cu-bounds", "bad-cu-call"])
+def test_cu_bounds_kernel_interpreter(interp_results, cid):
+    """The ``cu_seqlens`` bounds kernel against the torch operations, and a call with a bad
+    ``cu_seqlens`` through the Triton kernels computing the bounded one."""
+    assert_checks(_get(interp_results, cid), cid)
 
 
 @pytest.mark.parametrize("i", range(len(PLAN_CASES)))

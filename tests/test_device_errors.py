@@ -172,3 +172,122 @@ def test_cuda_default_checks_in_the_decode_kernel(variant):
     with pytest.raises(ValueError, match=f"an earlier KV-cache call on cuda:0 had {WHAT[variant]}"):
         rf.check_device_errors()
     rf.check_device_errors()
+
+
+# ------------------------------------------------------------------ packed sequences (cu_seqlens)
+
+
+def cu_bounds_cases(n_cases: int = 40, seed: int = 1) -> dict:
+    """The backend in use bounds ``cu_seqlens`` (``Backend.bounded_cu_seqlens``; the Triton
+    backend in one launch) as the torch operations do, with the same bits, on random calls with
+    bad values planted: a start past 0, a decrease, a negative entry, an end past or short of the
+    rows, a sequence past ``max_seqlen``."""
+    import random
+
+    from ringflash.backends import Backend, backend_for
+    from ringflash.device_errors import take_bits
+
+    rng = random.Random(seed)
+    mismatches, seen = [], 0
+    for case in range(n_cases):
+        n_seq = rng.choice([1, 2, 5, 40])
+        lens = [rng.randint(0, 9) for _ in range(n_seq)]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        total, longest = cu[-1], max(lens)
+        bad = list(cu)
+        kind = rng.choice(["none", "start", "drop", "negative", "end", "max"])
+        if kind == "start":
+            bad[0] = rng.choice([1, -3])
+        elif kind == "drop" and n_seq > 1:
+            bad[rng.randrange(1, n_seq)] = total + 5
+        elif kind == "negative":
+            bad[rng.randrange(n_seq + 1)] = -7
+        elif kind == "end":
+            bad[-1] = total + rng.choice([-1, 3])
+        elif kind == "max":
+            longest = max(0, longest - 1)
+        cu_q = torch.tensor(bad, dtype=torch.int32)
+        cu_k = cu_q if rng.random() < 0.5 else torch.tensor(cu, dtype=torch.int32)
+        args = (cu_q, cu_k, (total, total), (longest, longest + 1), True)
+        take_bits(cu_q.device)
+        want = Backend.bounded_cu_seqlens(Backend(), *args)
+        want_bits = take_bits(cu_q.device)
+        got = backend_for(cu_q).bounded_cu_seqlens(*args)
+        got_bits = take_bits(cu_q.device)
+        seen |= got_bits
+        same = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+        if not same or want_bits != got_bits:
+            mismatches.append((case, kind, want_bits, got_bits))
+    return {
+        "bounds and bits as the torch checks": [len(mismatches), 0],
+        "both bits planted": [float(seen != 192), 0.0],
+    }
+
+
+def bad_cu_call(device: str = "cpu") -> dict:
+    """``flash_attn_varlen_func`` with a ``cu_seqlens`` that ends past the rows and decreases, in
+    ``"device"`` mode: it raises nothing, reads and writes only the rows it has (it computes what
+    the bounded ``cu_seqlens`` describes), and a later check names it."""
+    from ringflash.device_errors import take_bits
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(20, h, 16, generator=g).to(device) for h in (4, 2, 2))
+    bad = torch.tensor([0, 6, 4, 30], dtype=torch.int32, device=device)
+    bounded = torch.tensor([0, 6, 6, 20], dtype=torch.int32, device=device)
+    take_bits(q.device)
+    with rf.use_value_checks("host"):
+        want = rf.flash_attn_varlen_func(q, k, v, bounded, bounded, 14, 14, causal=True)
+    with rf.use_value_checks("device"):
+        out = rf.flash_attn_varlen_func(q, k, v, bad, bad, 14, 14, causal=True)
+    try:
+        rf.check_device_errors()
+        reported = 1.0
+    except ValueError as e:
+        reported = float("does not start at 0, decreases, or does not end" not in str(e))
+    return {"computes the bounded call": [(out - want).abs().max().item(), 0.0], "reported": [reported, 0.0]}
+
+
+def test_bounded_cu_seqlens():
+    """The bounded copy of a bad ``cu_seqlens`` and its bits, worked by hand."""
+    from ringflash.backends import backend_for
+    from ringflash.device_errors import take_bits
+
+    cu = torch.tensor([0, 5, 3, 30], dtype=torch.int32)
+    take_bits("cpu")
+    safe, same = backend_for(cu).bounded_cu_seqlens(cu, cu, (20, 20), (8, 8), True)
+    assert safe.tolist() == [0, 5, 5, 20] and same is safe
+    assert take_bits("cpu") == 64 | 128  # a decrease and an end past the rows; 27 > max_seqlen 8
+    good = torch.tensor([0, 5, 9, 20], dtype=torch.int32)
+    assert (
+        backend_for(good).bounded_cu_seqlens(good, good, (20, 20), (11, 11), True)[0].tolist()
+        == good.tolist()
+    )
+    assert take_bits("cpu") == 0
+    assert_checks(cu_bounds_cases(), "cu bounds")
+
+
+def test_varlen_device_checks_report_bad_cu_seqlens():
+    assert_checks(bad_cu_call(), "bad cu_seqlens")
+    cu = torch.tensor([0, 5, 3, 20], dtype=torch.int32)
+    q = torch.randn(20, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):  # host mode names values
+        rf.flash_attn_varlen_func(q, q, q, cu, cu, 20, 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_checks_without_a_sync():
+    """CUDA tensors: ``flash_attn_varlen_func`` bounds and checks ``cu_seqlens`` on the device by
+    default, with no host sync; a bad one is reported later and its call computes the bounded one."""
+    q = torch.randn(20, 4, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 6, 20], dtype=torch.int32, device="cuda")
+    rf.flash_attn_varlen_func(q, q, q, cu, cu, 14, 14, causal=True)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rf.flash_attn_varlen_func(q, q, q, cu, cu, 14, 14, causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rf.check_device_errors()
+    assert_checks(bad_cu_call("cuda"), "bad cu_seqlens")

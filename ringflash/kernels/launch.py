@@ -71,10 +71,14 @@ class _Bound:
         self.open = tuple((i, name) for i, (name, _) in enumerate(params) if name in per_call)
 
 
-def _key(per_call: dict) -> tuple:
+def _key(per_call: dict, n_values: int = 0) -> tuple:
     """What a compiled kernel depends on among the per-call values: the 16-byte alignment of the
-    tensors (None is its own case) and the other values themselves."""
-    return tuple(v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v for v in per_call.values())
+    tensors (None is its own case), the other values themselves, and of the last ``n_values``
+    (unspecialized integers) only whether they need 64 bits."""
+    vals = list(per_call.values())
+    cut = len(vals) - n_values
+    key = [v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v for v in vals[:cut]]
+    return (*key, *(not -(2**31) <= v < 2**31 for v in vals[cut:]))
 
 
 try:  # what torch.cuda.current_stream(i).cuda_stream reads, without building a Stream object
@@ -95,9 +99,11 @@ def _stream():
     return current_raw_stream(torch.cuda.current_device())
 
 
-def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict | None) -> None:
-    """``fn[grid](**static, **per_call)``, through the compiled kernel kept in ``slot`` when there
-    is one.
+def launch_cached(
+    fn, grid, static: dict, per_call: dict, slot: dict | None, values: dict | None = None
+) -> None:
+    """``fn[grid](**static, **per_call, **values)``, through the compiled kernel kept in ``slot``
+    when there is one.
 
     Args:
         fn: a ``@triton.jit`` function, or one wrapped by ``@triton.heuristics`` and
@@ -106,14 +112,19 @@ def launch_cached(fn, grid, static: dict, per_call: dict, slot: dict | None) -> 
         static: the arguments fixed for ``slot``: the same every call that passes ``slot``.
         per_call: the arguments bound anew on every call (tensors and a few flags), in the same
             order every call.
+        values: integers bound anew on every call that the kernel does not specialize on
+            (``do_not_specialize``): keyed only by whether they fit in 32 bits, in the same order
+            every call.
         slot: the caller's dict for one specialization of every ``static`` argument (its
             signature table entry); kept here: the compiled kernels by ``per_call`` key. None: a
             call with no signature, launched by Triton every time.
     """
+    if values:
+        per_call = {**per_call, **values}
     if slot is None:
         fn[grid](**static, **per_call)
         return
-    key = _key(per_call)
+    key = _key(per_call, len(values) if values else 0)
     bound = slot.get(key)
     if bound is None or _knobs is None:
         kernel = fn[grid](**static, **per_call)
