@@ -289,17 +289,64 @@ def test_single_document_runs_the_padded_ring_on_real_ranks():
         assert all(same.values()), (rank, same)
 
 
-def test_auto_method_rule():
-    """``method="auto"``: the all-gather when blocks would travel most of the ring or not at all."""
-    from ringflash.parallel.allgather import choose_method
+def test_band_pairs_counts_every_visible_pair():
+    import random
 
-    assert choose_method((3, 3, 3, 3), "zigzag", 4, backward=False) == "allgather"
-    assert choose_method((3, 3, 3, 3), "zigzag", 4) == "ring", "with a backward: the ring"
-    assert choose_method((2, 2, 1, 1), "balanced", 4, backward=False) == "allgather"
-    assert choose_method((0, 0, 0, 0), "balanced", 4) == "allgather", "nothing travels: no gather"
-    assert choose_method((1, 1, 1, 0), "contiguous", 4) == "ring", "a neighbour exchange"
-    assert choose_method((3, 3, 3, 3), "stripe", 4) == "ring"
-    assert choose_method((0,), "zigzag", 1) == "ring"
+    from ringflash.parallel.method_cost import band_pairs
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        nq, nk = rng.randint(0, 12), rng.randint(0, 12)
+        lo = rng.choice([-math.inf, rng.randint(-15, 15)])
+        hi = rng.choice([math.inf, rng.randint(-15, 15)])
+        want = sum(1 for i in range(nq) for j in range(nk) if lo <= j - i <= hi)
+        assert band_pairs(lo, hi, nq, nk) == want, (lo, hi, nq, nk)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe", "balanced"])
+def test_method_cost_counts(layout):
+    """The cost model's pairs add up to the stream's causal (and windowed) pairs in every layout,
+    and its gathered rows are what the all-gather plan receives."""
+    from ringflash.parallel.method_cost import gathered_rows, pair_counts
+
+    cu, world = (0, 1, 700, 1500, 1520, 3000, 4096), 4
+    for window, per_doc in (
+        ((-1, 0), lambda n: n * (n + 1) // 2),
+        ((50, 0), lambda n: sum(min(i, 50) + 1 for i in range(n))),
+    ):
+        pairs = pair_counts(layout, cu, world, True, window)
+        assert sum(map(sum, pairs)) == sum(per_doc(b - a) for a, b in itertools.pairwise(cu)), window
+    recv = gathered_rows(layout, cu, world)
+    if layout != "stripe":  # the all-gather runs stripe as the ring's pieces over the whole stream
+        plans = [gather_plan(layout, cu, r, world, True, (-1, 0)) for r in range(world)]
+        assert recv == [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)], "rows from other ranks"
+
+
+def test_auto_method_follows_the_costs():
+    """``method="auto"``: the all-gather when nothing travels or the link is fast enough that its
+    exchange costs less than the ring's per-step state; the ring when a slow link would leave the
+    all-gather's exchange exposed; stripe and one rank on the ring."""
+    from ringflash.parallel.method_cost import choose_method
+
+    q, k = torch.empty(1, 32, 128, dtype=torch.bfloat16), torch.empty(1, 8, 128, dtype=torch.bfloat16)
+    one_doc, world = (0, 4 * 8192), 4
+    far = (3, 3, 3, 3)
+    args = ("zigzag", one_doc, world, True, (-1, 0), far, q, k, True)
+    assert choose_method(*args, 1e15) == "allgather"
+    assert choose_method(*args, 1e6) == "ring"
+    assert (
+        choose_method(
+            "balanced", (0, 1024, 2048, 3072, 4096), world, True, (-1, 0), (0,) * 4, q, k, True, 1e6
+        )
+        == "allgather"
+    )
+    assert choose_method("stripe", *args[1:], 1e15) == "ring"
+    assert choose_method("zigzag", one_doc, 1, True, (-1, 0), (0,), q, k, True, 1e15) == "ring"
+    calls = []
+    choose_method(
+        "balanced", (0, 1024, 2048, 3072, 4096), world, True, (-1, 0), (0,) * 4, q, k, True, calls.append
+    )
+    assert not calls, "nothing travels: no link measured"
 
 
 def _kv_messages(world, n_local, cu, layout):

@@ -341,28 +341,6 @@ class AllGatherAttention(torch.autograd.Function):
 METHODS = ("ring", "allgather", "auto")
 
 
-def choose_method(plan_reach: tuple[int, ...], layout: str, world: int, backward: bool = True) -> str:
-    """``method="auto"``: the all-gather when no block travels, or, for a forward alone, when the
-    ring would carry most blocks most of the way.
-
-    When no block travels (every document whole on its rank) the all-gather method gathers nothing
-    and its calls write their rows once, without the ring's float32 state: it is taken. When
-    blocks travel, the ring overlaps each transfer with a step's compute but runs one call per
-    step; the all-gather moves them in one collective (not overlapped) and runs one or
-    two calls. For a forward alone (``backward=False``) its fewer, larger calls won on packed
-    streams whose blocks travel at least half the ring on average (``2 * sum(reach) >= W (W - 1)``;
-    docs/ring.md); with a backward, which adds float32 dK/dV for every gathered key and their
-    return, the ring measured as fast or faster, so it stays on the ring. Stripe gains
-    nothing in calls and always stays on the ring.
-    """
-    if world == 1 or layout == "stripe":
-        return "ring"
-    reach = sum(plan_reach)
-    if reach == 0:
-        return "allgather"
-    return "allgather" if not backward and 2 * reach >= world * (world - 1) else "ring"
-
-
 def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
     """Attention of this rank's packed queries over the whole stream's gathered K/V:
     ``(out [T_local, Hq, D], lse [Hq, T_local])``."""
@@ -422,4 +400,4 @@ def allgather_bwd_loop(
     return dq, dk, dv
 
 
-__all__ = ["allgather_attention", "allgather_bwd_loop", "allgather_fwd_loop", "choose_method", "gather_plan"]
+__all__ = ["allgather_attention", "allgather_bwd_loop", "allgather_fwd_loop", "gather_plan"]

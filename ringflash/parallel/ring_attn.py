@@ -34,9 +34,10 @@ from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
-from .allgather import METHODS, allgather_attention, choose_method
+from .allgather import METHODS, allgather_attention
 from .doc_layouts import build_doc_plan, padded_layout, total_error
 from .layouts import Plan, build_plan, check_layout, local_len_error
+from .method_cost import choose_method, link_bandwidth
 from .options import forward_prefetch, ring_transport
 from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
 
@@ -207,7 +208,9 @@ def ring_attention(
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
             grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            method = choose_method(plan.reach, layout, world, backward=grads)
+            cu = tuple(cu_list)
+            link = functools.partial(link_bandwidth, g, world, q.device)
+            method = choose_method(layout, cu, world, causal, window, plan.reach, q, k, grads, link)
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
     one = padded_layout(layout, tuple(cu_list), world) if packed and method != "allgather" else None
@@ -432,7 +435,7 @@ def ring_flash_attn_varlen_func(
             ``ringflash.parallel.doc_layouts``).
         method: ``"ring"`` (K/V travel the ring, each block only as far as a document that it holds
             reaches), ``"allgather"`` (each rank gathers the K/V of the documents it reads, and
-            sends their float32 dK/dV back) or ``"auto"`` (``ringflash.parallel.allgather.choose_method``).
+            sends their float32 dK/dV back) or ``"auto"`` (``ringflash.parallel.method_cost``).
         Other arguments as for ``ring_flash_attn_func``.
 
     Returns:

@@ -13,9 +13,10 @@ import torch
 
 from ..backends import backend_for
 from ..comm.ring import SimProfile, run_simulated
-from .allgather import METHODS, allgather_bwd_loop, allgather_fwd_loop, choose_method
+from .allgather import METHODS, allgather_bwd_loop, allgather_fwd_loop
 from .doc_layouts import build_doc_plan, padded_layout
 from .layouts import Plan, build_plan
+from .method_cost import choose_method, compute_rates
 from .options import ring_prefetch
 from .ring_loop import ring_bwd_loop, ring_fwd_loop
 
@@ -44,19 +45,26 @@ def _cu(cu_seqlens) -> tuple[int, ...]:
     )
 
 
-def _one_document(layout, cu_seqlens, plans: list[Plan], method: str) -> str | None:
+def _one_document(layout, cu_seqlens, plans: list[Plan], method: str, call) -> str | None:
     """The padded layout a packed call of a single document runs as (``doc_layouts.padded_layout``),
     unless it takes the all-gather method; None for other calls."""
-    if cu_seqlens is None or _method(method, plans, layout) == "allgather":
+    if cu_seqlens is None or _method(method, plans, layout, cu_seqlens, *call) == "allgather":
         return None
     return padded_layout(layout, _cu(cu_seqlens), len(plans))
 
 
-def _method(method: str, plans: list[Plan], layout: str) -> str:
+def _method(method: str, plans: list[Plan], layout: str, cu_seqlens, q, k, causal, window) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    # "auto" as for a call with gradients: the forward and backward simulations pick the same way
-    return choose_method(plans[0].reach, layout, len(plans)) if method == "auto" else method
+    if method != "auto":
+        return method
+    # As for a call with gradients, so that the forward and backward simulations pick the same
+    # way; the simulator's messages are device copies: its link is the device's memory.
+    link = compute_rates(q.device, q.shape[-1])[1]
+    window = (int(window[0]), int(window[1]))
+    return choose_method(
+        layout, _cu(cu_seqlens), len(plans), bool(causal), window, plans[0].reach, q, k, True, link
+    )
 
 
 def simulate_ring_attn(
@@ -94,7 +102,8 @@ def simulate_ring_attn(
     packed = cu_seqlens is not None
     n_local = qs[0].shape[0 if packed else 1]
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
-    one = _one_document(layout, cu_seqlens, plans, method)
+    call = (qs[0], ks[0], causal, window_size)
+    one = _one_document(layout, cu_seqlens, plans, method, call)
     if one is not None:  # as ring_flash_attn_varlen_func: the padded ring of one sequence
         mask = dict(causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale)
         rows = ([x.unsqueeze(0) for x in xs] for xs in (qs, ks, vs))
@@ -105,7 +114,7 @@ def simulate_ring_attn(
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
     prefetch = ring_prefetch() if prefetch is None else prefetch
-    if _method(method, plans, layout) == "allgather":
+    if _method(method, plans, layout, cu_seqlens, *call) == "allgather":
         cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
         loops = [
             allgather_fwd_loop(
@@ -144,7 +153,8 @@ def simulate_ring_attn_backward(
     packed = cu_seqlens is not None
     n_local = qs[0].shape[0 if packed else 1]
     plans = simulate_plans(len(qs), n_local, layout, causal, window_size, cu_seqlens)
-    one = _one_document(layout, cu_seqlens, plans, method)
+    call = (qs[0], ks[0], causal, window_size)
+    one = _one_document(layout, cu_seqlens, plans, method, call)
     if one is not None:
         mask = dict(causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale)
         rows = ([x.unsqueeze(0) for x in xs] for xs in (douts, qs, ks, vs, outs, lses))
@@ -154,7 +164,7 @@ def simulate_ring_attn_backward(
         return (*([g[0] for g in gs] for gs in grads), prof)
     scale = softmax_scale if softmax_scale is not None else qs[0].shape[-1] ** -0.5
     backend = backend_for(qs[0])
-    if _method(method, plans, layout) == "allgather":
+    if _method(method, plans, layout, cu_seqlens, *call) == "allgather":
         cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
         loops = [
             allgather_bwd_loop(
