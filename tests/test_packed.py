@@ -451,6 +451,17 @@ def _bad(rank, world):
                 q[:5], q[:5], q[:5], torch.tensor([0, 10], dtype=torch.int32), 10, layout="zag"
             ),
         ),
+        (
+            "gradients",  # "auto" would price a backward on one rank only
+            lambda: rf.ring_flash_attn_varlen_func(
+                q.clone().requires_grad_(rank == 0),
+                q,
+                q,
+                torch.tensor([0, 5, 12], dtype=torch.int32),
+                7,
+                method="auto",
+            ),
+        ),
     ):
         try:
             call()
@@ -474,6 +485,7 @@ def test_bad_packed_input_raises_on_every_rank():
         )
         assert "unknown method 'gather'" in msgs["method"], (rank, msgs)
         assert "unknown layout 'zag'" in msgs["layout"], (rank, msgs)
+        assert "disagree on gradients (rank 0: True, rank 1: False)" in msgs["gradients"], (rank, msgs)
         assert "does not divide by the world size 2" in msgs["not divisible"], (rank, msgs)
 
 

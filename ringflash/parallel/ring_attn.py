@@ -65,6 +65,10 @@ def _cached_plan(layout, rank, world, n_local, causal, window) -> Plan:
 
 
 @functools.lru_cache(maxsize=64)
+def _grads(q, k, v) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
 def _cached_doc_plan(layout, cu, rank, world, causal, window) -> Plan:
     return build_doc_plan(layout, cu, rank, world, causal, window)
 
@@ -198,6 +202,8 @@ def ring_attention(
             "node": _node_id() if transport == "copy_engine" else None,
             "ring prefetch": prefetch,
             "learnable_sink given": sink is not None,
+            # "auto" prices a backward when one follows: the ranks must pick alike
+            "gradients": _grads(q, k, v) if method == "auto" else None,
         }
     except (ValueError, TypeError) as e:
         err = e
@@ -207,7 +213,7 @@ def ring_attention(
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
-            grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            grads = _grads(q, k, v)
             cu = tuple(cu_list)
             link = functools.partial(link_bandwidth, g, world, q.device)
             method = choose_method(layout, cu, world, causal, window, plan.reach, q, k, grads, link)
