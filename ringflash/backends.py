@@ -411,6 +411,17 @@ class CudnnBackend(Backend):
         return self.next(outs).combine(outs, lses, out_dtype)
 
 
+def device_throughput(device: torch.device) -> tuple[int, float] | None:
+    """``(SMs, memory bytes per second)`` of a CUDA device (from its properties: the memory clock
+    and bus width), or None for other devices."""
+    if device.type != "cuda":
+        return None
+    from .kernels.common import bandwidth_per_sm, sm_count
+
+    sms = sm_count(device)
+    return sms, bandwidth_per_sm(device) * 1e9 * sms
+
+
 def _split_kv_suits(q, k, v, decode) -> bool:
     """Whether a padded forward goes to the split-KV decoding kernel (``decode.split_kv_pays``;
     under the interpreter the SM count is a stand-in, so tests reach this path too)."""

@@ -13,7 +13,7 @@ every rank picks the same method):
 and prices them with a compute rate (attention pairs per second), the device's memory bandwidth and
 the group's link bandwidth (measured once per group by timing an all-to-all, ``link_bandwidth``)::
 
-    ring(r)      = sum over steps t of  max(pairs_t * f / rate, hop_t * m / link)  + state_t / memory
+    ring(r)      = sum over steps t of  max(pairs_t * f / rate, hop_t * m / link) + state * f / memory
     allgather(r) = recv * m / link + sum over t of pairs_t * f / rate
 
 The ring overlaps a hop's transfer with the step's compute; the all-gather's exchange is not
@@ -33,6 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..backends import device_throughput
 from .doc_layouts import doc_segments
 from .layouts import _band
 
@@ -42,6 +43,7 @@ _PAIR_RATE_PER_SM = (
 )
 _CPU_PAIR_RATE = 2e9  # the blockwise backend on a few cores, head dim 128
 _CPU_MEMORY = 2e10  # bytes per second
+_H100_MEMORY = 3.35e12  # where a driver does not report the memory clock
 _PROBE_BYTES = 8 << 20  # per rank, for the link probe
 
 
@@ -136,12 +138,11 @@ def method_costs(
 def compute_rates(device: torch.device, head_dim: int) -> tuple[float, float]:
     """``(pairs x heads per second, memory bytes per second)`` of ``device`` at ``head_dim``: from
     its SM count and memory clock on CUDA, nominal figures for the blockwise backend elsewhere."""
-    if device.type != "cuda":
+    got = device_throughput(device)
+    if got is None:
         return _CPU_PAIR_RATE * 128 / head_dim, _CPU_MEMORY
-    from ..kernels.common import bandwidth_per_sm, sm_count
-
-    sms = sm_count(device)
-    return _PAIR_RATE_PER_SM * sms * 128 / head_dim, (bandwidth_per_sm(device) or 2.5e1) * 1e9 * sms
+    sms, memory = got
+    return _PAIR_RATE_PER_SM * sms * 128 / head_dim, memory or _H100_MEMORY
 
 
 _LINKS: dict[tuple, float] = {}
