@@ -62,7 +62,7 @@ from bench_timing import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import flash_attn_func, use_tma
+from ringflash import flash_attn_func, flash_attn_varlen_func, use_tma
 from ringflash.backends import BACKENDS, use_backend, use_config
 from ringflash.cudnn import available as cudnn_available
 from ringflash.kernels.bwd import attn_bwd
@@ -238,7 +238,9 @@ COLUMNS += [("err fwd", "err_fwd", ".1e"), ("err bwd", "err_bwd", ".1e")]
 def eager_prefill(seqlens, rounds: int) -> list[dict]:
     """Eager inference prefill: ``flash_attn_func`` under ``no_grad`` (a planned call from its
     second signature on) against SDPA's cuDNN call, Llama-3-8B attention (32 q / 8 KV heads, head
-    dim 128, causal, bf16, batch 1): ``do_bench`` medians and host microseconds per call."""
+    dim 128, causal, bf16, batch 1): ``do_bench`` medians and host microseconds per call; and
+    the same tokens as one packed sequence through ``flash_attn_varlen_func`` (its ``cu_seqlens``
+    checked on the device, no sync)."""
     return [_eager_row(s, rounds) for s in seqlens]
 
 
@@ -251,19 +253,27 @@ def _eager_row(s: int, rounds: int) -> dict:
     def ours():
         return flash_attn_func(q, k, v, causal=True)
 
+    cu = torch.tensor([0, s], dtype=torch.int32, device="cuda")
+
+    def packed():
+        return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, s, s, causal=True)
+
     def cudnn():
         return sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
 
     # The backend choice is entered once, outside the timed calls, as a model would.
     with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        t_ours, t_cudnn = interleaved_medians([lambda: bench_ms(ours), lambda: bench_ms(cudnn)], rounds)
+        timed = [lambda: bench_ms(ours), lambda: bench_ms(cudnn), lambda: bench_ms(packed)]
+        t_ours, t_cudnn, t_packed = interleaved_medians(timed, rounds)
         return dict(
             s=s,
             ours_us=t_ours * 1e3,
             cudnn_us=t_cudnn * 1e3,
             cudnn_over_ours=ratio(t_cudnn, t_ours),
+            packed_us=t_packed * 1e3,
             ours_host_us=host_us(ours),
             cudnn_host_us=host_us(cudnn),
+            packed_host_us=host_us(packed),
         )
 
 
@@ -272,8 +282,10 @@ EAGER_COLUMNS = [
     ("ours us", "ours_us", ".1f"),
     ("cuDNN us", "cudnn_us", ".1f"),
     ("cuDNN/ours", "cudnn_over_ours", ".2f"),
+    ("packed us", "packed_us", ".1f"),
     ("host ours", "ours_host_us", ".1f"),
     ("host cuDNN", "cudnn_host_us", ".1f"),
+    ("host packed", "packed_host_us", ".1f"),
 ]
 
 
