@@ -5,9 +5,12 @@
     torchrun --nproc_per_node 4 benchmarks/bench_ring_nccl.py --profile --out DIR
 
 Layouts: ``zigzag``, ``contiguous``, ``stripe`` (padded ``[1, S, H, D]``), and ``varlen``: the same
-``S`` tokens packed as documents of random lengths (mean ``--doc-len``, seed 0) that cross shard
-boundaries, through ``ring_flash_attn_varlen_func`` (contiguous shards); its ``t_full`` is one
-whole-stream varlen call and its FLOPs count only the within-document causal pairs.
+``S`` tokens packed as documents that cross shard boundaries (``--dist``: ``longtail``, lengths of
+a long-tailed distribution of mean ``--doc-len`` with some documents as long as the stream, as
+``bench_packed.py`` draws them; ``uniform``, uniform in ``[1, 2 * doc-len)``; ``one``; ``Nk``),
+through ``ring_flash_attn_varlen_func``, one row per ``--packed`` variant ``layout:method[:stride]``
+(``stride``: ``heads_k_stride`` of the all-gather's exchange); its ``t_full`` is one whole-stream
+varlen call and its FLOPs count only the within-document causal pairs.
 
 ``--profile`` records one forward and one forward+backward ring call per rank with
 ``torch.profiler`` and writes, per rank, the GPU kernel time by kernel, the host time by operator,
@@ -42,6 +45,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from bench_packed import documents
 from bench_timing import (
     add_common_args,
     dist_median_time,
@@ -81,14 +85,27 @@ def causal_pairs(lens: list[int]) -> int:
     return sum(n * n // 2 for n in lens)
 
 
-class Ring:
-    """One layout's ring call on this rank's shards, with closures for timing and profiling."""
+def packed_variant(text: str) -> tuple[str, str, int | None]:
+    """``layout:method[:stride]`` -> ``(layout, method, heads_k_stride or None)``."""
+    layout, method, *rest = text.split(":")
+    return layout, method, int(rest[0]) if rest else None
 
-    def __init__(self, layout, full, cu, transport="nccl", prefetch=None):
+
+class Ring:
+    """One layout's ring call on this rank's shards, with closures for timing and profiling.
+    ``packed``: ``(layout, method, heads_k_stride)`` of a ``varlen`` call."""
+
+    def __init__(
+        self, layout, full, cu, transport="nccl", prefetch=None, packed=("contiguous", "ring", None)
+    ):
         self.layout, self.cu, self.transport, self.prefetch = layout, cu, transport, prefetch
+        self.packed = packed
+        self.name = (
+            layout if layout != "varlen" else "varlen-" + "-".join(str(x) for x in packed if x is not None)
+        )
         q, k, v, dout = full
-        if layout == "varlen":  # packed [T, H, D], contiguous shards
-            ql, kl, vl, dl = (rf.shard(x[0], dim=0, layout="contiguous") for x in (q, k, v, dout))
+        if layout == "varlen":  # packed [T, H, D]
+            ql, kl, vl, dl = (rf.shard(x[0], dim=0, layout=packed[0], cu_seqlens=cu) for x in (q, k, v, dout))
         else:
             ql, kl, vl, dl = (rf.shard(x, layout=layout) for x in (q, k, v, dout))
         self.ql, self.kl, self.vl = (x.clone().requires_grad_() for x in (ql, kl, vl))
@@ -98,8 +115,18 @@ class Ring:
         prefetch = rf.use_ring_prefetch(self.prefetch) if self.prefetch else contextlib.nullcontext()
         with rf.use_ring_transport(self.transport), prefetch:
             if self.layout == "varlen":
-                cu = self.cu
-                return FUNCS["varlen"](self.ql, self.kl, self.vl, cu, int(cu.diff().max()), causal=True)
+                cu, (layout, method, stride) = self.cu, self.packed
+                return FUNCS["varlen"](
+                    self.ql,
+                    self.kl,
+                    self.vl,
+                    cu,
+                    int(cu.diff().max()),
+                    causal=True,
+                    layout=layout,
+                    method=method,
+                    heads_k_stride=stride,
+                )
             return FUNCS[self.layout](self.ql, self.kl, self.vl, causal=True)
 
     def fwd(self):
@@ -127,7 +154,7 @@ def _trace(ring: Ring, out_dir: str) -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             ring.fwd()
             torch.cuda.synchronize()
-        prof.export_chrome_trace(os.path.join(out_dir, f"ring_trace_{ring.layout}.json"))
+        prof.export_chrome_trace(os.path.join(out_dir, f"ring_trace_{ring.name}.json"))
     else:
         ring.fwd()
         torch.cuda.synchronize()
@@ -150,10 +177,10 @@ def _profile(ring: Ring, rank: int, out_dir: str) -> None:
             wall = time.perf_counter() - t0
         ka = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in ka) / 1e3
-        lines.append(f"== {ring.layout} {name}: wall {wall * 1e3:.2f} ms, GPU kernel time {gpu:.2f} ms ==")
+        lines.append(f"== {ring.name} {name}: wall {wall * 1e3:.2f} ms, GPU kernel time {gpu:.2f} ms ==")
         lines.append(ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
         lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
-    path = os.path.join(out_dir, f"ring_profile_{ring.layout}_rank{rank}.txt")
+    path = os.path.join(out_dir, f"ring_profile_{ring.name}_rank{rank}.txt")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     if rank == 0:
@@ -182,7 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layouts", nargs="+", default=list(FUNCS), choices=list(FUNCS))
-    p.add_argument("--doc-len", type=int, default=4096, help="mean document length of the varlen row")
+    p.add_argument("--doc-len", type=int, default=4096, help="mean document length of the varlen rows")
+    p.add_argument(
+        "--dist", default="longtail", help="document lengths of the varlen rows: longtail, uniform, one or Nk"
+    )
+    p.add_argument(
+        "--packed",
+        nargs="+",
+        type=packed_variant,
+        default=[packed_variant(x) for x in ("contiguous:ring", "balanced:ring", "balanced:allgather")],
+        help="the varlen rows: layout:method[:heads_k_stride] (e.g. balanced:allgather:8)",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
         "--iters",
@@ -215,7 +252,10 @@ def main(argv=None) -> int:
     S = world * L
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, S, h, D, generator=g).to(device, dtype) for h in (Hq, Hk, Hk, Hq))
-    lens = doc_lengths(S, a.doc_len)
+    if a.dist == "uniform":
+        lens = doc_lengths(S, a.doc_len)
+    else:
+        lens = documents(a.dist, S, mean=a.doc_len).diff().tolist()
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     be = backend_for(q)
     scale = D**-0.5
@@ -240,7 +280,7 @@ def main(argv=None) -> int:
     title = (
         f"ring over {world} ranks ({info.backend}); causal, Hq={Hq} Hk={Hk} D={D} {str(dtype)[6:]}, "
         f"{L} tokens per rank (S={S}), {a.iters} call(s) back to back; varlen: {len(lens)} documents "
-        f"of mean {S / len(lens):.0f} tokens; eff = t_full / (W * t_ring)"
+        f"({a.dist}) of mean {S / len(lens):.0f} tokens, the longest {max(lens)}; eff = t_full / (W * t_ring)"
     )
     if rank == 0:
         print(header(title, info=run), flush=True)
@@ -248,9 +288,12 @@ def main(argv=None) -> int:
     suffixes = [""] + (["ce"] if a.copy_engine and nccl else []) + (["p1"] if a.plain_ring else [])
     rows, full_times, reference = [], {}, {}
     os.makedirs(a.out, exist_ok=True)
+    calls = [(x, None) for x in a.layouts if x != "varlen"]
+    calls += [("varlen", p) for p in a.packed] if "varlen" in a.layouts else []
     for suffix in suffixes:
-        for layout in a.layouts:
-            name = layout + (f"+{suffix}" if suffix else "")
+        for layout, packed in calls:
+            base = layout if packed is None else "varlen " + ":".join(str(x) for x in packed if x is not None)
+            name = base + (f"+{suffix}" if suffix else "")
             varlen = layout == "varlen"
             if varlen not in full_times:
                 fwd, fb = full_calls(varlen)
@@ -260,7 +303,9 @@ def main(argv=None) -> int:
                 )
             t_full, t_full_fb = full_times[varlen]
             flops = 4 * (causal_pairs(lens) if varlen else S * S // 2) * Hq * D
-            ring = Ring(layout, (q, k, v, dout), cu, *VARIANTS[suffix])
+            ring = Ring(
+                layout, (q, k, v, dout), cu, *VARIANTS[suffix], **({"packed": packed} if packed else {})
+            )
             t_r = dist_median_time(ring.fwd, device, a.reps, a.iters)
             t_rfb = dist_median_time(ring.fwd_bwd, device, a.reps, a.iters)
             row = dict(world=world, layout=name, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3)
@@ -273,9 +318,9 @@ def main(argv=None) -> int:
             row["fb_eff"] = t_full_fb / (world * t_rfb)
             got = ring.outputs()
             if not suffix:
-                reference[layout] = got
+                reference[base] = got
             else:  # float32 sums in another order: equal up to rounding
-                pairs = zip(got, reference[layout], strict=True)
+                pairs = zip(got, reference[base], strict=True)
                 diff = max((x.float() - y.float()).abs().max().item() for x, y in pairs)
                 diff = torch.tensor([diff], dtype=torch.float64, device=device)
                 dist.all_reduce(diff, op=dist.ReduceOp.MAX)

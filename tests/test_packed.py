@@ -349,6 +349,20 @@ def test_auto_method_follows_the_costs():
     assert not calls, "nothing travels: no link measured"
 
 
+def test_allgather_cost_in_pieces():
+    """Pieces of KV heads leave one piece's share of the shorter of exchange and compute exposed:
+    ``max(C, X) + min(C, X) / P``, where one piece pays ``C + X``."""
+    from ringflash.parallel.method_cost import method_costs
+
+    args = ("zigzag", (0, 4 * 8192), 4, True, (-1, 0), (3, 3, 3, 3), (32, 8, 128, 2), True)
+    one, slow = (method_costs(*args, (1e14, 3e12, link))["allgather"] for link in (1e11, 1e10))
+    exchange = (slow - one) / 0.9  # C at the 1e10 link: one - C/10 = slow - C
+    work = slow - exchange
+    for p in (2, 4):
+        got = method_costs(*args, (1e14, 3e12, 1e10), pieces=p)["allgather"]
+        assert got == pytest.approx(max(exchange, work) + min(exchange, work) / p), p
+
+
 def _kv_messages(world, n_local, cu, layout):
     """K/V posts per rank of the simulated forward ring (plain, one block per step)."""
     plans = simulate_plans(world, n_local, layout, True, (-1, -1), cu)
@@ -391,15 +405,15 @@ def test_short_documents_make_the_ring_a_neighbour_exchange():
     assert full == [W - 1] * W
 
 
-def _run_cases(rank, world, cases):
+def _run_cases(rank, world, cases, device="cpu", heads_k_stride=None):
     torch.manual_seed(0)
     failures = {}
     for cid, (layout, method, mask, seed) in cases.items():
         try:
             rng = random.Random(seed)
-            cu = _docs(rng, world, 12)
+            cu = _docs(rng, world, 12).to(device)
             T = cu[-1].item()
-            q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
+            q, k, v = (torch.randn(T, h, 8, device=device) for h in (4, 2, 2))
             dout = torch.randn_like(q)
             with rf.use_backend("torch"):
                 full = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -409,10 +423,17 @@ def _run_cases(rank, world, cases):
                 want_grads = torch.autograd.grad(want, full, dout)
                 mine = [rf.shard(t, dim=0, layout=layout, cu_seqlens=cu).requires_grad_() for t in (q, k, v)]
                 out, lse, _ = rf.ring_flash_attn_varlen_func(
-                    *mine, cu, T, layout=layout, method=method, return_attn_probs=True, **MASKS[mask]
+                    *mine,
+                    cu,
+                    T,
+                    layout=layout,
+                    method=method,
+                    return_attn_probs=True,
+                    heads_k_stride=heads_k_stride,
+                    **MASKS[mask],
                 )
                 grads = torch.autograd.grad(out, mine, rf.shard(dout, dim=0, layout=layout, cu_seqlens=cu))
-            idx = doc_positions(layout, tuple(cu.tolist()), rank, world)
+            idx = doc_positions(layout, tuple(cu.tolist()), rank, world).to(device)
             assert_matches("out", out, want[idx].double(), None, 2)
             assert_matches("lse", lse, want_lse[:, idx].double(), None, 2)
             for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
@@ -435,6 +456,18 @@ def test_real_ranks_match_one_process(world):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("heads_k_stride", [None, 1])
+def test_real_ranks_match_one_process_nccl(world, heads_k_stride):
+    """The same cases over NCCL, one GPU per rank (the all-gather's uneven all-to-all, whole and
+    in pieces of one KV head), the blockwise backend in float32."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    results = spawn(_run_cases, world, REAL_CASES, "cuda", heads_k_stride, timeout=600, backend="nccl")
+    failures = [f"rank {r} {cid}: {msg}" for r, res in enumerate(results) for cid, msg in res.items()]
+    assert not failures, "\n".join(failures)
+
+
 def _bad(rank, world):
     q = torch.randn(6, 2, 8)
     msgs = {}
@@ -449,6 +482,18 @@ def _bad(rank, world):
             "layout",
             lambda: rf.ring_flash_attn_varlen_func(
                 q[:5], q[:5], q[:5], torch.tensor([0, 10], dtype=torch.int32), 10, layout="zag"
+            ),
+        ),
+        (
+            "stride",  # rank 1 asks for pieces of 3 of the 2 KV heads
+            lambda: rf.ring_flash_attn_varlen_func(
+                q,
+                q,
+                q,
+                torch.tensor([0, 12], dtype=torch.int32),
+                12,
+                method="allgather",
+                heads_k_stride=rank * 3 or 1,
             ),
         ),
         (
@@ -486,6 +531,8 @@ def test_bad_packed_input_raises_on_every_rank():
         assert "unknown method 'gather'" in msgs["method"], (rank, msgs)
         assert "unknown layout 'zag'" in msgs["layout"], (rank, msgs)
         assert "disagree on gradients (rank 0: True, rank 1: False)" in msgs["gradients"], (rank, msgs)
+        want = "rank 1: heads_k_stride must be None or a positive divisor of the KV heads (2): got 3"
+        assert want in msgs["stride"], (rank, msgs)
         assert "does not divide by the world size 2" in msgs["not divisible"], (rank, msgs)
 
 
@@ -649,6 +696,40 @@ def _allgather_ranks(rank, world):
     )
     plan = gather_plan(layout, tuple(cu.tolist()), rank, world, True, (-1, -1))
     return same, sum(plan.recv), plan.src.shape[1]
+
+
+def _pieces_ranks(rank, world):
+    """The all-gather method with its exchange in pieces of KV heads (1 of 2 per piece, GQA 2:1)
+    and whole, on the same ranks: outputs, LSE and gradients (also through the LSE)."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 40, 41, 70, 96], dtype=torch.int32)
+    T = int(cu[-1])
+    full = [torch.randn(T, h, 8) for h in (4, 2, 2, 4)]
+    dlse = torch.randn(4, T // world)
+    results = []
+    for stride in (None, 1):
+        with rf.use_backend("torch"):
+            mine = [rf.shard(x, dim=0, layout="balanced", cu_seqlens=cu).requires_grad_() for x in full[:3]]
+            out, lse, _ = rf.ring_flash_attn_varlen_func(
+                *mine,
+                cu,
+                T,
+                causal=True,
+                layout="balanced",
+                method="allgather",
+                heads_k_stride=stride,
+                return_attn_probs=True,
+            )
+            dout = rf.shard(full[3], dim=0, layout="balanced", cu_seqlens=cu)
+            results.append([out, lse, *torch.autograd.grad((out, lse), mine, (dout, dlse))])
+    return [torch.equal(a, b) for a, b in zip(*results, strict=True)]
+
+
+def test_allgather_in_pieces_of_heads_equals_one_exchange():
+    """Pieces of KV heads (each piece's calls overlap the next piece's transfer on a GPU) compute
+    every head exactly as one exchange does: bitwise the same outputs, LSE and gradients."""
+    for rank, same in enumerate(spawn(_pieces_ranks, 3, timeout=120)):
+        assert all(same), (rank, same)
 
 
 def test_allgather_real_ranks_equal_the_simulation():

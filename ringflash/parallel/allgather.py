@@ -308,43 +308,136 @@ def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
     dv.index_add_(0, own, acc[n_own:].to(dv.dtype))
 
 
+_MIN_Q_HEADS_PER_PIECE = 8  # fewer heads per call leave too few programs per wave at 8k tokens
+
+
+def default_heads_k_stride(hq: int, hk: int, device: torch.device) -> int:
+    """KV heads per piece of the exchange when the caller names none: the whole exchange at once
+    except on CUDA, where a collective runs beside the kernels: there the KV heads go in 2 or 4
+    pieces (as many as keep at least ``_MIN_Q_HEADS_PER_PIECE`` query heads per call), so each
+    piece's calls run while the next piece travels."""
+    if device.type != "cuda":
+        return hk
+    for n in (4, 2):
+        if hk % n == 0 and hq // n >= _MIN_Q_HEADS_PER_PIECE:
+            return hk // n
+    return hk
+
+
+def check_heads_k_stride(stride, hk: int) -> None:
+    """Raise ``ValueError`` unless ``stride`` is None or a positive divisor of ``hk``."""
+    if stride is not None and (
+        isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or hk % stride
+    ):
+        raise ValueError(
+            f"heads_k_stride must be None or a positive divisor of the KV heads ({hk}): got {stride!r}"
+        )
+
+
+def head_pieces(hq: int, hk: int, stride: int) -> list[tuple[slice, slice]]:
+    """``(KV heads, query heads)`` of each piece of ``stride`` KV heads (with their GQA query heads:
+    query head ``i`` reads KV head ``i // (hq // hk)``)."""
+    g = hq // hk
+    return [(slice(h, h + stride), slice(h * g, (h + stride) * g)) for h in range(0, hk, stride)]
+
+
+def _pipelined(pieces, start):
+    """``(piece, wait)`` for each piece, the next piece's transfer started (``start(piece)``) before
+    the current one is handed out: its calls run while the next piece travels."""
+    ahead = start(pieces[0])
+    for i, piece in enumerate(pieces):
+        current = ahead
+        if i + 1 < len(pieces):
+            ahead = start(pieces[i + 1])
+        yield piece, current
+
+
+def _part(x: torch.Tensor, heads: slice, whole: bool) -> torch.Tensor:
+    """``x``'s heads ``heads`` (dim 1) on their own: ``x`` itself when it is the one piece."""
+    return x if whole else x[:, heads].contiguous()
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 class AllGatherAttention(torch.autograd.Function):
-    """Autograd for the all-gather method: gather, attend, and in the backward send dK/dV back."""
+    """Autograd for the all-gather method: gather, attend, and in the backward send dK/dV back.
+    The exchange goes in pieces of ``stride`` KV heads; a piece's calls overlap the next piece's
+    transfer (and, in the backward, the previous piece's dK/dV on their way back)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
+    def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world, stride):
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        gathered = _start_gather(k, v, group, plan)
-        out, lse = gathered_fwd(backend_for(q), q, k, v, gathered, plan, scale, softcap)
-        out = out.to(q.dtype)
+        pieces = head_pieces(q.shape[1], k.shape[1], stride)
+        whole, backend = len(pieces) == 1, backend_for(q)
+
+        def start(piece):
+            return _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan)
+
+        outs, lses = [], []
+        for (kh, qh), gathered in _pipelined(pieces, start):
+            kp, vp = _part(k, kh, whole), _part(v, kh, whole)
+            out, lse = gathered_fwd(backend, _part(q, qh, whole), kp, vp, gathered, plan, scale, softcap)
+            outs.append(out.to(q.dtype))
+            lses.append(lse)
+        out, lse = _cat(outs, 1), _cat(lses, 0)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world)
+        ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world, stride)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        layout, cu, scale, softcap, causal, window, group, rank, world = ctx.args
+        layout, cu, scale, softcap, causal, window, group, rank, world, stride = ctx.args
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        gathered = _start_gather(k, v, group, plan)
+        pieces = head_pieces(q.shape[1], k.shape[1], stride)
+        whole, backend = len(pieces) == 1, backend_for(q)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv, back = gathered_bwd(
-            backend_for(q), dout, q, k, v, gathered, out, lse, plan, scale, softcap, dlse
-        )
-        if back is not None:  # the reverse exchange: each partial to the rank that sent the row
-            sends, recvs = _sizes(plan)
-            _add_home(dk, dv, start_exchange(back, recvs, sends, group)(), plan)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
+        sends, recvs = _sizes(plan)
+
+        def start(piece):
+            return _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan)
+
+        grads, returning = [], []
+        for (kh, qh), gathered in _pipelined(pieces, start):
+            dq, dk, dv, back = gathered_bwd(
+                backend,
+                _part(dout, qh, whole),
+                _part(q, qh, whole),
+                _part(k, kh, whole),
+                _part(v, kh, whole),
+                gathered,
+                _part(out, qh, whole),
+                lse[qh],
+                plan,
+                scale,
+                softcap,
+                None if dlse is None else dlse[qh],
+            )
+            grads.append((dq.to(q.dtype), dk, dv))
+            # the reverse exchange: each partial to the rank that sent the row (None on every rank
+            # when no row moves)
+            returning.append(None if back is None else start_exchange(back, recvs, sends, group))
+        for (_, dk, dv), wait in zip(grads, returning, strict=True):
+            if wait is not None:
+                _add_home(dk, dv, wait(), plan)
+        dq, dk, dv = (_cat([g[i] for g in grads], 1) for i in range(3))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
 
 
 METHODS = ("ring", "allgather", "auto")
 
 
-def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world):
+def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world, stride=None):
     """Attention of this rank's packed queries over the whole stream's gathered K/V:
-    ``(out [T_local, Hq, D], lse [Hq, T_local])``."""
-    return AllGatherAttention.apply(q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world)
+    ``(out [T_local, Hq, D], lse [Hq, T_local])``. ``stride``: KV heads per piece of the exchange
+    (a divisor of ``Hk``; None: ``default_heads_k_stride``)."""
+    if stride is None:
+        stride = default_heads_k_stride(q.shape[1], k.shape[1], q.device)
+    args = (layout, cu, scale, softcap, causal, window, group, rank, world, stride)
+    return AllGatherAttention.apply(q, k, v, *args)
 
 
 # ----------------------------------------------- the same method over ring messages (simulation)
@@ -400,4 +493,12 @@ def allgather_bwd_loop(
     return dq, dk, dv
 
 
-__all__ = ["allgather_attention", "allgather_bwd_loop", "allgather_fwd_loop", "gather_plan"]
+__all__ = [
+    "allgather_attention",
+    "allgather_bwd_loop",
+    "allgather_fwd_loop",
+    "check_heads_k_stride",
+    "default_heads_k_stride",
+    "gather_plan",
+    "head_pieces",
+]

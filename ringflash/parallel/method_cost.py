@@ -14,10 +14,12 @@ and prices them with a compute rate (attention pairs per second), the device's m
 the group's link bandwidth (measured once per group by timing an all-to-all, ``link_bandwidth``)::
 
     ring(r)      = sum over steps t of  max(pairs_t * f / rate, hop_t * m / link) + state * f / memory
-    allgather(r) = recv * m / link + sum over t of pairs_t * f / rate
+    allgather(r) = max(C, X) + min(C, X) / P,  C = recv * m / link,  X = sum over t of pairs_t * f / rate
 
-The ring overlaps a hop's transfer with the step's compute; the all-gather's exchange is not
-overlapped (the local documents' call runs beside it, left out). With gradients, ``f`` and ``m``
+The ring overlaps a hop's transfer with the step's compute. The all-gather exchanges in ``P``
+pieces of KV heads, each piece's calls running while the next travels: one piece's share of the
+shorter of the two stays exposed (``P = 1``: ``C + X``; the local documents' calls, which run
+beside the first piece, are left out). With gradients, ``f`` and ``m``
 take the backward too: ``f = 1 + 2.5`` (a backward costs ~2.5 forwards) and ``m = 1 + 1 + 2`` (K/V
 again and their float32 dK/dV back: both methods move them, per hop or per gathered row). The
 slower of the slowest ranks loses. Calls' tile efficiency is not modelled: the figures in
@@ -102,6 +104,7 @@ def method_costs(
     shape: tuple[int, int, int, int],
     backward: bool,
     rates: tuple[float, float, float],
+    pieces: int = 1,
 ) -> dict[str, float]:
     """Modelled seconds of the slowest rank per method (module docstring).
 
@@ -109,6 +112,7 @@ def method_costs(
         reach: the ring plan's hops per block (``Plan.reach``).
         shape: ``(Hq, Hk, D, bytes per element)`` of the call.
         rates: ``(pairs x heads per second, memory bytes per second, link bytes per second)``.
+        pieces: how many pieces of KV heads the all-gather exchanges in.
     """
     hq, hk, d, elt = shape
     pair_rate, memory, link = rates
@@ -131,7 +135,8 @@ def method_costs(
             t_ring += max(compute, hop) + state * flops / memory
             work += compute
         ring = max(ring, t_ring)
-        ag = max(ag, recv[r] * row * moved / link + work)
+        exchange = recv[r] * row * moved / link
+        ag = max(ag, max(exchange, work) + min(exchange, work) / pieces)
     return {"ring": ring, "allgather": ag}
 
 
@@ -186,10 +191,12 @@ def choose_method(
     k: torch.Tensor,
     backward: bool,
     link,
+    pieces: int = 1,
 ) -> str:
     """``method="auto"``: the cheaper method of ``method_costs`` for this call's shapes on ``q``'s
     device. ``link``: bytes per second per rank, or a function that measures it (called only
-    when the model needs it: ``link_bandwidth`` is a collective). Stripe and a single rank stay
+    when the model needs it: ``link_bandwidth`` is a collective). ``pieces``: the all-gather's
+    pieces of KV heads (``allgather.head_pieces``). Stripe and a single rank stay
     on the ring (the all-gather runs stripe as the ring's own pieces over the whole stream)."""
     if world == 1 or layout == "stripe":
         return "ring"
@@ -197,7 +204,7 @@ def choose_method(
         return "allgather"
     rates = (*compute_rates(q.device, q.shape[-1]), link() if callable(link) else link)
     shape = (q.shape[-2], k.shape[-2], q.shape[-1], q.element_size())
-    costs = _costs(layout, cu, world, causal, tuple(window), tuple(reach), shape, backward, rates)
+    costs = _costs(layout, cu, world, causal, tuple(window), tuple(reach), shape, backward, rates, pieces)
     return "allgather" if costs["allgather"] < costs["ring"] else "ring"
 
 

@@ -34,7 +34,7 @@ from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
-from .allgather import METHODS, allgather_attention
+from .allgather import METHODS, allgather_attention, check_heads_k_stride, default_heads_k_stride, head_pieces
 from .doc_layouts import build_doc_plan, padded_layout, total_error
 from .layouts import Plan, build_plan, check_layout, local_len_error
 from .method_cost import choose_method, link_bandwidth
@@ -114,9 +114,10 @@ def _comm(group, plan: Plan, transport: str, device: torch.device) -> RingComm |
     return RingComm(group, copy_engine_tags=tags, device=device)
 
 
-def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, transport, method):
+def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, transport, method, stride=None):
     """This rank's arguments, checked and normalised (raises ValueError / TypeError)."""
     check_layout(layout, packed=cu_seqlens is not None)
+    check_heads_k_stride(stride, k.shape[-2])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
     if method != "ring" and cu_seqlens is None:
@@ -168,12 +169,14 @@ def ring_attention(
     error: str | None = None,
     method: str = "ring",
     sink=None,
+    heads_k_stride=None,
 ):
     """Check, agree and run one ring call; ``opts`` = ``(dropout_p, softmax_scale, window_size,
     softcap, alibi_slopes, causal)`` as ``check_options`` takes them. ``error``: a problem the
     caller already found (a malformed packed input): raised on every rank like any other.
     ``method``: ``"ring"``, ``"allgather"`` or ``"auto"`` (packed streams). ``sink``: the learnable
-    sink ``[Hq]``, merged once into the ring's result."""
+    sink ``[Hq]``, merged once into the ring's result. ``heads_k_stride``: KV heads per piece of
+    the all-gather's exchange (None: ``allgather.default_heads_k_stride``)."""
     g, rank, world = group_rank_world(group)
     transport = ring_transport()
     prefetch = forward_prefetch(transport)
@@ -182,7 +185,7 @@ def ring_attention(
         if error:
             raise ValueError(error)
         causal, window, softcap, scale, cu_list = _validate(
-            q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport, method
+            q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport, method, heads_k_stride
         )
         check_sink(sink, q)
         fields = {
@@ -202,6 +205,7 @@ def ring_attention(
             "node": _node_id() if transport == "copy_engine" else None,
             "ring prefetch": prefetch,
             "learnable_sink given": sink is not None,
+            "heads_k_stride": heads_k_stride,
             # "auto" prices a backward when one follows: the ranks must pick alike
             "gradients": _grads(q, k, v) if method == "auto" else None,
         }
@@ -212,11 +216,13 @@ def ring_attention(
     packed = cu_list is not None
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
+        stride = heads_k_stride or default_heads_k_stride(q.shape[-2], k.shape[-2], q.device)
         if method == "auto":
             grads = _grads(q, k, v)
+            pieces = len(head_pieces(q.shape[-2], k.shape[-2], stride))
             cu = tuple(cu_list)
             link = functools.partial(link_bandwidth, g, world, q.device)
-            method = choose_method(layout, cu, world, causal, window, plan.reach, q, k, grads, link)
+            method = choose_method(layout, cu, world, causal, window, plan.reach, q, k, grads, link, pieces)
     else:
         plan = _cached_plan(layout, rank, world, q.shape[1], causal, window)
     one = padded_layout(layout, tuple(cu_list), world) if packed and method != "allgather" else None
@@ -226,7 +232,7 @@ def ring_attention(
         out, lse = RingAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), *args)
         out, lse = out[0], lse[0]
     elif packed and method == "allgather" and world > 1:
-        args = (layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world)
+        args = (layout, tuple(cu_list), float(scale), float(softcap), causal, window, g, rank, world, stride)
         out, lse = allgather_attention(q, k, v, *args)
     else:
         args = (plan, float(scale), float(softcap), g, packed, transport, prefetch)
@@ -419,6 +425,7 @@ def ring_flash_attn_varlen_func(
     layout="contiguous",
     method="ring",
     learnable_sink=None,
+    heads_k_stride=None,
 ):
     """Sequence-parallel attention over a packed stream of documents sharded across the group.
 
@@ -442,6 +449,10 @@ def ring_flash_attn_varlen_func(
         method: ``"ring"`` (K/V travel the ring, each block only as far as a document that it holds
             reaches), ``"allgather"`` (each rank gathers the K/V of the documents it reads, and
             sends their float32 dK/dV back) or ``"auto"`` (``ringflash.parallel.method_cost``).
+        heads_k_stride: for the all-gather, how many KV heads each piece of the exchange carries
+            (a divisor of ``Hk``): a piece's calls run while the next piece travels. None: the
+            whole exchange at once except on CUDA, where 2 or 4 pieces keep at least 8 query
+            heads per call (``ringflash.parallel.allgather.default_heads_k_stride``).
         Other arguments as for ``ring_flash_attn_func``.
 
     Returns:
@@ -470,6 +481,7 @@ def ring_flash_attn_varlen_func(
         max_seqlen,
         method=method,
         sink=learnable_sink,
+        heads_k_stride=heads_k_stride,
     )
 
 
