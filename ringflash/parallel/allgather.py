@@ -31,10 +31,9 @@ import torch
 
 from ..backends import backend_for
 from ..comm.gather import start_exchange
-from ..comm.ring import Post, Wait
 from .doc_layouts import DocSegment, _calls, _coalesce_full, _pairs, _two_part, doc_segments
 from .layouts import Piece, _band, _mask_args
-from .ring_loop import TAG_DKV, TAG_KV, bwd_piece, fwd_piece
+from .ring_loop import bwd_piece, fwd_piece
 
 
 @dataclass(frozen=True)
@@ -440,63 +439,8 @@ def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, gro
     return AllGatherAttention.apply(q, k, v, *args)
 
 
-# ----------------------------------------------- the same method over ring messages (simulation)
-
-
-def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank: int, world: int, tag: int):
-    """Generator: ``start_exchange(x, sends, recvs)``'s result through ring posts (the block for
-    rank ``rank + s`` goes ``s`` ranks ahead; blocks of no rows are not posted)."""
-    at = [0, *itertools.accumulate(sends)]
-    handles = []
-    for s in range(1, world):
-        dst, src = (rank + s) % world, (rank - s) % world
-        out = [x[at[dst] : at[dst + 1]]] if sends[dst] else []
-        into = [x.new_empty((recvs[src], *x.shape[1:]))] if recvs[src] else []
-        handles.append((src, (yield Post(out, s, tag, recv=into))))
-    blocks = [x.new_empty((0, *x.shape[1:]))] * world
-    blocks[rank] = x[at[rank] : at[rank + 1]]
-    for src, h in handles:
-        got = yield Wait(h)
-        if got:
-            blocks[src] = got[0]
-    return torch.cat(blocks)
-
-
-def _gather_by_posts(k, v, plan: GatherPlan, rank: int, world: int):
-    """Generator: ``_start_gather``'s gathered keys through ring posts."""
-    if not plan.moves:
-        return None, None
-    got = yield from _exchange_by_posts(_outgoing(k, v, plan), *_sizes(plan), rank, world, TAG_KV)
-    return _in_stream_order(got, plan)
-
-
-def allgather_fwd_loop(backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap):
-    """Generator (``ringflash.comm.ring``'s protocol): the all-gather method's forward for one rank,
-    its exchange made of ring posts, for ``ringflash.parallel.simulate``. Returns
-    ``gathered_fwd``'s ``(out, lse)``."""
-    plan = gather_plan(layout, cu, rank, world, causal, window)
-    kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
-    return gathered_fwd(backend, q, k, v, lambda: (kf, vf), plan, scale, softcap)
-
-
-def allgather_bwd_loop(
-    backend, dout, q, k, v, out, lse, layout, cu, rank, world, causal, window, scale, softcap
-):
-    """Generator: the backward of ``allgather_fwd_loop``; the reverse exchange takes each gathered
-    key's float32 dK/dV to the rank that sent it. Returns ``gathered_bwd``'s ``(dq, dk, dv)``."""
-    plan = gather_plan(layout, cu, rank, world, causal, window)
-    kf, vf = yield from _gather_by_posts(k, v, plan, rank, world)
-    dq, dk, dv, back = gathered_bwd(backend, dout, q, k, v, lambda: (kf, vf), out, lse, plan, scale, softcap)
-    if back is not None:
-        sends, recvs = _sizes(plan)
-        _add_home(dk, dv, (yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)), plan)
-    return dq, dk, dv
-
-
 __all__ = [
     "allgather_attention",
-    "allgather_bwd_loop",
-    "allgather_fwd_loop",
     "check_heads_k_stride",
     "default_heads_k_stride",
     "gather_plan",

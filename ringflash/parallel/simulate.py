@@ -7,18 +7,32 @@ loop without processes; the one-GPU benchmark uses its per-rank timings (``profi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..backends import backend_for
-from ..comm.ring import SimProfile, run_simulated
-from .allgather import METHODS, allgather_bwd_loop, allgather_fwd_loop
+from ..comm.ring import Post, SimProfile, Wait, run_simulated
+from .allgather import (
+    METHODS,
+    _add_home,
+    _cat,
+    _in_stream_order,
+    _outgoing,
+    _part,
+    _sizes,
+    default_heads_k_stride,
+    gather_plan,
+    gathered_bwd,
+    gathered_fwd,
+    head_pieces,
+)
 from .doc_layouts import build_doc_plan, padded_layout
 from .layouts import Plan, build_plan
 from .method_cost import choose_method, compute_rates
 from .options import ring_prefetch
-from .ring_loop import ring_bwd_loop, ring_fwd_loop
+from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
 
 
 def simulate_plans(
@@ -82,6 +96,7 @@ def simulate_ring_attn(
     cuda_events: bool = False,
     prefetch: int | None = None,
     method: str = "ring",
+    heads_k_stride: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], SimProfile | None]:
     """Forward ring attention of ``W = len(qs)`` virtual ranks.
 
@@ -94,7 +109,8 @@ def simulate_ring_attn(
         prefetch: K/V blocks each rank holds and computes at once after its own (``ring_fwd_loop``);
             None: ``ringflash.use_ring_prefetch``'s choice, as the ring functions use.
         method: ``"ring"``, ``"allgather"`` or ``"auto"`` for a packed stream (its two
-            exchanges made of ring messages), as ``ring_flash_attn_varlen_func`` takes it.
+            exchanges made of ring messages), as ``ring_flash_attn_varlen_func`` takes it, and
+            ``heads_k_stride`` for the all-gather (its pieces run one after another here).
 
     Returns:
         ``(outs, lses, profile)``: per-rank outputs in q's dtype and float32 LSEs.
@@ -118,7 +134,18 @@ def simulate_ring_attn(
         cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
         loops = [
             allgather_fwd_loop(
-                backend, q, k.contiguous(), v.contiguous(), layout, cu, r, len(qs), *mask, scale, softcap
+                backend,
+                q,
+                k.contiguous(),
+                v.contiguous(),
+                layout,
+                cu,
+                r,
+                len(qs),
+                *mask,
+                scale,
+                softcap,
+                heads_k_stride,
             )
             for r, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True))
         ]
@@ -148,6 +175,7 @@ def simulate_ring_attn_backward(
     sync=None,
     cuda_events=False,
     method="ring",
+    heads_k_stride=None,
 ):
     """Backward of ``simulate_ring_attn``: returns ``(dqs, dks, dvs, profile)`` per virtual rank."""
     packed = cu_seqlens is not None
@@ -168,7 +196,21 @@ def simulate_ring_attn_backward(
         cu, mask = _cu(cu_seqlens), (bool(causal), (int(window_size[0]), int(window_size[1])))
         loops = [
             allgather_bwd_loop(
-                backend, do.contiguous(), q, k, v, o, lse, layout, cu, r, len(qs), *mask, scale, softcap
+                backend,
+                do.contiguous(),
+                q,
+                k,
+                v,
+                o,
+                lse,
+                layout,
+                cu,
+                r,
+                len(qs),
+                *mask,
+                scale,
+                softcap,
+                heads_k_stride,
             )
             for r, (do, q, k, v, o, lse) in enumerate(zip(douts, qs, ks, vs, outs, lses, strict=True))
         ]
@@ -184,3 +226,88 @@ def simulate_ring_attn_backward(
     dks = [dk.to(k.dtype) for (_, dk, _), k in zip(res, ks, strict=True)]
     dvs = [dv.to(v.dtype) for (_, _, dv), v in zip(res, vs, strict=True)]
     return dqs, dks, dvs, prof
+
+
+# ------------------------------------------ the all-gather method over ring messages
+
+
+def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank: int, world: int, tag: int):
+    """Generator: ``comm.gather.start_exchange(x, sends, recvs)``'s result through ring posts (the
+    block for rank ``rank + s`` goes ``s`` ranks ahead; blocks of no rows are not posted)."""
+    at = [0, *itertools.accumulate(sends)]
+    handles = []
+    for s in range(1, world):
+        dst, src = (rank + s) % world, (rank - s) % world
+        out = [x[at[dst] : at[dst + 1]]] if sends[dst] else []
+        into = [x.new_empty((recvs[src], *x.shape[1:]))] if recvs[src] else []
+        handles.append((src, (yield Post(out, s, tag, recv=into))))
+    blocks = [x.new_empty((0, *x.shape[1:]))] * world
+    blocks[rank] = x[at[rank] : at[rank + 1]]
+    for src, h in handles:
+        got = yield Wait(h)
+        if got:
+            blocks[src] = got[0]
+    return torch.cat(blocks)
+
+
+def _gather_by_posts(k, v, plan, rank: int, world: int):
+    """Generator: ``allgather._start_gather``'s gathered keys through ring posts."""
+    if not plan.moves:
+        return None, None
+    got = yield from _exchange_by_posts(_outgoing(k, v, plan), *_sizes(plan), rank, world, TAG_KV)
+    return _in_stream_order(got, plan)
+
+
+def allgather_fwd_loop(
+    backend, q, k, v, layout, cu, rank, world, causal, window, scale, softcap, stride=None
+):
+    """Generator (``ringflash.comm.ring``'s protocol): the all-gather method's forward for one rank,
+    its exchange made of ring posts, piece by piece of ``stride`` KV heads (None: the library's
+    default for q's device). Returns ``(out, lse)`` as ``allgather_attention`` computes them."""
+    plan = gather_plan(layout, cu, rank, world, causal, window)
+    pieces = head_pieces(
+        q.shape[1], k.shape[1], stride or default_heads_k_stride(q.shape[1], k.shape[1], q.device)
+    )
+    whole, outs, lses = len(pieces) == 1, [], []
+    for kh, qh in pieces:
+        kp, vp = _part(k, kh, whole), _part(v, kh, whole)
+        kf, vf = yield from _gather_by_posts(kp, vp, plan, rank, world)
+        out, lse = gathered_fwd(
+            backend, _part(q, qh, whole), kp, vp, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap
+        )
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return _cat(outs, 1), _cat(lses, 0)
+
+
+def allgather_bwd_loop(
+    backend, dout, q, k, v, out, lse, layout, cu, rank, world, causal, window, scale, softcap, stride=None
+):
+    """Generator: the backward of ``allgather_fwd_loop``; the reverse exchange takes each gathered
+    key's float32 dK/dV to the rank that sent it. Returns ``(dq, dk, dv)``."""
+    plan = gather_plan(layout, cu, rank, world, causal, window)
+    pieces = head_pieces(
+        q.shape[1], k.shape[1], stride or default_heads_k_stride(q.shape[1], k.shape[1], q.device)
+    )
+    whole, grads = len(pieces) == 1, []
+    for kh, qh in pieces:
+        kp, vp = _part(k, kh, whole), _part(v, kh, whole)
+        kf, vf = yield from _gather_by_posts(kp, vp, plan, rank, world)
+        dq, dk, dv, back = gathered_bwd(
+            backend,
+            _part(dout, qh, whole),
+            _part(q, qh, whole),
+            kp,
+            vp,
+            lambda kf=kf, vf=vf: (kf, vf),
+            _part(out, qh, whole),
+            lse[qh],
+            plan,
+            scale,
+            softcap,
+        )
+        if back is not None:
+            sends, recvs = _sizes(plan)
+            _add_home(dk, dv, (yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)), plan)
+        grads.append((dq.to(q.dtype), dk, dv))
+    return tuple(_cat([g[i] for g in grads], 1) for i in range(3))
