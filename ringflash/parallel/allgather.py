@@ -399,7 +399,11 @@ class AllGatherAttention(torch.autograd.Function):
         def start(piece):
             return _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan)
 
-        grads, returning = [], []
+        def add_home(grad, wait):
+            if wait is not None:
+                _add_home(grad[1], grad[2], wait(), plan)
+
+        grads, returning = [], None
         for (kh, qh), gathered in _pipelined(pieces, start):
             dq, dk, dv, back = gathered_bwd(
                 backend,
@@ -417,11 +421,12 @@ class AllGatherAttention(torch.autograd.Function):
             )
             grads.append((dq.to(q.dtype), dk, dv))
             # the reverse exchange: each partial to the rank that sent the row (None on every rank
-            # when no row moves)
-            returning.append(None if back is None else start_exchange(back, recvs, sends, group))
-        for (_, dk, dv), wait in zip(grads, returning, strict=True):
-            if wait is not None:
-                _add_home(dk, dv, wait(), plan)
+            # when no row moves); the previous piece's partials are added while these travel
+            travelling = None if back is None else start_exchange(back, recvs, sends, group)
+            if returning is not None:
+                add_home(*returning)
+            returning = (grads[-1], travelling)
+        add_home(*returning)
         dq, dk, dv = (_cat([g[i] for g in grads], 1) for i in range(3))
         return dq, dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
 
