@@ -416,7 +416,7 @@ def device_throughput(device: torch.device) -> tuple[int, float] | None:
     and bus width), or None for other devices."""
     if device.type != "cuda":
         return None
-    from .kernels.common import bandwidth_per_sm, sm_count
+    from .kernels.device import bandwidth_per_sm, sm_count
 
     sms = sm_count(device)
     return sms, bandwidth_per_sm(device) * 1e9 * sms
@@ -425,7 +425,7 @@ def device_throughput(device: torch.device) -> tuple[int, float] | None:
 def _split_kv_suits(q, k, v, decode) -> bool:
     """Whether a padded forward goes to the split-KV decoding kernel (``decode.split_kv_pays``;
     under the interpreter the SM count is a stand-in, so tests reach this path too)."""
-    from .kernels.common import sm_count
+    from .kernels.device import sm_count
 
     if v.shape[-1] != q.shape[-1] or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
         return False

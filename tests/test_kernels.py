@@ -274,8 +274,8 @@ def run_case(p):
         with use_tma(mode):
             checks["TMA route"] = [float(tma_applies(q, k, v, seqlen=longest) != expect), 0.0]
     if "split_kv" in p:  # whether a dispatch sends the forward to the split-KV decode kernel
-        from ringflash.kernels.common import sm_count
         from ringflash.kernels.decode import split_kv_pays
+        from ringflash.kernels.device import sm_count
 
         routed = split_kv_pays(p["B"], p["Sq"], Hq, Hk, p["Sk"], sm_count(q.device))
         checks["split-KV route"] = [float(routed != p["split_kv"]), 0.0]

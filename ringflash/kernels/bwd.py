@@ -28,14 +28,12 @@ from .common import (
     attn_heuristics,
     call_tensors,
     cdiv,
-    cuda_index,
-    on_tensor_device,
     pad_dim,
-    sm_count,
     stride_names,
     strides,
     wide_offsets,
 )
+from .device import cuda_index, on_tensor_device, sm_count
 from .fwd import _launch_key
 from .launch import SignatureTable, launch_cached
 from .options import AttnConfig

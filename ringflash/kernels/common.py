@@ -16,13 +16,11 @@ addresses its tile (64-bit bases; 64-bit loop steps when an offset of the call c
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .device import sm_count
 from .options import AttnConfig
 
 # Literal constants in the kernels: 1.4426950408889634 = log2(e) (scores move to base 2 so the
@@ -386,65 +384,6 @@ def wide_offsets(*tensors) -> bool:
         if last >= 2**31 - 1:
             return True
     return False
-
-
-def cuda_index(device: torch.device) -> int:
-    """The index of a CUDA device; the current device for a bare ``"cuda"``."""
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessor count of a CUDA device (cached); 8 for other devices (the interpreter)."""
-    if device.type != "cuda":
-        return 8
-    return _sm_count(cuda_index(device))
-
-
-@functools.cache
-def _bandwidth_per_sm(index: int) -> float:
-    try:
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        peak = 2 * props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] / 8  # double data rate
-    except Exception:  # a driver without these properties: the default tiles
-        return 0.0
-    return peak / 1e9 / _sm_count(index)
-
-
-def bandwidth_per_sm(device: torch.device) -> float:
-    """Peak memory bandwidth of a CUDA device per multiprocessor, GB/s (cached; from the memory
-    clock and bus width): about 25 on an H100 SXM, 37 on an H200. 0 for other devices."""
-    if device.type != "cuda":
-        return 0.0
-    return _bandwidth_per_sm(cuda_index(device))
-
-
-def on_tensor_device(fn):
-    """Run a launcher with the current CUDA device set to its first argument's device.
-
-    Triton launches on the current device's stream, so tensors on another GPU of the process (a
-    model split over GPUs, e.g. transformers' ``device_map="auto"``) would otherwise be handed to a
-    kernel running on the wrong device. Costs nothing when the device is already current.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
-
-    return wrapper
-
-
-def ptx_device(device: torch.device) -> bool:
-    """Whether kernels on ``device`` are compiled to PTX, so inline PTX may be used: NVIDIA CUDA
-    devices, not ROCm's, and not under Triton's interpreter."""
-    return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # ----------------------------------------------------------------- attention launches (host side)

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2, on_tensor_device
+from .common import next_pow2
 from .decode.check import or_into_flag
+from .device import on_tensor_device
 from .launch import SignatureTable, launch_cached
 
 

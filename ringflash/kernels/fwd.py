@@ -32,12 +32,12 @@ from .common import (
     attn_heuristics,
     call_tensors,
     cdiv,
-    on_tensor_device,
     stride_names,
     strides,
     two_part,
     wide_offsets,
 )
+from .device import on_tensor_device
 from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
 from .tma import tma_applies

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from .common import cuda_index
+from .device import cuda_index
 from .options import tma_mode
 
 _TMA_MIN_SEQLEN = 8192

@@ -22,20 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..common import (
-    bandwidth_per_sm,
-    cdiv,
-    dot_f32,
-    dot_precision,
-    mask_flags,
-    next_pow2,
-    on_tensor_device,
-    pad_dim,
-    ptx_device,
-    sm_count,
-    stride_names,
-    strides,
-)
+from ..common import cdiv, dot_f32, dot_precision, mask_flags, next_pow2, pad_dim, stride_names, strides
+from ..device import bandwidth_per_sm, on_tensor_device, ptx_device, sm_count
 from ..launch import SignatureTable, launch_cached
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import next_pow2, on_tensor_device
+from ..common import next_pow2
+from ..device import on_tensor_device
 from ..launch import SignatureTable, launch_cached
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import next_pow2, on_tensor_device, pad_dim, stride_names, strides
+from ..common import next_pow2, pad_dim, stride_names, strides
+from ..device import on_tensor_device
 
 
 @triton.jit

@@ -24,7 +24,8 @@ import threading
 
 import torch
 
-from ..common import cuda_index, next_pow2
+from ..common import next_pow2
+from ..device import cuda_index
 from ..launch import current_raw_stream
 from ..options import CounterArenaConfig
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import on_tensor_device
+from ..device import on_tensor_device
 from ..launch import launch_cached
 from ..options import DecodeConfig
 from . import _bind, _Launch, _launch_for

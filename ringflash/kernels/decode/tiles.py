@@ -4,7 +4,8 @@ cacheless call runs faster through the decoding kernel."""
 
 from __future__ import annotations
 
-from ..common import cdiv, next_pow2, sm_count
+from ..common import cdiv, next_pow2
+from ..device import sm_count
 from ..options import DecodeConfig
 
 # Tiles: 16 rows is the smallest tensor-core dot; GPU tiles were measured on Hopper
