@@ -119,12 +119,12 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
         t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
     rows = []
     for layout, method, *piece in variants:
-        stride = default_heads_k_stride(heads, kv_heads, torch.device(device))
-        if piece:
-            stride = kv_heads if piece[0] == "all" else int(piece[0])
         qs, ks, vs, ds = (
             [shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in (q, k, v, dout)
         )
+        stride = default_heads_k_stride(qs[0], ks[0])
+        if piece:
+            stride = kv_heads if piece[0] == "all" else int(piece[0])
         fwd, bwd = [], []
         for rep in range(reps + 1):  # the first pass compiles and autotunes the calls' kernels
             _host_ahead()

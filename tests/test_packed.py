@@ -349,6 +349,19 @@ def test_auto_method_follows_the_costs():
     assert not calls, "nothing travels: no link measured"
 
 
+def test_default_pieces_keep_four_waves_per_call():
+    """The exchange goes in pieces only on a GPU, and only as many as leave each piece's forward
+    call 4 waves of 128-row query tiles."""
+    from ringflash.parallel.allgather import pieces_for
+
+    assert pieces_for(32, 8, 16384, None) == 1  # no GPU: nothing runs beside the calls
+    assert pieces_for(32, 8, 16384, 132) == 4
+    assert pieces_for(32, 8, 8192, 132) == 2  # 4 pieces: 64 tiles x 8 heads < 4 x 132
+    assert pieces_for(32, 8, 4096, 132) == 1
+    assert pieces_for(32, 2, 65536, 132) == 2  # 4 does not divide the KV heads
+    assert pieces_for(32, 1, 65536, 132) == 1
+
+
 def test_allgather_cost_in_pieces():
     """Pieces of KV heads leave one piece's share of the shorter of exchange and compute exposed:
     ``max(C, X) + min(C, X) / P``, where one piece pays ``C + X``."""
@@ -497,6 +510,18 @@ def _bad(rank, world):
             ),
         ),
         (
+            "strides differ",
+            lambda: rf.ring_flash_attn_varlen_func(
+                q,
+                q,
+                q,
+                torch.tensor([0, 12], dtype=torch.int32),
+                12,
+                method="allgather",
+                heads_k_stride=rank + 1,
+            ),
+        ),
+        (
             "gradients",  # "auto" would price a backward on one rank only
             lambda: rf.ring_flash_attn_varlen_func(
                 q.clone().requires_grad_(rank == 0),
@@ -533,6 +558,7 @@ def test_bad_packed_input_raises_on_every_rank():
         assert "disagree on gradients (rank 0: True, rank 1: False)" in msgs["gradients"], (rank, msgs)
         want = "rank 1: heads_k_stride must be None or a positive divisor of the KV heads (2): got 3"
         assert want in msgs["stride"], (rank, msgs)
+        assert "disagree on heads_k_stride (rank 0: 1, rank 1: 2)" in msgs["strides differ"], (rank, msgs)
         assert "does not divide by the world size 2" in msgs["not divisible"], (rank, msgs)
 
 

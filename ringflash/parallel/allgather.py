@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends import backend_for
+from ..backends import backend_for, device_throughput
 from ..comm.gather import start_exchange
 from .doc_layouts import DocSegment, _calls, _coalesce_full, _pairs, _two_part, doc_segments
 from .layouts import Piece, _band, _mask_args
@@ -307,20 +307,30 @@ def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
     dv.index_add_(0, own, acc[n_own:].to(dv.dtype))
 
 
-_MIN_Q_HEADS_PER_PIECE = 8  # fewer heads per call leave too few programs per wave at 8k tokens
+_TILE_ROWS = 128  # query rows per program of the attention kernels
+_MIN_WAVES = 4  # programs per piece's call, in waves of the device's SMs
 
 
-def default_heads_k_stride(hq: int, hk: int, device: torch.device) -> int:
-    """KV heads per piece of the exchange when the caller names none: the whole exchange at once
-    except on CUDA, where a collective runs beside the kernels: there the KV heads go in 2 or 4
-    pieces (as many as keep at least ``_MIN_Q_HEADS_PER_PIECE`` query heads per call), so each
-    piece's calls run while the next piece travels."""
-    if device.type != "cuda":
-        return hk
+def pieces_for(hq: int, hk: int, n_local: int, sms: int | None) -> int:
+    """How many pieces of KV heads the exchange goes in by default: one without a GPU (``sms``
+    None: nothing runs beside the calls); on a GPU with ``sms`` multiprocessors, the most of 4 and
+    2 that divides ``hk`` and leaves each piece's forward call ``_MIN_WAVES`` waves of query-tile
+    programs (``ceil(n_local / 128) * hq / pieces``), so that splitting the heads does not leave
+    the GPU part idle."""
+    if sms is None:
+        return 1
+    tiles = -(-n_local // _TILE_ROWS)
     for n in (4, 2):
-        if hk % n == 0 and hq // n >= _MIN_Q_HEADS_PER_PIECE:
-            return hk // n
-    return hk
+        if hk % n == 0 and tiles * (hq // n) >= _MIN_WAVES * sms:
+            return n
+    return 1
+
+
+def default_heads_k_stride(q: torch.Tensor, k: torch.Tensor) -> int:
+    """KV heads per piece of the exchange when the caller names none, for packed ``q [T, Hq, D]``
+    and ``k [T, Hk, D]`` (``pieces_for`` on q's device)."""
+    got = device_throughput(q.device)
+    return k.shape[-2] // pieces_for(q.shape[-2], k.shape[-2], q.shape[0], None if got is None else got[0])
 
 
 def check_heads_k_stride(stride, hk: int) -> None:
@@ -439,7 +449,7 @@ def allgather_attention(q, k, v, layout, cu, scale, softcap, causal, window, gro
     ``(out [T_local, Hq, D], lse [Hq, T_local])``. ``stride``: KV heads per piece of the exchange
     (a divisor of ``Hk``; None: ``default_heads_k_stride``)."""
     if stride is None:
-        stride = default_heads_k_stride(q.shape[1], k.shape[1], q.device)
+        stride = default_heads_k_stride(q, k)
     args = (layout, cu, scale, softcap, causal, window, group, rank, world, stride)
     return AllGatherAttention.apply(q, k, v, *args)
 
@@ -450,4 +460,5 @@ __all__ = [
     "default_heads_k_stride",
     "gather_plan",
     "head_pieces",
+    "pieces_for",
 ]

@@ -47,6 +47,7 @@ _HINTS = {
     "node": ' (use_ring_transport("copy_engine") needs every rank of the group on one node)',
     "ring prefetch": " (every rank must choose the same use_ring_prefetch)",
     "cu_seqlens": " (every rank passes the global cu_seqlens of the whole packed stream)",
+    "heads_k_stride": " (its default follows each GPU's multiprocessors: pass one heads_k_stride)",
 }
 
 
@@ -205,7 +206,8 @@ def ring_attention(
             "node": _node_id() if transport == "copy_engine" else None,
             "ring prefetch": prefetch,
             "learnable_sink given": sink is not None,
-            "heads_k_stride": heads_k_stride,
+            # the default's pieces follow the device's SMs: ranks on different GPUs must agree
+            "heads_k_stride": (heads_k_stride or default_heads_k_stride(q, k)) if cu_list else None,
             # "auto" prices a backward when one follows: the ranks must pick alike
             "gradients": _grads(q, k, v) if method == "auto" else None,
         }
@@ -216,7 +218,7 @@ def ring_attention(
     packed = cu_list is not None
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
-        stride = heads_k_stride or default_heads_k_stride(q.shape[-2], k.shape[-2], q.device)
+        stride = fields["heads_k_stride"]
         if method == "auto":
             grads = _grads(q, k, v)
             pieces = len(head_pieces(q.shape[-2], k.shape[-2], stride))
@@ -451,8 +453,8 @@ def ring_flash_attn_varlen_func(
             sends their float32 dK/dV back) or ``"auto"`` (``ringflash.parallel.method_cost``).
         heads_k_stride: for the all-gather, how many KV heads each piece of the exchange carries
             (a divisor of ``Hk``): a piece's calls run while the next piece travels. None: the
-            whole exchange at once except on CUDA, where 2 or 4 pieces keep at least 8 query
-            heads per call (``ringflash.parallel.allgather.default_heads_k_stride``).
+            whole exchange at once except on CUDA, where it goes in 4 or 2 pieces when each
+            piece's call keeps 4 waves of programs (``ringflash.parallel.allgather.pieces_for``).
         Other arguments as for ``ring_flash_attn_func``.
 
     Returns:

@@ -265,9 +265,7 @@ def allgather_fwd_loop(
     its exchange made of ring posts, piece by piece of ``stride`` KV heads (None: the library's
     default for q's device). Returns ``(out, lse)`` as ``allgather_attention`` computes them."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    pieces = head_pieces(
-        q.shape[1], k.shape[1], stride or default_heads_k_stride(q.shape[1], k.shape[1], q.device)
-    )
+    pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
     whole, outs, lses = len(pieces) == 1, [], []
     for kh, qh in pieces:
         kp, vp = _part(k, kh, whole), _part(v, kh, whole)
@@ -286,9 +284,7 @@ def allgather_bwd_loop(
     """Generator: the backward of ``allgather_fwd_loop``; the reverse exchange takes each gathered
     key's float32 dK/dV to the rank that sent it. Returns ``(dq, dk, dv)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    pieces = head_pieces(
-        q.shape[1], k.shape[1], stride or default_heads_k_stride(q.shape[1], k.shape[1], q.device)
-    )
+    pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
     whole, grads = len(pieces) == 1, []
     for kh, qh in pieces:
         kp, vp = _part(k, kh, whole), _part(v, kh, whole)
