@@ -189,6 +189,9 @@ def ring_attention(
             q, k, v, layout, opts, world, g, cu_seqlens, max_seqlen, transport, method, heads_k_stride
         )
         check_sink(sink, q)
+        stride = None  # the ring ignores it; the all-gather's default follows the device's SMs,
+        if cu_list is not None and method != "ring":  # so ranks on different GPUs must agree on it
+            stride = heads_k_stride or default_heads_k_stride(q, k)
         fields = {
             "function": name,
             "layout": layout,
@@ -206,8 +209,7 @@ def ring_attention(
             "node": _node_id() if transport == "copy_engine" else None,
             "ring prefetch": prefetch,
             "learnable_sink given": sink is not None,
-            # the default's pieces follow the device's SMs: ranks on different GPUs must agree
-            "heads_k_stride": (heads_k_stride or default_heads_k_stride(q, k)) if cu_list else None,
+            "heads_k_stride": stride,
             # "auto" prices a backward when one follows: the ranks must pick alike
             "gradients": _grads(q, k, v) if method == "auto" else None,
         }
@@ -218,7 +220,6 @@ def ring_attention(
     packed = cu_list is not None
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
-        stride = fields["heads_k_stride"]
         if method == "auto":
             grads = _grads(q, k, v)
             pieces = len(head_pieces(q.shape[-2], k.shape[-2], stride))
