@@ -5,10 +5,11 @@
     torchrun --nproc_per_node 4 benchmarks/bench_ring_nccl.py --profile --out DIR
 
 Layouts: ``zigzag``, ``contiguous``, ``stripe`` (padded ``[1, S, H, D]``), and ``varlen``: the same
-``S`` tokens packed as documents that cross shard boundaries (``--dist``: ``longtail``, lengths of
-a long-tailed distribution of mean ``--doc-len`` with some documents as long as the stream, as
-``bench_packed.py`` draws them; ``uniform``, uniform in ``[1, 2 * doc-len)``; ``one``; ``Nk``),
-through ``ring_flash_attn_varlen_func``, one row per ``--packed`` variant ``layout:method[:stride]``
+``S`` tokens packed as documents that cross shard boundaries (``--dists``, each in turn:
+``longtail``, lengths of a long-tailed distribution of mean ``--doc-len`` with some documents as
+long as the stream, as ``bench_packed.py`` draws them; ``uniform``, uniform in ``[1, 2 * doc-len)``;
+``one``; ``Nk``), through ``ring_flash_attn_varlen_func``, one row per distribution and ``--packed``
+variant ``layout:method[:stride]``
 (``stride``: ``heads_k_stride`` of the all-gather's exchange); its ``t_full`` is one whole-stream
 varlen call and its FLOPs count only the within-document causal pairs.
 
@@ -100,9 +101,7 @@ class Ring:
     ):
         self.layout, self.cu, self.transport, self.prefetch = layout, cu, transport, prefetch
         self.packed = packed
-        self.name = (
-            layout if layout != "varlen" else "varlen-" + "-".join(str(x) for x in packed if x is not None)
-        )
+        self.name = layout  # in the profile's and the trace's file names
         q, k, v, dout = full
         if layout == "varlen":  # packed [T, H, D]
             ql, kl, vl, dl = (rf.shard(x[0], dim=0, layout=packed[0], cu_seqlens=cu) for x in (q, k, v, dout))
@@ -211,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", nargs="+", default=list(FUNCS), choices=list(FUNCS))
     p.add_argument("--doc-len", type=int, default=4096, help="mean document length of the varlen rows")
     p.add_argument(
-        "--dist", default="longtail", help="document lengths of the varlen rows: longtail, uniform, one or Nk"
+        "--dists",
+        nargs="+",
+        default=["longtail", "1k", "one"],
+        help="document lengths of the varlen rows: longtail, uniform, one or Nk",
     )
     p.add_argument(
         "--packed",
@@ -252,17 +254,22 @@ def main(argv=None) -> int:
     S = world * L
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, S, h, D, generator=g).to(device, dtype) for h in (Hq, Hk, Hk, Hq))
-    if a.dist == "uniform":
-        lens = doc_lengths(S, a.doc_len)
-    else:
-        lens = documents(a.dist, S, mean=a.doc_len).diff().tolist()
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    streams = {}  # distribution -> (document lengths, cu_seqlens)
+    for dist_name in a.dists:
+        lens = (
+            doc_lengths(S, a.doc_len) if dist_name == "uniform" else documents(dist_name, S, mean=a.doc_len)
+        )
+        lens = lens.diff().tolist() if isinstance(lens, torch.Tensor) else lens
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        streams[dist_name] = (lens, cu)
     be = backend_for(q)
     scale = D**-0.5
 
-    def full_calls(varlen):
+    def full_calls(dist_name):
         kw = dict(softmax_scale=scale, causal=True)
+        varlen = dist_name is not None
         if varlen:
+            lens, cu = streams[dist_name]
             m = int(max(lens))
             kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m)
         qq, kk, vv, dd = (x[0] if varlen else x for x in (q, k, v, dout))
@@ -279,8 +286,9 @@ def main(argv=None) -> int:
     run = run_info(device)
     title = (
         f"ring over {world} ranks ({info.backend}); causal, Hq={Hq} Hk={Hk} D={D} {str(dtype)[6:]}, "
-        f"{L} tokens per rank (S={S}), {a.iters} call(s) back to back; varlen: {len(lens)} documents "
-        f"({a.dist}) of mean {S / len(lens):.0f} tokens, the longest {max(lens)}; eff = t_full / (W * t_ring)"
+        f"{L} tokens per rank (S={S}), {a.iters} call(s) back to back; varlen: "
+        + ", ".join(f"{d} ({len(x)} documents, the longest {max(x)})" for d, (x, _) in streams.items())
+        + "; eff = t_full / (W * t_ring)"
     )
     if rank == 0:
         print(header(title, info=run), flush=True)
@@ -288,24 +296,29 @@ def main(argv=None) -> int:
     suffixes = [""] + (["ce"] if a.copy_engine and nccl else []) + (["p1"] if a.plain_ring else [])
     rows, full_times, reference = [], {}, {}
     os.makedirs(a.out, exist_ok=True)
-    calls = [(x, None) for x in a.layouts if x != "varlen"]
-    calls += [("varlen", p) for p in a.packed] if "varlen" in a.layouts else []
+    calls = [(x, None, None) for x in a.layouts if x != "varlen"]
+    if "varlen" in a.layouts:
+        calls += [("varlen", d, p) for d in a.dists for p in a.packed]
     for suffix in suffixes:
-        for layout, packed in calls:
-            base = layout if packed is None else "varlen " + ":".join(str(x) for x in packed if x is not None)
+        for layout, dist_name, packed in calls:
+            base = layout
+            if packed is not None:
+                base = f"varlen {dist_name} " + ":".join(str(x) for x in packed if x is not None)
             name = base + (f"+{suffix}" if suffix else "")
             varlen = layout == "varlen"
-            if varlen not in full_times:
-                fwd, fb = full_calls(varlen)
-                full_times[varlen] = (
+            if dist_name not in full_times:
+                fwd, fb = full_calls(dist_name)
+                full_times[dist_name] = (
                     dist_median_time(fwd, device, a.reps, a.iters),
                     dist_median_time(fb, device, a.reps, a.iters),
                 )
-            t_full, t_full_fb = full_times[varlen]
+            t_full, t_full_fb = full_times[dist_name]
+            lens, cu = streams[dist_name] if varlen else (None, None)
             flops = 4 * (causal_pairs(lens) if varlen else S * S // 2) * Hq * D
             ring = Ring(
                 layout, (q, k, v, dout), cu, *VARIANTS[suffix], **({"packed": packed} if packed else {})
             )
+            ring.name = base.replace(" ", "_").replace(":", "-")
             t_r = dist_median_time(ring.fwd, device, a.reps, a.iters)
             t_rfb = dist_median_time(ring.fwd_bwd, device, a.reps, a.iters)
             row = dict(world=world, layout=name, S=S, full_fwd_ms=t_full * 1e3, full_fb_ms=t_full_fb * 1e3)
