@@ -113,6 +113,10 @@ def _kernel(p, q, k, v, dout, scale):
         window_size=tuple(p.get("window", (-1, -1))),
         softcap=p.get("softcap", 0.0),
     )
+    if p.get("subtiles"):  # the forward's rows in two halves (AttnConfig.fwd_subtiles)
+        from ringflash.kernels.options import AttnConfig
+
+        kw.update(config=AttnConfig(fwd_subtiles=p["subtiles"]))
     dev = q.device
     varlen = "lens_q" in p
     if varlen:
@@ -380,6 +384,8 @@ def _case_id(c):
         s += f"-cap{c['softcap']:g}"
     if c.get("diag") is not None:
         s += f"-diag{c['diag']}".replace(" ", "")
+    if c.get("subtiles"):
+        s += f"-subtiles{c['subtiles']}"
     return s
 
 
@@ -449,6 +455,15 @@ def test_kernels_interpreter(interp, case):
 
 # The 16-bit cases again with TMA descriptors in the kernels (zero-filled tails instead of masks).
 TMA_CASES = [dict(c, tma="on") for c in CPU_CASES if c["dtype"] != "fp32" and not c.get("split_kv")]
+# The forward in two halves of rows: every mask run, varlen and diagonals, accumulate, GQA, padded
+# head dims; with and without TMA descriptors.
+SUBTILE_CASES = [dict(CPU_CASES[i], subtiles=2) for i in (1, 2, 4, 8, 9, 11, 20, 22, 24, 26, 27)]
+SUBTILE_CASES += [dict(c, tma="on") for c in SUBTILE_CASES if c["dtype"] != "fp32"]
+
+
+@pytest.mark.parametrize("case", SUBTILE_CASES, ids=[_case_id(c) for c in SUBTILE_CASES])
+def test_kernels_interpreter_forward_subtiles(interp, case):
+    _assert_checks(interp.run(case), _case_id(case))
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
@@ -489,6 +504,9 @@ GPU_CASES = [
 ]
 
 
+GPU_SUBTILE_CASES = [dict(GPU_CASES[i], subtiles=2) for i in (0, 1, 2, 4, 9, 10, 11)]
+
+
 @pytest.fixture(scope="module")
 def gpu_configs():
     """``RINGFLASH_TEST_CONFIGS=one`` pins each autotuned kernel to one tile config, its smallest
@@ -508,6 +526,12 @@ def gpu_configs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
 def test_kernels_cuda(gpu_configs, case):
+    _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_SUBTILE_CASES, ids=[_case_id(c) for c in GPU_SUBTILE_CASES])
+def test_kernels_cuda_forward_subtiles(gpu_configs, case):
     _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
 
 

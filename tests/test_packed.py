@@ -567,6 +567,7 @@ import sys
 sys.path.insert(0, "tests")
 import torch
 import ringflash as rf
+from ringflash.kernels.options import AttnConfig
 from test_packed import _long_documents_case, _sim_case, _two_part_case, _written_gradients_case
 with rf.use_backend("triton"):
     for layout, method, world, mask in (
@@ -580,6 +581,9 @@ with rf.use_backend("triton"):
     for dtype in (torch.float32, torch.bfloat16):
         _written_gradients_case(rf.backends.get_backend("triton"), dtype)
     err = _two_part_case(rf.backends.get_backend("triton"))
+    assert err < 1e-4, err
+    with rf.backends.use_config(AttnConfig(fwd_subtiles=2)):  # a tile's halves share its part
+        err = _two_part_case(rf.backends.get_backend("triton"))
     assert err < 1e-4, err
     _long_documents_case(2, "allgather", [dict(causal=True)])
 print("ok")

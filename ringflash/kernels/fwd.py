@@ -44,64 +44,100 @@ from .tma import tma_applies
 
 
 @triton.jit
+def _kv_tile(
+    k_src, v_src, j0, offs_j, stride_ks, stride_vs, offs_d, offs_dv, seqlen_k,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    TMA: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The K and V tiles of keys ``j0 + [0, BLOCK_N)``."""
+    if TMA:
+        k = k_src.load([j0, 0])
+        v = v_src.load([j0, 0])
+    elif MASKED:
+        kv_row = offs_j[:, None] < seqlen_k
+        k = tl.load(k_src + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_src + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
+        k = tl.load(k_src + j0 * stride_ks)
+        v = tl.load(v_src + j0 * stride_vs)
+    else:
+        k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _tile_scores(
+    q, k, offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Scores of query rows ``offs_m`` against a key tile, in log2 units, -inf where masked."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+    if SOFTCAP:
+        s = _tanh(s * cap_scale) * cap_out
+    else:
+        s = s * qk_scale
+    if MASKED:
+        s = tl.where(_visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _tile_update(s, v, acc, l_i, m_i, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):
+    """The online softmax state after one key tile's scores ``s``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-    start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+    acc, l_i, m_i, q, offs_m, acc2, l2, m2, q2, offs_m2, k_src, v_src, stride_ks, stride_vs, offs_n,
+    offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale,
+    cap_scale, cap_out,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr,
 ):  # fmt: skip
     # k_src / v_src: tensor descriptors of this sequence's K/V rows (TMA: rows past seqlen_k and
     # columns past the head dim read as 0), else pointer tiles at its first key. The three runs of
     # key blocks (masked head, mask-free middle, masked tail) in order, MASKED a constexpr of each.
+    # With SUBTILES == 2 the program's rows are two halves (``q``, ``q2``) with their own state:
+    # both halves' score products are issued before the first half's softmax, so that the tensor
+    # cores can work on one half while the other's exponentials run (FlashAttention-3's overlap).
     for RUN in tl.static_range(3):
         MASKED = RUN != 1
         j_start, j_end = _run_bounds(RUN, start, full_start, full_end, end)
         for j0 in range(j_start, j_end, BLOCK_N):
             offs_j = j0 + offs_n
-            if TMA:
-                k = k_src.load([j0, 0])
-                v = v_src.load([j0, 0])
-            elif MASKED:
-                kv_row = offs_j[:, None] < seqlen_k
-                k = tl.load(
-                    k_src + j0 * stride_ks,
-                    mask=kv_row & (offs_d[None, :] < HEAD_DIM),
-                    other=0.0,
-                )
-                v = tl.load(
-                    v_src + j0 * stride_vs,
-                    mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
-                    other=0.0,
-                )
-            elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
-                k = tl.load(k_src + j0 * stride_ks)
-                v = tl.load(v_src + j0 * stride_vs)
-            else:
-                k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-            s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
-            if SOFTCAP:
-                s = _tanh(s * cap_scale) * cap_out
-            else:
-                s = s * qk_scale
-            if MASKED:
-                vis = _visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI)
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
-                # exp2(-inf - -inf) never makes a NaN.
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sub = m_new
-            p = tl.exp2(s - m_sub[:, None])
-            alpha = tl.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
-            m_i = m_new
-    return acc, l_i, m_i
+            k, v = _kv_tile(
+                k_src, v_src, j0, offs_j, stride_ks, stride_vs, offs_d, offs_dv, seqlen_k,
+                HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, TMA, MASKED,
+            )  # fmt: skip
+            s = _tile_scores(
+                q, k, offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+                HAS_LO, HAS_HI, SOFTCAP, DOT_PREC, DOT_F32, MASKED,
+            )  # fmt: skip
+            if SUBTILES == 2:
+                s2 = _tile_scores(
+                    q2, k, offs_m2, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+                    HAS_LO, HAS_HI, SOFTCAP, DOT_PREC, DOT_F32, MASKED,
+                )  # fmt: skip
+            acc, l_i, m_i = _tile_update(s, v, acc, l_i, m_i, DOT_PREC, DOT_F32, MASKED)
+            if SUBTILES == 2:
+                acc2, l2, m2 = _tile_update(s2, v, acc2, l2, m2, DOT_PREC, DOT_F32, MASKED)
+    return acc, l_i, m_i, acc2, l2, m2
 
 
 # Sequence lengths and offsets vary from call to call: specialising on them (== 1, % 16) would
@@ -118,18 +154,19 @@ def _attn_fwd_kernel(
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SUBTILES: tl.constexpr,
 ):  # fmt: skip
-    # The online softmax state of BLOCK_M rows, scores in base 2.
+    # The online softmax state of BLOCK_M rows (SUBTILES halves of HALF rows), scores in base 2.
+    HALF: tl.constexpr = BLOCK_M // SUBTILES
     qk_scale = sm_scale * 1.4426950408889634
     cap_scale = 0.0
     cap_out = 0.0
     if SOFTCAP:
         cap_scale = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    m_i = tl.full([HALF], float("-inf"), tl.float32)
+    l_i = tl.zeros([HALF], tl.float32)
+    acc = tl.zeros([HALF, DV_PAD], tl.float32)
 
     # Causal row blocks get cheaper as the block index falls: the expensive ones start first, in
     # groups of heads, so the last wave is short (``_tile_order``).
@@ -152,26 +189,68 @@ def _attn_fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + q_row0.to(tl.int64) * stride_qs + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
-    if TMA:
-        # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
-        # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
-        q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
-        q = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD).load([i0, 0])
-    else:
-        q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    if SUBTILES == 2:
+        offs_m = i0 + tl.arange(0, HALF)
+        rows = offs_m - i0 if WIDE else offs_m
+    q = _q_tile(
+        q_base, q_seq, i0, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM, D_PAD, HALF, TMA
+    )
+    # The second half's state and rows; with one subtile, the first's stand in (and go unused).
+    acc2, l2, m2, q2, offs_m2, rows2 = acc, l_i, m_i, q, offs_m, rows
+    if SUBTILES == 2:
+        offs_m2 = offs_m + HALF
+        rows2 = rows + HALF
+        q2 = _q_tile(
+            q_base, q_seq, i0 + HALF, offs_m2, rows2, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM, D_PAD,
+            HALF, TMA,
+        )  # fmt: skip
     k_src = _tile_src(k_base, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     v_src = _tile_src(
         v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
     )
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv,
-        start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
-        HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
+    acc, l_i, m_i, acc2, l2, m2 = _fwd_inner(
+        acc, l_i, m_i, q, offs_m, acc2, l2, m2, q2, offs_m2, k_src, v_src, ks, vs, offs_n, offs_d,
+        offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale,
+        cap_out, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA,
+        BLOCK_N, SUBTILES,
     )  # fmt: skip
+    o_base = O + b.to(tl.int64) * stride_ob + q_row0.to(tl.int64) * stride_os + h * stride_oh
+    l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_ls
+    _fwd_store(
+        acc, l_i, m_i, o_base, l_base, offs_m, rows, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
+        HEAD_DIM_V, ACCUMULATE,
+    )  # fmt: skip
+    if SUBTILES == 2:
+        _fwd_store(
+            acc2, l2, m2, o_base, l_base, offs_m2, rows2, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
+            HEAD_DIM_V, ACCUMULATE,
+        )  # fmt: skip
 
+
+@triton.jit
+def _q_tile(
+    q_base, q_seq, r0, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """The query tile of rows ``offs_m`` (its first ``r0``) of this sequence and head."""
+    if TMA:
+        # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
+        # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
+        return _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_R, D_PAD).load([r0, 0])
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+
+
+@triton.jit
+def _fwd_store(
+    acc, l_i, m_i, o_base, l_base, offs_m, rows, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
+    HEAD_DIM_V: tl.constexpr, ACCUMULATE: tl.constexpr,
+):  # fmt: skip
+    """Normalise and store the output and LSE of rows ``offs_m`` (merged into the given float32
+    ``(out, lse)`` with ``ACCUMULATE``)."""
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -179,15 +258,8 @@ def _attn_fwd_kernel(
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
     row_ok = offs_m < seqlen_q
-    o_ptrs = (
-        O
-        + b.to(tl.int64) * stride_ob
-        + q_row0.to(tl.int64) * stride_os
-        + h * stride_oh
-        + rows[:, None] * stride_os
-        + offs_dv[None, :] * stride_od
-    )
-    l_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    o_ptrs = o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od
+    l_ptrs = l_base + offs_m * stride_ls
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if ACCUMULATE:
         lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
@@ -200,7 +272,7 @@ def _attn_fwd_kernel(
         inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
         o = o_old * (w_old * inv)[:, None] + o * (w_new * inv)[:, None]
         lse = mx + tl.log(tot)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, o.to(o_base.dtype.element_ty), mask=o_mask)
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
@@ -233,7 +305,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=[*TUNE_KEY, "ACCUMULATE"],
+    key=[*TUNE_KEY, "ACCUMULATE", "SUBTILES"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
@@ -363,6 +435,7 @@ def attn_fwd(
             n_heads_q=Hq,
             ACCUMULATE=accumulate,
             WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
+            SUBTILES=config.fwd_subtiles,
         )
         static = {n: a for n, a in args.items() if n not in _PER_CALL}
         slot = _FWD_LAUNCHES.keep(key, (static, B, Sq, Sk, {}))[4] if key is not None else None

@@ -41,12 +41,21 @@ class AttnConfig:
             longer launches the last wave is a small part and the two contend for L2).
         int64_offsets: always build the 64-bit offset code (by default it is built only when an
             element offset of the call passes ``2**31 - 1``); tests force it at small shapes.
+        fwd_subtiles: 1, or 2: a forward program computes its query rows as two halves with their
+            own softmax state, both halves' score products issued before either half's softmax, so
+            that the tensor cores can run one half's products while the other's exponentials run
+            (FlashAttention-3's intra-warpgroup overlap). Same results up to rounding order.
     """
 
     sched_per_sm: int = 4
     concurrent_dq: bool = True
     concurrent_dq_max_waves: int = 8
     int64_offsets: bool = False
+    fwd_subtiles: int = 1
+
+    def __post_init__(self):
+        if self.fwd_subtiles not in (1, 2):
+            raise ValueError(f"AttnConfig.fwd_subtiles must be 1 or 2, got {self.fwd_subtiles!r}")
 
 
 @dataclasses.dataclass(frozen=True)
