@@ -113,10 +113,10 @@ def _kernel(p, q, k, v, dout, scale):
         window_size=tuple(p.get("window", (-1, -1))),
         softcap=p.get("softcap", 0.0),
     )
-    if p.get("subtiles"):  # the forward's rows in two halves (AttnConfig.fwd_subtiles)
+    if p.get("subtiles") or p.get("fused_dq"):  # AttnConfig.fwd_subtiles, AttnConfig.fused_dq
         from ringflash.kernels.options import AttnConfig
 
-        kw.update(config=AttnConfig(fwd_subtiles=p["subtiles"]))
+        kw.update(config=AttnConfig(fwd_subtiles=p.get("subtiles", 1), fused_dq=p.get("fused_dq", False)))
     dev = q.device
     varlen = "lens_q" in p
     if varlen:
@@ -386,6 +386,8 @@ def _case_id(c):
         s += f"-diag{c['diag']}".replace(" ", "")
     if c.get("subtiles"):
         s += f"-subtiles{c['subtiles']}"
+    if c.get("fused_dq"):
+        s += "-fused_dq"
     return s
 
 
@@ -466,6 +468,16 @@ def test_kernels_interpreter_forward_subtiles(interp, case):
     _assert_checks(interp.run(case), _case_id(case))
 
 
+# dQ in the dK/dV kernel by TMA reduce-adds: the 16-bit cases with descriptors, accumulate mode
+# (adds into given float32 dQ) among them.
+FUSED_DQ_CASES = [dict(c, fused_dq=True) for c in TMA_CASES]
+
+
+@pytest.mark.parametrize("case", FUSED_DQ_CASES, ids=[_case_id(c) for c in FUSED_DQ_CASES])
+def test_kernels_interpreter_fused_dq(interp, case):
+    _assert_checks(interp.run(case), _case_id(case))
+
+
 @pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
 def test_kernels_interpreter_tma(interp, case):
     _assert_checks(interp.run(case), _case_id(case))
@@ -505,6 +517,7 @@ GPU_CASES = [
 
 
 GPU_SUBTILE_CASES = [dict(GPU_CASES[i], subtiles=2) for i in (0, 1, 2, 4, 9, 10, 11)]
+GPU_FUSED_DQ_CASES = [dict(GPU_CASES[i], fused_dq=True, tma="on") for i in (0, 2, 3, 7, 9, 10, 11, 17)]
 
 
 @pytest.fixture(scope="module")
@@ -532,6 +545,12 @@ def test_kernels_cuda(gpu_configs, case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", GPU_SUBTILE_CASES, ids=[_case_id(c) for c in GPU_SUBTILE_CASES])
 def test_kernels_cuda_forward_subtiles(gpu_configs, case):
+    _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_FUSED_DQ_CASES, ids=[_case_id(c) for c in GPU_FUSED_DQ_CASES])
+def test_kernels_cuda_fused_dq(gpu_configs, case):
     _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
 
 

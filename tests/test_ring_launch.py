@@ -82,6 +82,10 @@ def test_mpirun_training_matches_one_process():
     assert "OK: 2 rank(s), layout zigzag" in out, out[-2000:]
 
 
+# bench_ring_nccl's packed rows by default: layout:method, for each document-length distribution.
+PACKED_ROWS = ("contiguous:ring", "balanced:ring", "balanced:allgather")
+
+
 def test_torchrun_benchmarks_run_through_the_cli(tmp_path):
     """The multi-process benchmarks at --tiny size, through ``ringflash bench`` (torchrun, 2 gloo
     processes on CPU): each writes its CSV, and the sharded results equal one device's."""
@@ -94,7 +98,8 @@ def test_torchrun_benchmarks_run_through_the_cli(tmp_path):
             return list(csv.DictReader(fh))
 
     ring = {r["layout"]: r for r in rows("ring_nccl_W2.csv")}
-    assert set(ring) == {"zigzag", "contiguous", "stripe", "varlen"}, ring
+    packed = {f"varlen {d} {v}" for d in ("longtail", "1k", "one") for v in PACKED_ROWS}
+    assert set(ring) == {"zigzag", "contiguous", "stripe"} | packed, ring
     assert all(float(r["fwd_eff"]) > 0 and float(r["fb_eff"]) > 0 for r in ring.values()), ring
     (sharded,) = rows("decode_sharded_W2.csv")
     assert float(sharded["max_rel_err"]) < 1e-5, sharded  # sharded == one device, up to float32 rounding

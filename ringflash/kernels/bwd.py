@@ -4,9 +4,10 @@ Probabilities are recomputed from the saved LSE, ``p = exp(s - lse)``, so nothin
 ``Sq x Sk`` is stored. dK/dV programs own ``BLOCK_N`` keys of one KV head and loop over the query
 heads of its group (GQA without repeated K/V and without atomics); dQ programs own ``BLOCK_M``
 rows of one query head. Both visit only the blocks inside the mask band (``_block_ranges``), so
-the two kernels never race and the result is deterministic. With the ``ADD`` flag the float32
-gradients are added into the given buffers (ring steps); otherwise they are written in the input
-dtype. Rows that saw no key (``lse = -inf``) use ``lse = +inf``: their p, dS and gradients are 0.
+the two kernels never race and the result is deterministic (``AttnConfig.fused_dq``, an option
+that computes dQ in the dK/dV kernel by float32 reduce-adds, gives that up). With the ``ADD`` flag
+the float32 gradients are added into the given buffers (ring steps); otherwise they are written in
+the input dtype. Rows that saw no key (``lse = -inf``) use ``lse = +inf``: their p, dS and gradients are 0.
 
 Gradient of a softcapped score ``s = c * tanh(x * scale / c)`` is ``scale * (1 - tanh^2)``.
 """
@@ -128,9 +129,9 @@ def _prune(table):
 _KEY = [*TUNE_KEY, "ADD"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
-    key=_KEY,
+    key=[*_KEY, "FUSED_DQ"],
     prune_configs_by={"early_config_prune": _prune(_DKDV_TILES)},
-    restore_value=["DK", "DV"],  # ADD mode accumulates in place
+    restore_value=["DK", "DV", "DQ_ACC"],  # ADD mode and the fused dQ accumulate in place
 )(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(
     configs=_configs(_DQ_TILES),
@@ -186,11 +187,13 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
 
 
 _DOUT, _DQ = stride_names("do", "bshd"), stride_names("dq", "bshd")
-_DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
+_DK, _DV, _DQ_ACC = stride_names("dk", "bshd"), stride_names("dv", "bshd"), stride_names("a", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 # The derived arguments of a backward launch per call signature, as the forward keeps its own.
 _BWD_LAUNCHES = SignatureTable()
-_PER_CALL = frozenset((*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
+_PER_CALL = frozenset(
+    (*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "DQ_ACC", "TMA", "FUSED_DQ", "DQ_TMA")
+)
 
 
 @on_tensor_device
@@ -284,7 +287,12 @@ def attn_bwd(
             WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
         )
         static_kv = dict(
-            args, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk, ADD=add_kv
+            args,
+            **strides(dk, _DK, packed),
+            **strides(dv, _DV, packed),
+            **strides(dq, _DQ_ACC, packed),  # the fused dQ's float32 sums are laid out as dq
+            n_heads_k=Hk,
+            ADD=add_kv,
         )
         static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
         static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
@@ -303,12 +311,28 @@ def attn_bwd(
             for x in ([] if add_q else [dq]) + ([] if add_kv else [dk, dv]):
                 x.zero_()
         return dq, dk, dv
-    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)))
-    dkdv_call = dict(per_call, DK=dk, DV=dv)
+    tma = tma_applies(q, k, v, dout, seqlen=max(Sq, Sk))
+    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
+    # The fused dQ adds float32 partials by TMA reduce-adds: into the given float32 dq when the call
+    # adds, else into float32 zeros cast into dq afterwards (written given buffers keep two kernels:
+    # a packed call must leave rows outside its sequences as they are).
+    fused = config.fused_dq and tma and (not given or (add_q and dq.dtype == torch.float32))
+    acc = dq
+    if fused and not given:
+        acc = torch.zeros_like(dq, dtype=torch.float32)
+    dkdv_call = dict(per_call, DK=dk, DV=dv, DQ_ACC=acc, FUSED_DQ=fused, DQ_TMA=fused and q.is_cuda)
     dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
-        _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
+        if not fused:
+            _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
+        elif acc is not dq:
+            dq.copy_(acc)
+        return dq, dk, dv
+    if fused:
+        launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
+        if acc is not dq:
+            dq.copy_(acc)
         return dq, dk, dv
     side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
     if side is not None:

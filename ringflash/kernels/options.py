@@ -45,6 +45,10 @@ class AttnConfig:
             own softmax state, both halves' score products issued before either half's softmax, so
             that the tensor cores can run one half's products while the other's exponentials run
             (FlashAttention-3's intra-warpgroup overlap). Same results up to rounding order.
+        fused_dq: the dK/dV kernel also computes dQ (5 matrix products a tile instead of 7),
+            adding each tile's float32 partial by a TMA bulk reduce-add, where TMA descriptors
+            apply (Hopper, 16-bit inputs) and dQ is new or added into; other calls keep the
+            separate dQ kernel. dQ's float32 sums then arrive in any order: not bitwise repeatable.
     """
 
     sched_per_sm: int = 4
@@ -52,6 +56,7 @@ class AttnConfig:
     concurrent_dq_max_waves: int = 8
     int64_offsets: bool = False
     fwd_subtiles: int = 1
+    fused_dq: bool = False
 
     def __post_init__(self):
         if self.fwd_subtiles not in (1, 2):
