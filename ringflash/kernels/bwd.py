@@ -38,7 +38,7 @@ from .device import cuda_index, on_tensor_device, sm_count
 from .fwd import _launch_key
 from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
-from .tma import tma_applies
+from .tma import tma_aligned, tma_applies
 
 
 @triton.jit
@@ -316,7 +316,9 @@ def attn_bwd(
     # The fused dQ adds float32 partials by TMA reduce-adds: into the given float32 dq when the call
     # adds, else into float32 zeros cast into dq afterwards (written given buffers keep two kernels:
     # a packed call must leave rows outside its sequences as they are).
-    fused = config.fused_dq and tma and (not given or (add_q and dq.dtype == torch.float32))
+    fused = (
+        config.fused_dq and tma and (not given or (add_q and dq.dtype == torch.float32 and tma_aligned(dq)))
+    )
     acc = dq
     if fused and not given:
         acc = torch.zeros_like(dq, dtype=torch.float32)
