@@ -8,7 +8,9 @@ stored LSE is the natural log, ``-inf`` for rows that see no key (their output i
 
 ``ACCUMULATE`` merges the new partial into a float32 ``(out, lse)`` in the epilogue
 (``lse = log(e^a + e^b)``, weights ``e^(lse_x - lse)``), which is one ring step, without a second
-pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are constexpr flags.
+pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are constexpr flags, and
+so is ``SUBTILES`` (``AttnConfig.fwd_subtiles``): 2 computes the program's rows as two halves whose
+products and softmaxes interleave.
 """
 
 from __future__ import annotations
