@@ -730,36 +730,42 @@ def _allgather_ranks(rank, world):
 
 def _pieces_ranks(rank, world):
     """The all-gather method with its exchange in pieces of KV heads (1 of 2 per piece, GQA 2:1)
-    and whole, on the same ranks: outputs, LSE and gradients (also through the LSE)."""
+    and whole, on the same ranks, for every layout and mask: outputs, LSE and gradients (also
+    through the LSE)."""
     torch.manual_seed(0)
     cu = torch.tensor([0, 3, 40, 41, 70, 96], dtype=torch.int32)
     T = int(cu[-1])
     full = [torch.randn(T, h, 8) for h in (4, 2, 2, 4)]
     dlse = torch.randn(4, T // world)
-    results = []
-    for stride in (None, 1):
-        with rf.use_backend("torch"):
-            mine = [rf.shard(x, dim=0, layout="balanced", cu_seqlens=cu).requires_grad_() for x in full[:3]]
-            out, lse, _ = rf.ring_flash_attn_varlen_func(
-                *mine,
-                cu,
-                T,
-                causal=True,
-                layout="balanced",
-                method="allgather",
-                heads_k_stride=stride,
-                return_attn_probs=True,
-            )
-            dout = rf.shard(full[3], dim=0, layout="balanced", cu_seqlens=cu)
-            results.append([out, lse, *torch.autograd.grad((out, lse), mine, (dout, dlse))])
-    return [torch.equal(a, b) for a, b in zip(*results, strict=True)]
+    same = {}
+    for layout, mask in itertools.product(LAYOUTS, MASKS):
+        results = []
+        for stride in (None, 1):
+            with rf.use_backend("torch"):
+                mine = [rf.shard(x, dim=0, layout=layout, cu_seqlens=cu).requires_grad_() for x in full[:3]]
+                out, lse, _ = rf.ring_flash_attn_varlen_func(
+                    *mine,
+                    cu,
+                    T,
+                    layout=layout,
+                    method="allgather",
+                    heads_k_stride=stride,
+                    return_attn_probs=True,
+                    **MASKS[mask],
+                )
+                dout = rf.shard(full[3], dim=0, layout=layout, cu_seqlens=cu)
+                results.append([out, lse, *torch.autograd.grad((out, lse), mine, (dout, dlse))])
+        same[f"{layout}-{mask}"] = [torch.equal(a, b) for a, b in zip(*results, strict=True)]
+    return same
 
 
 def test_allgather_in_pieces_of_heads_equals_one_exchange():
     """Pieces of KV heads (each piece's calls overlap the next piece's transfer on a GPU) compute
     every head exactly as one exchange does: bitwise the same outputs, LSE and gradients."""
-    for rank, same in enumerate(spawn(_pieces_ranks, 3, timeout=120)):
-        assert all(same), (rank, same)
+    for rank, cases in enumerate(spawn(_pieces_ranks, 3, timeout=300)):
+        assert len(cases) == len(LAYOUTS) * len(MASKS), cases
+        for case, same in cases.items():
+            assert all(same), (rank, case, same)
 
 
 def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange():
