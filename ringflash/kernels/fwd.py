@@ -195,18 +195,22 @@ def _attn_fwd_kernel(
     if SUBTILES == 2:
         offs_m = i0 + tl.arange(0, HALF)
         rows = offs_m - i0 if WIDE else offs_m
-    q = _q_tile(
-        q_base, q_seq, i0, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM, D_PAD, HALF, TMA
-    )
+    if TMA:
+        # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
+        # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
+        q_desc = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, HALF, D_PAD)
+        q = q_desc.load([i0, 0])
+    else:
+        q = _q_rows(q_base, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM)
     # The second half's state and rows; with one subtile, the first's stand in (and go unused).
     acc2, l2, m2, q2, offs_m2, rows2 = acc, l_i, m_i, q, offs_m, rows
     if SUBTILES == 2:
         offs_m2 = offs_m + HALF
         rows2 = rows + HALF
-        q2 = _q_tile(
-            q_base, q_seq, i0 + HALF, offs_m2, rows2, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM, D_PAD,
-            HALF, TMA,
-        )  # fmt: skip
+        if TMA:
+            q2 = q_desc.load([i0 + HALF, 0])
+        else:
+            q2 = _q_rows(q_base, offs_m2, rows2, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM)
     k_src = _tile_src(k_base, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     v_src = _tile_src(
         v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
@@ -233,15 +237,8 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _q_tile(
-    q_base, q_seq, r0, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """The query tile of rows ``offs_m`` (its first ``r0``) of this sequence and head."""
-    if TMA:
-        # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
-        # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
-        return _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_R, D_PAD).load([r0, 0])
+def _q_rows(q_base, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM: tl.constexpr):
+    """The query tile of rows ``offs_m`` of this sequence and head, through pointers."""
     q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     return tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
 
