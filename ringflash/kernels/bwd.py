@@ -314,27 +314,24 @@ def attn_bwd(
     tma = tma_applies(q, k, v, dout, seqlen=max(Sq, Sk))
     per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
     # The fused dQ adds float32 partials by TMA reduce-adds: into the given float32 dq when the call
-    # adds, else into float32 zeros cast into dq afterwards (written given buffers keep two kernels:
-    # a packed call must leave rows outside its sequences as they are).
-    fused = (
-        config.fused_dq and tma and (not given or (add_q and dq.dtype == torch.float32 and tma_aligned(dq)))
+    # adds, else into float32 zeros laid out as dq and written into it afterwards (``_fused_dq``).
+    acc = _fused_dq(dq, add_q) if config.fused_dq and tma else None
+    fused = acc is not None
+    dkdv_call = dict(
+        per_call, DK=dk, DV=dv, DQ_ACC=dq if acc is None else acc, FUSED_DQ=fused, DQ_TMA=fused and q.is_cuda
     )
-    acc = dq
-    if fused and not given:
-        acc = torch.zeros_like(dq, dtype=torch.float32)
-    dkdv_call = dict(per_call, DK=dk, DV=dv, DQ_ACC=acc, FUSED_DQ=fused, DQ_TMA=fused and q.is_cuda)
     dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
         if not fused:
             _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
         elif acc is not dq:
-            dq.copy_(acc)
+            _write_dq(dq, acc, cu_seqlens_q, cu_seqlens_k, given)
         return dq, dk, dv
     if fused:
         launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
         if acc is not dq:
-            dq.copy_(acc)
+            _write_dq(dq, acc, cu_seqlens_q, cu_seqlens_k, given)
         return dq, dk, dv
     side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
     if side is not None:
@@ -348,6 +345,29 @@ def attn_bwd(
         # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
         main.wait_stream(side)
     return dq, dk, dv
+
+
+def _fused_dq(dq: torch.Tensor, add: bool) -> torch.Tensor | None:
+    """The float32 buffer the fused dQ adds into: ``dq`` itself when the call adds into it, else
+    zeros with ``dq``'s strides; None where a descriptor cannot address it."""
+    if add:
+        return dq if dq.dtype == torch.float32 and tma_aligned(dq) else None
+    acc = torch.empty_strided(dq.shape, dq.stride(), dtype=torch.float32, device=dq.device).zero_()
+    return acc if tma_aligned(acc) else None
+
+
+def _write_dq(dq, acc, cu_q, cu_k, given: bool) -> None:
+    """``dq = acc`` in dq's dtype, as the dQ kernel writes it: for a packed call into given buffers,
+    only the rows of sequences that have keys (the others keep what they hold); no host sync."""
+    if cu_q is None or not given:
+        dq.copy_(acc)
+        return
+    n = cu_q.numel() - 1
+    rows = torch.arange(dq.shape[0], device=dq.device, dtype=cu_q.dtype)
+    seq = torch.searchsorted(cu_q, rows, right=True) - 1  # the sequence of each row (-1 or n: none)
+    has_keys = torch.cat([cu_k[1:] > cu_k[:-1], cu_k.new_zeros(1, dtype=torch.bool)])
+    keep = has_keys[torch.where((seq >= 0) & (seq < n), seq, n)]
+    dq.copy_(torch.where(keep[:, None, None], acc.to(dq.dtype), dq))
 
 
 # dK/dV and dQ write different tensors, so dQ can run on a second stream beside dK/dV: dQ's

@@ -46,9 +46,10 @@ class AttnConfig:
             that the tensor cores can run one half's products while the other's exponentials run
             (FlashAttention-3's intra-warpgroup overlap). Same results up to rounding order.
         fused_dq: the dK/dV kernel also computes dQ (5 matrix products a tile instead of 7),
-            adding each tile's float32 partial by a TMA bulk reduce-add, where TMA descriptors
-            apply (Hopper, 16-bit inputs) and dQ is new or added into; other calls keep the
-            separate dQ kernel. dQ's float32 sums then arrive in any order: not bitwise repeatable.
+            adding each tile's float32 partial by a TMA bulk reduce-add (into the given float32
+            dQ of an adding call, else into float32 zeros written into dQ afterwards), where TMA
+            descriptors apply (Hopper, 16-bit inputs); other calls keep the separate dQ kernel.
+            dQ's float32 sums then arrive in any order: not bitwise repeatable.
     """
 
     sched_per_sm: int = 4
