@@ -12,6 +12,8 @@ span the whole stream), ``1k`` (every document 1024 tokens), ``one`` (a single d
 Variants are ``layout:method[:heads_k_stride]``; the all-gather's pieces of KV heads run one after
 another here (the simulator does not overlap transfers with compute), so a stride shows what its
 smaller calls cost; ``all``: the whole exchange at once. The ``kv/piece`` column is the stride used.
+``--fwd-subtiles 1 2`` / ``--fused-dq off on`` (fields of ``AttnConfig``) repeat every row under
+each kernel option, the one-call baseline included (the ``config`` column).
 
 The baseline, measured in the same run on the same stream: one ``flash_attn_varlen_func`` call
 over the whole stream on this device (forward, and backward through autograd). Writes
@@ -24,6 +26,7 @@ over the whole stream on this device (forward, and backward through autograd). W
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -32,13 +35,24 @@ import sys
 import time
 
 import torch
-from bench_timing import add_common_args, format_table, header, run_info, write_csv
+from bench_timing import (
+    add_common_args,
+    add_config_args,
+    config_variants,
+    format_table,
+    header,
+    run_info,
+    write_csv,
+)
 
 import ringflash as rf
+from ringflash.backends import use_config
+from ringflash.kernels.options import AttnConfig
 from ringflash.parallel import shard_for
 from ringflash.parallel.allgather import default_heads_k_stride
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
+CONFIG_FIELDS = ("fwd_subtiles", "fused_dq")  # kernel options a run can repeat its rows under
 VARIANTS = [
     ("contiguous", "ring"),
     ("zigzag", "ring"),
@@ -182,6 +196,7 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
 
 
 COLUMNS = [
+    ("config", "config", ""),
     ("dist", "dist", ""),
     ("W", "world", ""),
     ("docs", "docs", ""),
@@ -204,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
     ap.add_argument("--reps", type=int, default=5)
+    add_config_args(ap, AttnConfig, CONFIG_FIELDS)
     ap.add_argument(
         "--variants",
         nargs="*",
@@ -226,16 +242,16 @@ def main(argv=None) -> int:
     title += "; eff = t(one call) / (W * t(slowest rank))"
     print(header(title, info=info), flush=True)
     rows = []
-    for dist in a.dists:
-        for world in a.worlds:
-            variants = [tuple(v.split(":")) for v in a.variants]
-            for r in run(world, a.tokens, *shape, device, dist, a.reps, variants=variants):
-                rows.append(r)
-                print(
-                    "measured",
-                    {k: round(x, 4) if isinstance(x, float) else x for k, x in r.items()},
-                    flush=True,
-                )
+    for label, config in config_variants(AttnConfig, a, CONFIG_FIELDS):
+        for dist in a.dists:
+            for world in a.worlds:
+                variants = [tuple(v.split(":")) for v in a.variants]
+                with use_config(config) if config is not None else contextlib.nullcontext():
+                    measured = run(world, a.tokens, *shape, device, dist, a.reps, variants=variants)
+                for r in measured:
+                    rows.append({"config": label, **r})
+                    shown = {k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}
+                    print("measured", shown, flush=True)
     print("\n" + header(title, info=info))
     print(format_table(rows, COLUMNS))
     os.makedirs(a.out, exist_ok=True)
