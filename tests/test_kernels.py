@@ -478,6 +478,25 @@ def test_kernels_interpreter_fused_dq(interp, case):
     _assert_checks(interp.run(case), _case_id(case))
 
 
+def test_fused_dq_gives_way_to_deterministic_algorithms():
+    """Under ``torch.use_deterministic_algorithms(True)`` the fused dQ (float32 adds in arrival
+    order) is not used; nor without TMA descriptors or when not asked for."""
+    pytest.importorskip("triton")
+    from ringflash.kernels.bwd import fused_dq_applies
+    from ringflash.kernels.options import AttnConfig
+
+    fused = AttnConfig(fused_dq=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert fused_dq_applies(fused, True)
+        assert not fused_dq_applies(fused, False) and not fused_dq_applies(AttnConfig(), True)
+        torch.use_deterministic_algorithms(True)
+        assert not fused_dq_applies(fused, True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 @pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
 def test_kernels_interpreter_tma(interp, case):
     _assert_checks(interp.run(case), _case_id(case))

@@ -315,7 +315,7 @@ def attn_bwd(
     per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
     # The fused dQ adds float32 partials by TMA reduce-adds: into the given float32 dq when the call
     # adds, else into float32 zeros laid out as dq and written into it afterwards (``_fused_dq``).
-    acc = _fused_dq(dq, add_q) if config.fused_dq and tma else None
+    acc = _fused_dq(dq, add_q) if fused_dq_applies(config, tma) else None
     fused = acc is not None
     dkdv_call = dict(
         per_call, DK=dk, DV=dv, DQ_ACC=dq if acc is None else acc, FUSED_DQ=fused, DQ_TMA=fused and q.is_cuda
@@ -345,6 +345,13 @@ def attn_bwd(
         # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
         main.wait_stream(side)
     return dq, dk, dv
+
+
+def fused_dq_applies(config: AttnConfig, tma: bool) -> bool:
+    """Whether a backward computes dQ in the dK/dV kernel: ``config.fused_dq``, TMA descriptors in
+    use, and PyTorch not asked for deterministic algorithms (the fused dQ's float32 adds arrive in
+    any order)."""
+    return config.fused_dq and tma and not torch.are_deterministic_algorithms_enabled()
 
 
 def _fused_dq(dq: torch.Tensor, add: bool) -> torch.Tensor | None:

@@ -49,7 +49,8 @@ class AttnConfig:
             adding each tile's float32 partial by a TMA bulk reduce-add (into the given float32
             dQ of an adding call, else into float32 zeros written into dQ afterwards), where TMA
             descriptors apply (Hopper, 16-bit inputs); other calls keep the separate dQ kernel.
-            dQ's float32 sums then arrive in any order: not bitwise repeatable.
+            dQ's float32 sums then arrive in any order: not bitwise repeatable, so
+            ``torch.use_deterministic_algorithms(True)`` keeps the dQ kernel.
     """
 
     sched_per_sm: int = 4
