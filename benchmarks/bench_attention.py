@@ -12,10 +12,11 @@ Columns, TFLOP/s (FlashAttention's convention: forward ``4 * b * hq * s * s * d`
 causal; backward 2.5x the forward): ours (``ringflash.kernels.fwd.attn_fwd`` /
 ``kernels.bwd.attn_bwd``), ``acc`` (the accumulate-mode forward that each ring step runs:
 ``attn_fwd`` with float32 ``out=`` / ``lse=`` given, merged into in place), FA2 and cuDNN, and
-our output's and gradients' relative L2 error against FA2's. ``--api`` adds the public
-``flash_attn_func`` through autograd (what a model runs); ``--backends triton cudnn`` the same
-call under each ringflash backend (``ringflash.use_backend``), side by side: by default every GPU
-backend available (``triton``, and ``cudnn`` where PyTorch has cuDNN attention).
+our output's and gradients' relative L2 error against FA2's, and whether three calls of our
+backward gave bitwise the same gradients. ``--api`` adds the public ``flash_attn_func`` through
+autograd (what a model runs); ``--backends triton cudnn`` the same call under each ringflash
+backend (``ringflash.use_backend``), side by side, each with its backward's repeatability: by
+default every GPU backend available (``triton``, and ``cudnn`` where PyTorch has cuDNN attention).
 
 Times are ``triton.testing.do_bench`` medians (L2 flushed before each call); with several
 variants, or ``--rounds N``, every column of a shape is timed in turn over the rounds (medians), so
@@ -177,6 +178,12 @@ def api(q, k, v, dout, causal, cfg, backend=None):
     return fwd, bwd
 
 
+def repeatable(bwd, runs: int = 3) -> bool:
+    """Whether ``runs`` calls of a backward give bitwise the same gradients."""
+    first = [g.clone() for g in bwd()]
+    return all(all(torch.equal(a, b) for a, b in zip(first, bwd(), strict=True)) for _ in range(runs - 1))
+
+
 def rel_err(got, ref) -> float:
     """Largest relative L2 error over pairs of tensors (NaN anywhere gives NaN)."""
     errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)]
@@ -191,7 +198,7 @@ def measure(shape: Shape, variants, args) -> list[dict]:
         for h in (shape.hq, shape.hk, shape.hk, shape.hq)
     )
     passes = ("fwd", "bwd") if args.passes == "both" else (args.passes,)
-    fns, checks = {}, {}
+    fns, checks, repeats = {}, {}, {}
     for label, cfg in variants:
         (fwd, acc, bwd), checks[label] = ours(q, k, v, dout, shape.causal, cfg)
         fns[(label, "ours", "fwd")], fns[(label, "ours", "acc")], fns[(label, "ours", "bwd")] = fwd, acc, bwd
@@ -200,6 +207,7 @@ def measure(shape: Shape, variants, args) -> list[dict]:
         for name in args.backends:
             pair = api(q, k, v, dout, shape.causal, cfg, backend=name)
             fns[(label, f"api_{name}", "fwd")], fns[(label, f"api_{name}", "bwd")] = pair
+            repeats[(label, name)] = repeatable(pair[1])
     for name, backend in SDPA.items():
         try:
             (fwd, bwd), checks[name] = sdpa(q, k, v, dout, shape.causal, backend)
@@ -227,6 +235,10 @@ def measure(shape: Shape, variants, args) -> list[dict]:
             for p in passes:
                 row[f"ours_{p}_vs_{who}"] = ratio(row.get(f"ours_{p}_tflops"), row.get(f"{who}_{p}_tflops"))
         row["acc_vs_plain"] = ratio(row.get("ours_acc_tflops"), row.get("ours_fwd_tflops"))
+        row["ours_bwd_repeatable"] = repeatable(fns[(label, "ours", "bwd")])
+        for (lab, name), same in repeats.items():
+            if lab == label:
+                row[f"api_{name}_bwd_repeatable"] = same
         out, grads = checks[label]
         row["err_fwd"] = rel_err([out], [fa2[0]]) if fa2 else float("nan")
         row["err_bwd"] = rel_err(grads, fa2[1]) if fa2 else float("nan")
@@ -241,7 +253,11 @@ for _p in ("fwd", "bwd"):
     COLUMNS += [("acc", "ours_acc_tflops", ".0f")] if _p == "fwd" else []
     COLUMNS += [("fa2", f"fa2_{_p}_tflops", ".0f"), ("cuDNN", f"cudnn_{_p}_tflops", ".0f")]
     COLUMNS += [("/fa2", f"ours_{_p}_vs_fa2", ".2f"), ("/cuDNN", f"ours_{_p}_vs_cudnn", ".2f")]
-COLUMNS += [("err fwd", "err_fwd", ".1e"), ("err bwd", "err_bwd", ".1e")]
+COLUMNS += [
+    ("err fwd", "err_fwd", ".1e"),
+    ("err bwd", "err_bwd", ".1e"),
+    ("bwd same", "ours_bwd_repeatable", ""),
+]
 
 
 def eager_prefill(seqlens, rounds: int) -> list[dict]:
@@ -365,6 +381,7 @@ def main(argv=None) -> int:
     print(header(title, info=info))
     print("acc: the accumulate-mode forward of a ring step (float32 out/lse merged in place)")
     print("err: relative L2 error against FA2 (out; the largest of dq, dk, dv)")
+    print("bwd same: three calls of our backward gave bitwise the same gradients")
     print(format_table(rows, COLUMNS))
     if args.api or args.backends:
         print("\npublic flash_attn_func through autograd, TFLOP/s (per backend: use_backend(name)):")
@@ -377,6 +394,9 @@ def main(argv=None) -> int:
         for who in (["api"] if args.api else []) + [f"api_{n}" for n in args.backends]:
             name = who.removeprefix("api_") if who != "api" else "default"
             api_cols += [(f"{name} {p}", f"{who}_{p}_tflops", ".0f") for p in ("fwd", "bwd")]
+            if who != "api":
+                api_cols += [(f"{name} bwd same", f"{who}_bwd_repeatable", "")]
+        print("bwd same: three backward calls gave bitwise the same gradients")
         print(format_table(rows, api_cols))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "attention.csv"), rows, info)
