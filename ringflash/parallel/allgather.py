@@ -350,6 +350,12 @@ def head_pieces(hq: int, hk: int, stride: int) -> list[tuple[slice, slice]]:
     return [(slice(h, h + stride), slice(h * g, (h + stride) * g)) for h in range(0, hk, stride)]
 
 
+def _gathers(k, v, group, plan: GatherPlan, pieces):
+    """``(piece, gathered)`` for each piece: its KV heads' exchange (``_start_gather``), the next
+    piece's started before the current one is handed out (``_pipelined``)."""
+    return _pipelined(pieces, lambda piece: _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan))
+
+
 def _pipelined(pieces, start):
     """``(piece, wait)`` for each piece, the next piece's transfer started (``start(piece)``) before
     the current one is handed out: its calls run while the next piece travels."""
@@ -370,6 +376,37 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def _piece_fwd(backend, q, k, v, piece, whole: bool, gathered, plan: GatherPlan, scale, softcap):
+    """``gathered_fwd`` on one piece's heads (``piece``: its KV and query heads):
+    ``(out in q's dtype, lse)``."""
+    kh, qh = piece
+    kp, vp = _part(k, kh, whole), _part(v, kh, whole)
+    out, lse = gathered_fwd(backend, _part(q, qh, whole), kp, vp, gathered, plan, scale, softcap)
+    return out.to(q.dtype), lse
+
+
+def _piece_bwd(
+    backend, dout, q, k, v, out, lse, dlse, piece, whole: bool, gathered, plan: GatherPlan, scale, softcap
+):
+    """``gathered_bwd`` on one piece's heads: ``(dq in q's dtype, dk, dv, partials to return)``."""
+    kh, qh = piece
+    dq, dk, dv, back = gathered_bwd(
+        backend,
+        _part(dout, qh, whole),
+        _part(q, qh, whole),
+        _part(k, kh, whole),
+        _part(v, kh, whole),
+        gathered,
+        _part(out, qh, whole),
+        lse[qh],
+        plan,
+        scale,
+        softcap,
+        None if dlse is None else dlse[qh],
+    )
+    return dq.to(q.dtype), dk, dv, back
+
+
 class AllGatherAttention(torch.autograd.Function):
     """Autograd for the all-gather method: gather, attend, and in the backward send dK/dV back.
     The exchange goes in pieces of ``stride`` KV heads; a piece's calls overlap the next piece's
@@ -380,15 +417,10 @@ class AllGatherAttention(torch.autograd.Function):
         plan = gather_plan(layout, cu, rank, world, causal, window)
         pieces = head_pieces(q.shape[1], k.shape[1], stride)
         whole, backend = len(pieces) == 1, backend_for(q)
-
-        def start(piece):
-            return _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan)
-
         outs, lses = [], []
-        for (kh, qh), gathered in _pipelined(pieces, start):
-            kp, vp = _part(k, kh, whole), _part(v, kh, whole)
-            out, lse = gathered_fwd(backend, _part(q, qh, whole), kp, vp, gathered, plan, scale, softcap)
-            outs.append(out.to(q.dtype))
+        for piece, gathered in _gathers(k, v, group, plan, pieces):
+            out, lse = _piece_fwd(backend, q, k, v, piece, whole, gathered, plan, scale, softcap)
+            outs.append(out)
             lses.append(lse)
         out, lse = _cat(outs, 1), _cat(lses, 0)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -406,30 +438,15 @@ class AllGatherAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         sends, recvs = _sizes(plan)
 
-        def start(piece):
-            return _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan)
-
         def add_home(grad, wait):
             if wait is not None:
                 _add_home(grad[1], grad[2], wait(), plan)
 
         grads, returning = [], None
-        for (kh, qh), gathered in _pipelined(pieces, start):
-            dq, dk, dv, back = gathered_bwd(
-                backend,
-                _part(dout, qh, whole),
-                _part(q, qh, whole),
-                _part(k, kh, whole),
-                _part(v, kh, whole),
-                gathered,
-                _part(out, qh, whole),
-                lse[qh],
-                plan,
-                scale,
-                softcap,
-                None if dlse is None else dlse[qh],
-            )
-            grads.append((dq.to(q.dtype), dk, dv))
+        for piece, gathered in _gathers(k, v, group, plan, pieces):
+            args = (piece, whole, gathered, plan, scale, softcap)
+            dq, dk, dv, back = _piece_bwd(backend, dout, q, k, v, out, lse, dlse, *args)
+            grads.append((dq, dk, dv))
             # the reverse exchange: each partial to the rank that sent the row (None on every rank
             # when no row moves); the previous piece's partials are added while these travel
             travelling = None if back is None else start_exchange(back, recvs, sends, group)

@@ -34,7 +34,7 @@ from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
-from .allgather import METHODS, allgather_attention, check_heads_k_stride, default_heads_k_stride, head_pieces
+from .allgather import METHODS, allgather_attention, check_heads_k_stride, default_heads_k_stride
 from .doc_layouts import build_doc_plan, padded_layout, total_error
 from .layouts import Plan, build_plan, check_layout, local_len_error
 from .method_cost import choose_method, link_bandwidth
@@ -222,7 +222,7 @@ def ring_attention(
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
             grads = _grads(q, k, v)
-            pieces = len(head_pieces(q.shape[-2], k.shape[-2], stride))
+            pieces = k.shape[-2] // stride
             cu = tuple(cu_list)
             link = functools.partial(link_bandwidth, g, world, q.device)
             method = choose_method(layout, cu, world, causal, window, plan.reach, q, k, grads, link, pieces)

@@ -20,12 +20,11 @@ from .allgather import (
     _cat,
     _in_stream_order,
     _outgoing,
-    _part,
+    _piece_bwd,
+    _piece_fwd,
     _sizes,
     default_heads_k_stride,
     gather_plan,
-    gathered_bwd,
-    gathered_fwd,
     head_pieces,
 )
 from .doc_layouts import build_doc_plan, padded_layout
@@ -267,13 +266,11 @@ def allgather_fwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
     whole, outs, lses = len(pieces) == 1, [], []
-    for kh, qh in pieces:
-        kp, vp = _part(k, kh, whole), _part(v, kh, whole)
-        kf, vf = yield from _gather_by_posts(kp, vp, plan, rank, world)
-        out, lse = gathered_fwd(
-            backend, _part(q, qh, whole), kp, vp, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap
-        )
-        outs.append(out.to(q.dtype))
+    for piece in pieces:
+        kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
+        args = (piece, whole, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap)
+        out, lse = _piece_fwd(backend, q, k, v, *args)
+        outs.append(out)
         lses.append(lse)
     return _cat(outs, 1), _cat(lses, 0)
 
@@ -286,24 +283,12 @@ def allgather_bwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
     whole, grads = len(pieces) == 1, []
-    for kh, qh in pieces:
-        kp, vp = _part(k, kh, whole), _part(v, kh, whole)
-        kf, vf = yield from _gather_by_posts(kp, vp, plan, rank, world)
-        dq, dk, dv, back = gathered_bwd(
-            backend,
-            _part(dout, qh, whole),
-            _part(q, qh, whole),
-            kp,
-            vp,
-            lambda kf=kf, vf=vf: (kf, vf),
-            _part(out, qh, whole),
-            lse[qh],
-            plan,
-            scale,
-            softcap,
-        )
+    for piece in pieces:
+        kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
+        args = (piece, whole, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap)
+        dq, dk, dv, back = _piece_bwd(backend, dout, q, k, v, out, lse, None, *args)
         if back is not None:
             sends, recvs = _sizes(plan)
             _add_home(dk, dv, (yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)), plan)
-        grads.append((dq.to(q.dtype), dk, dv))
+        grads.append((dq, dk, dv))
     return tuple(_cat([g[i] for g in grads], 1) for i in range(3))
