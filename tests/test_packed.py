@@ -362,6 +362,21 @@ def test_default_pieces_keep_four_waves_per_call():
     assert pieces_for(32, 1, 65536, 132) == 1
 
 
+def test_packed_plans_are_kept_and_gradient_mode_is_read_per_call():
+    """The packed plan of a call signature is built once; whether a backward follows is read anew
+    on every call (never kept with the tensors: that would go stale and hold them alive)."""
+    from ringflash.parallel import ring_attn
+
+    ring_attn._cached_doc_plan.cache_clear()
+    args = ("balanced", (0, 40, 64), 0, 2, True, (-1, 0))
+    assert ring_attn._cached_doc_plan(*args) is ring_attn._cached_doc_plan(*args)
+    q = torch.randn(4, 2, 8, requires_grad=True)
+    assert ring_attn._grads(q, q, q)
+    with torch.no_grad():
+        assert not ring_attn._grads(q, q, q)
+    assert not hasattr(ring_attn._grads, "cache_info")
+
+
 def test_allgather_cost_in_pieces():
     """Pieces of KV heads leave one piece's share of the shorter of exchange and compute exposed:
     ``max(C, X) + min(C, X) / P``, where one piece pays ``C + X``."""

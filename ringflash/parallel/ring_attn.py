@@ -65,11 +65,11 @@ def _cached_plan(layout, rank, world, n_local, causal, window) -> Plan:
     return build_plan(layout, rank, world, n_local, causal, window)
 
 
-@functools.lru_cache(maxsize=64)
 def _grads(q, k, v) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
+@functools.lru_cache(maxsize=64)
 def _cached_doc_plan(layout, cu, rank, world, causal, window) -> Plan:
     return build_doc_plan(layout, cu, rank, world, causal, window)
 
