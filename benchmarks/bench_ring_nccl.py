@@ -256,10 +256,10 @@ def main(argv=None) -> int:
     q, k, v, dout = (torch.randn(1, S, h, D, generator=g).to(device, dtype) for h in (Hq, Hk, Hk, Hq))
     streams = {}  # distribution -> (document lengths, cu_seqlens)
     for dist_name in a.dists:
-        lens = (
-            doc_lengths(S, a.doc_len) if dist_name == "uniform" else documents(dist_name, S, mean=a.doc_len)
-        )
-        lens = lens.diff().tolist() if isinstance(lens, torch.Tensor) else lens
+        if dist_name == "uniform":
+            lens = doc_lengths(S, a.doc_len)
+        else:
+            lens = documents(dist_name, S, mean=a.doc_len).diff().tolist()
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         streams[dist_name] = (lens, cu)
     be = backend_for(q)
