@@ -274,6 +274,35 @@ def _plan_key(q, k, v, options, sink=None) -> tuple | None:
 # ---------------------------------------------------------------- public functions
 
 
+# Inference calls of ``flash_attn_varlen_func`` by the same signature (``_varlen_plan_key``): a later
+# call of one (a model's layers over one packed batch, a serving loop's repeated batch shapes) only
+# bounds ``cu_seqlens`` on the device and runs the forward; the argument checks it skips depend on
+# nothing the key leaves out. Host value checks read every call's ``cu_seqlens``: they get no plan.
+_VARLEN_PLANS = SignatureTable(256)
+
+
+def _varlen_plan_key(q, k, v, cu_q, cu_k, max_q, max_k, options, sink, mode) -> tuple | None:
+    """The key of an inference ``flash_attn_varlen_func`` call in ``_VARLEN_PLANS``, or None for one
+    that takes the full path (host value checks, autograd, a non-int ``max_seqlen``)."""
+    if mode == "host" or type(max_q) is not int or type(max_k) is not int:
+        return None
+    key = _plan_key(q, k, v, options, sink)
+    if key is None:
+        return None
+    cu = plan_signature((cu_q, cu_k), (max_q, max_k, cu_q is cu_k), ())
+    return None if cu is None else (key, cu, mode)
+
+
+def _varlen_runner(backend, opts, totals, lens, report):
+    """A planned packed inference call: ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``."""
+
+    def run(q, k, v, cu_q, cu_k):
+        cu_q, cu_k = backend.bounded_cu_seqlens(cu_q, cu_k, totals, lens, report)
+        return _EagerAttn.forward(None, q, k, v, *opts, cu_q, cu_k, *lens)
+
+    return run
+
+
 def _finish(out, lse, return_attn_probs, sink=None):
     if sink is not None:
         out, lse = merge_sink(out, lse, sink)
@@ -384,6 +413,19 @@ def flash_attn_varlen_func(
         >>> cu = torch.tensor([0, 100, 350], dtype=torch.int32)
         >>> out = flash_attn_varlen_func(q, k, v, cu, cu, 250, 250, causal=True)
     """
+    key = None
+    if alibi_slopes is None and block_table is None:
+        mode = value_check_mode(q) if type(q) is torch.Tensor else "host"
+        options = (dropout_p, softmax_scale, causal, window_size, softcap)
+        key = _varlen_plan_key(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options, learnable_sink, mode
+        )
+        runner = _VARLEN_PLANS.find(key)
+        if runner is not None:
+            if mode is not None:
+                raise_completed(q.device)  # a failure an earlier call queued on the device
+            out, lse = runner(q, k, v, cu_seqlens_q, cu_seqlens_k)
+            return _finish(out, lse, return_attn_probs, learnable_sink)
     causal, (wl, wr), softcap, scale = check_options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
@@ -419,6 +461,9 @@ def flash_attn_varlen_func(
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
     else:
         out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
+        if key is not None:
+            totals = (q.shape[0], k.shape[0])
+            _VARLEN_PLANS.keep(key, _varlen_runner(be, opts, totals, lens, mode == "device"))
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

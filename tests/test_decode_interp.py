@@ -36,7 +36,14 @@ from test_decode import (  # noqa: E402
     unchecked_bad_values,
 )
 from test_device_errors import bad_cu_call, cu_bounds_cases, value_bits_cases  # noqa: E402
-from test_plans import PLAN_CASES, PREFILL_CASES, plans_vs_full, prefill_plans_vs_full  # noqa: E402
+from test_plans import (  # noqa: E402
+    PLAN_CASES,
+    PREFILL_CASES,
+    VARLEN_CASES,
+    plans_vs_full,
+    prefill_plans_vs_full,
+    varlen_plans_vs_full,
+)
 
 import ringflash  # noqa: E402
 from ringflash.backends import use_backend  # noqa: E402
@@ -123,6 +130,9 @@ def _worker_main():
     for i, c in enumerate(PREFILL_CASES):
         reply = _reply(lambda c=c: prefill_plans_vs_full(c))
         proto.write(json.dumps({"id": f"prefill-plan-{i}", **reply}) + "\n")
+    for i, c in enumerate(VARLEN_CASES):
+        reply = _reply(lambda c=c: varlen_plans_vs_full(c))
+        proto.write(json.dumps({"id": f"varlen-plan-{i}", **reply}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +221,10 @@ def test_planned_calls_equal_the_full_path_interpreter(interp_results, i):
 def test_planned_prefill_equals_the_full_path_interpreter(interp_results, i):
     """Replayed inference plans of ``flash_attn_func`` (``ringflash.ops._PLANS``), bit for bit."""
     assert_checks(_get(interp_results, f"prefill-plan-{i}"), f"prefill-plan-{i}")
+
+
+@pytest.mark.parametrize("i", range(len(VARLEN_CASES)))
+def test_planned_varlen_equals_the_full_path_interpreter(interp_results, i):
+    """Replayed inference plans of ``flash_attn_varlen_func`` (``ringflash.ops._VARLEN_PLANS``) bit
+    for bit, and a planned call's bad ``cu_seqlens`` flagged by the device check kernel."""
+    assert_checks(_get(interp_results, f"varlen-plan-{i}"), f"varlen-plan-{i}")

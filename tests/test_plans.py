@@ -3,12 +3,12 @@ call, whose signature (every tensor's type, shape, strides, dtype and device, ev
 backend, configs and value-check mode in force) already passed the checks replays its backend's
 plan instead of checking and deriving again.
 
-``plans_vs_full`` (decoding) and ``prefill_plans_vs_full`` (run by the interpreter worker in
-``test_decode_interp.py``, and on GPUs) check that planned calls equal the full path bit for bit,
-with new lengths and new tensors each call, that a plan holds no tensor of the call that made it,
-and that bad values in a planned decoding call are still reported. The tests here check the keys:
-which calls are planned, and that any change of signature or of the state in force takes the full
-path."""
+``plans_vs_full`` (decoding), ``prefill_plans_vs_full`` and ``varlen_plans_vs_full`` (run by
+the interpreter worker in ``test_decode_interp.py``, and on GPUs) check that planned calls equal
+the full path bit for bit, with new lengths and new tensors each call, that a plan holds no tensor
+of the call that made it, and that bad values in a planned call are still reported. The tests
+here check the keys: which calls are planned, and that any change of signature or of the state
+in force takes the full path."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ringflash import ops as rops
 from ringflash.backends import use_backend, use_config
 from ringflash.decode import flash_attn_with_kvcache
 from ringflash.kernels.options import DecodeConfig, use_tma
-from ringflash.ops import flash_attn_func
+from ringflash.ops import flash_attn_func, flash_attn_varlen_func
 
 # Small cases of test_decode's kinds: append or not, GQA, paged, cache_batch_idx, masks, softcap.
 PLAN_CASES = [
@@ -253,3 +253,108 @@ def test_planned_prefill_equals_the_full_path_gpu(p):
     checks = prefill_plans_vs_full(p, device="cuda")
     for name, (err, bound) in checks.items():
         assert err <= bound, name
+
+
+VARLEN_CASES = [
+    dict(lens=[5, 0, 9, 2], Hq=4, Hk=2, D=16, dtype=torch.float32, causal=True),
+    dict(lens=[7, 13], Hq=4, Hk=1, D=16, dtype=torch.bfloat16, window_size=(3, 0), softcap=2.0, sink=True),
+]
+
+
+def varlen_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu") -> dict:
+    """``{check: [error, bound]}``: inference calls of ``flash_attn_varlen_func`` under
+    ``use_value_checks("device")`` (the first plans, the next three replay, each on new tensors and
+    new lengths of the same count) against the same call under ``"host"`` (always the full path),
+    bit for bit; then a planned call whose ``cu_seqlens`` does not end at the tensor's rows,
+    reported by ``check_device_errors``."""
+    g = torch.Generator().manual_seed(3)
+    opts = dict(p)
+    lens, Hq, Hk, D, dt = (opts.pop(n) for n in ("lens", "Hq", "Hk", "D", "dtype"))
+    if opts.pop("sink", False):
+        opts["learnable_sink"] = torch.nn.Parameter(torch.randn(Hq, generator=g).to(device))
+    T, longest = sum(lens), max(lens)
+
+    def inputs(shift):
+        cut = torch.tensor(lens).roll(shift)  # other lengths, the same total and longest
+        cu = torch.cat([torch.zeros(1), cut.cumsum(0)]).to(device=device, dtype=torch.int32)
+        q, k, v = (torch.randn(T, h, D, generator=g).to(device=device, dtype=dt) for h in (Hq, Hk, Hk))
+        return q, k, v, cu
+
+    checks, before = {}, len(rops._VARLEN_PLANS)
+    check_device_errors()
+    with use_backend(backend):
+        q, k, v, cu = inputs(0)
+        with torch.no_grad(), use_value_checks("device"):
+            out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, **opts)
+        refs = [weakref.ref(t) for t in (q, k, cu, out)]
+        del q, k, cu, out
+        gc.collect()
+        checks["a plan holds no tensor of its first call"] = [float(sum(r() is not None for r in refs)), 0.0]
+        for i in range(1, 4):
+            q, k, v, cu = inputs(i)
+            results = []
+            for mode in ("device", "host"):
+                with torch.no_grad(), use_value_checks(mode):
+                    results.append(
+                        flash_attn_varlen_func(
+                            q, k, v, cu, cu, longest, longest, **opts, return_attn_probs=True
+                        )
+                    )
+            for name, a, b in zip(("out", "lse"), results[0][:2], results[1][:2], strict=True):
+                checks[f"call {i}: {name} equals the full path"] = [float(not torch.equal(a, b)), 0.0]
+        checks["one plan made"] = [float(len(rops._VARLEN_PLANS) - before != 1), 0.0]
+        q, k, v, cu = inputs(0)
+        cu[-1] -= 1  # ends short of the rows
+        with torch.no_grad(), use_value_checks("device"):
+            flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, **opts)
+        try:
+            check_device_errors()
+            checks["a planned call's bad cu_seqlens reported"] = [1.0, 0.0]
+        except ValueError as e:
+            checks["a planned call's bad cu_seqlens reported"] = [float("cu_seqlens" not in str(e)), 0.0]
+        checks["still one plan"] = [float(len(rops._VARLEN_PLANS) - before != 1), 0.0]
+    return checks
+
+
+@pytest.mark.parametrize("p", VARLEN_CASES, ids=range(len(VARLEN_CASES)))
+def test_planned_varlen_calls_equal_the_full_path(p):
+    for name, (err, bound) in varlen_plans_vs_full(p, backend="torch").items():
+        assert err <= bound, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("p", VARLEN_CASES, ids=range(len(VARLEN_CASES)))
+def test_planned_varlen_calls_equal_the_full_path_gpu(p):
+    for name, (err, bound) in varlen_plans_vs_full(p, device="cuda").items():
+        assert err <= bound, name
+
+
+def test_varlen_key_follows_the_signature_and_takes_some_calls_to_the_full_path():
+    q, k = torch.zeros(9, 4, 16), torch.zeros(9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    opts = (0.0, None, True, (-1, -1), 0.0)
+
+    def key(q=q, cu_q=cu, cu_k=cu, max_q=5, max_k=5, options=opts, mode="device"):
+        return rops._varlen_plan_key(q, k, k, cu_q, cu_k, max_q, max_k, options, None, mode)
+
+    base = key()
+    assert base is not None
+    assert base == rops._varlen_plan_key(q.clone(), k.clone(), k.clone(), cu, cu, 5, 5, opts, None, "device")
+    three = torch.tensor([0, 2, 5, 9], dtype=torch.int32)
+    others = [
+        key(cu_k=cu.clone()),  # a separate cu_seqlens_k is bounded on its own
+        key(max_q=6),
+        key(max_k=4),
+        key(cu_q=three, cu_k=three),
+        key(options=(0.0, None, False, (-1, -1), 0.0)),
+        key(mode=None),
+        key(q=torch.zeros(9, 4, 16, dtype=torch.float64)),
+    ]
+    with use_backend("triton"):
+        others.append(key())
+    assert all(o is not None for o in others), others
+    assert len({base, *others}) == len(others) + 1, "two different calls share a key"
+    assert key(mode="host") is None  # host checks read every call's values
+    assert key(max_q=torch.tensor(5)) is None and key(max_k=5.0) is None
+    assert key(q=q.clone().requires_grad_()) is None  # autograd records it
+    assert key(options=(0.0, None, True, [-1, -1], 0.0)) is None
