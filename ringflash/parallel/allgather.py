@@ -203,64 +203,69 @@ def _start_gather(k, v, group, plan: GatherPlan):
     return lambda: _in_stream_order(wait(), plan)
 
 
-def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap):
-    """This rank's attention over its own and the gathered keys: ``(out [T_local, H, Dv], lse
-    [H, T_local] float32)``. ``gathered()`` returns the gathered ``(kf, vf)``; it is called after
-    the calls on the local documents, which thus overlap the gather.
-
-    When every local row belongs to one call's sequence at most (``plan.write_once``; the calls'
-    spacer sequences write nothing), each call writes its rows in q's dtype: no float32 state, no
-    merge, no cast; rows that no call writes (no key visible) are zeros with an LSE of -inf.
-    Otherwise (stripe, or a document in two pieces on one rank under a window) the calls merge
-    into a float32 state.
-    """
+def fwd_state(q, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's results for every head, ``(out [T_local, H, Dv], lse [H, T_local] float32)``,
+    which each piece's calls write their heads of: in q's dtype when every local row is written by
+    one call at most (``plan.write_once``), else a float32 state the calls merge into; rows that
+    no call writes (no key visible) are zeros with an LSE of -inf."""
     shape, lse_shape = q.shape[:-1] + (v.shape[-1],), (q.shape[1], q.shape[0])
     dtype = q.dtype if plan.write_once else torch.float32
     if plan.covers_all:
-        out = torch.empty(shape, dtype=dtype, device=q.device)
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    else:
-        out = torch.zeros(shape, dtype=dtype, device=q.device)
-        lse = torch.full(lse_shape, -math.inf, dtype=torch.float32, device=q.device)
+        return (
+            torch.empty(shape, dtype=dtype, device=q.device),
+            torch.empty(lse_shape, dtype=torch.float32, device=q.device),
+        )
+    return (
+        torch.zeros(shape, dtype=dtype, device=q.device),
+        torch.full(lse_shape, -math.inf, dtype=torch.float32, device=q.device),
+    )
+
+
+def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap, out, lse) -> None:
+    """This rank's attention over its own and the gathered keys, into ``out``/``lse`` (``fwd_state``
+    or views of its heads). ``gathered()`` returns the gathered ``(kf, vf)``; it is called after
+    the calls on the local documents, which thus overlap the gather.
+
+    With ``plan.write_once`` (every local row belongs to one call's sequence at most; the calls'
+    spacer sequences write nothing) each call writes its rows: no merge. Otherwise (stripe, or a
+    document in two pieces on one rank under a window) the calls merge into the float32 state.
+    """
     merge = not plan.write_once
     for pc in plan.local:
         fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=merge)
     kf, vf = gathered()
     for pc in plan.shared:
         fwd_piece(backend, q, kf, vf, out, lse, pc, scale, softcap, True, merge=merge)
-    return out, lse
 
 
-def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, scale, softcap, dlse=None):
-    """Gradients of ``gathered_fwd``: ``dq``, ``dk``/``dv`` of the local documents, and the float32
-    dK/dV of the gathered keys in the received blocks' layout, ready to go back to their owners
-    (``_returning``; None when nothing was gathered).
-    ``gathered`` and ``dlse`` (the gradient into the LSE, or None) as for ``gathered_fwd``.
+def bwd_state(q, k, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's ``dq``, ``dk``, ``dv`` for every head, which each piece's calls write or add
+    their heads of: in the inputs' dtypes when each call writes its rows (``plan.write_once``;
+    zeros where no call writes), else float32 sums. The shared keys' partials that come back are
+    added into ``dk``/``dv``."""
+    if plan.write_once:
+        dq = torch.empty_like(q) if plan.covers_all else torch.zeros_like(q)
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
 
-    With ``plan.write_once`` each call writes its rows of ``dq`` and of the local ``dk``/``dv`` in
-    the inputs' dtypes (zeros elsewhere); otherwise they are float32 sums. The shared keys' dK/dV
-    are float32 either way: written when no gathered key is in two sequences (``plan.keys_once``),
-    else sums.
+
+def gathered_bwd(
+    backend, dout, q, k, v, gathered, out, lse, delta, plan: GatherPlan, scale, softcap, dq, dk, dv
+):
+    """Gradients of ``gathered_fwd`` into ``dq``, ``dk``/``dv`` of the local documents (``bwd_state``
+    or views of its heads); returns the float32 dK/dV of the gathered keys in the received blocks'
+    layout, ready to go back to their owners (``_returning``; None when nothing was gathered).
+    ``delta``: ``rowsum(dout * out)`` minus the gradient into the LSE, float32 ``[H, T_local]``.
+    The shared keys' dK/dV are written when no gathered key is in two sequences
+    (``plan.keys_once``), else summed.
     """
-    delta = backend.attn_bwd_delta(dout, out, packed=True)
-    if dlse is not None:
-        delta = (delta - dlse).contiguous()
     once = plan.write_once
     add_local, add_gathered = (not once, not once), (not once, not plan.keys_once)
-
-    def zeros(x, dtype=torch.float32):
-        return torch.zeros(x.shape, dtype=dtype, device=q.device)
-
-    if once:
-        dq = torch.empty_like(q) if plan.covers_all else zeros(q, q.dtype)
-        dk, dv = zeros(k, k.dtype), zeros(v, v.dtype)
-    else:
-        dq, dk, dv = zeros(q), zeros(k), zeros(v)
     for pc in plan.local:
         bwd_piece(backend, dout, q, k, v, out, lse, delta, dq, dk, dv, pc, scale, softcap, True, add_local)
     kf, vf = gathered()
     if kf is None:
-        return dq, dk, dv, None
+        return None
     n = kf.shape[0]  # keys no query sees get zeros
     dkv = torch.zeros((2 * n, *kf.shape[1:]), dtype=torch.float32, device=q.device)
     dkf, dvf = dkv[:n], dkv[n:]
@@ -268,7 +273,7 @@ def gathered_bwd(backend, dout, q, k, v, gathered, out, lse, plan: GatherPlan, s
         bwd_piece(
             backend, dout, q, kf, vf, out, lse, delta, dq, dkf, dvf, pc, scale, softcap, True, add_gathered
         )
-    return dq, dk, dv, _returning(dkv, plan)
+    return _returning(dkv, plan)
 
 
 def _returning(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
@@ -367,44 +372,31 @@ def _pipelined(pieces, start):
         yield piece, current
 
 
-def _part(x: torch.Tensor, heads: slice, whole: bool) -> torch.Tensor:
-    """``x``'s heads ``heads`` (dim 1) on their own: ``x`` itself when it is the one piece."""
-    return x if whole else x[:, heads].contiguous()
-
-
-def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _piece_fwd(backend, q, k, v, piece, whole: bool, gathered, plan: GatherPlan, scale, softcap):
-    """``gathered_fwd`` on one piece's heads (``piece``: its KV and query heads):
-    ``(out in q's dtype, lse)``."""
+def _piece_fwd(backend, q, k, v, piece, gathered, plan: GatherPlan, scale, softcap, state) -> None:
+    """``gathered_fwd`` on one piece's heads (``piece``: its KV and query heads), into their heads of
+    ``state`` (``fwd_state``): the kernels read and write the heads in place, strided."""
     kh, qh = piece
-    kp, vp = _part(k, kh, whole), _part(v, kh, whole)
-    out, lse = gathered_fwd(backend, _part(q, qh, whole), kp, vp, gathered, plan, scale, softcap)
-    return out.to(q.dtype), lse
+    out, lse = state
+    gathered_fwd(backend, q[:, qh], k[:, kh], v[:, kh], gathered, plan, scale, softcap, out[:, qh], lse[qh])
+
+
+def bwd_delta(backend, dout, out, dlse) -> torch.Tensor:
+    """``rowsum(dout * out)`` for every head, minus the gradient into the LSE (``dlse`` or None)."""
+    delta = backend.attn_bwd_delta(dout, out, packed=True)
+    return delta if dlse is None else (delta - dlse).contiguous()
 
 
 def _piece_bwd(
-    backend, dout, q, k, v, out, lse, dlse, piece, whole: bool, gathered, plan: GatherPlan, scale, softcap
+    backend, dout, q, k, v, out, lse, delta, piece, gathered, plan: GatherPlan, scale, softcap, grads
 ):
-    """``gathered_bwd`` on one piece's heads: ``(dq in q's dtype, dk, dv, partials to return)``."""
+    """``gathered_bwd`` on one piece's heads, into their heads of ``grads`` (``bwd_state``); returns
+    the piece's partials to send back (or None)."""
     kh, qh = piece
-    dq, dk, dv, back = gathered_bwd(
-        backend,
-        _part(dout, qh, whole),
-        _part(q, qh, whole),
-        _part(k, kh, whole),
-        _part(v, kh, whole),
-        gathered,
-        _part(out, qh, whole),
-        lse[qh],
-        plan,
-        scale,
-        softcap,
-        None if dlse is None else dlse[qh],
-    )
-    return dq.to(q.dtype), dk, dv, back
+    dq, dk, dv = grads
+    return gathered_bwd(
+        backend, dout[:, qh], q[:, qh], k[:, kh], v[:, kh], gathered, out[:, qh], lse[qh], delta[qh],
+        plan, scale, softcap, dq[:, qh], dk[:, kh], dv[:, kh],
+    )  # fmt: skip
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -415,14 +407,10 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world, stride):
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        pieces = head_pieces(q.shape[1], k.shape[1], stride)
-        whole, backend = len(pieces) == 1, backend_for(q)
-        outs, lses = [], []
-        for piece, gathered in _gathers(k, v, group, plan, pieces):
-            out, lse = _piece_fwd(backend, q, k, v, piece, whole, gathered, plan, scale, softcap)
-            outs.append(out)
-            lses.append(lse)
-        out, lse = _cat(outs, 1), _cat(lses, 0)
+        backend, state = backend_for(q), fwd_state(q, v, plan)
+        for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
+            _piece_fwd(backend, q, k, v, piece, gathered, plan, scale, softcap, state)
+        out, lse = state[0].to(q.dtype), state[1]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world, stride)
         ctx.set_materialize_grads(False)
@@ -433,29 +421,29 @@ class AllGatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout, cu, scale, softcap, causal, window, group, rank, world, stride = ctx.args
         plan = gather_plan(layout, cu, rank, world, causal, window)
-        pieces = head_pieces(q.shape[1], k.shape[1], stride)
-        whole, backend = len(pieces) == 1, backend_for(q)
+        backend = backend_for(q)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta, grads = bwd_delta(backend, dout, out, dlse), bwd_state(q, k, v, plan)
         sends, recvs = _sizes(plan)
 
-        def add_home(grad, wait):
+        def add_home(kh, wait):
             if wait is not None:
-                _add_home(grad[1], grad[2], wait(), plan)
+                _add_home(grads[1][:, kh], grads[2][:, kh], wait(), plan)
 
-        grads, returning = [], None
-        for piece, gathered in _gathers(k, v, group, plan, pieces):
-            args = (piece, whole, gathered, plan, scale, softcap)
-            dq, dk, dv, back = _piece_bwd(backend, dout, q, k, v, out, lse, dlse, *args)
-            grads.append((dq, dk, dv))
+        returning = None
+        for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
+            back = _piece_bwd(
+                backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
+            )
             # the reverse exchange: each partial to the rank that sent the row (None on every rank
             # when no row moves); the previous piece's partials are added while these travel
             travelling = None if back is None else start_exchange(back, recvs, sends, group)
             if returning is not None:
                 add_home(*returning)
-            returning = (grads[-1], travelling)
+            returning = (piece[0], travelling)
         add_home(*returning)
-        dq, dk, dv = (_cat([g[i] for g in grads], 1) for i in range(3))
-        return dq, dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
+        dq, dk, dv = grads
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
 
 
 METHODS = ("ring", "allgather", "auto")

@@ -17,13 +17,15 @@ from ..comm.ring import Post, SimProfile, Wait, run_simulated
 from .allgather import (
     METHODS,
     _add_home,
-    _cat,
     _in_stream_order,
     _outgoing,
     _piece_bwd,
     _piece_fwd,
     _sizes,
+    bwd_delta,
+    bwd_state,
     default_heads_k_stride,
+    fwd_state,
     gather_plan,
     head_pieces,
 )
@@ -264,15 +266,11 @@ def allgather_fwd_loop(
     its exchange made of ring posts, piece by piece of ``stride`` KV heads (None: the library's
     default for q's device). Returns ``(out, lse)`` as ``allgather_attention`` computes them."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
-    whole, outs, lses = len(pieces) == 1, [], []
-    for piece in pieces:
+    state = fwd_state(q, v, plan)
+    for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
         kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
-        args = (piece, whole, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap)
-        out, lse = _piece_fwd(backend, q, k, v, *args)
-        outs.append(out)
-        lses.append(lse)
-    return _cat(outs, 1), _cat(lses, 0)
+        _piece_fwd(backend, q, k, v, piece, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap, state)
+    return state[0].to(q.dtype), state[1]
 
 
 def allgather_bwd_loop(
@@ -281,14 +279,16 @@ def allgather_bwd_loop(
     """Generator: the backward of ``allgather_fwd_loop``; the reverse exchange takes each gathered
     key's float32 dK/dV to the rank that sent it. Returns ``(dq, dk, dv)``."""
     plan = gather_plan(layout, cu, rank, world, causal, window)
-    pieces = head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k))
-    whole, grads = len(pieces) == 1, []
-    for piece in pieces:
+    delta, grads = bwd_delta(backend, dout, out, None), bwd_state(q, k, v, plan)
+    for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
         kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
-        args = (piece, whole, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap)
-        dq, dk, dv, back = _piece_bwd(backend, dout, q, k, v, out, lse, None, *args)
+        gathered = lambda kf=kf, vf=vf: (kf, vf)  # noqa: E731
+        back = _piece_bwd(
+            backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
+        )
         if back is not None:
             sends, recvs = _sizes(plan)
-            _add_home(dk, dv, (yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)), plan)
-        grads.append((dq, dk, dv))
-    return tuple(_cat([g[i] for g in grads], 1) for i in range(3))
+            got = yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)
+            _add_home(grads[1][:, piece[0]], grads[2][:, piece[0]], got, plan)
+    dq, dk, dv = grads
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
