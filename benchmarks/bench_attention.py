@@ -25,10 +25,8 @@ clock drift hits ours and SDPA's alike.
 Variants: fields of ``ringflash.kernels.options.AttnConfig`` given one or more values
 (``--sched-per-sm 0 4`` times head-major against grouped program order; ``--concurrent-dq on off``
 the backward's dQ kernel beside dK/dV or after it; ``--concurrent-dq-max-waves``,
-``--int64-offsets``, ``--fwd-subtiles 1 2``: the forward's rows in two interleaved halves,
-``--fused-dq off on``: dQ inside the dK/dV kernel by TMA reduce-adds) make one row per
-combination, passed as ``config=`` to the launchers; the SDPA columns are measured once per shape.
-``--tma on|off`` runs ours under ``ringflash.use_tma``.
+``--int64-offsets``) make one row per combination, passed as ``config=`` to the launchers; the
+SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``ringflash.use_tma``.
 
     python benchmarks/bench_attention.py --out DIR
     python benchmarks/bench_attention.py --dims 128 --seqlens 4096 8192 --sched-per-sm 0 4 --out DIR
@@ -72,14 +70,7 @@ from ringflash.kernels.bwd import attn_bwd
 from ringflash.kernels.fwd import attn_fwd
 from ringflash.kernels.options import AttnConfig
 
-CONFIG_FIELDS = (
-    "sched_per_sm",
-    "concurrent_dq",
-    "concurrent_dq_max_waves",
-    "int64_offsets",
-    "fwd_subtiles",
-    "fused_dq",
-)
+CONFIG_FIELDS = ("sched_per_sm", "concurrent_dq", "concurrent_dq_max_waves", "int64_offsets")
 TOKENS = 16384  # batch x seqlen of the head-dim rows
 DT = torch.bfloat16
 DEVICE = "cuda"

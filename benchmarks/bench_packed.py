@@ -12,8 +12,8 @@ span the whole stream), ``1k`` (every document 1024 tokens), ``one`` (a single d
 Variants are ``layout:method[:heads_k_stride]``; the all-gather's pieces of KV heads run one after
 another here (the simulator does not overlap transfers with compute), so a stride shows what its
 smaller calls cost; ``all``: the whole exchange at once. The ``kv/piece`` column is the stride used.
-``--fwd-subtiles 1 2`` / ``--fused-dq off on`` (fields of ``AttnConfig``) repeat every row under
-each kernel option, the one-call baseline included (the ``config`` column).
+``--sched-per-sm 0 4`` / ``--concurrent-dq off on`` (fields of ``AttnConfig``) repeat every row
+under each kernel option, the one-call baseline included (the ``config`` column).
 
 The baseline, measured in the same run on the same stream: one ``flash_attn_varlen_func`` call
 over the whole stream on this device (forward, and backward through autograd). Writes
@@ -52,7 +52,8 @@ from ringflash.parallel import shard_for
 from ringflash.parallel.allgather import default_heads_k_stride
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
-CONFIG_FIELDS = ("fwd_subtiles", "fused_dq")  # kernel options a run can repeat its rows under
+# Kernel options a run can repeat its rows under.
+CONFIG_FIELDS = ("sched_per_sm", "concurrent_dq", "concurrent_dq_max_waves")
 VARIANTS = [
     ("contiguous", "ring"),
     ("zigzag", "ring"),

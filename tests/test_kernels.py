@@ -113,10 +113,6 @@ def _kernel(p, q, k, v, dout, scale):
         window_size=tuple(p.get("window", (-1, -1))),
         softcap=p.get("softcap", 0.0),
     )
-    if p.get("subtiles") or p.get("fused_dq"):  # AttnConfig.fwd_subtiles, AttnConfig.fused_dq
-        from ringflash.kernels.options import AttnConfig
-
-        kw.update(config=AttnConfig(fwd_subtiles=p.get("subtiles", 1), fused_dq=p.get("fused_dq", False)))
     dev = q.device
     varlen = "lens_q" in p
     if varlen:
@@ -384,10 +380,6 @@ def _case_id(c):
         s += f"-cap{c['softcap']:g}"
     if c.get("diag") is not None:
         s += f"-diag{c['diag']}".replace(" ", "")
-    if c.get("subtiles"):
-        s += f"-subtiles{c['subtiles']}"
-    if c.get("fused_dq"):
-        s += "-fused_dq"
     return s
 
 
@@ -457,44 +449,6 @@ def test_kernels_interpreter(interp, case):
 
 # The 16-bit cases again with TMA descriptors in the kernels (zero-filled tails instead of masks).
 TMA_CASES = [dict(c, tma="on") for c in CPU_CASES if c["dtype"] != "fp32" and not c.get("split_kv")]
-# The forward in two halves of rows: every mask run, varlen and diagonals, accumulate, GQA, padded
-# head dims; with and without TMA descriptors.
-SUBTILE_CASES = [dict(CPU_CASES[i], subtiles=2) for i in (1, 2, 4, 8, 9, 11, 20, 22, 24, 26, 27)]
-SUBTILE_CASES += [dict(c, tma="on") for c in SUBTILE_CASES if c["dtype"] != "fp32"]
-
-
-@pytest.mark.parametrize("case", SUBTILE_CASES, ids=[_case_id(c) for c in SUBTILE_CASES])
-def test_kernels_interpreter_forward_subtiles(interp, case):
-    _assert_checks(interp.run(case), _case_id(case))
-
-
-# dQ in the dK/dV kernel by TMA reduce-adds: the 16-bit cases with descriptors, accumulate mode
-# (adds into given float32 dQ) among them.
-FUSED_DQ_CASES = [dict(c, fused_dq=True) for c in TMA_CASES]
-
-
-@pytest.mark.parametrize("case", FUSED_DQ_CASES, ids=[_case_id(c) for c in FUSED_DQ_CASES])
-def test_kernels_interpreter_fused_dq(interp, case):
-    _assert_checks(interp.run(case), _case_id(case))
-
-
-def test_fused_dq_gives_way_to_deterministic_algorithms():
-    """Under ``torch.use_deterministic_algorithms(True)`` the fused dQ (float32 adds in arrival
-    order) is not used; nor without TMA descriptors or when not asked for."""
-    pytest.importorskip("triton")
-    from ringflash.kernels.bwd import fused_dq_applies
-    from ringflash.kernels.options import AttnConfig
-
-    fused = AttnConfig(fused_dq=True)
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(False)
-        assert fused_dq_applies(fused, True)
-        assert not fused_dq_applies(fused, False) and not fused_dq_applies(AttnConfig(), True)
-        torch.use_deterministic_algorithms(True)
-        assert not fused_dq_applies(fused, True)
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=[_case_id(c) for c in TMA_CASES])
@@ -535,10 +489,6 @@ GPU_CASES = [
 ]
 
 
-GPU_SUBTILE_CASES = [dict(GPU_CASES[i], subtiles=2) for i in (0, 1, 2, 4, 9, 10, 11)]
-GPU_FUSED_DQ_CASES = [dict(GPU_CASES[i], fused_dq=True, tma="on") for i in (0, 2, 3, 7, 9, 10, 11, 17)]
-
-
 @pytest.fixture(scope="module")
 def gpu_configs():
     """``RINGFLASH_TEST_CONFIGS=one`` pins each autotuned kernel to one tile config, its smallest
@@ -558,18 +508,6 @@ def gpu_configs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
 def test_kernels_cuda(gpu_configs, case):
-    _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", GPU_SUBTILE_CASES, ids=[_case_id(c) for c in GPU_SUBTILE_CASES])
-def test_kernels_cuda_forward_subtiles(gpu_configs, case):
-    _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", GPU_FUSED_DQ_CASES, ids=[_case_id(c) for c in GPU_FUSED_DQ_CASES])
-def test_kernels_cuda_fused_dq(gpu_configs, case):
     _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
 
 

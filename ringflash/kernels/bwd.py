@@ -4,10 +4,9 @@ Probabilities are recomputed from the saved LSE, ``p = exp(s - lse)``, so nothin
 ``Sq x Sk`` is stored. dK/dV programs own ``BLOCK_N`` keys of one KV head and loop over the query
 heads of its group (GQA without repeated K/V and without atomics); dQ programs own ``BLOCK_M``
 rows of one query head. Both visit only the blocks inside the mask band (``_block_ranges``), so
-the two kernels never race and the result is deterministic (``AttnConfig.fused_dq``, an option
-that computes dQ in the dK/dV kernel by float32 reduce-adds, gives that up). With the ``ADD`` flag
-the float32 gradients are added into the given buffers (ring steps); otherwise they are written in
-the input dtype. Rows that saw no key (``lse = -inf``) use ``lse = +inf``: their p, dS and gradients are 0.
+the two kernels never race and the result is deterministic. With the ``ADD`` flag the float32
+gradients are added into the given buffers (ring steps); otherwise they are written in the input
+dtype. Rows that saw no key (``lse = -inf``) use ``lse = +inf``: their p, dS and gradients are 0.
 
 Gradient of a softcapped score ``s = c * tanh(x * scale / c)`` is ``scale * (1 - tanh^2)``.
 """
@@ -38,7 +37,7 @@ from .device import cuda_index, on_tensor_device, sm_count
 from .fwd import _launch_key
 from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
-from .tma import tma_aligned, tma_applies
+from .tma import tma_applies
 
 
 @triton.jit
@@ -129,9 +128,9 @@ def _prune(table):
 _KEY = [*TUNE_KEY, "ADD"]
 _dkdv_tuned = triton.autotune(
     configs=_configs(_DKDV_TILES),
-    key=[*_KEY, "FUSED_DQ"],
+    key=_KEY,
     prune_configs_by={"early_config_prune": _prune(_DKDV_TILES)},
-    restore_value=["DK", "DV", "DQ_ACC"],  # ADD mode and the fused dQ accumulate in place
+    restore_value=["DK", "DV"],  # ADD mode accumulates in place
 )(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(
     configs=_configs(_DQ_TILES),
@@ -187,13 +186,11 @@ def attn_bwd_delta(dout: torch.Tensor, out: torch.Tensor, packed: bool = False) 
 
 
 _DOUT, _DQ = stride_names("do", "bshd"), stride_names("dq", "bshd")
-_DK, _DV, _DQ_ACC = stride_names("dk", "bshd"), stride_names("dv", "bshd"), stride_names("a", "bshd")
+_DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 # The derived arguments of a backward launch per call signature, as the forward keeps its own.
 _BWD_LAUNCHES = SignatureTable()
-_PER_CALL = frozenset(
-    (*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "DQ_ACC", "TMA", "FUSED_DQ", "DQ_TMA")
-)
+_PER_CALL = frozenset((*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
 
 
 @on_tensor_device
@@ -287,12 +284,7 @@ def attn_bwd(
             WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
         )
         static_kv = dict(
-            args,
-            **strides(dk, _DK, packed),
-            **strides(dv, _DV, packed),
-            **strides(dq, _DQ_ACC, packed),  # the fused dQ's float32 sums are laid out as dq
-            n_heads_k=Hk,
-            ADD=add_kv,
+            args, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk, ADD=add_kv
         )
         static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
         static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
@@ -311,70 +303,25 @@ def attn_bwd(
             for x in ([] if add_q else [dq]) + ([] if add_kv else [dk, dv]):
                 x.zero_()
         return dq, dk, dv
-    tma = tma_applies(q, k, v, dout, seqlen=max(Sq, Sk))
-    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
-    # The fused dQ adds float32 partials by TMA reduce-adds: into the given float32 dq when the call
-    # adds, else into float32 zeros laid out as dq and written into it afterwards (``_fused_dq``).
-    acc = _fused_dq(dq, add_q) if fused_dq_applies(config, tma) else None
-    fused = acc is not None
-    dkdv_call = dict(
-        per_call, DK=dk, DV=dv, DQ_ACC=dq if acc is None else acc, FUSED_DQ=fused, DQ_TMA=fused and q.is_cuda
-    )
+    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)))
+    dkdv_call = dict(per_call, DK=dk, DV=dv)
     dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
-        if not fused:
-            _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
+        _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
     else:
-        side = None
-        if not fused and _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config):
-            side = _side_stream(q.device)
+        side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
         if side is not None:
             main = torch.cuda.current_stream(q.device)
             side.wait_stream(main)
         launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
-        if not fused:
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                launch_cached(
-                    _dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1]
-                )
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
         if side is not None:
             # The join is a wait on the GPU, not the host, so the caller's later work (and any
             # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
             main.wait_stream(side)
-    if fused and acc is not dq:
-        _write_dq(dq, acc, cu_seqlens_q, cu_seqlens_k, given)
     return dq, dk, dv
-
-
-def fused_dq_applies(config: AttnConfig, tma: bool) -> bool:
-    """Whether a backward computes dQ in the dK/dV kernel: ``config.fused_dq``, TMA descriptors in
-    use, and PyTorch not asked for deterministic algorithms (the fused dQ's float32 adds arrive in
-    any order)."""
-    return config.fused_dq and tma and not torch.are_deterministic_algorithms_enabled()
-
-
-def _fused_dq(dq: torch.Tensor, add: bool) -> torch.Tensor | None:
-    """The float32 buffer the fused dQ adds into: ``dq`` itself when the call adds into it, else
-    zeros with ``dq``'s strides; None where a descriptor cannot address it."""
-    if add:
-        return dq if dq.dtype == torch.float32 and tma_aligned(dq) else None
-    acc = torch.empty_strided(dq.shape, dq.stride(), dtype=torch.float32, device=dq.device).zero_()
-    return acc if tma_aligned(acc) else None
-
-
-def _write_dq(dq, acc, cu_q, cu_k, given: bool) -> None:
-    """``dq = acc`` in dq's dtype, as the dQ kernel writes it: for a packed call into given buffers,
-    only the rows of sequences that have keys (the others keep what they hold); no host sync."""
-    if cu_q is None or not given:
-        dq.copy_(acc)
-        return
-    n = cu_q.numel() - 1
-    rows = torch.arange(dq.shape[0], device=dq.device, dtype=cu_q.dtype)
-    seq = torch.searchsorted(cu_q, rows, right=True) - 1  # the sequence of each row (-1 or n: none)
-    has_keys = torch.cat([cu_k[1:] > cu_k[:-1], cu_k.new_zeros(1, dtype=torch.bool)])
-    keep = has_keys[torch.where((seq >= 0) & (seq < n), seq, n)]
-    dq.copy_(torch.where(keep[:, None, None], acc.to(dq.dtype), dq))
 
 
 # dK/dV and dQ write different tensors, so dQ can run on a second stream beside dK/dV: dQ's

@@ -4,11 +4,6 @@ One program owns ``BLOCK_N`` keys of one KV head, keeps K, V, dK and dV in regis
 the query blocks of every query head of its GQA group that can see those keys (the forward band
 transposed: query ``i`` sees key ``j`` iff ``-hi <= i - j <= -lo``). ``p = exp(s - lse)`` is
 recomputed from the saved LSE; ``dS = p * (dP - delta)``. No atomics: each program owns its rows.
-
-With ``FUSED_DQ`` (Hopper descriptors only) the program also computes each query tile's dQ partial
-``scale * dS K`` (the fifth product) and adds it into a float32 dQ by a TMA bulk reduce-add, so no
-separate dQ kernel recomputes S and dP; the adds arrive in any order, so dQ is not bitwise
-repeatable then.
 """
 
 from __future__ import annotations
@@ -16,18 +11,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _attn_prologue, _block_ranges, _dot, _rows_desc, _run_bounds, _scores, _tile_src, _visible
+from .common import _attn_prologue, _block_ranges, _dot, _run_bounds, _scores, _tile_src, _visible
 
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_src, do_src, dq_dst, lse_ptrs, delta_ptrs, stride_qs, stride_dos, stride_ls, stride_es,
-    stride_as, stride_ad, offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end, seqlen_q,
-    seqlen_k, lo, hi, sm_scale, softcap,
+    dk, dv, k, v, q_src, do_src, lse_ptrs, delta_ptrs, stride_qs, stride_dos, stride_ls, stride_es,
+    offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi,
+    sm_scale, softcap,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # q_src / do_src: TMA descriptors of this query head's rows (zero-filled past the sequence and
     # the head dim), else pointer tiles at its first row. ``start``..``end``: the runs of query
@@ -76,31 +70,23 @@ def _dkdv_inner(
             if SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)
             dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, DOT_F32)
-            if FUSED_DQ:
-                dq = _dot(tl.trans(dsT * sm_scale).to(k.dtype), k, None, DOT_PREC, DOT_F32)
-                if DQ_TMA:
-                    dq_dst.atomic_add([i0, 0], dq)
-                else:  # element atomics (Triton's interpreter has no bulk reduce)
-                    dq_ptrs = dq_dst + offs_i[:, None] * stride_as + offs_d[None, :] * stride_ad
-                    tl.atomic_add(dq_ptrs, dq, mask=row[:, None] & (offs_d[None, :] < HEAD_DIM))
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K, DIAG_PTR,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd, stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh, stride_ls, stride_eb, stride_eh, stride_es,
-    stride_ab, stride_as, stride_ah, stride_ad,
     seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k, group,
     sm_scale, softcap, sched_width, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
     # (``_tile_order``).
@@ -149,21 +135,13 @@ def _attn_bwd_dkdv_kernel(
         do_src = _tile_src(
             do_seq, seqlen_q, stride_dos, stride_dod, offs_m, offs_dv, HEAD_DIM_V, BLOCK_M, DV_PAD, TMA
         )
-        dq_dst = q_src  # the float32 dQ's rows of this head (a TMA descriptor) with FUSED_DQ; else unused
-        if FUSED_DQ:
-            dq_seq = DQ_ACC + b.to(tl.int64) * stride_ab + q_start.to(tl.int64) * stride_as + h * stride_ah
-            if DQ_TMA:
-                dq_dst = _rows_desc(dq_seq, seqlen_q, stride_as, HEAD_DIM, BLOCK_M, D_PAD)
-            else:
-                dq_dst = dq_seq
         lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
         delta_ptrs = DELTA + b.to(tl.int64) * stride_eb + h * stride_eh + (q_start + offs_m) * stride_es
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_src, do_src, dq_dst, lse_ptrs, delta_ptrs, qs, dos, stride_ls, stride_es,
-            stride_as, stride_ad, offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end,
-            seqlen_q, seqlen_k, lo, hi, sm_scale, softcap,
+            dk, dv, k, v, q_src, do_src, lse_ptrs, delta_ptrs, qs, dos, stride_ls, stride_es,
+            offs_m, offs_n, offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k,
+            lo, hi, sm_scale, softcap,
             HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_M,
-            FUSED_DQ, DQ_TMA,
         )  # fmt: skip
     dk = dk * sm_scale
 

@@ -8,9 +8,7 @@ stored LSE is the natural log, ``-inf`` for rows that see no key (their output i
 
 ``ACCUMULATE`` merges the new partial into a float32 ``(out, lse)`` in the epilogue
 (``lse = log(e^a + e^b)``, weights ``e^(lse_x - lse)``), which is one ring step, without a second
-pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are constexpr flags, and
-so is ``SUBTILES`` (``AttnConfig.fwd_subtiles``): 2 computes the program's rows as two halves whose
-products and softmaxes interleave.
+pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are constexpr flags.
 """
 
 from __future__ import annotations
@@ -105,19 +103,15 @@ def _tile_update(s, v, acc, l_i, m_i, DOT_PREC: tl.constexpr, DOT_F32: tl.conste
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, offs_m, acc2, l2, m2, q2, offs_m2, k_src, v_src, stride_ks, stride_vs, offs_n,
-    offs_d, offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale,
-    cap_scale, cap_out,
+    acc, l_i, m_i, q, offs_m, k_src, v_src, stride_ks, stride_vs, offs_n, offs_d, offs_dv,
+    start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # k_src / v_src: tensor descriptors of this sequence's K/V rows (TMA: rows past seqlen_k and
     # columns past the head dim read as 0), else pointer tiles at its first key. The three runs of
     # key blocks (masked head, mask-free middle, masked tail) in order, MASKED a constexpr of each.
-    # With SUBTILES == 2 the program's rows are two halves (``q``, ``q2``) with their own state:
-    # both halves' score products are issued before the first half's softmax, so that the tensor
-    # cores can work on one half while the other's exponentials run (FlashAttention-3's overlap).
     for RUN in tl.static_range(3):
         MASKED = RUN != 1
         j_start, j_end = _run_bounds(RUN, start, full_start, full_end, end)
@@ -131,15 +125,8 @@ def _fwd_inner(
                 q, k, offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
                 HAS_LO, HAS_HI, SOFTCAP, DOT_PREC, DOT_F32, MASKED,
             )  # fmt: skip
-            if SUBTILES == 2:
-                s2 = _tile_scores(
-                    q2, k, offs_m2, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
-                    HAS_LO, HAS_HI, SOFTCAP, DOT_PREC, DOT_F32, MASKED,
-                )  # fmt: skip
             acc, l_i, m_i = _tile_update(s, v, acc, l_i, m_i, DOT_PREC, DOT_F32, MASKED)
-            if SUBTILES == 2:
-                acc2, l2, m2 = _tile_update(s2, v, acc2, l2, m2, DOT_PREC, DOT_F32, MASKED)
-    return acc, l_i, m_i, acc2, l2, m2
+    return acc, l_i, m_i
 
 
 # Sequence lengths and offsets vary from call to call: specialising on them (== 1, % 16) would
@@ -156,19 +143,18 @@ def _attn_fwd_kernel(
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, SUBTILES: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    # The online softmax state of BLOCK_M rows (SUBTILES halves of HALF rows), scores in base 2.
-    HALF: tl.constexpr = BLOCK_M // SUBTILES
+    # The online softmax state of BLOCK_M rows, scores in base 2.
     qk_scale = sm_scale * 1.4426950408889634
     cap_scale = 0.0
     cap_out = 0.0
     if SOFTCAP:
         cap_scale = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-    m_i = tl.full([HALF], float("-inf"), tl.float32)
-    l_i = tl.zeros([HALF], tl.float32)
-    acc = tl.zeros([HALF, DV_PAD], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
 
     # Causal row blocks get cheaper as the block index falls: the expensive ones start first, in
     # groups of heads, so the last wave is short (``_tile_order``).
@@ -191,37 +177,23 @@ def _attn_fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + q_row0.to(tl.int64) * stride_qs + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
-    q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
-    if SUBTILES == 2:
-        offs_m = i0 + tl.arange(0, HALF)
-        rows = offs_m - i0 if WIDE else offs_m
     if TMA:
         # Hopper's bulk copies: one descriptor per sequence and head, whose bounds zero-fill the
         # tails (rows past the sequence, columns past the head dim) that masks cover otherwise.
-        q_desc = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, HALF, D_PAD)
-        q = q_desc.load([i0, 0])
+        q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+        q = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD).load([i0, 0])
     else:
         q = _q_rows(q_base, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM)
-    # The second half's state and rows; with one subtile, the first's stand in (and go unused).
-    acc2, l2, m2, q2, offs_m2, rows2 = acc, l_i, m_i, q, offs_m, rows
-    if SUBTILES == 2:
-        offs_m2 = offs_m + HALF
-        rows2 = rows + HALF
-        if TMA:
-            q2 = q_desc.load([i0 + HALF, 0])
-        else:
-            q2 = _q_rows(q_base, offs_m2, rows2, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM)
     k_src = _tile_src(k_base, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     v_src = _tile_src(
         v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
     )
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i, acc2, l2, m2 = _fwd_inner(
-        acc, l_i, m_i, q, offs_m, acc2, l2, m2, q2, offs_m2, k_src, v_src, ks, vs, offs_n, offs_d,
-        offs_dv, start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale,
-        cap_out, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA,
-        BLOCK_N, SUBTILES,
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, offs_m, k_src, v_src, ks, vs, offs_n, offs_d, offs_dv,
+        start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
+        HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
     )  # fmt: skip
     o_base = O + b.to(tl.int64) * stride_ob + q_row0.to(tl.int64) * stride_os + h * stride_oh
     l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_ls
@@ -229,11 +201,6 @@ def _attn_fwd_kernel(
         acc, l_i, m_i, o_base, l_base, offs_m, rows, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
         HEAD_DIM_V, ACCUMULATE,
     )  # fmt: skip
-    if SUBTILES == 2:
-        _fwd_store(
-            acc2, l2, m2, o_base, l_base, offs_m2, rows2, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
-            HEAD_DIM_V, ACCUMULATE,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -304,7 +271,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=[*TUNE_KEY, "ACCUMULATE", "SUBTILES"],
+    key=[*TUNE_KEY, "ACCUMULATE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     # Accumulate mode updates out/lse in place: benchmarking a config must not merge twice.
     restore_value=["O", "LSE"],
@@ -434,7 +401,6 @@ def attn_fwd(
             n_heads_q=Hq,
             ACCUMULATE=accumulate,
             WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
-            SUBTILES=config.fwd_subtiles,
         )
         static = {n: a for n, a in args.items() if n not in _PER_CALL}
         slot = _FWD_LAUNCHES.keep(key, (static, B, Sq, Sk, {}))[4] if key is not None else None

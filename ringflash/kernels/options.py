@@ -41,28 +41,12 @@ class AttnConfig:
             longer launches the last wave is a small part and the two contend for L2).
         int64_offsets: always build the 64-bit offset code (by default it is built only when an
             element offset of the call passes ``2**31 - 1``); tests force it at small shapes.
-        fwd_subtiles: 1, or 2: a forward program computes its query rows as two halves with their
-            own softmax state, both halves' score products issued before either half's softmax, so
-            that the tensor cores can run one half's products while the other's exponentials run
-            (FlashAttention-3's intra-warpgroup overlap). Same results up to rounding order.
-        fused_dq: the dK/dV kernel also computes dQ (5 matrix products a tile instead of 7),
-            adding each tile's float32 partial by a TMA bulk reduce-add (into the given float32
-            dQ of an adding call, else into float32 zeros written into dQ afterwards), where TMA
-            descriptors apply (Hopper, 16-bit inputs); other calls keep the separate dQ kernel.
-            dQ's float32 sums then arrive in any order: not bitwise repeatable, so
-            ``torch.use_deterministic_algorithms(True)`` keeps the dQ kernel.
     """
 
     sched_per_sm: int = 4
     concurrent_dq: bool = True
     concurrent_dq_max_waves: int = 8
     int64_offsets: bool = False
-    fwd_subtiles: int = 1
-    fused_dq: bool = False
-
-    def __post_init__(self):
-        if self.fwd_subtiles not in (1, 2):
-            raise ValueError(f"AttnConfig.fwd_subtiles must be 1 or 2, got {self.fwd_subtiles!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,9 +37,8 @@ def _tma_device(device: torch.device, mode: str) -> bool:
     return _capability(cuda_index(device)) >= (9, 0)
 
 
-def tma_aligned(t: torch.Tensor) -> bool:
-    """Whether a descriptor can address ``t``: its base address and every stride but the last
-    multiples of 16 bytes, the last dim contiguous."""
+def _tma_aligned(t: torch.Tensor) -> bool:
+    # A descriptor's base address and every stride but the last must be multiples of 16 bytes.
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
@@ -54,7 +53,7 @@ def tma_applies(*tensors: torch.Tensor, seqlen: int) -> bool:
         return False
     if mode != "on" and seqlen < _TMA_MIN_SEQLEN:
         return False
-    if not all(tma_aligned(t) for t in tensors):
+    if not all(_tma_aligned(t) for t in tensors):
         return False
     if t0.device.type == "cuda":
         _ensure_allocator()
