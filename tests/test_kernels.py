@@ -616,6 +616,38 @@ def test_kernels_backward_arguments_kept_per_signature_under_interpreter():
     _assert_interp_script_says_same(_BWD_SIGNATURE_SCRIPT)
 
 
+_UNSEEN_SCRIPT = """
+import torch
+from unittest import mock
+from ringflash.kernels import fwd
+torch.manual_seed(0)
+cu_q = torch.tensor([0, 5, 9, 16], dtype=torch.int32)
+cu_k = torch.tensor([0, 7, 7, 12], dtype=torch.int32)  # sequence 1: rows 5-8, no keys
+q, k, v = torch.randn(16, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
+kw = dict(softmax_scale=32 ** -0.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7, max_seqlen_k=7)
+real = torch.empty
+def recycled(*a, **k):  # memory as a caching allocator hands it back: anything, here NaN
+    t = real(*a, **k)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+with mock.patch.object(torch, "empty", recycled):
+    out, lse = fwd.attn_fwd(q, k, v, **kw)
+assert (out[5:9] == 0).all() and (lse[:, 5:9] == float("-inf")).all()
+assert not out.isnan().any() and not lse.isnan().any()
+o2, l2 = torch.full_like(out, 7.0), torch.full_like(lse, 3.0)  # given buffers: those rows kept
+fwd.attn_fwd(q, k, v, **kw, out=o2, lse=l2, merge=False)
+assert (o2[5:9] == 7).all() and (l2[:, 5:9] == 3).all()
+rows = [*range(5), *range(9, 16)]
+assert torch.equal(o2[rows], out[rows]) and torch.equal(l2[:, rows], lse[:, rows])
+print("same")
+"""
+
+
+def test_kernels_packed_results_need_no_fill_under_interpreter():
+    """A packed forward that allocates its results writes every row itself, those of a sequence
+    with no keys as 0 and -inf (no zero fill before the launch), while given buffers keep them."""
+    _assert_interp_script_says_same(_UNSEEN_SCRIPT)
+
+
 def test_kernels_wide_offset_code_matches_under_interpreter():
     """The 64-bit loop code (used when offsets pass 2^31 elements, see the CUDA test below) gives
     the same results as the 32-bit code; forced on at a small shape under the interpreter."""

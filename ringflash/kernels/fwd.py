@@ -143,7 +143,7 @@ def _attn_fwd_kernel(
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr,
 ):  # fmt: skip
     # The online softmax state of BLOCK_M rows, scores in base 2.
     qk_scale = sm_scale * 1.4426950408889634
@@ -164,10 +164,11 @@ def _attn_fwd_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    if ACCUMULATE or IS_VARLEN:
-        # A packed sequence with no keys writes nothing: its rows keep what the buffer holds
-        # (zeros and -inf when allocated here). The ring's and the all-gather's packed calls
-        # use such spacer sequences to skip rows that other calls write.
+    if KEEP_UNSEEN:
+        # A sequence with no keys writes nothing into given buffers: its rows keep what they hold.
+        # The ring's and the all-gather's packed calls use such spacer sequences to skip rows that
+        # other calls write. Otherwise (results allocated here) its rows are stored as seeing no
+        # key, so that the results need no zero fill before the launch.
         if seqlen_k == 0:
             return
     hk = h // group
@@ -292,9 +293,10 @@ _FWD_LAUNCHES = SignatureTable()
 _PER_CALL = frozenset((*CALL_TENSORS, "O", "LSE", "TMA"))
 
 
-def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, config) -> tuple | None:
+def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, buffers, config) -> tuple | None:
     """The signature of a forward launch, or None when its arguments come from tensor values
-    (packed lengths not given) or a padded call's diagonal is not an int."""
+    (packed lengths not given) or a padded call's diagonal is not an int. ``buffers``: (accumulate,
+    out and lse given)."""
     packed = cu_q is not None
     if packed:
         if max_q is None or max_k is None:
@@ -309,7 +311,7 @@ def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, accumulate, c
     return (
         q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
         out.dtype, out.stride(), lse.stride(), float(scale), bool(causal), tuple(window),
-        float(softcap), lens, diag_key, accumulate, config,
+        float(softcap), lens, diag_key, buffers, config,
     )  # fmt: skip
 
 
@@ -363,20 +365,28 @@ def attn_fwd(
     accumulate = given and merge
     Hq, Dv = q.shape[-2], v.shape[-1]
     if not given:
-        # Packed rows outside every sequence (if any) must still read as "no key"; padded rows are
-        # all written by the kernel.
-        if packed:
-            out = torch.zeros(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-            lse = torch.full((Hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-        else:
-            out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-            lse = torch.empty((q.shape[0], Hq, q.shape[1]), dtype=torch.float32, device=q.device)
+        # The kernel writes every row of every sequence, those that see no key included (packed
+        # rows outside every sequence exist only for a cu_seqlens that fails its checks).
+        out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
+        lse_shape = (Hq, q.shape[0]) if packed else (q.shape[0], Hq, q.shape[1])
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     else:
         writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
         assert lse.dtype == torch.float32 and out.dtype in writable
     mask = (softmax_scale, causal, window_size, softcap)
     key = _launch_key(
-        q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, accumulate, config
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        cu_seqlens_q,
+        max_seqlen_q,
+        max_seqlen_k,
+        diag_offset,
+        (accumulate, given),
+        config,
     )
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None:
@@ -400,6 +410,7 @@ def attn_fwd(
             **strides(lse, _LSE, packed),
             n_heads_q=Hq,
             ACCUMULATE=accumulate,
+            KEEP_UNSEEN=given,
             WIDE=config.int64_offsets or wide_offsets(q, k, v, out),
         )
         static = {n: a for n, a in args.items() if n not in _PER_CALL}
@@ -445,7 +456,7 @@ def plan_fwd(q, k, v, *, softmax_scale, causal=False, window_size=(-1, -1), soft
     out = torch.empty(out_shape, dtype=q.dtype, device="meta")  # the strides a fresh result has
     lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
     mask = (softmax_scale, causal, window_size, softcap)
-    key = _launch_key(q, k, v, out, lse, mask, None, None, None, None, False, config)
+    key = _launch_key(q, k, v, out, lse, mask, None, None, None, None, (False, False), config)
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None or q.numel() == 0:
         return None
