@@ -619,32 +619,41 @@ def test_kernels_backward_arguments_kept_per_signature_under_interpreter():
 _UNSEEN_SCRIPT = """
 import torch
 from unittest import mock
-from ringflash.kernels import fwd
+from ringflash.kernels import bwd, fwd
 torch.manual_seed(0)
-cu_q = torch.tensor([0, 5, 9, 16], dtype=torch.int32)
-cu_k = torch.tensor([0, 7, 7, 12], dtype=torch.int32)  # sequence 1: rows 5-8, no keys
-q, k, v = torch.randn(16, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
-kw = dict(softmax_scale=32 ** -0.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7, max_seqlen_k=7)
+cu_q = torch.tensor([0, 5, 9, 9, 16], dtype=torch.int32)  # sequence 1: rows 5-8, no keys
+cu_k = torch.tensor([0, 7, 7, 12, 20], dtype=torch.int32)  # sequence 2: keys 7-11, no queries
+q, k, v = torch.randn(16, 4, 32), torch.randn(20, 2, 32), torch.randn(20, 2, 32)
+dout = torch.randn(16, 4, 32)
+kw = dict(softmax_scale=32 ** -0.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7, max_seqlen_k=8)
 real = torch.empty
 def recycled(*a, **k):  # memory as a caching allocator hands it back: anything, here NaN
     t = real(*a, **k)
     return t.fill_(float("nan")) if t.is_floating_point() else t
 with mock.patch.object(torch, "empty", recycled):
     out, lse = fwd.attn_fwd(q, k, v, **kw)
+    dq, dk, dv = bwd.attn_bwd(dout, q, k, v, out, lse, **kw)
 assert (out[5:9] == 0).all() and (lse[:, 5:9] == float("-inf")).all()
-assert not out.isnan().any() and not lse.isnan().any()
+assert (dq[5:9] == 0).all() and (dk[7:12] == 0).all() and (dv[7:12] == 0).all()
+assert not any(x.isnan().any() for x in (out, lse, dq, dk, dv))
 o2, l2 = torch.full_like(out, 7.0), torch.full_like(lse, 3.0)  # given buffers: those rows kept
 fwd.attn_fwd(q, k, v, **kw, out=o2, lse=l2, merge=False)
 assert (o2[5:9] == 7).all() and (l2[:, 5:9] == 3).all()
-rows = [*range(5), *range(9, 16)]
+rows, keys = [*range(5), *range(9, 16)], [*range(7), *range(12, 20)]
 assert torch.equal(o2[rows], out[rows]) and torch.equal(l2[:, rows], lse[:, rows])
+g = [torch.full_like(x, 7.0) for x in (q, k, v)]
+bwd.attn_bwd(dout, q, k, v, out, lse, dq=g[0], dk=g[1], dv=g[2], accumulate=(False, False), **kw)
+assert (g[0][5:9] == 7).all() and (g[1][7:12] == 7).all() and (g[2][7:12] == 7).all()
+assert torch.equal(g[0][rows], dq[rows])
+assert torch.equal(g[1][keys], dk[keys]) and torch.equal(g[2][keys], dv[keys])
 print("same")
 """
 
 
 def test_kernels_packed_results_need_no_fill_under_interpreter():
-    """A packed forward that allocates its results writes every row itself, those of a sequence
-    with no keys as 0 and -inf (no zero fill before the launch), while given buffers keep them."""
+    """A packed forward and backward that allocate their results write every row themselves, those
+    of a sequence with no keys (or no queries) as 0 and -inf / zero gradients (no zero fill before
+    the launches), while given buffers keep them."""
     _assert_interp_script_says_same(_UNSEEN_SCRIPT)
 
 

@@ -250,13 +250,12 @@ def attn_bwd(
         assert dq.dtype == torch.float32 or not add_q
         assert dk.dtype == dv.dtype == torch.float32 or not add_kv
     else:
-        alloc = torch.zeros if packed else torch.empty
-        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+        # The kernels write every row of every sequence, those whose gradient is zero included.
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     mask = (softmax_scale, causal, window_size, softcap)
+    buffers = (add_q, add_kv, given)
     key = _launch_key(
-        q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, (add_q, add_kv), config
+        q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
     )
     if key is not None:
         key += (dout.stride(), delta.stride(), dk.dtype, dk.stride(), dv.dtype, dv.stride())
@@ -282,6 +281,7 @@ def attn_bwd(
             **strides(lse, _LSE, packed),
             **strides(delta, _DELTA_E, packed),
             WIDE=config.int64_offsets or wide_offsets(q, k, v, dout, dq, dk, dv),
+            KEEP_UNSEEN=given,
         )
         static_kv = dict(
             args, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk, ADD=add_kv

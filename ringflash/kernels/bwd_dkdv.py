@@ -86,7 +86,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr,
 ):  # fmt: skip
     # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
     # (``_tile_order``).
@@ -96,7 +96,9 @@ def _attn_bwd_dkdv_kernel(
     )  # fmt: skip
     if j0 >= seqlen_k:
         return
-    if seqlen_q == 0:  # keys of a packed call's spacer sequence: their dK/dV rows are left as they are
+    if KEEP_UNSEEN and seqlen_q == 0:
+        # Keys of a sequence with no queries, in given buffers: their dK/dV rows keep what they
+        # hold (a packed call's spacer sequences). Otherwise they are stored as zeros.
         return
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)

@@ -72,7 +72,7 @@ def _attn_bwd_dq_kernel(
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr,
 ):  # fmt: skip
     # Causal: the longest row blocks first, in groups of heads (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
@@ -81,7 +81,9 @@ def _attn_bwd_dq_kernel(
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
-    if seqlen_k == 0:  # rows of a packed call's spacer sequence: their dQ rows are left as they are
+    if KEEP_UNSEEN and seqlen_k == 0:
+        # Rows of a sequence with no keys, in given buffers: their dQ rows keep what they
+        # hold (a packed call's spacer sequences). Otherwise they are stored as zeros.
         return
     hk = h // group
     offs_n = tl.arange(0, BLOCK_N)
