@@ -33,6 +33,7 @@ SDPA columns are measured once per shape. ``--tma on|off`` runs ours under ``rin
     python benchmarks/bench_attention.py --tiny --out DIR        # one small shape (smoke run)
     python benchmarks/bench_attention.py --backends --out DIR    # the kernels and SDPA only
     python benchmarks/bench_attention.py --eager 128 512 2048 --out DIR  # eager prefill calls only
+    python benchmarks/bench_attention.py --eager 128 --host-profile 20   # and where their host time goes
 
 Writes ``attention.csv`` and ``attention.png`` into ``--out``. Needs a CUDA GPU.
 """
@@ -53,6 +54,7 @@ from bench_timing import (
     config_variants,
     format_table,
     header,
+    host_profile,
     host_us,
     interleaved_medians,
     nan_if_fails,
@@ -251,16 +253,16 @@ COLUMNS += [
 ]
 
 
-def eager_prefill(seqlens, rounds: int) -> list[dict]:
+def eager_prefill(seqlens, rounds: int, profile: int = 0) -> list[dict]:
     """Eager inference prefill: ``flash_attn_func`` under ``no_grad`` (a planned call from its
     second signature on) against SDPA's cuDNN call, Llama-3-8B attention (32 q / 8 KV heads, head
     dim 128, causal, bf16, batch 1): ``do_bench`` medians and host microseconds per call; and
     the same tokens as one packed sequence through ``flash_attn_varlen_func`` (its ``cu_seqlens``
     checked on the device, no sync)."""
-    return [_eager_row(s, rounds) for s in seqlens]
+    return [_eager_row(s, rounds, profile) for s in seqlens]
 
 
-def _eager_row(s: int, rounds: int) -> dict:
+def _eager_row(s: int, rounds: int, profile: int = 0) -> dict:
     q = torch.randn(1, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, s, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -281,6 +283,13 @@ def _eager_row(s: int, rounds: int) -> dict:
     with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         timed = [lambda: bench_ms(ours), lambda: bench_ms(cudnn), lambda: bench_ms(packed)]
         t_ours, t_cudnn, t_packed = interleaved_medians(timed, rounds)
+        if profile:  # where the host time goes (printed; not in the table)
+            for label, fn in (
+                ("flash_attn_func", ours),
+                ("flash_attn_varlen_func", packed),
+                ("cuDNN", cudnn),
+            ):
+                host_profile(fn, f"{label}, {s} tokens", top=profile)
         return dict(
             s=s,
             ours_us=t_ours * 1e3,
@@ -336,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only the eager inference prefill table at these token counts (e.g. 128 512 2048)",
     )
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --eager: print the N functions where each eager call spends most host time",
+    )
     add_config_args(ap, AttnConfig, CONFIG_FIELDS)
     return ap
 
@@ -354,7 +370,7 @@ def main(argv=None) -> int:
     info = run_info()
     if args.eager:
         title = "eager prefill, no grad: Llama-3-8B attention (32 q / 8 KV heads, d 128), causal, bf16, B=1"
-        rows = eager_prefill(args.eager, args.rounds)
+        rows = eager_prefill(args.eager, args.rounds, args.host_profile)
         print(header(title, info=info))
         print("us: do_bench medians; host: host us per eager call from an idle GPU")
         print(format_table(rows, EAGER_COLUMNS))

@@ -58,6 +58,7 @@ from bench_timing import (
     format_table,
     graphed,
     header,
+    host_profile,
     host_us,
     interleaved_medians,
     plot_lines,
@@ -212,6 +213,11 @@ def decode_rows(b, s, variants, bw, args) -> list[dict]:
             t["eager_hostcheck_us"] = us(fn)
             t["host_hostcheck_us"] = host_us(fn, args.host_calls)
         check_device_errors()
+        if args.host_profile:  # where the eager call's host time goes (printed; not in the table)
+            host_profile(fn, f"ours ({label}), B={b}, {tokens(s)}", top=args.host_profile)
+            sdpa = fns.get("cudnn")
+            if sdpa is not None:
+                host_profile(sdpa, f"cuDNN, B={b}, {tokens(s)}", top=args.host_profile)
         row = dict(base, config=label, splits=splits or pick_num_splits(b, HK, HQ // HK, 1, s, q.device))
         for who in ("ours", *SDPA):
             row.update(
@@ -427,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the graph and eager columns")
     ap.add_argument("--host-calls", type=int, default=50, help="eager calls per host-time reading")
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N functions where each eager call spends most host time",
+    )
     ap.add_argument("--loop-steps", type=int, default=300, help="steps of the eager loops")
     ap.add_argument("--no-steps", action="store_true", help="skip the table of whole steps")
     ap.add_argument("--bandwidth", action="store_true", help="also B=1 16k/32k under three timings")

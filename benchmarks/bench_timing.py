@@ -10,6 +10,7 @@ Timing (``do_bench`` medians on CUDA, host-clock medians elsewhere):
 - :func:`capture` / :func:`graphed`: a call captured in a CUDA graph, for GPU time without the
   host's launch cost;
 - :func:`host_us`: host microseconds per eager call, started with the GPU idle;
+- :func:`host_profile`: where an eager call's host time goes (``cProfile``, per function);
 - :func:`start_distributed` / :func:`dist_median_time`: ranks under torchrun, timed together.
 
 Output: :func:`header` (device, versions, commit, date: the first line of every table),
@@ -177,6 +178,33 @@ def host_us(fn, calls: int = 50, rounds: int = 5) -> float:
         if cuda:
             torch.cuda.synchronize()
     return statistics.median(per_call) * 1e6
+
+
+def host_profile(fn, label: str, calls: int = 500, top: int = 20) -> None:
+    """Print where the host time of ``calls`` eager calls of ``fn`` goes: ``cProfile``'s
+    ``top`` functions by time spent in themselves (Python, torch operations, Triton's launcher),
+    microseconds per call. The GPU work they queue is drained after the profile."""
+    import cProfile
+    import pstats
+
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, prim, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    total = sum(v[2] for v in stats.values())
+    print(f"host profile of {label}: {total / calls * 1e6:.1f} us a call (profiled), by own time")
+    for (file, line, name), (n, _, own, cum, _) in rows:
+        where = f"{os.path.basename(file)}:{line}" if line else file
+        per = (own / calls * 1e6, cum / calls * 1e6, n / calls)
+        print("  {:8.2f} us own {:8.2f} us cum {:6.1f}x  {}  {}".format(*per, name, where))
 
 
 def start_distributed():
