@@ -1,0 +1,152 @@
+"""Packed calls of the local kernels as the ring and the all-gather method make them: spacer
+sequences (no keys, or no queries) that leave given buffers as they are, gradients written into
+given buffers, and two-part diagonals (a rank's two runs of one document in one sequence); through
+the blockwise backend, the Triton kernels under the interpreter, and on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ringflash as rf
+
+_TRITON_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import torch
+import ringflash as rf
+from test_packed import _long_documents_case, _sim_case
+from test_packed_kernels import _two_part_case, _written_gradients_case
+with rf.use_backend("triton"):
+    for layout, method, world, mask in (
+        ("zigzag", "ring", 3, dict(causal=True)),
+        ("zigzag", "allgather", 2, dict(causal=True, window_size=(5, 0))),
+        ("stripe", "ring", 2, dict()),
+        ("contiguous", "allgather", 3, dict(causal=True)),
+        ("balanced", "allgather", 2, dict(causal=True)),
+    ):
+        _sim_case(world, 8, layout, method, mask, seed=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        _written_gradients_case(rf.backends.get_backend("triton"), dtype)
+    err = _two_part_case(rf.backends.get_backend("triton"))
+    assert err < 1e-4, err
+    _long_documents_case(2, "allgather", [dict(causal=True)])
+print("ok")
+"""
+
+
+def _written_gradients_case(backend, dtype, device="cpu"):
+    """``attn_bwd`` with given buffers and ``accumulate=(False, True)``: dQ written in the buffer's
+    dtype, dK/dV added; the spacer sequences' rows (no keys / no queries) keep what they held."""
+    torch.manual_seed(0)
+    cu_q, cu_k = [0, 5, 9, 9, 16], [0, 7, 7, 12, 20]  # sequence 1: no keys; sequence 2: no queries
+    q, k, v = (torch.randn(n, h, 8, dtype=dtype, device=device) for n, h in ((16, 4), (20, 2), (20, 2)))
+    dout = torch.randn(16, 4, 8, dtype=dtype, device=device)
+    kw = dict(
+        softmax_scale=8**-0.5,
+        causal=True,
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        max_seqlen_q=7,
+        max_seqlen_k=8,
+    )
+    out, lse = backend.attn_fwd(q, k, v, **kw)
+    want = backend.attn_bwd(dout, q, k, v, out, lse, **kw)
+    dq = torch.full(q.shape, 7.0, dtype=dtype, device=device)
+    dk, dv = torch.ones(k.shape, device=device), torch.ones(v.shape, device=device)
+    backend.attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, accumulate=(False, True), **kw)
+    assert (dq[5:9] == 7).all(), "rows of a sequence with no keys are left as they are"
+    assert (dk[7:12] == 1).all() and (dv[7:12] == 1).all(), "keys of a sequence with no queries too"
+    rows, keys = [*range(5), *range(9, 16)], [*range(7), *range(12, 20)]
+    tol = dict(atol=0, rtol=0) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dq[rows].float(), want[0][rows].float(), **tol)
+    torch.testing.assert_close(dk[keys] - 1, want[1][keys].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dv[keys] - 1, want[2][keys].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gradients_written_into_given_buffers(dtype):
+    _written_gradients_case(rf.backends.get_backend("torch"), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_gradients_written_into_given_buffers_cuda():
+    for dtype in (torch.float32, torch.bfloat16):
+        _written_gradients_case(rf.backends.get_backend("triton"), dtype, "cuda")
+
+
+def test_packed_calls_through_the_triton_kernels_under_the_interpreter():
+    """The packed calls' spacer sequences (no keys, or no queries) through the Triton kernels."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=repo)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def _two_part_case(backend, device="cpu", dtype=torch.float32):
+    """A packed call with a two-part sequence (a rank's head and tail runs of one document against
+    the document's keys, ``diag_offset`` rows ``(diag, split, diag2)``), an ordinary causal sequence
+    and a spacer, through ``backend``: output, LSE and gradients against the float64 oracle of the
+    same masks. Returns the largest error relative to the oracle's largest value."""
+    torch.manual_seed(0)
+    # Sequence 0: head rows at positions 128..255, tail rows at 384..483, keys 0..483 of the
+    # document. Sequence 1: 50 rows at positions 30..79 of a 80-key document. Sequence 2: a spacer.
+    cu_q, cu_k = [0, 228, 278, 278], [0, 484, 564, 570]
+    diag = torch.tensor([[128, 128, 256], [30, 50, 30], [0, 0, 0]], dtype=torch.int32, device=device)
+    T, Tk = cu_q[-1], cu_k[-1]
+    q, k, v = (torch.randn(n, h, 16, device=device).to(dtype) for n, h in ((T, 4), (Tk, 2), (Tk, 2)))
+    dout = torch.randn(T, 4, 16, device=device).to(dtype)
+    kw = dict(
+        softmax_scale=0.25,
+        causal=True,
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        max_seqlen_q=228,
+        max_seqlen_k=484,
+        diag_offset=diag,
+    )
+    out, lse = backend.attn_fwd(q, k, v, **kw)
+    dq, dk, dv = backend.attn_bwd(dout, q, k, v, out, lse, **kw)
+    leaves = [x.double().cpu().requires_grad_() for x in (q, k, v)]
+    outs, lses = [], []
+    for b in range(2):
+        d, split, d2 = diag[b].tolist()
+        rows = torch.arange(cu_q[b + 1] - cu_q[b])
+        reach = torch.where(rows < split, rows + d, rows + d2)
+        seen = torch.arange(cu_k[b + 1] - cu_k[b])[None, :] <= reach[:, None]
+        qb = leaves[0][cu_q[b] : cu_q[b + 1]]
+        kb, vb = (x[cu_k[b] : cu_k[b + 1]].repeat_interleave(2, 1) for x in leaves[1:])
+        s = torch.einsum("qhd,khd->hqk", qb, kb) * 0.25
+        s = s.masked_fill(~seen, -math.inf)
+        lses.append(torch.logsumexp(s, -1))
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vb))
+    want = torch.cat(outs)
+    grads = torch.autograd.grad(want, leaves, dout.double().cpu())
+    want, lses = want.detach(), [x.detach() for x in lses]
+    errs = [
+        (out.double().cpu() - want).abs().max() / want.abs().max(),
+        (lse.cpu()[:, :278] - torch.cat(lses, 1)).abs().max(),
+    ]
+    for got, w in zip((dq, dk, dv), grads, strict=True):
+        errs.append((got.double().cpu()[: w.shape[0]] - w).abs().max() / w.abs().max())
+    return max(float(e) for e in errs)
+
+
+def test_two_part_sequences_match_the_oracle():
+    """The blockwise backend's two-part diagonals (``varlen_diag``) against the float64 oracle."""
+    assert _two_part_case(rf.backends.get_backend("torch")) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_part_sequences_through_the_triton_kernels_cuda():
+    assert _two_part_case(rf.backends.get_backend("triton"), "cuda", torch.bfloat16) < 2e-2
