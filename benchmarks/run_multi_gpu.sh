@@ -22,7 +22,7 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
     python3 -m ringflash.cli env
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_ring.py tests/test_ulysses.py \
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_ring.py tests/test_ulysses.py tests/test_packed.py \
     tests/test_decode_sharded.py tests/test_ring_faults.py tests/test_kernels.py \
     -k "nccl or cuda and (faults or another_gpu)" 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
