@@ -31,10 +31,10 @@ from test_decode import (  # noqa: E402
     CASES,
     assert_checks,
     case_id,
-    fused_vs_unfused,
     run_case,
     unchecked_bad_values,
 )
+from test_decode_graphs import fused_vs_unfused  # noqa: E402
 from test_device_errors import bad_cu_call, cu_bounds_cases, value_bits_cases  # noqa: E402
 from test_plans import (  # noqa: E402
     PLAN_CASES,
