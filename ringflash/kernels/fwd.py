@@ -44,66 +44,8 @@ from .tma import tma_applies
 
 
 @triton.jit
-def _kv_tile(
-    k_src, v_src, j0, offs_j, stride_ks, stride_vs, offs_d, offs_dv, seqlen_k,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    TMA: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """The K and V tiles of keys ``j0 + [0, BLOCK_N)``."""
-    if TMA:
-        k = k_src.load([j0, 0])
-        v = v_src.load([j0, 0])
-    elif MASKED:
-        kv_row = offs_j[:, None] < seqlen_k
-        k = tl.load(k_src + j0 * stride_ks, mask=kv_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_src + j0 * stride_vs, mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
-        k = tl.load(k_src + j0 * stride_ks)
-        v = tl.load(v_src + j0 * stride_vs)
-    else:
-        k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _tile_scores(
-    q, k, offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Scores of query rows ``offs_m`` against a key tile, in log2 units, -inf where masked."""
-    s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
-    if SOFTCAP:
-        s = _tanh(s * cap_scale) * cap_out
-    else:
-        s = s * qk_scale
-    if MASKED:
-        s = tl.where(_visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI), s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _tile_update(s, v, acc, l_i, m_i, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):
-    """The online softmax state after one key tile's scores ``s``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    p = tl.exp2(s - m_sub[:, None])
-    alpha = tl.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, offs_m, k_src, v_src, stride_ks, stride_vs, offs_n, offs_d, offs_dv,
+    acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
     start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -117,15 +59,48 @@ def _fwd_inner(
         j_start, j_end = _run_bounds(RUN, start, full_start, full_end, end)
         for j0 in range(j_start, j_end, BLOCK_N):
             offs_j = j0 + offs_n
-            k, v = _kv_tile(
-                k_src, v_src, j0, offs_j, stride_ks, stride_vs, offs_d, offs_dv, seqlen_k,
-                HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, TMA, MASKED,
-            )  # fmt: skip
-            s = _tile_scores(
-                q, k, offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
-                HAS_LO, HAS_HI, SOFTCAP, DOT_PREC, DOT_F32, MASKED,
-            )  # fmt: skip
-            acc, l_i, m_i = _tile_update(s, v, acc, l_i, m_i, DOT_PREC, DOT_F32, MASKED)
+            if TMA:
+                k = k_src.load([j0, 0])
+                v = v_src.load([j0, 0])
+            elif MASKED:
+                kv_row = offs_j[:, None] < seqlen_k
+                k = tl.load(
+                    k_src + j0 * stride_ks,
+                    mask=kv_row & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0,
+                )
+                v = tl.load(
+                    v_src + j0 * stride_vs,
+                    mask=kv_row & (offs_dv[None, :] < HEAD_DIM_V),
+                    other=0.0,
+                )
+            elif D_PAD == HEAD_DIM and DV_PAD == HEAD_DIM_V:
+                k = tl.load(k_src + j0 * stride_ks)
+                v = tl.load(v_src + j0 * stride_vs)
+            else:
+                k = tl.load(k_src + j0 * stride_ks, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                v = tl.load(v_src + j0 * stride_vs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            s = _dot(q, tl.trans(k), None, DOT_PREC, DOT_F32)
+            if SOFTCAP:
+                s = _tanh(s * cap_scale) * cap_out
+            else:
+                s = s * qk_scale
+            if MASKED:
+                vis = _visible(offs_m, offs_j, seqlen_q, seqlen_k, lo, hi, HAS_LO, HAS_HI)
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
+                # exp2(-inf - -inf) never makes a NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_sub = m_new
+            p = tl.exp2(s - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, DOT_F32)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -184,7 +159,8 @@ def _attn_fwd_kernel(
         q_seq = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
         q = _rows_desc(q_seq, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, D_PAD).load([i0, 0])
     else:
-        q = _q_rows(q_base, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM)
+        q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     k_src = _tile_src(k_base, seqlen_k, stride_ks, stride_kd, offs_n, offs_d, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     v_src = _tile_src(
         v_base, seqlen_k, stride_vs, stride_vd, offs_n, offs_dv, HEAD_DIM_V, BLOCK_N, DV_PAD, TMA
@@ -192,32 +168,11 @@ def _attn_fwd_kernel(
 
     start, full_start, full_end, end = _block_ranges(i0, seqlen_k, lo, hi, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, offs_m, k_src, v_src, ks, vs, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i, q, k_src, v_src, ks, vs, offs_m, offs_n, offs_d, offs_dv,
         start, full_start, full_end, end, seqlen_q, seqlen_k, lo, hi, qk_scale, cap_scale, cap_out,
         HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
     )  # fmt: skip
-    o_base = O + b.to(tl.int64) * stride_ob + q_row0.to(tl.int64) * stride_os + h * stride_oh
-    l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_ls
-    _fwd_store(
-        acc, l_i, m_i, o_base, l_base, offs_m, rows, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
-        HEAD_DIM_V, ACCUMULATE,
-    )  # fmt: skip
 
-
-@triton.jit
-def _q_rows(q_base, offs_m, rows, offs_d, seqlen_q, stride_qs, stride_qd, HEAD_DIM: tl.constexpr):
-    """The query tile of rows ``offs_m`` of this sequence and head, through pointers."""
-    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-
-
-@triton.jit
-def _fwd_store(
-    acc, l_i, m_i, o_base, l_base, offs_m, rows, offs_dv, seqlen_q, stride_os, stride_od, stride_ls,
-    HEAD_DIM_V: tl.constexpr, ACCUMULATE: tl.constexpr,
-):  # fmt: skip
-    """Normalise and store the output and LSE of rows ``offs_m`` (merged into the given float32
-    ``(out, lse)`` with ``ACCUMULATE``)."""
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -225,8 +180,15 @@ def _fwd_store(
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
     row_ok = offs_m < seqlen_q
-    o_ptrs = o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od
-    l_ptrs = l_base + offs_m * stride_ls
+    o_ptrs = (
+        O
+        + b.to(tl.int64) * stride_ob
+        + q_row0.to(tl.int64) * stride_os
+        + h * stride_oh
+        + rows[:, None] * stride_os
+        + offs_dv[None, :] * stride_od
+    )
+    l_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if ACCUMULATE:
         lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
@@ -239,7 +201,7 @@ def _fwd_store(
         inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
         o = o_old * (w_old * inv)[:, None] + o * (w_new * inv)[:, None]
         lse = mx + tl.log(tot)
-    tl.store(o_ptrs, o.to(o_base.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
@@ -374,19 +336,9 @@ def attn_fwd(
         writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
         assert lse.dtype == torch.float32 and out.dtype in writable
     mask = (softmax_scale, causal, window_size, softcap)
+    buffers = (accumulate, given)
     key = _launch_key(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        mask,
-        cu_seqlens_q,
-        max_seqlen_q,
-        max_seqlen_k,
-        diag_offset,
-        (accumulate, given),
-        config,
+        q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
     )
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None:
