@@ -309,18 +309,18 @@ def attn_bwd(
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
         _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
-    else:
-        side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
-        if side is not None:
-            main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)
-        launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
-        if side is not None:
-            # The join is a wait on the GPU, not the host, so the caller's later work (and any
-            # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
-            main.wait_stream(side)
+        return dq, dk, dv
+    side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
+    launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
+    if side is not None:
+        # The join is a wait on the GPU, not the host, so the caller's later work (and any
+        # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
+        main.wait_stream(side)
     return dq, dk, dv
 
 
