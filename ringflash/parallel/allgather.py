@@ -221,15 +221,19 @@ def fwd_state(q, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def gathered_fwd(backend, q, k, v, gathered, plan: GatherPlan, scale, softcap, out, lse) -> None:
-    """This rank's attention over its own and the gathered keys, into ``out``/``lse`` (``fwd_state``
-    or views of its heads). ``gathered()`` returns the gathered ``(kf, vf)``; it is called after
-    the calls on the local documents, which thus overlap the gather.
+def heads_fwd(backend, q, k, v, piece, gathered, plan: GatherPlan, scale, softcap, state) -> None:
+    """This rank's attention over its own and the gathered keys for one piece's heads (``piece``:
+    its KV and query heads), written into their heads of ``state`` (``fwd_state``): the kernels
+    read and write those heads in place, strided. ``gathered()`` returns the piece's gathered
+    ``(kf, vf)``; it is called after the calls on the local documents, which thus overlap the
+    gather.
 
     With ``plan.write_once`` (every local row belongs to one call's sequence at most; the calls'
     spacer sequences write nothing) each call writes its rows: no merge. Otherwise (stripe, or a
     document in two pieces on one rank under a window) the calls merge into the float32 state.
     """
+    kh, qh = piece
+    q, k, v, out, lse = q[:, qh], k[:, kh], v[:, kh], state[0][:, qh], state[1][qh]
     merge = not plan.write_once
     for pc in plan.local:
         fwd_piece(backend, q, k, v, out, lse, pc, scale, softcap, True, merge=merge)
@@ -249,16 +253,19 @@ def bwd_state(q, k, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor, to
     return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
 
 
-def gathered_bwd(
-    backend, dout, q, k, v, gathered, out, lse, delta, plan: GatherPlan, scale, softcap, dq, dk, dv
+def heads_bwd(
+    backend, dout, q, k, v, out, lse, delta, piece, gathered, plan: GatherPlan, scale, softcap, grads
 ):
-    """Gradients of ``gathered_fwd`` into ``dq``, ``dk``/``dv`` of the local documents (``bwd_state``
-    or views of its heads); returns the float32 dK/dV of the gathered keys in the received blocks'
-    layout, ready to go back to their owners (``_returning``; None when nothing was gathered).
-    ``delta``: ``rowsum(dout * out)`` minus the gradient into the LSE, float32 ``[H, T_local]``.
-    The shared keys' dK/dV are written when no gathered key is in two sequences
-    (``plan.keys_once``), else summed.
+    """Gradients of ``heads_fwd`` for one piece's heads, into their heads of ``grads``
+    (``bwd_state``: ``dq``, and ``dk``/``dv`` of the local documents); returns the float32 dK/dV of
+    the piece's gathered keys in the received blocks' layout, ready to go back to their owners
+    (``_returning``; None when nothing was gathered). ``delta``: ``rowsum(dout * out)`` minus the
+    gradient into the LSE, float32 ``[H, T_local]`` (every head). The shared keys' dK/dV are
+    written when no gathered key is in two sequences (``plan.keys_once``), else summed.
     """
+    kh, qh = piece
+    dout, q, k, v, out, lse, delta = dout[:, qh], q[:, qh], k[:, kh], v[:, kh], out[:, qh], lse[qh], delta[qh]
+    dq, dk, dv = grads[0][:, qh], grads[1][:, kh], grads[2][:, kh]
     once = plan.write_once
     add_local, add_gathered = (not once, not once), (not once, not plan.keys_once)
     for pc in plan.local:
@@ -372,31 +379,10 @@ def _pipelined(pieces, start):
         yield piece, current
 
 
-def _piece_fwd(backend, q, k, v, piece, gathered, plan: GatherPlan, scale, softcap, state) -> None:
-    """``gathered_fwd`` on one piece's heads (``piece``: its KV and query heads), into their heads of
-    ``state`` (``fwd_state``): the kernels read and write the heads in place, strided."""
-    kh, qh = piece
-    out, lse = state
-    gathered_fwd(backend, q[:, qh], k[:, kh], v[:, kh], gathered, plan, scale, softcap, out[:, qh], lse[qh])
-
-
 def bwd_delta(backend, dout, out, dlse) -> torch.Tensor:
     """``rowsum(dout * out)`` for every head, minus the gradient into the LSE (``dlse`` or None)."""
     delta = backend.attn_bwd_delta(dout, out, packed=True)
     return delta if dlse is None else (delta - dlse).contiguous()
-
-
-def _piece_bwd(
-    backend, dout, q, k, v, out, lse, delta, piece, gathered, plan: GatherPlan, scale, softcap, grads
-):
-    """``gathered_bwd`` on one piece's heads, into their heads of ``grads`` (``bwd_state``); returns
-    the piece's partials to send back (or None)."""
-    kh, qh = piece
-    dq, dk, dv = grads
-    return gathered_bwd(
-        backend, dout[:, qh], q[:, qh], k[:, kh], v[:, kh], gathered, out[:, qh], lse[qh], delta[qh],
-        plan, scale, softcap, dq[:, qh], dk[:, kh], dv[:, kh],
-    )  # fmt: skip
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -409,7 +395,7 @@ class AllGatherAttention(torch.autograd.Function):
         plan = gather_plan(layout, cu, rank, world, causal, window)
         backend, state = backend_for(q), fwd_state(q, v, plan)
         for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
-            _piece_fwd(backend, q, k, v, piece, gathered, plan, scale, softcap, state)
+            heads_fwd(backend, q, k, v, piece, gathered, plan, scale, softcap, state)
         out, lse = state[0].to(q.dtype), state[1]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, cu, scale, softcap, causal, window, group, rank, world, stride)
@@ -432,7 +418,7 @@ class AllGatherAttention(torch.autograd.Function):
 
         returning = None
         for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
-            back = _piece_bwd(
+            back = heads_bwd(
                 backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
             )
             # the reverse exchange: each partial to the rank that sent the row (None on every rank

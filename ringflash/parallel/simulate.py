@@ -19,8 +19,6 @@ from .allgather import (
     _add_home,
     _in_stream_order,
     _outgoing,
-    _piece_bwd,
-    _piece_fwd,
     _sizes,
     bwd_delta,
     bwd_state,
@@ -28,6 +26,8 @@ from .allgather import (
     fwd_state,
     gather_plan,
     head_pieces,
+    heads_bwd,
+    heads_fwd,
 )
 from .doc_layouts import build_doc_plan, padded_layout
 from .layouts import Plan, build_plan
@@ -269,7 +269,7 @@ def allgather_fwd_loop(
     state = fwd_state(q, v, plan)
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
         kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
-        _piece_fwd(backend, q, k, v, piece, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap, state)
+        heads_fwd(backend, q, k, v, piece, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap, state)
     return state[0].to(q.dtype), state[1]
 
 
@@ -283,7 +283,7 @@ def allgather_bwd_loop(
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
         kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
         gathered = lambda kf=kf, vf=vf: (kf, vf)  # noqa: E731
-        back = _piece_bwd(
+        back = heads_bwd(
             backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
         )
         if back is not None:
