@@ -261,14 +261,15 @@ def _eager_attn(q, k, v, *args):
 _PLANS = SignatureTable(256)
 
 
-def _plan_key(q, k, v, options, sink=None) -> tuple | None:
-    """The key of an inference call in ``_PLANS``, or None for one that takes the full path."""
+def _plan_key(q, k, v, options, sink=None, tensors=(), *extra) -> tuple | None:
+    """The key of an inference call in ``_PLANS``, or None for one that takes the full path.
+    ``tensors`` and ``extra``: more of the call's tensors and values the key holds."""
     if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor):
         return None
     grads = q.requires_grad or k.requires_grad or v.requires_grad
     if (grads or getattr(sink, "requires_grad", False)) and torch.is_grad_enabled():
         return None  # a call autograd records: the full path (its kernels are longer anyway)
-    return plan_signature((q, k, v, sink), options, options[3])
+    return plan_signature((q, k, v, sink, *tensors), options, options[3], *extra)
 
 
 # ---------------------------------------------------------------- public functions
@@ -286,11 +287,7 @@ def _varlen_plan_key(q, k, v, cu_q, cu_k, max_q, max_k, options, sink, mode) -> 
     that takes the full path (host value checks, autograd, a non-int ``max_seqlen``)."""
     if mode == "host" or type(max_q) is not int or type(max_k) is not int:
         return None
-    key = _plan_key(q, k, v, options, sink)
-    if key is None:
-        return None
-    cu = plan_signature((cu_q, cu_k), (max_q, max_k, cu_q is cu_k), ())
-    return None if cu is None else (key, cu, mode)
+    return _plan_key(q, k, v, options, sink, (cu_q, cu_k), max_q, max_k, cu_q is cu_k, mode)
 
 
 def _varlen_runner(backend, opts, totals, lens, report):
