@@ -175,6 +175,14 @@ class Backend:
         where every call must take ``attn_fwd`` (the default)."""
         return None
 
+    def varlen_plan(self, q, k, v, cu_q, cu_k, totals, max_lens, report, **kw):
+        """A runner for later packed inference calls of this call's signature, each bounding its
+        ``cu_seqlens`` (``bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, report)``) and then
+        calling ``attn_fwd(q, k, v, cu_seqlens_q=..., **kw)`` (results allocated, bottom-right
+        masks), ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``, or None where every call must take
+        those two (the default)."""
+        return None
+
     def decode_plan(self, q, k_cache, v_cache, *, k_new, v_new, block_table, cache_batch_idx, **kw):
         """A runner for later ``decode_fwd`` calls of this call's signature (bottom-right masks),
         ``runner(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
@@ -247,6 +255,24 @@ class TritonBackend(Backend):
         if plan is None:
             return None
         return lambda q, k, v: fwd.run_fwd_plan(q, plan, k, v)
+
+    def varlen_plan(self, q, k, v, cu_q, cu_k, totals, max_lens, report, **kw):
+        from .kernels import fwd
+        from .kernels.cu_check import plan_bounds
+
+        plan = fwd.plan_fwd(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, config=current_config(AttnConfig), **kw
+        )
+        if plan is None:
+            return None
+        flag = error_flag(cu_q.device) if report else None  # the device's, for the process's life
+        bounds = plan_bounds(cu_q, cu_k, totals, max_lens, flag)
+
+        def runner(q, k, v, cu_q, cu_k):
+            cu_q, cu_k = bounds(cu_q, cu_k)
+            return fwd.run_fwd_plan(q, plan, k, v, cu_q, cu_k)
+
+        return runner
 
     def _split_kv(
         self,

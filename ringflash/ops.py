@@ -448,6 +448,7 @@ def flash_attn_varlen_func(
     scale = resolve_scale(scale, q.shape[-1])
     be = backend_for(q)
     opts = (scale, causal, wl, wr, softcap, be.name)
+    given_cu = (cu_seqlens_q, cu_seqlens_k)
     if not read and not torch.compiler.is_compiling():
         # The kernels trust cu_seqlens: unread, its copy bounded to the rows is what they get.
         totals = (q.shape[0], k.shape[0])
@@ -459,8 +460,10 @@ def flash_attn_varlen_func(
     else:
         out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
         if key is not None:
-            totals = (q.shape[0], k.shape[0])
-            _VARLEN_PLANS.keep(key, _varlen_runner(be, opts, totals, lens, mode == "device"))
+            totals, report = (q.shape[0], k.shape[0]), mode == "device"
+            kw = dict(_opts(scale, causal, wl, wr, softcap), max_seqlen_q=lens[0], max_seqlen_k=lens[1])
+            runner = be.varlen_plan(q, k, v, *given_cu, totals, lens, report, **kw)
+            _VARLEN_PLANS.keep(key, runner or _varlen_runner(be, opts, totals, lens, report))
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

@@ -169,20 +169,30 @@ def test_allgather_in_pieces_of_heads_equals_one_exchange():
             assert all(same), (rank, case, same)
 
 
-def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange():
-    """The simulator runs the pieces one after another: the same results bit for bit."""
-    torch.manual_seed(0)
+def _simulated_pieces_case(backend: str, device: str, dtype: torch.dtype, dim: int) -> list[bool]:
     cu = torch.tensor([0, 3, 40, 41, 70, 96], dtype=torch.int32)
-    full = [torch.randn(96, h, 8) for h in (4, 2, 2, 4)]
+    full = [torch.randn(96, h, dim, device=device, dtype=dtype) for h in (4, 2, 2, 4)]
     parts = [[shard_for(x, r, 3, 0, "balanced", cu) for r in range(3)] for x in full]
     got = []
-    with rf.use_backend("torch"):
+    with rf.use_backend(backend):
         for stride in (None, 1):
             kw = dict(causal=True, cu_seqlens=cu, method="allgather", heads_k_stride=stride)
             outs, lses, _ = simulate_ring_attn(*parts[:3], "balanced", **kw)
             grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, "balanced", **kw)[:3]
             got.append([*outs, *lses, *(g for gs in grads for g in gs)])
-    assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+    return [torch.equal(a, b) for a, b in zip(*got, strict=True)]
+
+
+def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange():
+    """The simulator runs the pieces one after another: the same results bit for bit."""
+    assert all(_simulated_pieces_case("torch", "cpu", torch.float32, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange_cuda():
+    """Through the Triton kernels the pieces run on strided head views of the gathered keys: the
+    same results bit for bit as one exchange of every head."""
+    assert all(_simulated_pieces_case("triton", "cuda", torch.bfloat16, 128))
 
 
 def test_allgather_real_ranks_equal_the_simulation():

@@ -12,6 +12,8 @@ host reads later.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -61,7 +63,26 @@ def _cu_bounds_kernel(
 _LAUNCHES = SignatureTable()
 
 
+def _bounds_launch(cu_q, cu_k, totals, max_lens, flag):
+    same = cu_k is cu_q and totals[0] == totals[1] and max_lens[0] == max_lens[1]
+    n = cu_q.numel()
+    static = dict(SAME=same, REPORT=flag is not None, BLOCK=min(1024, next_pow2(n)))
+    key = tuple(static.values())
+    slot = _LAUNCHES.get(key) or _LAUNCHES.keep(key, {})
+    values = dict(n=n, total_q=totals[0], total_k=totals[1], max_q=max_lens[0], max_k=max_lens[1])
+    return same, static, slot, values
+
+
 @on_tensor_device
+def _launch_bounds(cu_q, cu_k, flag, launch) -> tuple[torch.Tensor, torch.Tensor]:
+    same, static, slot, values = launch
+    safe_q = torch.empty_like(cu_q)
+    safe_k = safe_q if same else torch.empty_like(cu_k)
+    per_call = dict(CU_Q=cu_q, CU_K=cu_k, SAFE_Q=safe_q, SAFE_K=safe_k, FLAG=cu_q if flag is None else flag)
+    launch_cached(_cu_bounds_kernel, (1,), static, per_call, slot, values)
+    return safe_q, safe_k
+
+
 def bounded_cu_seqlens(
     cu_q: torch.Tensor,
     cu_k: torch.Tensor,
@@ -78,17 +99,15 @@ def bounded_cu_seqlens(
         flag: the device's error flag (``ringflash.device_errors.error_flag``), or None to clamp
             without reporting.
     """
-    same = cu_k is cu_q and totals[0] == totals[1] and max_lens[0] == max_lens[1]
-    safe_q = torch.empty_like(cu_q)
-    safe_k = safe_q if same else torch.empty_like(cu_k)
-    n = cu_q.numel()
-    static = dict(SAME=same, REPORT=flag is not None, BLOCK=min(1024, next_pow2(n)))
-    key = tuple(static.values())
-    slot = _LAUNCHES.get(key) or _LAUNCHES.keep(key, {})
-    per_call = dict(CU_Q=cu_q, CU_K=cu_k, SAFE_Q=safe_q, SAFE_K=safe_k, FLAG=cu_q if flag is None else flag)
-    values = dict(n=n, total_q=totals[0], total_k=totals[1], max_q=max_lens[0], max_k=max_lens[1])
-    launch_cached(_cu_bounds_kernel, (1,), static, per_call, slot, values)
-    return safe_q, safe_k
+    return _launch_bounds(cu_q, cu_k, flag, _bounds_launch(cu_q, cu_k, totals, max_lens, flag))
 
 
-__all__ = ["bounded_cu_seqlens"]
+def plan_bounds(cu_q, cu_k, totals, max_lens, flag):
+    """``bounded_cu_seqlens`` for later calls with ``cu_seqlens`` of these shapes (and ``cu_k is
+    cu_q`` as here), the same ``totals``, ``max_lens`` and ``flag``: ``bounds(cu_q, cu_k) ->
+    (cu_q, cu_k)``, with the launch's arguments derived once."""
+    launch = _bounds_launch(cu_q, cu_k, totals, max_lens, flag)
+    return functools.partial(_launch_bounds, flag=flag, launch=launch)
+
+
+__all__ = ["bounded_cu_seqlens", "plan_bounds"]

@@ -389,8 +389,9 @@ def _launch(q, static, per_call, slot, B, Sq, Hq) -> None:
 
 
 class FwdPlan:
-    """The launch of a padded ``attn_fwd`` call that allocates its results, fixed for every later
-    call of the same signature: ``run_fwd_plan`` then allocates, binds q, k, v and launches."""
+    """The launch of an ``attn_fwd`` call that allocates its results (padded, or packed with the
+    given lengths), fixed for every later call of the same signature: ``run_fwd_plan`` then
+    allocates, binds the tensors and launches."""
 
     __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape")
 
@@ -399,30 +400,51 @@ class FwdPlan:
         self.out_shape, self.lse_shape = out_shape, lse_shape
 
 
-def plan_fwd(q, k, v, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0, config=None):
-    """The plan of an ``attn_fwd(q, k, v, ...)`` call (padded, no ``out``/``lse``, bottom-right)
-    that has run before, or None (not kept, or nothing launches)."""
+def plan_fwd(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    config=None,
+):
+    """The plan of an ``attn_fwd(q, k, v, ...)`` call (no ``out``/``lse``, bottom-right masks;
+    packed with both ``max_seqlen`` given, its ``cu_seqlens`` only shaped, bound per call) that
+    has run before, or None (not kept, or nothing launches)."""
     config = config or AttnConfig()
-    B, Sq, Hq = q.shape[:3]
-    out_shape, lse_shape = (B, Sq, Hq, v.shape[-1]), (B, Hq, Sq)
+    packed = cu_seqlens_q is not None
+    Hq, Dv = q.shape[-2], v.shape[-1]
+    out_shape = q.shape[:-1] + (Dv,)
+    lse_shape = (Hq, q.shape[0]) if packed else (q.shape[0], Hq, q.shape[1])
     out = torch.empty(out_shape, dtype=q.dtype, device="meta")  # the strides a fresh result has
     lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
     mask = (softmax_scale, causal, window_size, softcap)
-    key = _launch_key(q, k, v, out, lse, mask, None, None, None, None, (False, False), config)
+    lens = (max_seqlen_q, max_seqlen_k) if packed else (None, None)
+    key = _launch_key(q, k, v, out, lse, mask, cu_seqlens_q, *lens, None, (False, False), config)
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None or q.numel() == 0:
         return None
     static, B, Sq, Sk, slot = entry
+    if B == 0 or Sq == 0:
+        return None
     return FwdPlan(static, slot, (B, Sq, Hq, max(Sq, Sk)), out_shape, lse_shape)
 
 
 @on_tensor_device
-def run_fwd_plan(q, plan: FwdPlan, k, v):
-    """``attn_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature."""
+def run_fwd_plan(q, plan: FwdPlan, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+    """``attn_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature (packed: with its
+    ``cu_seqlens``, which the kernel trusts: bounded already)."""
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
     B, Sq, Hq, longest = plan.shape
-    per_call = call_tensors(q, k, v, None, None, None, B)
+    per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, None, B)
     per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=longest))
     _launch(q, plan.static, per_call, plan.slot, B, Sq, Hq)
     return out, lse
