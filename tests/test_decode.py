@@ -4,7 +4,7 @@
 cache_batch_idx), runs the public function once per ``num_splits`` on a fresh copy of the cache
 and returns ``{check: [error, bound]}``; a check passes when error <= bound. The same function
 serves the PyTorch backend here, the Triton interpreter in ``test_decode_interp.py`` (a worker
-subprocess) and the GPU cases at the bottom. What it checks:
+subprocess) and the GPU cases (``GPU_CASES``). What it checks:
 
 - the cache afterwards equals the cache before with exactly the appended slots written;
 - out and lse against ``attention_ref`` in float64 on the row's first ``len + Snew`` keys
@@ -13,12 +13,16 @@ subprocess) and the GPU cases at the bottom. What it checks:
   scale;
 - rows with no key: lse exactly -inf and output exactly 0;
 - every ``num_splits`` agrees with the first one (within the same bound).
+
+Also here: the launch choices (tile width, split-KV routing, the split kernel's arguments), the
+paged and int/None forms of the call, and the bad-input helpers (``unchecked_bad_values``,
+``_bad_setup``) that ``test_decode_bad_input.py``, ``test_device_errors.py`` and
+``test_decode_interp.py`` share.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import zlib
@@ -461,122 +465,9 @@ def unchecked_bad_values(dev, backend, variant, checks="off"):
     }
 
 
-@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
-def test_unchecked_bad_values_stay_inside_the_cache(variant):
-    assert_checks(unchecked_bad_values("cpu", "torch", variant), variant)
-
-
-def test_skip_value_checks_skips_only_value_checks():
-    """Inside the context a length past the cache raises nothing; outside it raises; shape and
-    dtype errors raise in both."""
-    from ringflash import skip_value_checks
-
-    q, kc, vc, k, v, lens = _bad_setup()
-    with pytest.raises(ValueError, match="too small"):
-        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
-    with skip_value_checks():
-        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
-        with pytest.raises(TypeError):
-            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens.long())
-        with pytest.raises(ValueError, match="cannot append"):
-            flash_attn_with_kvcache(
-                q, kc, vc, torch.cat([k] * 9, 1), torch.cat([v] * 9, 1), cache_seqlens=lens
-            )
-    with pytest.raises(ValueError, match="too small"):
-        flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens + 1)
-
-
 def _bad_setup():
     q = torch.randn(2, 1, 4, 16)
     kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
     k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
     lens = torch.tensor([3, 7], dtype=torch.int32)
     return q, kc, vc, k, v, lens
-
-
-BAD = {
-    "cache too small": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens + 1)),
-    "append needs 2 slots": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(
-            k=torch.cat([k, k], 1), v=torch.cat([v, v], 1), cache_seqlens=lens
-        ),
-    ),
-    "negative length": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens - 4)),
-    "seqlens int64": (TypeError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens.long())),
-    "seqlens shape": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens[:1])),
-    "seqlens 2-D": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens[None])),
-    "seqlens device": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens.to("meta"))),
-    "seqlens list": (TypeError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=[3, 7])),
-    "block_table past the cache": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(
-            cache_seqlens=lens, block_table=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 2]], dtype=torch.int32)
-        ),
-    ),
-    "block_table int64": (
-        TypeError,
-        lambda q, kc, vc, k, v, lens: dict(
-            cache_seqlens=lens, block_table=torch.zeros(2, 4, dtype=torch.long)
-        ),
-    ),
-    "cache_batch_idx out of range": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(
-            cache_seqlens=lens, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)
-        ),
-    ),
-    "cache_batch_idx repeated": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(
-            cache_seqlens=lens, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)
-        ),
-    ),
-    "q heads not divisible": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(q=torch.randn(2, 1, 3, 16), cache_seqlens=lens),
-    ),
-    "k without v": (ValueError, lambda q, kc, vc, k, v, lens: dict(v=None, cache_seqlens=lens)),
-    "k wrong heads": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(
-            k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16), cache_seqlens=lens
-        ),
-    ),
-    "k wrong dtype": (
-        TypeError,
-        lambda q, kc, vc, k, v, lens: dict(k=k.double(), v=v.double(), cache_seqlens=lens),
-    ),
-    "append without seqlens": (ValueError, lambda q, kc, vc, k, v, lens: dict(cache_seqlens=None)),
-    "num_splits negative": (
-        ValueError,
-        lambda q, kc, vc, k, v, lens: dict(cache_seqlens=lens, num_splits=-1),
-    ),
-}
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_leaves_cache_untouched(name, backend):
-    """Every bad input raises a clear error before anything is written (validation is shared by
-    both backends and runs before any kernel, so no interpreter is needed here)."""
-    q, kc, vc, k, v, lens = _bad_setup()
-    err, make = BAD[name]
-    args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v)
-    args.update(make(q, kc, vc, k, v, lens))
-    if name.startswith("block_table"):  # a paged pool of 6 pages of 2 slots
-        args["k_cache"], args["v_cache"] = torch.randn(6, 2, 2, 16), torch.randn(6, 2, 2, 16)
-    kc0, vc0 = args["k_cache"].clone(), args["v_cache"].clone()
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    with use_backend(backend), pytest.raises(err):
-        flash_attn_with_kvcache(**args)
-    assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0), (
-        f"{name}: cache was modified"
-    )
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["lens", "cbi", "paged"])
-def test_decode_cuda_unchecked_bad_values_stay_inside_the_cache(variant):
-    assert_checks(unchecked_bad_values("cuda", "triton", variant), variant)
