@@ -45,10 +45,9 @@ def test_method_cost_counts(layout):
     ):
         pairs = pair_counts(layout, cu, world, True, window)
         assert sum(map(sum, pairs)) == sum(per_doc(b - a) for a, b in itertools.pairwise(cu)), window
-    recv = gathered_rows(layout, cu, world)
-    if layout != "stripe":  # the all-gather runs stripe as the ring's pieces over the whole stream
-        plans = [gather_plan(layout, cu, r, world, True, (-1, 0)) for r in range(world)]
-        assert recv == [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)], "rows from other ranks"
+    recv = gathered_rows(layout, cu, world, True, (-1, 0))
+    plans = [gather_plan(layout, cu, r, world, True, (-1, 0)) for r in range(world)]
+    assert recv == [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)], "rows from other ranks"
 
 
 def test_auto_method_follows_the_costs():
@@ -156,20 +155,27 @@ def _pieces_ranks(rank, world):
                 )
                 dout = rf.shard(full[3], dim=0, layout=layout, cu_seqlens=cu)
                 results.append([out, lse, *torch.autograd.grad((out, lse), mine, (dout, dlse))])
-        same[f"{layout}-{mask}"] = [torch.equal(a, b) for a, b in zip(*results, strict=True)]
+        same[f"{layout}-{mask}"] = [_same_heads(a, b) for a, b in zip(*results, strict=True)]
     return same
+
+
+def _same_heads(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` equals ``b`` up to float32 rounding: on the CPU, BLAS may sum one head's products in
+    another order when a call holds another number of heads (it picks its kernels by shape)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_allgather_in_pieces_of_heads_equals_one_exchange():
     """Pieces of KV heads (each piece's calls overlap the next piece's transfer on a GPU) compute
-    every head exactly as one exchange does: bitwise the same outputs, LSE and gradients."""
+    every head as one exchange does: the same outputs, LSE and gradients (up to the CPU's float32
+    rounding, ``_same_heads``; bit for bit through the Triton kernels, the CUDA test below)."""
     for rank, cases in enumerate(spawn(_pieces_ranks, 3, timeout=300)):
         assert len(cases) == len(LAYOUTS) * len(MASKS), cases
         for case, same in cases.items():
             assert all(same), (rank, case, same)
 
 
-def _simulated_pieces_case(backend: str, device: str, dtype: torch.dtype, dim: int) -> list[bool]:
+def _simulated_pieces_case(backend: str, device: str, dtype: torch.dtype, dim: int, same) -> list[bool]:
     cu = torch.tensor([0, 3, 40, 41, 70, 96], dtype=torch.int32)
     full = [torch.randn(96, h, dim, device=device, dtype=dtype) for h in (4, 2, 2, 4)]
     parts = [[shard_for(x, r, 3, 0, "balanced", cu) for r in range(3)] for x in full]
@@ -180,19 +186,19 @@ def _simulated_pieces_case(backend: str, device: str, dtype: torch.dtype, dim: i
             outs, lses, _ = simulate_ring_attn(*parts[:3], "balanced", **kw)
             grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, "balanced", **kw)[:3]
             got.append([*outs, *lses, *(g for gs in grads for g in gs)])
-    return [torch.equal(a, b) for a, b in zip(*got, strict=True)]
+    return [same(a, b) for a, b in zip(*got, strict=True)]
 
 
 def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange():
-    """The simulator runs the pieces one after another: the same results bit for bit."""
-    assert all(_simulated_pieces_case("torch", "cpu", torch.float32, 8))
+    """The simulator runs the pieces one after another: the same results (``_same_heads``)."""
+    assert all(_simulated_pieces_case("torch", "cpu", torch.float32, 8, _same_heads))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange_cuda():
     """Through the Triton kernels the pieces run on strided head views of the gathered keys: the
     same results bit for bit as one exchange of every head."""
-    assert all(_simulated_pieces_case("triton", "cuda", torch.bfloat16, 128))
+    assert all(_simulated_pieces_case("triton", "cuda", torch.bfloat16, 128, torch.equal))
 
 
 def test_allgather_real_ranks_equal_the_simulation():

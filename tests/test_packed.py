@@ -169,23 +169,30 @@ def test_balanced_layout_keeps_short_documents_whole(world):
     assert plan.reach == (0,) * 8 and plan.n_steps == 1, plan.reach
     assert not gather_plan("balanced", equal, 0, 8, True, (-1, -1)).moves, "the all-gather sends nothing"
     n_sent = 0
-    for r in range(world):  # the rows of documents held by several ranks, to the ranks that read them
+    for r in range(world):  # the rows of documents held by several ranks, to the ranks that read
+        # them, up to the last query of the reader in the document (causal: no later key is seen)
         plan = gather_plan("balanced", cu, r, world, True, (-1, -1))
         want = [s.local0 + i for s in segs[r] if len(holders[s.doc]) > 1 for i in range(s.count)]
         assert plan.own.tolist() == want
         for d in range(world):
-            reads = {s.doc for s in segs[d]}
+            last = {}  # reader d's last query position + 1 per document
+            for s in segs[d]:
+                last[s.doc] = max(last.get(s.doc, 0), s.pos0 + s.count)
             want_d = [
                 s.local0 + i
                 for s in segs[r]
-                if len(holders[s.doc]) > 1 and s.doc in reads
+                if len(holders[s.doc]) > 1 and s.doc in last
                 for i in range(s.count)
+                if s.pos0 + i < last[s.doc]
             ]
             assert plan.send[d].tolist() == want_d, (r, d)
             assert plan.own[plan.home[d]].tolist() == want_d, "where each row's gradient comes back"
             assert gather_plan("balanced", cu, d, world, True, (-1, -1)).recv[r] == len(want_d)
         n_sent += sum(len(x) for d, x in enumerate(plan.send) if d != r)
         assert plan.write_once and plan.covers_all, "each row written once, in the input dtype"
+        # causal: a gathered key is in one sequence at least, so its dK/dV need no zero fill when
+        # it is in one at most (else the sequences add into zeros)
+        assert plan.keys_covered == plan.keys_once
     assert n_sent < (world - 1) * world * n_local
     assert not gather_plan("stripe", cu, 0, world, True, (-1, -1)).write_once
 

@@ -52,7 +52,9 @@ class GatherPlan:
     received blocks (None: stripe, whose received blocks in rank order are the gathered keys).
     ``write_once``: no local row is in two calls' sequences; ``covers_all``: moreover every local
     row is in one; ``keys_once``: no gathered key is in two sequences (a document's two runs on
-    this rank are one sequence), so the backward writes the gathered keys' dK/dV instead of adding.
+    this rank are one sequence), so the backward writes the gathered keys' dK/dV instead of adding;
+    ``keys_covered``: moreover every gathered key is in one (causal masks: a rank gathers each
+    document's keys up to its last query only), so no gathered key's dK/dV needs a zero fill.
     """
 
     local: tuple[Piece, ...]
@@ -66,6 +68,7 @@ class GatherPlan:
     write_once: bool = False
     covers_all: bool = False
     keys_once: bool = False
+    keys_covered: bool = False
     copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     def on(self, key, device: torch.device, make) -> torch.Tensor:
@@ -109,18 +112,21 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
         )
     shared = [n > 1 for n in _spans(layout, cu, world)]
     segs_of = [[s for s in doc_segments(layout, cu, r, world) if s.count] for r in range(world)]
-    reads = [{s.doc for s in segs if shared[s.doc]} for segs in segs_of]  # the gathered docs each rank reads
+    # The keys each rank reads of each shared document it holds queries of: ``reach[d][doc]``,
+    # positions [k0, k1) in the document (causal: up to its last query; a window: from its first
+    # query's reach), so a rank receives no key that none of its queries sees past its reach.
+    reach = [_reach(segs, shared, cu, causal, window) for segs in segs_of]
     segs = segs_of[rank]
     mine = {s.local0 for s in segs if not shared[s.doc]}
     own_pairs = [p for p in _pairs(layout, cu, rank, rank, world, causal, window) if p[0] in mine]
     local = _calls(_coalesce_full(own_pairs))
-    start, at = [], 0  # each read document's first row in the gathered keys
-    for d, (a, b) in enumerate(itertools.pairwise(cu)):
-        start.append(at)
-        at += (b - a) if d in reads[rank] else 0
+    start, at = {}, 0  # each read document's first gathered row (its key k0 of reach)
+    for d, (k0, k1) in sorted(reach[rank].items()):
+        start[d] = at - k0
+        at += k1 - k0
 
-    def rows_for(r: int, d: int) -> list[DocSegment]:  # rank r's segments that rank d reads
-        return [s for s in segs_of[r] if s.doc in reads[d]]
+    def rows_for(r: int, d: int) -> list[DocSegment]:  # rank r's rows that rank d reads
+        return [x for s in segs_of[r] if s.doc in reach[d] for x in _clip(s, *reach[d][s.doc])]
 
     send = tuple(_rows(rows_for(rank, d)) for d in range(world))
     recv = tuple(sum(s.count for s in rows_for(r, rank)) for r in range(world))
@@ -141,10 +147,7 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     for sq in segs:
         if not shared[sq.doc]:
             continue
-        n_doc = cu[sq.doc + 1] - cu[sq.doc]
-        lo, hi = _band(sq.pos0, 0, 1, causal, window)  # keys at their positions in the document
-        k0 = 0 if lo == -math.inf else max(0, int(lo))
-        k1 = n_doc if hi == math.inf else min(n_doc, sq.count + int(hi))
+        k0, k1 = _keys_seen(sq, cu[sq.doc + 1] - cu[sq.doc], causal, window)
         if k0 >= k1:
             continue
         args = _mask_args(*_band(sq.pos0, k0, 1, causal, window), sq.count, k1 - k0)
@@ -156,9 +159,48 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     covers = once and sum(b - a for a, b in q_runs) == n_local
     k_runs = sorted((p[2], p[2] + p[3]) for p in pairs)
     keys_once = all(a[1] <= b[0] for a, b in itertools.pairwise(k_runs))
+    keys_covered = keys_once and sum(b - a for a, b in k_runs) == at
     return GatherPlan(
-        tuple(local), tuple(_calls(pairs)), send, recv, own, home, any(shared), src, once, covers, keys_once
+        tuple(local),
+        tuple(_calls(pairs)),
+        send,
+        recv,
+        own,
+        home,
+        any(shared),
+        src,
+        once,
+        covers,
+        keys_once,
+        keys_covered,
     )
+
+
+def _keys_seen(sq: DocSegment, n_doc: int, causal: bool, window) -> tuple[int, int]:
+    """Positions ``[k0, k1)`` in its document of the keys that the queries of ``sq`` (stride 1)
+    can see."""
+    lo, hi = _band(sq.pos0, 0, 1, causal, window)  # keys at their positions in the document
+    k0 = 0 if lo == -math.inf else max(0, int(lo))
+    k1 = n_doc if hi == math.inf else min(n_doc, sq.count + int(hi))
+    return k0, k1
+
+
+def _reach(segs, shared, cu, causal, window) -> dict[int, tuple[int, int]]:
+    """``{doc: (k0, k1)}``: for every shared document a rank holds queries of, the positions of
+    the keys they can see (the hull over its segments of the document)."""
+    reach = {}
+    for s in segs:
+        if shared[s.doc]:
+            k0, k1 = _keys_seen(s, cu[s.doc + 1] - cu[s.doc], causal, window)
+            a, b = reach.get(s.doc, (k0, k1))
+            reach[s.doc] = (min(a, k0), max(b, k1))
+    return reach
+
+
+def _clip(s: DocSegment, k0: int, k1: int) -> list[DocSegment]:
+    """The part of segment ``s`` (stride 1) at positions ``[k0, k1)`` of its document."""
+    a, b = max(k0 - s.pos0, 0), min(k1 - s.pos0, s.count)
+    return [DocSegment(s.doc, s.local0 + a, b - a, s.pos0 + a, 1)] if a < b else []
 
 
 def _rows(segs) -> torch.Tensor:
@@ -273,8 +315,9 @@ def heads_bwd(
     kf, vf = gathered()
     if kf is None:
         return None
-    n = kf.shape[0]  # keys no query sees get zeros
-    dkv = torch.zeros((2 * n, *kf.shape[1:]), dtype=torch.float32, device=q.device)
+    n = kf.shape[0]  # keys in no call's sequences get zeros
+    alloc = torch.empty if plan.keys_covered else torch.zeros
+    dkv = alloc((2 * n, *kf.shape[1:]), dtype=torch.float32, device=q.device)
     dkf, dvf = dkv[:n], dkv[n:]
     for pc in plan.shared:
         bwd_piece(

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import device_throughput
+from .allgather import gather_plan
 from .doc_layouts import doc_segments
 from .layouts import _band
 
@@ -82,16 +83,12 @@ def pair_counts(layout: str, cu: tuple[int, ...], world: int, causal: bool, wind
     return out
 
 
-def gathered_rows(layout: str, cu: tuple[int, ...], world: int) -> list[int]:
-    """Rows each rank receives under the all-gather: the other ranks' rows of every document that
-    lies on several ranks and of which it holds queries."""
-    segs = [[s for s in doc_segments(layout, cu, r, world) if s.count] for r in range(world)]
-    held = [{} for _ in range(world)]
-    for r, ss in enumerate(segs):
-        for s in ss:
-            held[r][s.doc] = held[r].get(s.doc, 0) + s.count
-    spans = {d: sum(d in h for h in held) for d in range(len(cu) - 1)}
-    return [sum(cu[d + 1] - cu[d] - n for d, n in held[r].items() if spans[d] > 1) for r in range(world)]
+def gathered_rows(layout: str, cu: tuple[int, ...], world: int, causal: bool, window) -> list[int]:
+    """Rows each rank receives from the others under the all-gather (``gather_plan``'s ``recv``):
+    their rows of every document that lies on several ranks and of which it holds queries, up to
+    the farthest key its queries see."""
+    plans = [gather_plan(layout, cu, r, world, causal, window) for r in range(world)]
+    return [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)]
 
 
 def method_costs(
@@ -122,7 +119,7 @@ def method_costs(
     row = 2 * hk * d * elt  # a K row and a V row
     state = n_local * hq * (d + 1) * 4 * 2  # float32 output and LSE, read and written per step
     pairs = pair_counts(layout, cu, world, causal, window)
-    recv = gathered_rows(layout, cu, world)
+    recv = gathered_rows(layout, cu, world, causal, window)
     ring = ag = 0.0
     for r in range(world):
         t_ring, work = 0.0, 0.0
