@@ -207,3 +207,44 @@ def test_allgather_real_ranks_equal_the_simulation():
     for rank, (same, received, gathered) in enumerate(spawn(_allgather_ranks, 3, timeout=120)):
         assert same, rank
         assert received == gathered, (rank, received, gathered)
+
+
+def _exchange_ranks(rank, world):
+    """The all-gather's uneven exchange three ways on real gloo ranks: the collective, and ring posts
+    received in place (``Post(into=True)``) over ``RingComm``; returns both and the rank's input."""
+    from ringflash.comm.gather import start_exchange
+    from ringflash.comm.ring import RingComm, run_on_group
+    from ringflash.parallel.simulate import _exchange_by_posts
+
+    sends = [(rank + d) % 3 for d in range(world)]  # rows to each rank, 0 included
+    recvs = [(r + rank) % 3 for r in range(world)]
+    x = torch.arange(sum(sends) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
+    collective = start_exchange(x, sends, recvs, None)()
+    posts = run_on_group(_exchange_by_posts(x, sends, recvs, rank, world, 5), RingComm())
+    return [t.tolist() for t in (x, collective, posts)], sends, recvs
+
+
+def test_exchange_by_posts_receives_in_place_as_the_collective():
+    """Ring posts that receive into their place of one buffer give the collective's result, on
+    real ranks and in the simulator (whose copies into place are untimed, as transfers are)."""
+    from ringflash.comm.ring import run_simulated
+    from ringflash.parallel.simulate import _exchange_by_posts
+
+    world = 3
+    ranks = [
+        (*(torch.tensor(t, dtype=torch.float32).view(-1, 2) for t in got), sends, recvs)
+        for got, sends, recvs in spawn(_exchange_ranks, world, timeout=120)
+    ]
+    loops = [_exchange_by_posts(x, s, rv, r, world, 5) for r, (x, _, _, s, rv) in enumerate(ranks)]
+    simulated, _ = run_simulated(loops)
+    for r, (_, collective, posts, _, recvs) in enumerate(ranks):
+        want = torch.cat([ranks[s][0][_block(ranks[s][3], r)] for s in range(world)])
+        assert collective.shape[0] == sum(recvs) and want.shape[0] == sum(recvs), r
+        assert torch.equal(collective, want), r
+        assert torch.equal(posts, want), r
+        assert torch.equal(simulated[r], want), r
+
+
+def _block(sends: list[int], dst: int) -> slice:
+    at = [0, *itertools.accumulate(sends)]
+    return slice(at[dst], at[dst + 1])

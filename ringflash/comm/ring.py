@@ -36,7 +36,9 @@ class Post:
 
     ``tag`` separates independent streams (K/V and dK/dV) between the same pair of ranks.
     ``recv``: the shapes and dtypes to receive when they differ from what is sent (``[]``: receive
-    nothing; ``tensors=[]``: send nothing), from rank ``rank - recv_shift`` (default ``shift``).
+    nothing; ``tensors=[]``: send nothing), from rank ``rank - recv_shift`` (default ``shift``);
+    with ``into``, the tensors themselves, received into (views of a larger buffer that the
+    caller fills block by block, as a collective would write it).
     """
 
     tensors: Sequence[torch.Tensor]
@@ -44,6 +46,7 @@ class Post:
     tag: int = 0
     recv: Sequence[torch.Tensor] | None = None
     recv_shift: int | None = None
+    into: bool = False
 
     @property
     def receives(self) -> Sequence[torch.Tensor]:
@@ -96,9 +99,18 @@ class RingComm:
         """Global rank of the group rank ``shift`` steps ahead on the ring."""
         return self.global_ranks[(self.rank + shift) % self.world_size]
 
-    def post(self, tensors: Sequence[torch.Tensor], shift: int = 1, tag: int = 0, recv=None, recv_shift=None):
+    def post(
+        self,
+        tensors: Sequence[torch.Tensor],
+        shift: int = 1,
+        tag: int = 0,
+        recv=None,
+        recv_shift=None,
+        into: bool = False,
+    ):
         """Start sending ``tensors`` ``shift`` ranks ahead and receiving ``recv`` (default: tensors
-        of the same shapes) from ``recv_shift`` (default ``shift``) ranks behind."""
+        of the same shapes; with ``into``, into those tensors) from ``recv_shift`` (default
+        ``shift``) ranks behind."""
         regular = recv is None and recv_shift is None
         if (
             regular
@@ -110,9 +122,13 @@ class RingComm:
         dst = self.peer(shift)
         src = self.peer(-(shift if recv_shift is None else recv_shift))
         sends = [t.contiguous() for t in tensors]
-        bufs = [
-            torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (sends if recv is None else recv)
-        ]
+        if into:
+            bufs = list(recv)
+        else:
+            bufs = [
+                torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                for t in (sends if recv is None else recv)
+            ]
         # Receives are posted first: gloo matches messages per (peer, tag) in posting order, so each
         # tensor gets its own tag; NCCL ignores tags and runs the list as one group.
         ops = [dist.P2POp(dist.irecv, b, src, self.group, tag=tag * 64 + i) for i, b in enumerate(bufs)]
@@ -165,7 +181,7 @@ def _drive(loop: RingLoop, comm: RingComm | None):
             if isinstance(req, Post):
                 if comm is None:
                     raise RuntimeError("a ring of one rank tried to communicate")
-                resp = comm.post(req.tensors, req.shift, req.tag, req.recv, req.recv_shift)
+                resp = comm.post(req.tensors, req.shift, req.tag, req.recv, req.recv_shift, req.into)
             elif isinstance(req, Wait):
                 resp = req.handle.wait()
             else:
@@ -235,13 +251,15 @@ def run_simulated(
     """Run ``W`` ring loops (virtual ranks) in one process; returns their results (and a profile).
 
     Messages go through per-(sender, receiver, tag) mailboxes, cloned as a real transfer would copy
-    them. Profiling times each rank's work between communication points: by default on the host
+    them (copied into the receiver's tensors for a ``Post`` with ``into``), outside every rank's
+    timed work. Profiling times each rank's work between communication points: by default on the host
     clock, with ``sync`` (e.g. ``torch.cuda.synchronize``) before each reading, so host launch time
     counts; with ``cuda_events`` by CUDA events on the current stream and no sync, so segments are
     GPU time while the host runs ahead, as it does on a real rank.
     """
     world = len(loops)
     boxes: dict[tuple[int, int, int], deque] = defaultdict(deque)
+    targets: dict[tuple[int, int, int], deque] = defaultdict(deque)  # ``into`` tensors per mailbox
     pending: list[object] = [None] * world
     started = [False] * world
     done = [False] * world
@@ -291,6 +309,8 @@ def run_simulated(
                     if req.tensors:
                         boxes[(r, dst, req.tag)].append(([t.clone() for t in req.tensors], posted_at))
                     value = (src, r, req.tag) if req.receives else None
+                    if value is not None:
+                        targets[value].append(req.recv if req.into else None)
                 elif isinstance(req, Wait) and req.handle is None:  # a post that received nothing
                     value = []
                 elif isinstance(req, Wait):
@@ -298,6 +318,11 @@ def run_simulated(
                     if not box:
                         break
                     value, dep = box.popleft()
+                    into = targets[req.handle].popleft()
+                    if into is not None:
+                        for t, got in zip(into, value, strict=True):
+                            t.copy_(got)
+                        value = list(into)
                 else:
                     raise TypeError(f"unknown ring request {req!r}")
                 advance(r, value, dep)

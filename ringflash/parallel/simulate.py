@@ -234,21 +234,20 @@ def simulate_ring_attn_backward(
 
 def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank: int, world: int, tag: int):
     """Generator: ``comm.gather.start_exchange(x, sends, recvs)``'s result through ring posts (the
-    block for rank ``rank + s`` goes ``s`` ranks ahead; blocks of no rows are not posted)."""
-    at = [0, *itertools.accumulate(sends)]
+    block for rank ``rank + s`` goes ``s`` ranks ahead; blocks of no rows are not posted), each
+    received into its place in the result, as the collective writes it."""
+    at, into = [0, *itertools.accumulate(sends)], [0, *itertools.accumulate(recvs)]
+    got = x.new_empty((into[-1], *x.shape[1:]))
+    got[into[rank] : into[rank + 1]] = x[at[rank] : at[rank + 1]]
     handles = []
     for s in range(1, world):
         dst, src = (rank + s) % world, (rank - s) % world
         out = [x[at[dst] : at[dst + 1]]] if sends[dst] else []
-        into = [x.new_empty((recvs[src], *x.shape[1:]))] if recvs[src] else []
-        handles.append((src, (yield Post(out, s, tag, recv=into))))
-    blocks = [x.new_empty((0, *x.shape[1:]))] * world
-    blocks[rank] = x[at[rank] : at[rank + 1]]
-    for src, h in handles:
-        got = yield Wait(h)
-        if got:
-            blocks[src] = got[0]
-    return torch.cat(blocks)
+        place = [got[into[src] : into[src + 1]]] if recvs[src] else []
+        handles.append((yield Post(out, s, tag, recv=place, into=True)))
+    for h in handles:
+        yield Wait(h)
+    return got
 
 
 def _gather_by_posts(k, v, plan, rank: int, world: int):
