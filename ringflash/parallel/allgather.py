@@ -357,9 +357,11 @@ def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
             idx = plan.on(("home", d), back.device, lambda h=home: torch.cat([h, h + n_own]))
             acc.index_add_(0, idx, back[at : at + 2 * m])
         at += 2 * m
+    # No call on this rank writes the rows of shared documents (``bwd_state``'s zeros there): the
+    # sums are copied in, without the atomic adds of an index_add_.
     own = plan.on("own", dk.device, lambda: plan.own)
-    dk.index_add_(0, own, acc[:n_own].to(dk.dtype))
-    dv.index_add_(0, own, acc[n_own:].to(dv.dtype))
+    dk.index_copy_(0, own, acc[:n_own].to(dk.dtype))
+    dv.index_copy_(0, own, acc[n_own:].to(dv.dtype))
 
 
 _TILE_ROWS = 128  # query rows per program of the attention kernels
