@@ -248,3 +248,29 @@ def test_exchange_by_posts_receives_in_place_as_the_collective():
 def _block(sends: list[int], dst: int) -> slice:
     at = [0, *itertools.accumulate(sends)]
     return slice(at[dst], at[dst + 1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "balanced"])
+def test_allgather_gathers_only_the_keys_a_window_reaches(layout):
+    """Two-sided windows without a causal mask: each rank gathers a shared document's keys only
+    from its first query's reach to its last one's, and outputs and gradients still equal one
+    process's call."""
+    cu = torch.tensor([0, 3, 40, 41, 70, 120], dtype=torch.int32)
+    T, world, window = 120, 3, (3, 4)
+    full = [torch.randn(T, h, 8) for h in (4, 2, 2, 4)]
+    with rf.use_backend("torch"):
+        one = [x.clone().requires_grad_() for x in full[:3]]
+        ref = rf.flash_attn_varlen_func(*one, cu, cu, 50, 50, window_size=window)
+        ref_grads = torch.autograd.grad(ref, one, full[3])
+        parts = [[shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in full]
+        kw = dict(window_size=window, cu_seqlens=cu, method="allgather")
+        outs, lses, _ = simulate_ring_attn(*parts[:3], layout, **kw)
+        grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, layout, **kw)[:3]
+    for r in range(world):
+        assert torch.allclose(outs[r], shard_for(ref, r, world, 0, layout, cu), atol=1e-5)
+        for g, want in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(g[r], shard_for(want, r, world, 0, layout, cu), atol=1e-5)
+    cuts = (layout, tuple(cu.tolist()))
+    gathered = sum(sum(gather_plan(*cuts, r, world, False, window).recv) for r in range(world))
+    whole = sum(sum(gather_plan(*cuts, r, world, False, (-1, -1)).recv) for r in range(world))
+    assert gathered < whole, (gathered, whole)
