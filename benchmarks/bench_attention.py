@@ -272,9 +272,10 @@ def _eager_row(s: int, rounds: int, profile: int = 0) -> dict:
         return flash_attn_func(q, k, v, causal=True)
 
     cu = torch.tensor([0, s], dtype=torch.int32, device="cuda")
+    qp, kp, vp = q[0], k[0], v[0]  # the packed [T, H, D] rows, made once as a caller holds them
 
     def packed():
-        return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, s, s, causal=True)
+        return flash_attn_varlen_func(qp, kp, vp, cu, cu, s, s, causal=True)
 
     def cudnn():
         return sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
