@@ -149,7 +149,7 @@ class Trainer:
             lm = LlamaForCausalLM._from_config(cfg, attn_implementation=name, dtype=torch.float32)
         if method.startswith("alst") and world > 1:
             self.restore = _register_alst(lm, name, world)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training.checkpoint_layers(lm)
         if args.tiled:
             training.tile_mlps(lm)
         if args.lean_norms:

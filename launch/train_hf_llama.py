@@ -231,7 +231,7 @@ def build_model(args, name: str, world: int, group, device, dtype):
         )  # fmt: skip
         group = mpu.get_sequence_parallel_group()
     if not args.no_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training.checkpoint_layers(lm)
     if args.tiled:
         training.tile_mlps(lm)
     if args.lean_norms:

@@ -105,7 +105,7 @@ def test_offloaded_decoder_states_give_the_same_loss_and_gradients():
     no-op move on CPU, but the hooks run); the loss and every gradient equal the plain call's."""
     model, ref = _llama(torch.float32), _llama(torch.float32)
     for m in (model, ref):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training.checkpoint_layers(m)
     ids = torch.randint(0, 53, (1, 24), generator=torch.Generator().manual_seed(2))
     losses = []
     for m, offload in ((model, True), (ref, False)):

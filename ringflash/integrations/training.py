@@ -149,6 +149,23 @@ def tiled_causal_lm_loss(
     )
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer of a transformers model in its backward (activation
+    checkpointing, non-reentrant, as sequence-parallel training needs: the recomputation runs the
+    layer's collectives again in the same order on every rank). Uses
+    ``activation_checkpointing_enable`` where transformers has it (5.x, whose older
+    ``gradient_checkpointing_enable`` is a deprecated alias), else ``gradient_checkpointing_enable``.
+
+    Example:
+        >>> training.checkpoint_layers(lm)
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
     """Run every decoder layer's MLP of ``model`` through DeepSpeed's ``TiledMLP``: the MLP sees
     slices of the tokens, and its backward recomputes them slice by slice, so the intermediate
@@ -302,6 +319,7 @@ def lean_rmsnorms(model: torch.nn.Module, chunk_tokens: int = 8192) -> int:
 
 
 __all__ = [
+    "checkpoint_layers",
     "decoder_hidden_states",
     "lean_rmsnorms",
     "loss_value",
