@@ -148,6 +148,8 @@ class Backend:
       reading anything on the host.
     - ``bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, report) -> (cu_q, cu_k)``: packed
       sequences' bounds clamped to the tensors' rows, on the device (``checks.bounded_cu``).
+    - ``sum_rows_into(parts, out_k, out_v, sources, rows)``: rows summed from several sources
+      into a gradient's rows (the all-gather's returned dK/dV).
     """
 
     name = ""
@@ -164,6 +166,20 @@ class Backend:
         if report:
             or_verdicts(cu_q.device, verdicts)
         return safe_q, safe_k
+
+    def sum_rows_into(self, parts, out_k, out_v, sources, rows) -> None:
+        """``out_k[rows[i]]`` (``out_v[rows[i]]``) set to the float32 sum, in source order from
+        0, of ``parts[sources[s, i]]`` (``parts[sources[s, n + i]]``, ``n = len(rows)``) over the
+        sources ``s``, cast to the output's dtype; an index of -1 adds nothing (the all-gather's
+        returned dK/dV partials). Torch operations here, one pass per source and no host sync; a
+        backend may do it in one launch."""
+        acc = torch.zeros((sources.shape[1], *parts.shape[1:]), dtype=torch.float32, device=parts.device)
+        for at in sources if parts.shape[0] else ():
+            seen = (at >= 0).view(-1, *([1] * (parts.dim() - 1)))
+            acc += torch.where(seen, parts.index_select(0, at.clamp(min=0)), 0.0)
+        n = rows.shape[0]
+        out_k.index_copy_(0, rows, acc[:n].to(out_k.dtype))
+        out_v.index_copy_(0, rows, acc[n:].to(out_v.dtype))
 
     def runs_on(self, device: torch.device) -> bool:
         """Whether this backend can run tensors on ``device``."""
@@ -348,6 +364,11 @@ class TritonBackend(Backend):
 
         return runner
 
+    def sum_rows_into(self, parts, out_k, out_v, sources, rows):
+        from .kernels.rows import sum_rows_into
+
+        sum_rows_into(parts, out_k, out_v, sources, rows)
+
     def bounded_cu_seqlens(self, cu_q, cu_k, totals, max_lens, report):
         from .kernels.cu_check import bounded_cu_seqlens
 
@@ -429,6 +450,9 @@ class CudnnBackend(Backend):
 
     def bounded_cu_seqlens(self, cu_q, *args):
         return self.next(cu_q).bounded_cu_seqlens(cu_q, *args)
+
+    def sum_rows_into(self, parts, *args):
+        self.next(parts).sum_rows_into(parts, *args)
 
     def append_kv(self, k_cache, *args, **kw):
         self.next(k_cache).append_kv(k_cache, *args, **kw)

@@ -274,3 +274,19 @@ def test_allgather_gathers_only_the_keys_a_window_reaches(layout):
     gathered = sum(sum(gather_plan(*cuts, r, world, False, window).recv) for r in range(world))
     whole = sum(sum(gather_plan(*cuts, r, world, False, (-1, -1)).recv) for r in range(world))
     assert gathered < whole, (gathered, whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_returned_rows_summed_in_one_pass_cuda():
+    """The Triton backend's one-pass sum of returned dK/dV rows equals the torch operations bit
+    for bit on a GPU, bfloat16 gradients included (both round their cast to nearest)."""
+    from ringflash.backends import Backend, get_backend
+
+    parts = torch.randn(3000, 4, 128, device="cuda")
+    sources = torch.randint(-1, 3000, (4, 2 * 700), device="cuda")
+    rows = torch.randperm(1000, device="cuda")[:700]
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = [torch.zeros(1000, 8, 128, dtype=dtype, device="cuda") for _ in range(4)]
+        get_backend("triton").sum_rows_into(parts, grads[0][:, 4:], grads[1][:, 4:], sources, rows)
+        Backend().sum_rows_into(parts, grads[2][:, 4:], grads[3][:, 4:], sources, rows)
+        assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3]), dtype

@@ -158,3 +158,43 @@ def test_kernels_wide_offset_code_matches_under_interpreter():
     """The 64-bit loop code (used when offsets pass 2^31 elements, see the CUDA test below) gives
     the same results as the 32-bit code; forced on at a small shape under the interpreter."""
     _assert_interp_script_says_same(_WIDE_SCRIPT)
+
+
+_ROWS_SCRIPT = """
+import torch
+from ringflash.backends import Backend
+from ringflash.kernels.rows import sum_rows_into
+torch.manual_seed(0)
+n, heads, dim = 37, 3, 24
+parts = torch.randn(150, heads, dim)
+parts[5] = -0.0
+sources = torch.randint(-1, 150, (4, 2 * n))
+sources[:, 3] = -1  # a row no source sends: zeros
+rows = torch.randperm(60)[:n]
+for dtype in (torch.float32, torch.bfloat16):
+    grads = [torch.full((60, 5, dim), float("nan"), dtype=dtype) for _ in range(4)]
+    views = [g[:, 1 : 1 + heads] for g in grads]  # a head slice, strided as a piece of KV heads
+    sum_rows_into(parts, views[0], views[1], sources, rows)
+    Backend().sum_rows_into(parts, views[2], views[3], sources, rows)  # the torch operations
+    for a, b in ((grads[0], grads[2]), (grads[1], grads[3])):
+        mine, ref = a[rows, 1 : 1 + heads].float(), b[rows, 1 : 1 + heads].float()
+        # float32: the same bits; bfloat16: the interpreter rounds its cast toward zero where the
+        # compiled kernel and torch round to nearest (bitwise on a GPU: the CUDA test)
+        ulp = 0.0 if dtype == torch.float32 else 2.0**-7
+        assert torch.allclose(mine, ref, rtol=ulp, atol=0.0), (mine - ref).abs().max()
+        untouched = torch.ones(60, dtype=torch.bool)
+        untouched[rows] = False
+        assert a[untouched].isnan().all() and a[:, 0].isnan().all(), "rows and heads outside kept"
+    assert torch.equal(grads[0][rows[3]][1 : 1 + heads], torch.zeros(heads, dim, dtype=dtype))
+    want = sum(parts[s] for s in sources[:, n + 7].tolist() if s >= 0)
+    got = grads[3][rows[7], 1 : 1 + heads]
+    assert torch.equal(got, (0.0 + want).to(dtype)), "the torch operations: 0 + each source in order"
+print("same")
+"""
+
+
+def test_rows_summed_from_sources_equal_the_torch_operations_under_interpreter():
+    """The one-pass sum of the all-gather's returned dK/dV rows (``kernels.rows``) gives the torch
+    operations' float32 sums (in source order; their bfloat16 cast to the interpreter's rounding),
+    writes only its rows and heads of a strided gradient, and zeros where no source sends a row."""
+    _assert_interp_script_says_same(_ROWS_SCRIPT)

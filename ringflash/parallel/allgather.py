@@ -342,26 +342,29 @@ def _returning(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     return dkv.index_select(0, plan.on("inverse", dkv.device, inverse))
 
 
-def _add_home(dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
-    """Add the partials that came back (``back``: from every rank ``d`` in order, float32 dK then
-    dV of the rows of ``send[d]``) into ``dk``/``dv``: summed in float32 in rank order first, so
-    the sum is the same on a simulated and a real group."""
-    n_own = len(plan.own)
-    if not n_own:
+def _add_home(backend, dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:
+    """Set the shared documents' rows of ``dk``/``dv`` (no call on this rank writes them) to the
+    partials that came back (``back``: from every rank ``d`` in order, float32 dK then dV of the
+    rows of ``send[d]``), summed in float32 in rank order, so the sum is the same on a simulated
+    and a real group."""
+    if not len(plan.own):
         return
-    acc = torch.zeros((2 * n_own, *back.shape[1:]), dtype=torch.float32, device=back.device)
+    sources = plan.on("sources", back.device, lambda: _sources(plan))
+    backend.sum_rows_into(back, dk, dv, sources, plan.on("own", dk.device, lambda: plan.own))
+
+
+def _sources(plan: GatherPlan) -> torch.Tensor:
+    """``[W, 2 * len(own)]``: for each rank in order, the row of ``back`` (``_add_home``) holding
+    the dK (first half) and dV (second half) partial of each own row, -1 where it sent none."""
+    n_own = len(plan.own)
+    sources = torch.full((len(plan.send), 2 * n_own), -1, dtype=torch.int64)
     at = 0
-    for d, (rows, home) in enumerate(zip(plan.send, plan.home, strict=True)):
-        m = len(rows)
-        if m:  # no row twice in one add: its order is fixed
-            idx = plan.on(("home", d), back.device, lambda h=home: torch.cat([h, h + n_own]))
-            acc.index_add_(0, idx, back[at : at + 2 * m])
+    for d, home in enumerate(plan.home):
+        m = len(home)
+        sources[d, home] = torch.arange(at, at + m)
+        sources[d, home + n_own] = torch.arange(at + m, at + 2 * m)
         at += 2 * m
-    # No call on this rank writes the rows of shared documents (``bwd_state``'s zeros there): the
-    # sums are copied in, without the atomic adds of an index_add_.
-    own = plan.on("own", dk.device, lambda: plan.own)
-    dk.index_copy_(0, own, acc[:n_own].to(dk.dtype))
-    dv.index_copy_(0, own, acc[n_own:].to(dv.dtype))
+    return sources
 
 
 _TILE_ROWS = 128  # query rows per program of the attention kernels
@@ -459,7 +462,7 @@ class AllGatherAttention(torch.autograd.Function):
 
         def add_home(kh, wait):
             if wait is not None:
-                _add_home(grads[1][:, kh], grads[2][:, kh], wait(), plan)
+                _add_home(backend, grads[1][:, kh], grads[2][:, kh], wait(), plan)
 
         returning = None
         for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):

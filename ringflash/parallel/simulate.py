@@ -288,6 +288,6 @@ def allgather_bwd_loop(
         if back is not None:
             sends, recvs = _sizes(plan)
             got = yield from _exchange_by_posts(back, recvs, sends, rank, world, TAG_DKV)
-            _add_home(grads[1][:, piece[0]], grads[2][:, piece[0]], got, plan)
+            _add_home(backend, grads[1][:, piece[0]], grads[2][:, piece[0]], got, plan)
     dq, dk, dv = grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
