@@ -10,7 +10,8 @@ the backward) for fewer, larger kernel calls and two collectives instead of ``W 
 per direction.
 
 The gather is an uneven all-to-all: a rank sends another only the rows of the documents that rank
-holds queries of, and keeps the keys it receives in stream order, so for ``contiguous``,
+holds queries of, and of each only the keys those queries can see (``_reach``: under a causal mask
+none past the rank's last query in the document), and keeps the keys it receives in stream order, so for ``contiguous``,
 ``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
 sequence of a packed call (with its own causal diagonal): contiguous runs one call, zigzag and
 balanced one where a rank's two pieces of a document are tile multiples (one sequence with a
