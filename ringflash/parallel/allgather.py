@@ -11,13 +11,13 @@ per direction.
 
 The gather is an uneven all-to-all: a rank sends another only the rows of the documents that rank
 holds queries of, and of each only the keys those queries can see (``_reach``: under a causal mask
-none past the rank's last query in the document), and keeps the keys it receives in stream order, so for ``contiguous``,
-``zigzag`` and ``balanced`` every local query run of a document meets the document's keys in ONE
-sequence of a packed call (with its own causal diagonal): contiguous runs one call, zigzag and
-balanced one where a rank's two pieces of a document are tile multiples (one sequence with a
-two-part diagonal, ``doc_layouts._two_part``) and two otherwise (the first and the second piece
-of every document). ``stripe`` queries sit every ``W``-th position,
-which no single diagonal describes: they attend the whole gathered stream in rank-block order with
+none past the rank's last query in the document), and keeps the keys it receives in stream
+order, so for ``contiguous``, ``zigzag`` and ``balanced`` every local query run of a document meets
+the document's keys in ONE sequence of a packed call (with its own causal diagonal): contiguous
+runs one call, zigzag and balanced one where a rank's two pieces of a document are tile multiples
+(one sequence with a two-part diagonal, ``doc_layouts._two_part``) and two otherwise (the first
+and the second piece of every document). ``stripe`` queries sit every ``W``-th position, which no
+single diagonal describes: they attend the whole gathered stream in rank-block order with
 the ring's own per-step pieces (``W`` calls).
 """
 
