@@ -63,7 +63,7 @@ def _cu_bounds_kernel(
 _LAUNCHES = SignatureTable()
 
 
-def _bounds_launch(cu_q, cu_k, totals, max_lens, flag):
+def _bounds_args(cu_q, cu_k, totals, max_lens, flag):
     same = cu_k is cu_q and totals[0] == totals[1] and max_lens[0] == max_lens[1]
     n = cu_q.numel()
     static = dict(SAME=same, REPORT=flag is not None, BLOCK=min(1024, next_pow2(n)))
@@ -99,14 +99,14 @@ def bounded_cu_seqlens(
         flag: the device's error flag (``ringflash.device_errors.error_flag``), or None to clamp
             without reporting.
     """
-    return _launch_bounds(cu_q, cu_k, flag, _bounds_launch(cu_q, cu_k, totals, max_lens, flag))
+    return _launch_bounds(cu_q, cu_k, flag, _bounds_args(cu_q, cu_k, totals, max_lens, flag))
 
 
 def plan_bounds(cu_q, cu_k, totals, max_lens, flag):
     """``bounded_cu_seqlens`` for later calls with ``cu_seqlens`` of these shapes (and ``cu_k is
     cu_q`` as here), the same ``totals``, ``max_lens`` and ``flag``: ``bounds(cu_q, cu_k) ->
     (cu_q, cu_k)``, with the launch's arguments derived once."""
-    launch = _bounds_launch(cu_q, cu_k, totals, max_lens, flag)
+    launch = _bounds_args(cu_q, cu_k, totals, max_lens, flag)
     return functools.partial(_launch_bounds, flag=flag, launch=launch)
 
 

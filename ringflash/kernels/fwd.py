@@ -325,12 +325,12 @@ def attn_fwd(
     packed = cu_seqlens_q is not None
     given = out is not None
     accumulate = given and merge
-    Hq, Dv = q.shape[-2], v.shape[-1]
+    Hq = q.shape[-2]
     if not given:
         # The kernel writes every row of every sequence, those that see no key included (packed
         # rows outside every sequence exist only for a cu_seqlens that fails its checks).
-        out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-        lse_shape = (Hq, q.shape[0]) if packed else (q.shape[0], Hq, q.shape[1])
+        out_shape, lse_shape = _result_shapes(q, v, packed)
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     else:
         writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
@@ -381,6 +381,14 @@ def attn_fwd(
     return out, lse
 
 
+def _result_shapes(q, v, packed: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of a forward's ``out`` (q's, with v's head dim) and ``lse`` (``[Hq, Tq]`` packed,
+    ``[B, Hq, Sq]`` padded)."""
+    Hq = q.shape[-2]
+    lse_shape = (Hq, q.shape[0]) if packed else (q.shape[0], Hq, q.shape[1])
+    return q.shape[:-1] + (v.shape[-1],), lse_shape
+
+
 def _launch(q, static, per_call, slot, B, Sq, Hq) -> None:
     if q.device.type == "cpu":
         _fwd_cpu[(cdiv(Sq, _CPU_FWD["BLOCK_M"]) * B * Hq,)](**static, **per_call, **_CPU_FWD)
@@ -419,14 +427,11 @@ def plan_fwd(
     packed with both ``max_seqlen`` given, its ``cu_seqlens`` only shaped, bound per call) that
     has run before, or None (not kept, or nothing launches)."""
     config = config or AttnConfig()
-    packed = cu_seqlens_q is not None
-    Hq, Dv = q.shape[-2], v.shape[-1]
-    out_shape = q.shape[:-1] + (Dv,)
-    lse_shape = (Hq, q.shape[0]) if packed else (q.shape[0], Hq, q.shape[1])
+    out_shape, lse_shape = _result_shapes(q, v, cu_seqlens_q is not None)
     out = torch.empty(out_shape, dtype=q.dtype, device="meta")  # the strides a fresh result has
     lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
     mask = (softmax_scale, causal, window_size, softcap)
-    lens = (max_seqlen_q, max_seqlen_k) if packed else (None, None)
+    lens = (max_seqlen_q, max_seqlen_k)  # read by the key of packed calls only
     key = _launch_key(q, k, v, out, lse, mask, cu_seqlens_q, *lens, None, (False, False), config)
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None or q.numel() == 0:
@@ -434,7 +439,7 @@ def plan_fwd(
     static, B, Sq, Sk, slot = entry
     if B == 0 or Sq == 0:
         return None
-    return FwdPlan(static, slot, (B, Sq, Hq, max(Sq, Sk)), out_shape, lse_shape)
+    return FwdPlan(static, slot, (B, Sq, q.shape[-2], max(Sq, Sk)), out_shape, lse_shape)
 
 
 @on_tensor_device
