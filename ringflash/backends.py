@@ -129,8 +129,12 @@ class Backend:
     """The interface of a backend; ``ringflash.blockwise`` documents every argument.
 
     - ``attn_fwd(q, k, v, *, softmax_scale, causal, window_size, softcap, cu_seqlens_q,
-      cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge) -> (out, lse)``;
-      a packed call's ``diag_offset`` may be two-part (``[n_seq, 3]``, see ``SPLIT_TILE``)
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge, cu_bounds) -> (out,
+      lse)``; a packed call's ``diag_offset`` may be two-part (``[n_seq, 3]``, see ``SPLIT_TILE``).
+      ``cu_bounds`` (packed calls; the backward takes it too): None trusts ``cu_seqlens``;
+      ``"clamp"`` bounds each sequence to the tensors' rows on the device (valid values unchanged,
+      ``checks.bounded_cu``); ``"report"`` also ORs the failed checks into the device's error flag.
+      Nothing is read on the host.
     - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate) -> (dq, dk, dv)``:
       given buffers are added into (float32) or written (``accumulate``, per dQ and dK/dV)
     - ``attn_bwd_delta(dout, out, packed) -> delta``
@@ -146,26 +150,19 @@ class Backend:
     - ``check_kv_values(a, k_cache)``: OR the bits of the failed value checks of a KV-cache call
       (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``) without
       reading anything on the host.
-    - ``bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, report) -> (cu_q, cu_k)``: packed
-      sequences' bounds clamped to the tensors' rows, on the device (``checks.bounded_cu``).
+    - ``gather_rows(k, v, rows) -> [len(rows), H, D]``: rows of ``[k; v]`` (the all-gather's
+      outgoing K/V).
     - ``sum_rows_into(parts, out_k, out_v, sources, rows)``: rows summed from several sources
       into a gradient's rows (the all-gather's returned dK/dV).
     """
 
     name = ""
 
-    def bounded_cu_seqlens(self, cu_q, cu_k, totals, max_lens, report):
-        """``cu_q``/``cu_k`` clamped so that every row they describe exists (``checks.bounded_cu``),
-        with the failed checks ORed into the device's error flag when ``report``; nothing read on
-        the host. Torch operations here; a backend may do it in one launch."""
-        safe_q, verdicts = bounded_cu(cu_q, totals[0], max_lens[0])
-        safe_k = safe_q
-        if cu_k is not cu_q or totals[0] != totals[1] or max_lens[0] != max_lens[1]:
-            safe_k, more = bounded_cu(cu_k, totals[1], max_lens[1])
-            verdicts = [(bit, a | b) for (bit, a), (_, b) in zip(verdicts, more, strict=True)]
-        if report:
-            or_verdicts(cu_q.device, verdicts)
-        return safe_q, safe_k
+    def gather_rows(self, k, v, rows) -> torch.Tensor:
+        """Rows ``rows`` of the concatenation ``[k; v]`` (``[T, H, D]`` each), as a new contiguous
+        tensor. Torch operations here (the concatenation, then a select); a backend may do it in
+        one pass."""
+        return torch.cat([k, v]).index_select(0, rows)
 
     def sum_rows_into(self, parts, out_k, out_v, sources, rows) -> None:
         """``out_k[rows[i]]`` (``out_v[rows[i]]``) set to the float32 sum, in source order from
@@ -191,12 +188,11 @@ class Backend:
         where every call must take ``attn_fwd`` (the default)."""
         return None
 
-    def varlen_plan(self, q, k, v, cu_q, cu_k, totals, max_lens, report, **kw):
-        """A runner for later packed inference calls of this call's signature, each bounding its
-        ``cu_seqlens`` (``bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, report)``) and then
-        calling ``attn_fwd(q, k, v, cu_seqlens_q=..., **kw)`` (results allocated, bottom-right
-        masks), ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``, or None where every call must take
-        those two (the default)."""
+    def varlen_plan(self, q, k, v, **kw):
+        """A runner for later packed inference calls ``attn_fwd(q, k, v, **kw)`` of this call's
+        signature (``kw`` holds the call's ``cu_seqlens``, ``max_seqlen`` and ``cu_bounds``;
+        results allocated, bottom-right masks), ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``, or
+        None where every call must take ``attn_fwd`` (the default)."""
         return None
 
     def decode_plan(self, q, k_cache, v_cache, *, k_new, v_new, block_table, cache_batch_idx, **kw):
@@ -207,6 +203,24 @@ class Backend:
         return None
 
 
+def _bounded_by_ops(q, k, kw: dict, bounds: str | None) -> dict:
+    """``kw`` with its packed ``cu_seqlens`` replaced by copies bounded to the rows of ``q`` and ``k``
+    by torch operations (``checks.bounded_cu``), the failed checks ORed into the device's error
+    flag for ``bounds == "report"``; ``kw`` itself when nothing is to bound. No host sync."""
+    cu_q, cu_k = kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")
+    if bounds is None or cu_q is None:
+        return kw
+    lens = (kw["max_seqlen_q"], kw["max_seqlen_k"])
+    safe_q, verdicts = bounded_cu(cu_q, q.shape[0], lens[0])
+    safe_k = safe_q
+    if cu_k is not cu_q or q.shape[0] != k.shape[0] or lens[0] != lens[1]:
+        safe_k, more = bounded_cu(cu_k, k.shape[0], lens[1])
+        verdicts = [(bit, a | b) for (bit, a), (_, b) in zip(verdicts, more, strict=True)]
+    if bounds == "report":
+        or_verdicts(cu_q.device, verdicts)
+    return {**kw, "cu_seqlens_q": safe_q, "cu_seqlens_k": safe_k}
+
+
 class TorchBackend(Backend):
     """The blockwise PyTorch backend (``ringflash.blockwise``): any device."""
 
@@ -215,10 +229,12 @@ class TorchBackend(Backend):
     def runs_on(self, device):
         return True
 
-    def attn_fwd(self, q, k, v, **kw):
+    def attn_fwd(self, q, k, v, cu_bounds=None, **kw):
+        kw = _bounded_by_ops(q, k, kw, cu_bounds)
         return blockwise.attn_fwd(q, k, v, config=current_config(BlockwiseConfig), **kw)
 
-    def attn_bwd(self, dout, q, k, v, out, lse, **kw):
+    def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, **kw):
+        kw = _bounded_by_ops(q, k, kw, "clamp" if cu_bounds else None)
         return blockwise.attn_bwd(dout, q, k, v, out, lse, config=current_config(BlockwiseConfig), **kw)
 
     def attn_bwd_delta(self, dout, out, packed=False):
@@ -253,14 +269,28 @@ class TritonBackend(Backend):
     def runs_on(self, device):
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
 
-    def attn_fwd(self, q, k, v, **kw):
+    def attn_fwd(self, q, k, v, cu_bounds=None, **kw):
         from .kernels import decode, fwd
 
         if kw.get("out") is None and kw.get("cu_seqlens_q") is None and _split_kv_suits(q, k, v, decode):
             # A few query rows against a long context (a generate loop without a KV cache): the
             # split-KV decoding kernel spreads the keys over every SM and reads K/V once per KV head.
             return self._split_kv(q, k, v, **kw)
+        kw = self._bounds(q, k, kw, cu_bounds)
         return fwd.attn_fwd(q, k, v, config=current_config(AttnConfig), **kw)
+
+    @staticmethod
+    def _bounds(q, k, kw, bounds):
+        """``kw`` for the kernels of a call with ``cu_bounds=bounds``: they bound each sequence
+        themselves, one program per sequence reporting (``kernels.common._attn_prologue``). A call
+        that launches no program (no sequence, no query rows, a longest sequence of 0) gets its
+        bounds from torch operations instead, so that its checks still run."""
+        if bounds is None or kw.get("cu_seqlens_q") is None:
+            return kw
+        if kw["cu_seqlens_q"].shape[0] < 2 or q.shape[0] == 0 or not kw.get("max_seqlen_q"):
+            return _bounded_by_ops(q, k, kw, bounds)
+        flag = error_flag(q.device) if bounds == "report" else None  # the device's, for its life
+        return {**kw, "bound_cu": True, "flag": flag}
 
     def attn_plan(self, q, k, v, **kw):
         from .kernels import decode, fwd
@@ -272,23 +302,16 @@ class TritonBackend(Backend):
             return None
         return lambda q, k, v: fwd.run_fwd_plan(q, plan, k, v)
 
-    def varlen_plan(self, q, k, v, cu_q, cu_k, totals, max_lens, report, **kw):
+    def varlen_plan(self, q, k, v, cu_bounds=None, **kw):
         from .kernels import fwd
-        from .kernels.cu_check import plan_bounds
 
-        plan = fwd.plan_fwd(
-            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, config=current_config(AttnConfig), **kw
-        )
+        kw = self._bounds(q, k, kw, cu_bounds)
+        if "bound_cu" not in kw and cu_bounds is not None:
+            return None  # bounded by torch operations: every call takes attn_fwd
+        plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), **kw)
         if plan is None:
             return None
-        flag = error_flag(cu_q.device) if report else None  # the device's, for the process's life
-        bounds = plan_bounds(cu_q, cu_k, totals, max_lens, flag)
-
-        def runner(q, k, v, cu_q, cu_k):
-            cu_q, cu_k = bounds(cu_q, cu_k)
-            return fwd.run_fwd_plan(q, plan, k, v, cu_q, cu_k)
-
-        return runner
+        return lambda q, k, v, cu_q, cu_k: fwd.run_fwd_plan(q, plan, k, v, cu_q, cu_k)
 
     def _split_kv(
         self,
@@ -321,9 +344,10 @@ class TritonBackend(Backend):
             config=current_config(DecodeConfig),
         )
 
-    def attn_bwd(self, dout, q, k, v, out, lse, **kw):
+    def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, **kw):
         from .kernels import bwd
 
+        kw = self._bounds(q, k, kw, "clamp" if cu_bounds else None)
         return bwd.attn_bwd(dout, q, k, v, out, lse, config=current_config(AttnConfig), **kw)
 
     def attn_bwd_delta(self, dout, out, packed=False):
@@ -364,15 +388,15 @@ class TritonBackend(Backend):
 
         return runner
 
+    def gather_rows(self, k, v, rows):
+        from .kernels.rows import gather_rows
+
+        return gather_rows(_unit_last(k), _unit_last(v), rows)
+
     def sum_rows_into(self, parts, out_k, out_v, sources, rows):
         from .kernels.rows import sum_rows_into
 
         sum_rows_into(parts, out_k, out_v, sources, rows)
-
-    def bounded_cu_seqlens(self, cu_q, cu_k, totals, max_lens, report):
-        from .kernels.cu_check import bounded_cu_seqlens
-
-        return bounded_cu_seqlens(cu_q, cu_k, totals, max_lens, error_flag(cu_q.device) if report else None)
 
     def check_kv_values(self, a, k_cache):
         from .kernels.decode.check import check_kv_values
@@ -448,8 +472,8 @@ class CudnnBackend(Backend):
     def check_kv_values(self, a, k_cache):
         self.next(k_cache).check_kv_values(a, k_cache)
 
-    def bounded_cu_seqlens(self, cu_q, *args):
-        return self.next(cu_q).bounded_cu_seqlens(cu_q, *args)
+    def gather_rows(self, k, *args):
+        return self.next(k).gather_rows(k, *args)
 
     def sum_rows_into(self, parts, *args):
         self.next(parts).sum_rows_into(parts, *args)

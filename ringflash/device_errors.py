@@ -3,9 +3,10 @@
 Reading an index tensor's values on the host (``cache_seqlens``, ``block_table``, ``cu_seqlens``,
 ...) makes the host wait for the GPU on every call, so an eager loop pays its Python time on the
 GPU's clock. In ``"device"`` mode (``use_value_checks``; the default for CUDA tensors) the
-KV-cache calls and ``flash_attn_varlen_func`` check them on the device instead, in one launch
-(``kernels/decode/check.py``, ``kernels/cu_check.py``; torch operations on the blockwise backend),
-which ORs one bit per failed check into the device's flag. The flag lives in pinned host memory
+KV-cache calls and ``flash_attn_varlen_func`` check them on the device instead, in the launches
+they make anyway (``kernels/decode/check.py``, the attention kernels' prologue in
+``kernels/common.py``; torch operations on the blockwise backend), which OR one bit per failed
+check into the device's flag. The flag lives in pinned host memory
 that the kernel writes directly, so the host reads it without a copy or a sync: a failed check is
 raised as a ``ValueError`` by the first later checked call on that device after the check has run,
 or by :func:`check_device_errors`, which waits for it. The faulty call itself still runs, with

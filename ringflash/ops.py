@@ -34,11 +34,14 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_attn_states", "co
 Tensor = torch.Tensor
 
 
-def _opts(scale, causal, wl, wr, softcap, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    """The backend's keyword arguments; with ``cu_q`` also the packed-sequence ones."""
+def _opts(scale, causal, wl, wr, softcap, cu_q=None, cu_k=None, max_q=0, max_k=0, cu_bounds=None):
+    """The backend's keyword arguments; with ``cu_q`` also the packed-sequence ones (and
+    ``cu_bounds`` for ``cu_seqlens`` the backend must not trust)."""
     kw = dict(softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap)
     if cu_q is not None:
         kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        if cu_bounds is not None:
+            kw["cu_bounds"] = cu_bounds
     return kw
 
 
@@ -221,12 +224,14 @@ class _EagerAttn(torch.autograd.Function):
     traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k):
-        kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k)
+    def forward(ctx, q, k, v, scale, causal, wl, wr, softcap, backend, cu_q, cu_k, max_q, max_k, bounds=None):
+        kw = _opts(scale, causal, wl, wr, softcap, cu_q, cu_k, max_q, max_k, bounds)
         out, lse = get_backend(backend).attn_fwd(q, k, v, **kw)
         if ctx is None:  # called directly for inference (``_eager_attn``)
             return out, lse
         ctx.save_for_backward(q, k, v, out, lse)
+        if bounds is not None:  # the forward reported what failed: the backward only clamps
+            kw["cu_bounds"] = "clamp"
         ctx.kw, ctx.backend = kw, backend
         ctx.set_materialize_grads(False)
         return out, lse
@@ -240,7 +245,7 @@ class _EagerAttn(torch.autograd.Function):
         if dlse is not None:  # d lse / d s = p: a gradient into the LSE folds into delta
             delta = (be.attn_bwd_delta(dout, out, packed="cu_seqlens_q" in ctx.kw) - dlse).contiguous()
         dq, dk, dv = be.attn_bwd(dout, q, k, v, out, lse, delta=delta, **ctx.kw)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 11
 
 
 def _eager_attn(q, k, v, *args):
@@ -277,8 +282,8 @@ def _plan_key(q, k, v, options, sink=None, tensors=(), *extra) -> tuple | None:
 
 # Inference calls of ``flash_attn_varlen_func`` by the same signature (``_varlen_plan_key``): a later
 # call of one (a model's layers over one packed batch, a serving loop's repeated batch shapes) only
-# bounds ``cu_seqlens`` on the device and runs the forward; the argument checks it skips depend on
-# nothing the key leaves out. Host value checks read every call's ``cu_seqlens``: they get no plan.
+# runs the forward, which bounds ``cu_seqlens`` on the device; the argument checks it skips depend
+# on nothing the key leaves out. Host value checks read every call's ``cu_seqlens``: no plan.
 _VARLEN_PLANS = SignatureTable(256)
 
 
@@ -290,12 +295,11 @@ def _varlen_plan_key(q, k, v, cu_q, cu_k, max_q, max_k, options, sink, mode) -> 
     return _plan_key(q, k, v, options, sink, (cu_q, cu_k), max_q, max_k, cu_q is cu_k, mode)
 
 
-def _varlen_runner(backend, opts, totals, lens, report):
+def _varlen_runner(opts, lens, bounds):
     """A planned packed inference call: ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``."""
 
     def run(q, k, v, cu_q, cu_k):
-        cu_q, cu_k = backend.bounded_cu_seqlens(cu_q, cu_k, totals, lens, report)
-        return _EagerAttn.forward(None, q, k, v, *opts, cu_q, cu_k, *lens)
+        return _EagerAttn.forward(None, q, k, v, *opts, cu_q, cu_k, *lens, bounds)
 
     return run
 
@@ -448,22 +452,16 @@ def flash_attn_varlen_func(
     scale = resolve_scale(scale, q.shape[-1])
     be = backend_for(q)
     opts = (scale, causal, wl, wr, softcap, be.name)
-    given_cu = (cu_seqlens_q, cu_seqlens_k)
-    if not read and not torch.compiler.is_compiling():
-        # The kernels trust cu_seqlens: unread, its copy bounded to the rows is what they get.
-        totals = (q.shape[0], k.shape[0])
-        cu_seqlens_q, cu_seqlens_k = be.bounded_cu_seqlens(
-            cu_seqlens_q, cu_seqlens_k, totals, lens, mode == "device"
-        )
     if torch.compiler.is_compiling():
         out, lse = _attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *lens, *opts)
     else:
-        out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens)
+        # Unread, cu_seqlens is bounded to the rows by the backend, which reports what failed.
+        bounds = None if read else ("report" if mode == "device" else "clamp")
+        out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens, bounds)
         if key is not None:
-            totals, report = (q.shape[0], k.shape[0]), mode == "device"
-            kw = dict(_opts(scale, causal, wl, wr, softcap), max_seqlen_q=lens[0], max_seqlen_k=lens[1])
-            runner = be.varlen_plan(q, k, v, *given_cu, totals, lens, report, **kw)
-            _VARLEN_PLANS.keep(key, runner or _varlen_runner(be, opts, totals, lens, report))
+            kw = _opts(scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, *lens, bounds)
+            runner = be.varlen_plan(q, k, v, **kw)
+            _VARLEN_PLANS.keep(key, runner or _varlen_runner(opts, lens, bounds))
     return _finish(out, lse, return_attn_probs, learnable_sink)
 
 

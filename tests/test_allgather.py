@@ -279,7 +279,8 @@ def test_allgather_gathers_only_the_keys_a_window_reaches(layout):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_returned_rows_summed_in_one_pass_cuda():
     """The Triton backend's one-pass sum of returned dK/dV rows equals the torch operations bit
-    for bit on a GPU, bfloat16 gradients included (both round their cast to nearest)."""
+    for bit on a GPU, bfloat16 gradients included (both round their cast to nearest), and so does
+    its one-pass gather of the outgoing K/V rows."""
     from ringflash.backends import Backend, get_backend
 
     parts = torch.randn(3000, 4, 128, device="cuda")
@@ -290,3 +291,7 @@ def test_returned_rows_summed_in_one_pass_cuda():
         get_backend("triton").sum_rows_into(parts, grads[0][:, 4:], grads[1][:, 4:], sources, rows)
         Backend().sum_rows_into(parts, grads[2][:, 4:], grads[3][:, 4:], sources, rows)
         assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3]), dtype
+    k, v = (torch.randn(3000, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pick = torch.randperm(6000, device="cuda")[:2500]
+    got = get_backend("triton").gather_rows(k[:, 4:], v[:, 4:], pick)
+    assert torch.equal(got, Backend().gather_rows(k[:, 4:], v[:, 4:], pick)), "outgoing rows"

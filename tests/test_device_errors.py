@@ -177,18 +177,21 @@ def test_cuda_default_checks_in_the_decode_kernel(variant):
 # ------------------------------------------------------------------ packed sequences (cu_seqlens)
 
 
-def cu_bounds_cases(n_cases: int = 40, seed: int = 1) -> dict:
-    """The backend in use bounds ``cu_seqlens`` (``Backend.bounded_cu_seqlens``; the Triton
-    backend in one launch) as the torch operations do, with the same bits, on random calls with
-    bad values planted: a start past 0, a decrease, a negative entry, an end past or short of the
-    rows, a sequence past ``max_seqlen``."""
+def cu_bounds_cases(n_cases: int = 40, seed: int = 1, device: str = "cpu") -> dict:
+    """``flash_attn_varlen_func`` in ``"device"`` mode through the backend in use (the Triton
+    kernels bound each sequence themselves) reports the bits that ``checks.bounded_cu`` finds, on
+    random calls with bad values planted: a start past 0, a decrease, a negative entry, an end past
+    or short of the rows, a sequence past ``max_seqlen``. Each signature is called twice: the first
+    call takes the full path, the second its plan. Valid values give the host-checked call's
+    output bit for bit."""
     import random
 
-    from ringflash.backends import Backend, backend_for
-    from ringflash.device_errors import take_bits
+    from ringflash.checks import bounded_cu
+    from ringflash.device_errors import take_bits, verdict_bits
 
     rng = random.Random(seed)
-    mismatches, seen = [], 0
+    g = torch.Generator().manual_seed(seed)
+    mismatches, seen, differ = [], 0, 0.0
     for case in range(n_cases):
         n_seq = rng.choice([1, 2, 5, 40])
         lens = [rng.randint(0, 9) for _ in range(n_seq)]
@@ -207,29 +210,41 @@ def cu_bounds_cases(n_cases: int = 40, seed: int = 1) -> dict:
         elif kind == "end":
             bad[-1] = total + rng.choice([-1, 3])
         elif kind == "max":
-            longest = max(0, longest - 1)
-        cu_q = torch.tensor(bad, dtype=torch.int32)
-        cu_k = cu_q if rng.random() < 0.5 else torch.tensor(cu, dtype=torch.int32)
-        args = (cu_q, cu_k, (total, total), (longest, longest + 1), True)
-        take_bits(cu_q.device)
-        want = Backend.bounded_cu_seqlens(Backend(), *args)
-        want_bits = take_bits(cu_q.device)
-        got = backend_for(cu_q).bounded_cu_seqlens(*args)
-        got_bits = take_bits(cu_q.device)
-        seen |= got_bits
-        same = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
-        if not same or want_bits != got_bits:
-            mismatches.append((case, kind, want_bits, got_bits))
+            longest = max(1, longest - 1)
+        cu_q = torch.tensor(bad, dtype=torch.int32, device=device)
+        cu_k = cu_q if rng.random() < 0.5 else torch.tensor(cu, dtype=torch.int32, device=device)
+        want = 0
+        for c, n in ((cu_q, longest), (cu_k, longest + 1)):
+            want |= int(verdict_bits(bounded_cu(c, total, n)[1], cu_q.device))
+        q, k, v = (torch.randn(total, h, 16, generator=g).to(device) for h in (2, 1, 1))
+        args = (q, k, v, cu_q, cu_k, longest, longest + 1)
+        take_bits(device)
+        outs = []
+        for _ in range(2):
+            with rf.use_value_checks("device"):
+                outs.append(rf.flash_attn_varlen_func(*args, causal=True))
+            if device != "cpu":
+                torch.cuda.synchronize()
+            got = take_bits(device)
+            seen |= got
+            if got != want:
+                mismatches.append((case, kind, want, got))
+        if want == 0:
+            with rf.use_value_checks("host"):
+                ref = rf.flash_attn_varlen_func(*args, causal=True)
+            differ = max([differ] + [float(not torch.equal(o, ref)) for o in outs])
     return {
-        "bounds and bits as the torch checks": [len(mismatches), 0],
+        "bits as the torch checks": [len(mismatches), 0],
         "both bits planted": [float(seen != 192), 0.0],
+        "valid calls as host-checked": [differ, 0.0],
     }
 
 
 def bad_cu_call(device: str = "cpu") -> dict:
     """``flash_attn_varlen_func`` with a ``cu_seqlens`` that ends past the rows and decreases, in
-    ``"device"`` mode: it raises nothing, reads and writes only the rows it has (it computes what
-    the bounded ``cu_seqlens`` describes), and a later check names it."""
+    ``"device"`` mode: it raises nothing, reads and writes only the rows it has, computes the rows
+    of the sequences before the bad entries as the bounded ``cu_seqlens`` describe them (the rows
+    after them are wrong, as the error says), and a later check names it."""
     from ringflash.device_errors import take_bits
 
     g = torch.Generator().manual_seed(5)
@@ -246,24 +261,28 @@ def bad_cu_call(device: str = "cpu") -> dict:
         reported = 1.0
     except ValueError as e:
         reported = float("does not start at 0, decreases, or does not end" not in str(e))
-    return {"computes the bounded call": [(out - want).abs().max().item(), 0.0], "reported": [reported, 0.0]}
+    first = (out[:4] - want[:4]).abs().max().item()  # rows 4-5 are in the bad sequence [4, 30) too
+    return {"computes the rows before the bad entries": [first, 0.0], "reported": [reported, 0.0]}
 
 
 def test_bounded_cu_seqlens():
-    """The bounded copy of a bad ``cu_seqlens`` and its bits, worked by hand."""
-    from ringflash.backends import backend_for
+    """The bounded copy of a bad ``cu_seqlens`` and its bits, worked by hand (the torch operations
+    that bound packed calls on backends other than Triton's)."""
+    from ringflash.backends import _bounded_by_ops
     from ringflash.device_errors import take_bits
 
     cu = torch.tensor([0, 5, 3, 30], dtype=torch.int32)
+    q = torch.zeros(20, 1, 1)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
     take_bits("cpu")
-    safe, same = backend_for(cu).bounded_cu_seqlens(cu, cu, (20, 20), (8, 8), True)
-    assert safe.tolist() == [0, 5, 5, 20] and same is safe
+    got = _bounded_by_ops(q, q, kw, "report")
+    assert got["cu_seqlens_q"].tolist() == [0, 5, 5, 20] and got["cu_seqlens_k"] is got["cu_seqlens_q"]
     assert take_bits("cpu") == 64 | 128  # a decrease and an end past the rows; 27 > max_seqlen 8
+    assert _bounded_by_ops(q, q, kw, "clamp")["cu_seqlens_q"].tolist() == [0, 5, 5, 20]
+    assert take_bits("cpu") == 0  # clamped, not reported
     good = torch.tensor([0, 5, 9, 20], dtype=torch.int32)
-    assert (
-        backend_for(good).bounded_cu_seqlens(good, good, (20, 20), (11, 11), True)[0].tolist()
-        == good.tolist()
-    )
+    kw = dict(cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=11, max_seqlen_k=11)
+    assert _bounded_by_ops(q, q, kw, "report")["cu_seqlens_q"].tolist() == good.tolist()
     assert take_bits("cpu") == 0
     assert_checks(cu_bounds_cases(), "cu bounds")
 
@@ -279,7 +298,7 @@ def test_varlen_device_checks_report_bad_cu_seqlens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_varlen_checks_without_a_sync():
     """CUDA tensors: ``flash_attn_varlen_func`` bounds and checks ``cu_seqlens`` on the device by
-    default, with no host sync; a bad one is reported later and its call computes the bounded one."""
+    default, with no host sync; a bad one is reported later, by the kernels' own checks too."""
     q = torch.randn(20, 4, 64, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 6, 20], dtype=torch.int32, device="cuda")
     rf.flash_attn_varlen_func(q, q, q, cu, cu, 14, 14, causal=True)  # compile first
@@ -291,3 +310,4 @@ def test_cuda_varlen_checks_without_a_sync():
         torch.cuda.set_sync_debug_mode("default")
     rf.check_device_errors()
     assert_checks(bad_cu_call("cuda"), "bad cu_seqlens")
+    assert_checks(cu_bounds_cases(device="cuda"), "cu bounds")

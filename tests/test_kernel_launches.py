@@ -163,7 +163,7 @@ def test_kernels_wide_offset_code_matches_under_interpreter():
 _ROWS_SCRIPT = """
 import torch
 from ringflash.backends import Backend
-from ringflash.kernels.rows import sum_rows_into
+from ringflash.kernels.rows import gather_rows, sum_rows_into
 torch.manual_seed(0)
 n, heads, dim = 37, 3, 24
 parts = torch.randn(150, heads, dim)
@@ -189,6 +189,13 @@ for dtype in (torch.float32, torch.bfloat16):
     want = sum(parts[s] for s in sources[:, n + 7].tolist() if s >= 0)
     got = grads[3][rows[7], 1 : 1 + heads]
     assert torch.equal(got, (0.0 + want).to(dtype)), "the torch operations: 0 + each source in order"
+k, v = torch.randn(60, 5, dim), torch.randn(60, 5, dim)
+for dtype in (torch.float32, torch.bfloat16):
+    ks, vs = k.to(dtype)[:, 1 : 1 + heads], v.to(dtype)[:, 1 : 1 + heads]  # strided head slices
+    pick = torch.cat([torch.randperm(120)[:50], torch.tensor([0, 59, 60, 119])])  # both ends of each
+    got = gather_rows(ks, vs, pick)
+    assert got.is_contiguous() and torch.equal(got, Backend().gather_rows(ks, vs, pick)), dtype
+    assert gather_rows(ks, vs, pick[:0]).shape == (0, heads, dim)
 print("same")
 """
 
@@ -196,5 +203,6 @@ print("same")
 def test_rows_summed_from_sources_equal_the_torch_operations_under_interpreter():
     """The one-pass sum of the all-gather's returned dK/dV rows (``kernels.rows``) gives the torch
     operations' float32 sums (in source order; their bfloat16 cast to the interpreter's rounding),
-    writes only its rows and heads of a strided gradient, and zeros where no source sends a row."""
+    writes only its rows and heads of a strided gradient, and zeros where no source sends a row;
+    the one-pass gather of outgoing rows from strided K and V equals their concatenation's select."""
     _assert_interp_script_says_same(_ROWS_SCRIPT)

@@ -217,6 +217,8 @@ def attn_bwd(
     dv=None,
     accumulate=(True, True),
     config=None,
+    bound_cu=False,
+    flag=None,
 ):
     """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
 
@@ -235,6 +237,10 @@ def attn_bwd(
             buffers' dtype. Either way rows of a packed call's sequences with no keys (dQ) or no
             queries (dK/dV) are left as they are.
         config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
+        bound_cu: packed ``cu_seqlens`` not trusted: each program clamps its sequence's bounds to
+            the tensors' rows (valid values are unchanged), and with ``flag`` (the device's error
+            flag, ``ringflash.device_errors``) one program per sequence reports its failed checks
+            there, as ``bounded_cu`` of ``ringflash.checks`` does; no extra launch.
 
     Returns:
         ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
@@ -253,7 +259,7 @@ def attn_bwd(
         # The kernels write every row of every sequence, those whose gradient is zero included.
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     mask = (softmax_scale, causal, window_size, softcap)
-    buffers = (add_q, add_kv, given)
+    buffers = (add_q, add_kv, given, bound_cu, flag is not None)
     key = _launch_key(
         q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
     )
@@ -275,6 +281,8 @@ def attn_bwd(
             max_seqlen_k=max_seqlen_k,
             diag_offset=diag_offset,
             config=config,
+            bound_cu=bound_cu,
+            flag=flag,
         )
         args.update(
             **strides(dout, _DOUT, packed),

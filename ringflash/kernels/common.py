@@ -47,6 +47,15 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def or_into_flag(FLAG, bits):
+    """OR ``bits`` into the flag when nonzero: a plain read-modify-write, since the flag may be
+    host memory, where atomics may not reach. Programs that fail at once may overwrite each
+    other's bits; one of them always lands, so a failure is never lost, only its other causes."""
+    if bits != 0:
+        tl.store(FLAG, tl.load(FLAG) | bits)
+
+
+@triton.jit
 def _tile_order(n_tiles, sched_width, GROUPED: tl.constexpr, REVERSE: tl.constexpr):
     """``(tile, head)`` of this program in a 1-D grid of ``n_tiles`` row tiles x heads.
 
@@ -99,12 +108,16 @@ def _attn_prologue(
     sched_width,
     stride_a,
     stride_b,
+    FLAG,
+    total_q,
+    total_k,
     HAS_HI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
     TWO_PART: tl.constexpr,
     WIDE: tl.constexpr,
     KEY_TILES: tl.constexpr,
+    CHECK_CU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Where an attention program works: one tile of ``BLOCK`` query rows of one (sequence, query
@@ -117,6 +130,14 @@ def _attn_prologue(
     of a document, see ``varlen_diag``), so a query tile takes the diagonal of its part, and a key
     tile ``diag2`` once it lies past the first part's last visible key. Causal tiles are ordered
     longest first (``_tile_order``).
+
+    ``CHECK_CU`` (packed calls whose ``cu_seqlens`` are not trusted): 1 clamps each sequence's
+    bounds into the ``total_q``/``total_k`` rows of the tensors (``start`` into ``[0, total]``,
+    ``end`` into ``[start, total]``), so that every row a program touches exists whatever the
+    values; 2 also ORs the failed checks into ``FLAG`` (``ringflash.device_errors``: bit 64 for
+    ``cu_seqlens`` that do not start at 0, decrease or do not end at the rows, bit 128 for a
+    sequence longer than the launch's ``seqlen``), one program per sequence. Valid values are
+    unchanged, so such a call computes what a trusted one does.
 
     Returns ``(b, h, t0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs, row0, rows, step_a,
     step_b)``: the sequence and head; the tile's first row ``t0`` (past the sequence's end the
@@ -131,16 +152,33 @@ def _attn_prologue(
     and the loops step in 64 bits; without it the code is the plain 32-bit one.
     """
     if KEY_TILES:
-        pid_t, pid_bh = _tile_order(tl.cdiv(seqlen_k, BLOCK), sched_width, HAS_HI, False)
+        n_tiles = tl.cdiv(seqlen_k, BLOCK)
+        pid_t, pid_bh = _tile_order(n_tiles, sched_width, HAS_HI, False)
     else:
-        pid_t, pid_bh = _tile_order(tl.cdiv(seqlen_q, BLOCK), sched_width, HAS_HI, HAS_HI)
+        n_tiles = tl.cdiv(seqlen_q, BLOCK)
+        pid_t, pid_bh = _tile_order(n_tiles, sched_width, HAS_HI, HAS_HI)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     if IS_VARLEN:
         q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        q_end = tl.load(CU_Q + b + 1)
         k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        k_end = tl.load(CU_K + b + 1)
+        if CHECK_CU == 2:
+            if (pid_t == 0) & (h == 0):
+                last = b == tl.num_programs(0) // (n_tiles * n_heads) - 1
+                bad = (q_end < q_start) | (k_end < k_start)
+                bad |= (b == 0) & ((q_start != 0) | (k_start != 0))
+                bad |= last & ((q_end != total_q) | (k_end != total_k))
+                long = (q_end - q_start > seqlen_q) | (k_end - k_start > seqlen_k)
+                or_into_flag(FLAG, bad.to(tl.int32) * 64 | long.to(tl.int32) * 128)
+        if CHECK_CU:
+            q_start = tl.minimum(tl.maximum(q_start, 0), total_q)
+            q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
+            k_start = tl.minimum(tl.maximum(k_start, 0), total_k)
+            k_end = tl.minimum(tl.maximum(k_end, k_start), total_k)
+        seqlen_q = q_end - q_start
+        seqlen_k = k_end - k_start
         diag = seqlen_k - seqlen_q
     else:
         q_start = b * 0
@@ -433,6 +471,8 @@ def attn_args(
     max_seqlen_k,
     diag_offset,
     config: AttnConfig,
+    bound_cu: bool = False,
+    flag: torch.Tensor | None = None,
 ) -> tuple[dict, int, int, int]:
     """The launch arguments that the forward, dK/dV and dQ kernels share, and ``(B, Sq, Sk)``.
 
@@ -440,6 +480,9 @@ def attn_args(
     ``[Tk, Hk, D(v)]`` with int32 ``cu_seqlens_q``/``cu_seqlens_k`` ``[B + 1]`` (``Sq``/``Sk``
     are then the longest sequences, ``max_seqlen_*`` or computed). ``diag_offset``: the key index
     aligned with query 0 (an int; for packed inputs one per sequence), None for bottom-right.
+    ``bound_cu``: packed ``cu_seqlens`` are not trusted: the kernels clamp each sequence's bounds
+    to the tensors' rows and, given the device's error ``flag``, report failed checks into it
+    (``_attn_prologue``'s ``CHECK_CU``).
     """
     packed = cu_seqlens_q is not None
     Hq, D = q.shape[-2], q.shape[-1]
@@ -482,5 +525,9 @@ def attn_args(
         HEAD_DIM_V=Dv,
         HAS_LO=has_lo,
         HAS_HI=has_hi,
+        FLAG=flag if packed and bound_cu else None,
+        total_q=q.shape[0] if packed else 0,
+        total_k=k.shape[0] if packed else 0,
+        CHECK_CU=(2 if flag is not None else 1) if packed and bound_cu else 0,
     )
     return args, B, Sq, Sk

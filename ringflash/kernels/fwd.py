@@ -106,19 +106,21 @@ def _fwd_inner(
 
 # Sequence lengths and offsets vary from call to call: specialising on them (== 1, % 16) would
 # only multiply compilations.
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "total_q", "total_k"]
+)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, DIAG_PTR,
+    Q, K, V, O, LSE, CU_Q, CU_K, DIAG_PTR, FLAG,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q, group,
-    sm_scale, softcap, sched_width, SEQ_BUCKET,
+    sm_scale, softcap, sched_width, SEQ_BUCKET, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr,
+    TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr, CHECK_CU: tl.constexpr,
 ):  # fmt: skip
     # The online softmax state of BLOCK_M rows, scores in base 2.
     qk_scale = sm_scale * 1.4426950408889634
@@ -135,7 +137,8 @@ def _attn_fwd_kernel(
     # groups of heads, so the last wave is short (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
         CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
-        sched_width, stride_ks, stride_vs, HAS_HI, IS_VARLEN, DIAG_FROM_PTR, TWO_PART, WIDE, False, BLOCK_M,
+        sched_width, stride_ks, stride_vs, FLAG, total_q, total_k, HAS_HI, IS_VARLEN, DIAG_FROM_PTR,
+        TWO_PART, WIDE, False, CHECK_CU, BLOCK_M,
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
@@ -258,7 +261,7 @@ _PER_CALL = frozenset((*CALL_TENSORS, "O", "LSE", "TMA"))
 def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, buffers, config) -> tuple | None:
     """The signature of a forward launch, or None when its arguments come from tensor values
     (packed lengths not given) or a padded call's diagonal is not an int. ``buffers``: (accumulate,
-    out and lse given)."""
+    out and lse given, ``cu_seqlens`` bounded, bounds reported)."""
     packed = cu_q is not None
     if packed:
         if max_q is None or max_k is None:
@@ -296,6 +299,8 @@ def attn_fwd(
     lse=None,
     merge=True,
     config=None,
+    bound_cu=False,
+    flag=None,
 ):
     """Forward attention returning ``(out, lse)``; the interface of ``ringflash.blockwise.attn_fwd``.
 
@@ -315,6 +320,10 @@ def attn_fwd(
             float32 or q's dtype); rows of a packed batch outside every sequence, or in a
             sequence with no keys, are left as they are. They are returned.
         config: :class:`~ringflash.kernels.options.AttnConfig` (default: ``AttnConfig()``).
+        bound_cu: packed ``cu_seqlens`` not trusted: each program clamps its sequence's bounds to
+            the tensors' rows (valid values are unchanged), and with ``flag`` (the device's error
+            flag, ``ringflash.device_errors``) one program per sequence reports its failed checks
+            there, as ``bounded_cu`` of ``ringflash.checks`` does; no extra launch.
 
     Returns:
         ``(out, lse)``: out ``[B, Sq, Hq, Dv]`` (packed ``[Tq, Hq, Dv]``) in q's dtype (float32 in
@@ -336,7 +345,7 @@ def attn_fwd(
         writable = (torch.float32,) if accumulate else (torch.float32, q.dtype)
         assert lse.dtype == torch.float32 and out.dtype in writable
     mask = (softmax_scale, causal, window_size, softcap)
-    buffers = (accumulate, given)
+    buffers = (accumulate, given, bound_cu, flag is not None)
     key = _launch_key(
         q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
     )
@@ -356,6 +365,8 @@ def attn_fwd(
             max_seqlen_k=max_seqlen_k,
             diag_offset=diag_offset,
             config=config,
+            bound_cu=bound_cu,
+            flag=flag,
         )
         args.update(
             **strides(out, _O, packed),
@@ -422,6 +433,8 @@ def plan_fwd(
     max_seqlen_q=None,
     max_seqlen_k=None,
     config=None,
+    bound_cu=False,
+    flag=None,
 ):
     """The plan of an ``attn_fwd(q, k, v, ...)`` call (no ``out``/``lse``, bottom-right masks;
     packed with both ``max_seqlen`` given, its ``cu_seqlens`` only shaped, bound per call) that
@@ -432,7 +445,8 @@ def plan_fwd(
     lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
     mask = (softmax_scale, causal, window_size, softcap)
     lens = (max_seqlen_q, max_seqlen_k)  # read by the key of packed calls only
-    key = _launch_key(q, k, v, out, lse, mask, cu_seqlens_q, *lens, None, (False, False), config)
+    buffers = (False, False, bound_cu, flag is not None)
+    key = _launch_key(q, k, v, out, lse, mask, cu_seqlens_q, *lens, None, buffers, config)
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None or q.numel() == 0:
         return None
@@ -445,7 +459,7 @@ def plan_fwd(
 @on_tensor_device
 def run_fwd_plan(q, plan: FwdPlan, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
     """``attn_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature (packed: with its
-    ``cu_seqlens``, which the kernel trusts: bounded already)."""
+    ``cu_seqlens``, bounded in the kernel if the plan's call was)."""
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
     B, Sq, Hq, longest = plan.shape

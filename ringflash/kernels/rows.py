@@ -1,11 +1,14 @@
-"""Rows summed from several sources into a gradient, in one pass: the all-gather's return of dK/dV.
+"""Row gathers and sums of the all-gather method, each in one pass.
 
-Each rank of the all-gather method gets back, from every rank that read its keys, float32
-partial dK/dV rows (``ringflash.parallel.allgather``). Summed with one ``index_add_`` per source
-into a float32 buffer, cast, and copied into the gradient's rows, they cost four passes and the
-atomics of the adds. Here one program reads a tile of the rows' partials from each source in
-source order, sums them in float32 (0 + p0 + p1 + ..., the same operations in the same order as
-those adds, so the same bits), and stores the sum, cast, into the gradient's rows.
+``gather_rows``: the rows a rank sends, taken from K and V into one exchange buffer. Concatenating
+K and V first and selecting from the result reads and writes the whole of both once more.
+
+``sum_rows_into``: the return of dK/dV. Each rank of the all-gather method gets back, from every
+rank that read its keys, float32 partial dK/dV rows (``ringflash.parallel.allgather``). Summed with
+one ``index_add_`` per source into a float32 buffer, cast, and copied into the gradient's rows, they
+cost four passes and the atomics of the adds. Here one program reads a tile of the rows' partials
+from each source in source order, sums them in float32 (0 + p0 + p1 + ..., the same operations in
+the same order as those adds, so the same bits), and stores the sum, cast, into the gradient's rows.
 """
 
 from __future__ import annotations
@@ -42,6 +45,67 @@ def _sum_rows_kernel(
     tl.store(v_ptrs, acc.to(OUT_V.dtype.element_ty), mask=(live_r & ~is_k)[:, None] & live_c[None, :])
 
 
+@triton.jit
+def _gather_rows_kernel(
+    K, V, ROWS, OUT, n_out, n_k, width, head_dim, stride_kr, stride_kh, stride_vr, stride_vh,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Output row i is row ROWS[i] of [K; V]: K's row when below n_k, else V's row ROWS[i] - n_k.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_r = r < n_out
+    live_c = c < width
+    at = tl.load(ROWS + r, mask=live_r, other=0).to(tl.int64)
+    is_k = at < n_k
+    h, d = c // head_dim, c % head_dim
+    live = live_r[:, None] & live_c[None, :]
+    from_k = tl.load(
+        K + at[:, None] * stride_kr + (h * stride_kh + d)[None, :], mask=live & is_k[:, None], other=0.0
+    )
+    from_v = tl.load(
+        V + (at - n_k)[:, None] * stride_vr + (h * stride_vh + d)[None, :],
+        mask=live & ~is_k[:, None],
+        other=0.0,
+    )
+    tl.store(
+        OUT + r.to(tl.int64)[:, None] * width + c[None, :], tl.where(is_k[:, None], from_k, from_v), mask=live
+    )
+
+
+def _tiles(width: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a program's tile over rows of ``width`` elements: whole rows up to
+    1024 elements, 4096 elements a program."""
+    block_c = min(triton.next_power_of_2(width), 1024)
+    return max(1, 4096 // block_c), block_c
+
+
+@on_tensor_device
+def gather_rows(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([k, v]).index_select(0, rows)`` without the concatenation: one pass.
+
+    Args:
+        k, v: ``[T, H, D]`` of one dtype, with a unit stride in D (e.g. a head slice).
+        rows: int32 or int64 ``[n]``, each in ``[0, 2 T)``.
+
+    Returns:
+        A contiguous ``[n, H, D]`` tensor in k's dtype.
+    """
+    n_k, heads, head_dim = k.shape
+    out = torch.empty((rows.shape[0], heads, head_dim), dtype=k.dtype, device=k.device)
+    if rows.shape[0] == 0 or out.numel() == 0:
+        return out
+    assert v.shape == k.shape and v.dtype == k.dtype and k.stride(2) == v.stride(2) == 1
+    width = heads * head_dim
+    block_r, block_c = _tiles(width)
+    grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(width, block_c))
+    _gather_rows_kernel[grid](
+        k, v, rows, out, rows.shape[0], n_k, width, head_dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )  # fmt: skip
+    return out
+
+
 @on_tensor_device
 def sum_rows_into(
     parts: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor
@@ -61,8 +125,7 @@ def sum_rows_into(
     heads, head_dim = parts.shape[1], parts.shape[2]
     assert parts.is_contiguous() and sources.is_contiguous() and out_k.stride(2) == out_v.stride(2) == 1
     width = heads * head_dim
-    block_c = min(triton.next_power_of_2(width), 1024)
-    block_r = max(1, 4096 // block_c)
+    block_r, block_c = _tiles(width)
     grid = (triton.cdiv(2 * n, block_r), triton.cdiv(width, block_c))
     _sum_rows_kernel[grid](
         parts, sources, rows, out_k, out_v, n, sources.shape[0], width, head_dim,
@@ -71,4 +134,4 @@ def sum_rows_into(
     )  # fmt: skip
 
 
-__all__ = ["sum_rows_into"]
+__all__ = ["gather_rows", "sum_rows_into"]

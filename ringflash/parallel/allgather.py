@@ -217,12 +217,12 @@ def _sizes(plan: GatherPlan) -> tuple[list[int], list[int]]:
     return [2 * len(x) for x in plan.send], [2 * n for n in plan.recv]
 
 
-def _outgoing(k: torch.Tensor, v: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+def _outgoing(backend, k: torch.Tensor, v: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     """The exchange's input ``[sum(sends), Hk, D]``: for every rank ``d`` in order, this rank's K
-    rows that ``d`` reads, then their V rows."""
+    rows that ``d`` reads, then their V rows (one pass on backends that gather from both)."""
     n = k.shape[0]
     rows = plan.on(("out", n), k.device, lambda: torch.cat([torch.cat([x, x + n]) for x in plan.send]))
-    return torch.cat([k, v]).index_select(0, rows)
+    return backend.gather_rows(k, v, rows)
 
 
 def _in_stream_order(got: torch.Tensor, plan: GatherPlan):
@@ -235,14 +235,14 @@ def _in_stream_order(got: torch.Tensor, plan: GatherPlan):
     return both[:n], both[n:]
 
 
-def _start_gather(k, v, group, plan: GatherPlan):
+def _start_gather(backend, k, v, group, plan: GatherPlan):
     """Start exchanging the shared documents' rows of ``k`` and ``v`` (one collective); returns the
     function that waits for them and returns the gathered keys in stream order (``(None, None)``
     when no row moves: nothing is exchanged)."""
     if not plan.moves:
         return lambda: (None, None)
     sends, recvs = _sizes(plan)
-    wait = start_exchange(_outgoing(k, v, plan), sends, recvs, group)
+    wait = start_exchange(_outgoing(backend, k, v, plan), sends, recvs, group)
     return lambda: _in_stream_order(wait(), plan)
 
 
@@ -411,10 +411,14 @@ def head_pieces(hq: int, hk: int, stride: int) -> list[tuple[slice, slice]]:
     return [(slice(h, h + stride), slice(h * g, (h + stride) * g)) for h in range(0, hk, stride)]
 
 
-def _gathers(k, v, group, plan: GatherPlan, pieces):
+def _gathers(backend, k, v, group, plan: GatherPlan, pieces):
     """``(piece, gathered)`` for each piece: its KV heads' exchange (``_start_gather``), the next
     piece's started before the current one is handed out (``_pipelined``)."""
-    return _pipelined(pieces, lambda piece: _start_gather(k[:, piece[0]], v[:, piece[0]], group, plan))
+
+    def start(piece):
+        return _start_gather(backend, k[:, piece[0]], v[:, piece[0]], group, plan)
+
+    return _pipelined(pieces, start)
 
 
 def _pipelined(pieces, start):
@@ -443,7 +447,9 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, cu, scale, softcap, causal, window, group, rank, world, stride):
         plan = gather_plan(layout, cu, rank, world, causal, window)
         backend, state = backend_for(q), fwd_state(q, v, plan)
-        for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
+        for piece, gathered in _gathers(
+            backend, k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)
+        ):
             heads_fwd(backend, q, k, v, piece, gathered, plan, scale, softcap, state)
         out, lse = state[0].to(q.dtype), state[1]
         ctx.save_for_backward(q, k, v, out, lse)
@@ -466,7 +472,9 @@ class AllGatherAttention(torch.autograd.Function):
                 _add_home(backend, grads[1][:, kh], grads[2][:, kh], wait(), plan)
 
         returning = None
-        for piece, gathered in _gathers(k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)):
+        for piece, gathered in _gathers(
+            backend, k, v, group, plan, head_pieces(q.shape[1], k.shape[1], stride)
+        ):
             back = heads_bwd(
                 backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
             )

@@ -250,11 +250,11 @@ def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank
     return got
 
 
-def _gather_by_posts(k, v, plan, rank: int, world: int):
+def _gather_by_posts(backend, k, v, plan, rank: int, world: int):
     """Generator: ``allgather._start_gather``'s gathered keys through ring posts."""
     if not plan.moves:
         return None, None
-    got = yield from _exchange_by_posts(_outgoing(k, v, plan), *_sizes(plan), rank, world, TAG_KV)
+    got = yield from _exchange_by_posts(_outgoing(backend, k, v, plan), *_sizes(plan), rank, world, TAG_KV)
     return _in_stream_order(got, plan)
 
 
@@ -267,7 +267,7 @@ def allgather_fwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     state = fwd_state(q, v, plan)
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
-        kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
+        kf, vf = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
         heads_fwd(backend, q, k, v, piece, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap, state)
     return state[0].to(q.dtype), state[1]
 
@@ -280,7 +280,7 @@ def allgather_bwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     delta, grads = bwd_delta(backend, dout, out, None), bwd_state(q, k, v, plan)
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
-        kf, vf = yield from _gather_by_posts(k[:, piece[0]], v[:, piece[0]], plan, rank, world)
+        kf, vf = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
         gathered = lambda kf=kf, vf=vf: (kf, vf)  # noqa: E731
         back = heads_bwd(
             backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import next_pow2
+from ..common import next_pow2, or_into_flag
 from ..device import on_tensor_device
 from ..launch import SignatureTable, launch_cached
 
@@ -62,14 +62,6 @@ def kv_value_bits(
                     same = same & (other[None, :] > rows[:, None])
                     bits |= tl.max(tl.max(same.to(tl.int32), 1), 0) * 32
     return bits
-
-
-@triton.jit
-def or_into_flag(FLAG, bits):
-    """OR ``bits`` into the flag when nonzero: a plain read-modify-write, since the flag may be
-    host memory, where atomics may not reach."""
-    if bits != 0:
-        tl.store(FLAG, tl.load(FLAG) | bits)
 
 
 @triton.jit(do_not_specialize=["batch", "capacity", "n_new", "n_rows", "page_size", "max_pages", "stride_bt"])
