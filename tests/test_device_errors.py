@@ -192,15 +192,20 @@ def cu_bounds_cases(n_cases: int = 40, seed: int = 1, device: str = "cpu") -> di
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     mismatches, seen, differ = [], 0, 0.0
-    for case in range(n_cases):
-        n_seq = rng.choice([1, 2, 5, 40])
-        lens = [rng.randint(0, 9) for _ in range(n_seq)]
+    # Calls in which no attention program runs (bounded by torch operations instead): a longest
+    # sequence of 0 with 5 tokens; tensors of no rows with a cu_seqlens that ends past them.
+    fixed = [([5], "max"), ([0], "end")]
+    for case in range(n_cases + len(fixed)):
+        lens, kind = fixed[case - n_cases] if case >= n_cases else (None, None)
+        if lens is None:
+            lens = [rng.randint(0, 9) for _ in range(rng.choice([1, 2, 5, 40]))]
+            kind = rng.choice(["none", "start", "drop", "negative", "end", "max"])
+        n_seq = len(lens)
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
-        total, longest = cu[-1], max(lens)
+        total, longest = cu[-1], max(lens, default=0)
         bad = list(cu)
-        kind = rng.choice(["none", "start", "drop", "negative", "end", "max"])
         if kind == "start":
             bad[0] = rng.choice([1, -3])
         elif kind == "drop" and n_seq > 1:
@@ -210,7 +215,7 @@ def cu_bounds_cases(n_cases: int = 40, seed: int = 1, device: str = "cpu") -> di
         elif kind == "end":
             bad[-1] = total + rng.choice([-1, 3])
         elif kind == "max":
-            longest = max(1, longest - 1)
+            longest = 0 if case >= n_cases else max(0, longest - 1)
         cu_q = torch.tensor(bad, dtype=torch.int32, device=device)
         cu_k = cu_q if rng.random() < 0.5 else torch.tensor(cu, dtype=torch.int32, device=device)
         want = 0
