@@ -198,7 +198,7 @@ def cu_bounds_cases(n_cases: int = 40, seed: int = 1, device: str = "cpu") -> di
     for case in range(n_cases + len(fixed)):
         lens, kind = fixed[case - n_cases] if case >= n_cases else (None, None)
         if lens is None:
-            lens = [rng.randint(0, 9) for _ in range(rng.choice([1, 2, 5, 40]))]
+            lens = [rng.randint(0, 9) for _ in range(rng.choice([1, 2, 5, 12]))]
             kind = rng.choice(["none", "start", "drop", "negative", "end", "max"])
         n_seq = len(lens)
         cu = [0]
