@@ -118,8 +118,14 @@ class _Flag:
 _FLAGS: dict[str, _Flag] = {}
 
 
-def _flag(device: torch.device) -> _Flag:
+def _key(device: torch.device | str) -> str:
+    """The flag's key of ``device``: ``"cuda"`` names the current CUDA device, as tensors record it."""
     key = str(device)
+    return f"cuda:{torch.cuda.current_device()}" if key == "cuda" else key
+
+
+def _flag(device: torch.device) -> _Flag:
+    key = _key(device)
     f = _FLAGS.get(key)
     if f is None:
         f = _FLAGS[key] = _Flag(device)
@@ -161,7 +167,7 @@ def or_verdicts(device: torch.device, verdicts: list[tuple[int, torch.Tensor]]) 
 def take_bits(device: torch.device | str) -> int:
     """The bits of ``device``'s flag as the host sees them now (checks that have run), cleared;
     no waiting (``check_device_errors`` waits, then raises them)."""
-    f = _FLAGS.get(str(device))
+    f = _FLAGS.get(_key(device))
     if f is None:
         return 0
     bits = f.bits()
@@ -202,13 +208,7 @@ def check_device_errors(device: torch.device | str | None = None) -> None:
         ...     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)
         >>> ringflash.check_device_errors()  # raises here if lens was out of range
     """
-    if device is None:
-        keys = list(_FLAGS)
-    else:
-        d = torch.device(device)
-        if d.type == "cuda" and d.index is None:  # "cuda": the current device, as tensors record it
-            d = torch.device("cuda", torch.cuda.current_device())
-        keys = [str(d)]
+    keys = list(_FLAGS) if device is None else [_key(device)]
     for key in keys:
         f = _FLAGS.get(key)
         if f is None:
