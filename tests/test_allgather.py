@@ -13,7 +13,7 @@ from dist_utils import spawn
 from test_packed import LAYOUTS, MASKS
 
 import ringflash as rf
-from ringflash.parallel.allgather import gather_plan
+from ringflash.parallel.gather_plan import gather_plan
 from ringflash.parallel.sharding import shard_for
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
@@ -199,6 +199,32 @@ def test_simulated_allgather_in_pieces_of_heads_equals_one_exchange_cuda():
     """Through the Triton kernels the pieces run on strided head views of the gathered keys: the
     same results bit for bit as one exchange of every head."""
     assert all(_simulated_pieces_case("triton", "cuda", torch.bfloat16, 128, torch.equal))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_local_calls_beside_the_shared_calls_change_no_bit_cuda(monkeypatch):
+    """On a GPU a rank's calls on its own documents run on a second stream beside its calls on the
+    gathered keys (``allgather._beside``): they write other rows, so the results and gradients
+    are those of one stream bit for bit."""
+    import ringflash.parallel.allgather as ag
+
+    monkeypatch.setattr(ag, "_SIDE_STREAMS", {})  # made anew by this test's calls
+    world, cu = 4, torch.tensor([0, 700, 760, 1100, 1150, 1900, 2048], dtype=torch.int32)
+    plans = [gather_plan("balanced", tuple(cu.tolist()), r, world, True, (-1, 0)) for r in range(world)]
+    assert any(p.write_once and p.local and p.shared for p in plans), "no rank takes the two streams"
+    full = [torch.randn(2048, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2, 8)]
+    parts = [[shard_for(x, r, world, 0, "balanced", cu) for r in range(world)] for x in full]
+    got = []
+    with rf.use_backend("triton"):
+        for side in (True, False):
+            if not side:
+                monkeypatch.setattr(ag, "_side_stream", lambda q, plan: None)
+            kw = dict(causal=True, cu_seqlens=cu, method="allgather", heads_k_stride=1)
+            outs, lses, _ = simulate_ring_attn(*parts[:3], "balanced", **kw)
+            grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, "balanced", **kw)[:3]
+            got.append([*outs, *lses, *(g for gs in grads for g in gs)])
+    assert ag._SIDE_STREAMS, "the second stream was used"
+    assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
 
 
 def test_allgather_real_ranks_equal_the_simulation():

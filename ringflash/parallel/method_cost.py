@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 from ..backends import device_throughput
-from .allgather import gather_plan
 from .doc_layouts import doc_segments
+from .gather_plan import gather_plan
 from .layouts import _band
 
 _BACKWARD_FLOPS = 2.5  # a backward's pairs cost about 2.5 forwards (recompute, dQ, dK/dV)

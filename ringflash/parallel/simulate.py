@@ -24,12 +24,12 @@ from .allgather import (
     bwd_state,
     default_heads_k_stride,
     fwd_state,
-    gather_plan,
     head_pieces,
     heads_bwd,
     heads_fwd,
 )
 from .doc_layouts import build_doc_plan, padded_layout
+from .gather_plan import gather_plan
 from .layouts import Plan, build_plan
 from .method_cost import choose_method, compute_rates
 from .options import ring_prefetch
