@@ -4,8 +4,8 @@
   attention forward and backward (the interface of ``ringflash.blockwise``).
 - ``kernels.decode``: split-KV decoding over a KV cache (``decode_fwd``), the cache append and the
   merge of partials.
-- ``kernels.rows``: rows summed from several sources into a gradient (the all-gather's returned
-  dK/dV).
+- ``kernels.rows``: the all-gather's row moves in one pass: outgoing rows taken from K and V, and
+  returned dK/dV rows summed from several sources into a gradient.
 - ``kernels.options``: the configs passed to the launchers (``AttnConfig``, ``DecodeConfig``) and
   the TMA mode (``use_tma``).
 
