@@ -131,7 +131,8 @@ class Backend:
     - ``attn_fwd(q, k, v, *, softmax_scale, causal, window_size, softcap, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, out, lse, merge, cu_bounds) -> (out,
       lse)``; a packed call's ``diag_offset`` may be two-part (``[n_seq, 3]``, see ``SPLIT_TILE``).
-      ``cu_bounds`` (packed calls; the backward takes it too): None trusts ``cu_seqlens``;
+      ``cu_bounds`` (packed calls; ``attn_bwd`` takes it too and only clamps, the forward having
+      reported): None trusts ``cu_seqlens``;
       ``"clamp"`` bounds each sequence to the tensors' rows on the device (valid values unchanged,
       ``checks.bounded_cu``); ``"report"`` also ORs the failed checks into the device's error flag.
       Nothing is read on the host.

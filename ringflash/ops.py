@@ -230,9 +230,7 @@ class _EagerAttn(torch.autograd.Function):
         if ctx is None:  # called directly for inference (``_eager_attn``)
             return out, lse
         ctx.save_for_backward(q, k, v, out, lse)
-        if bounds is not None:  # the forward reported what failed: the backward only clamps
-            kw["cu_bounds"] = "clamp"
-        ctx.kw, ctx.backend = kw, backend
+        ctx.kw, ctx.backend = kw, backend  # a backend's backward only clamps what cu_bounds names
         ctx.set_materialize_grads(False)
         return out, lse
 

@@ -92,7 +92,7 @@ def gather_rows(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.T
     """
     n_k, heads, head_dim = k.shape
     out = torch.empty((rows.shape[0], heads, head_dim), dtype=k.dtype, device=k.device)
-    if rows.shape[0] == 0 or out.numel() == 0:
+    if out.numel() == 0:
         return out
     assert v.shape == k.shape and v.dtype == k.dtype and k.stride(2) == v.stride(2) == 1
     width = heads * head_dim
