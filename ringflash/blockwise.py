@@ -356,7 +356,7 @@ def attn_fwd(q, k, v, *, out=None, lse=None, merge=True, config: BlockwiseConfig
     and optionally ``causal``, ``window_size``, ``softcap``, ``cu_seqlens_q``/``_k``,
     ``max_seqlen_q``/``_k``, ``diag_offset`` (the key index aligned with query 0: an int, or one
     per packed sequence, or ``[n_seq, 3]`` two-part diagonals ``(diag, split, diag2)``: rows from
-    ``split`` on align key ``diag2`` with query 0, see ``kernels.common.varlen_diag``; by default
+    ``split`` on align key ``diag2`` with query 0, see ``kernels.launch_args.varlen_diag``; by default
     ``Sk - Sq`` per sequence). With ``out``/``lse`` given, the result
     is merged into them in place (accumulate mode, float32) or written over them (``merge=False``;
     ``out`` float32 or q's dtype; the rows of a packed sequence with no keys keep their values)

@@ -207,8 +207,9 @@ def test_local_calls_beside_the_shared_calls_change_no_bit_cuda(monkeypatch):
     gathered keys (``allgather._beside``): they write other rows, so the results and gradients
     are those of one stream bit for bit."""
     import ringflash.parallel.allgather as ag
+    from ringflash.kernels.device import forget_side_streams, side_stream_devices
 
-    monkeypatch.setattr(ag, "_SIDE_STREAMS", {})  # made anew by this test's calls
+    forget_side_streams()  # made anew by this test's calls
     world, cu = 4, torch.tensor([0, 700, 760, 1100, 1150, 1900, 2048], dtype=torch.int32)
     plans = [gather_plan("balanced", tuple(cu.tolist()), r, world, True, (-1, 0)) for r in range(world)]
     assert any(p.write_once and p.local and p.shared for p in plans), "no rank takes the two streams"
@@ -223,7 +224,7 @@ def test_local_calls_beside_the_shared_calls_change_no_bit_cuda(monkeypatch):
             outs, lses, _ = simulate_ring_attn(*parts[:3], "balanced", **kw)
             grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, "balanced", **kw)[:3]
             got.append([*outs, *lses, *(g for gs in grads for g in gs)])
-    assert ag._SIDE_STREAMS, "the second stream was used"
+    assert side_stream_devices("local documents"), "the second stream was used"
     assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
 
 

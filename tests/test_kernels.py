@@ -419,6 +419,7 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate):
     its own stream and reads the gradients right after the call (the join orders that read after
     dQ), when the call is replayed from a CUDA graph, and when its first call is captured."""
     from ringflash.kernels import bwd, fwd
+    from ringflash.kernels.device import forget_side_streams, side_stream_devices
     from ringflash.kernels.options import AttnConfig
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -446,7 +447,7 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate):
 
     ref = grads(AttnConfig(concurrent_dq=False))
     got = {"second stream": grads()}
-    assert bwd.side_stream_devices() == [torch.cuda.current_device()]
+    assert side_stream_devices("dq") == [torch.cuda.current_device()]
     caller = torch.cuda.Stream()
     caller.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(caller):
@@ -454,9 +455,9 @@ def test_kernels_cuda_dq_beside_dkdv(accumulate):
     torch.cuda.current_stream().wait_stream(caller)
     got["graph replay"] = captured(caller)
     # A first call inside a capture makes no stream: it runs on the capturing stream alone.
-    bwd.forget_side_streams()
+    forget_side_streams()
     got["first capture"] = captured(caller)
-    assert not bwd.side_stream_devices()
+    assert not side_stream_devices("dq")
     for how, grads_how in got.items():
         for name, r, x in zip("qkv", ref, grads_how, strict=True):
             assert torch.equal(x, r), f"d{name} with dQ beside, {how}: max diff {(x - r).abs().max()}"

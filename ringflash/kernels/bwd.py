@@ -21,7 +21,10 @@ import triton.language as tl
 
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
-from .common import (
+from .device import on_tensor_device, side_stream, sm_count
+from .fwd import _launch_key
+from .launch import SignatureTable, launch_cached
+from .launch_args import (
     CALL_TENSORS,
     TUNE_KEY,
     attn_args,
@@ -33,9 +36,6 @@ from .common import (
     strides,
     wide_offsets,
 )
-from .device import cuda_index, on_tensor_device, sm_count
-from .fwd import _launch_key
-from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
 from .tma import tma_applies
 
@@ -318,7 +318,7 @@ def attn_bwd(
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
         _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
         return dq, dk, dv
-    side = _side_stream(q.device) if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
+    side = side_stream(q.device, "dq") if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
@@ -337,31 +337,5 @@ def attn_bwd(
 # up). That pays while dK/dV's launch is a few waves (``AttnConfig.concurrent_dq_max_waves``); in
 # longer launches the last wave is a small part and the two kernels contend for L2 instead
 # (docs/performance.md).
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
 def _dq_beside(dkdv_programs: int, device: torch.device, config: AttnConfig) -> bool:
     return config.concurrent_dq and dkdv_programs <= config.concurrent_dq_max_waves * sm_count(device)
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The device's second stream (made on first use; None if that would be inside a graph capture,
-    where creating a stream is best avoided: the call then runs on one stream)."""
-    index = cuda_index(device)
-    side = _side_streams.get(index)
-    if side is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        side = _side_streams[index] = torch.cuda.Stream(device=index)
-    return side
-
-
-def side_stream_devices() -> list[int]:
-    """Indices of the CUDA devices for which ``attn_bwd`` has made its second stream."""
-    return sorted(_side_streams)
-
-
-def forget_side_streams() -> None:
-    """Drop the second streams, so the next ``attn_bwd`` on a device makes its stream anew (or,
-    inside a graph capture, runs on one stream). For tests of the first call of a process."""
-    _side_streams.clear()

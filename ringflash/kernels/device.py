@@ -1,5 +1,6 @@
-"""The CUDA device a launch runs on: its index, multiprocessors and memory bandwidth (cached), and
-the current device set to a launcher's tensors."""
+"""The CUDA device a launch runs on: its index, multiprocessors and memory bandwidth (cached), the
+current device set to a launcher's tensors, and the second streams that work runs on beside the
+current stream."""
 
 from __future__ import annotations
 
@@ -67,3 +68,33 @@ def ptx_device(device: torch.device) -> bool:
     """Whether kernels on ``device`` are compiled to PTX, so inline PTX may be used: NVIDIA CUDA
     devices, not ROCm's, and not under Triton's interpreter."""
     return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+# Per (CUDA device index, purpose), a stream made on first use. A purpose has its own stream so that
+# work already on one second stream (a rank's calls on its own documents) can still put its dQ on
+# another beside its dK/dV.
+_SIDE_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream | None:
+    """The CUDA device's second stream for ``purpose``, made on first use; None if that would be
+    inside a graph capture, where creating a stream is best avoided: the caller then runs its work
+    on the current stream alone."""
+    key = (cuda_index(device), purpose)
+    side = _SIDE_STREAMS.get(key)
+    if side is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        side = _SIDE_STREAMS[key] = torch.cuda.Stream(device=key[0])
+    return side
+
+
+def side_stream_devices(purpose: str) -> list[int]:
+    """Indices of the CUDA devices on which a second stream for ``purpose`` has been made."""
+    return sorted(index for index, p in _SIDE_STREAMS if p == purpose)
+
+
+def forget_side_streams() -> None:
+    """Drop the second streams, so the next call on a device makes its stream anew (or, inside a
+    graph capture, runs on one stream). For tests of the first call of a process."""
+    _SIDE_STREAMS.clear()

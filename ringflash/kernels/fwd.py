@@ -17,17 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
+from .common import _attn_prologue, _block_ranges, _dot, _rows_desc, _run_bounds, _tanh, _tile_src, _visible
+from .device import on_tensor_device
+from .launch import SignatureTable, launch_cached
+from .launch_args import (
     CALL_TENSORS,
     TUNE_KEY,
-    _attn_prologue,
-    _block_ranges,
-    _dot,
-    _rows_desc,
-    _run_bounds,
-    _tanh,
-    _tile_src,
-    _visible,
     attn_args,
     attn_heuristics,
     call_tensors,
@@ -37,8 +32,6 @@ from .common import (
     two_part,
     wide_offsets,
 )
-from .device import on_tensor_device
-from .launch import SignatureTable, launch_cached
 from .options import AttnConfig
 from .tma import tma_applies
 

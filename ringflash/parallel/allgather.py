@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..backends import backend_for, device_throughput
+from ..backends import backend_for, device_throughput, side_stream
 from ..comm.gather import start_exchange
 from .gather_plan import GatherPlan, _sizes, gather_plan
 from .ring_loop import bwd_piece, fwd_piece
@@ -83,24 +83,14 @@ def fwd_state(q, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-# Per CUDA device, the second stream that the local documents' calls run on (``_beside``).
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
 def _side_stream(q: torch.Tensor, plan: GatherPlan):
     """The stream for this rank's calls on its own documents beside those on the gathered keys, or
     None (one stream): CPU tensors, a plan without both kinds of calls, calls that merge into a
     shared float32 state (``plan.write_once`` False: they would write the same rows), or a graph
     capture in progress before the stream exists."""
-    if q.device.type != "cuda" or not (plan.write_once and plan.local and plan.shared):
+    if not (plan.write_once and plan.local and plan.shared):
         return None
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    side = _SIDE_STREAMS.get(index)
-    if side is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        side = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return side
+    return side_stream(q.device, "local documents")
 
 
 @contextlib.contextmanager

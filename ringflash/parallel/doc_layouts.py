@@ -310,7 +310,7 @@ def _coalesce_full(pairs):
 def _two_part(pairs):
     """Pairs in order, each causal pair merged with the next when the two are a rank's two runs of
     one document against the same first key (touching query runs, the second after the first in
-    the document): one sequence with a two-part diagonal (``kernels.common.varlen_diag``), over the
+    the document): one sequence with a two-part diagonal (``kernels.launch_args.varlen_diag``), over the
     second run's keys, so the backward's dK/dV pass runs over the shared keys once instead of once
     per run. Only where the first run's length and last visible key fall on tile boundaries."""
     out = []

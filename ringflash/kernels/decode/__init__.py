@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ..common import cdiv, dot_f32, dot_precision, mask_flags, next_pow2, pad_dim, stride_names, strides
 from ..device import bandwidth_per_sm, on_tensor_device, ptx_device, sm_count
 from ..launch import SignatureTable, launch_cached
+from ..launch_args import cdiv, dot_f32, dot_precision, mask_flags, next_pow2, pad_dim, stride_names, strides
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
 from .append import append_kv

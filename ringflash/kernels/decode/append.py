@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import next_pow2, pad_dim, stride_names, strides
 from ..device import on_tensor_device
+from ..launch_args import next_pow2, pad_dim, stride_names, strides
 
 
 @triton.jit(do_not_specialize=["n_new", "page_size", "capacity", "n_rows"])

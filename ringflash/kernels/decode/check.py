@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import next_pow2, or_into_flag
+from ..common import or_into_flag
 from ..device import on_tensor_device
 from ..launch import SignatureTable, launch_cached
+from ..launch_args import next_pow2
 
 
 @triton.jit

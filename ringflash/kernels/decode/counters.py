@@ -24,9 +24,9 @@ import threading
 
 import torch
 
-from ..common import next_pow2
 from ..device import cuda_index
 from ..launch import current_raw_stream
+from ..launch_args import next_pow2
 from ..options import CounterArenaConfig
 
 __all__ = ["CounterArena", "CounterArenas", "default_arenas", "semaphore_buffer"]

@@ -4,8 +4,8 @@ cacheless call runs faster through the decoding kernel."""
 
 from __future__ import annotations
 
-from ..common import cdiv, next_pow2
 from ..device import sm_count
+from ..launch_args import cdiv, next_pow2
 from ..options import DecodeConfig
 
 # Tiles: 16 rows is the smallest tensor-core dot; GPU tiles were measured on Hopper
