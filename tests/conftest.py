@@ -1,7 +1,34 @@
 import os
 
+import background
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "background(name): reads the result of background job `name` (tests/background.py)"
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that read a background job run last, so that their jobs run beside the others."""
+    waiting = [it for it in items if it.get_closest_marker("background")]
+    if waiting:
+        items[:] = [it for it in items if not it.get_closest_marker("background")] + waiting
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    if session.config.option.collectonly:
+        return
+    marks = (it.get_closest_marker("background") for it in session.items)
+    background.start([m.args[0] for m in marks if m is not None])
+
+
+def pytest_sessionfinish(session):
+    background.stop()
 
 
 @pytest.fixture(autouse=True)

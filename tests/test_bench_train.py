@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import background
 import pytest
 import torch
 from dist_utils import spawn
@@ -22,16 +23,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_train  # noqa: E402  (importable without a GPU)
 
+TINY_JOB = background.job(
+    "bench-train-tiny",
+    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    + ["benchmarks/bench_train.py", "--tiny", "--out", "{out}"],
+    cwd=str(ROOT),
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    timeout=240,
+)
 
-def test_bench_train_tiny_runs_under_torchrun(tmp_path):
+
+@pytest.mark.background(TINY_JOB)
+def test_bench_train_tiny_runs_under_torchrun():
     pytest.importorskip("deepspeed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["benchmarks/bench_train.py", "--tiny", "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc, out = background.result(TINY_JOB)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "4 layers (ran 2; '~' = extrapolated" in proc.stdout, proc.stdout
-    with open(tmp_path / "train_W2.csv") as fh:
+    with open(Path(out) / "train_W2.csv") as fh:
         rows = list(csv.DictReader(fh))
     by = {(r["method"], r["kind"]): r for r in rows}
     for m in ("ring", "hybrid", "alst-sdpa", "alst-ringflash"):

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import background  # noqa: E402
 from test_decode import (  # noqa: E402
     CASES,
     assert_checks,
@@ -137,20 +137,19 @@ def _worker_main():
         proto.write(json.dumps({"id": f"varlen-plan-{i}", **reply}) + "\n")
 
 
+_env = dict(os.environ, TRITON_INTERPRET="1")
+_env["PYTHONPATH"] = REPO + os.pathsep + _env.get("PYTHONPATH", "")
+WORKER_JOB = background.job(
+    "decode-interp", [sys.executable, os.path.abspath(__file__), "--worker"], cwd=REPO, env=_env, timeout=400
+)
+pytestmark = pytest.mark.background(WORKER_JOB)
+
+
 @pytest.fixture(scope="module")
 def interp_results():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc, _ = background.result(WORKER_JOB)
     results = {}
     for line in proc.stdout.splitlines():
         r = json.loads(line)

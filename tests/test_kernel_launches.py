@@ -6,7 +6,8 @@ runs as a script in a child process (``TRITON_INTERPRET=1`` must be set before T
 
 from __future__ import annotations
 
-from test_kernels import _assert_interp_script_says_same
+import pytest
+from test_kernels import _assert_interp_script_says_same, interp_script_job
 
 _WIDE_SCRIPT = """
 import torch
@@ -24,6 +25,7 @@ for a, b in zip(narrow, wide):
     assert torch.equal(a, b), (a - b).abs().max()
 print("same")
 """
+WIDE_JOB = interp_script_job("launch-wide", _WIDE_SCRIPT)
 
 
 _SIGNATURE_SCRIPT = """
@@ -55,12 +57,14 @@ for a, b in zip(two, fresh(*flat, **pk, diag_offset=torch.tensor([0, 3, -2], dty
 assert not torch.equal(one[1], two[1])
 print("same")
 """
+SIGNATURE_JOB = interp_script_job("launch-signature", _SIGNATURE_SCRIPT)
 
 
+@pytest.mark.background(SIGNATURE_JOB)
 def test_kernels_launch_arguments_kept_per_signature_under_interpreter():
     """A forward call whose signature was seen binds only its tensors to the kept arguments: the
     same results as deriving them again, for other data, other strides and per-sequence diagonals."""
-    _assert_interp_script_says_same(_SIGNATURE_SCRIPT)
+    _assert_interp_script_says_same(SIGNATURE_JOB)
 
 
 _BWD_SIGNATURE_SCRIPT = """
@@ -104,13 +108,15 @@ for a, b in zip(two, grads(*flat, **pk, diag_offset=diag, fresh=True)):
 assert not torch.equal(one[0], two[0])
 print("same")
 """
+BWD_SIGNATURE_JOB = interp_script_job("launch-bwd-signature", _BWD_SIGNATURE_SCRIPT)
 
 
+@pytest.mark.background(BWD_SIGNATURE_JOB)
 def test_kernels_backward_arguments_kept_per_signature_under_interpreter():
     """The backward's derived launch arguments are kept per call signature too: a repeated
     signature gives the same gradients as deriving them again (other data, strides, write modes,
     per-sequence diagonals)."""
-    _assert_interp_script_says_same(_BWD_SIGNATURE_SCRIPT)
+    _assert_interp_script_says_same(BWD_SIGNATURE_JOB)
 
 
 _UNSEEN_SCRIPT = """
@@ -145,19 +151,22 @@ assert torch.equal(g[0][rows], dq[rows])
 assert torch.equal(g[1][keys], dk[keys]) and torch.equal(g[2][keys], dv[keys])
 print("same")
 """
+UNSEEN_JOB = interp_script_job("launch-unseen", _UNSEEN_SCRIPT)
 
 
+@pytest.mark.background(UNSEEN_JOB)
 def test_kernels_packed_results_need_no_fill_under_interpreter():
     """A packed forward and backward that allocate their results write every row themselves, those
     of a sequence with no keys (or no queries) as 0 and -inf / zero gradients (no zero fill before
     the launches), while given buffers keep them."""
-    _assert_interp_script_says_same(_UNSEEN_SCRIPT)
+    _assert_interp_script_says_same(UNSEEN_JOB)
 
 
+@pytest.mark.background(WIDE_JOB)
 def test_kernels_wide_offset_code_matches_under_interpreter():
     """The 64-bit loop code (used when offsets pass 2^31 elements, see the CUDA test below) gives
     the same results as the 32-bit code; forced on at a small shape under the interpreter."""
-    _assert_interp_script_says_same(_WIDE_SCRIPT)
+    _assert_interp_script_says_same(WIDE_JOB)
 
 
 _ROWS_SCRIPT = """
@@ -198,11 +207,13 @@ for dtype in (torch.float32, torch.bfloat16):
     assert gather_rows(ks, vs, pick[:0]).shape == (0, heads, dim)
 print("same")
 """
+ROWS_JOB = interp_script_job("launch-rows", _ROWS_SCRIPT)
 
 
+@pytest.mark.background(ROWS_JOB)
 def test_rows_summed_from_sources_equal_the_torch_operations_under_interpreter():
     """The one-pass sum of the all-gather's returned dK/dV rows (``kernels.rows``) gives the torch
     operations' float32 sums (in source order; their bfloat16 cast to the interpreter's rounding),
     writes only its rows and heads of a strided gradient, and zeros where no source sends a row;
     the one-pass gather of outgoing rows from strided K and V equals their concatenation's select."""
-    _assert_interp_script_says_same(_ROWS_SCRIPT)
+    _assert_interp_script_says_same(ROWS_JOB)

@@ -3,7 +3,7 @@
 ``run_case`` computes every check of one case (padded or varlen, accumulate mode, the split-KV
 forward, TMA descriptors or not); ``test_kernels_interp.py`` runs small cases under Triton's
 interpreter on CPU, this file larger ones on a GPU, beside the checks of 64-bit offsets, dQ on a
-second stream and tensors on another GPU. ``_assert_interp_script_says_same`` runs a script under
+second stream and tensors on another GPU. ``interp_script_job`` runs a script under
 the interpreter in a child process (for ``test_kernels_interp.py``, ``test_kernel_launches.py``).
 
 Tolerances: float32 inputs meet fixed bounds; float16/bfloat16 follow flash-attn's rule: the
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zlib
 
+import background
 import pytest
 import torch
 
@@ -284,17 +284,16 @@ def _interp_env(**extra):
     return env
 
 
-def _assert_interp_script_says_same(script):
-    """Run ``script`` in a child process under the interpreter; it must exit 0 printing "same"."""
+def interp_script_job(name: str, script: str) -> str:
+    """Background job ``name`` (``tests/background.py``): ``script`` in a child process under the
+    interpreter, from this checkout. Returns ``name``, for the test's ``background`` marker."""
+    return background.job(name, [sys.executable, "-c", script], cwd=REPO, env=_interp_env(), timeout=300)
+
+
+def _assert_interp_script_says_same(name: str):
+    """Background job ``name`` (``interp_script_job``) must exit 0 printing "same"."""
     pytest.importorskip("triton")
-    r = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=_interp_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r, _ = background.result(name)
     assert r.returncode == 0 and "same" in r.stdout, r.stderr[-3000:]
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import traceback
 
+import background
 import pytest
 import torch
 from test_kernels import (
@@ -32,6 +33,7 @@ from test_kernels import (
     _case_id,
     _interp_env,
     _pad,
+    interp_script_job,
     run_case,
 )
 
@@ -183,26 +185,31 @@ print("same")
 """
 
 
+OPS_JOB = interp_script_job("ops-autograd-interp", _OPS_SCRIPT)
+LOCAL_SUITE_JOB = background.job(
+    "local-suite-interp",
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_local.py"],
+    cwd=REPO,
+    env=_interp_env(RINGFLASH_TEST_BACKEND="triton"),
+    timeout=900,
+)
+
+
+@pytest.mark.background(OPS_JOB)
 def test_ops_autograd_through_triton_backend_under_interpreter():
     """flash_attn_func / flash_attn_varlen_func with autograd on the Triton backend (the delta
     kernel, dK/dV and dQ, an LSE gradient folded into delta) match the PyTorch backend; under the
     interpreter at a small shape."""
-    _assert_interp_script_says_same(_OPS_SCRIPT)
+    _assert_interp_script_says_same(OPS_JOB)
 
 
+@pytest.mark.background(LOCAL_SUITE_JOB)
 def test_local_suite_through_triton_backend_under_interpreter():
     """The whole local test suite (``tests/test_local.py``: masks, GQA, varlen, softcap, odd
     lengths, fully masked rows, LSE gradients, torch.compile) with every call on the Triton kernels
     under the interpreter (``RINGFLASH_TEST_BACKEND``, see conftest.py)."""
     pytest.importorskip("triton")
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_local.py"],
-        cwd=REPO,
-        env=_interp_env(RINGFLASH_TEST_BACKEND="triton"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    r, _ = background.result(LOCAL_SUITE_JOB)
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     ok = r.returncode == 0 and " passed" in summary and "failed" not in summary and "error" not in summary
     assert ok, r.stdout[-3000:] + r.stderr[-2000:]

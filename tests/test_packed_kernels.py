@@ -7,11 +7,16 @@ the blockwise backend, the Triton kernels under the interpreter, and on a GPU.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
+import background
 import pytest
 import torch
 
 import ringflash as rf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TRITON_SCRIPT = """
 import sys
@@ -35,6 +40,13 @@ with rf.use_backend("triton"):
     assert err < 1e-4, err
 print("ok")
 """
+TRITON_JOB = background.job(
+    "packed-interp",
+    [sys.executable, "-c", _TRITON_SCRIPT],
+    cwd=REPO,
+    env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO),
+    timeout=600,
+)
 
 
 def _written_gradients_case(backend, dtype, device="cpu"):
@@ -77,21 +89,14 @@ def test_packed_gradients_written_into_given_buffers_cuda():
         _written_gradients_case(rf.backends.get_backend("triton"), dtype, "cuda")
 
 
+@pytest.mark.background(TRITON_JOB)
 def test_packed_calls_through_the_triton_kernels_under_the_interpreter():
     """The packed calls' spacer sequences (no keys, or no queries) and a two-part sequence (a
     rank's two runs of a document in one sequence) through the Triton kernels. Which runs the
     all-gather makes two-part is the plan's, the same on every backend (``test_packed``'s long
     documents, on the blockwise backend): the interpreter takes minutes over tile-multiple runs."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=repo)
-    r = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT], cwd=repo, env=env, capture_output=True, text=True, timeout=600
-    )
+    r, _ = background.result(TRITON_JOB)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
