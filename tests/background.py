@@ -23,7 +23,7 @@ class _Job:
     cwd: str
     env: dict
     timeout: float
-    out_dir: str | None = None  # a fresh directory, given to the command as "{out}"
+    out_dir: str | None = None  # a fresh directory, "{out}" in the command and its cwd
     done: threading.Event = field(default_factory=threading.Event)
     proc: subprocess.Popen | None = None
     result: subprocess.CompletedProcess | None = None
@@ -35,8 +35,9 @@ _stopping = threading.Event()
 
 
 def job(name: str, argv: list[str], *, cwd: str, env: dict | None = None, timeout: float = 600) -> str:
-    """Name the command ``argv`` (``"{out}"`` in it becomes a fresh directory) as job ``name``; the
-    job's children run with one intra-op thread each. Returns ``name`` (for the marker)."""
+    """Name the command ``argv``, run in ``cwd``, as job ``name`` (``"{out}"`` in either becomes a
+    fresh directory); the job's children run with one intra-op thread each. Returns ``name`` (for
+    the marker)."""
     env = dict(os.environ if env is None else env)
     env["OMP_NUM_THREADS"] = "1"
     _JOBS[name] = _Job(list(argv), cwd, env, timeout)
@@ -45,12 +46,13 @@ def job(name: str, argv: list[str], *, cwd: str, env: dict | None = None, timeou
 
 def _run(j: _Job) -> None:
     try:
-        if "{out}" in " ".join(j.argv):
+        if "{out}" in " ".join([*j.argv, j.cwd]):
             j.out_dir = tempfile.mkdtemp(prefix="ringflash-job-")
         argv = [a.replace("{out}", j.out_dir) if j.out_dir else a for a in j.argv]
+        cwd = j.cwd.replace("{out}", j.out_dir) if j.out_dir else j.cwd
         # Files, not pipes: a chatty child would block on a full pipe nobody reads until it ends.
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            j.proc = subprocess.Popen(argv, cwd=j.cwd, env=j.env, stdout=out, stderr=err, text=True)
+            j.proc = subprocess.Popen(argv, cwd=cwd, env=j.env, stdout=out, stderr=err, text=True)
             try:
                 code = j.proc.wait(timeout=j.timeout)
             except subprocess.TimeoutExpired:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 import torch
 
@@ -34,28 +35,31 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "bench_timing")
 
 
-def test_bench_tiny_on_cpu_writes_tables_csv_and_plots(tmp_path):
+TINY_BENCH_JOB = background.job(
+    "bench-cli-tiny",
+    [
+        sys.executable,
+        "-m",
+        "ringflash.cli",
+        "bench",
+        "cpu",
+        "ring",
+        "packed",
+        "--tiny",
+        "--out",
+        "{out}/bench",
+    ],
+    cwd="{out}",
+    timeout=600,
+)
+
+
+@pytest.mark.background(TINY_BENCH_JOB)
+def test_bench_tiny_on_cpu_writes_tables_csv_and_plots():
     """Every one-process benchmark that runs on CPU, at --tiny size, through the CLI, from outside
     the repository (a helper path once assumed the repository root)."""
-    out = tmp_path / "bench"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ringflash.cli",
-            "bench",
-            "cpu",
-            "ring",
-            "packed",
-            "--tiny",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    res, where = background.result(TINY_BENCH_JOB)
+    out = Path(where) / "bench"
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("cpu.csv", "cpu.png", "ring.csv", "ring.png", "packed.csv"):
         assert (out / name).stat().st_size > 0, f"{name} missing or empty"
@@ -73,18 +77,18 @@ def test_bench_tiny_on_cpu_writes_tables_csv_and_plots(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only messages")
-def test_bench_rejects_gpu_only_benchmarks_without_cuda_and_unknown_names():
+def test_bench_rejects_gpu_only_benchmarks_without_cuda_and_unknown_names(capsys):
     def bench(*args):
-        cmd = [sys.executable, "-m", "ringflash.cli", "bench", *args]
-        return subprocess.run(cmd, capture_output=True, text=True)
+        code = main(["bench", *args])
+        return code, capsys.readouterr().err
 
     for name in ("attention", "decode"):
-        res = bench(name, "--tiny")
-        assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr
-    res = bench("ring_nccl")  # multi-GPU: only its --tiny smoke form runs on CPU
-    assert res.returncode == 2 and "--tiny runs its smoke form" in res.stderr
-    res = bench("frob")
-    assert res.returncode == 2 and "unknown benchmark 'frob'" in res.stderr
+        code, err = bench(name, "--tiny")
+        assert code == 2 and "needs a CUDA GPU" in err
+    code, err = bench("ring_nccl")  # multi-GPU: only its --tiny smoke form runs on CPU
+    assert code == 2 and "--tiny runs its smoke form" in err
+    code, err = bench("frob")
+    assert code == 2 and "unknown benchmark 'frob'" in err
 
 
 def test_bench_child_failure_shows_the_childs_error(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +21,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _run(cmd: list[str], timeout: float = 240) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return _checked(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout))
+
+
+def _checked(proc: subprocess.CompletedProcess) -> str:
+    """The run's output, which must have exited 0."""
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}"
+    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{out[-3000:]}"
     return out
 
 
@@ -86,11 +91,23 @@ def test_mpirun_training_matches_one_process():
 PACKED_ROWS = ("contiguous:ring", "balanced:ring", "balanced:allgather")
 
 
-def test_torchrun_benchmarks_run_through_the_cli(tmp_path):
+BENCH_JOB = background.job(
+    "torchrun-bench-cli",
+    [sys.executable, "-m", "ringflash.cli", "bench", "--tiny", "--nproc", "2", "--out", "{out}"]
+    + ["ring_nccl", "decode_sharded_nccl", "max_seqlen"],
+    cwd=str(ROOT),
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    timeout=400,
+)
+
+
+@pytest.mark.background(BENCH_JOB)
+def test_torchrun_benchmarks_run_through_the_cli():
     """The multi-process benchmarks at --tiny size, through ``ringflash bench`` (torchrun, 2 gloo
     processes on CPU): each writes its CSV, and the sharded results equal one device's."""
-    cmd = [sys.executable, "-m", "ringflash.cli", "bench", "--tiny", "--nproc", "2", "--out", str(tmp_path)]
-    out = _run([*cmd, "ring_nccl", "decode_sharded_nccl", "max_seqlen"], timeout=400)
+    proc, where = background.result(BENCH_JOB)
+    tmp_path = Path(where)
+    out = _checked(proc)
     assert "predicted max" in out and "ran  L=" in out, out[-2000:]
 
     def rows(name):

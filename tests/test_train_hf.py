@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 
 pytest.importorskip("transformers")
@@ -23,8 +24,12 @@ TINY = ["--steps", "2", "--seq-len", "128"]
 
 def _run(cmd: list[str], timeout: float = 180) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+    return _checked(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout))
+
+
+def _checked(proc: subprocess.CompletedProcess) -> str:
+    """The example's stdout; it must have exited 0 and printed one PASS line."""
+    cmd, out = proc.args, proc.stdout + proc.stderr
     # The lines that say why (a rank's error or abort), then the end of the output.
     why = "\n".join(ln for ln in out.splitlines() if re.search(r"Error|error:|terminate|what\(\)", ln))
     assert proc.returncode == 0, (
@@ -56,11 +61,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("args", list(CASES.values()), ids=list(CASES))
-def test_train_hf_llama_torchrun(args):
+# Each case is a background job (tests/background.py): the launches run beside the other tests.
+JOBS = {
+    name: background.job(
+        f"train-hf-{name}",
+        [*TORCHRUN, "launch/train_hf_llama.py", *args, *TINY],
+        cwd=str(ROOT),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=180,
+    )
+    for name, args in CASES.items()
+}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.background(JOBS[n])) for n in CASES], ids=list(CASES)
+)
+def test_train_hf_llama_torchrun(name):
+    args = CASES[name]
     if _needs_deepspeed(args):
         pytest.importorskip("deepspeed")
-    out = _run([*TORCHRUN, "launch/train_hf_llama.py", *args, *TINY])
+    out = _checked(background.result(JOBS[name])[0])
     if "--offload-activations" in args:
         assert "FSDP2 + offloaded activations + lean norms" in out, out
     if "hybrid" in args:
