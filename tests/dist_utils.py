@@ -1,15 +1,18 @@
 """Spawning real distributed workers for tests: gloo (or NCCL), a ``file://`` rendezvous in a temp dir.
 
-``spawn(fn, world, *args)`` starts ``world`` processes (torch.multiprocessing, spawn context), each
-of which joins a gloo process group and calls ``fn(rank, world, *args)``. It returns the ranks'
-return values in rank order; when any rank raises, the parent raises ``AssertionError`` carrying
-every failing rank's traceback, so assertion failures inside workers fail the calling test.
+``spawn(fn, world, *args)`` starts ``world`` processes (torch.multiprocessing, forkserver context:
+a server that imported torch and ringflash once forks every worker, so a worker does not import
+them anew), each of which joins a gloo process group and calls ``fn(rank, world, *args)``. It
+returns the ranks' return values in rank order; when any rank raises, the parent raises
+``AssertionError`` carrying every failing rank's traceback, so assertion failures inside workers
+fail the calling test.
 ``fn`` must be a module-level function (it is pickled by name).
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import queue
 import tempfile
@@ -19,6 +22,16 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# What the fork server imports before it forks the workers. A worker still imports its test module
+# (``fn`` is pickled by name), which finds these loaded.
+_PRELOAD = ("torch", "torch.distributed", "numpy", "ringflash", "ringflash.parallel", "transformers")
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([m for m in _PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+    return ctx
 
 
 def _worker(fn, rank, world, init_file, pg_timeout, results, args, backend):
@@ -56,7 +69,7 @@ def spawn(
 
     ``expect_dead``: ranks that are meant to die without reporting (their result is None).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
