@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,19 +49,27 @@ def test_bench_train_tiny_runs_under_torchrun():
     assert "CUDA" in by[("context-parallel", "n/a")]["note"]
 
 
-def test_bench_train_one_rank_runs_alst_core_alone_with_offloaded_activations(tmp_path):
+ONE_RANK_JOB = background.job(
+    "bench-train-one-rank",
+    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    + ["benchmarks/bench_train.py", "--tiny", "--no-search", "--offload-activations", "--lean-norms"]
+    + ["--methods", "ring", "alst-sdpa", "--out", "{out}"],
+    cwd=str(ROOT),
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    timeout=240,
+)
+
+
+@pytest.mark.background(ONE_RANK_JOB)
+def test_bench_train_one_rank_runs_alst_core_alone_with_offloaded_activations():
     """On one rank ALST registers nothing, so its row is its core attention alone (the baseline of
     the one-GPU figures); the offloaded checkpoints and lean norms still train."""
     pytest.importorskip("deepspeed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    cmd += ["benchmarks/bench_train.py", "--tiny", "--no-search", "--offload-activations", "--lean-norms"]
-    cmd += ["--methods", "ring", "alst-sdpa", "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc, out = background.result(ONE_RANK_JOB)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "(inputs offloaded to host memory)" in proc.stdout and "lean RMSNorms" in proc.stdout, proc.stdout
     assert "# host memory of the node" in proc.stdout and "longest row in 90% of it" in proc.stdout
-    with open(tmp_path / "train_W1.csv") as fh:
+    with open(Path(out) / "train_W1.csv") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh) if r["kind"] == "throughput"}
     assert rows["alst-sdpa"]["plan"] == "one GPU: its core alone", rows
     assert all(float(r["tokens_per_s_per_gpu"]) > 0 for r in rows.values()), rows

@@ -88,11 +88,21 @@ def test_train_hf_llama_torchrun(name):
         assert ("ulysses 1 x ring 2" if "3" in args else "ulysses 2 x ring 1") in out, out
 
 
+ALST_SCRIPT_JOB = background.job(
+    "train-hf-alst-script",
+    ["bash", "launch/train_hf_llama_cpu.sh", "2", "--tiled", "--packed", *TINY],
+    cwd=str(ROOT),
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    timeout=180,
+)
+
+
+@pytest.mark.background(ALST_SCRIPT_JOB)
 def test_train_hf_llama_alst_zero3_on_cpu_script():
     """ALST (ringflash as DeepSpeed's core attention), ZeRO-3, tiled MLP and loss, packed documents:
     launch/train_hf_llama_cpu.sh (torchrun starts the ranks, as launch/deepspeed_run_cpu.sh does)."""
     pytest.importorskip("deepspeed")
-    out = _run(["bash", "launch/train_hf_llama_cpu.sh", "2", "--tiled", "--packed", *TINY])
+    out = _checked(background.result(ALST_SCRIPT_JOB)[0])
     assert "attn alst, ZeRO-3 + tiled + packed" in out, out
 
 
