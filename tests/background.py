@@ -11,6 +11,7 @@ when its result is first asked for, in the foreground.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -97,8 +98,12 @@ def result(name: str) -> tuple[subprocess.CompletedProcess, str | None]:
 
 
 def stop() -> None:
-    """Kill the job running now and start no other (a run that ends early: ``-x``, an interrupt)."""
+    """At the end of a run: kill the job running now (a run that ends early: ``-x``, an interrupt),
+    start no other, and remove the jobs' directories."""
     _stopping.set()
     for j in _JOBS.values():
         if j.proc is not None and j.proc.poll() is None:
             j.proc.kill()
+            j.proc.wait()
+        if j.out_dir is not None:
+            shutil.rmtree(j.out_dir, ignore_errors=True)
