@@ -219,7 +219,7 @@ def test_local_calls_beside_the_shared_calls_change_no_bit_cuda(monkeypatch):
     with rf.use_backend("triton"):
         for side in (True, False):
             if not side:
-                monkeypatch.setattr(ag, "_side_stream", lambda q, plan: None)
+                monkeypatch.setattr(ag, "_two_streams", lambda plan: False)
             kw = dict(causal=True, cu_seqlens=cu, method="allgather", heads_k_stride=1)
             outs, lses, _ = simulate_ring_attn(*parts[:3], "balanced", **kw)
             grads = simulate_ring_attn_backward(parts[3], *parts[:3], outs, lses, "balanced", **kw)[:3]

@@ -148,15 +148,16 @@ def device_throughput(device: torch.device) -> tuple[int, float] | None:
     return sms, bandwidth_per_sm(device) * 1e9 * sms
 
 
-def side_stream(device: torch.device, purpose: str):
-    """The CUDA device's second stream for ``purpose`` (one per device and purpose, made on first
-    use), for work that runs beside the current stream's; None for other devices, or inside a graph
-    capture before the stream exists (the work then runs on the current stream)."""
+def beside(device: torch.device, purpose: str, wanted: bool = True):
+    """A context manager for work beside the current stream's: yields the context of the CUDA
+    device's second stream for ``purpose`` (``kernels.device.beside``: it starts after the work
+    queued so far, and the current stream waits for it when the block ends), or a no-op for other
+    devices, ``wanted`` False, or a graph capture before the stream exists."""
     if device.type != "cuda":
-        return None
-    from ..kernels.device import side_stream as made
+        return contextlib.nullcontext(contextlib.nullcontext())
+    from ..kernels.device import beside as on_side
 
-    return made(device, purpose)
+    return on_side(device, purpose, wanted)
 
 
 _BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend(), "cudnn": CudnnBackend()}

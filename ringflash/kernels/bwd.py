@@ -13,15 +13,13 @@ Gradient of a softcapped score ``s = c * tanh(x * scale / c)`` is ``scale * (1 -
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .bwd_dkdv import _attn_bwd_dkdv_kernel
 from .bwd_dq import _attn_bwd_dq_kernel
-from .device import on_tensor_device, side_stream, sm_count
+from .device import beside, on_tensor_device, sm_count
 from .fwd import _launch_key
 from .launch import SignatureTable, launch_cached
 from .launch_args import (
@@ -318,17 +316,10 @@ def attn_bwd(
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)
         _dq_cpu[(cdiv(Sq, _CPU_DQ["BLOCK_M"]) * B * Hq,)](**static_q, **dq_call, **_CPU_DQ)
         return dq, dk, dv
-    side = side_stream(q.device, "dq") if _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config) else None
-    if side is not None:
-        main = torch.cuda.current_stream(q.device)
-        side.wait_stream(main)
-    launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
-    if side is not None:
-        # The join is a wait on the GPU, not the host, so the caller's later work (and any
-        # reuse of these tensors' memory) is ordered after both kernels; capturable in a graph.
-        main.wait_stream(side)
+    with beside(q.device, "dq", _dq_beside(cdiv(Sk, 128) * B * Hk, q.device, config)) as dq_stream:
+        launch_cached(_dkdv_gpu, lambda m: (cdiv(Sk, m["BLOCK_N"]) * B * Hk,), static_kv, dkdv_call, slots[0])
+        with dq_stream:
+            launch_cached(_dq_gpu, lambda m: (cdiv(Sq, m["BLOCK_M"]) * B * Hq,), static_q, dq_call, slots[1])
     return dq, dk, dv
 
 

@@ -4,6 +4,7 @@ current stream."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -87,6 +88,26 @@ def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream | None:
             return None
         side = _SIDE_STREAMS[key] = torch.cuda.Stream(device=key[0])
     return side
+
+
+@contextlib.contextmanager
+def beside(device: torch.device, purpose: str, wanted: bool = True):
+    """Yields the context to run work in beside the current stream's: the device's second stream
+    for ``purpose`` (``side_stream``), which starts after the work queued so far and which the
+    current stream waits for when the block ends, or a no-op (``wanted`` False, a device that is
+    not CUDA, or a graph capture before the stream exists). Work queued inside the block outside
+    that context stays on the current stream and runs alongside. The waits are on the GPU, not
+    the host, so they are capturable in a graph and later work is ordered after both streams."""
+    side = side_stream(device, purpose) if wanted and device.type == "cuda" else None
+    if side is None:
+        yield contextlib.nullcontext()
+        return
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    try:
+        yield torch.cuda.stream(side)
+    finally:
+        main.wait_stream(side)
 
 
 def side_stream_devices(purpose: str) -> list[int]:

@@ -25,12 +25,11 @@ programs leaves SMs idle.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
-from ..backends import backend_for, device_throughput, side_stream
+from ..backends import backend_for, beside, device_throughput
 from ..comm.gather import start_exchange
 from .gather_plan import GatherPlan, _sizes, gather_plan
 from .ring_loop import bwd_piece, fwd_piece
@@ -83,33 +82,21 @@ def fwd_state(q, v, plan: GatherPlan) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _side_stream(q: torch.Tensor, plan: GatherPlan):
-    """The stream for this rank's calls on its own documents beside those on the gathered keys, or
-    None (one stream): CPU tensors, a plan without both kinds of calls, calls that merge into a
-    shared float32 state (``plan.write_once`` False: they would write the same rows), or a graph
-    capture in progress before the stream exists."""
-    if not (plan.write_once and plan.local and plan.shared):
-        return None
-    return side_stream(q.device, "local documents")
+def _two_streams(plan: GatherPlan) -> bool:
+    """Whether this rank's calls on its own documents may run on a second stream beside those on
+    the gathered keys (``_beside``): both kinds of calls exist and they write different rows
+    (``plan.write_once``; calls that merge into a shared float32 state would write the same)."""
+    return bool(plan.write_once and plan.local and plan.shared)
 
 
-@contextlib.contextmanager
 def _beside(q: torch.Tensor, plan: GatherPlan):
-    """Yields the context that the local documents' calls run in: a second CUDA stream
-    (``_side_stream``), which starts after the work queued so far and which the current stream
-    waits for when the block ends, or a no-op. The two kinds of calls write different rows (and
-    the gathered keys' dK/dV a buffer of their own), so running them side by side changes no bit;
-    each call's last wave of programs then overlaps the other's instead of idling SMs."""
-    side = _side_stream(q, plan)
-    if side is None:
-        yield contextlib.nullcontext()
-        return
-    main = torch.cuda.current_stream(q.device)
-    side.wait_stream(main)
-    try:
-        yield torch.cuda.stream(side)
-    finally:
-        main.wait_stream(side)  # on the GPU, not the host; later work is ordered after both
+    """Yields the context that the local documents' calls run in: a second CUDA stream that starts
+    after the work queued so far and that the current stream waits for when the block ends
+    (``backends.beside``), or a no-op (``_two_streams`` False, CPU tensors, a graph capture before
+    the stream exists). The two kinds of calls write different rows (and the gathered keys'
+    dK/dV a buffer of their own), so running them side by side changes no bit; each call's last
+    wave of programs then overlaps the other's instead of idling SMs."""
+    return beside(q.device, "local documents", _two_streams(plan))
 
 
 def heads_fwd(backend, q, k, v, piece, gathered, plan: GatherPlan, scale, softcap, state) -> None:
