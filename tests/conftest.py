@@ -13,21 +13,15 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests that read a background job run last, so that their jobs run beside the others."""
-    waiting = [it for it in items if it.get_closest_marker("background")]
-    if waiting:
-        items[:] = [it for it in items if not it.get_closest_marker("background")] + waiting
+    """Tests that read a background job run last, and their jobs start now (after deselection),
+    so that they run beside the others."""
+    items.sort(key=lambda it: it.get_closest_marker("background") is not None)  # stable: order kept
+    marks = (it.get_closest_marker("background") for it in items)
+    if not config.option.collectonly:
+        background.start([m.args[0] for m in marks if m is not None])
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtestloop(session):
-    if session.config.option.collectonly:
-        return
-    marks = (it.get_closest_marker("background") for it in session.items)
-    background.start([m.args[0] for m in marks if m is not None])
-
-
-def pytest_sessionfinish(session):
+def pytest_unconfigure(config):
     background.stop()
 
 

@@ -36,6 +36,7 @@ from test_decode import (  # noqa: E402
 )
 from test_decode_graphs import fused_vs_unfused  # noqa: E402
 from test_device_errors import bad_cu_call, cu_bounds_cases, value_bits_cases  # noqa: E402
+from test_kernels import _interp_env  # noqa: E402
 from test_plans import (  # noqa: E402
     PLAN_CASES,
     PREFILL_CASES,
@@ -137,10 +138,12 @@ def _worker_main():
         proto.write(json.dumps({"id": f"varlen-plan-{i}", **reply}) + "\n")
 
 
-_env = dict(os.environ, TRITON_INTERPRET="1")
-_env["PYTHONPATH"] = REPO + os.pathsep + _env.get("PYTHONPATH", "")
 WORKER_JOB = background.job(
-    "decode-interp", [sys.executable, os.path.abspath(__file__), "--worker"], cwd=REPO, env=_env, timeout=400
+    "decode-interp",
+    [sys.executable, os.path.abspath(__file__), "--worker"],
+    cwd=REPO,
+    env=_interp_env(),
+    timeout=400,
 )
 pytestmark = pytest.mark.background(WORKER_JOB)
 

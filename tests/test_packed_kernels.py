@@ -7,16 +7,14 @@ the blockwise backend, the Triton kernels under the interpreter, and on a GPU.
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import background
 import pytest
 import torch
+from test_kernels import REPO, _interp_env
 
 import ringflash as rf
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TRITON_SCRIPT = """
 import sys
@@ -44,7 +42,7 @@ TRITON_JOB = background.job(
     "packed-interp",
     [sys.executable, "-c", _TRITON_SCRIPT],
     cwd=REPO,
-    env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO),
+    env=_interp_env(),
     timeout=600,
 )
 
