@@ -92,27 +92,44 @@ def mode_for(t: torch.Tensor) -> str:
     return mode
 
 
-class _Flag:
-    """A device's error bits, two int32 words in host memory: word 0 written by the check kernels,
-    word 1 a copy of what torch operations OR-ed on the device (``or_verdicts``).
+KERNEL_WORDS = len(BITS)  # the check kernels' words: one per bit (``kernels.common.or_into_flag``)
 
-    For a CUDA device the words are pinned host memory, which a kernel writes through its device
-    mapping (unified addressing): the host reads them with no copy and no stream work, and sees a
-    call's bits once its check has run."""
+
+class _Flag:
+    """A device's error bits in host memory, ``KERNEL_WORDS + 2`` int32 words: word ``i <
+    KERNEL_WORDS`` is set to 1 by a check kernel that found bit ``2**i``; the next word holds what
+    torch operations OR-ed on the device (``or_verdicts``); the last pads the words to 8-byte reads.
+
+    A word per bit, because kernels store into host memory without atomics: programs that fail
+    different checks at once each store their own words, and none is lost. For a CUDA device the
+    words are pinned host memory, which a kernel writes through its device mapping (unified
+    addressing): the host reads them with no copy and no stream work, and sees a call's bits once
+    its check has run."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.words = torch.zeros(2, dtype=torch.int32, pin_memory=self.cuda)
-        self.view = (ctypes.c_int32 * 2).from_address(self.words.data_ptr())  # a read costs no torch call
+        n = KERNEL_WORDS + 2
+        self.words = torch.zeros(n, dtype=torch.int32, pin_memory=self.cuda)
+        address = self.words.data_ptr()
+        self.view = (ctypes.c_int32 * n).from_address(address)
+        self.pairs = (ctypes.c_uint64 * (n // 2)).from_address(address)  # any bit, in few reads
         self.on_device = None  # CUDA: the bits torch operations OR into (``or_verdicts``), made on use
 
     def bits(self) -> int:
-        return self.view[0] | self.view[1]
+        p = self.pairs
+        if not (p[0] | p[1] | p[2] | p[3] | p[4]):  # the common case: no torch call, five reads
+            return 0
+        v = self.view
+        found = v[KERNEL_WORDS]
+        for i in range(KERNEL_WORDS):
+            if v[i]:
+                found |= 1 << i
+        return found
 
     def clear(self) -> None:
         if self.on_device is not None:
             self.on_device.zero_()
-        self.view[0] = self.view[1] = 0
+        ctypes.memset(self.words.data_ptr(), 0, self.words.numel() * 4)
 
 
 _FLAGS: dict[str, _Flag] = {}
@@ -133,9 +150,10 @@ def _flag(device: torch.device) -> _Flag:
 
 
 def error_flag(device: torch.device) -> torch.Tensor:
-    """The word that ``device``'s check kernels OR their bits into: int32, one element, in host
-    memory (pinned, so a kernel on ``device`` can write it) for a CUDA device; in place on CPU."""
-    return _flag(device).words[:1]
+    """The words that ``device``'s check kernels set, one per bit (int32, ``KERNEL_WORDS``
+    elements), in host memory (pinned, so a kernel on ``device`` can write them) for a CUDA
+    device; in place on CPU."""
+    return _flag(device).words[:KERNEL_WORDS]
 
 
 def verdict_bits(verdicts: list[tuple[int, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -156,12 +174,12 @@ def or_verdicts(device: torch.device, verdicts: list[tuple[int, torch.Tensor]]) 
     f = _flag(device)
     found = verdict_bits(verdicts, device)
     if not f.cuda:
-        f.words[0].bitwise_or_(found)
+        f.words[KERNEL_WORDS].bitwise_or_(found)
         return
     if f.on_device is None:
         f.on_device = torch.zeros((), dtype=torch.int32, device=device)
     f.on_device.bitwise_or_(found)
-    f.words[1].copy_(f.on_device, non_blocking=True)
+    f.words[KERNEL_WORDS].copy_(f.on_device, non_blocking=True)
 
 
 def take_bits(device: torch.device | str) -> int:

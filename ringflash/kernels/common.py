@@ -45,11 +45,13 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def or_into_flag(FLAG, bits):
-    """OR ``bits`` into the flag when nonzero: a plain read-modify-write, since the flag may be
-    host memory, where atomics may not reach. Programs that fail at once may overwrite each
-    other's bits; one of them always lands, so a failure is never lost, only its other causes."""
+    """Raise the flag's word of each bit set in ``bits``: word ``i`` stands for bit ``2**i``
+    (``ringflash.device_errors``). A word is only ever stored a 1, never read and rewritten: the
+    flag is host memory, where atomics may not reach, and programs whose checks fail at once must
+    not overwrite each other's bits, as a read-modify-write of one shared word would."""
     if bits != 0:
-        tl.store(FLAG, tl.load(FLAG) | bits)
+        i = tl.arange(0, 8)
+        tl.store(FLAG + i, tl.full([8], 1, tl.int32), mask=((bits >> i) & 1) != 0)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ kernel, or for the sharded cache), and the decode kernel of ``split.py`` runs it
 programs (``CHECK``), so that a checked decoding step is still one launch.
 
 The kernel reads ``cache_seqlens`` (and ``cache_leftpad``, the used entries of ``block_table``,
-``cache_batch_idx``) and ORs one bit per failed check into an int32 flag
+``cache_batch_idx``) and raises one bit per failed check in an int32 flag
 (``ringflash.device_errors``), which the host reads later. It writes nothing else, so it can run
 before the decode kernel, which clamps every position, page and row into the cache whatever the
 values. The bits are ``ringflash.device_errors.BITS``: 1 negative length, 2 length + new tokens past
@@ -104,8 +104,8 @@ def check_kv_values(
 
     Args:
         cache_seqlens: int32 ``[B]``.
-        flag: int32, one element, on the tensors' device or in pinned host memory (the device's
-            error flag, ``ringflash.device_errors.error_flag``).
+        flag: int32, a word per bit, on the tensors' device or in pinned host memory (the
+            device's error flag, ``ringflash.device_errors.error_flag``).
         capacity: slots per cache row (``block_table`` pages x ``page_size`` when paged).
         n_new: tokens appended by the call.
         n_rows: the cache's rows (pages when paged).
