@@ -330,8 +330,10 @@ def _problem(
     max_seqlen_q=None,
     max_seqlen_k=None,
     diag_offset=None,
+    seq_order=None,
 ) -> _Problem:
-    """The arguments ``attn_fwd`` and ``attn_bwd`` share (the kernels' names). ``max_seqlen_*`` are
+    """The arguments ``attn_fwd`` and ``attn_bwd`` share (the kernels' names). ``max_seqlen_*`` and
+    ``seq_order`` (the order in which the Triton kernels' programs take packed sequences) are
     accepted for the interface and unused: every piece is cut from ``cu_seqlens_*`` exactly."""
     window = tuple(window_size)
     return _Problem(softmax_scale, causal, window, softcap, cu_seqlens_q, cu_seqlens_k, diag_offset)

@@ -22,7 +22,7 @@ sys.path.insert(0, "tests")
 import torch
 import ringflash as rf
 from test_packed import _sim_case
-from test_packed_kernels import _two_part_case, _written_gradients_case
+from test_packed_kernels import _ordered_case, _two_part_case, _written_gradients_case
 with rf.use_backend("triton"):
     for layout, method, world, mask in (
         ("zigzag", "ring", 3, dict(causal=True)),
@@ -36,6 +36,7 @@ with rf.use_backend("triton"):
         _written_gradients_case(rf.backends.get_backend("triton"), dtype)
     err = _two_part_case(rf.backends.get_backend("triton"))
     assert err < 1e-4, err
+    assert _ordered_case(rf.backends.get_backend("triton")) == []
 print("ok")
 """
 TRITON_JOB = background.job(
@@ -96,6 +97,77 @@ def test_packed_calls_through_the_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     r, _ = background.result(TRITON_JOB)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def _ordered_case(backend, device="cpu", dtype=torch.float32) -> list[str]:
+    """Packed calls given ``seq_order`` (the order in which the programs take the sequences) give
+    bit for bit the results of the same calls without it: causal, windowed and full masks, GQA, a
+    one-token sequence, a spacer, a sequence longer than a tile, sequence orders that differ for
+    query and key tiles, gradients written and added. Returns what differed."""
+    g = torch.Generator().manual_seed(3)
+    cu_q, cu_k = [0, 40, 41, 41, 170, 200], [0, 40, 141, 150, 279, 309]
+    shapes = ((200, 4), (309, 2), (309, 2))
+    q, k, v = (torch.randn(n, h, 16, generator=g).to(device, dtype) for n, h in shapes)
+    dout = torch.randn(200, 4, 16, generator=g).to(device, dtype)
+    order = torch.stack([torch.randperm(5, generator=g) for _ in range(2)]).to(device, torch.int32)
+    base = dict(
+        softmax_scale=0.25,
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        max_seqlen_q=129,
+        max_seqlen_k=129,
+    )
+    bad = []
+    for mask in (dict(causal=True), dict(causal=True, window_size=(17, 0)), dict()):
+        kw = dict(base, **mask)
+        results = []
+        for extra in ({}, {"seq_order": order}):
+            out, lse = backend.attn_fwd(q, k, v, **kw, **extra)
+            grads = backend.attn_bwd(dout, q, k, v, out, lse, **kw, **extra)
+            bufs = [torch.ones(x.shape, device=device) for x in (q, k, v)]
+            backend.attn_bwd(dout, q, k, v, out, lse, dq=bufs[0], dk=bufs[1], dv=bufs[2], **kw, **extra)
+            results.append([out, lse, *grads, *bufs])
+        names = ["out", "lse", "dq", "dk", "dv", "dq added", "dk added", "dv added"]
+        for name, a, b in zip(names, *results, strict=True):
+            if not torch.equal(a, b):
+                bad.append(f"{mask}: {name}")
+    return bad
+
+
+def test_ordered_sequences_change_no_result():
+    """The blockwise backend takes ``seq_order`` and ignores it (it schedules no programs)."""
+    assert _ordered_case(rf.backends.get_backend("torch")) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ordered_sequences_change_no_result_cuda():
+    """On a GPU, where programs run concurrently; one tile config per kernel (the ordering does not
+    depend on it), so that the cases compile once instead of autotuning each."""
+    from dist_utils import one_triton_config, restore_triton_configs
+
+    saved = one_triton_config()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            assert _ordered_case(rf.backends.get_backend("triton"), "cuda", dtype) == []
+    finally:
+        restore_triton_configs(saved)
+
+
+def test_seq_order_ranks_sequences_by_their_heaviest_tile():
+    """``seq_order`` of a packed piece: permutations, heaviest tile first on each side (the end of
+    a long document before short documents; key tiles by the queries that see them), None when
+    stream order already is that order."""
+    from ringflash.parallel.layouts import Piece, seq_order
+
+    # Sequences: 100 rows, all keys; 10 rows at the end of a 1000-key document; 300 rows, causal.
+    cu_q, cu_k = [0, 100, 110, 410], [0, 100, 1100, 1400]
+    pc = Piece(0, 410, 0, 1400, True, [0, 990, 0], (-1, 0), cu_q=cu_q, cu_k=cu_k)
+    q_order, k_order = seq_order(pc)
+    assert q_order == [1, 2, 0], "the most keys a query tile sees: 1000, 300, 100"
+    assert k_order == [2, 0, 1], "the most queries a key tile is seen by: 300, 100, 10"
+    short_first = Piece(0, 10, 0, 30, True, [15, 5], (-1, 0), cu_q=[0, 5, 10], cu_k=[0, 20, 30])
+    assert seq_order(short_first) is None, "20 then 10 keys, 5 and 5 queries: already in order"
+    assert seq_order(Piece(0, 10, 0, 10, True, [0], (-1, 0), cu_q=[0, 10], cu_k=[0, 10])) is None
 
 
 def _two_part_case(backend, device="cpu", dtype=torch.float32):

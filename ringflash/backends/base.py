@@ -22,7 +22,9 @@ class Backend:
       reported): None trusts ``cu_seqlens``;
       ``"clamp"`` bounds each sequence to the tensors' rows on the device (valid values unchanged,
       ``checks.bounded_cu``); ``"report"`` also ORs the failed checks into the device's error flag.
-      Nothing is read on the host.
+      Nothing is read on the host. ``seq_order`` (packed calls, int32 ``[2, n_seq]``, or None):
+      the order in which to take the sequences, heaviest first, for query tiles (row 0) and key
+      tiles (row 1); a scheduling hint that changes no result (``kernels.common._attn_prologue``).
     - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate) -> (dq, dk, dv)``:
       given buffers are added into (float32) or written (``accumulate``, per dQ and dK/dV)
     - ``attn_bwd_delta(dout, out, packed) -> delta``

@@ -217,6 +217,7 @@ def attn_bwd(
     config=None,
     bound_cu=False,
     flag=None,
+    seq_order=None,
 ):
     """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
 
@@ -225,7 +226,8 @@ def attn_bwd(
     Args:
         dout: ``[B, Sq, Hq, Dv]`` (packed ``[Tq, Hq, Dv]``), the gradient of ``out``.
         q, k, v, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, diag_offset: as given to ``attn_fwd``.
+            max_seqlen_q, max_seqlen_k, diag_offset, seq_order: as given to ``attn_fwd`` (the dK/dV
+            kernel takes ``seq_order``'s row 1, the dQ kernel its row 0).
         out, lse: ``attn_fwd``'s results (lse float32 ``[B, Hq, Sq]``, packed ``[Hq, Tq]``).
         delta: ``rowsum(dout * out)`` laid out like ``lse`` (:func:`attn_bwd_delta`; computed when
             None).
@@ -259,8 +261,9 @@ def attn_bwd(
     mask = (softmax_scale, causal, window_size, softcap)
     buffers = (add_q, add_kv, given, bound_cu, flag is not None)
     key = _launch_key(
-        q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
-    )
+        q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config,
+        seq_order is not None,
+    )  # fmt: skip
     if key is not None:
         key += (dout.stride(), delta.stride(), dk.dtype, dk.stride(), dv.dtype, dv.stride())
     entry = _BWD_LAUNCHES.get(key) if key is not None else None
@@ -281,6 +284,7 @@ def attn_bwd(
             config=config,
             bound_cu=bound_cu,
             flag=flag,
+            seq_order=seq_order,
         )
         args.update(
             **strides(dout, _DOUT, packed),
@@ -301,7 +305,7 @@ def attn_bwd(
         per_call = {n: args[n] for n in CALL_TENSORS}
     else:
         static_kv, static_q, B, Sq, Sk, slots = entry
-        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
+        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B, seq_order)
     if B == 0 or Sq == 0 or Sk == 0 or q.numel() == 0 or k.numel() == 0:
         if not given:
             dq.zero_(), dk.zero_(), dv.zero_()

@@ -77,7 +77,7 @@ def _dkdv_inner(
     do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "total_q", "total_k"]
 )
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR, FLAG,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, FLAG,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd, stride_dvb, stride_dvs, stride_dvh, stride_dvd,
@@ -86,16 +86,17 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ORDERED: tl.constexpr,
+    ADD: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr, CHECK_CU: tl.constexpr,
 ):  # fmt: skip
     # Causal: key block 0 sees the most query rows; the longest first, in groups of heads
     # (``_tile_order``).
     b, hk, j0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_n, k_row0, cols, qs, dos = _attn_prologue(
-        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k,
+        CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_k,
         sched_width, stride_qs, stride_dos, FLAG, total_q, total_k, HAS_HI, IS_VARLEN, DIAG_FROM_PTR,
-        TWO_PART, WIDE, True, CHECK_CU, BLOCK_N,
+        TWO_PART, ORDERED, WIDE, True, CHECK_CU, BLOCK_N,
     )  # fmt: skip
     if j0 >= seqlen_k:
         return

@@ -63,7 +63,7 @@ def _dq_inner(
     do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "total_q", "total_k"]
 )
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DIAG_PTR, FLAG,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, FLAG,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
@@ -72,15 +72,16 @@ def _attn_bwd_dq_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ADD: tl.constexpr, WIDE: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ORDERED: tl.constexpr,
+    ADD: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr, CHECK_CU: tl.constexpr,
 ):  # fmt: skip
     # Causal: the longest row blocks first, in groups of heads (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
-        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
+        CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
         sched_width, stride_ks, stride_vs, FLAG, total_q, total_k, HAS_HI, IS_VARLEN, DIAG_FROM_PTR,
-        TWO_PART, WIDE, False, CHECK_CU, BLOCK_M,
+        TWO_PART, ORDERED, WIDE, False, CHECK_CU, BLOCK_M,
     )  # fmt: skip
     if i0 >= seqlen_q:
         return

@@ -93,6 +93,7 @@ def _attn_prologue(
     CU_Q,
     CU_K,
     DIAG_PTR,
+    SEQ_ORDER,
     seqlen_q,
     seqlen_k,
     diag,
@@ -109,6 +110,7 @@ def _attn_prologue(
     IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr,
     TWO_PART: tl.constexpr,
+    ORDERED: tl.constexpr,
     WIDE: tl.constexpr,
     KEY_TILES: tl.constexpr,
     CHECK_CU: tl.constexpr,
@@ -123,7 +125,11 @@ def _attn_prologue(
     diag2)``: rows from ``split`` on use ``diag2`` (a causal sequence whose queries are two runs
     of a document, see ``varlen_diag``), so a query tile takes the diagonal of its part, and a key
     tile ``diag2`` once it lies past the first part's last visible key. Causal tiles are ordered
-    longest first (``_tile_order``).
+    longest first (``_tile_order``). With ``ORDERED`` the launch's sequences are taken in the order
+    of ``SEQ_ORDER`` (int32 ``[2, n_seq]``, a permutation per row: row 0 for query tiles, row 1
+    for ``KEY_TILES``), which a caller that knows the lengths sorts heaviest first, so that the
+    longest programs of a packed call do not start in its last wave; it changes when a program
+    runs, never what it computes.
 
     ``CHECK_CU`` (packed calls whose ``cu_seqlens`` are not trusted): 1 clamps each sequence's
     bounds into the ``total_q``/``total_k`` rows of the tensors (``start`` into ``[0, total]``,
@@ -153,6 +159,11 @@ def _attn_prologue(
         pid_t, pid_bh = _tile_order(n_tiles, sched_width, HAS_HI, HAS_HI)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    if ORDERED:
+        if KEY_TILES:
+            b = tl.load(SEQ_ORDER + tl.num_programs(0) // (n_tiles * n_heads) + b)  # row 1
+        else:
+            b = tl.load(SEQ_ORDER + b)
     if IS_VARLEN:
         q_start = tl.load(CU_Q + b)
         q_end = tl.load(CU_Q + b + 1)

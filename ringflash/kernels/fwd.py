@@ -103,7 +103,7 @@ def _fwd_inner(
     do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "total_q", "total_k"]
 )
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, DIAG_PTR, FLAG,
+    Q, K, V, O, LSE, CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, FLAG,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
@@ -111,7 +111,8 @@ def _attn_fwd_kernel(
     sm_scale, softcap, sched_width, SEQ_BUCKET, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ORDERED: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr, CHECK_CU: tl.constexpr,
 ):  # fmt: skip
@@ -129,9 +130,9 @@ def _attn_fwd_kernel(
     # Causal row blocks get cheaper as the block index falls: the expensive ones start first, in
     # groups of heads, so the last wave is short (``_tile_order``).
     b, h, i0, q_start, k_start, seqlen_q, seqlen_k, lo, hi, offs_m, q_row0, rows, ks, vs = _attn_prologue(
-        CU_Q, CU_K, DIAG_PTR, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
+        CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, seqlen_q, seqlen_k, diag, window_left, window_right, n_heads_q,
         sched_width, stride_ks, stride_vs, FLAG, total_q, total_k, HAS_HI, IS_VARLEN, DIAG_FROM_PTR,
-        TWO_PART, WIDE, False, CHECK_CU, BLOCK_M,
+        TWO_PART, ORDERED, WIDE, False, CHECK_CU, BLOCK_M,
     )  # fmt: skip
     if i0 >= seqlen_q:
         return
@@ -251,16 +252,17 @@ _FWD_LAUNCHES = SignatureTable()
 _PER_CALL = frozenset((*CALL_TENSORS, "O", "LSE", "TMA"))
 
 
-def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, buffers, config) -> tuple | None:
+def _launch_key(q, k, v, out, lse, mask, cu_q, max_q, max_k, diag, buffers, config, ordered=False):
     """The signature of a forward launch, or None when its arguments come from tensor values
     (packed lengths not given) or a padded call's diagonal is not an int. ``buffers``: (accumulate,
-    out and lse given, ``cu_seqlens`` bounded, bounds reported)."""
+    out and lse given, ``cu_seqlens`` bounded, bounds reported); ``ordered``: a packed call's
+    ``seq_order`` given."""
     packed = cu_q is not None
     if packed:
         if max_q is None or max_k is None:
             return None
         diag_key = "two-part" if two_part(diag) else diag is None
-        lens = (cu_q.shape[0], int(max_q), int(max_k))
+        lens = (cu_q.shape[0], int(max_q), int(max_k), ordered)
     else:
         if diag is not None and not isinstance(diag, int):
             return None
@@ -294,6 +296,7 @@ def attn_fwd(
     config=None,
     bound_cu=False,
     flag=None,
+    seq_order=None,
 ):
     """Forward attention returning ``(out, lse)``; the interface of ``ringflash.blockwise.attn_fwd``.
 
@@ -317,6 +320,10 @@ def attn_fwd(
             the tensors' rows (valid values are unchanged), and with ``flag`` (the device's error
             flag, ``ringflash.device_errors``) one program per sequence reports its failed checks
             there, as ``bounded_cu`` of ``ringflash.checks`` does; no extra launch.
+        seq_order: packed calls only: int32 ``[2, B]`` on the device, each row a permutation of
+            the sequences (row 0 read here, row 1 by the dK/dV kernel): the order in which the
+            programs take them, heaviest first from a caller that knows the lengths (the parallel
+            plans), so that the longest programs start early. It changes no result.
 
     Returns:
         ``(out, lse)``: out ``[B, Sq, Hq, Dv]`` (packed ``[Tq, Hq, Dv]``) in q's dtype (float32 in
@@ -340,8 +347,9 @@ def attn_fwd(
     mask = (softmax_scale, causal, window_size, softcap)
     buffers = (accumulate, given, bound_cu, flag is not None)
     key = _launch_key(
-        q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config
-    )
+        q, k, v, out, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config,
+        seq_order is not None,
+    )  # fmt: skip
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None:
         args, B, Sq, Sk = attn_args(
@@ -360,6 +368,7 @@ def attn_fwd(
             config=config,
             bound_cu=bound_cu,
             flag=flag,
+            seq_order=seq_order,
         )
         args.update(
             **strides(out, _O, packed),
@@ -374,7 +383,7 @@ def attn_fwd(
         per_call = {n: args[n] for n in CALL_TENSORS}
     else:
         static, B, Sq, Sk, slot = entry
-        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B)
+        per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, B, seq_order)
     if B == 0 or Sq == 0 or q.numel() == 0:
         if not accumulate:  # nothing launches: the empty buffers must still read as "no key"
             out.zero_()

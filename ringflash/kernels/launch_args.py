@@ -98,16 +98,18 @@ def varlen_diag(diag_offset, n_seq: int, device):
     return d
 
 
-CALL_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR")  # what ``call_tensors`` binds, in its order
+# What ``call_tensors`` binds, in its order.
+CALL_TENSORS = ("Q", "K", "V", "CU_Q", "CU_K", "DIAG_PTR", "SEQ_ORDER")
 
 
-def call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, n_seq: int) -> dict:
+def call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, diag_offset, n_seq: int, seq_order=None) -> dict:
     """The tensor arguments that ``attn_args`` derives, bound for one call: what a launch kept per
     call signature (``fwd._FWD_LAUNCHES``, ``bwd._BWD_LAUNCHES``) takes anew on every call."""
     packed = cu_seqlens_q is not None
     cu_k = cu_seqlens_k if packed else None
     diag = varlen_diag(diag_offset, n_seq, q.device) if packed else None
-    return dict(zip(CALL_TENSORS, (q, k, v, cu_seqlens_q, cu_k, diag), strict=True))
+    order = seq_order if packed else None
+    return dict(zip(CALL_TENSORS, (q, k, v, cu_seqlens_q, cu_k, diag, order), strict=True))
 
 
 def wide_offsets(*tensors) -> bool:
@@ -132,6 +134,7 @@ attn_heuristics = triton.heuristics(
         "IS_VARLEN": lambda a: a["CU_Q"] is not None,
         "DIAG_FROM_PTR": lambda a: a["DIAG_PTR"] is not None,
         "TWO_PART": lambda a: two_part(a["DIAG_PTR"]),
+        "ORDERED": lambda a: a["SEQ_ORDER"] is not None,
         "DOT_PREC": lambda a: dot_precision(a["Q"].dtype),
         "DOT_F32": lambda a: dot_f32(a["Q"]),
     }
@@ -173,6 +176,7 @@ def attn_args(
     config: AttnConfig,
     bound_cu: bool = False,
     flag: torch.Tensor | None = None,
+    seq_order: torch.Tensor | None = None,
 ) -> tuple[dict, int, int, int]:
     """The launch arguments that the forward, dK/dV and dQ kernels share, and ``(B, Sq, Sk)``.
 
@@ -182,7 +186,8 @@ def attn_args(
     aligned with query 0 (an int; for packed inputs one per sequence), None for bottom-right.
     ``bound_cu``: packed ``cu_seqlens`` are not trusted: the kernels clamp each sequence's bounds
     to the tensors' rows and, given the device's error ``flag``, report failed checks into it
-    (``_attn_prologue``'s ``CHECK_CU``).
+    (``_attn_prologue``'s ``CHECK_CU``). ``seq_order``: packed calls only, int32 ``[2, B]``, the
+    order in which the programs take the sequences (``_attn_prologue``'s ``SEQ_ORDER``), or None.
     """
     packed = cu_seqlens_q is not None
     Hq, D = q.shape[-2], q.shape[-1]
@@ -208,6 +213,7 @@ def attn_args(
         CU_Q=cu_seqlens_q,
         CU_K=cu_seqlens_k if packed else None,
         DIAG_PTR=diag_t,
+        SEQ_ORDER=seq_order if packed else None,
         **strides(q, _Q, packed),
         **strides(k, _K, packed),
         **strides(v, _V, packed),

@@ -161,6 +161,47 @@ def _band(gq: int, gk: int, stride: int, causal: bool, window: tuple[int, int]) 
     return lo_l, hi_l
 
 
+ORDER_TILE = 128  # the rows a program takes, as far as ordering sequences by their heaviest one goes
+
+
+def seq_order(pc: Piece) -> list[list[int]] | None:
+    """The order in which the kernels' programs should take a packed piece's sequences: row 0
+    for query tiles (forward, dQ), row 1 for key tiles (dK/dV), each sequence ranked by its
+    heaviest tile (the most keys one tile of ``ORDER_TILE`` query rows sees; the most queries one
+    tile of keys is seen by), heaviest first. In stream order a packed call's longest programs
+    (the end of a long document) may start in its last wave and run alone; heaviest first, the
+    short ones fill in behind them. None when stream order is already that order (one sequence,
+    or sorted)."""
+    if pc.cu_q is None or len(pc.cu_q) < 3:
+        return None
+    causal, window = pc.causal, pc.window
+    rows = []
+    for i in range(len(pc.cu_q) - 1):
+        nq, nk = pc.cu_q[i + 1] - pc.cu_q[i], pc.cu_k[i + 1] - pc.cu_k[i]
+        d = pc.diag[i] if isinstance(pc.diag, list) else pc.diag
+        d_last = d[2] if isinstance(d, tuple) else d  # a two-part diagonal's later rows see further
+        d_first = d[0] if isinstance(d, tuple) else d
+        hi = d_last + (0 if causal else window[1]) if causal or window[1] >= 0 else math.inf
+        lo = d_first - window[0] if window[0] >= 0 else -math.inf
+        rows.append((_heaviest(nq, nk, lo, hi), _heaviest(nk, nq, -hi, -lo)))
+    order = [sorted(range(len(rows)), key=lambda i, side=side: -rows[i][side]) for side in (0, 1)]
+    if all(o == sorted(o) for o in order):
+        return None
+    return order
+
+
+def _heaviest(n_rows: int, n_cols: int, lo: float, hi: float) -> int:
+    """The most columns ``j`` that one tile of ``ORDER_TILE`` rows sees, row ``i`` seeing ``lo <=
+    j - i <= hi`` (bounds that may be infinite), over the tiles of ``n_rows`` rows."""
+    best = 0
+    for a in range(0, n_rows, ORDER_TILE):
+        b = min(n_rows, a + ORDER_TILE) - 1
+        first = 0 if lo == -math.inf else max(0, a + lo)
+        last = n_cols - 1 if hi == math.inf else min(n_cols - 1, b + hi)
+        best = max(best, last - first + 1)
+    return int(best)
+
+
 def _mask_args(lo: float, hi: float, nq: int, nk: int):
     """``(causal, diag, window, full)`` for a local band, or None when nothing is visible."""
     if lo > hi or is_fully_masked(lo, hi, 0, nq, 0, nk):

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..comm.ring import Post, Wait
-from .layouts import Piece, Plan
+from .layouts import Piece, Plan, seq_order
 
 TAG_KV, TAG_DKV, TAG_HOME = 0, 1, 2
 MAX_PREFETCH = 31  # K/V blocks held at once: one message of 2 * 31 tensors fits the gloo tags
@@ -57,8 +57,10 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
     key = str(device)
     if key not in pc.tensors:
         as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(_diag_rows(pc)))
-    cu_q, cu_k, diag = pc.tensors[key]
+        order = seq_order(pc)
+        order = None if order is None else as_i32(order)
+        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(_diag_rows(pc)), order)
+    cu_q, cu_k, diag, order = pc.tensors[key]
     kw.update(
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
@@ -66,6 +68,8 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
         max_seqlen_k=max(b - a for a, b in itertools.pairwise(pc.cu_k)),
         diag_offset=diag,
     )
+    if order is not None:
+        kw["seq_order"] = order
     return kw
 
 
