@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import time
 
@@ -54,7 +53,9 @@ from bench_timing import (
     add_common_args,
     add_config_args,
     bench_ms,
+    clean_flush_us,
     config_variants,
+    copy_bandwidth,
     format_table,
     graphed,
     header,
@@ -120,13 +121,6 @@ def inputs(b, s):
     kc = torch.randn(b, s, HK, D, device=DEVICE, dtype=DT)
     vc = torch.randn(b, s, HK, D, device=DEVICE, dtype=DT)
     return q, kc, vc, torch.full((b,), s, dtype=torch.int32, device=DEVICE)
-
-
-def copy_bandwidth(nbytes: int = 2**31) -> float:
-    """GB/s of a device-to-device copy of ``nbytes`` (bytes read + bytes written)."""
-    src = torch.randn(nbytes // 4, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
 def under(cfg, fn):
@@ -318,22 +312,6 @@ def step_rows(args) -> list[dict]:
         )
         rows.append(r)
     return rows
-
-
-def clean_flush_us(fn, reps=100) -> float:
-    """Median us of ``fn`` after an L2 flush that only reads (``do_bench`` zeroes a buffer, which
-    leaves dirty lines in L2 that the timed call pays to write back)."""
-    buf = torch.empty(2**26, dtype=torch.float32, device=DEVICE).normal_()  # 256 MB
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for _ in range(5):
-        fn()
-    for start, end in ev:
-        buf.sum()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
 
 
 def bandwidth_rows(bw, contexts=(16384, 32768), budget=2.5e9) -> list[dict]:

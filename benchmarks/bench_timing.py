@@ -126,6 +126,29 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return statistics.median(times) * 1e3
 
 
+def clean_flush_us(fn, reps=100, device="cuda") -> float:
+    """Median us of ``fn`` after an L2 flush that only reads (``do_bench`` zeroes a buffer, which
+    leaves dirty lines in L2 that the timed call pays to write back)."""
+    buf = torch.empty(2**26, dtype=torch.float32, device=device).normal_()  # 256 MB
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for _ in range(5):
+        fn()
+    for start, end in ev:
+        buf.sum()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
+
+
+def copy_bandwidth(nbytes: int = 2**31, device="cuda") -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (bytes read + bytes written)."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
 def interleaved_medians(measures, rounds: int) -> list[float]:
     """Each of ``measures`` (callables returning one timing) once per round, in turn, for
     ``rounds`` rounds; the median of each. Interleaving makes clock drift hit every variant alike."""

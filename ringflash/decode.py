@@ -12,7 +12,7 @@ The backend (``ringflash.backends``) does both steps: on CUDA the Triton split-K
 attention and the merge of its splits in one launch), elsewhere the blockwise PyTorch path.
 Inference only: there is no autograd.
 
-Every input is validated before anything is written (``ringflash.checks.KVCacheArgs``), so a bad
+Every input is validated before anything is written (``ringflash.kv_checks.KVCacheArgs``), so a bad
 call leaves the cache untouched, except the index values under ``use_value_checks("device")`` (the
 default for CUDA tensors): those are checked on the device, inside the decoding kernel, and a
 failure is reported by a later call (``ringflash.device_errors``), the faulty call's writes clamped
@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 
 from .backends import SignatureTable, backend_for, plan_signature
-from .checks import KVCacheArgs, check_flag, check_options, check_sink, resolve_scale, value_check_mode
+from .checks import check_flag, check_options, check_sink, resolve_scale, value_check_mode
 from .device_errors import raise_completed
+from .kv_checks import KVCacheArgs
 from .merge import merge_sink
 from .rotary import apply_rotary
 

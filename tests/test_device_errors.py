@@ -82,8 +82,8 @@ def value_bits_cases(n_cases: int = 40, seed: int = 0) -> dict:
     import random
 
     from ringflash.backends import backend_for
-    from ringflash.checks import KVCacheArgs
     from ringflash.device_errors import take_bits, verdict_bits
+    from ringflash.kv_checks import KVCacheArgs
 
     rng = random.Random(seed)
     mismatches, seen = [], 0

@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parents[1] / "ringflash"
 LAYERS = [
     ("ringflash.kernels",),
     ("ringflash.device_errors",),  # below checks, which queues its value checks there
-    ("ringflash.masking", "ringflash.merge", "ringflash.reference", "ringflash.checks", "ringflash.rotary"),
+    (
+        "ringflash.masking",
+        "ringflash.merge",
+        "ringflash.reference",
+        "ringflash.checks",
+        "ringflash.kv_checks",
+        "ringflash.rotary",
+    ),
     ("ringflash.blockwise", "ringflash.blockwise_cache", "ringflash.cudnn"),
     ("ringflash.backends",),
     ("ringflash.ops", "ringflash.decode", "ringflash.forms"),

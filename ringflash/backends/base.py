@@ -32,13 +32,13 @@ class Backend:
       cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
       out_dtype, cache_leftpad, check) -> (out, lse)``: attention over a KV cache; with
       ``k_new``/``v_new`` it also appends them (``cache_seqlens``: keys before the new ones); with
-      ``check`` (the call's ``checks.KVCacheArgs``) it also checks the index values as
+      ``check`` (the call's ``kv_checks.KVCacheArgs``) it also checks the index values as
       ``check_kv_values`` does, in the same launch where it can.
     - ``append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table, cache_batch_idx)``
     - ``combine(outs [N, B, Sq, H, D], lses [N, B, Sq, H], out_dtype) -> (out, lse [B, H, Sq])``:
       the exact merge of N float32 partials (sharded decoding).
     - ``check_kv_values(a, k_cache)``: OR the bits of the failed value checks of a KV-cache call
-      (``checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``) without
+      (``kv_checks.KVCacheArgs``) into the device's error flag (``ringflash.device_errors``) without
       reading anything on the host.
     - ``gather_rows(k, v, rows) -> [len(rows), H, D]``: rows of ``[k; v]`` (the all-gather's
       outgoing K/V).

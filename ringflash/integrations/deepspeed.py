@@ -44,7 +44,7 @@ from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func
 from ..parallel.hybrid import usp_attn_func, usp_degrees
-from ..parallel.ring_attn import ring_flash_attn_func, ring_flash_attn_varlen_func
+from ..parallel.ring_funcs import ring_flash_attn_func, ring_flash_attn_varlen_func
 from ..parallel.ulysses import kv_replication, ulysses_attn_func, ulysses_attn_varlen_func
 from .packing import global_cu_seqlens, longest_document
 

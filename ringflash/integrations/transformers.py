@@ -42,7 +42,8 @@ from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
 from ..parallel.hybrid import usp_degrees
 from ..parallel.layouts import DOC_LAYOUTS
-from ..parallel.ring_attn import RING_FUNCS, ring_attention
+from ..parallel.ring_attn import ring_attention
+from ..parallel.ring_funcs import RING_FUNCS
 from ..parallel.ulysses import sp_attention
 from .packing import global_cu_seqlens, longest_document
 

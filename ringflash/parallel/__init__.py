@@ -5,7 +5,7 @@ from .doc_layouts import build_doc_plan, doc_positions
 from .hybrid import usp_attn_func, usp_positions, usp_shard, usp_unshard
 from .layouts import LAYOUTS, build_plan, positions
 from .options import use_ring_prefetch, use_ring_transport
-from .ring_attn import (
+from .ring_funcs import (
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
     ring_flash_attn_qkvpacked_func,

@@ -41,11 +41,12 @@ from __future__ import annotations
 import torch
 
 from ..backends import backend_for
-from ..checks import KVCacheArgs, check_options, check_sink, resolve_scale, skip_value_checks
+from ..checks import check_options, check_sink, resolve_scale, skip_value_checks
 from ..comm.agree import agree
 from ..comm.gather import all_gather_flat
 from ..comm.groups import group_rank_world
 from ..decode import attend_kvcache, flash_attn_with_kvcache, queue_value_checks
+from ..kv_checks import KVCacheArgs
 from ..merge import merge_sink
 
 __all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]

@@ -35,7 +35,7 @@ from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
 from .layouts import LAYOUTS, local_len_error
-from .ring_attn import RING_FUNCS
+from .ring_funcs import RING_FUNCS
 
 _HINTS = {"q shape": " (every rank needs a shard of equal length, batch and heads)"}
 
