@@ -17,7 +17,9 @@ under each kernel option, the one-call baseline included (the ``config`` column)
 
 The baseline, measured in the same run on the same stream: one ``flash_attn_varlen_func`` call
 over the whole stream on this device (forward, and backward through autograd). Writes
-``packed.csv`` into ``--out``.
+``packed.csv`` into ``--out``. Where efficiency goes, per pass: ``work`` is the ranks' times summed
+against the one call (the cost of splitting it into smaller calls and of the data moved around
+them), ``skew`` the slowest rank against their mean; efficiency is about ``1 / (work x skew)``.
 
     python benchmarks/bench_packed.py --out DIR          # Llama-3-8B attention, 8k tokens per rank
     python benchmarks/bench_packed.py --tiny --out DIR   # a seconds-long smoke run (CPU too)
@@ -174,9 +176,14 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
                 sync=None if torch.cuda.is_available() else (lambda: None),
             )
             if rep:
-                fwd.append(max(pf.rank_time(r) for r in range(world)))
-                bwd.append(max(pb.rank_time(r) for r in range(world)))
-        f, b = statistics.median(fwd), statistics.median(bwd)
+                fwd.append([pf.rank_time(r) for r in range(world)])
+                bwd.append([pb.rank_time(r) for r in range(world)])
+        f, b = (statistics.median(max(ranks) for ranks in times) for times in (fwd, bwd))
+        # Each rank's median: their sum against the one call is the work the split adds, their
+        # max against their mean the imbalance; efficiency is about 1 / (work x imbalance).
+        per_rank = [[statistics.median(col) for col in zip(*times, strict=True)] for times in (fwd, bwd)]
+        work = [sum(ranks) / t for ranks, t in zip(per_rank, (t_fwd, t_bwd), strict=True)]
+        skew = [max(ranks) * world / sum(ranks) for ranks in per_rank]
         rows.append(
             dict(
                 dist=dist,
@@ -191,6 +198,10 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
                 rank_bwd_ms=b * 1e3,
                 eff_fwd=t_fwd / (world * f),
                 eff_fwd_bwd=(t_fwd + t_bwd) / (world * (f + b)),
+                work_fwd=work[0],
+                skew_fwd=skew[0],
+                work_bwd=work[1],
+                skew_bwd=skew[1],
             )
         )
     return rows
@@ -210,6 +221,10 @@ COLUMNS = [
     ("rank bwd ms", "rank_bwd_ms", ".3f"),
     ("eff fwd", "eff_fwd", ".3f"),
     ("eff f+b", "eff_fwd_bwd", ".3f"),
+    ("work fwd", "work_fwd", ".3f"),
+    ("skew fwd", "skew_fwd", ".3f"),
+    ("work bwd", "work_bwd", ".3f"),
+    ("skew bwd", "skew_bwd", ".3f"),
 ]
 
 
