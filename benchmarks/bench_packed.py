@@ -23,6 +23,8 @@ them), ``skew`` the slowest rank against their mean; efficiency is about ``1 / (
 
     python benchmarks/bench_packed.py --out DIR          # Llama-3-8B attention, 8k tokens per rank
     python benchmarks/bench_packed.py --tiny --out DIR   # a seconds-long smoke run (CPU too)
+    python benchmarks/bench_packed.py --worlds 8 --dists longtail --variants balanced:allgather:all \
+        --breakdown --out DIR                            # and where the ranks' device time goes
 """
 
 from __future__ import annotations
@@ -112,7 +114,53 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, variants=VARIANTS):
+def _simulate(qs, ks, vs, ds, cu, layout, method, heads_k_stride, ahead):
+    """One forward and backward of the virtual ranks: their profiles (each rank's GPU time)."""
+    timing = dict(
+        profile=True,
+        cuda_events=torch.cuda.is_available(),
+        sync=None if torch.cuda.is_available() else (lambda: None),
+    )
+    mask = dict(causal=True, cu_seqlens=cu, method=method, heads_k_stride=heads_k_stride)
+    if ahead:
+        _host_ahead()
+    outs, lses, pf = simulate_ring_attn(qs, ks, vs, layout, **mask, **timing)
+    if ahead:
+        _host_ahead()
+    *_, pb = simulate_ring_attn_backward(ds, qs, ks, vs, outs, lses, layout, **mask, **timing)
+    return pf, pb
+
+
+def kernel_ms(fn, *args, **kwargs) -> dict[str, float]:
+    """Milliseconds of device time per kernel name in one run of ``fn(*args, **kwargs)``
+    (``torch.profiler``; CPU operators' own time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as p:
+        fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+    out = {}
+    for e in p.key_averages():
+        ms = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        if ms > 0:
+            out[e.key] = ms
+    return out
+
+
+def print_breakdown(label: str, one: dict[str, float], ranks: dict[str, float], top: int = 10) -> None:
+    """The kernels of the one call against the same kernels summed over the virtual ranks."""
+    print(f"\n{label}: device ms per kernel, one call / all ranks")
+    names = sorted(set(one) | set(ranks), key=lambda n: -max(one.get(n, 0), ranks.get(n, 0)))[:top]
+    for n in names:
+        print(f"  {one.get(n, 0.0):9.3f} {ranks.get(n, 0.0):9.3f}  {n[:90]}")
+    print(f"  {sum(one.values()):9.3f} {sum(ranks.values()):9.3f}  total")
+
+
+def run(
+    world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, variants=VARIANTS, breakdown=False
+):
     cu = documents(dist, world * tokens, seed)
     T = int(cu[-1])
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -134,6 +182,8 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
     with rf.skip_value_checks():  # their host sync would let the GPU catch up with the host
         t_fwd = _time(base_fwd, reps)
         t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
+        if breakdown:
+            one = kernel_ms(lambda: (base_fwd(), torch.autograd.grad(out, qg, dout, retain_graph=True)))
     rows = []
     for layout, method, *piece in variants:
         qs, ks, vs, ds = (
@@ -142,42 +192,16 @@ def run(world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, 
         stride = default_heads_k_stride(qs[0], ks[0])
         if piece:
             stride = kv_heads if piece[0] == "all" else int(piece[0])
+        sim = dict(layout=layout, method=method, heads_k_stride=stride, ahead=True)
         fwd, bwd = [], []
         for rep in range(reps + 1):  # the first pass compiles and autotunes the calls' kernels
-            _host_ahead()
-            outs, lses, pf = simulate_ring_attn(
-                qs,
-                ks,
-                vs,
-                layout,
-                causal=True,
-                cu_seqlens=cu,
-                method=method,
-                heads_k_stride=stride,
-                profile=True,
-                cuda_events=torch.cuda.is_available(),
-                sync=None if torch.cuda.is_available() else (lambda: None),
-            )
-            _host_ahead()
-            *_, pb = simulate_ring_attn_backward(
-                ds,
-                qs,
-                ks,
-                vs,
-                outs,
-                lses,
-                layout,
-                causal=True,
-                cu_seqlens=cu,
-                method=method,
-                heads_k_stride=stride,
-                profile=True,
-                cuda_events=torch.cuda.is_available(),
-                sync=None if torch.cuda.is_available() else (lambda: None),
-            )
+            pf, pb = _simulate(qs, ks, vs, ds, cu, **sim)
             if rep:
                 fwd.append([pf.rank_time(r) for r in range(world)])
                 bwd.append([pb.rank_time(r) for r in range(world)])
+        if breakdown:
+            ranks = kernel_ms(_simulate, qs, ks, vs, ds, cu, **dict(sim, ahead=False))
+            print_breakdown(f"{dist}, W = {world}, {layout} {method} (kv/piece {stride})", one, ranks)
         f, b = (statistics.median(max(ranks) for ranks in times) for times in (fwd, bwd))
         # Each rank's median: their sum against the one call is the work the split adds, their
         # max against their mean the imbalance; efficiency is about 1 / (work x imbalance).
@@ -235,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also print each variant's device time per kernel, the one call against all ranks",
+    )
     add_config_args(ap, AttnConfig, CONFIG_FIELDS)
     ap.add_argument(
         "--variants",
@@ -263,7 +292,16 @@ def main(argv=None) -> int:
             for world in a.worlds:
                 variants = [tuple(v.split(":")) for v in a.variants]
                 with use_config(config) if config is not None else contextlib.nullcontext():
-                    measured = run(world, a.tokens, *shape, device, dist, a.reps, variants=variants)
+                    measured = run(
+                        world,
+                        a.tokens,
+                        *shape,
+                        device,
+                        dist,
+                        a.reps,
+                        variants=variants,
+                        breakdown=a.breakdown,
+                    )
                 for r in measured:
                     rows.append({"config": label, **r})
                     shown = {k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}
