@@ -2,7 +2,7 @@
 # One GPU: the CUDA tests, then the one-GPU benchmarks, everything into OUT_DIR.
 #   benchmarks/run_one_gpu.sh OUT_DIR [BENCH ...]     BENCH: default attention decode ring packed
 # OUT_DIR gets env.txt (GPU, driver, versions), tests.log, bench.log and each benchmark's CSV/PNG.
-# RINGFLASH_TEST_CONFIGS=all autotunes every kernel test case instead of one tile per kernel.
+# RINGFLASH_TEST_CONFIGS=all autotunes every kernel test case instead of one tile per kernel (tests/conftest.py).
 set -uo pipefail
 OUT=${1:?usage: run_one_gpu.sh OUT_DIR [BENCH ...]}
 shift

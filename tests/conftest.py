@@ -3,12 +3,14 @@ import os
 import background
 import pytest
 import torch
+from dist_utils import one_config_from_env
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "background(name): reads the result of background job `name` (tests/background.py)"
     )
+    one_config_from_env()
 
 
 @pytest.hookimpl(trylast=True)

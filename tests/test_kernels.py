@@ -358,25 +358,9 @@ GPU_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gpu_configs():
-    """``RINGFLASH_TEST_CONFIGS=one`` pins each autotuned kernel to one tile config, its smallest
-    (the head-dim-256 tile, which fits every case): the cases then compile once per variant instead
-    of autotuning every shape (about a minute per case). The other configs' numerics are covered by
-    the backward tile sweep (docs/performance.md) and the benchmarks' error columns."""
-    if os.environ.get("RINGFLASH_TEST_CONFIGS") != "one":
-        yield
-        return
-    from dist_utils import one_triton_config, restore_triton_configs
-
-    saved = one_triton_config(picks=(-1, 0, 0))
-    yield
-    restore_triton_configs(saved)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
-def test_kernels_cuda(gpu_configs, case):
+def test_kernels_cuda(case):
     _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
 
 
