@@ -96,9 +96,9 @@ KERNEL_WORDS = len(BITS)  # the check kernels' words: one per bit (``kernels.com
 
 
 class _Flag:
-    """A device's error bits in host memory, ``KERNEL_WORDS + 2`` int32 words: word ``i <
-    KERNEL_WORDS`` is set to 1 by a check kernel that found bit ``2**i``; the next word holds what
-    torch operations OR-ed on the device (``or_verdicts``); the last pads the words to 8-byte reads.
+    """A device's error bits in host memory, ``KERNEL_WORDS + 1`` int32 words: word ``i <
+    KERNEL_WORDS`` is set to 1 by a check kernel that found bit ``2**i``; the last holds what
+    torch operations OR-ed on the device (``or_verdicts``).
 
     A word per bit, because kernels store into host memory without atomics: programs that fail
     different checks at once each store their own words, and none is lost. For a CUDA device the
@@ -108,16 +108,16 @@ class _Flag:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        n = KERNEL_WORDS + 2
+        n = KERNEL_WORDS + 1
         self.words = torch.zeros(n, dtype=torch.int32, pin_memory=self.cuda)
         address = self.words.data_ptr()
         self.view = (ctypes.c_int32 * n).from_address(address)
-        self.pairs = (ctypes.c_uint64 * (n // 2)).from_address(address)  # any bit, in few reads
+        self.raw = (ctypes.c_char * (4 * n)).from_address(address)  # every word in one read
+        self.none = bytes(4 * n)
         self.on_device = None  # CUDA: the bits torch operations OR into (``or_verdicts``), made on use
 
     def bits(self) -> int:
-        p = self.pairs
-        if not (p[0] | p[1] | p[2] | p[3] | p[4]):  # the common case: no torch call, five reads
+        if self.raw.raw == self.none:  # the common case: one copy of the words, no torch call
             return 0
         v = self.view
         found = v[KERNEL_WORDS]
