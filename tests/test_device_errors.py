@@ -40,6 +40,17 @@ def test_device_checks_raise_in_the_next_call():
     assert torch.equal(out, want), "a good call gives the same output in either mode"
 
 
+def test_flag_words_match_the_check_bits():
+    """The check kernels set one flag word per bit of ``BITS``: a bit past their words would be
+    dropped on the device."""
+    pytest.importorskip("triton")
+    from ringflash.device_errors import BITS, KERNEL_WORDS
+    from ringflash.kernels.common import FLAG_WORDS
+
+    assert FLAG_WORDS == KERNEL_WORDS == len(BITS)
+    assert sorted(BITS.values()) == [1 << i for i in range(KERNEL_WORDS)]
+
+
 def test_value_check_modes():
     q, kc, vc, k, v, lens = _bad_setup()
     with pytest.raises(ValueError, match="too small"):  # CPU tensors: checked on the host by default

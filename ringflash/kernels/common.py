@@ -43,6 +43,11 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
+# Words of a device's error flag that the check kernels set, one per bit
+# (``ringflash.device_errors.KERNEL_WORDS``, which a test holds equal to this).
+FLAG_WORDS = tl.constexpr(8)
+
+
 @triton.jit
 def or_into_flag(FLAG, bits):
     """Raise the flag's word of each bit set in ``bits``: word ``i`` stands for bit ``2**i``
@@ -50,8 +55,8 @@ def or_into_flag(FLAG, bits):
     flag is host memory, where atomics may not reach, and programs whose checks fail at once must
     not overwrite each other's bits, as a read-modify-write of one shared word would."""
     if bits != 0:
-        i = tl.arange(0, 8)
-        tl.store(FLAG + i, tl.full([8], 1, tl.int32), mask=((bits >> i) & 1) != 0)
+        i = tl.arange(0, FLAG_WORDS)
+        tl.store(FLAG + i, tl.full([FLAG_WORDS], 1, tl.int32), mask=((bits >> i) & 1) != 0)
 
 
 @triton.jit
@@ -159,9 +164,10 @@ def _attn_prologue(
         pid_t, pid_bh = _tile_order(n_tiles, sched_width, HAS_HI, HAS_HI)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    n_seq = tl.num_programs(0) // (n_tiles * n_heads)
     if ORDERED:
         if KEY_TILES:
-            b = tl.load(SEQ_ORDER + tl.num_programs(0) // (n_tiles * n_heads) + b)  # row 1
+            b = tl.load(SEQ_ORDER + n_seq + b)  # row 1
         else:
             b = tl.load(SEQ_ORDER + b)
     if IS_VARLEN:
@@ -171,7 +177,7 @@ def _attn_prologue(
         k_end = tl.load(CU_K + b + 1)
         if CHECK_CU == 2:
             if (pid_t == 0) & (h == 0):
-                last = b == tl.num_programs(0) // (n_tiles * n_heads) - 1
+                last = b == n_seq - 1
                 bad = (q_end < q_start) | (k_end < k_start)
                 bad |= (b == 0) & ((q_start != 0) | (k_start != 0))
                 bad |= last & ((q_end != total_q) | (k_end != total_k))

@@ -181,13 +181,13 @@ def seq_order(pc: Piece) -> list[list[int]] | None:
         d = pc.diag[i] if isinstance(pc.diag, list) else pc.diag
         d_last = d[2] if isinstance(d, tuple) else d  # a two-part diagonal's later rows see further
         d_first = d[0] if isinstance(d, tuple) else d
-        hi = d_last + (0 if causal else window[1]) if causal or window[1] >= 0 else math.inf
+        right = 0 if causal else window[1]
+        hi = d_last + right if right >= 0 else math.inf
         lo = d_first - window[0] if window[0] >= 0 else -math.inf
         rows.append((_heaviest(nq, nk, lo, hi), _heaviest(nk, nq, -hi, -lo)))
-    order = [sorted(range(len(rows)), key=lambda i, side=side: -rows[i][side]) for side in (0, 1)]
-    if all(o == sorted(o) for o in order):
-        return None
-    return order
+    stream = list(range(len(rows)))
+    order = [sorted(stream, key=lambda i, side=side: -rows[i][side]) for side in (0, 1)]
+    return None if order == [stream, stream] else order
 
 
 def _heaviest(n_rows: int, n_cols: int, lo: float, hi: float) -> int:

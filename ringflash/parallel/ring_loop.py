@@ -58,18 +58,15 @@ def _mask_kwargs(pc: Piece, packed: bool, device: torch.device) -> dict:
     if key not in pc.tensors:
         as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
         order = seq_order(pc)
-        order = None if order is None else as_i32(order)
-        pc.tensors[key] = (as_i32(pc.cu_q), as_i32(pc.cu_k), as_i32(_diag_rows(pc)), order)
-    cu_q, cu_k, diag, order = pc.tensors[key]
-    kw.update(
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max(b - a for a, b in itertools.pairwise(pc.cu_q)),
-        max_seqlen_k=max(b - a for a, b in itertools.pairwise(pc.cu_k)),
-        diag_offset=diag,
-    )
-    if order is not None:
-        kw["seq_order"] = order
+        pc.tensors[key] = dict(
+            cu_seqlens_q=as_i32(pc.cu_q),
+            cu_seqlens_k=as_i32(pc.cu_k),
+            max_seqlen_q=max(b - a for a, b in itertools.pairwise(pc.cu_q)),
+            max_seqlen_k=max(b - a for a, b in itertools.pairwise(pc.cu_k)),
+            diag_offset=as_i32(_diag_rows(pc)),
+            **({} if order is None else {"seq_order": as_i32(order)}),
+        )
+    kw.update(pc.tensors[key])
     return kw
 
 
