@@ -124,20 +124,51 @@ def spawn(
     return [got[r][1] if r in got else None for r in range(world)]
 
 
-def one_triton_config(picks=(0, 0, 0)) -> list:
+def _tuners():
+    """The attention kernels' autotuners; the launches kept per signature are dropped, so that the
+    next launch of every signature goes through its autotuner's (new) configs."""
+    from ringflash.kernels import bwd, fwd
+
+    fwd._FWD_LAUNCHES.clear()
+    bwd._BWD_LAUNCHES.clear()
+    return fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned
+
+
+def one_triton_config(picks=(0, 0, 0), tiles=None) -> list:
     """In this process, give each autotuned Triton attention kernel (forward, dK/dV, dQ) one tile
-    config, the one at index ``picks[i]`` of its list (the first by default); returns the previous
-    lists, for ``restore_triton_configs``.
+    config, the one at index ``picks[i]`` of its list (the first by default), or with ``tiles`` the
+    given ``(BLOCK_M, BLOCK_N, warps, stages)`` per kernel; returns the previous lists, for
+    ``restore_triton_configs``.
 
     For GPU tests: with one config a kernel variant compiles once and is never benchmarked, where
     autotuning every mask/shape variant (on every rank) takes minutes.
     """
+    import triton
+
+    tuners = _tuners()
+    saved = [t.configs for t in tuners]
+    for n, tuner in enumerate(tuners):
+        if tiles is None:
+            tuner.configs = [tuner.configs[picks[n]]]
+        else:
+            m, bn, w, st = tiles[n]
+            tuner.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": bn}, num_warps=w, num_stages=st)]
+        tuner.cache.clear()
+    return saved
+
+
+def all_triton_configs() -> list:
+    """In this process, give each autotuned Triton attention kernel every config of its own list
+    again (undoing ``RINGFLASH_TEST_CONFIGS=one``, for a test of the autotuned choice); returns the
+    previous lists, for ``restore_triton_configs``."""
     from ringflash.kernels import bwd, fwd
 
-    tuners = (fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned)
+    tuners = _tuners()
     saved = [t.configs for t in tuners]
-    for tuner, i in zip(tuners, picks, strict=True):
-        tuner.configs = [tuner.configs[i]]
+    full = (fwd._fwd_configs(), bwd._configs(bwd._DKDV_TILES), bwd._configs(bwd._DQ_TILES))
+    for tuner, configs in zip(tuners, full, strict=True):
+        tuner.configs = configs
+        tuner.cache.clear()
     return saved
 
 
@@ -155,7 +186,6 @@ def one_config_from_env() -> None:
 
 def restore_triton_configs(saved: list) -> None:
     """Undo ``one_triton_config``."""
-    from ringflash.kernels import bwd, fwd
-
-    for tuner, configs in zip((fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned), saved, strict=True):
+    for tuner, configs in zip(_tuners(), saved, strict=True):
         tuner.configs = configs
+        tuner.cache.clear()

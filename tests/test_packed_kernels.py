@@ -142,10 +142,12 @@ def test_ordered_sequences_change_no_result():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ordered_sequences_change_no_result_cuda():
     """On a GPU, where programs run concurrently; one tile config per kernel (the ordering does not
-    depend on it), so that the cases compile once instead of autotuning each."""
+    depend on it), so that the cases compile once instead of autotuning each: tiles that compile
+    for head dim 16 in both dtypes (the pinned head-dim-256 forward tile of
+    ``RINGFLASH_TEST_CONFIGS=one`` crashes Triton 3.6's ptxas at head dim 16 in float32)."""
     from dist_utils import one_triton_config, restore_triton_configs
 
-    saved = one_triton_config()
+    saved = one_triton_config(tiles=((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3)))
     try:
         for dtype in (torch.float32, torch.bfloat16):
             assert _ordered_case(rf.backends.get_backend("triton"), "cuda", dtype) == []

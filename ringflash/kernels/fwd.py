@@ -217,16 +217,18 @@ def _fwd_configs():
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit Hopper's shared memory (~227 KB)."""
+    """Keep the configs whose tiles fit Hopper's shared memory (~227 KB) at the inputs' element
+    size, with 128-row query tiles below head dim 256 and 64 from it; where no tile of that height
+    fits (float32 inputs at head dim 128), the other height's that fit."""
     a = {**named_args, **kwargs}  # constexpr flags arrive in kwargs (triton 3.6)
     d = max(a["D_PAD"], a["DV_PAD"])
-    out = []
+    size = a["Q"].element_size()
+    fits = []
     for c in configs:
         bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-        smem = 2 * (bm * d + 2 * bn * d * st)  # Q once, K and V per pipeline stage, 16-bit
-        if (bm == 64) == (d >= 256) and smem <= 200 * 1024:
-            out.append(c)
-    return out or configs[-1:]
+        if size * (bm * d + 2 * bn * d * st) <= 200 * 1024:  # Q once, K and V per pipeline stage
+            fits.append(c)
+    return [c for c in fits if (c.kwargs["BLOCK_M"] == 64) == (d >= 256)] or fits or configs[-1:]
 
 
 _attn_fwd_tuned = triton.autotune(
