@@ -259,14 +259,17 @@ def run_case(p):
     checks["out dtype"] = [float(out.dtype != (torch.float32 if p.get("accumulate") else dt)), 0.0]
     checks["masked rows present"] = [float(bool(p.get("expect_masked")) and not masked.any()), 0.0]
     if dt != torch.float32 and not p.get("split_kv"):  # 16-bit tiles go through TMA descriptors
-        from ringflash.kernels.tma import _TMA_MIN_SEQLEN, tma_applies
+        from ringflash.kernels.tma import _TMA_MIN_SEQLEN, _TMA_MIN_SEQLEN_BWD, tma_applies
 
         mode = p.get("tma", "auto")
         hopper = dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
         longest = max(max(p["lens_q"] + p["lens_k"]) if "lens_q" in p else max(p["Sq"], p["Sk"]), 1)
-        expect = mode == "on" or (hopper and mode == "auto" and longest >= _TMA_MIN_SEQLEN)
         with use_tma(mode):
-            checks["TMA route"] = [float(tma_applies(q, k, v, seqlen=longest) != expect), 0.0]
+            bwd_least = _TMA_MIN_SEQLEN_BWD if 64 < q.shape[-1] <= 128 else _TMA_MIN_SEQLEN
+            for name, backward, least in (("", False, _TMA_MIN_SEQLEN), (" bwd", True, bwd_least)):
+                expect = mode == "on" or (hopper and mode == "auto" and longest >= least)
+                got = tma_applies(q, k, v, seqlen=longest, backward=backward)
+                checks["TMA route" + name] = [float(got != expect), 0.0]
     if "split_kv" in p:  # whether a dispatch sends the forward to the split-KV decode kernel
         from ringflash.kernels.decode import split_kv_pays
         from ringflash.kernels.device import sm_count
@@ -362,48 +365,6 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
 def test_kernels_cuda(case):
     _assert_checks(run_case(dict(case, device="cuda")), _case_id(case))
-
-
-def test_forward_tiles_fit_the_inputs_element_size():
-    """The forward's autotuner keeps the tiles that fit shared memory at the inputs' element size:
-    128-row query tiles below head dim 256 and 64-row from it, and 64-row ones where no 128-row
-    tile fits float32 inputs (head dim 128: every 128-row tile ran out of shared memory)."""
-    pytest.importorskip("triton")
-    from ringflash.kernels.fwd import _attn_fwd_tuned, _fwd_configs, _prune_fwd
-
-    assert len(_attn_fwd_tuned.configs) > 1 or os.environ.get("RINGFLASH_TEST_CONFIGS") == "one"
-    for dtype, d, rows in ((torch.bfloat16, 128, 128), (torch.bfloat16, 256, 64), (torch.float32, 16, 128)):
-        kept = _prune_fwd(_fwd_configs(), {"Q": torch.empty(1, dtype=dtype), "D_PAD": d, "DV_PAD": d})
-        assert kept and {c.kwargs["BLOCK_M"] for c in kept} == {rows}, (dtype, d)
-    kept = _prune_fwd(_fwd_configs(), {"Q": torch.empty(1), "D_PAD": 128, "DV_PAD": 128})
-    assert kept and all(c.kwargs["BLOCK_M"] == 64 for c in kept)
-    assert all(4 * (64 * 128 + 2 * c.kwargs["BLOCK_N"] * 128 * c.num_stages) <= 200 * 1024 for c in kept)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_kernels_cuda_float32_autotuned(d):
-    """float32 inputs under the autotuners' own config lists (not one pinned tile): the tiles kept
-    fit the device, and forward and backward match the float64 oracle."""
-    from dist_utils import all_triton_configs, restore_triton_configs
-
-    import ringflash as rf
-    from ringflash.reference import attention_ref
-
-    saved = all_triton_configs()
-    try:
-        g = torch.Generator(device="cuda").manual_seed(d)
-        q, k, v, do = (torch.randn(1, 300, h, d, device="cuda", generator=g) for h in (4, 2, 2, 4))
-        qkv = [x.requires_grad_() for x in (q, k, v)]
-        out = rf.flash_attn_func(*qkv, causal=True)
-        grads = torch.autograd.grad(out, qkv, do)
-        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        ref = attention_ref(*ref_in, causal=True)[0]
-        ref_grads = torch.autograd.grad(ref, ref_in, do.double())
-        for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
-            torch.testing.assert_close(x.double(), r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    finally:
-        restore_triton_configs(saved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,7 @@ import torch
 
 from ..device_errors import error_flag
 from ..kernels.options import AttnConfig, DecodeConfig
-from .base import Backend, _bounded_by_ops
+from .base import Backend, TorchBackend, _bounded_by_ops
 from .state import current_config, triton_interpreter
 
 
@@ -27,6 +27,8 @@ class TritonBackend(Backend):
             # A few query rows against a long context (a generate loop without a KV cache): the
             # split-KV decoding kernel spreads the keys over every SM and reads K/V once per KV head.
             return self._split_kv(q, k, v, **kw)
+        if wide_float32(q, v):
+            return _BLOCKWISE.attn_fwd(q, k, v, cu_bounds=cu_bounds, **kw)
         kw = self._bounds(q, k, kw, cu_bounds)
         return fwd.attn_fwd(q, k, v, config=current_config(AttnConfig), **kw)
 
@@ -46,7 +48,7 @@ class TritonBackend(Backend):
     def attn_plan(self, q, k, v, **kw):
         from ..kernels import decode, fwd
 
-        if _split_kv_suits(q, k, v, decode):
+        if _split_kv_suits(q, k, v, decode) or wide_float32(q, v):
             return None
         plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), **kw)
         if plan is None:
@@ -56,6 +58,8 @@ class TritonBackend(Backend):
     def varlen_plan(self, q, k, v, cu_bounds=None, **kw):
         from ..kernels import fwd
 
+        if wide_float32(q, v):
+            return None
         kw = self._bounds(q, k, kw, cu_bounds)
         if "bound_cu" not in kw and cu_bounds is not None:
             return None  # bounded by torch operations: every call takes attn_fwd
@@ -98,6 +102,8 @@ class TritonBackend(Backend):
     def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, **kw):
         from ..kernels import bwd
 
+        if wide_float32(q, v):
+            return _BLOCKWISE.attn_bwd(dout, q, k, v, out, lse, cu_bounds=cu_bounds, **kw)
         kw = self._bounds(q, k, kw, "clamp" if cu_bounds else None)
         return bwd.attn_bwd(dout, q, k, v, out, lse, config=current_config(AttnConfig), **kw)
 
@@ -184,6 +190,16 @@ class TritonBackend(Backend):
         out = torch.empty((batch, sq, heads, dim), dtype=out_dtype, device=outs.device)
         lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=outs.device)
         return combine_partials(outs, lses, out, lse, split_dim=0)
+
+
+_BLOCKWISE = TorchBackend()
+
+
+def wide_float32(q, v) -> bool:
+    """Whether an attention call is float32 on a GPU with a head dim above 128: no tile of the
+    attention kernels fits shared memory there (on an H100 every config ran out of it), so the
+    Triton backend runs such calls on the blockwise backend (exact, slower)."""
+    return q.device.type == "cuda" and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128
 
 
 def _split_kv_suits(q, k, v, decode) -> bool:

@@ -313,7 +313,8 @@ def attn_bwd(
             for x in ([] if add_q else [dq]) + ([] if add_kv else [dk, dv]):
                 x.zero_()
         return dq, dk, dv
-    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma_applies(q, k, v, dout, seqlen=max(Sq, Sk)))
+    tma = tma_applies(q, k, v, dout, seqlen=max(Sq, Sk), backward=True)
+    per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
     dkdv_call = dict(per_call, DK=dk, DV=dv)
     dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":

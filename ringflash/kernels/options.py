@@ -105,8 +105,9 @@ def use_tma(mode: str):
     """Choose how the Triton kernels inside the block load their streamed tiles on Hopper.
 
     ``"auto"`` (the default): TMA tensor descriptors on GPUs of compute capability 9.0 and newer
-    for calls whose longer side has at least 8192 tokens, pointer loads otherwise (measured faster
-    for shorter calls, see benchmarks/RESULTS.md). ``"on"``: descriptors at every length (and under
+    for calls whose longer side has at least 8192 tokens, and for the backward's at head dims
+    65-128 from 512 tokens; pointer loads otherwise (measured faster for shorter calls, see
+    docs/performance.md). ``"on"``: descriptors at every length (and under
     Triton's interpreter), and in the decoding kernel for a contiguous KV cache (only under
     ``"on"``: 3-16% slower than its pointer loads on an H100). ``"off"``: pointer loads only.
 
