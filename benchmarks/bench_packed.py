@@ -25,6 +25,7 @@ them), ``skew`` the slowest rank against their mean; efficiency is about ``1 / (
     python benchmarks/bench_packed.py --tiny --out DIR   # a seconds-long smoke run (CPU too)
     python benchmarks/bench_packed.py --worlds 8 --dists longtail --variants balanced:allgather:all \
         --breakdown --out DIR                            # and where the ranks' device time goes
+    python benchmarks/bench_packed.py ... --calls --out DIR  # and each attention call timed alone
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from bench_timing import (
     run_info,
     write_csv,
 )
+from packed_calls import CALL_COLUMNS, call_table
 
 import ringflash as rf
 from ringflash.backends import use_config
@@ -159,7 +161,19 @@ def print_breakdown(label: str, one: dict[str, float], ranks: dict[str, float], 
 
 
 def run(
-    world, tokens, heads, kv_heads, dim, dtype, device, dist, reps, seed=0, variants=VARIANTS, breakdown=False
+    world,
+    tokens,
+    heads,
+    kv_heads,
+    dim,
+    dtype,
+    device,
+    dist,
+    reps,
+    seed=0,
+    variants=VARIANTS,
+    breakdown=False,
+    calls=False,
 ):
     cu = documents(dist, world * tokens, seed)
     T = int(cu[-1])
@@ -199,9 +213,13 @@ def run(
             if rep:
                 fwd.append([pf.rank_time(r) for r in range(world)])
                 bwd.append([pb.rank_time(r) for r in range(world)])
+        label = f"{dist}, W = {world}, {layout} {method} (kv/piece {stride})"
         if breakdown:
             ranks = kernel_ms(_simulate, qs, ks, vs, ds, cu, **dict(sim, ahead=False))
-            print_breakdown(f"{dist}, W = {world}, {layout} {method} (kv/piece {stride})", one, ranks)
+            print_breakdown(label, one, ranks)
+        if calls:
+            print(f"\n{label}: each attention call alone, the one call's against the ranks'")
+            print(format_table(call_table(q, k, v, dout, cu, world, layout, method, stride), CALL_COLUMNS))
         f, b = (statistics.median(max(ranks) for ranks in times) for times in (fwd, bwd))
         # Each rank's median: their sum against the one call is the work the split adds, their
         # max against their mean the imbalance; efficiency is about 1 / (work x imbalance).
@@ -264,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also print each variant's device time per kernel, the one call against all ranks",
     )
+    ap.add_argument(
+        "--calls",
+        action="store_true",
+        help="also time each variant's attention calls alone, the one call's against the ranks' "
+        "(per visible pair; benchmarks/packed_calls.py)",
+    )
     add_config_args(ap, AttnConfig, CONFIG_FIELDS)
     ap.add_argument(
         "--variants",
@@ -301,6 +325,7 @@ def main(argv=None) -> int:
                         a.reps,
                         variants=variants,
                         breakdown=a.breakdown,
+                        calls=a.calls,
                     )
                 for r in measured:
                     rows.append({"config": label, **r})
