@@ -22,7 +22,7 @@ sys.path.insert(0, "tests")
 import torch
 import ringflash as rf
 from test_packed import _sim_case
-from test_packed_kernels import _ordered_case, _two_part_case, _written_gradients_case
+from test_packed_kernels import _mapped_case, _ordered_case, _two_part_case, _written_gradients_case
 with rf.use_backend("triton"):
     for layout, method, world, mask in (
         ("zigzag", "ring", 3, dict(causal=True)),
@@ -37,6 +37,7 @@ with rf.use_backend("triton"):
     err = _two_part_case(rf.backends.get_backend("triton"))
     assert err < 1e-4, err
     assert _ordered_case(rf.backends.get_backend("triton")) == []
+    assert _mapped_case(rf.backends.get_backend("triton")) == []
 print("ok")
 """
 TRITON_JOB = background.job(
@@ -132,6 +133,79 @@ def _ordered_case(backend, device="cpu", dtype=torch.float32) -> list[str]:
             if not torch.equal(a, b):
                 bad.append(f"{mask}: {name}")
     return bad
+
+
+def _mapped_case(backend, device="cpu", dtype=torch.float32) -> list[str]:
+    """``attn_bwd`` with ``dkv_rows`` (each key row's dK and dV go to rows of their own, here of one
+    shared buffer, as the all-gather's exchange lays them out) gives bit for bit the dK/dV of the
+    same call in place, moved to those rows, gradients written and added, causal and full masks,
+    GQA, a spacer sequence whose keys have no queries (their rows keep what they hold); dQ is
+    unchanged. Returns what differed."""
+    g = torch.Generator().manual_seed(5)
+    cu_q, cu_k = [0, 40, 41, 41, 170], [0, 40, 141, 150, 279]
+    q, k, v = (
+        torch.randn(n, h, 16, generator=g).to(device, dtype) for n, h in ((170, 4), (279, 2), (279, 2))
+    )
+    dout = torch.randn(170, 4, 16, generator=g).to(device, dtype)
+    place = torch.randperm(2 * 279, generator=g)
+    rows = (place[:279].to(device), place[279:].to(device))
+    kw = dict(
+        softmax_scale=0.25,
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        max_seqlen_q=129,
+        max_seqlen_k=129,
+    )
+    bad = []
+    for mask in (dict(causal=True), dict()):
+        out, lse = backend.attn_fwd(q, k, v, **kw, **mask)
+        for add in (False, True):
+            start = torch.randn(2 * 279, 2, 16, generator=g).to(device)
+            dq_in, dk_in, dv_in = (torch.zeros(x.shape, device=device) for x in (q, k, v))
+            dk_in.copy_(start[rows[0].cpu()]), dv_in.copy_(start[rows[1].cpu()])
+            acc = (False, add)
+            backend.attn_bwd(
+                dout, q, k, v, out, lse, dq=dq_in, dk=dk_in, dv=dv_in, accumulate=acc, **kw, **mask
+            )
+            want = start.clone()
+            want[rows[0].cpu()], want[rows[1].cpu()] = dk_in.cpu(), dv_in.cpu()
+            dq_map, dkv = torch.zeros(q.shape, device=device), start.clone()
+            backend.attn_bwd(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                dq=dq_map,
+                dk=dkv,
+                dv=dkv,
+                accumulate=acc,
+                dkv_rows=rows,
+                **kw,
+                **mask,
+            )
+            if not torch.equal(dkv.cpu(), want):
+                bad.append(f"{mask}, added {add}: dk/dv")
+            if not torch.equal(dq_map, dq_in):
+                bad.append(f"{mask}, added {add}: dq")
+    return bad
+
+
+def test_mapped_key_rows_give_the_same_gradients():
+    assert _mapped_case(rf.backends.get_backend("torch")) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mapped_key_rows_give_the_same_gradients_cuda():
+    from dist_utils import one_triton_config, restore_triton_configs
+
+    saved = one_triton_config(tiles=((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3)))
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            assert _mapped_case(rf.backends.get_backend("triton"), "cuda", dtype) == []
+    finally:
+        restore_triton_configs(saved)
 
 
 def test_ordered_sequences_change_no_result():

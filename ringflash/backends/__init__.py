@@ -107,7 +107,7 @@ class CudnnBackend(Backend):
         return self.next(q).attn_fwd(q, k, v, **kw)
 
     def attn_bwd(self, dout, q, k, v, out, lse, **kw):
-        if cudnn.serves_backward(dout, q, k, v, **kw):
+        if kw.get("dkv_rows") is None and cudnn.serves_backward(dout, q, k, v, **kw):
             return cudnn.attn_bwd(dout, q, k, v, out, lse, **kw)
         return self.next(q).attn_bwd(dout, q, k, v, out, lse, **kw)
 

@@ -25,8 +25,10 @@ class Backend:
       Nothing is read on the host. ``seq_order`` (packed calls, int32 ``[2, n_seq]``, or None):
       the order in which to take the sequences, heaviest first, for query tiles (row 0) and key
       tiles (row 1); a scheduling hint that changes no result (``kernels.common._attn_prologue``).
-    - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate) -> (dq, dk, dv)``:
-      given buffers are added into (float32) or written (``accumulate``, per dQ and dK/dV)
+    - ``attn_bwd(dout, q, k, v, out, lse, *, ..., delta, dq, dk, dv, accumulate, dkv_rows) -> (dq,
+      dk, dv)``: given buffers are added into (float32) or written (``accumulate``, per dQ and
+      dK/dV); ``dkv_rows`` (packed calls with given buffers): ``(dk_rows, dv_rows)``, int64, the
+      row of ``dk``/``dv`` that each key row's gradient goes to (``mapped_bwd``)
     - ``attn_bwd_delta(dout, out, packed) -> delta``
     - ``decode_fwd(q, k_cache, v_cache, cache_seqlens, *, n_new, k_new, v_new, block_table,
       cache_batch_idx, softmax_scale, causal, window_size, softcap, num_splits, diag_offset,
@@ -93,6 +95,19 @@ class Backend:
         return None
 
 
+def mapped_bwd(bwd, dout, q, k, v, out, lse, *, dk, dv, dkv_rows, **kw):
+    """``bwd(dout, q, k, v, out, lse, dk=.., dv=.., **kw)`` (a backend's ``attn_bwd`` without
+    ``dkv_rows``) for a call whose key rows' gradients go to rows ``dkv_rows`` of ``dk``/``dv``:
+    those rows are taken out, the call adds into or writes them as it would in place (rows of
+    sequences with no queries keep what they hold), and they are put back."""
+    dk_rows, dv_rows = dkv_rows
+    tk, tv = dk.index_select(0, dk_rows), dv.index_select(0, dv_rows)
+    dq, _, _ = bwd(dout, q, k, v, out, lse, dk=tk, dv=tv, **kw)
+    dk.index_copy_(0, dk_rows, tk)
+    dv.index_copy_(0, dv_rows, tv)
+    return dq, dk, dv
+
+
 def _bounded_by_ops(q, k, kw: dict, bounds: str | None) -> dict:
     """``kw`` with its packed ``cu_seqlens`` replaced by copies bounded to the rows of ``q`` and ``k``
     by torch operations (``checks.bounded_cu``), the failed checks ORed into the device's error
@@ -123,7 +138,11 @@ class TorchBackend(Backend):
         kw = _bounded_by_ops(q, k, kw, cu_bounds)
         return blockwise.attn_fwd(q, k, v, config=current_config(BlockwiseConfig), **kw)
 
-    def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, **kw):
+    def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, dkv_rows=None, **kw):
+        if dkv_rows is not None:
+            return mapped_bwd(
+                self.attn_bwd, dout, q, k, v, out, lse, dkv_rows=dkv_rows, cu_bounds=cu_bounds, **kw
+            )
         kw = _bounded_by_ops(q, k, kw, "clamp" if cu_bounds else None)
         return blockwise.attn_bwd(dout, q, k, v, out, lse, config=current_config(BlockwiseConfig), **kw)
 

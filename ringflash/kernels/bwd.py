@@ -188,7 +188,7 @@ _DK, _DV = stride_names("dk", "bshd"), stride_names("dv", "bshd")
 _LSE, _DELTA_E = stride_names("l", "bhs"), stride_names("e", "bhs")
 # The derived arguments of a backward launch per call signature, as the forward keeps its own.
 _BWD_LAUNCHES = SignatureTable()
-_PER_CALL = frozenset((*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "TMA"))
+_PER_CALL = frozenset((*CALL_TENSORS, "DO", "LSE", "DELTA", "DQ", "DK", "DV", "DK_ROWS", "DV_ROWS", "TMA"))
 
 
 @on_tensor_device
@@ -218,6 +218,7 @@ def attn_bwd(
     bound_cu=False,
     flag=None,
     seq_order=None,
+    dkv_rows=None,
 ):
     """Backward of ``attn_fwd`` from the final ``(out, lse)``; returns ``(dq, dk, dv)``.
 
@@ -241,6 +242,10 @@ def attn_bwd(
             the tensors' rows (valid values are unchanged), and with ``flag`` (the device's error
             flag, ``ringflash.device_errors``) one program per sequence reports its failed checks
             there, as ``bounded_cu`` of ``ringflash.checks`` does; no extra launch.
+        dkv_rows: packed calls with given buffers: ``(dk_rows, dv_rows)``, int64 ``[Tk]`` each,
+            the row of ``dk`` and of ``dv`` where each key row's gradient goes (the buffers'
+            first dim is then free: ``dk`` and ``dv`` may be one tensor); None: key row ``i``'s go
+            to row ``i``.
 
     Returns:
         ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
@@ -264,8 +269,10 @@ def attn_bwd(
         q, k, v, dq, lse, mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, diag_offset, buffers, config,
         seq_order is not None,
     )  # fmt: skip
+    mapped = dkv_rows is not None
+    assert not mapped or (packed and given), "dkv_rows: packed calls with given buffers"
     if key is not None:
-        key += (dout.stride(), delta.stride(), dk.dtype, dk.stride(), dv.dtype, dv.stride())
+        key += (dout.stride(), delta.stride(), dk.dtype, dk.stride(), dv.dtype, dv.stride(), mapped)
     entry = _BWD_LAUNCHES.get(key) if key is not None else None
     if entry is None:
         args, B, Sq, Sk = attn_args(
@@ -294,7 +301,12 @@ def attn_bwd(
             KEEP_UNSEEN=given,
         )
         static_kv = dict(
-            args, **strides(dk, _DK, packed), **strides(dv, _DV, packed), n_heads_k=Hk, ADD=add_kv
+            args,
+            **strides(dk, _DK, packed),
+            **strides(dv, _DV, packed),
+            n_heads_k=Hk,
+            ADD=add_kv,
+            MAPPED=mapped,
         )
         static_q = dict(args, **strides(dq, _DQ, packed), n_heads_q=Hq, ADD=add_q)
         static_kv = {n: a for n, a in static_kv.items() if n not in _PER_CALL}
@@ -315,7 +327,8 @@ def attn_bwd(
         return dq, dk, dv
     tma = tma_applies(q, k, v, dout, seqlen=max(Sq, Sk), backward=True)
     per_call.update(DO=dout, LSE=lse, DELTA=delta, TMA=tma)
-    dkdv_call = dict(per_call, DK=dk, DV=dv)
+    dk_rows, dv_rows = dkv_rows if mapped else (None, None)
+    dkdv_call = dict(per_call, DK=dk, DV=dv, DK_ROWS=dk_rows, DV_ROWS=dv_rows)
     dq_call = dict(per_call, DQ=dq)
     if q.device.type == "cpu":
         _dkdv_cpu[(cdiv(Sk, _CPU_DKDV["BLOCK_N"]) * B * Hk,)](**static_kv, **dkdv_call, **_CPU_DKDV)

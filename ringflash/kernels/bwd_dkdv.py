@@ -77,7 +77,7 @@ def _dkdv_inner(
     do_not_specialize=["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "total_q", "total_k"]
 )
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, FLAG,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DIAG_PTR, SEQ_ORDER, FLAG, DK_ROWS, DV_ROWS,
     stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd, stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd, stride_dvb, stride_dvs, stride_dvh, stride_dvd,
@@ -87,7 +87,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
     DIAG_FROM_PTR: tl.constexpr, TWO_PART: tl.constexpr, ORDERED: tl.constexpr,
-    ADD: tl.constexpr, WIDE: tl.constexpr,
+    ADD: tl.constexpr, WIDE: tl.constexpr, MAPPED: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TMA: tl.constexpr, KEEP_UNSEEN: tl.constexpr, CHECK_CU: tl.constexpr,
 ):  # fmt: skip
@@ -151,22 +151,31 @@ def _attn_bwd_dkdv_kernel(
         )  # fmt: skip
     dk = dk * sm_scale
 
-    dk_ptrs = (
-        DK
-        + b.to(tl.int64) * stride_dkb
-        + k_row0.to(tl.int64) * stride_dks
-        + hk * stride_dkh
-        + cols[:, None] * stride_dks
-        + offs_d[None, :] * stride_dkd
-    )
-    dv_ptrs = (
-        DV
-        + b.to(tl.int64) * stride_dvb
-        + k_row0.to(tl.int64) * stride_dvs
-        + hk * stride_dvh
-        + cols[:, None] * stride_dvs
-        + offs_dv[None, :] * stride_dvd
-    )
+    if MAPPED:
+        # Packed keys whose gradients go to rows of their own (``DK_ROWS``/``DV_ROWS``, one per key
+        # row of the call): the all-gather's dK/dV land in the exchange's layout, not the keys'.
+        seen = offs_n < seqlen_k
+        dk_rows = tl.load(DK_ROWS + k_start + offs_n, mask=seen, other=0).to(tl.int64)
+        dv_rows = tl.load(DV_ROWS + k_start + offs_n, mask=seen, other=0).to(tl.int64)
+        dk_ptrs = DK + dk_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + dv_rows[:, None] * stride_dvs + hk * stride_dvh + offs_dv[None, :] * stride_dvd
+    else:
+        dk_ptrs = (
+            DK
+            + b.to(tl.int64) * stride_dkb
+            + k_row0.to(tl.int64) * stride_dks
+            + hk * stride_dkh
+            + cols[:, None] * stride_dks
+            + offs_d[None, :] * stride_dkd
+        )
+        dv_ptrs = (
+            DV
+            + b.to(tl.int64) * stride_dvb
+            + k_row0.to(tl.int64) * stride_dvs
+            + hk * stride_dvh
+            + cols[:, None] * stride_dvs
+            + offs_dv[None, :] * stride_dvd
+        )
     dk_mask = kv_row & (offs_d[None, :] < HEAD_DIM)
     dv_mask = kv_row & (offs_dv[None, :] < HEAD_DIM_V)
     if ADD:

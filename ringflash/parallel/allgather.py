@@ -161,7 +161,12 @@ def heads_bwd(
         n = kf.shape[0]  # keys in no call's sequences get zeros
         alloc = torch.empty if plan.keys_covered else torch.zeros
         dkv = alloc((2 * n, *kf.shape[1:]), dtype=torch.float32, device=q.device)
-        dkf, dvf = dkv[:n], dkv[n:]
+        if plan.src is None:  # stripe: stream order, then in blocks (``_returning``)
+            dkf, dvf, rows = dkv[:n], dkv[n:], None
+        else:  # each key's dK and dV written straight into the received blocks' rows it came in
+            dkf = dvf = dkv
+            rows = plan.on("src", q.device, lambda: plan.src.reshape(-1))
+            rows = (rows[:n], rows[n:])
         for pc in plan.shared:
             bwd_piece(
                 backend,
@@ -180,24 +185,17 @@ def heads_bwd(
                 softcap,
                 True,
                 add_gathered,
+                rows,
             )
-    return _returning(dkv, plan)
+    return dkv if rows is not None else _returning(dkv, plan)
 
 
 def _returning(dkv: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
-    """The shared keys' float32 dK/dV (``dkv``: their dK rows in stream order, then their dV rows)
-    in the received blocks' layout, for the reverse exchange that takes them to their owners."""
-    n = dkv.shape[0] // 2
-    if plan.src is None:  # stripe: stream order is the blocks' rank order
-        world = len(plan.recv)
-        return torch.stack([dkv[:n].view(world, -1), dkv[n:].view(world, -1)], 1).view(dkv.shape)
-
-    def inverse():  # src is a permutation of the received rows: every one is a gathered key
-        inv = torch.empty(2 * n, dtype=torch.int64)
-        inv[plan.src.reshape(-1)] = torch.arange(2 * n)
-        return inv
-
-    return dkv.index_select(0, plan.on("inverse", dkv.device, inverse))
+    """Stripe's float32 dK/dV of the gathered keys (``dkv``: dK rows in stream order, which is the
+    blocks' rank order, then dV rows) in the received blocks' layout, for the reverse exchange that
+    takes them to their owners."""
+    n, world = dkv.shape[0] // 2, len(plan.recv)
+    return torch.stack([dkv[:n].view(world, -1), dkv[n:].view(world, -1)], 1).view(dkv.shape)
 
 
 def _add_home(backend, dk, dv, back: torch.Tensor, plan: GatherPlan) -> None:

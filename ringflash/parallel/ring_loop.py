@@ -102,12 +102,19 @@ def bwd_piece(
     softcap,
     packed,
     accumulate=(True, True),
+    dkv_rows=None,
 ) -> None:
     """Add the gradients of one piece into the float32 ``dq`` (local) and ``dk``/``dv`` (travelling),
-    or write them there (``accumulate``, as for the backends' ``attn_bwd``)."""
+    or write them there (``accumulate``, as for the backends' ``attn_bwd``). ``dkv_rows`` (packed):
+    for every row of ``k``, the row of ``dk`` and of ``dv`` where its gradient goes (the backends'
+    ``dkv_rows``); None: the same row."""
     qa, qb, ka, kb = pc.q0, pc.q1, pc.k0, pc.k1
     kw = _mask_kwargs(pc, packed, q.device)
     kw.update(softmax_scale=scale, softcap=softcap, delta=_lse(delta, qa, qb))
+    if dkv_rows is not None:
+        kw["dkv_rows"] = (dkv_rows[0][ka:kb], dkv_rows[1][ka:kb])
+    else:
+        dk, dv = _tok(dk, packed, ka, kb), _tok(dv, packed, ka, kb)
     backend.attn_bwd(
         _tok(dout, packed, qa, qb),
         _tok(q, packed, qa, qb),
@@ -116,8 +123,8 @@ def bwd_piece(
         _tok(out, packed, qa, qb),
         _lse(lse, qa, qb),
         dq=_tok(dq, packed, qa, qb),
-        dk=_tok(dk, packed, ka, kb),
-        dv=_tok(dv, packed, ka, kb),
+        dk=dk,
+        dv=dv,
         accumulate=accumulate,
         **kw,
     )
