@@ -244,6 +244,9 @@ def run(
                 skew_fwd=skew[0],
                 work_bwd=work[1],
                 skew_bwd=skew[1],
+                # each rank's median, for a cost model of the layout to be checked against
+                ranks_fwd_ms=" ".join(f"{t * 1e3:.3f}" for t in per_rank[0]),
+                ranks_bwd_ms=" ".join(f"{t * 1e3:.3f}" for t in per_rank[1]),
             )
         )
     return rows
