@@ -141,8 +141,11 @@ class TorchBackend(Backend):
     def attn_bwd(self, dout, q, k, v, out, lse, cu_bounds=None, dkv_rows=None, **kw):
         if dkv_rows is not None:
             return mapped_bwd(
-                self.attn_bwd, dout, q, k, v, out, lse, dkv_rows=dkv_rows, cu_bounds=cu_bounds, **kw
+                self._bwd, dout, q, k, v, out, lse, dkv_rows=dkv_rows, cu_bounds=cu_bounds, **kw
             )
+        return self._bwd(dout, q, k, v, out, lse, cu_bounds=cu_bounds, **kw)
+
+    def _bwd(self, dout, q, k, v, out, lse, cu_bounds=None, **kw):
         kw = _bounded_by_ops(q, k, kw, "clamp" if cu_bounds else None)
         return blockwise.attn_bwd(dout, q, k, v, out, lse, config=current_config(BlockwiseConfig), **kw)
 
