@@ -251,11 +251,14 @@ def _exchange_by_posts(x: torch.Tensor, sends: list[int], recvs: list[int], rank
 
 
 def _gather_by_posts(backend, k, v, plan, rank: int, world: int):
-    """Generator: ``allgather._start_gather``'s gathered keys through ring posts."""
+    """Generator: ``allgather._start_gather``'s exchange through ring posts; returns the function
+    that puts the received keys in stream order, as the real exchange's wait does (``heads_fwd``
+    and ``heads_bwd`` call it after queueing the calls on the rank's own documents, which it
+    overlaps on a GPU)."""
     if not plan.moves:
-        return None, None
+        return lambda: (None, None)
     got = yield from _exchange_by_posts(_outgoing(backend, k, v, plan), *_sizes(plan), rank, world, TAG_KV)
-    return _in_stream_order(got, plan)
+    return lambda: _in_stream_order(got, plan)
 
 
 def allgather_fwd_loop(
@@ -267,8 +270,8 @@ def allgather_fwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     state = fwd_state(q, v, plan)
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
-        kf, vf = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
-        heads_fwd(backend, q, k, v, piece, lambda kf=kf, vf=vf: (kf, vf), plan, scale, softcap, state)
+        gathered = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
+        heads_fwd(backend, q, k, v, piece, gathered, plan, scale, softcap, state)
     return state[0].to(q.dtype), state[1]
 
 
@@ -280,8 +283,7 @@ def allgather_bwd_loop(
     plan = gather_plan(layout, cu, rank, world, causal, window)
     delta, grads = bwd_delta(backend, dout, out, None), bwd_state(q, k, v, plan)
     for piece in head_pieces(q.shape[1], k.shape[1], stride or default_heads_k_stride(q, k)):
-        kf, vf = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
-        gathered = lambda kf=kf, vf=vf: (kf, vf)  # noqa: E731
+        gathered = yield from _gather_by_posts(backend, k[:, piece[0]], v[:, piece[0]], plan, rank, world)
         back = heads_bwd(
             backend, dout, q, k, v, out, lse, delta, piece, gathered, plan, scale, softcap, grads
         )
