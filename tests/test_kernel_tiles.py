@@ -67,3 +67,24 @@ def test_float32_above_head_dim_128_on_a_gpu_runs_blockwise():
     assert not wide_float32(t(torch.float32, 128), t(torch.float32, 128))
     assert not wide_float32(t(torch.bfloat16, 256), t(torch.bfloat16, 256))
     assert not wide_float32(t(torch.float32, 256, "cpu"), t(torch.float32, 256, "cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoding_float32_above_head_dim_128_on_a_gpu():
+    """Decoding with a float32 cache at head dim 256 on a GPU: the blockwise backend's result (the
+    decoding kernel's K/V stages do not fit shared memory), the new keys appended either way."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 1, 4, 256, device="cuda", generator=g)
+    k_new, v_new = (torch.randn(2, 1, 2, 256, device="cuda", generator=g) for _ in range(2))
+    caches = torch.randn(2, 2, 64, 2, 256, device="cuda", generator=g)
+    lens = torch.tensor([10, 40], dtype=torch.int32, device="cuda")
+    got = {}
+    for name in ("triton", "torch"):
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        with rf.use_backend(name):
+            out = rf.flash_attn_with_kvcache(
+                q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, causal=True
+            )
+        got[name] = (out, k_cache, v_cache)
+    for a, b in zip(got["triton"], got["torch"], strict=True):
+        assert torch.equal(a, b)

@@ -115,6 +115,10 @@ class TritonBackend(Backend):
     def decode_fwd(self, q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, check=None, **kw):
         from ..kernels.decode import decode_fwd
 
+        if wide_float32(q, v_cache):
+            return _BLOCKWISE.decode_fwd(
+                q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, check=check, **kw
+            )
         flag = None
         if check is not None:
             if q.shape[1] == 0:  # no program of the decode kernel runs: the check on its own
@@ -132,6 +136,8 @@ class TritonBackend(Backend):
     def decode_plan(self, q, k_cache, v_cache, *, check=False, **kw):
         from ..kernels.decode.plan import plan_decode, run_plan
 
+        if wide_float32(q, v_cache):
+            return None
         plan = plan_decode(q, k_cache, v_cache, config=current_config(DecodeConfig), check=check, **kw)
         if plan is None:
             return None
@@ -196,9 +202,10 @@ _BLOCKWISE = TorchBackend()
 
 
 def wide_float32(q, v) -> bool:
-    """Whether an attention call is float32 on a GPU with a head dim above 128: no tile of the
-    attention kernels fits shared memory there (on an H100 every config ran out of it), so the
-    Triton backend runs such calls on the blockwise backend (exact, slower)."""
+    """Whether an attention or decoding call is float32 on a GPU with a head dim above 128: no tile
+    of the attention kernels fits shared memory there (on an H100 every config ran out of it), nor
+    do the decoding kernel's three stages of 64-key K/V tiles (384 KB), so the Triton backend runs
+    such calls on the blockwise backend (exact, slower)."""
     return q.device.type == "cuda" and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128
 
 
@@ -207,7 +214,11 @@ def _split_kv_suits(q, k, v, decode) -> bool:
     under the interpreter the SM count is a stand-in, so tests reach this path too)."""
     from ..kernels.device import sm_count
 
-    if v.shape[-1] != q.shape[-1] or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+    if (
+        wide_float32(q, v)
+        or v.shape[-1] != q.shape[-1]
+        or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    ):
         return False
     return decode.split_kv_pays(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], k.shape[1], sm_count(q.device)
