@@ -217,13 +217,22 @@ def run(
         if breakdown:
             ranks = kernel_ms(_simulate, qs, ks, vs, ds, cu, **dict(sim, ahead=False))
             print_breakdown(label, one, ranks)
-        if calls:
-            print(f"\n{label}: each attention call alone, the one call's against the ranks'")
-            print(format_table(call_table(q, k, v, dout, cu, world, layout, method, stride), CALL_COLUMNS))
         f, b = (statistics.median(max(ranks) for ranks in times) for times in (fwd, bwd))
         # Each rank's median: their sum against the one call is the work the split adds, their
         # max against their mean the imbalance; efficiency is about 1 / (work x imbalance).
         per_rank = [[statistics.median(col) for col in zip(*times, strict=True)] for times in (fwd, bwd)]
+        if calls:
+            table = call_table(q, k, v, dout, cu, world, layout, method, stride)
+            print(f"\n{label}: each attention call alone, the one call's against the ranks'")
+            print(format_table(table, CALL_COLUMNS))
+            alone = {r["pass_"]: r["ms"] for r in table if r["who"] == "ranks" and r["kind"] == "all"}
+            beyond = [
+                (sum(ranks) * 1e3 - alone[p]) / world
+                for ranks, p in zip(per_rank, ("fwd", "bwd"), strict=True)
+            ]
+            print(
+                f"a rank's mean time beyond its calls alone: {beyond[0]:.3f} / {beyond[1]:.3f} ms (fwd / bwd)"
+            )
         work = [sum(ranks) / t for ranks, t in zip(per_rank, (t_fwd, t_bwd), strict=True)]
         skew = [max(ranks) * world / sum(ranks) for ranks in per_rank]
         rows.append(
