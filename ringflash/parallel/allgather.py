@@ -267,8 +267,8 @@ def head_pieces(hq: int, hk: int, stride: int) -> list[tuple[slice, slice]]:
 
 
 def _gathers(backend, k, v, group, plan: GatherPlan, pieces):
-    """``(piece, gathered)`` for each piece: its KV heads' exchange (``_start_gather``), the next
-    piece's started before the current one is handed out (``_pipelined``)."""
+    """``(piece, gathered)`` for each piece: its KV heads' exchange (``_start_gather``), started by
+    the first piece's ``gathered()`` and by each one for the next piece (``_pipelined``)."""
 
     def start(piece):
         return _start_gather(backend, k[:, piece[0]], v[:, piece[0]], group, plan)
@@ -277,14 +277,23 @@ def _gathers(backend, k, v, group, plan: GatherPlan, pieces):
 
 
 def _pipelined(pieces, start):
-    """``(piece, wait)`` for each piece, the next piece's transfer started (``start(piece)``) before
-    the current one is handed out: its calls run while the next piece travels."""
-    ahead = start(pieces[0])
+    """``(piece, gathered)`` for each piece: ``gathered()`` starts the piece's transfer if it has
+    not started (``start(piece)``, which returns the function that waits for it), starts the next
+    piece's, and waits for its own. ``heads_fwd`` and ``heads_bwd`` call it after queueing the
+    calls on the rank's own documents, so those calls overlap the first piece's outgoing rows
+    being gathered as well as its transfer; each later piece travels during the calls of the one
+    before. Every rank starts the transfers in the same order."""
+    started = {}
+
+    def gathered(i):
+        if i not in started:
+            started[i] = start(pieces[i])
+        if i + 1 < len(pieces) and i + 1 not in started:
+            started[i + 1] = start(pieces[i + 1])
+        return started.pop(i)()
+
     for i, piece in enumerate(pieces):
-        current = ahead
-        if i + 1 < len(pieces):
-            ahead = start(pieces[i + 1])
-        yield piece, current
+        yield piece, lambda i=i: gathered(i)
 
 
 def bwd_delta(backend, dout, out, dlse) -> torch.Tensor:
