@@ -21,8 +21,10 @@ positions in the document form an arithmetic progression ``pos0 + i * stride``.
                 A document with no room as planned fills the ranks with the most room the same
                 way. The layout tries several thresholds for "would unbalance" and keeps the one
                 whose slowest rank has the least work (``_run_cost``: pairs rounded to kernel tiles
-                plus the backward's pass over the keys). Every rank holds its tokens in document
-                order. Short documents then need no communication at all.
+                plus the backward's pass over the keys), then evens it out further: the slowest
+                rank trades tile multiples of a long spread document's tokens for as many of a
+                shorter one with a less loaded rank that holds both (``_rebalance``). Every rank
+                holds its tokens in document order. Short documents then need no communication at all.
 
 Zigzag and stripe balance causal work per document, as the padded layouts do per sequence; a
 document shorter than 2W (or W) tokens leaves some pieces empty, which is fine. Balanced keeps the
@@ -101,6 +103,7 @@ _MIN_PIECE = 128  # a document is spread over m ranks only if its zigzag pieces 
 # layout tries each and keeps the one whose slowest rank has the least work.
 _SPREAD_CAPS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 _EVEN = 1.005  # a slowest rank this close to the fair share ends the search
+_REBALANCE_STEPS = 32  # moves of ``_rebalance`` at most (each a few hundred cost evaluations)
 
 
 def _zigzag_split(n: int, shares: list[int]) -> list[list[tuple[int, int]]]:
@@ -147,15 +150,15 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
     """Documents, most work first, each whole on the least-loaded rank with room, or spread in
     zigzag over ``wanted[d]`` ranks (the least loaded with room); a document with no room as
     planned is spread over the ranks with the most room, filling them. Returns the slowest rank's
-    work and ``[(rank, doc, pos0, count)]``."""
-    room, load, placed = [n_local] * world, [0.0] * world, []
+    work and the placement ``{doc: (holders, shares)}`` (tokens per holder, in zigzag order)."""
+    room, load, placed = [n_local] * world, [0.0] * world, {}
 
     def put(d, holders, shares):
-        for r, runs in zip(holders, _zigzag_split(lengths[d], shares), strict=True):
-            for pos0, count in runs:
-                placed.append((r, d, pos0, count))
-                room[r] -= count
-                load[r] += _run_cost(pos0, count)
+        placed[d] = (holders, shares)
+        for r, w in _holder_costs(lengths[d], holders, shares).items():
+            load[r] += w
+        for r, share in zip(holders, shares, strict=True):
+            room[r] -= share
 
     for d in sorted((d for d in range(len(lengths)) if lengths[d]), key=lambda d: -lengths[d]):
         n, m = lengths[d], wanted[d]
@@ -180,6 +183,63 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
     return max(load), placed
 
 
+def _holder_costs(n: int, holders: list[int], shares: list[int]) -> dict[int, float]:
+    """``{rank: work}`` of a document of ``n`` tokens split in zigzag over ``holders``."""
+    out = dict.fromkeys(holders, 0.0)
+    for r, runs in zip(holders, _zigzag_split(n, shares), strict=True):
+        out[r] += sum(_run_cost(pos0, count) for pos0, count in runs)
+    return out
+
+
+def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
+    """Even out the placement's work without moving a token to a new holder: the slowest rank
+    ``a`` gives a tile multiple of tokens of a long document to a less loaded rank ``b`` that also
+    holds it, and takes as many of a shorter document that both hold (each token of a zigzag
+    share costs about half its document's length, so the swap moves work from ``a`` to ``b`` and
+    keeps every rank's tokens). The move that lowers the slowest rank's work most, repeated while
+    one does (``_REBALANCE_STEPS`` at most)."""
+    load = [0.0] * world
+    for d, (holders, shares) in placed.items():
+        for r, w in _holder_costs(lengths[d], holders, shares).items():
+            load[r] += w
+    for _ in range(_REBALANCE_STEPS):
+        top = max(load)
+        a = load.index(top)
+        mine = [d for d, (holders, _) in placed.items() if len(holders) > 1 and a in holders]
+        best = None
+        for b in sorted(range(world), key=lambda r: load[r]):
+            both = [d for d in mine if b != a and b in placed[d][0]]
+            for j, k in itertools.permutations(both, 2):
+                if lengths[j] <= lengths[k]:
+                    continue
+                (hj, sj), (hk, sk) = placed[j], placed[k]
+                most = min(sj[hj.index(a)], sk[hk.index(b)]) - 2 * _MIN_PIECE
+                ideal = int((load[a] - load[b]) / (lengths[j] - lengths[k]))
+                for delta in {ideal // _TILE * _TILE, -(-ideal // _TILE) * _TILE}:
+                    if not 0 < delta <= most:
+                        continue
+                    nj, nk = list(sj), list(sk)
+                    nj[hj.index(a)] -= delta
+                    nj[hj.index(b)] += delta
+                    nk[hk.index(b)] -= delta
+                    nk[hk.index(a)] += delta
+                    new = list(load)
+                    for d, holders, old, now in ((j, hj, sj, nj), (k, hk, sk, nk)):
+                        for r, w in _holder_costs(lengths[d], holders, old).items():
+                            new[r] -= w
+                        for r, w in _holder_costs(lengths[d], holders, now).items():
+                            new[r] += w
+                    if max(new) < top and (best is None or max(new) < max(best[0])):
+                        best = (new, j, nj, k, nk)
+            if best is not None:
+                break
+        if best is None:
+            break
+        load, j, nj, k, nk = best
+        placed[j], placed[k] = (placed[j][0], nj), (placed[k][0], nk)
+    return placed
+
+
 @functools.lru_cache(maxsize=128)
 def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     """Per rank, its ``(doc, pos0, count)`` runs in local order, for the ``balanced`` layout."""
@@ -193,9 +253,11 @@ def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, in
         best = got if best is None or got[0] < best[0] else best
         if best[0] <= _EVEN * fair:  # as even as it gets: spreading more only adds pieces
             break
+    placed = best[1] if best[0] <= _EVEN * fair else _rebalance(lengths, best[1], world)
     runs = [[] for _ in range(world)]
-    for r, d, pos0, count in best[1]:
-        runs[r].append((d, pos0, count))
+    for d, (holders, shares) in placed.items():
+        for r, pieces in zip(holders, _zigzag_split(lengths[d], shares), strict=True):
+            runs[r] += [(d, pos0, count) for pos0, count in pieces]
     return tuple(tuple(sorted(rr)) for rr in runs)
 
 
