@@ -12,6 +12,7 @@ those on whole documents (plain sequences) show which kind of call a split makes
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from bench_timing import bench_ms
@@ -19,6 +20,7 @@ from bench_timing import bench_ms
 import ringflash as rf
 from ringflash.backends import backend_for
 from ringflash.parallel import shard_for
+from ringflash.parallel.method_cost import band_pairs
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
 
@@ -60,16 +62,17 @@ def visible_pairs(kind: str, args: tuple, kw: dict) -> int:
     right = 0 if kw.get("causal") else right
     total = 0
     for b, (lq, lk) in enumerate(seqs):
-        rows = torch.arange(lq)
         if diag is None:
-            d = torch.full((lq,), lk - lq)
-        elif diag.dim() == 2:
-            d = torch.where(rows >= diag[b, 1], diag[b, 2], diag[b, 0])
+            parts = [(0, lq, lk - lq)]
+        elif diag.dim() == 2:  # rows from ``split`` on take the second diagonal
+            split = min(max(int(diag[b, 1]), 0), lq)
+            parts = [(0, split, int(diag[b, 0])), (split, lq, int(diag[b, 2]))]
         else:
-            d = diag.reshape(-1)[b if diag.numel() > 1 else 0].expand(lq)
-        hi = (rows + d + right).clamp(max=lk - 1) if right >= 0 else torch.full((lq,), lk - 1)
-        lo = (rows + d - left).clamp(min=0) if left >= 0 else torch.zeros(lq, dtype=torch.long)
-        total += int((hi - lo + 1).clamp(min=0).sum())
+            parts = [(0, lq, int(diag.reshape(-1)[b if diag.numel() > 1 else 0]))]
+        for r0, r1, d in parts:  # row r0 + i sees key j iff lo <= j - i <= hi
+            lo = d + r0 - left if left >= 0 else -math.inf
+            hi = d + r0 + right if right >= 0 else math.inf
+            total += band_pairs(lo, hi, r1 - r0, lk)
     return total
 
 

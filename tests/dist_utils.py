@@ -124,7 +124,7 @@ def spawn(
     return [got[r][1] if r in got else None for r in range(world)]
 
 
-def _tuners():
+def _fresh_tuners():
     """The attention kernels' autotuners; the launches kept per signature are dropped, so that the
     next launch of every signature goes through its autotuner's (new) configs."""
     from ringflash.kernels import bwd, fwd
@@ -145,7 +145,7 @@ def one_triton_config(picks=(0, 0, 0), tiles=None) -> list:
     """
     import triton
 
-    tuners = _tuners()
+    tuners = _fresh_tuners()
     saved = [t.configs for t in tuners]
     for n, tuner in enumerate(tuners):
         if tiles is None:
@@ -163,7 +163,7 @@ def all_triton_configs() -> list:
     previous lists, for ``restore_triton_configs``."""
     from ringflash.kernels import bwd, fwd
 
-    tuners = _tuners()
+    tuners = _fresh_tuners()
     saved = [t.configs for t in tuners]
     full = (fwd._fwd_configs(), bwd._configs(bwd._DKDV_TILES), bwd._configs(bwd._DQ_TILES))
     for tuner, configs in zip(tuners, full, strict=True):
@@ -186,6 +186,6 @@ def one_config_from_env() -> None:
 
 def restore_triton_configs(saved: list) -> None:
     """Undo ``one_triton_config``."""
-    for tuner, configs in zip(_tuners(), saved, strict=True):
+    for tuner, configs in zip(_fresh_tuners(), saved, strict=True):
         tuner.configs = configs
         tuner.cache.clear()

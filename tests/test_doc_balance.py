@@ -17,14 +17,6 @@ LONGTAIL_8 = (4719, 3515, 1964, 1667, 2200, 1929, 3790, 1737, 2102, 2447, 6705, 
 LONGTAIL_8 += (6785, 14351)
 
 
-def _loads(lengths, placed, world):
-    load = [0.0] * world
-    for d, (holders, shares) in placed.items():
-        for r, w in dl._holder_costs(lengths[d], holders, shares).items():
-            load[r] += w
-    return load
-
-
 def _tokens(placed, world):
     tokens = [0] * world
     for holders, shares in placed.values():
@@ -33,21 +25,13 @@ def _tokens(placed, world):
     return tokens
 
 
-def _greedy(lengths, world):
-    """The greedy placement ``_balanced`` would rebalance (its best spread)."""
-    n_local = sum(lengths) // world
-    fair = sum(dl._run_cost(0, n) for n in lengths) / world
-    caps = {tuple(dl._holders_wanted(n, world, n_local, c * fair) for n in lengths) for c in dl._SPREAD_CAPS}
-    return min((dl._place(lengths, world, n_local, w) for w in sorted(caps, key=sum)), key=lambda g: g[0])[1]
-
-
 def test_rebalancing_evens_out_a_long_tailed_stream():
     lengths, world = list(LONGTAIL_8), 8
-    placed = _greedy(lengths, world)
-    before = _loads(lengths, placed, world)
+    placed = dl._greedy(lengths, world)[1]
+    before = dl._placed_costs(lengths, placed, world)
     holders = {d: list(h) for d, (h, _) in placed.items()}
     after_placed = dl._rebalance(lengths, {d: (list(h), list(s)) for d, (h, s) in placed.items()}, world)
-    after = _loads(lengths, after_placed, world)
+    after = dl._placed_costs(lengths, after_placed, world)
     mean = sum(before) / world
     assert max(before) > 1.04 * mean and max(after) < 1.03 * mean, (max(before) / mean, max(after) / mean)
     assert _tokens(after_placed, world) == [sum(lengths) // world] * world
@@ -68,10 +52,10 @@ def test_rebalancing_never_slows_the_slowest_rank(world):
         while left > 0:
             lens.append(min(left, max(1, int(700 * rng.paretovariate(1.3)))))
             left -= lens[-1]
-        placed = _greedy(lens, world)
-        before = _loads(lens, placed, world)
+        placed = dl._greedy(lens, world)[1]
+        before = dl._placed_costs(lens, placed, world)
         after_placed = dl._rebalance(lens, {d: (list(h), list(s)) for d, (h, s) in placed.items()}, world)
-        after = _loads(lens, after_placed, world)
+        after = dl._placed_costs(lens, after_placed, world)
         assert max(after) <= max(before) + 1e-6
         assert _tokens(after_placed, world) == [sum(lens) // world] * world
         assert all(min(s) > 0 for _, s in after_placed.values())

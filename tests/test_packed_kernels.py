@@ -196,16 +196,28 @@ def test_mapped_key_rows_give_the_same_gradients():
     assert _mapped_case(rf.backends.get_backend("torch")) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_mapped_key_rows_give_the_same_gradients_cuda():
+def _on_gpu(case) -> list[str]:
+    """``case(backend, "cuda", dtype)`` on the Triton kernels in float32 and bfloat16, with one tile
+    config per kernel (the cases do not depend on it) so that they compile once instead of
+    autotuning each: tiles that compile at head dim 16 in both dtypes (the pinned head-dim-256
+    forward tile of ``RINGFLASH_TEST_CONFIGS=one`` crashes Triton 3.6's ptxas at head dim 16 in
+    float32). Returns what differed."""
     from dist_utils import one_triton_config, restore_triton_configs
 
     saved = one_triton_config(tiles=((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3)))
     try:
-        for dtype in (torch.float32, torch.bfloat16):
-            assert _mapped_case(rf.backends.get_backend("triton"), "cuda", dtype) == []
+        return [
+            f"{dtype}: {x}"
+            for dtype in (torch.float32, torch.bfloat16)
+            for x in case(rf.backends.get_backend("triton"), "cuda", dtype)
+        ]
     finally:
         restore_triton_configs(saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mapped_key_rows_give_the_same_gradients_cuda():
+    assert _on_gpu(_mapped_case) == []
 
 
 def test_ordered_sequences_change_no_result():
@@ -215,18 +227,8 @@ def test_ordered_sequences_change_no_result():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ordered_sequences_change_no_result_cuda():
-    """On a GPU, where programs run concurrently; one tile config per kernel (the ordering does not
-    depend on it), so that the cases compile once instead of autotuning each: tiles that compile
-    for head dim 16 in both dtypes (the pinned head-dim-256 forward tile of
-    ``RINGFLASH_TEST_CONFIGS=one`` crashes Triton 3.6's ptxas at head dim 16 in float32)."""
-    from dist_utils import one_triton_config, restore_triton_configs
-
-    saved = one_triton_config(tiles=((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3)))
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            assert _ordered_case(rf.backends.get_backend("triton"), "cuda", dtype) == []
-    finally:
-        restore_triton_configs(saved)
+    """On a GPU, where programs run concurrently."""
+    assert _on_gpu(_ordered_case) == []
 
 
 def test_seq_order_ranks_sequences_by_their_heaviest_tile():

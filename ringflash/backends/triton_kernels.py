@@ -23,12 +23,12 @@ class TritonBackend(Backend):
     def attn_fwd(self, q, k, v, cu_bounds=None, **kw):
         from ..kernels import decode, fwd
 
+        if wide_float32(q, v):
+            return _BLOCKWISE.attn_fwd(q, k, v, cu_bounds=cu_bounds, **kw)
         if kw.get("out") is None and kw.get("cu_seqlens_q") is None and _split_kv_suits(q, k, v, decode):
             # A few query rows against a long context (a generate loop without a KV cache): the
             # split-KV decoding kernel spreads the keys over every SM and reads K/V once per KV head.
             return self._split_kv(q, k, v, **kw)
-        if wide_float32(q, v):
-            return _BLOCKWISE.attn_fwd(q, k, v, cu_bounds=cu_bounds, **kw)
         kw = self._bounds(q, k, kw, cu_bounds)
         return fwd.attn_fwd(q, k, v, config=current_config(AttnConfig), **kw)
 
@@ -48,7 +48,7 @@ class TritonBackend(Backend):
     def attn_plan(self, q, k, v, **kw):
         from ..kernels import decode, fwd
 
-        if _split_kv_suits(q, k, v, decode) or wide_float32(q, v):
+        if wide_float32(q, v) or _split_kv_suits(q, k, v, decode):
             return None
         plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), **kw)
         if plan is None:
@@ -214,11 +214,7 @@ def _split_kv_suits(q, k, v, decode) -> bool:
     under the interpreter the SM count is a stand-in, so tests reach this path too)."""
     from ..kernels.device import sm_count
 
-    if (
-        wide_float32(q, v)
-        or v.shape[-1] != q.shape[-1]
-        or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    ):
+    if v.shape[-1] != q.shape[-1] or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
         return False
     return decode.split_kv_pays(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], k.shape[1], sm_count(q.device)

@@ -191,6 +191,15 @@ def _holder_costs(n: int, holders: list[int], shares: list[int]) -> dict[int, fl
     return out
 
 
+def _placed_costs(lengths: list[int], placed: dict, world: int) -> list[float]:
+    """Each rank's work under the placement ``{doc: (holders, shares)}`` (``_run_cost``)."""
+    load = [0.0] * world
+    for d, (holders, shares) in placed.items():
+        for r, w in _holder_costs(lengths[d], holders, shares).items():
+            load[r] += w
+    return load
+
+
 def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
     """Even out the placement's work without moving a token to a new holder: the slowest rank
     ``a`` gives a tile multiple of tokens of a long document to a less loaded rank ``b`` that also
@@ -198,10 +207,7 @@ def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
     share costs about half its document's length, so the swap moves work from ``a`` to ``b`` and
     keeps every rank's tokens). The move that lowers the slowest rank's work most, repeated while
     one does (``_REBALANCE_STEPS`` at most)."""
-    load = [0.0] * world
-    for d, (holders, shares) in placed.items():
-        for r, w in _holder_costs(lengths[d], holders, shares).items():
-            load[r] += w
+    load = _placed_costs(lengths, placed, world)
     for _ in range(_REBALANCE_STEPS):
         top = max(load)
         a = load.index(top)
@@ -240,20 +246,28 @@ def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
     return placed
 
 
-@functools.lru_cache(maxsize=128)
-def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
-    """Per rank, its ``(doc, pos0, count)`` runs in local order, for the ``balanced`` layout."""
-    lengths = [b - a for a, b in itertools.pairwise(cu)]
-    n_local = cu[-1] // world
+def _greedy(lengths: list[int], world: int) -> tuple[float, dict]:
+    """``_place`` under each threshold of ``_SPREAD_CAPS``, fewest spread documents first: the
+    slowest rank's work and the placement of the one whose slowest rank has the least."""
+    n_local = sum(lengths) // world
     fair = sum(_run_cost(0, n) for n in lengths) / world
     spreads = {tuple(_holders_wanted(n, world, n_local, cap * fair) for n in lengths) for cap in _SPREAD_CAPS}
     best = None
-    for wanted in sorted(spreads, key=sum):  # fewest spread documents first
+    for wanted in sorted(spreads, key=sum):
         got = _place(lengths, world, n_local, wanted)
         best = got if best is None or got[0] < best[0] else best
         if best[0] <= _EVEN * fair:  # as even as it gets: spreading more only adds pieces
             break
-    placed = best[1] if best[0] <= _EVEN * fair else _rebalance(lengths, best[1], world)
+    return best
+
+
+@functools.lru_cache(maxsize=128)
+def _balanced(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """Per rank, its ``(doc, pos0, count)`` runs in local order, for the ``balanced`` layout."""
+    lengths = [b - a for a, b in itertools.pairwise(cu)]
+    slowest, placed = _greedy(lengths, world)
+    if slowest > _EVEN * sum(_run_cost(0, n) for n in lengths) / world:
+        placed = _rebalance(lengths, placed, world)
     runs = [[] for _ in range(world)]
     for d, (holders, shares) in placed.items():
         for r, pieces in zip(holders, _zigzag_split(lengths[d], shares), strict=True):
