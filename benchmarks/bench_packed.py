@@ -56,6 +56,7 @@ from ringflash.backends import use_config
 from ringflash.kernels.options import AttnConfig
 from ringflash.parallel import shard_for
 from ringflash.parallel.allgather import default_heads_k_stride
+from ringflash.parallel.gather_plan import gather_plan
 from ringflash.parallel.simulate import simulate_ring_attn, simulate_ring_attn_backward
 
 # Kernel options a run can repeat its rows under.
@@ -160,6 +161,26 @@ def print_breakdown(label: str, one: dict[str, float], ranks: dict[str, float], 
     print(f"  {sum(one.values()):9.3f} {sum(ranks.values()):9.3f}  total")
 
 
+def exchanged_rows(cu, world: int, layout: str, method: str):
+    """``(received, sent)`` rows of each rank under the all-gather (causal, no window; None for
+    the ring): the data it moves grows with them."""
+    if method != "allgather":
+        return None
+    plans = [gather_plan(layout, tuple(int(x) for x in cu), r, world, True, (-1, -1)) for r in range(world)]
+    recv = [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)]
+    sent = [sum(len(x) for d, x in enumerate(p.send) if d != r) for r, p in enumerate(plans)]
+    return recv, sent
+
+
+def print_ranks(per_rank, alone: dict, rows) -> None:
+    """Each rank's time per pass against its calls alone (``--calls``), and its exchanged rows."""
+    print("rank: fwd ms, calls alone, beyond | bwd ms, calls alone, beyond | rows received, sent")
+    for r, (f, b) in enumerate(zip(*per_rank, strict=True)):
+        moved = "" if rows is None else f" | {rows[0][r]}, {rows[1][r]}"
+        f, b, cf, cb = f * 1e3, b * 1e3, alone["fwd"][r], alone["bwd"][r]
+        print(f"  {r}: {f:.3f}, {cf:.3f}, {f - cf:.3f} | {b:.3f}, {cb:.3f}, {b - cb:.3f}{moved}")
+
+
 def run(
     world,
     tokens,
@@ -221,8 +242,9 @@ def run(
         # Each rank's median: their sum against the one call is the work the split adds, their
         # max against their mean the imbalance; efficiency is about 1 / (work x imbalance).
         per_rank = [[statistics.median(col) for col in zip(*times, strict=True)] for times in (fwd, bwd)]
+        extra = {}
         if calls:
-            table = call_table(q, k, v, dout, cu, world, layout, method, stride)
+            table, alone_per_rank = call_table(q, k, v, dout, cu, world, layout, method, stride)
             print(f"\n{label}: each attention call alone, the one call's against the ranks'")
             print(format_table(table, CALL_COLUMNS))
             alone = {r["pass_"]: r["ms"] for r in table if r["who"] == "ranks" and r["kind"] == "all"}
@@ -233,6 +255,9 @@ def run(
             print(
                 f"a rank's mean time beyond its calls alone: {beyond[0]:.3f} / {beyond[1]:.3f} ms (fwd / bwd)"
             )
+            print_ranks(per_rank, alone_per_rank, exchanged_rows(cu, world, layout, method))
+            extra["ranks_fwd_calls_ms"] = " ".join(f"{t:.3f}" for t in alone_per_rank["fwd"])
+            extra["ranks_bwd_calls_ms"] = " ".join(f"{t:.3f}" for t in alone_per_rank["bwd"])
         work = [sum(ranks) / t for ranks, t in zip(per_rank, (t_fwd, t_bwd), strict=True)]
         skew = [max(ranks) * world / sum(ranks) for ranks in per_rank]
         rows.append(
@@ -256,6 +281,7 @@ def run(
                 # each rank's median, for a cost model of the layout to be checked against
                 ranks_fwd_ms=" ".join(f"{t * 1e3:.3f}" for t in per_rank[0]),
                 ranks_bwd_ms=" ".join(f"{t * 1e3:.3f}" for t in per_rank[1]),
+                **extra,
             )
         )
     return rows

@@ -76,7 +76,14 @@ def visible_pairs(kind: str, args: tuple, kw: dict) -> int:
     return total
 
 
-def _timed(calls: list, who: str, reps: int) -> list[dict]:
+def _rank_of(kind: str, args: tuple, q_shards) -> int | None:
+    """The virtual rank whose query shard a recorded call reads (its storage), None if none."""
+    q = args[0] if kind == "fwd" else args[1]
+    at = q.untyped_storage().data_ptr()
+    return next((r for r, s in enumerate(q_shards) if s.untyped_storage().data_ptr() == at), None)
+
+
+def _timed(calls: list, who: str, reps: int, q_shards=()) -> list[dict]:
     backend = None
     out = []
     for kind, args, kw in calls:
@@ -85,13 +92,17 @@ def _timed(calls: list, who: str, reps: int) -> list[dict]:
         ms = bench_ms(lambda run=run, args=args, kw=kw: run(*args, **kw), rep=reps)
         diag = kw.get("diag_offset")
         two_part = isinstance(diag, torch.Tensor) and diag.dim() == 2
-        out.append(dict(who=who, pass_=kind, two_part=two_part, ms=ms, pairs=visible_pairs(kind, args, kw)))
+        rank = _rank_of(kind, args, q_shards)
+        pairs = visible_pairs(kind, args, kw)
+        out.append(dict(who=who, pass_=kind, two_part=two_part, ms=ms, pairs=pairs, rank=rank))
     return out
 
 
 def call_table(q, k, v, dout, cu, world: int, layout: str, method: str, stride: int, reps: int = 50):
     """Rows ``(calls, pass, kind, ms alone, Mpairs, ps a pair, against the one call)`` for the one
-    call on the stream and the ranks' calls, and the sums per pass."""
+    call on the stream and the ranks' calls, and the sums per pass; and ``{pass: [ms]}``, each
+    rank's calls alone summed (a rank's time beyond them is the data it moves and its calls'
+    overlap lost or won)."""
     backend = backend_for(q)
     cud = cu.to(q.device)
     longest = int((cu[1:] - cu[:-1]).max())
@@ -102,12 +113,19 @@ def call_table(q, k, v, dout, cu, world: int, layout: str, method: str, stride: 
         with recorded(backend, one):
             out, lse = backend.attn_fwd(q, k, v, **one_kw)
             backend.attn_bwd(dout, q, k, v, out, lse, **one_kw)
-        shards = [[shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in (q, k, v, dout)]
+        # own storage per rank, so that each recorded call names its rank (``_rank_of``)
+        shards = [
+            [shard_for(x, r, world, 0, layout, cu).clone() for r in range(world)] for x in (q, k, v, dout)
+        ]
         mask = dict(causal=True, cu_seqlens=cu, method=method, heads_k_stride=stride)
         with recorded(backend, ranks):
             outs, lses = simulate_ring_attn(*shards[:3], layout, **mask)[:2]
             simulate_ring_attn_backward(shards[3], *shards[:3], outs, lses, layout, **mask)
-        timed = _timed(one, "one call", reps) + _timed(ranks, "ranks", reps)
+        timed = _timed(one, "one call", reps) + _timed(ranks, "ranks", reps, shards[0])
+    per_rank = {p: [0.0] * world for p in ("fwd", "bwd")}
+    for t in timed:
+        if t["who"] == "ranks" and t["rank"] is not None:
+            per_rank[t["pass_"]][t["rank"]] += t["ms"]
     groups: dict[tuple, list[dict]] = {}
     for t in timed:
         kind = "two-part" if t["two_part"] else "plain"
@@ -125,7 +143,7 @@ def call_table(q, k, v, dout, cu, world: int, layout: str, method: str, stride: 
         base_ps, base_ms = per_pair[r["pass_"]]
         r["per_pair_vs_one"] = r["ps"] / base_ps
         r["sum_vs_one"] = r["ms"] / base_ms if r["kind"] == "all" else float("nan")
-    return sorted(rows, key=lambda r: (r["pass_"], r["who"] != "one call", r["kind"]))
+    return sorted(rows, key=lambda r: (r["pass_"], r["who"] != "one call", r["kind"])), per_rank
 
 
 CALL_COLUMNS = [

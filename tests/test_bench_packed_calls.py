@@ -29,11 +29,15 @@ def test_ranks_calls_see_the_one_calls_pairs(dist, world, layout, method):
     cu = bench_packed.documents(dist, world * 256, seed=1)
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(int(cu[-1]), h, 16, generator=g) for h in (4, 2, 2, 4))
-    rows = call_table(q, k, v, dout, cu, world, layout, method, 2, reps=1)
+    rows, per_rank = call_table(q, k, v, dout, cu, world, layout, method, 2, reps=1)
     sums = {(r["pass_"], r["who"]): r["mpairs"] for r in rows if r["kind"] == "all"}
     assert len(sums) == 4
     for p in ("fwd", "bwd"):
         assert sums[(p, "ranks")] == pytest.approx(sums[(p, "one call")], abs=1e-12), p
+    for p in ("fwd", "bwd"):  # every rank's call is named to its rank
+        ranks_ms = [r["ms"] for r in rows if r["who"] == "ranks" and r["pass_"] == p and r["kind"] == "all"]
+        assert sum(per_rank[p]) == pytest.approx(ranks_ms[0]), p
+        assert len(per_rank[p]) == world
     per_call = {r["kind"] for r in rows if r["who"] == "ranks"}
     assert "all" in per_call and per_call & {"plain", "two-part"}
 
