@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--dists", nargs="*", default=["longtail", "1k", "one"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0, help="of the document lengths and the tensors")
     ap.add_argument(
         "--breakdown",
         action="store_true",
@@ -361,6 +362,7 @@ def main(argv=None) -> int:
                         device,
                         dist,
                         a.reps,
+                        seed=a.seed,
                         variants=variants,
                         breakdown=a.breakdown,
                         calls=a.calls,

@@ -1,6 +1,7 @@
-"""The balanced layout's rebalancing (``doc_layouts._rebalance``): after the greedy placement, the
-slowest rank hands tokens of a long document it shares with a less loaded rank over for as many
-of a shorter one, which evens out the layout's cost model without moving tokens to new holders."""
+"""The balanced layout's cost model and rebalancing (``doc_layouts._rebalance``): after the greedy
+placement, the slowest rank trades tokens of a long document for as many of a shorter one with a
+less loaded rank (first between documents both hold, then making a rank a new holder), which
+evens out the layout's cost model and keeps every rank's tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from ringflash.parallel import doc_layouts as dl
 
 # A long-tailed stream of 8 x 8192 tokens (bench_packed's, seed 0) whose greedy placement leaves
-# its slowest rank at 1.041x the mean work.
+# its slowest rank at 1.036x the mean work (the layout's model).
 LONGTAIL_8 = (4719, 3515, 1964, 1667, 2200, 1929, 3790, 1737, 2102, 2447, 6705, 2180, 1702, 3494, 2595, 1654)
 LONGTAIL_8 += (6785, 14351)
 
@@ -33,15 +34,21 @@ def test_rebalancing_evens_out_a_long_tailed_stream():
     after_placed = dl._rebalance(lengths, {d: (list(h), list(s)) for d, (h, s) in placed.items()}, world)
     after = dl._placed_costs(lengths, after_placed, world)
     mean = sum(before) / world
-    assert max(before) > 1.04 * mean and max(after) < 1.03 * mean, (max(before) / mean, max(after) / mean)
+    assert max(before) > 1.03 * mean and max(after) < 1.02 * sum(after) / world, (max(before), max(after))
     assert _tokens(after_placed, world) == [sum(lengths) // world] * world
-    assert {d: list(h) for d, (h, _) in after_placed.items()} == holders, "no token moves to a new holder"
+    for d, (h, s) in after_placed.items():  # a new holder takes a share of two pieces at least
+        assert h[: len(holders[d])] == holders[d]
+        assert all(share >= 2 * dl._MIN_PIECE for share in s[len(holders[d]) :])
+    runs = [[] for _ in range(world)]
+    for d, (h, s) in after_placed.items():
+        for r, pieces in zip(h, dl._zigzag_split(lengths[d], s), strict=True):
+            runs[r] += [(d, pos0, count) for pos0, count in pieces]
     segs = [
         dl.doc_segments("balanced", tuple(itertools.accumulate(lengths, initial=0)), r, world)
-        for r in range(8)
+        for r in range(world)
     ]
-    work = [sum(dl._run_cost(s.pos0, s.count) for s in ss) for ss in segs]
-    assert max(work) == pytest.approx(max(after)), "the layout is the rebalanced placement"
+    got = [sorted((x.doc, x.pos0, x.count) for x in ss) for ss in segs]
+    assert got == [sorted(rr) for rr in runs], "the layout is the rebalanced placement"
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -59,3 +66,16 @@ def test_rebalancing_never_slows_the_slowest_rank(world):
         assert max(after) <= max(before) + 1e-6
         assert _tokens(after_placed, world) == [sum(lens) // world] * world
         assert all(min(s) > 0 for _, s in after_placed.values())
+
+
+def test_holder_costs_count_the_rows_each_holder_reads_and_sends():
+    """A 1024-token document over two ranks: rank 0 holds [0, 256) and [768, 1024), rank 1 holds
+    [256, 768). Under a causal mask rank 0 reads all 512 of rank 1's rows, rank 1 only the 256 of
+    rank 0's before its last query."""
+    assert dl._zigzag_split(1024, [512, 512]) == [[(0, 256), (768, 256)], [(256, 512)]]
+    costs = dl._holder_costs(1024, [0, 1], [512, 512])
+    attn0 = dl._run_cost(0, 256) + dl._run_cost(768, 256)
+    attn1 = dl._run_cost(256, 512)
+    assert costs[0] == pytest.approx(attn0 + dl._RECV_ROW_COST * 512 + dl._SEND_ROW_COST * 256)
+    assert costs[1] == pytest.approx(attn1 + dl._RECV_ROW_COST * 256 + dl._SEND_ROW_COST * 512)
+    assert dl._holder_costs(1024, [3], [1024]) == {3: dl._run_cost(0, 1024)}, "a whole document moves no row"

@@ -21,10 +21,11 @@ positions in the document form an arithmetic progression ``pos0 + i * stride``.
                 A document with no room as planned fills the ranks with the most room the same
                 way. The layout tries several thresholds for "would unbalance" and keeps the one
                 whose slowest rank has the least work (``_run_cost``: pairs rounded to kernel tiles
-                plus the backward's pass over the keys), then evens it out further: the slowest
-                rank trades tile multiples of a long spread document's tokens for as many of a
-                shorter one with a less loaded rank that holds both (``_rebalance``). Every rank
-                holds its tokens in document order. Short documents then need no communication at all.
+                plus the backward's pass over the keys; and the K/V rows a spread document's
+                holders exchange), then evens it out further: the slowest rank trades tile
+                multiples of a long document's tokens for as many of a shorter one with a less
+                loaded rank, between documents both hold first (``_rebalance``). Every rank holds
+                its tokens in document order. Short documents then need no communication at all.
 
 Zigzag and stripe balance causal work per document, as the padded layouts do per sequence; a
 document shorter than 2W (or W) tokens leaves some pieces empty, which is fine. Balanced keeps the
@@ -34,6 +35,7 @@ divide by W.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from dataclasses import dataclass
@@ -98,12 +100,20 @@ def _run_cost(pos0: int, count: int) -> float:
 
 _TILE = 128  # the attention kernels' query tile on a GPU
 _KEY_COST = 125  # pairs per key of a run's backward pass over its keys (fitted: docs/ring.md, "Layouts")
+# Pair-equivalents of a K/V row that a rank receives (put in stream order, forward and backward,
+# and its float32 dK/dV written) and that it sends (gathered for the exchange twice, its dK/dV
+# summed back): fitted to the H100's per-rank time beyond the attention calls under the all-gather
+# (``bench_packed.py --calls``, 8 ranks: about 24 ns a received row and 9 ns a sent one).
+_RECV_ROW_COST = 150
+_SEND_ROW_COST = 60
 _MIN_PIECE = 128  # a document is spread over m ranks only if its zigzag pieces hold this many tokens
 # A document whose work exceeds this fraction of a rank's fair share is spread over more ranks; the
 # layout tries each and keeps the one whose slowest rank has the least work.
 _SPREAD_CAPS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 _EVEN = 1.005  # a slowest rank this close to the fair share ends the search
-_REBALANCE_STEPS = 32  # moves of ``_rebalance`` at most (each a few hundred cost evaluations)
+_REBALANCE_STEPS = 32  # trades of ``_rebalance`` at most
+_TRADE_RANKS = 4  # the least loaded ranks that a step of ``_rebalance`` tries to trade with
+_TRADE_DOCS = 6  # documents of each side that a trade making a new holder considers
 
 
 def _zigzag_split(n: int, shares: list[int]) -> list[list[tuple[int, int]]]:
@@ -184,10 +194,26 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
 
 
 def _holder_costs(n: int, holders: list[int], shares: list[int]) -> dict[int, float]:
-    """``{rank: work}`` of a document of ``n`` tokens split in zigzag over ``holders``."""
+    """``{rank: work}`` of a document of ``n`` tokens split in zigzag over ``holders``: its runs'
+    attention (``_run_cost``) and, for a document on several ranks, the rows each holder receives
+    and sends (``_RECV_ROW_COST``, ``_SEND_ROW_COST``): under a causal mask a holder reads the
+    others' keys up to its own last query."""
     out = dict.fromkeys(holders, 0.0)
-    for r, runs in zip(holders, _zigzag_split(n, shares), strict=True):
+    split = _zigzag_split(n, shares)
+    for r, runs in zip(holders, split, strict=True):
         out[r] += sum(_run_cost(pos0, count) for pos0, count in runs)
+    if len(holders) > 1:
+        # Every position before a holder's reach is some holder's: it receives reach - share rows.
+        reach = [max((p + c for p, c in runs), default=0) for runs in split]
+        ends = sorted(reach)
+        below = [0, *itertools.accumulate(ends)]
+        for r, runs, share, end in zip(holders, split, shares, reach, strict=True):
+            # ... and sends, of each run (p, c), min(c, reach - p) rows to every other holder
+            sent = -share
+            for p, c in runs:
+                lo, hi = bisect.bisect_right(ends, p), bisect.bisect_left(ends, p + c)
+                sent += below[hi] - below[lo] - p * (hi - lo) + c * (len(ends) - hi)
+            out[r] += _RECV_ROW_COST * (end - share) + _SEND_ROW_COST * sent
     return out
 
 
@@ -201,49 +227,76 @@ def _placed_costs(lengths: list[int], placed: dict, world: int) -> list[float]:
 
 
 def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
-    """Even out the placement's work without moving a token to a new holder: the slowest rank
-    ``a`` gives a tile multiple of tokens of a long document to a less loaded rank ``b`` that also
-    holds it, and takes as many of a shorter document that both hold (each token of a zigzag
-    share costs about half its document's length, so the swap moves work from ``a`` to ``b`` and
-    keeps every rank's tokens). The move that lowers the slowest rank's work most, repeated while
-    one does (``_REBALANCE_STEPS`` at most)."""
+    """Even out the placement's work by trades: the slowest rank ``a`` gives a tile multiple of
+    tokens of a long document to a less loaded rank ``b`` and takes as many of a shorter document
+    from ``b`` (each token of a zigzag share costs about half its document's length, so the trade
+    moves work from ``a`` to ``b`` and keeps every rank's tokens). Trades between documents that
+    both ranks already hold come first (no more K/V travel); only when none helps may a rank become
+    a new holder of a document, with a share of ``2 * _MIN_PIECE`` tokens at least (its K/V then
+    travel to it). The trade that lowers the slowest rank's work most, repeated while one does
+    (``_REBALANCE_STEPS`` at most)."""
     load = _placed_costs(lengths, placed, world)
     for _ in range(_REBALANCE_STEPS):
         top = max(load)
         a = load.index(top)
-        mine = [d for d, (holders, _) in placed.items() if len(holders) > 1 and a in holders]
         best = None
-        for b in sorted(range(world), key=lambda r: load[r]):
-            both = [d for d in mine if b != a and b in placed[d][0]]
-            for j, k in itertools.permutations(both, 2):
-                if lengths[j] <= lengths[k]:
-                    continue
-                (hj, sj), (hk, sk) = placed[j], placed[k]
-                most = min(sj[hj.index(a)], sk[hk.index(b)]) - 2 * _MIN_PIECE
-                ideal = int((load[a] - load[b]) / (lengths[j] - lengths[k]))
-                for delta in {ideal // _TILE * _TILE, -(-ideal // _TILE) * _TILE}:
-                    if not 0 < delta <= most:
-                        continue
-                    nj, nk = list(sj), list(sk)
-                    nj[hj.index(a)] -= delta
-                    nj[hj.index(b)] += delta
-                    nk[hk.index(b)] -= delta
-                    nk[hk.index(a)] += delta
-                    new = list(load)
-                    for d, holders, old, now in ((j, hj, sj, nj), (k, hk, sk, nk)):
-                        for r, w in _holder_costs(lengths[d], holders, old).items():
-                            new[r] -= w
-                        for r, w in _holder_costs(lengths[d], holders, now).items():
-                            new[r] += w
-                    if max(new) < top and (best is None or max(new) < max(best[0])):
-                        best = (new, j, nj, k, nk)
+        for fresh in (False, True):
+            for b in sorted(range(world), key=lambda r: load[r])[:_TRADE_RANKS]:
+                if b != a:
+                    best = _best_trade(lengths, placed, load, a, b, fresh, best)
+                if best is not None:
+                    break
             if best is not None:
                 break
         if best is None:
             break
-        load, j, nj, k, nk = best
-        placed[j], placed[k] = (placed[j][0], nj), (placed[k][0], nk)
+        load, traded = best
+        placed.update(traded)
     return placed
+
+
+def _best_trade(lengths, placed: dict, load: list[float], a: int, b: int, fresh: bool, best):
+    """The best of ``best`` and the trades from rank ``a`` to ``b`` (``_rebalance``) that lower the
+    slowest rank's work: ``(new loads, {doc: (holders, shares)})``. ``fresh``: trades that make
+    a rank a new holder of a document, else those between documents that both hold."""
+    on_a = [d for d, (holders, _) in placed.items() if a in holders]
+    on_b = [d for d, (holders, _) in placed.items() if b in holders]
+    if fresh:  # the longest documents of a for the shortest of b: the trades that move most work
+        on_a = sorted(on_a, key=lambda d: -lengths[d])[:_TRADE_DOCS]
+        on_b = sorted(on_b, key=lambda d: lengths[d])[:_TRADE_DOCS]
+    for j, k in itertools.product(on_a, on_b):
+        if lengths[j] <= lengths[k]:
+            continue
+        (hj, sj), (hk, sk) = placed[j], placed[k]
+        if fresh != (b not in hj or a not in hk):
+            continue
+        most = min(sj[hj.index(a)], sk[hk.index(b)]) - 2 * _MIN_PIECE
+        ideal = int((load[a] - load[b]) / (lengths[j] - lengths[k]))
+        for delta in {ideal // _TILE * _TILE, -(-ideal // _TILE) * _TILE}:
+            if not 0 < delta <= most or (fresh and delta < 2 * _MIN_PIECE):
+                continue
+            traded = {j: _shifted(placed[j], a, b, delta), k: _shifted(placed[k], b, a, delta)}
+            new = list(load)
+            for d, now in traded.items():
+                for r, w in _holder_costs(lengths[d], *placed[d]).items():
+                    new[r] -= w
+                for r, w in _holder_costs(lengths[d], *now).items():
+                    new[r] += w
+            if max(new) < max(load) and (best is None or max(new) < max(best[0])):
+                best = (new, traded)
+    return best
+
+
+def _shifted(place, giver: int, taker: int, delta: int):
+    """``(holders, shares)`` of a document after ``giver`` hands ``delta`` of its tokens to
+    ``taker`` (appended as the last holder if it holds none)."""
+    holders, shares = list(place[0]), list(place[1])
+    if taker not in holders:
+        holders.append(taker)
+        shares.append(0)
+    shares[holders.index(giver)] -= delta
+    shares[holders.index(taker)] += delta
+    return holders, shares
 
 
 def _greedy(lengths: list[int], world: int) -> tuple[float, dict]:
