@@ -79,3 +79,25 @@ def test_holder_costs_count_the_rows_each_holder_reads_and_sends():
     assert costs[0] == pytest.approx(attn0 + dl._RECV_ROW_COST * 512 + dl._SEND_ROW_COST * 256)
     assert costs[1] == pytest.approx(attn1 + dl._RECV_ROW_COST * 256 + dl._SEND_ROW_COST * 512)
     assert dl._holder_costs(1024, [3], [1024]) == {3: dl._run_cost(0, 1024)}, "a whole document moves no row"
+
+
+def test_holder_costs_rows_match_counting_them_pair_by_pair():
+    """The closed form of the rows each holder receives and sends (sorted reaches and prefix sums)
+    against counting, for every ordered pair of holders, the sender's rows before the reader's
+    last query."""
+    rng = random.Random(0)
+    for _ in range(300):
+        m = rng.randint(2, 9)
+        n = rng.randint(2 * m, 9000)
+        cuts = sorted(rng.sample(range(1, n), m - 1))
+        shares = [b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        split = dl._zigzag_split(n, shares)
+        reach = [max((p + c for p, c in runs), default=0) for runs in split]
+        want = [sum(dl._run_cost(p, c) for p, c in runs) for runs in split]
+        for i, j in itertools.permutations(range(m), 2):  # j's rows that i reads
+            rows = sum(max(0, min(c, reach[i] - p)) for p, c in split[j])
+            want[i] += dl._RECV_ROW_COST * rows
+            want[j] += dl._SEND_ROW_COST * rows
+        got = dl._holder_costs(n, list(range(10, 10 + m)), shares)
+        assert list(got) == list(range(10, 10 + m))
+        assert list(got.values()) == pytest.approx(want), (n, shares)

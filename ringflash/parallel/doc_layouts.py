@@ -194,27 +194,33 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
 
 
 def _holder_costs(n: int, holders: list[int], shares: list[int]) -> dict[int, float]:
-    """``{rank: work}`` of a document of ``n`` tokens split in zigzag over ``holders``: its runs'
-    attention (``_run_cost``) and, for a document on several ranks, the rows each holder receives
-    and sends (``_RECV_ROW_COST``, ``_SEND_ROW_COST``): under a causal mask a holder reads the
-    others' keys up to its own last query."""
-    out = dict.fromkeys(holders, 0.0)
-    split = _zigzag_split(n, shares)
-    for r, runs in zip(holders, split, strict=True):
-        out[r] += sum(_run_cost(pos0, count) for pos0, count in runs)
-    if len(holders) > 1:
+    """``{rank: work}`` of a document of ``n`` tokens split in zigzag over ``holders``
+    (``_share_costs``)."""
+    return dict(zip(holders, _share_costs(n, tuple(shares)), strict=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _share_costs(n: int, shares: tuple[int, ...]) -> tuple[float, ...]:
+    """The work of each of the holders of a document of ``n`` tokens that take ``shares`` tokens
+    in zigzag: its runs' attention (``_run_cost``) and, for a document on several ranks, the rows
+    each holder receives and sends (``_RECV_ROW_COST``, ``_SEND_ROW_COST``): under a causal mask
+    a holder reads the others' keys up to its own last query. Cached: the placement search asks
+    for the same splits many times."""
+    split = _zigzag_split(n, list(shares))
+    out = [sum(_run_cost(pos0, count) for pos0, count in runs) for runs in split]
+    if len(shares) > 1:
         # Every position before a holder's reach is some holder's: it receives reach - share rows.
         reach = [max((p + c for p, c in runs), default=0) for runs in split]
         ends = sorted(reach)
         below = [0, *itertools.accumulate(ends)]
-        for r, runs, share, end in zip(holders, split, shares, reach, strict=True):
+        for i, (runs, share, end) in enumerate(zip(split, shares, reach, strict=True)):
             # ... and sends, of each run (p, c), min(c, reach - p) rows to every other holder
             sent = -share
             for p, c in runs:
                 lo, hi = bisect.bisect_right(ends, p), bisect.bisect_left(ends, p + c)
                 sent += below[hi] - below[lo] - p * (hi - lo) + c * (len(ends) - hi)
-            out[r] += _RECV_ROW_COST * (end - share) + _SEND_ROW_COST * sent
-    return out
+            out[i] += _RECV_ROW_COST * (end - share) + _SEND_ROW_COST * sent
+    return tuple(out)
 
 
 def _placed_costs(lengths: list[int], placed: dict, world: int) -> list[float]:
