@@ -53,3 +53,14 @@ def test_visible_pairs_counts_the_mask():
     two = torch.tensor([[0, 2, 4]])  # rows 0-1 on diagonal 0, rows 2-3 on diagonal 4
     kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, diag_offset=two)
     assert visible_pairs("fwd", (q[0], k[0]), kw) == 1 + 2 + 7 + 8
+
+
+@pytest.mark.parametrize("world,layout", [(3, "balanced"), (4, "zigzag"), (4, "contiguous")])
+def test_exchanged_rows_balance(world, layout):
+    """Every row one rank sends another receives: the ranks' received and sent rows sum alike,
+    and the ring reports none."""
+    cu = bench_packed.documents("longtail", world * 512, seed=2)
+    recv, sent = bench_packed.exchanged_rows(cu, world, layout, "allgather")
+    assert len(recv) == len(sent) == world
+    assert sum(recv) == sum(sent) > 0
+    assert bench_packed.exchanged_rows(cu, world, layout, "ring") is None
