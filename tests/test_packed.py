@@ -19,7 +19,8 @@ from oracle import assert_matches
 
 import ringflash as rf
 from ringflash.comm import Post, run_simulated
-from ringflash.parallel.doc_layouts import _run_cost, doc_positions, doc_segments
+from ringflash.parallel.doc_balance import _run_cost
+from ringflash.parallel.doc_layouts import doc_positions, doc_segments
 from ringflash.parallel.gather_plan import gather_plan
 from ringflash.parallel.ring_loop import TAG_KV, ring_fwd_loop
 from ringflash.parallel.sharding import shard_for, unshard_from
