@@ -150,27 +150,34 @@ def padded_layout(layout: str, cu: tuple[int, ...], world: int) -> str | None:
 def _pairs(layout, cu, q_rank, k_rank, world, causal, window):
     """``(q0, nq, k0, nk, (causal, diag, window, full))`` for every pair of a query segment and a
     key segment of one document that sees anything (the band of ``layouts._band``)."""
+    return list(_visible_pairs(layout, cu, q_rank, k_rank, world, causal, window))
+
+
+def _sees(layout, cu, q_rank, k_rank, world, causal, window) -> bool:
+    """Whether ``_pairs`` has any pair: stops at the first one."""
+    return next(_visible_pairs(layout, cu, q_rank, k_rank, world, causal, window), None) is not None
+
+
+def _visible_pairs(layout, cu, q_rank, k_rank, world, causal, window):
+    """Yields the pairs of ``_pairs`` in order."""
     segs_q, segs_k = doc_segments(layout, cu, q_rank, world), doc_segments(layout, cu, k_rank, world)
     by_doc: dict[int, list[DocSegment]] = {}
     for s in segs_k:
         by_doc.setdefault(s.doc, []).append(s)
-    own_band = q_rank == k_rank and layout != "stripe" and causal and window[0] < 0
-    pairs = []
-    if own_band:
+    if q_rank == k_rank and layout != "stripe" and causal and window[0] < 0:
         # A rank's own segments of one document in local order are in position order, so the
         # causal mask between them is the local diagonal: one pair per document.
         for ss in by_doc.values():
             first, last = ss[0], ss[-1]
             n = last.local0 + last.count - first.local0
-            pairs.append((first.local0, n, first.local0, n, (True, 0, (-1, 0), False)))
-        return pairs
+            yield (first.local0, n, first.local0, n, (True, 0, (-1, 0), False))
+        return
     for sq in segs_q:
         for sk in by_doc.get(sq.doc, ()):
             lo, hi = _band(sq.pos0, sk.pos0, sq.stride, causal, window)
             args = _mask_args(lo, hi, sq.count, sk.count)
             if args is not None:
-                pairs.append((sq.local0, sq.count, sk.local0, sk.count, args))
-    return pairs
+                yield (sq.local0, sq.count, sk.local0, sk.count, args)
 
 
 def _coalesce_full(pairs):
@@ -274,9 +281,12 @@ def build_doc_plan(
     same document in the visiting K/V block; a step that shares no visible pair is skipped, and a
     K/V block travels only as far as the last rank that needs it (``Plan.reach``).
     """
+    # Other ranks' steps only tell how far each block travels (``trim``): whether they see it.
     per_rank = [
         [
             _calls(_coalesce_full(_pairs(layout, cu, r, (r - t) % world, world, causal, window)))
+            if r == rank
+            else [True] * _sees(layout, cu, r, (r - t) % world, world, causal, window)
             for t in range(world)
         ]
         for r in range(world)

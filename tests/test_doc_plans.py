@@ -1,0 +1,48 @@
+"""The ring plan of a packed stream (``doc_layouts.build_doc_plan``): a rank builds the pieces of
+its own steps only, and learns how far each K/V block travels from whether the other ranks'
+queries see it (``_sees``), which must agree with building their pieces."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from ringflash.parallel import doc_layouts as dl
+from ringflash.parallel.layouts import trim
+
+
+def _streams(world: int, rng: random.Random):
+    for _ in range(6):
+        lens, left = [], world * rng.choice([8, 64, 200])
+        while left > 0:
+            lens.append(min(left, rng.randint(1, 3 * left // 2 + 1)))
+            left -= lens[-1]
+        yield tuple(itertools.accumulate(lens, initial=0))
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe", "balanced"])
+def test_sees_is_whether_pairs_exist_and_plans_match_building_every_rank(world, layout):
+    rng = random.Random(world * 7 + len(layout))
+    for cu in _streams(world, rng):
+        if dl.total_error(world, cu[-1], layout):
+            continue
+        for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (5, 0)), (False, (3, 9))):
+            for r, s in itertools.product(range(world), repeat=2):
+                got = dl._sees(layout, cu, r, s, world, causal, window)
+                assert got == bool(dl._pairs(layout, cu, r, s, world, causal, window)), (cu, r, s)
+            every = [
+                [
+                    dl._calls(
+                        dl._coalesce_full(dl._pairs(layout, cu, r, (r - t) % world, world, causal, window))
+                    )
+                    for t in range(world)
+                ]
+                for r in range(world)
+            ]
+            for rank in range(world):
+                want = trim(every, rank, world, reach=True)
+                got = dl.build_doc_plan(layout, cu, rank, world, causal, window)
+                assert got.reach == want.reach and len(got.steps) == len(want.steps), (cu, rank)
