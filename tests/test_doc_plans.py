@@ -1,6 +1,8 @@
-"""The ring plan of a packed stream (``doc_layouts.build_doc_plan``): a rank builds the pieces of
-its own steps only, and learns how far each K/V block travels from whether the other ranks'
-queries see it (``_sees``), which must agree with building their pieces."""
+"""Plans of a packed stream that a rank derives without building the other ranks' plans: the ring
+plan (``doc_layouts.build_doc_plan``) builds the pieces of its own steps only and learns how far
+each K/V block travels from whether the other ranks' queries see it (``_sees``); the all-gather's
+received rows (``gather_plan.received_rows``, for ``method="auto"``) are counted, not gathered.
+Both must agree with building every rank's plan."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import random
 import pytest
 
 from ringflash.parallel import doc_layouts as dl
+from ringflash.parallel.gather_plan import gather_plan, received_rows
 from ringflash.parallel.layouts import trim
 
 
@@ -46,3 +49,16 @@ def test_sees_is_whether_pairs_exist_and_plans_match_building_every_rank(world, 
                 want = trim(every, rank, world, reach=True)
                 got = dl.build_doc_plan(layout, cu, rank, world, causal, window)
                 assert got.reach == want.reach and len(got.steps) == len(want.steps), (cu, rank)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe", "balanced"])
+def test_received_rows_are_the_all_gather_plans_rows(world, layout):
+    rng = random.Random(world * 11 + len(layout))
+    for cu in _streams(world, rng):
+        if dl.total_error(world, cu[-1], layout):
+            continue
+        for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (5, 0)), (False, (3, 9))):
+            plans = [gather_plan(layout, cu, r, world, causal, window) for r in range(world)]
+            want = [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)]
+            assert received_rows(layout, cu, world, causal, window) == want, (cu, causal, window)

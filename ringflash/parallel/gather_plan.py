@@ -162,6 +162,23 @@ def gather_plan(layout: str, cu: tuple[int, ...], rank: int, world: int, causal:
     )
 
 
+def received_rows(layout: str, cu: tuple[int, ...], world: int, causal: bool, window) -> list[int]:
+    """Rows each rank receives from the others (``sum(recv)`` less its own, of every rank's
+    ``gather_plan``), counted without building the plans: a rank reads every key of each shared
+    document it holds queries of within its reach, and holds some of them itself."""
+    n_local = cu[-1] // world
+    if layout == "stripe" and world > 1:
+        return [n_local * (world - 1)] * world
+    shared = [n > 1 for n in _spans(layout, cu, world)]
+    out = []
+    for r in range(world):
+        segs = [s for s in doc_segments(layout, cu, r, world) if s.count]
+        reach = _reach(segs, shared, cu, causal, window)
+        own = sum(x.count for s in segs if s.doc in reach for x in _clip(s, *reach[s.doc]))
+        out.append(sum(k1 - k0 for k0, k1 in reach.values()) - own)
+    return out
+
+
 def _keys_seen(sq: DocSegment, n_doc: int, causal: bool, window) -> tuple[int, int]:
     """Positions ``[k0, k1)`` in its document of the keys that the queries of ``sq`` (stride 1)
     can see."""
@@ -202,4 +219,4 @@ def _sizes(plan: GatherPlan) -> tuple[list[int], list[int]]:
     return [2 * len(x) for x in plan.send], [2 * n for n in plan.recv]
 
 
-__all__ = ["GatherPlan", "gather_plan"]
+__all__ = ["GatherPlan", "gather_plan", "received_rows"]

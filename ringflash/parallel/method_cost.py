@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ..backends import device_throughput
 from .doc_layouts import doc_segments
-from .gather_plan import gather_plan
+from .gather_plan import received_rows
 from .layouts import _band
 
 _BACKWARD_FLOPS = 2.5  # a backward's pairs cost about 2.5 forwards (recompute, dQ, dK/dV)
@@ -87,8 +87,7 @@ def gathered_rows(layout: str, cu: tuple[int, ...], world: int, causal: bool, wi
     """Rows each rank receives from the others under the all-gather (``gather_plan``'s ``recv``):
     their rows of every document that lies on several ranks and of which it holds queries, up to
     the farthest key its queries see."""
-    plans = [gather_plan(layout, cu, r, world, causal, window) for r in range(world)]
-    return [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)]
+    return received_rows(layout, cu, world, causal, window)
 
 
 def method_costs(
