@@ -62,3 +62,27 @@ def test_received_rows_are_the_all_gather_plans_rows(world, layout):
             plans = [gather_plan(layout, cu, r, world, causal, window) for r in range(world)]
             want = [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)]
             assert received_rows(layout, cu, world, causal, window) == want, (cu, causal, window)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe", "balanced"])
+def test_pair_counts_all_at_once_equal_counting_segment_by_segment(world, layout):
+    """``method_cost.pair_counts`` (every segment pair in one pass of tensor arithmetic) against
+    ``band_pairs`` of each pair of segments of one document in turn."""
+    from ringflash.parallel.layouts import _band
+    from ringflash.parallel.method_cost import band_pairs, pair_counts
+
+    rng = random.Random(world * 13 + len(layout))
+    for cu in _streams(world, rng):
+        if dl.total_error(world, cu[-1], layout):
+            continue
+        segs = [dl.doc_segments(layout, cu, r, world) for r in range(world)]
+        for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (5, 0)), (False, (3, 9))):
+            want = [[0] * world for _ in range(world)]
+            for r, t in itertools.product(range(world), repeat=2):
+                for sq in segs[r]:
+                    for sk in segs[(r - t) % world]:
+                        if sk.doc == sq.doc:
+                            lo, hi = _band(sq.pos0, sk.pos0, sq.stride, causal, window)
+                            want[r][t] += band_pairs(lo, hi, sq.count, sk.count)
+            assert pair_counts(layout, cu, world, causal, window) == want, (cu, causal, window)
