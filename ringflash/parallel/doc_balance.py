@@ -93,8 +93,7 @@ def _place(lengths: list[int], world: int, n_local: int, wanted: tuple[int, ...]
 
     def put(d, holders, shares):
         placed[d] = (holders, shares)
-        for r, w in _holder_costs(lengths[d], holders, shares).items():
-            load[r] += w
+        _add_costs(load, lengths[d], placed[d])
         for r, share in zip(holders, shares, strict=True):
             room[r] -= share
 
@@ -151,12 +150,18 @@ def _share_costs(n: int, shares: tuple[int, ...]) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _add_costs(load: list[float], n: int, place, sign: int = 1) -> None:
+    """Add (``sign`` -1: take away) to each rank's ``load`` its work of a document of ``n``
+    tokens placed ``(holders, shares)``."""
+    for r, w in _holder_costs(n, *place).items():
+        load[r] += sign * w
+
+
 def _placed_costs(lengths: list[int], placed: dict, world: int) -> list[float]:
-    """Each rank's work under the placement ``{doc: (holders, shares)}`` (``_run_cost``)."""
+    """Each rank's work under the placement ``{doc: (holders, shares)}`` (``_holder_costs``)."""
     load = [0.0] * world
-    for d, (holders, shares) in placed.items():
-        for r, w in _holder_costs(lengths[d], holders, shares).items():
-            load[r] += w
+    for d, place in placed.items():
+        _add_costs(load, lengths[d], place)
     return load
 
 
@@ -171,17 +176,7 @@ def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
     (``_REBALANCE_STEPS`` at most)."""
     load = _placed_costs(lengths, placed, world)
     for _ in range(_REBALANCE_STEPS):
-        top = max(load)
-        a = load.index(top)
-        best = None
-        for fresh in (False, True):
-            for b in sorted(range(world), key=lambda r: load[r])[:_TRADE_RANKS]:
-                if b != a:
-                    best = _best_trade(lengths, placed, load, a, b, fresh, best)
-                if best is not None:
-                    break
-            if best is not None:
-                break
+        best = _first_trade(lengths, placed, load)
         if best is None:
             break
         load, traded = best
@@ -189,10 +184,23 @@ def _rebalance(lengths: list[int], placed: dict, world: int) -> dict:
     return placed
 
 
-def _best_trade(lengths, placed: dict, load: list[float], a: int, b: int, fresh: bool, best):
-    """The best of ``best`` and the trades from rank ``a`` to ``b`` (``_rebalance``) that lower the
-    slowest rank's work: ``(new loads, {doc: (holders, shares)})``. ``fresh``: trades that make
-    a rank a new holder of a document, else those between documents that both hold."""
+def _first_trade(lengths, placed: dict, load: list[float]):
+    """The slowest rank's trade (``_best_trade``) with the least loaded rank that has one, trades
+    between documents both hold tried first: ``(new loads, {doc: (holders, shares)})`` or None."""
+    a = load.index(max(load))
+    for fresh in (False, True):
+        for b in sorted(range(len(load)), key=lambda r: load[r])[:_TRADE_RANKS]:
+            trade = None if b == a else _best_trade(lengths, placed, load, a, b, fresh)
+            if trade is not None:
+                return trade
+    return None
+
+
+def _best_trade(lengths, placed: dict, load: list[float], a: int, b: int, fresh: bool):
+    """The trade from rank ``a`` to ``b`` (``_rebalance``) that lowers the slowest rank's work
+    most, or None: ``(new loads, {doc: (holders, shares)})``. ``fresh``: trades that make a rank a
+    new holder of a document, else those between documents that both hold."""
+    best = None
     on_a = [d for d, (holders, _) in placed.items() if a in holders]
     on_b = [d for d, (holders, _) in placed.items() if b in holders]
     if fresh:  # the longest documents of a for the shortest of b: the trades that move most work
@@ -212,10 +220,8 @@ def _best_trade(lengths, placed: dict, load: list[float], a: int, b: int, fresh:
             traded = {j: _shifted(placed[j], a, b, delta), k: _shifted(placed[k], b, a, delta)}
             new = list(load)
             for d, now in traded.items():
-                for r, w in _holder_costs(lengths[d], *placed[d]).items():
-                    new[r] -= w
-                for r, w in _holder_costs(lengths[d], *now).items():
-                    new[r] += w
+                _add_costs(new, lengths[d], placed[d], -1)
+                _add_costs(new, lengths[d], now)
             if max(new) < max(load) and (best is None or max(new) < max(best[0])):
                 best = (new, traded)
     return best
