@@ -151,13 +151,14 @@ def positions(layout: str, rank: int, world: int, n_local: int) -> torch.Tensor:
 
 
 def _band(gq: int, gk: int, stride: int, causal: bool, window: tuple[int, int]) -> tuple[float, float]:
-    """Bounds on local ``j - i`` between a query run at ``gq`` and a key run at ``gk``."""
+    """Bounds on local ``j - i`` between a query run at ``gq`` and a key run at ``gk`` (infinite
+    where unbounded); elementwise for int64 tensors of ``gq``, ``gk`` and ``stride``."""
     left, right = window
     x = gq - gk
     hi = 0 if causal else (right if right >= 0 else math.inf)
     lo = -left if left >= 0 else -math.inf
-    hi_l = math.inf if hi == math.inf else math.floor((hi + x) / stride)
-    lo_l = -math.inf if lo == -math.inf else math.ceil((lo + x) / stride)
+    hi_l = math.inf if hi == math.inf else (hi + x) // stride  # floor
+    lo_l = -math.inf if lo == -math.inf else -((-lo - x) // stride)  # ceil
     return lo_l, hi_l
 
 

@@ -29,6 +29,7 @@ benchmarks/RESULTS.md ("Packed documents simulated on one GPU") show where it ma
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from ..backends import device_throughput
 from .doc_layouts import doc_segments
 from .gather_plan import received_rows
+from .layouts import _band
 
 _BACKWARD_FLOPS = 2.5  # a backward's pairs cost about 2.5 forwards (recompute, dQ, dK/dV)
 _PAIR_RATE_PER_SM = (
@@ -49,19 +51,25 @@ _PROBE_BYTES = 8 << 20  # per rank, for the link probe
 
 
 def band_pairs(lo: float, hi: float, nq: int, nk: int) -> int:
-    """``#{(i, j): 0 <= i < nq, 0 <= j < nk, lo <= j - i <= hi}`` in closed form."""
-    if nq <= 0 or nk <= 0 or lo > hi:
-        return 0
-    lo = max(lo, -nq)  # unbounded sides: bounds past the runs change nothing
-    hi = min(hi, nk)
-    lo, hi = int(lo), int(hi)
+    """``#{(i, j): 0 <= i < nq, 0 <= j < nk, lo <= j - i <= hi}`` in closed form (``lo``/``hi``
+    may be infinite)."""
+    one = torch.tensor([nq, nk], dtype=torch.int64)
+    return int(_band_pairs(lo, hi, one[:1], one[1:]))
 
-    def below(c: int) -> int:  # #{(i, j): j - i <= c} = sum over i of clamp(i + c + 1, 0, nk)
-        a = min(nq, max(0, -c))  # rows before a see no key
-        b = min(nq, max(a, nk - c - 1))  # rows from b see every key
+
+def _band_pairs(lo, hi, nq: torch.Tensor, nk: torch.Tensor) -> torch.Tensor:
+    """``band_pairs`` elementwise over int64 tensors ``nq``, ``nk`` and bounds ``lo``, ``hi``
+    (tensors or integers, or infinite for every element)."""
+    # unbounded sides: bounds past the runs change nothing
+    lo = -nq if isinstance(lo, float) and lo == -math.inf else torch.maximum(torch.as_tensor(lo), -nq)
+    hi = nk if isinstance(hi, float) and hi == math.inf else torch.minimum(torch.as_tensor(hi), nk)
+
+    def below(c):  # #{(i, j): j - i <= c} = sum over i of clamp(i + c + 1, 0, nk)
+        a = torch.clamp(-c, min=0).minimum(nq)  # rows before a see no key
+        b = torch.maximum(a, nk - c - 1).minimum(nq)  # rows from b see every key
         return (b - a) * (a + b + 2 * c + 1) // 2 + (nq - b) * nk
 
-    return below(hi) - below(lo - 1)
+    return torch.where((nq > 0) & (nk > 0) & (lo <= hi), below(hi) - below(lo - 1), 0)
 
 
 def pair_counts(layout: str, cu: tuple[int, ...], world: int, causal: bool, window) -> list[list[int]]:
@@ -86,20 +94,8 @@ def pair_counts(layout: str, cu: tuple[int, ...], world: int, causal: bool, wind
         + torch.arange(len(q))
         - torch.repeat_interleave(torch.cumsum(per_q, 0) - per_q, per_q)
     )
-    nq, nk, x, st = count[q], count[k], pos0[q] - pos0[k], stride[q]
-    left, right = window
-    hi = 0 if causal else (right if right >= 0 else None)
-    lo = -left if left >= 0 else None
-    # bounds on local j - i (``_band``), unbounded sides as far as the runs reach
-    hi_l = nk if hi is None else torch.minimum(torch.div(hi + x, st, rounding_mode="floor"), nk)
-    lo_l = -nq if lo is None else torch.maximum(-torch.div(-(lo + x), st, rounding_mode="floor"), -nq)
-
-    def below(c):  # #{(i, j): j - i <= c}, as in ``band_pairs``
-        a = torch.clamp(-c, min=0).minimum(nq)
-        b = torch.maximum(a, nk - c - 1).minimum(nq)
-        return (b - a) * (a + b + 2 * c + 1) // 2 + (nq - b) * nk
-
-    seen = torch.where(lo_l <= hi_l, below(hi_l) - below(lo_l - 1), 0)
+    lo, hi = _band(pos0[q], pos0[k], stride[q], causal, window)
+    seen = _band_pairs(lo, hi, count[q], count[k])
     cell = rank[q] * world + (rank[q] - rank[k]) % world
     out = torch.zeros(world * world, dtype=torch.int64).index_add_(0, cell, seen)
     return out.view(world, world).tolist()
