@@ -139,3 +139,16 @@ def test_extrapolation_to_the_model_depth():
     assert peak == pytest.approx(10 * gib + 32 * (gib + 16384 * 65536))
     want = (80 * gib - 10 * gib - 32 * gib) / (32 * 65536)  # capacity = 42 GiB + S * 2 MiB
     assert out["predicted_max"] == pytest.approx(want, abs=1)
+
+
+def test_extrapolation_when_noise_hides_the_layer_cost():
+    """A shallower run as slow as the deeper one (noise on a tiny model) must not give a negative or
+    zero per-layer time: the whole measured time scales with the depth instead, and the row says so."""
+    arch = bench_train.Arch(layers=4)
+    args = SimpleNamespace(layers=2)
+    res = {"tp": {32: (0.010, 1000)}, "tp_half": {32: (0.012, 900)}}
+    out = bench_train.extrapolate(res, arch, args, capacity=0)
+    secs, peak, extrapolated = out["full"][32]
+    assert extrapolated and secs == pytest.approx(0.020)
+    assert peak == pytest.approx(1200)
+    assert "scaled by depth" in out["measured"][32]

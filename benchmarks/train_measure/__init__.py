@@ -133,10 +133,17 @@ def extrapolate(res: dict, arch: Arch, args, capacity: int) -> dict:
             dl = args.layers - max(1, args.layers // 2)
             # A peak that does not grow with the depth (offloaded activations) adds nothing per layer.
             per_t, per_m = (secs - h[0]) / dl, max(0.0, (peak - h[1]) / dl)
+            # On a tiny or noisy run the shallower run can take as long as the deeper one; a layer's time
+            # is then unresolved, and scaling the whole time by the depth bounds it from above (a
+            # negative or zero per-layer time would report an impossible or inflated throughput).
+            scaled = per_t <= 0
+            if scaled:
+                per_t = secs / args.layers
             full[S] = (secs + extra * per_t, peak + extra * per_m, True)
             res.setdefault("measured", {})[S] = (
                 f"{args.layers} layers {secs:.2f} s, {peak / 2**30:.1f} GiB; "
                 + (f"{args.layers - dl} {h[0]:.2f} s, {h[1] / 2**30:.1f} GiB")
+                + ("; time scaled by depth (per-layer time under noise)" if scaled else "")
             )
             pts_mem.append((S, peak + extra * per_m))
         else:
