@@ -40,12 +40,13 @@ __all__ = ["flash_attn_with_kvcache"]
 _PLANS = SignatureTable(256)
 
 
-def _plan_key(tensors, options, mode) -> tuple | None:
-    """The key of a call in ``_PLANS``, or None for a call that always takes the full path."""
+def _plan_key(tensors, options, mode, lse: bool) -> tuple | None:
+    """The key of a call in ``_PLANS`` (``lse``: whether the call needs the LSE), or None for a
+    call that always takes the full path."""
     if mode == "host" or tensors[5] is None or torch.compiler.is_compiling():
         return None  # host value checks read every call's values; no cache_seqlens: filled per call
     # An int cache_seqlens or a tensor subclass gives no key: the full path handles it.
-    return plan_signature(tensors, options, options[2], mode)
+    return plan_signature(tensors, options, options[2], mode, lse)
 
 
 def queue_value_checks(a: KVCacheArgs, q: torch.Tensor, k_cache: torch.Tensor) -> None:
@@ -208,6 +209,8 @@ def flash_attn_with_kvcache(
         >>> lens += 1
     """
     key = None
+    # A plan whose caller takes no LSE (plain decoding) lets its launch write the LSE to scratch.
+    wants_lse = bool(return_softmax_lse) or learnable_sink is not None
     if rotary_cos is None and rotary_sin is None and alibi_slopes is None:
         tensors = (
             q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
@@ -215,7 +218,7 @@ def flash_attn_with_kvcache(
         )  # fmt: skip
         options = (softmax_scale, causal, window_size, softcap, num_splits)
         mode = value_check_mode(q) if type(q) is torch.Tensor else None
-        key = _plan_key(tensors, options, mode)
+        key = _plan_key(tensors, options, mode, wants_lse)
         runner = _PLANS.find(key)
         if runner is not None:
             if mode is not None:
@@ -249,7 +252,7 @@ def flash_attn_with_kvcache(
             q, k_cache, v_cache, k_new=k if a.n_new else None, v_new=v if a.n_new else None,
             block_table=a.block_table, cache_batch_idx=a.cache_batch_idx, cache_leftpad=a.cache_leftpad,
             softmax_scale=resolve_scale(scale, q.shape[-1]), causal=causal, window_size=window,
-            softcap=softcap, num_splits=a.num_splits, check=a.device_checks,
+            softcap=softcap, num_splits=a.num_splits, check=a.device_checks, lse=wants_lse,
         )  # fmt: skip
         if runner is not None:
             _PLANS.keep(key, runner)

@@ -86,7 +86,18 @@ def plans_vs_full(p: dict, backend: str = "triton") -> dict:
                 results.append((out, lse, kc, vc))
             for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), *results, strict=True):
                 checks[f"call {i}: {name} equals the full path"] = [float(not torch.equal(a, b)), 0.0]
-        checks["one plan made"] = [float(len(rdecode._PLANS) - before != 1), 0.0]
+            # Plain decoding takes no LSE: its plan's launch writes the LSE to a scratch buffer.
+            with use_value_checks("device"):
+                kc, vc = k_cache.clone(), v_cache.clone()
+                out = flash_attn_with_kvcache(q.clone(), kc, vc, k, v, **call_kw, **opts)
+            checks[f"call {i}: out without the LSE equals the full path"] = [
+                float(not torch.equal(out, results[1][0])),
+                0.0,
+            ]
+        # One plan per signature: with a sink every call needs the LSE, else the calls that return
+        # it and those that do not are two.
+        plans = 1 if p.get("sink") else 2
+        checks["the plans made"] = [float(len(rdecode._PLANS) - before != plans), 0.0]
         check_device_errors()
         with use_value_checks("device"):
             bad = kw["cache_seqlens"].clone()
@@ -102,13 +113,13 @@ def plans_vs_full(p: dict, backend: str = "triton") -> dict:
                 float("negative cache_seqlens" not in str(e)),
                 0.0,
             ]
-        checks["still one plan"] = [float(len(rdecode._PLANS) - before != 1), 0.0]
+        checks["no plan added"] = [float(len(rdecode._PLANS) - before != plans), 0.0]
     return checks
 
 
-def _key(q, kc, vc, lens, window=(-1, -1), causal=False, mode="device", k=None, v=None):
+def _key(q, kc, vc, lens, window=(-1, -1), causal=False, mode="device", k=None, v=None, lse=False):
     tensors = (q, kc, vc, k, v, lens, None, None, None, None)
-    return rdecode._plan_key(tensors, (None, causal, window, 0.0, 0), mode)
+    return rdecode._plan_key(tensors, (None, causal, window, 0.0, 0), mode, lse)
 
 
 def test_the_key_follows_the_signature_and_the_state_in_force():
@@ -125,6 +136,7 @@ def test_the_key_follows_the_signature_and_the_state_in_force():
         _key(torch.zeros(2, 1, 8, 16)[:, :, ::2], kc, kc, lens),  # other strides
         _key(torch.zeros(3, 1, 4, 16), kc, kc, lens),
         _key(q, kc, kc, lens, k=torch.zeros(2, 1, 2, 16), v=torch.zeros(2, 1, 2, 16)),
+        _key(q, kc, kc, lens, lse=True),  # a call that returns the LSE
     ]
     with use_backend("torch"):
         others.append(_key(q, kc, kc, lens))
@@ -165,8 +177,8 @@ def test_plans_torch_backend_full_path_runs(p):
     """The same script through the torch backend (no plans: every call the full path), so the
     checks themselves are exercised without Triton; the interpreter runs them with plans."""
     checks = plans_vs_full(p, backend="torch")
-    checks.pop("one plan made")
-    checks.pop("still one plan")
+    checks.pop("the plans made")
+    checks.pop("no plan added")
     for name, (err, bound) in checks.items():
         assert err <= bound, name
 
@@ -177,6 +189,42 @@ def test_planned_calls_equal_the_full_path_gpu(p):
     checks = plans_vs_full(dict(p, device="cuda"))
     for name, (err, bound) in checks.items():
         assert err <= bound, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_calls_reuse_only_their_own_streams_scratch_gpu():
+    """A split call's float32 partials (and the LSE of a call that takes none) are reused by the
+    eager calls of one stream, never shared with another stream's or kept from a graph capture;
+    every result equals the full path's."""
+    from ringflash.kernels import decode as kd
+
+    g = torch.Generator().manual_seed(3)
+    p = dict(lens=[200], Hq=4, Hk=2, D=64, dtype="bf16", Snew=0, cap=256, device="cuda")
+    q, _, _, k_cache, v_cache, kw = build(p, g)
+    kd._LAUNCHES.clear()
+
+    def call(mode):
+        with use_value_checks(mode):
+            return flash_attn_with_kvcache(q, k_cache, v_cache, **kw, num_splits=4)
+
+    want = call("host")
+    side = torch.cuda.Stream()
+    outs = [call("device") for _ in range(3)]
+    with torch.cuda.stream(side):
+        side.wait_stream(torch.cuda.current_stream())
+        outs.append(call("device"))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call("device")
+    graph.replay()
+    torch.cuda.synchronize()
+    check_device_errors()
+    for out in (*outs, captured):
+        assert torch.equal(out, want)
+    keys = [key for launch in kd._LAUNCHES.values() for key in launch.scratch]
+    streams = {name: {key[2] for key in keys if key[0] == name} for name in ("OP", "LSEP", "LSE")}
+    assert all(len(s) == 2 for s in streams.values()), streams  # the two eager streams, not the capture's
 
 
 PREFILL_CASES = [

@@ -91,7 +91,8 @@ class Backend:
         """A runner for later ``decode_fwd`` calls of this call's signature (bottom-right masks),
         ``runner(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
         cache_leftpad) -> (out, lse)``, or None where every call must take ``decode_fwd`` (the
-        default). ``kw``: ``decode_fwd``'s options and ``check`` (the runner queues the value checks)."""
+        default). ``kw``: ``decode_fwd``'s options, ``check`` (the runner queues the value checks)
+        and ``lse`` (False: the runner returns ``(out, None)``)."""
         return None
 
 

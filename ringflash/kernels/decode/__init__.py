@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..device import bandwidth_per_sm, on_tensor_device, ptx_device, sm_count
-from ..launch import SignatureTable, launch_cached
+from ..launch import SignatureTable, current_raw_stream, launch_cached
 from ..launch_args import cdiv, dot_f32, dot_precision, mask_flags, next_pow2, pad_dim, stride_names, strides
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
@@ -65,11 +65,31 @@ class _Launch:
     """Everything one split-kernel launch derives from its call's signature (shapes, strides,
     dtypes, options): the grid, the scalar and constexpr arguments, the partial buffers' shapes."""
 
-    __slots__ = ("grid", "static", "parts", "sem_rows", "compiled")
+    __slots__ = ("grid", "static", "parts", "sem_rows", "compiled", "scratch")
 
     def __init__(self, grid, static, parts, sem_rows):
         self.grid, self.static, self.parts, self.sem_rows = grid, static, parts, sem_rows
         self.compiled: dict = {}  # compiled kernels by pointer alignment (``kernels.launch``)
+        self.scratch: dict = {}  # eager calls' float32 buffers by (name, device, stream): ``scratch``
+
+
+def scratch(launch: _Launch, name: str, shape: tuple, dev: torch.device) -> torch.Tensor:
+    """A float32 buffer ``shape`` that a call of ``launch`` writes and only its own launches read
+    (the splits' partials, or an LSE the caller does not want), ``name`` telling them apart.
+
+    An eager CUDA call reuses its stream's buffer: calls on one stream run in order, so the
+    previous call has read it before this one writes, and a decoding step allocates only its
+    results (each allocation is host time that a step of a few microseconds on the GPU pays in
+    full). A call being captured in a CUDA graph gets a buffer of its own in the graph's memory (a
+    replay may run at any time, on any stream), and so does a CPU call (calls from several
+    threads may run at once)."""
+    if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.empty(shape, dtype=torch.float32, device=dev)
+    key = (name, dev.index, current_raw_stream(dev.index))
+    buf = launch.scratch.get(key)
+    if buf is None:
+        buf = launch.scratch[key] = torch.empty(shape, dtype=torch.float32, device=dev)
+    return buf
 
 
 # Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
@@ -279,14 +299,14 @@ def _bind(
     cache_leftpad,
     check_flag,
 ) -> dict:
-    """The per-call arguments of ``launch``; allocates the float32 partials (``OP``/``LSEP``)
-    unless the launch writes ``out``/``lse`` directly (one split, fused)."""
+    """The per-call arguments of ``launch``, with the float32 partials (``OP``/``LSEP``, from
+    ``scratch``) unless the launch writes ``out``/``lse`` directly (one split, fused)."""
     dev = q.device
     if launch.parts is None:
         o_part = lse_part = out  # unused: the one split writes out / lse directly
     else:
-        o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
-        lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
+        o_part = scratch(launch, "OP", launch.parts[0], dev)
+        lse_part = scratch(launch, "LSEP", launch.parts[1], dev)
     fuse_append = launch.static["FUSE_APPEND"]
     return dict(
         Q=q,

@@ -10,7 +10,7 @@ import torch
 from ..device import on_tensor_device
 from ..launch import launch_cached
 from ..options import DecodeConfig
-from . import _bind, _Launch, _launch_for
+from . import _bind, _Launch, _launch_for, scratch
 from .combine import combine_partials
 from .split import _decode_split_kernel
 
@@ -20,13 +20,14 @@ __all__ = ["DecodePlan", "plan_decode", "run_plan"]
 class DecodePlan:
     """A ``decode_fwd`` call's launch, fixed for every later call of the same signature (shapes,
     strides, dtypes, devices, options and config): ``run_plan`` then only allocates the results
-    and launches."""
+    and launches. ``lse``: whether the caller takes the LSE; if not, the launch writes it to a
+    scratch buffer (``scratch``) and the call allocates only ``out``."""
 
-    __slots__ = ("launch", "out_shape", "out_dtype", "lse_shape", "combine")
+    __slots__ = ("launch", "out_shape", "out_dtype", "lse_shape", "combine", "lse")
 
-    def __init__(self, launch: _Launch, out_shape, out_dtype, lse_shape, combine: bool):
+    def __init__(self, launch: _Launch, out_shape, out_dtype, lse_shape, combine: bool, lse: bool):
         self.launch, self.out_shape, self.out_dtype = launch, out_shape, out_dtype
-        self.lse_shape, self.combine = lse_shape, combine
+        self.lse_shape, self.combine, self.lse = lse_shape, combine, lse
 
 
 def plan_decode(
@@ -47,10 +48,12 @@ def plan_decode(
     out_dtype=None,
     config=None,
     check=False,
+    lse=True,
 ) -> DecodePlan | None:
     """The plan of a ``decode_fwd`` call with these arguments (bottom-right masks, ``n_new`` from
     ``k_new``), or None where the call takes another path (empty output, append alone, inputs
-    whose last dim is strided, a launch that depends on addresses). Inputs as ``decode_fwd``."""
+    whose last dim is strided, a launch that depends on addresses). Inputs as ``decode_fwd``;
+    ``lse`` False: the runs return ``(out, None)``."""
     config = config or DecodeConfig()
     B, Sq, Hq, D = q.shape
     units = all(t is None or t.stride(-1) == 1 for t in (q, k_cache, v_cache, k_new, v_new))
@@ -65,7 +68,7 @@ def plan_decode(
     )  # fmt: skip
     if not kept:
         return None
-    return DecodePlan(launch, (B, Sq, Hq, D), out_dtype, (B, Hq, Sq), not config.fuse_combine)
+    return DecodePlan(launch, (B, Sq, Hq, D), out_dtype, (B, Hq, Sq), not config.fuse_combine, lse)
 
 
 @on_tensor_device
@@ -83,11 +86,14 @@ def run_plan(
     check_flag,
 ):
     """``decode_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature (``check_flag`` given
-    exactly when the plan was made with ``check``)."""
+    exactly when the plan was made with ``check``); ``lse`` None unless ``plan.lse``."""
     dev = q.device
-    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
-    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=dev)
     launch = plan.launch
+    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
+    if plan.lse:
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=dev)
+    else:
+        lse = scratch(launch, "LSE", plan.lse_shape, dev)
     per_call = _bind(
         launch, q, k_cache, v_cache, cache_seqlens, out, lse, k_new, v_new, block_table, cache_batch_idx,
         None, cache_leftpad, check_flag,
@@ -95,4 +101,4 @@ def run_plan(
     launch_cached(_decode_split_kernel, launch.grid, launch.static, per_call, launch.compiled)
     if plan.combine:
         combine_partials(per_call["OP"], per_call["LSEP"], out, lse)
-    return out, lse
+    return out, lse if plan.lse else None
