@@ -74,13 +74,14 @@ class _Launch:
 
 
 def scratch(launch: _Launch, name: str, shape: tuple, dev: torch.device) -> torch.Tensor:
-    """A float32 buffer ``shape`` that a call of ``launch`` writes and only its own launches read
-    (the splits' partials, or an LSE the caller does not want), ``name`` telling them apart.
+    """A float32 buffer ``shape`` that a call of ``launch`` writes and that only the same launch
+    reads (the splits' partials under the fused merge) or nothing reads (an LSE the caller does
+    not want), ``name`` telling them apart.
 
-    An eager CUDA call reuses its stream's buffer: calls on one stream run in order, so the
-    previous call has read it before this one writes, and a decoding step allocates only its
-    results (each allocation is host time that a step of a few microseconds on the GPU pays in
-    full). A call being captured in a CUDA graph gets a buffer of its own in the graph's memory (a
+    An eager CUDA call reuses its stream's buffer: launches on one stream run in order, so the
+    previous call's launch is done with it before this one writes, and a decoding step allocates
+    only its results (each allocation is host time, which a step of a few microseconds on the GPU
+    pays in full). A call being captured in a CUDA graph gets a buffer of its own in the graph's memory (a
     replay may run at any time, on any stream), and so does a CPU call (calls from several
     threads may run at once)."""
     if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
@@ -304,9 +305,12 @@ def _bind(
     dev = q.device
     if launch.parts is None:
         o_part = lse_part = out  # unused: the one split writes out / lse directly
-    else:
+    elif launch.static["FUSE_COMBINE"]:  # read by the launch that writes them: a stream's to reuse
         o_part = scratch(launch, "OP", launch.parts[0], dev)
         lse_part = scratch(launch, "LSEP", launch.parts[1], dev)
+    else:  # read by a later launch, which another thread's call on this stream could precede
+        o_part = torch.empty(launch.parts[0], dtype=torch.float32, device=dev)
+        lse_part = torch.empty(launch.parts[1], dtype=torch.float32, device=dev)
     fuse_append = launch.static["FUSE_APPEND"]
     return dict(
         Q=q,
