@@ -225,6 +225,14 @@ def test_eager_calls_reuse_only_their_own_streams_scratch_gpu():
     keys = [key for launch in kd._LAUNCHES.values() for key in launch.scratch]
     streams = {name: {key[2] for key in keys if key[0] == name} for name in ("OP", "LSEP", "LSE")}
     assert all(len(s) == 2 for s in streams.values()), streams  # the two eager streams, not the capture's
+    for _ in range(kd._SCRATCH_STREAMS + 4):  # calls on ever new streams: bounded, still right
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            s.wait_stream(torch.cuda.current_stream())
+            out = call("device")
+        torch.cuda.current_stream().wait_stream(s)
+        assert torch.equal(out, want)
+    assert all(len(launch.scratch) <= kd._SCRATCH_STREAMS for launch in kd._LAUNCHES.values())
 
 
 PREFILL_CASES = [

@@ -89,8 +89,15 @@ def scratch(launch: _Launch, name: str, shape: tuple, dev: torch.device) -> torc
     key = (name, dev.index, current_raw_stream(dev.index))
     buf = launch.scratch.get(key)
     if buf is None:
+        if len(launch.scratch) >= _SCRATCH_STREAMS:
+            # Calls on ever new streams start over rather than growing. A dropped buffer goes back
+            # to the allocator for its own stream, after the work queued there, as any temporary.
+            launch.scratch.clear()
         buf = launch.scratch[key] = torch.empty(shape, dtype=torch.float32, device=dev)
     return buf
+
+
+_SCRATCH_STREAMS = 24  # scratch buffers that one launch keeps, over its names and streams
 
 
 # Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
