@@ -100,7 +100,7 @@ def attend_kvcache(
     )
 
 
-def _check_rotary(cos, sin, q, interleaved) -> None:
+def _check_rotary(cos, sin, q, interleaved, capacity: int) -> None:
     if (cos is None) != (sin is None):
         raise ValueError("pass both rotary_cos and rotary_sin, or neither")
     if cos is None:
@@ -114,6 +114,11 @@ def _check_rotary(cos, sin, q, interleaved) -> None:
         raise ValueError(f"rotary_cos {tuple(cos.shape)} and rotary_sin {tuple(sin.shape)} differ in shape")
     if 2 * cos.shape[1] > q.shape[-1] or cos.shape[1] == 0:
         raise ValueError(f"rotary_dim = 2 * {cos.shape[1]} must be in 2..head dim {q.shape[-1]}")
+    if cos.shape[0] < capacity:  # flash-attn's rule: a position past the table would be clamped
+        raise ValueError(
+            f"rotary_cos and rotary_sin must have a row for every cache slot: seqlen_ro = {cos.shape[0]} "
+            f"is shorter than the cache's {capacity} slots per row"
+        )
     check_flag(interleaved, "rotary_interleaved")
 
 
@@ -170,14 +175,17 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin: ``[seqlen_ro, rotary_dim / 2]`` or None: rotary embedding applied
             to the new keys (before they are written) and to the queries, at their positions (see
             below); ``rotary_interleaved`` pairs channels (0, 1), (2, 3), ... (GPT-J) when True,
-            else (i, i + rotary_dim / 2) (GPT-NeoX).
+            else (i, i + rotary_dim / 2) (GPT-NeoX). ``seqlen_ro`` must cover the cache's slots
+            per row (as in flash-attn).
         cache_seqlens: int32 ``[B]`` tokens already in each row's cache, or an int for all rows;
             None means every row's whole cache (only without k/v). Lengths may be 0.
         cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache only).
         cache_leftpad: int32 ``[B]`` or None: row ``b``'s cache starts at slot
             ``cache_leftpad[b]`` (left-padded prompts): earlier slots are not attended and rotary
             positions count from it. Not with ``block_table``.
-        block_table: int32 ``[B, max_blocks]``, page indices into ``k_cache``'s first dim.
+        block_table: int32 ``[B, max_blocks]``, page indices into ``k_cache``'s first dim. Rows
+            may share pages they only read (a common prefix), never a page that one of them
+            appends to (checked by host value checks only; undefined otherwise, as in flash-attn).
         softmax_scale: defaults to ``D ** -0.5``.
         causal: bottom-right causal mask (query token ``t`` sees keys up to
             ``cache_seqlens[b] + Snew - Sq + t``).
@@ -236,7 +244,7 @@ def flash_attn_with_kvcache(
     a = KVCacheArgs(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits, cache_leftpad
     )
-    _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved)
+    _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved, a.capacity)
     check_sink(learnable_sink, q)
     with torch.no_grad():
         if rotary_cos is not None:

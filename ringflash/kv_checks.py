@@ -82,7 +82,8 @@ def _check_cache_tensors_once(q, k_cache, v_cache, k, v):
             raise TypeError(f"{name} has dtype {t.dtype}, the cache has {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        want = (q.shape[0], t.shape[1] if t.dim() == 4 else -1, hk, d)
+        # Snew is k's: a v of another length would be broadcast into, or fail after, k's append.
+        want = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, hk, d)
         if t.dim() != 4 or tuple(t.shape) != want:
             raise ValueError(f"{name} must be [B, Snew, Hk, D] = {want}, got shape {tuple(t.shape)}")
 
@@ -119,6 +120,8 @@ class KVCacheArgs:
                 raise ValueError(
                     f"block_table must be [B={batch}, max_blocks], got shape {tuple(block_table.shape)}"
                 )
+            if k_cache.shape[1] == 0:
+                raise ValueError("a paged cache [num_blocks, page_size, Hk, D] needs page_size >= 1, got 0")
             self.capacity = block_table.shape[1] * k_cache.shape[1]
         else:
             if cache_batch_idx is not None:
@@ -202,12 +205,32 @@ class KVCacheArgs:
                 out.append((BITS["repeated_row"], (srt[1:] == srt[:-1]).any()))
         return out
 
+    def _page_uses(self, k_cache) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For an append to a paged cache: per ``block_table`` entry, whether the row appends to
+        that page, and how many entries in use (over all rows) name the same page; None otherwise."""
+        if not (self.paged and self.n_new):
+            return None
+        page, bt = k_cache.shape[1], self.block_table.long()
+        lens = self.cache_seqlens.long().clamp(min=0)
+        cols = torch.arange(bt.shape[1], device=bt.device)[None, :]
+        need = ((lens + self.n_new + page - 1) // page).clamp(max=bt.shape[1])[:, None]
+        used = cols < need
+        pages = bt.clamp(0, k_cache.shape[0] - 1)  # out of range: reported by the page check first
+        counts = torch.bincount(pages[used], minlength=k_cache.shape[0])
+        return used & (cols >= (lens // page)[:, None]), counts[pages]
+
     def _check_values(self, k_cache):
-        """Lengths, pages and cache rows in range; one device-to-host read however many rows
-        (the error path reads more to name the culprit)."""
+        """Lengths, pages and cache rows in range, and no page appended to that another entry in
+        use names; one device-to-host read however many rows (the error path reads more to name
+        the culprit). The page sharing is checked here only: the device checks leave it out (a
+        search over every pair of rows), as flash-attn does."""
         if self.batch == 0:
             return
-        if not any(torch.stack([failed for _, failed in self.value_verdicts(k_cache)]).tolist()):
+        verdicts = [failed for _, failed in self.value_verdicts(k_cache)]
+        uses = self._page_uses(k_cache)
+        if uses is not None:
+            verdicts.append((uses[0] & (uses[1] > 1)).any())
+        if not any(torch.stack(verdicts).tolist()):
             return
         n_rows = k_cache.shape[0]
         lens = self.cache_seqlens.tolist()
@@ -235,6 +258,13 @@ class KVCacheArgs:
                     raise ValueError(
                         f"block_table row {b} points outside the cache's {n_rows} pages: {_short(used)}"
                     )
+        if uses is not None and bool((uses[0] & (uses[1] > 1)).any()):
+            b, j = (uses[0] & (uses[1] > 1)).nonzero()[0].tolist()
+            p = int(self.block_table[b, j])
+            raise ValueError(
+                f"block_table row {b} appends to page {p}, which another entry in use also names: rows "
+                "may share pages they only read (a common prefix), never a page that a row appends to"
+            )
         idx = self.cache_batch_idx.tolist() if self.cache_batch_idx is not None else []
         if any(i < 0 or i >= n_rows for i in idx):
             raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}), got {_short(idx)}")

@@ -22,12 +22,12 @@ from .checks import (
     check_options,
     check_qkv,
     check_sink,
-    host_checks_allowed,
     resolve_scale,
     value_check_mode,
 )
 from .device_errors import raise_completed
 from .merge import combine_attn_partials, merge_attn_states, merge_sink
+from .paged import unpage
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_attn_states", "combine_attn_partials"]
 
@@ -429,7 +429,7 @@ def flash_attn_varlen_func(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, causal
     )
     if block_table is not None:
-        k, v = _unpage(k, v, block_table, cu_seqlens_k, q)
+        k, v = unpage(k, v, block_table, cu_seqlens_k, q)
     check_qkv(q, k, v, packed=True)
     check_sink(learnable_sink, q)
     mode = value_check_mode(q)  # "host": read cu_seqlens here; else bounded on the device
@@ -461,38 +461,3 @@ def flash_attn_varlen_func(
             runner = be.varlen_plan(q, k, v, **kw)
             _VARLEN_PLANS.keep(key, runner or _varlen_runner(opts, lens, bounds))
     return _finish(out, lse, return_attn_probs, learnable_sink)
-
-
-def _unpage(k, v, block_table, cu_seqlens_k, q):
-    """Paged ``k``/``v`` ``[num_blocks, page_size, Hk, D]`` as packed ``[total_k, Hk, D]`` runs:
-    sequence ``b``'s first ``len_b`` slots of the pages ``block_table[b]`` (gathered, so autograd
-    scatters the gradients back into the pages)."""
-    for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"with block_table, {name} must be a paged cache [num_blocks, page_size, Hk, D]")
-    if (
-        not isinstance(block_table, torch.Tensor)
-        or block_table.dtype != torch.int32
-        or block_table.dim() != 2
-    ):
-        raise ValueError("block_table must be an int32 tensor [batch, max_blocks]")
-    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1:
-        raise ValueError("cu_seqlens_k must be an int32 tensor [batch + 1]")
-    if block_table.shape[0] != cu_seqlens_k.numel() - 1 or block_table.device != q.device:
-        raise ValueError(
-            f"block_table must be [batch={cu_seqlens_k.numel() - 1}, max_blocks] on {q.device}, "
-            f"got {tuple(block_table.shape)} on {block_table.device}"
-        )
-    page = k.shape[1]
-    cu = cu_seqlens_k.to(q.device).long()
-    total = int(cu[-1])
-    if host_checks_allowed(cu_seqlens_k):
-        lens = cu[1:] - cu[:-1]
-        if bool((lens > block_table.shape[1] * page).any()):
-            raise ValueError("a sequence is longer than its block_table's pages hold")
-    t = torch.arange(total, device=q.device)
-    b = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each key
-    pos = t - cu[b]
-    pages = block_table.long()[b, (pos // page).clamp(max=block_table.shape[1] - 1)].clamp(0, k.shape[0] - 1)
-    idx = pages * page + pos % page
-    return k.flatten(0, 1).index_select(0, idx), v.flatten(0, 1).index_select(0, idx)

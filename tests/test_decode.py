@@ -265,6 +265,8 @@ CASES = [
     # Head dims that are no power of two (192: MLA-style models).
     case([40, 3], Hq=4, Hk=2, D=80, dtype="bf16", Snew=1, splits=[0, 3]),
     case([20, 9], Hq=2, Hk=1, D=192, dtype="fp16", Snew=2, Sq=2, causal=True, splits=[0, 2]),
+    # A cache of no slots: every row sees no key.
+    case([0, 0], Snew=0, cap=0, splits=[0, 2], expect_masked=True),
 ]
 
 

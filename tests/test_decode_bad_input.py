@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_decode import _bad_setup, assert_checks, unchecked_bad_values
 
+from ringflash import use_value_checks
 from ringflash.backends import use_backend
 from ringflash.decode import flash_attn_with_kvcache
 
@@ -91,6 +92,34 @@ BAD = {
             k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16), cache_seqlens=lens
         ),
     ),
+    "v of another length than k": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(v=torch.cat([v, v], 1), cache_seqlens=lens - 1),
+    ),
+    "rotary table shorter than the cache": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            rotary_cos=torch.ones(4, 4), rotary_sin=torch.zeros(4, 4), cache_seqlens=lens
+        ),
+    ),
+    # Row 0 appends into page 1, which row 1 reads (and appends to).
+    "block_table rows appending to a shared page": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            cache_seqlens=lens, block_table=torch.tensor([[0, 1, 2, 3], [4, 5, 0, 1]], dtype=torch.int32)
+        ),
+    ),
+    "block_table with pages of no slots": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            k_cache=torch.randn(6, 0, 2, 16),
+            v_cache=torch.randn(6, 0, 2, 16),
+            k=None,
+            v=None,
+            cache_seqlens=lens * 0,
+            block_table=torch.zeros(2, 4, dtype=torch.int32),
+        ),
+    ),  # fmt: skip
     "k wrong dtype": (
         TypeError,
         lambda q, kc, vc, k, v, lens: dict(k=k.double(), v=v.double(), cache_seqlens=lens),
@@ -112,7 +141,8 @@ def test_bad_input_leaves_cache_untouched(name, backend):
     err, make = BAD[name]
     args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v)
     args.update(make(q, kc, vc, k, v, lens))
-    if name.startswith("block_table"):  # a paged pool of 6 pages of 2 slots
+    if name.startswith("block_table") and "k_cache" not in make(q, kc, vc, k, v, lens):
+        # a paged pool of 6 pages of 2 slots
         args["k_cache"], args["v_cache"] = torch.randn(6, 2, 2, 16), torch.randn(6, 2, 2, 16)
     kc0, vc0 = args["k_cache"].clone(), args["v_cache"].clone()
     if backend == "triton" and importlib.util.find_spec("triton") is None:
@@ -122,6 +152,22 @@ def test_bad_input_leaves_cache_untouched(name, backend):
     assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0), (
         f"{name}: cache was modified"
     )
+
+
+def test_rows_may_share_the_pages_they_only_read():
+    """A common prefix in shared pages, each row appending into a page of its own: accepted, and
+    the same result as with each row holding its own copy of the prefix."""
+    q, _, _, k, v, _ = _bad_setup()
+    pool, vpool = torch.randn(8, 2, 2, 16), torch.randn(8, 2, 2, 16)
+    lens = torch.tensor([4, 7], dtype=torch.int32)  # row 0 appends into page 2, row 1 into page 5
+    shared = torch.tensor([[0, 1, 2, 0], [0, 1, 4, 5]], dtype=torch.int32)
+    copied = torch.tensor([[0, 1, 2, 0], [6, 7, 4, 5]], dtype=torch.int32)
+    pool2, vpool2 = pool.clone(), vpool.clone()
+    pool2[6:], vpool2[6:] = pool[:2], vpool[:2]
+    with use_value_checks("host"):
+        got = flash_attn_with_kvcache(q, pool, vpool, k, v, cache_seqlens=lens, block_table=shared)
+        want = flash_attn_with_kvcache(q, pool2, vpool2, k, v, cache_seqlens=lens, block_table=copied)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

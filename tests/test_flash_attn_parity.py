@@ -67,6 +67,38 @@ def test_varlen_with_paged_keys_matches_contiguous_keys():
     assert pages.grad[2].abs().sum() == 0, "a page no sequence uses gets no gradient"
 
 
+@pytest.mark.parametrize(
+    "bad",
+    ["page out of range", "negative page", "cu_seqlens_k decreasing", "too few pages", "v pages differ"],
+)
+def test_paged_varlen_bad_input_says_what(bad):
+    """Paged keys given to the varlen call: pages outside the cache, a bad ``cu_seqlens_k``, too
+    few pages for a sequence, or K and V pools of different pages raise ValueError, as
+    ``flash_attn_with_kvcache`` does (no silent clamping, no unrelated torch error)."""
+    q, pages, vpages = torch.randn(5, 2, 8), torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    match = {
+        "page out of range": "outside the cache's 4 pages",
+        "negative page": "outside the cache's 4 pages",
+        "cu_seqlens_k decreasing": "non-decreasing",
+        "too few pages": "longer than its block_table",
+        "v pages differ": "paged caches of the same",
+    }[bad]
+    if bad == "page out of range":
+        table[1, 0] = 99
+    elif bad == "negative page":
+        table[0, 0] = -5
+    elif bad == "cu_seqlens_k decreasing":
+        cu_k[2] = -1
+    elif bad == "too few pages":
+        cu_k[2] = 17
+    else:
+        vpages = vpages[:, :2]
+    with pytest.raises(ValueError, match=match):
+        rf.flash_attn_varlen_func(q, pages, vpages, cu_q, cu_k, 3, 4, block_table=table)
+
+
 def _rotate_ref(x, pos, cos, sin, interleaved):
     """Rotary by complex multiplication (float64), an independent formulation."""
     rd = 2 * cos.shape[1]

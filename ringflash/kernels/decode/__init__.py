@@ -243,7 +243,9 @@ def _derive(
         PREFETCH_STEP=step,
         batch=B,
         CHECK=check,
-        **{f"CHECK_{n}": v for n, v in check_blocks(B, capacity // page_size).items()},
+        **{
+            f"CHECK_{n}": v for n, v in check_blocks(B, capacity // max(page_size, 1) if paged else 1).items()
+        },
     )
     if not cpu:
         static.update(num_warps=config.num_warps, num_stages=config.num_stages)
