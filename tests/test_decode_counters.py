@@ -145,3 +145,12 @@ def test_cuda_graph_of_several_fused_calls(warm):
         assert torch.allclose(lse, l2, atol=1e-5, rtol=1e-5)
     if warm:
         assert int(arena[-1].buf.abs().sum()) == 0, "arena counters not back to 0"
+
+
+@needs_cuda
+def test_cuda_counters_of_ever_new_streams_stay_bounded():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for _ in range(dc._SEM_STREAMS + 8):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            assert int(dc.semaphore_buffer(dev, 8).abs().sum()) == 0
+    assert len(dc._semaphores) <= dc._SEM_STREAMS

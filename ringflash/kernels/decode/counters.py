@@ -32,6 +32,7 @@ from ..options import CounterArenaConfig
 __all__ = ["CounterArena", "CounterArenas", "default_arenas", "semaphore_buffer"]
 
 _SEM_MIN_ROWS = 4096
+_SEM_STREAMS = 64  # eager streams' counter buffers kept at most
 
 
 class CounterArena:
@@ -134,6 +135,8 @@ def semaphore_buffer(device: torch.device, rows: int) -> torch.Tensor:
     key = (*_key(device), stream)
     buf = _semaphores.get(key)
     if buf is None or buf.numel() < rows:
+        if buf is None and len(_semaphores) >= _SEM_STREAMS:
+            _semaphores.clear()  # calls on ever new streams start over rather than growing
         # A replaced buffer goes back to the allocator only after the work queued on this stream.
         buf = torch.zeros(max(_SEM_MIN_ROWS, next_pow2(rows)), dtype=torch.int32, device=device)
         _semaphores[key] = buf
