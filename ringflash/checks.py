@@ -89,9 +89,12 @@ def check_int(x, name: str, minimum: int | None = None) -> int:
 
 
 def check_flag(x, name: str) -> bool:
-    """A bool option; ints 0 and 1 are accepted (``causal=1``), anything else is an error."""
+    """A bool option; NumPy bools and ints 0 and 1 are accepted (``causal=1``), anything else is
+    an error."""
     if isinstance(x, bool):
         return x
+    if type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool"):
+        return bool(x)
     if isinstance(x, numbers.Integral) and x in (0, 1):
         return bool(x)
     raise ValueError(f"{name} must be True or False, got {x!r}")

@@ -100,11 +100,13 @@ def attend_kvcache(
     )
 
 
-def _check_rotary(cos, sin, q, interleaved, capacity: int) -> None:
+def _check_rotary(cos, sin, q, interleaved, capacity: int, appends: bool) -> None:
     if (cos is None) != (sin is None):
         raise ValueError("pass both rotary_cos and rotary_sin, or neither")
     if cos is None:
         return
+    if not appends:  # flash-attn's rule: the rotation is of the tokens being appended
+        raise ValueError("rotary_cos and rotary_sin need the new k and v to append (as in flash-attn)")
     for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor [seqlen_ro, rotary_dim / 2], got {t!r}")
@@ -219,7 +221,8 @@ def flash_attn_with_kvcache(
     key = None
     # A plan whose caller takes no LSE (plain decoding) lets its launch write the LSE to scratch.
     wants_lse = bool(return_softmax_lse) or learnable_sink is not None
-    if rotary_cos is None and rotary_sin is None and alibi_slopes is None:
+    # One cache passed as both k_cache and v_cache takes the full path, whose checks refuse an append.
+    if rotary_cos is None and rotary_sin is None and alibi_slopes is None and k_cache is not v_cache:
         tensors = (
             q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
             learnable_sink,
@@ -244,7 +247,7 @@ def flash_attn_with_kvcache(
     a = KVCacheArgs(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, num_splits, cache_leftpad
     )
-    _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved, a.capacity)
+    _check_rotary(rotary_cos, rotary_sin, q, rotary_interleaved, a.capacity, k is not None)
     check_sink(learnable_sink, q)
     with torch.no_grad():
         if rotary_cos is not None:

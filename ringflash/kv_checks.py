@@ -108,6 +108,8 @@ class KVCacheArgs:
         cache_leftpad=None,
     ):
         _check_cache_tensors(q, k_cache, v_cache, k, v)
+        if k is not None and k_cache.data_ptr() == v_cache.data_ptr():
+            raise ValueError("k_cache and v_cache are the same memory: appending v would overwrite the new k")
         batch = q.shape[0]
         n_new = 0 if k is None else k.shape[1]
         self.paged = block_table is not None

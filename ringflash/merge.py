@@ -14,6 +14,8 @@ Layouts: ``out [B, S, H, D]`` with ``lse [B, H, S]``, or packed ``out [T, H, D]`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -85,7 +87,8 @@ def combine_attn_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch
         lses: ``[N, B, H, S]`` (or ``[N, H, T]``).
 
     Returns:
-        ``(out, lse)``: ``out`` in ``outs``' dtype without the leading dim, ``lse`` float32.
+        ``(out, lse)``: ``out`` in ``outs``' dtype without the leading dim, ``lse`` float32
+        (with ``N = 0``, attention over no key: zeros and ``-inf``).
 
     Example:
         >>> out, lse = combine_attn_partials(torch.stack([o1, o2, o3]), torch.stack([l1, l2, l3]))
@@ -95,6 +98,9 @@ def combine_attn_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch
             "expected outs [N, B, S, H, D] / [N, T, H, D] and lses [N, B, H, S] / [N, H, T], "
             f"got {tuple(outs.shape)} and {tuple(lses.shape)}"
         )
+    if outs.shape[0] == 0:  # no partial: attention over no key
+        _check_pair(outs.new_empty(outs.shape[1:]), lses.new_empty(lses.shape[1:]), "outs/lses")
+        return outs.new_zeros(outs.shape[1:]), torch.full(lses.shape[1:], -math.inf, device=lses.device)
     _check_pair(outs[0], lses[0], "outs/lses")
     lses32 = lses.float()
     m = lses32.amax(dim=0)

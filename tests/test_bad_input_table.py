@@ -181,6 +181,15 @@ def test_local_bad_input(entry, bad):
         _local_entries()[entry](q, k, v, **opts)
 
 
+@pytest.mark.parametrize("entry", list(_local_entries()))
+def test_numpy_bools_are_flags(entry):
+    """``causal=np.bool_(True)`` (a flag read from a NumPy config) is ``causal=True``."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _inputs()
+    want = _local_entries()[entry](q, k, v, causal=True)
+    torch.testing.assert_close(_local_entries()[entry](q, k, v, causal=np.bool_(True)), want, rtol=0, atol=0)
+
+
 def _run_table(rank, world):
     """Rank 1 alone gets each bad input; returns {case: (exception type, message)} for this rank."""
     entries = _dist_entries(world)

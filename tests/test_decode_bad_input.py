@@ -120,6 +120,16 @@ BAD = {
             block_table=torch.zeros(2, 4, dtype=torch.int32),
         ),
     ),  # fmt: skip
+    "one tensor as both caches while appending": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(v_cache=kc, cache_seqlens=lens),
+    ),
+    "rotary without an append": (
+        ValueError,
+        lambda q, kc, vc, k, v, lens: dict(
+            k=None, v=None, rotary_cos=torch.ones(8, 4), rotary_sin=torch.zeros(8, 4), cache_seqlens=lens
+        ),
+    ),
     "k wrong dtype": (
         TypeError,
         lambda q, kc, vc, k, v, lens: dict(k=k.double(), v=v.double(), cache_seqlens=lens),

@@ -45,6 +45,14 @@ def test_combine_many_partials_packed_layout():
     assert_matches("lse", lse, full_lse[0], None, 0)
 
 
+def test_combine_of_no_partials_is_attention_over_no_key():
+    out, lse = rf.combine_attn_partials(torch.randn(0, 2, 3, 4, 8), torch.randn(0, 2, 4, 3))
+    assert out.shape == (2, 3, 4, 8) and not out.any()
+    assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32 and bool((lse == -math.inf).all())
+    with pytest.raises(ValueError, match="lse"):
+        rf.combine_attn_partials(torch.randn(0, 2, 3, 4, 8), torch.randn(0, 2, 3, 4))
+
+
 def test_merge_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="lse"):
         rf.merge_attn_states(
