@@ -177,8 +177,8 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin: ``[seqlen_ro, rotary_dim / 2]`` or None: rotary embedding applied
             to the new keys (before they are written) and to the queries, at their positions (see
             below); ``rotary_interleaved`` pairs channels (0, 1), (2, 3), ... (GPT-J) when True,
-            else (i, i + rotary_dim / 2) (GPT-NeoX). ``seqlen_ro`` must cover the cache's slots
-            per row (as in flash-attn).
+            else (i, i + rotary_dim / 2) (GPT-NeoX). Only with ``k``/``v``, and ``seqlen_ro``
+            must cover the cache's slots per row (both as in flash-attn).
         cache_seqlens: int32 ``[B]`` tokens already in each row's cache, or an int for all rows;
             None means every row's whole cache (only without k/v). Lengths may be 0.
         cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache only).
