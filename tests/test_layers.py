@@ -18,6 +18,7 @@ LAYERS = [
         "ringflash.reference",
         "ringflash.checks",
         "ringflash.kv_checks",
+        "ringflash.paged",
         "ringflash.rotary",
     ),
     ("ringflash.blockwise", "ringflash.blockwise_cache", "ringflash.cudnn"),
