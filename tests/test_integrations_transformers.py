@@ -188,6 +188,15 @@ def test_local_backend_and_errors(monkeypatch):
     got = model(input_ids=ids, position_ids=pos).logits
     want = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)], 1)
     assert (got - want).abs().max().item() < 1e-4
+    # A padding mask given to the model reaches the attention (transformers would drop it for a name
+    # without a mask builder) and raises; a mask without padding is no mask.
+    ids = torch.randint(0, 61, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    full = model(input_ids=ids).logits
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, full)
+    mask[1, :5] = 0
+    with pytest.raises(ValueError, match="pack the batch instead"):
+        model(input_ids=ids, attention_mask=mask)
     fn = rt.make_attention()
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="pack the batch instead"):

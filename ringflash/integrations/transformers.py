@@ -26,8 +26,9 @@ with ``query [B, Hq, S_local, D]`` and ``key``/``value [B, Hk, S_local, D]`` and
 implementation name with "flash" in it as a flash-attn kernel to load from its hub. The name is not
 in transformers' mask registry either, so no 4-D mask is built (the mask would describe the local
 shard, not the global sequence): the causal mask comes from ``module.is_causal`` and sliding
-windows from ``sliding_window``, both on global positions. A padding ``attention_mask`` is an error
-that says how to pack the batch instead.
+windows from ``sliding_window``, both on global positions. A padding ``attention_mask`` (or a
+model's own mask pattern) is an error that says how to pack the batch instead: the name's entry in
+transformers' mask registry hands such a mask on to the attention, which raises on every rank.
 """
 
 from __future__ import annotations
@@ -55,6 +56,33 @@ _PACK_HINT = (
     "e.g. transformers' DataCollatorWithFlattening, with position_ids restarting per document or "
     "cu_seq_lens_q), and give pad or separator tokens the label -100"
 )
+
+
+def _mask_for_this_backend(
+    *, batch_size=1, kv_length=0, attention_mask=None, use_vmap=False, device=None, **_
+):
+    """transformers' mask builder for a ringflash implementation name (``AttentionMaskInterface``).
+
+    The kernels make the causal and window masks themselves, so no mask is built: None. Without an
+    entry, though, transformers drops a padding ``attention_mask`` without a word. So a 2-D mask
+    with a padded position, or a model's own mask pattern (``or_mask_function``/``and_mask_function``,
+    which transformers builds with ``use_vmap``), is handed on as a mask: the attention then raises
+    on every rank of the group (``make_attention``), never on one rank alone."""
+    if use_vmap:
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        return attention_mask
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _register_mask(name: str) -> None:
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53: no mask registry, the 2-D mask reaches the attention
+        return
+    AttentionMaskInterface.register(name, _mask_for_this_backend)
 
 
 def _attention_interface():
@@ -138,7 +166,8 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         # rank of the group (the functions below agree on their arguments before any data moves).
         error = None
         if attention_mask is not None:
-            error = f"ringflash's attention takes no attention_mask: {_PACK_HINT}"
+            what = "padding, or a model's mask pattern"
+            error = f"ringflash's attention takes no attention_mask ({what}): {_PACK_HINT}"
         elif dropout:
             error = f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0"
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -283,4 +312,5 @@ def register(
     if name in ("eager", "sdpa", "flex_attention", "paged|eager"):
         raise ValueError(f"{name!r} is one of transformers' own attention implementations")
     interface.register(name, fn)
+    _register_mask(name)
     return name
