@@ -22,13 +22,18 @@ from ringflash.parallel.ulysses import kv_replication, ulysses_attn_func
 from ringflash.reference import attention_ref
 
 
-def _case(kind, H, causal=True, window=(-1, -1), L=5, B=2, D=16, grid=None, layout="contiguous", dtype="f32"):
+def _case(
+    kind, H, causal=True, window=(-1, -1), L=5, B=2, D=16, grid=None, layout="contiguous", dtype="f32",
+    uly=True,
+):  # fmt: skip
+    """A case; ``uly=False``: the Ulysses group passed as None (a degree of 1, as documented)."""
     mask = ("causal" if causal else "full") + (f"-w{window[0]}:{window[1]}" if window != (-1, -1) else "")
-    g = f"-{grid[0]}x{grid[1]}-{layout}" if grid else ""
+    g = f"-{grid[0]}x{grid[1]}-{layout}" + ("" if uly else "-ulysses_group=None") if grid else ""
     cid = f"{kind}{g}-{mask}-B{B}-L{L}-H{H[0]}:{H[1]}-D{D}-{dtype}"
     return cid, dict(
-        kind=kind, H=H, causal=causal, window=window, L=L, B=B, D=D, grid=grid, layout=layout, dtype=dtype
-    )
+        kind=kind, H=H, causal=causal, window=window, L=L, B=B, D=D, grid=grid, layout=layout, dtype=dtype,
+        uly=uly,
+    )  # fmt: skip
 
 
 CASES = {
@@ -52,6 +57,7 @@ CASES = {
             _case("usp", (6, 2), grid=(2, 2), layout="contiguous", L=3, causal=False),
             _case("usp", (4, 4), grid=(4, 1), layout="zigzag", L=3),
             _case("usp", (2, 2), grid=(1, 4), layout="zigzag", L=4, B=1),
+            _case("usp", (4, 2), grid=(1, 4), layout="zigzag", L=4, B=1, uly=False),
         ]
     ),
 }
@@ -71,6 +77,7 @@ def _run_case(rank, world, c, groups, dev="cpu"):
         fn = lambda a, b, e: ulysses_attn_func(a, b, e, **kw)  # noqa: E731
     else:
         uly, ring = groups[c["grid"]]
+        uly = uly if c["uly"] else None
         lay = c["layout"]
         sh = lambda x: usp_shard(x, uly, ring, dim=1, layout=lay)  # noqa: E731
         fn = lambda a, b, e: usp_attn_func(a, b, e, ulysses_group=uly, ring_group=ring, layout=lay, **kw)  # noqa: E731

@@ -99,6 +99,10 @@ def sp_attention(
     q/k/v are a packed stream ``[T_local, H, D]`` sharded contiguously (Ulysses alone)."""
     ug, urank, u = ulysses
     rg, _, r = ring if ring is not None else (None, 0, 1)
+
+    def exchange(tensors, scatter_dims, gather_dims):  # a Ulysses degree of 1 exchanges nothing
+        return list(tensors) if u == 1 else seq_all_to_all(tensors, scatter_dims, gather_dims, ug)
+
     err, fields, cu = None, {}, None
     try:
         if error:
@@ -127,7 +131,7 @@ def sp_attention(
     f = kv_replication(q.shape[2], k.shape[2], u)
     if f > 1:  # just enough copies for every rank to own whole KV heads; autograd sums them back
         k, v = k.repeat_interleave(f, dim=2), v.repeat_interleave(f, dim=2)
-    qh, kh, vh = seq_all_to_all([q, k, v], [2, 2, 2], [1, 1, 1], ug)  # [B, S_ring_local, H/U, D]
+    qh, kh, vh = exchange([q, k, v], [2, 2, 2], [1, 1, 1])  # [B, S_ring_local, H/U, D]
     kw = dict(
         softmax_scale=scale,
         causal=causal,
@@ -148,9 +152,9 @@ def sp_attention(
     else:
         out, lse, _ = RING_FUNCS[layout](qh, kh, vh, group=rg, **kw)
     if not return_attn_probs:
-        out = seq_all_to_all([out], [1], [2], ug)[0]
+        out = exchange([out], [1], [2])[0]
         return out[0] if packed else out
-    out, lse = seq_all_to_all([out, lse], [1, 2], [2, 1], ug)  # [B, S/W, Hq, D], [B, Hq, S/W]
+    out, lse = exchange([out, lse], [1, 2], [2, 1])  # [B, S/W, Hq, D], [B, Hq, S/W]
     return (out[0], lse[0], None) if packed else (out, lse, None)
 
 
