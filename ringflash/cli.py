@@ -263,6 +263,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.nproc is not None and args.nproc < 1:
+        print(f"ringflash bench: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = args.which or default_benches(gpus > 0)
     refusals = [r for r in (bench_refusal(n, args.tiny, gpus, args.nproc) for n in names) if r]
@@ -273,6 +276,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"on CPU run `ringflash bench {' '.join(default_benches(False))}`", file=sys.stderr)
         return 2
     out = Path(args.out or f"ringflash-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"ringflash bench: cannot write the results to {out}: {e.strerror}", file=sys.stderr)
+        return 2
     return run_benches(names, out, args.tiny, scripts, args.nproc or gpus or 2)
 
 

@@ -91,6 +91,10 @@ def test_bench_rejects_gpu_only_benchmarks_without_cuda_and_unknown_names(capsys
     assert code == 2 and "--tiny runs its smoke form" in err
     code, err = bench("frob")
     assert code == 2 and "unknown benchmark 'frob'" in err
+    code, err = bench("cpu", "--tiny", "--nproc", "0")
+    assert code == 2 and "--nproc must be at least 1" in err
+    code, err = bench("cpu", "--tiny", "--out", "/proc/no-such-folder")
+    assert code == 2 and "cannot write the results to" in err
 
 
 def test_bench_child_failure_shows_the_childs_error(tmp_path, monkeypatch, capsys):

@@ -18,8 +18,10 @@ from ringflash.demo.run import DemoError, plan
         (dict(world_size=2, seq_len=64, layout="diagonal"), "unknown layout"),
         (dict(world_size=0, seq_len=64), "at least 1"),
         (dict(world_size=2, seq_len=64, device="cuda"), "no CUDA GPU"),
+        (dict(world_size=1, seq_len=64, steps=0), "--steps must be at least 1"),
+        (dict(world_size=1, seq_len=64, gen_tokens=0), "--gen-tokens must be at least 1"),
     ],
-    ids=["too-short", "not-divisible", "bad-layout", "zero-ranks", "no-gpu"],
+    ids=["too-short", "not-divisible", "bad-layout", "zero-ranks", "no-gpu", "no-steps", "no-tokens"],
 )
 def test_plan_rejects_impossible_combinations(kwargs, match):
     with pytest.raises(DemoError, match=match):

@@ -72,6 +72,8 @@ def plan(world_size=None, seq_len=1024, layout="zigzag", device="auto", steps=3,
         )
     if steps < 1:
         raise DemoError(f"--steps must be at least 1, got {steps}")
+    if extra.get("gen_tokens", 1) < 1:
+        raise DemoError(f"--gen-tokens must be at least 1, got {extra['gen_tokens']}")
     chunks = 2 * world_size if layout == "zigzag" and world_size > 1 else world_size
     if seq_len < chunks:
         raise DemoError(
