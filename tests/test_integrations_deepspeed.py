@@ -121,6 +121,38 @@ def test_dropin_beyond_head_count():
     assert "rotary_pos_emb" in errs[2] and "bogus" in errs[3]
 
 
+def _one_rank_differs_worker(rank, world):
+    """Rank 0 alone passes an unknown option, or alone marks a packed batch by position ids: every
+    rank raises ValueError (no rank is left in a collective the others never enter)."""
+    from ringflash.backends import use_backend
+
+    q, kv = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8)
+    seen = {}
+    with use_backend("torch"):
+        cases = (("option", {"bogus": 1}), ("position_ids", {"position_ids": torch.arange(6)[None]}))
+        for case, extra in cases:
+            try:
+                DistributedAttention(None, None)(q, kv, kv, 0, causal=True, **(extra if rank == 0 else {}))
+                seen[case] = "returned"
+            except ValueError as e:
+                seen[case] = str(e)
+    return seen
+
+
+def test_dropin_option_on_one_rank_fails_every_rank():
+    for seen in spawn(_one_rank_differs_worker, 2, timeout=120):
+        assert "bogus" in seen["option"], seen
+        assert "position_ids" in seen["position_ids"], seen
+
+
+def test_dropin_layout_is_checked():
+    with pytest.raises(ValueError, match="unknown layout 'bogus'"):
+        DistributedAttention(None, None, layout="bogus")
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="takes a packed batch"):
+        DistributedAttention(None, None, layout="balanced")(x, x, x, 0)
+
+
 def test_local_attention_adapter_single_process():
     q, k = torch.randn(2, 9, 4, 16), torch.randn(2, 9, 2, 16)
     ref, _ = attention_ref(q.double(), k.double(), k.double(), causal=True)

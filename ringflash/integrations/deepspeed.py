@@ -44,6 +44,7 @@ from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import build_usp_groups, group_rank_world
 from ..ops import flash_attn_func
 from ..parallel.hybrid import usp_attn_func, usp_degrees
+from ..parallel.layouts import DOC_LAYOUTS
 from ..parallel.ring_funcs import ring_flash_attn_func, ring_flash_attn_varlen_func
 from ..parallel.ulysses import kv_replication, ulysses_attn_func, ulysses_attn_varlen_func
 from .packing import global_cu_seqlens, longest_document
@@ -156,6 +157,8 @@ class DistributedAttention(nn.Module):
             raise ValueError(
                 f"scatter_idx must be 2 (the head dim of [B, S, H, D] / [S, B, H, D]), got {scatter_idx}"
             )
+        if layout not in DOC_LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}: expected one of {DOC_LAYOUTS}")
         self.local_attn = local_attention
         self.spg = sequence_process_group
         self.scatter_idx, self.gather_idx, self.sp_stream = scatter_idx, gather_idx, sp_stream
@@ -195,6 +198,13 @@ class DistributedAttention(nn.Module):
             if not self._ours():  # the user's kernel runs inside Ulysses: check what it needs
                 self._check_custom(query, key, value, world)
             plan = self.plan(query.shape[2])
+            if self.layout == "balanced" and all(m is None for m in marks.values()):
+                raise ValueError(
+                    "the balanced layout places whole documents: it takes a packed batch (position_ids= or "
+                    "cu_seq_lens_q=); shard single sequences with layout 'contiguous', 'zigzag' or 'stripe'"
+                )
+            # Parsed before any collective: a bad option on one rank is an error on every rank.
+            opts = _flash_kwargs(args, kwargs) if self._ours() else None
         except (ValueError, TypeError) as e:
             err = e
         # The algorithm follows the head count, so ranks that disagree on it would run different
@@ -213,8 +223,16 @@ class DistributedAttention(nn.Module):
         if not self._ours():
             out = self._custom_ulysses(query, key, value, batch_dim_idx, args, kwargs)
         else:
-            opts = _flash_kwargs(args, kwargs)
             marked = any(m is not None for m in marks.values())
+            if marked and marks["cu_seq_lens_q"] is None and world > 1:
+                # The position ids are gathered next; a rank that passed none is in its attention's
+                # own agreement by now, which meets this one and fails on every rank.
+                agree(
+                    [(g, world)],
+                    None,
+                    {"packed batch marked by position_ids": True},
+                    "the sequence-parallel group",
+                )
             cu = global_cu_seqlens(g, rank, world, self.layout, *marks.values()) if marked else None
             if cu is not None:
                 out = self._packed(query, key, value, cu, algo, opts)
