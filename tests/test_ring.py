@@ -317,6 +317,35 @@ def test_ring_copy_engine_transport_matches_nccl(world):
     assert not bad, "\n".join(bad)
 
 
+def _unshard_disagreeing(rank, world):
+    got = {}
+    cases = (
+        ("shape", torch.randn(1, 4 + rank)),
+        ("dtype", torch.randn(1, 4, dtype=[torch.float32, torch.float64][rank])),
+    )
+    for kind, x in cases:
+        try:
+            rp.unshard(x, layout="contiguous")
+            got[kind] = "returned"
+        except ValueError as e:
+            got[kind] = str(e)
+    return got
+
+
+def test_unshard_of_disagreeing_shards_fails_every_rank():
+    for got in spawn(_unshard_disagreeing, 2, timeout=60):
+        assert "disagree on shard shape" in got["shape"] and "disagree on dtype" in got["dtype"], got
+
+
+def test_shard_says_what_it_takes():
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        rp.shard([1, 2], layout="contiguous")
+    with pytest.raises(ValueError, match="is not a dim"):
+        rp.shard(torch.randn(4), dim=2, layout="contiguous")
+    with pytest.raises(ValueError, match="is not a dim"):
+        rp.unshard(torch.tensor(1.0), dim=0, layout="contiguous")
+
+
 def test_single_process_fallback():
     """No process group initialised: the same API runs locally and matches the oracle."""
     assert not torch.distributed.is_initialized()

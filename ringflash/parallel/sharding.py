@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..checks import check_cu_seqlens
+from ..comm.agree import agree
 from ..comm.gather import all_gather_flat
 from ..comm.groups import group_rank_world
 from .doc_layouts import doc_positions, total_error
@@ -26,6 +27,13 @@ def _check(n: int, world: int, layout: str, dim: int) -> int:
     if err:
         raise ValueError(err)
     return n // world
+
+
+def _check_tensor(x, dim: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim() or x.dim() == 0:
+        raise ValueError(f"dim {dim} is not a dim of the {what} of shape {tuple(x.shape)}")
 
 
 def _local_index(n: int, world: int, rank: int, dim: int, layout: str, cu_seqlens) -> torch.Tensor:
@@ -46,6 +54,7 @@ def shard_for(
     x: torch.Tensor, rank: int, world: int, dim: int = 1, layout: str = "zigzag", cu_seqlens=None
 ) -> torch.Tensor:
     """Rank ``rank``'s tokens of the full ``x`` (length along ``dim`` divisible by ``world``), contiguous."""
+    _check_tensor(x, dim, "sequence to shard")
     idx = _local_index(x.shape[dim], world, rank, dim, layout, cu_seqlens).to(x.device)
     return x.index_select(dim, idx)
 
@@ -101,8 +110,22 @@ def unshard(
     layout: str = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The full sequence from every rank's shard ``x`` (all-gather over ``group``); not differentiable."""
+    """The full sequence from every rank's shard ``x`` (all-gather over ``group``); not differentiable.
+    Shards of other shapes or dtypes on some ranks raise ``ValueError`` on every rank."""
     g, _, world = group_rank_world(group)
+    err, fields = None, {}
+    try:
+        _check_tensor(x, dim, "shard")
+        check_layout(layout, packed=cu_seqlens is not None)
+        fields = {
+            "shard shape": tuple(x.shape),
+            "dtype": str(x.dtype),
+            "dim": dim % x.dim(),
+            "layout": layout,
+        }
+    except ValueError as e:
+        err = e
+    agree([(g, world)], err, fields, "the group")
     if world == 1:
         return x.clone()
     parts = all_gather_flat(x, world, g).view(world, *x.shape).unbind(0)
