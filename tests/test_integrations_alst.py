@@ -227,6 +227,10 @@ def test_shard_batch_without_a_group():
     assert out["shift_labels"].tolist() == [[*sample["labels"][0, 1:].tolist(), -100]]
     with pytest.raises(ValueError, match=r"shift_labels has shape \(1, 5\): expected \[B, 6"):
         training.shard_batch({"input_ids": sample["input_ids"], "labels": sample["labels"][:, :5]})
+    with pytest.raises(ValueError, match=r"input_ids must be a tensor \[B, S\], got \(6,\)"):
+        training.shard_batch({"input_ids": sample["input_ids"][0], "labels": sample["labels"]})
+    with pytest.raises(ValueError, match=r"labels must be a tensor \[B, S\], got list"):
+        training.shard_batch({"input_ids": sample["input_ids"], "labels": [1, 2]})
 
 
 def test_tiled_mlp_and_tiled_loss_match_the_plain_model():
@@ -247,3 +251,13 @@ def test_tiled_mlp_and_tiled_loss_match_the_plain_model():
         assert err < 1e-6, f"grad of {name} differs by {err:.3g}"
     out = ref.model.layers[0].mlp(hidden.detach())  # the reference's MLP class is untouched
     assert not hasattr(ref.model.layers[0].mlp, "_untiled_forward") and out.shape == hidden.shape
+    with pytest.raises(ValueError, match="tiled already"):
+        training.tile_mlps(model)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="shards must be a positive int"):
+            training.tile_mlps(ref, shards=bad)
+        with pytest.raises(ValueError, match="shards must be a positive int"):
+            training.tiled_causal_lm_loss(model.lm_head, hidden, batch["shift_labels"], shards=bad)
+    with pytest.raises(ValueError, match="lean already"):
+        training.lean_rmsnorms(ref)
+        training.lean_rmsnorms(ref)

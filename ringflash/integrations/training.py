@@ -53,6 +53,14 @@ def shard_batch(batch: dict, group: dist.ProcessGroup | None = None) -> dict:
     """
     if "input_ids" not in batch or "labels" not in batch:
         raise ValueError(f"a batch needs input_ids and labels, got {sorted(batch)}")
+    for name in ("input_ids", "labels"):
+        if not isinstance(batch[name], torch.Tensor) or batch[name].dim() < 2:
+            got = (
+                tuple(batch[name].shape)
+                if isinstance(batch[name], torch.Tensor)
+                else type(batch[name]).__name__
+            )
+            raise ValueError(f"{name} must be a tensor [B, S], got {got}")
     _, rank, world = group_rank_world(group)
     ids = batch["input_ids"]
     rows, seq = ids.shape[:2]
@@ -137,6 +145,7 @@ def tiled_causal_lm_loss(
 
     scale = _term_scale(shift_labels, group, grad_average)
     n = hidden_states.shape[0] * hidden_states.shape[1]
+    _check_shards(shards)
     shards = shards or max(1, math.ceil(n / hidden_states.shape[-1]))
 
     def loss_fn(head, x, y):
@@ -166,6 +175,11 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _check_shards(shards) -> None:
+    if shards is not None and (not isinstance(shards, int) or isinstance(shards, bool) or shards < 1):
+        raise ValueError(f"shards must be a positive int or None (the default), got {shards!r}")
+
+
 def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
     """Run every decoder layer's MLP of ``model`` through DeepSpeed's ``TiledMLP``: the MLP sees
     slices of the tokens, and its backward recomputes them slice by slice, so the intermediate
@@ -180,6 +194,7 @@ def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
     Returns:
         The number of MLPs patched.
     """
+    _check_shards(shards)
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     def forward(self, x):
@@ -195,7 +210,12 @@ def tile_mlps(model: torch.nn.Module, shards: int | None = None) -> int:
             module.forward = types.MethodType(forward, module)
             count += 1
     if count == 0:
-        raise ValueError(f"no module whose class name ends in 'MLP' in {type(model).__name__}")
+        done = any(hasattr(m, "_untiled_forward") for m in model.modules())
+        raise ValueError(
+            f"every MLP of {type(model).__name__} is tiled already"
+            if done
+            else f"no module whose class name ends in 'MLP' in {type(model).__name__}"
+        )
     return count
 
 
@@ -302,7 +322,12 @@ def lean_rmsnorms(model: torch.nn.Module, chunk_tokens: int = 8192) -> int:
         if type(m).__name__.endswith("RMSNorm") and not hasattr(m, "_unlean_forward")
     ]
     if not norms:
-        raise ValueError(f"no module whose class name ends in 'RMSNorm' in {type(model).__name__}")
+        done = any(hasattr(m, "_unlean_forward") for m in model.modules())
+        raise ValueError(
+            f"every RMSNorm of {type(model).__name__} is lean already"
+            if done
+            else f"no module whose class name ends in 'RMSNorm' in {type(model).__name__}"
+        )
     checked: set = set()
     for m in norms:
         eps = getattr(m, "variance_epsilon", None)
