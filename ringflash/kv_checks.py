@@ -195,9 +195,7 @@ class KVCacheArgs:
             pad = self.cache_leftpad
             out.append((BITS["leftpad"], ((pad < 0) | (pad > lens + self.n_new)).any()))
         if self.paged:
-            page, bt = k_cache.shape[1], self.block_table
-            need = ((lens.long().clamp(min=0) + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
-            used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
+            bt, (_, used) = self.block_table, self._pages_in_use(k_cache.shape[1])
             out.append((BITS["page"], (used & ((bt < 0) | (bt >= n_rows))).any()))
         if self.cache_batch_idx is not None:
             idx = self.cache_batch_idx
@@ -207,19 +205,26 @@ class KVCacheArgs:
                 out.append((BITS["repeated_row"], (srt[1:] == srt[:-1]).any()))
         return out
 
-    def _page_uses(self, k_cache) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For an append to a paged cache: per ``block_table`` entry, whether the row appends to
-        that page, and how many entries in use (over all rows) name the same page; None otherwise."""
+    def _pages_in_use(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cols [1, max_pages], used [B, max_pages])``: the ``block_table`` entries that each
+        row's keys, old and new, occupy (pages of ``page`` slots)."""
+        bt = self.block_table
+        lens = self.cache_seqlens.long().clamp(min=0)
+        need = ((lens + self.n_new + page - 1) // page).clamp(max=bt.shape[1])
+        cols = torch.arange(bt.shape[1], device=bt.device)[None, :]
+        return cols, cols < need[:, None]
+
+    def _shared_appends(self, k_cache) -> torch.Tensor | None:
+        """For an append to a paged cache: per ``block_table`` entry, whether its row appends to
+        that page while another entry in use (of any row) names the same page; None otherwise."""
         if not (self.paged and self.n_new):
             return None
-        page, bt = k_cache.shape[1], self.block_table.long()
-        lens = self.cache_seqlens.long().clamp(min=0)
-        cols = torch.arange(bt.shape[1], device=bt.device)[None, :]
-        need = ((lens + self.n_new + page - 1) // page).clamp(max=bt.shape[1])[:, None]
-        used = cols < need
-        pages = bt.clamp(0, k_cache.shape[0] - 1)  # out of range: reported by the page check first
-        counts = torch.bincount(pages[used], minlength=k_cache.shape[0])
-        return used & (cols >= (lens // page)[:, None]), counts[pages]
+        page, n_pages = k_cache.shape[1], k_cache.shape[0]
+        cols, used = self._pages_in_use(page)
+        pages = self.block_table.long().clamp(0, n_pages - 1)  # out of range: the page check reports it
+        counts = torch.bincount(pages[used], minlength=n_pages)
+        appends = used & (cols >= (self.cache_seqlens.long().clamp(min=0) // page)[:, None])
+        return appends & (counts[pages] > 1)
 
     def _check_values(self, k_cache):
         """Lengths, pages and cache rows in range, and no page appended to that another entry in
@@ -229,9 +234,9 @@ class KVCacheArgs:
         if self.batch == 0:
             return
         verdicts = [failed for _, failed in self.value_verdicts(k_cache)]
-        uses = self._page_uses(k_cache)
-        if uses is not None:
-            verdicts.append((uses[0] & (uses[1] > 1)).any())
+        shared = self._shared_appends(k_cache)
+        if shared is not None:
+            verdicts.append(shared.any())
         if not any(torch.stack(verdicts).tolist()):
             return
         n_rows = k_cache.shape[0]
@@ -260,8 +265,8 @@ class KVCacheArgs:
                     raise ValueError(
                         f"block_table row {b} points outside the cache's {n_rows} pages: {_short(used)}"
                     )
-        if uses is not None and bool((uses[0] & (uses[1] > 1)).any()):
-            b, j = (uses[0] & (uses[1] > 1)).nonzero()[0].tolist()
+        if shared is not None and bool(shared.any()):
+            b, j = shared.nonzero()[0].tolist()
             p = int(self.block_table[b, j])
             raise ValueError(
                 f"block_table row {b} appends to page {p}, which another entry in use also names: rows "

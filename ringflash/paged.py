@@ -36,8 +36,11 @@ def unpage(k, v, block_table, cu_seqlens_k, q):
     page = k.shape[1]
     cu = cu_seqlens_k.to(q.device).long()
     if host_checks_allowed(cu_seqlens_k):
-        _check_pages(cu_seqlens_k.tolist(), block_table, page, k.shape[0])
-    total = max(int(cu[-1]), 0)
+        vals = cu_seqlens_k.tolist()  # the one read of the values: the checks and the total
+        _check_pages(vals, block_table, page, k.shape[0])
+        total = vals[-1]
+    else:
+        total = max(int(cu[-1]), 0)
     t = torch.arange(total, device=q.device)
     b = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each key
     pos = t - cu[b]

@@ -141,11 +141,11 @@ def tiled_causal_lm_loss(
         hidden_states: ``[B, S/W, hidden]``, the last hidden states (``model.model(...)[0]``).
         shards: slices (default: about one per ``hidden`` tokens, at least one).
     """
+    _check_shards(shards)  # before the collective of _term_scale
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
     scale = _term_scale(shift_labels, group, grad_average)
     n = hidden_states.shape[0] * hidden_states.shape[1]
-    _check_shards(shards)
     shards = shards or max(1, math.ceil(n / hidden_states.shape[-1]))
 
     def loss_fn(head, x, y):
