@@ -36,7 +36,8 @@ def test_band_pairs_counts_every_visible_pair():
 def test_method_cost_counts(layout):
     """The cost model's pairs add up to the stream's causal (and windowed) pairs in every layout,
     and its gathered rows are what the all-gather plan receives."""
-    from ringflash.parallel.method_cost import gathered_rows, pair_counts
+    from ringflash.parallel.gather_plan import received_rows
+    from ringflash.parallel.method_cost import pair_counts
 
     cu, world = (0, 1, 700, 1500, 1520, 3000, 4096), 4
     for window, per_doc in (
@@ -45,7 +46,7 @@ def test_method_cost_counts(layout):
     ):
         pairs = pair_counts(layout, cu, world, True, window)
         assert sum(map(sum, pairs)) == sum(per_doc(b - a) for a, b in itertools.pairwise(cu)), window
-    recv = gathered_rows(layout, cu, world, True, (-1, 0))
+    recv = received_rows(layout, cu, world, True, (-1, 0))
     plans = [gather_plan(layout, cu, r, world, True, (-1, 0)) for r in range(world)]
     assert recv == [sum(p.recv) - p.recv[r] for r, p in enumerate(plans)], "rows from other ranks"
 

@@ -101,13 +101,6 @@ def pair_counts(layout: str, cu: tuple[int, ...], world: int, causal: bool, wind
     return out.view(world, world).tolist()
 
 
-def gathered_rows(layout: str, cu: tuple[int, ...], world: int, causal: bool, window) -> list[int]:
-    """Rows each rank receives from the others under the all-gather (``gather_plan``'s ``recv``):
-    their rows of every document that lies on several ranks and of which it holds queries, up to
-    the farthest key its queries see."""
-    return received_rows(layout, cu, world, causal, window)
-
-
 def method_costs(
     layout: str,
     cu: tuple[int, ...],
@@ -136,7 +129,7 @@ def method_costs(
     row = 2 * hk * d * elt  # a K row and a V row
     state = n_local * hq * (d + 1) * 4 * 2  # float32 output and LSE, read and written per step
     pairs = pair_counts(layout, cu, world, causal, window)
-    recv = gathered_rows(layout, cu, world, causal, window)
+    recv = received_rows(layout, cu, world, causal, window)
     ring = ag = 0.0
     for r in range(world):
         t_ring, work = 0.0, 0.0
@@ -224,4 +217,4 @@ def choose_method(
 
 _costs = functools.lru_cache(maxsize=64)(method_costs)
 
-__all__ = ["band_pairs", "choose_method", "gathered_rows", "link_bandwidth", "method_costs", "pair_counts"]
+__all__ = ["band_pairs", "choose_method", "link_bandwidth", "method_costs", "pair_counts"]
