@@ -134,6 +134,12 @@ def _fresh_tuners():
     return fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned
 
 
+# Tiles (forward, dK/dV, dQ) that Triton 3.6's ptxas compiles at small head dims (16, 32) in float32,
+# float16 and bfloat16: the pinned head-dim-256 forward tile of ``RINGFLASH_TEST_CONFIGS=one``
+# (64 x 32 keys, 2 stages) crashes it there (float32 at head dim 16, float16 at 32).
+SMALL_HEAD_TILES = ((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3))
+
+
 def one_triton_config(picks=(0, 0, 0), tiles=None) -> list:
     """In this process, give each autotuned Triton attention kernel (forward, dK/dV, dQ) one tile
     config, the one at index ``picks[i]`` of its list (the first by default), or with ``tiles`` the

@@ -167,7 +167,7 @@ def _mapped_case(backend, device="cpu", dtype=torch.float32) -> list[str]:
             backend.attn_bwd(
                 dout, q, k, v, out, lse, dq=dq_in, dk=dk_in, dv=dv_in, accumulate=acc, **kw, **mask
             )
-            want = start.clone()
+            want = start.cpu().clone()
             want[rows[0].cpu()], want[rows[1].cpu()] = dk_in.cpu(), dv_in.cpu()
             dq_map, dkv = torch.zeros(q.shape, device=device), start.clone()
             backend.attn_bwd(
@@ -199,12 +199,11 @@ def test_mapped_key_rows_give_the_same_gradients():
 def _on_gpu(case) -> list[str]:
     """``case(backend, "cuda", dtype)`` on the Triton kernels in float32 and bfloat16, with one tile
     config per kernel (the cases do not depend on it) so that they compile once instead of
-    autotuning each: tiles that compile at head dim 16 in both dtypes (the pinned head-dim-256
-    forward tile of ``RINGFLASH_TEST_CONFIGS=one`` crashes Triton 3.6's ptxas at head dim 16 in
-    float32). Returns what differed."""
-    from dist_utils import one_triton_config, restore_triton_configs
+    autotuning each: ``SMALL_HEAD_TILES``, which compile at head dim 16 in both dtypes. Returns
+    what differed."""
+    from dist_utils import SMALL_HEAD_TILES, one_triton_config, restore_triton_configs
 
-    saved = one_triton_config(tiles=((64, 64, 4, 2), (32, 64, 4, 4), (64, 32, 4, 3)))
+    saved = one_triton_config(tiles=SMALL_HEAD_TILES)
     try:
         return [
             f"{dtype}: {x}"

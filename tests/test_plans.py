@@ -307,7 +307,13 @@ def test_the_torch_backend_plans_no_prefill():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("p", PREFILL_CASES, ids=range(len(PREFILL_CASES)))
 def test_planned_prefill_equals_the_full_path_gpu(p):
-    checks = prefill_plans_vs_full(p, device="cuda")
+    from dist_utils import SMALL_HEAD_TILES, one_triton_config, restore_triton_configs
+
+    saved = one_triton_config(tiles=SMALL_HEAD_TILES)  # head dims 16 and 32: see SMALL_HEAD_TILES
+    try:
+        checks = prefill_plans_vs_full(p, device="cuda")
+    finally:
+        restore_triton_configs(saved)
     for name, (err, bound) in checks.items():
         assert err <= bound, name
 
