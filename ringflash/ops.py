@@ -285,12 +285,13 @@ def _plan_key(q, k, v, options, sink=None, tensors=(), *extra) -> tuple | None:
 _VARLEN_PLANS = SignatureTable(256)
 
 
-def _varlen_plan_key(q, k, v, cu_q, cu_k, max_q, max_k, options, sink, mode) -> tuple | None:
+def _varlen_plan_key(q, k, v, cu_q, cu_k, max_q, max_k, options, sink, mode, lse=True) -> tuple | None:
     """The key of an inference ``flash_attn_varlen_func`` call in ``_VARLEN_PLANS``, or None for one
-    that takes the full path (host value checks, autograd, a non-int ``max_seqlen``)."""
+    that takes the full path (host value checks, autograd, a non-int ``max_seqlen``). ``lse``:
+    whether the caller takes the LSE (a plan of a call that does not writes it to scratch)."""
     if mode == "host" or type(max_q) is not int or type(max_k) is not int:
         return None
-    return _plan_key(q, k, v, options, sink, (cu_q, cu_k), max_q, max_k, cu_q is cu_k, mode)
+    return _plan_key(q, k, v, options, sink, (cu_q, cu_k), max_q, max_k, cu_q is cu_k, mode, lse)
 
 
 def _varlen_runner(opts, lens, bounds):
@@ -349,8 +350,10 @@ def flash_attn_func(
         >>> out = flash_attn_func(q, k, v, causal=True)
     """
     key = None
+    wants_lse = bool(return_attn_probs) or learnable_sink is not None  # a sink merges by the LSE
     if alibi_slopes is None:
-        key = _plan_key(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap), learnable_sink)
+        options = (dropout_p, softmax_scale, causal, window_size, softcap)
+        key = _plan_key(q, k, v, options, learnable_sink, (), wants_lse)
         runner = _PLANS.find(key)
         if runner is not None:
             out, lse = runner(q, k, v)
@@ -367,7 +370,8 @@ def flash_attn_func(
         out, lse = _attn_fwd(*args)
     else:
         out, lse = _eager_attn(*args, None, None, 0, 0)
-        runner = be.attn_plan(q, k, v, **_opts(scale, causal, wl, wr, softcap)) if key is not None else None
+        opts = _opts(scale, causal, wl, wr, softcap)
+        runner = be.attn_plan(q, k, v, lse=wants_lse, **opts) if key is not None else None
         if runner is not None:
             _PLANS.keep(key, runner)
     return _finish(out, lse, return_attn_probs, learnable_sink)
@@ -413,12 +417,14 @@ def flash_attn_varlen_func(
         >>> out = flash_attn_varlen_func(q, k, v, cu, cu, 250, 250, causal=True)
     """
     key = None
+    wants_lse = bool(return_attn_probs) or learnable_sink is not None  # a sink merges by the LSE
     if alibi_slopes is None and block_table is None:
         mode = value_check_mode(q) if type(q) is torch.Tensor else "host"
         options = (dropout_p, softmax_scale, causal, window_size, softcap)
         key = _varlen_plan_key(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options, learnable_sink, mode
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options, learnable_sink, mode,
+            wants_lse,
+        )  # fmt: skip
         runner = _VARLEN_PLANS.find(key)
         if runner is not None:
             if mode is not None:
@@ -458,6 +464,6 @@ def flash_attn_varlen_func(
         out, lse = _eager_attn(q, k, v, *opts, cu_seqlens_q, cu_seqlens_k, *lens, bounds)
         if key is not None:
             kw = _opts(scale, causal, wl, wr, softcap, cu_seqlens_q, cu_seqlens_k, *lens, bounds)
-            runner = be.varlen_plan(q, k, v, **kw)
+            runner = be.varlen_plan(q, k, v, lse=wants_lse, **kw)
             _VARLEN_PLANS.keep(key, runner or _varlen_runner(opts, lens, bounds))
     return _finish(out, lse, return_attn_probs, learnable_sink)

@@ -197,6 +197,7 @@ def test_eager_calls_reuse_only_their_own_streams_scratch_gpu():
     eager calls of one stream, never shared with another stream's or kept from a graph capture;
     every result equals the full path's."""
     from ringflash.kernels import decode as kd
+    from ringflash.kernels.launch import SCRATCH_STREAMS
 
     g = torch.Generator().manual_seed(3)
     p = dict(lens=[200], Hq=4, Hk=2, D=64, dtype="bf16", Snew=0, cap=256, device="cuda")
@@ -226,14 +227,14 @@ def test_eager_calls_reuse_only_their_own_streams_scratch_gpu():
     keys = [key for launch in kd._LAUNCHES.values() for key in launch.scratch]
     streams = {name: {key[2] for key in keys if key[0] == name} for name in ("OP", "LSEP", "LSE")}
     assert all(len(s) == 2 for s in streams.values()), streams  # the two eager streams, not the capture's
-    for _ in range(kd._SCRATCH_STREAMS + 4):  # calls on ever new streams: bounded, still right
+    for _ in range(SCRATCH_STREAMS + 4):  # calls on ever new streams: bounded, still right
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
             s.wait_stream(torch.cuda.current_stream())
             out = call("device")
         torch.cuda.current_stream().wait_stream(s)
         assert torch.equal(out, want)
-    assert all(len(launch.scratch) <= kd._SCRATCH_STREAMS for launch in kd._LAUNCHES.values())
+    assert all(len(launch.scratch) <= SCRATCH_STREAMS for launch in kd._LAUNCHES.values())
 
 
 PREFILL_CASES = [
@@ -277,7 +278,17 @@ def prefill_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu")
                 float(not torch.equal(lse, full_lse.detach())),
                 0.0,
             ]
-        checks["one plan made"] = [float(len(rops._PLANS) - before != 1), 0.0]
+            # A call that takes no LSE replays its own plan, which writes the LSE to scratch.
+            with torch.no_grad():
+                plain = flash_attn_func(q, k, v, **shape)
+            checks[f"call {i}: out without the LSE equals the full path"] = [
+                float(not torch.equal(plain, full.detach())),
+                0.0,
+            ]
+        # With a sink every call needs the LSE: one plan; else the calls that return it and those
+        # that do not have one each.
+        plans = 1 if "learnable_sink" in shape else 2
+        checks["the plans made"] = [float(len(rops._PLANS) - before != plans), 0.0]
     return checks
 
 
@@ -292,6 +303,7 @@ def test_prefill_key_takes_recorded_calls_and_other_options_to_the_full_path():
     assert rops._plan_key(q, k, k, (0.0, None, True, (-1, -1), 0.0)) != base
     assert rops._plan_key(q, k, k, (0.0, None, 1, (-1, -1), 0.0)) not in (base, None)
     assert rops._plan_key(q, k, k, (0.0, None, False, [-1, -1], 0.0)) is None
+    assert rops._plan_key(q, k, k, opts, None, (), False) not in (base, None)  # no LSE taken
     with use_backend("torch"):
         assert rops._plan_key(q, k, k, opts) != base
 
@@ -299,7 +311,7 @@ def test_prefill_key_takes_recorded_calls_and_other_options_to_the_full_path():
 def test_the_torch_backend_plans_no_prefill():
     before = dict(rops._PLANS)
     checks = prefill_plans_vs_full(PREFILL_CASES[0], backend="torch")
-    assert checks.pop("one plan made") == [1.0, 0.0] and rops._PLANS == before
+    assert checks.pop("the plans made") == [1.0, 0.0] and rops._PLANS == before
     for name, (err, bound) in checks.items():
         assert err <= bound, name
 
@@ -365,7 +377,14 @@ def varlen_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu") 
                     )
             for name, a, b in zip(("out", "lse"), results[0][:2], results[1][:2], strict=True):
                 checks[f"call {i}: {name} equals the full path"] = [float(not torch.equal(a, b)), 0.0]
-        checks["one plan made"] = [float(len(rops._VARLEN_PLANS) - before != 1), 0.0]
+            with torch.no_grad(), use_value_checks("device"):  # its own plan: no LSE taken
+                plain = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, **opts)
+            checks[f"call {i}: out without the LSE equals the full path"] = [
+                float(not torch.equal(plain, results[1][0])),
+                0.0,
+            ]
+        plans = 1 if "learnable_sink" in opts else 2  # as in prefill_plans_vs_full
+        checks["the plans made"] = [float(len(rops._VARLEN_PLANS) - before != plans), 0.0]
         q, k, v, cu = inputs(0)
         cu[-1] -= 1  # ends short of the rows
         with torch.no_grad(), use_value_checks("device"):
@@ -375,7 +394,7 @@ def varlen_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu") 
             checks["a planned call's bad cu_seqlens reported"] = [1.0, 0.0]
         except ValueError as e:
             checks["a planned call's bad cu_seqlens reported"] = [float("cu_seqlens" not in str(e)), 0.0]
-        checks["still one plan"] = [float(len(rops._VARLEN_PLANS) - before != 1), 0.0]
+        checks["no plan added"] = [float(len(rops._VARLEN_PLANS) - before != plans), 0.0]
     return checks
 
 
@@ -412,6 +431,7 @@ def test_varlen_key_follows_the_signature_and_takes_some_calls_to_the_full_path(
         key(options=(0.0, None, False, (-1, -1), 0.0)),
         key(mode=None),
         key(q=torch.zeros(9, 4, 16, dtype=torch.float64)),
+        rops._varlen_plan_key(q, k, k, cu, cu, 5, 5, opts, None, "device", False),  # no LSE taken
     ]
     with use_backend("triton"):
         others.append(key())

@@ -74,17 +74,18 @@ class Backend:
         """Whether this backend can run tensors on ``device``."""
         raise NotImplementedError
 
-    def attn_plan(self, q, k, v, **kw):
+    def attn_plan(self, q, k, v, lse=True, **kw):
         """A runner for later inference calls ``attn_fwd(q, k, v, **kw)`` of this call's signature
         (padded, results allocated, bottom-right masks), ``runner(q, k, v) -> (out, lse)``, or None
-        where every call must take ``attn_fwd`` (the default)."""
+        where every call must take ``attn_fwd`` (the default). ``lse`` False: the caller does not
+        take the LSE, which the runner may then return as None."""
         return None
 
-    def varlen_plan(self, q, k, v, **kw):
+    def varlen_plan(self, q, k, v, lse=True, **kw):
         """A runner for later packed inference calls ``attn_fwd(q, k, v, **kw)`` of this call's
         signature (``kw`` holds the call's ``cu_seqlens``, ``max_seqlen`` and ``cu_bounds``;
         results allocated, bottom-right masks), ``runner(q, k, v, cu_q, cu_k) -> (out, lse)``, or
-        None where every call must take ``attn_fwd`` (the default)."""
+        None where every call must take ``attn_fwd`` (the default). ``lse``: as ``attn_plan``."""
         return None
 
     def decode_plan(self, q, k_cache, v_cache, *, k_new, v_new, block_table, cache_batch_idx, **kw):

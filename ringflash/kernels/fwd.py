@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .common import _attn_prologue, _block_ranges, _dot, _rows_desc, _run_bounds, _tanh, _tile_src, _visible
 from .device import on_tensor_device
-from .launch import SignatureTable, launch_cached
+from .launch import SignatureTable, launch_cached, stream_scratch
 from .launch_args import (
     CALL_TENSORS,
     TUNE_KEY,
@@ -414,13 +414,16 @@ def _launch(q, static, per_call, slot, B, Sq, Hq) -> None:
 class FwdPlan:
     """The launch of an ``attn_fwd`` call that allocates its results (padded, or packed with the
     given lengths), fixed for every later call of the same signature: ``run_fwd_plan`` then
-    allocates, binds the tensors and launches."""
+    allocates, binds the tensors and launches. ``lse``: whether the caller takes the LSE; if not,
+    the launch writes it to a buffer of the plan's (``stream_scratch``) and a call allocates only
+    its output."""
 
-    __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape")
+    __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape", "lse", "scratch")
 
-    def __init__(self, static, slot, shape, out_shape, lse_shape):
+    def __init__(self, static, slot, shape, out_shape, lse_shape, lse=True):
         self.static, self.slot, self.shape = static, slot, shape
-        self.out_shape, self.lse_shape = out_shape, lse_shape
+        self.out_shape, self.lse_shape, self.lse = out_shape, lse_shape, lse
+        self.scratch: dict = {}
 
 
 def plan_fwd(
@@ -439,35 +442,41 @@ def plan_fwd(
     config=None,
     bound_cu=False,
     flag=None,
+    lse=True,
 ):
     """The plan of an ``attn_fwd(q, k, v, ...)`` call (no ``out``/``lse``, bottom-right masks;
     packed with both ``max_seqlen`` given, its ``cu_seqlens`` only shaped, bound per call) that
-    has run before, or None (not kept, or nothing launches)."""
+    has run before, or None (not kept, or nothing launches). ``lse`` False: its runs return
+    ``(out, None)``."""
     config = config or AttnConfig()
     out_shape, lse_shape = _result_shapes(q, v, cu_seqlens_q is not None)
     out = torch.empty(out_shape, dtype=q.dtype, device="meta")  # the strides a fresh result has
-    lse = torch.empty(lse_shape, dtype=torch.float32, device="meta")
+    lse_like = torch.empty(lse_shape, dtype=torch.float32, device="meta")
     mask = (softmax_scale, causal, window_size, softcap)
     lens = (max_seqlen_q, max_seqlen_k)  # read by the key of packed calls only
     buffers = (False, False, bound_cu, flag is not None)
-    key = _launch_key(q, k, v, out, lse, mask, cu_seqlens_q, *lens, None, buffers, config)
+    key = _launch_key(q, k, v, out, lse_like, mask, cu_seqlens_q, *lens, None, buffers, config)
     entry = _FWD_LAUNCHES.get(key) if key is not None else None
     if entry is None or q.numel() == 0:
         return None
     static, B, Sq, Sk, slot = entry
     if B == 0 or Sq == 0:
         return None
-    return FwdPlan(static, slot, (B, Sq, q.shape[-2], max(Sq, Sk)), out_shape, lse_shape)
+    return FwdPlan(static, slot, (B, Sq, q.shape[-2], max(Sq, Sk)), out_shape, lse_shape, lse)
 
 
 @on_tensor_device
 def run_fwd_plan(q, plan: FwdPlan, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
     """``attn_fwd``'s ``(out, lse)`` for a call of ``plan``'s signature (packed: with its
-    ``cu_seqlens``, bounded in the kernel if the plan's call was)."""
+    ``cu_seqlens``, bounded in the kernel if the plan's call was); ``lse`` None unless
+    ``plan.lse``."""
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
+    if plan.lse:
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
+    else:
+        lse = stream_scratch(plan.scratch, "LSE", plan.lse_shape, q.device)
     B, Sq, Hq, longest = plan.shape
     per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, None, B)
     per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=longest))
     _launch(q, plan.static, per_call, plan.slot, B, Sq, Hq)
-    return out, lse
+    return out, lse if plan.lse else None

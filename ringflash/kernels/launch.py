@@ -94,6 +94,33 @@ def current_raw_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
+def stream_scratch(store: dict, name: str, shape: tuple, dev: torch.device) -> torch.Tensor:
+    """A float32 buffer ``shape`` kept in ``store`` (one launch's or plan's dict) for the eager
+    calls of the current CUDA stream, ``name`` telling a call's buffers apart: for what a call
+    writes and only the same launch reads (a split decoding step's partials) or nothing reads (an
+    LSE the caller does not take).
+
+    Launches on one stream run in order, so the previous call's launch is done with the buffer
+    before this one writes, and a short call allocates only its results (each allocation is host
+    time, which a call of a few microseconds on the GPU pays in full). A call being captured in a
+    CUDA graph gets a buffer of its own in the graph's memory (a replay may run at any time, on
+    any stream), and so does a CPU call (calls from several threads may run at once)."""
+    if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.empty(shape, dtype=torch.float32, device=dev)
+    key = (name, dev.index, current_raw_stream(dev.index))
+    buf = store.get(key)
+    if buf is None:
+        if len(store) >= SCRATCH_STREAMS:
+            # Calls on ever new streams start over rather than growing. A dropped buffer goes back
+            # to the allocator for its own stream, after the work queued there, as any temporary.
+            store.clear()
+        buf = store[key] = torch.empty(shape, dtype=torch.float32, device=dev)
+    return buf
+
+
+SCRATCH_STREAMS = 24  # buffers that one ``stream_scratch`` store keeps, over its names and streams
+
+
 def _stream():
     """The current CUDA device's current raw stream (what Triton's own launch passes)."""
     return current_raw_stream(torch.cuda.current_device())
@@ -145,4 +172,4 @@ def launch_cached(
     kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *ordered)
 
 
-__all__ = ["SignatureTable", "current_raw_stream", "launch_cached"]
+__all__ = ["SCRATCH_STREAMS", "SignatureTable", "current_raw_stream", "launch_cached", "stream_scratch"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..device import bandwidth_per_sm, on_tensor_device, ptx_device, sm_count
-from ..launch import SignatureTable, current_raw_stream, launch_cached
+from ..launch import SignatureTable, launch_cached, stream_scratch
 from ..launch_args import cdiv, dot_f32, dot_precision, mask_flags, next_pow2, pad_dim, stride_names, strides
 from ..options import DecodeConfig, tma_mode
 from ..tma import tma_applies
@@ -74,30 +74,9 @@ class _Launch:
 
 
 def scratch(launch: _Launch, name: str, shape: tuple, dev: torch.device) -> torch.Tensor:
-    """A float32 buffer ``shape`` that a call of ``launch`` writes and that only the same launch
-    reads (the splits' partials under the fused merge) or nothing reads (an LSE the caller does
-    not want), ``name`` telling them apart.
-
-    An eager CUDA call reuses its stream's buffer: launches on one stream run in order, so the
-    previous call's launch is done with it before this one writes, and a decoding step allocates
-    only its results (each allocation is host time, which a step of a few microseconds on the GPU
-    pays in full). A call being captured in a CUDA graph gets a buffer of its own in the graph's memory (a
-    replay may run at any time, on any stream), and so does a CPU call (calls from several
-    threads may run at once)."""
-    if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.empty(shape, dtype=torch.float32, device=dev)
-    key = (name, dev.index, current_raw_stream(dev.index))
-    buf = launch.scratch.get(key)
-    if buf is None:
-        if len(launch.scratch) >= _SCRATCH_STREAMS:
-            # Calls on ever new streams start over rather than growing. A dropped buffer goes back
-            # to the allocator for its own stream, after the work queued there, as any temporary.
-            launch.scratch.clear()
-        buf = launch.scratch[key] = torch.empty(shape, dtype=torch.float32, device=dev)
-    return buf
-
-
-_SCRATCH_STREAMS = 24  # scratch buffers that one launch keeps, over its names and streams
+    """``stream_scratch`` of ``launch``: a split call's float32 partials under the fused merge,
+    or the LSE of a planned call that does not take it."""
+    return stream_scratch(launch.scratch, name, shape, dev)
 
 
 # Launches by call signature. An eager decoding loop repeats one signature per layer shape, so the
