@@ -292,6 +292,40 @@ def prefill_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu")
     return checks
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefill_calls_without_the_lse_on_many_streams_and_in_a_graph_gpu():
+    """A planned prefill call that takes no LSE writes it to its stream's buffer: calls on two
+    streams, in a graph capture, and on more new streams than the plan keeps buffers for all give
+    the full path's output."""
+    from dist_utils import SMALL_HEAD_TILES, one_triton_config, restore_triton_configs
+
+    from ringflash.kernels.launch import SCRATCH_STREAMS
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 40, h, 32, generator=g).to("cuda", torch.float16) for h in (4, 2, 2))
+    saved = one_triton_config(tiles=SMALL_HEAD_TILES)
+    try:
+        want, _, _ = flash_attn_func(q.requires_grad_(), k, v, causal=True, return_attn_probs=True)
+        q = q.detach()
+        with torch.no_grad():
+            outs = [flash_attn_func(q, k, v, causal=True) for _ in range(3)]  # plans, then replays
+            streams = [torch.cuda.Stream() for _ in range(SCRATCH_STREAMS + 4)]
+            for s in streams:
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    outs.append(flash_attn_func(q, k, v, causal=True))
+                torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = flash_attn_func(q, k, v, causal=True)
+            graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        restore_triton_configs(saved)
+    for out in (*outs, captured):
+        assert torch.equal(out, want.detach())
+
+
 def test_prefill_key_takes_recorded_calls_and_other_options_to_the_full_path():
     q, k = torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16)
     opts = (0.0, None, False, (-1, -1), 0.0)
