@@ -125,17 +125,15 @@ def _check_rotary(cos, sin, q, interleaved, capacity: int, appends: bool) -> Non
 
 
 def _rotate(q, k, cos, sin, a: KVCacheArgs, causal, window, interleaved):
-    """flash-attn's rotary while appending: new keys at their slots ``cache_seqlens + i``; queries at
-    the new tokens' positions when causal or windowed, else all at ``cache_seqlens`` (positions
-    count from ``cache_leftpad`` when given)."""
+    """flash-attn's rotary while appending, at cache slot positions (``cache_leftpad`` does not
+    shift them, as in flash-attn): new key ``i`` at ``cache_seqlens + i``; query ``t`` at
+    ``cache_seqlens + t`` when causal or windowed, else every query at ``cache_seqlens``."""
     start = a.cache_seqlens.long()
-    if a.cache_leftpad is not None:
-        start = start - a.cache_leftpad.long()
     if k is not None and a.n_new:
         k = apply_rotary(k, cos, sin, start[:, None] + torch.arange(a.n_new, device=q.device), interleaved)
     sq = q.shape[1]
     if causal or window != (-1, -1):
-        qpos = start[:, None] + a.n_new - sq + torch.arange(sq, device=q.device)
+        qpos = start[:, None] + torch.arange(sq, device=q.device)
     else:
         qpos = start[:, None].expand(-1, sq)
     return apply_rotary(q, cos, sin, qpos, interleaved), k
@@ -175,16 +173,19 @@ def flash_attn_with_kvcache(
             with ``block_table``. ``Hq % Hk == 0`` (GQA/MQA; K/V are read once per KV head).
         k, v: ``[B, Snew, Hk, D]`` new tokens written at ``cache_seqlens[b]`` onwards, or None.
         rotary_cos, rotary_sin: ``[seqlen_ro, rotary_dim / 2]`` or None: rotary embedding applied
-            to the new keys (before they are written) and to the queries, at their positions (see
-            below); ``rotary_interleaved`` pairs channels (0, 1), (2, 3), ... (GPT-J) when True,
-            else (i, i + rotary_dim / 2) (GPT-NeoX). Only with ``k``/``v``, and ``seqlen_ro``
-            must cover the cache's slots per row (both as in flash-attn).
+            to the new keys (before they are written) and to the queries at cache slot positions,
+            as flash-attn does: new key ``i`` at ``cache_seqlens[b] + i``, query ``t`` at
+            ``cache_seqlens[b] + t`` when causal or windowed, else every query at
+            ``cache_seqlens[b]`` (``cache_leftpad`` does not shift them); ``rotary_interleaved``
+            pairs channels (0, 1), (2, 3), ... (GPT-J) when True, else (i, i + rotary_dim / 2)
+            (GPT-NeoX). Only with ``k``/``v``, and ``seqlen_ro`` must cover the cache's slots per
+            row (both as in flash-attn).
         cache_seqlens: int32 ``[B]`` tokens already in each row's cache, or an int for all rows;
             None means every row's whole cache (only without k/v). Lengths may be 0.
         cache_batch_idx: int32 ``[B]``, the cache row of each batch row (contiguous cache only).
         cache_leftpad: int32 ``[B]`` or None: row ``b``'s cache starts at slot
-            ``cache_leftpad[b]`` (left-padded prompts): earlier slots are not attended and rotary
-            positions count from it. Not with ``block_table``.
+            ``cache_leftpad[b]`` (left-padded prompts): earlier slots are not attended. Not with
+            ``block_table``.
         block_table: int32 ``[B, max_blocks]``, page indices into ``k_cache``'s first dim. Rows
             may share pages they only read (a common prefix), never a page that one of them
             appends to (checked by host value checks only; undefined otherwise, as in flash-attn).

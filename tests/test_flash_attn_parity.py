@@ -128,9 +128,10 @@ def test_rotary_while_appending(interleaved, causal):
     want_k = kc.clone()
     outs = []
     for b in range(B):
-        pos = (lens[b] - pad[b] + torch.arange(n_new))[None]
+        # flash-attn's rule: cache slot positions, which cache_leftpad does not shift.
+        pos = (lens[b] + torch.arange(n_new))[None]
         kr = _rotate_ref(k[b : b + 1], pos, cos, sin, interleaved)
-        qpos = pos if causal else torch.full_like(pos, int(lens[b] - pad[b]))
+        qpos = pos if causal else torch.full_like(pos, int(lens[b]))
         qr = _rotate_ref(q[b : b + 1], qpos, cos, sin, interleaved)
         want_k[b, lens[b] : lens[b] + n_new] = kr[0]
         vv = torch.cat([vc[b : b + 1, : lens[b]], v[b : b + 1]], 1)
@@ -142,6 +143,28 @@ def test_rotary_while_appending(interleaved, causal):
     )
     torch.testing.assert_close(kc, want_k, msg="the rotated keys are what the cache holds")
     assert_matches("out", got, torch.cat(outs), None, 0)
+
+
+@pytest.mark.parametrize("sq,n_new", [(1, 3), (3, 1)])
+def test_rotary_queries_at_cache_seqlens_onward_when_fewer_or_more_than_the_append(sq, n_new):
+    """flash-attn's rule when the queries are not the appended tokens: causal query ``t`` is
+    rotated at ``cache_seqlens + t`` (while the mask stays bottom-right aligned)."""
+    torch.manual_seed(4)
+    cap, H, D, rd = 12, 2, 16, 16
+    theta = torch.rand(cap, rd // 2) * 6
+    cos, sin = theta.cos(), theta.sin()
+    kc, vc = torch.randn(1, cap, H, D), torch.randn(1, cap, H, D)
+    q, k, v = torch.randn(1, sq, H, D), torch.randn(1, n_new, H, D), torch.randn(1, n_new, H, D)
+    n = 6
+    lens = torch.tensor([n], dtype=torch.int32)
+    want_k = kc.clone()
+    want_k[0, n : n + n_new] = _rotate_ref(k, (n + torch.arange(n_new))[None], cos, sin, False)[0]
+    qr = _rotate_ref(q, (n + torch.arange(sq))[None], cos, sin, False)
+    vv = torch.cat([vc[:, :n], v], 1)
+    want, _ = attention_ref(qr.double(), want_k[:, : n + n_new].double(), vv.double(), causal=True)
+    got = rf.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, lens, causal=True, rotary_interleaved=False)
+    torch.testing.assert_close(kc, want_k, msg="the rotated keys are what the cache holds")
+    assert_matches("out", got, want, None, 0)
 
 
 def test_leftpad_hides_the_slots_before_it():
