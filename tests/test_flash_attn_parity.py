@@ -30,6 +30,57 @@ def test_kvcache_takes_flash_attns_arguments_in_flash_attns_order():
     assert names[: len(FA2_KVCACHE)] == FA2_KVCACHE
 
 
+_FA2_OPTIONS = [
+    "dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+    "return_attn_probs",
+]  # fmt: skip
+FA2_FORMS = {  # flash-attn 2's positional arguments of each form, in its order
+    "flash_attn_func": ["q", "k", "v", *_FA2_OPTIONS],
+    "flash_attn_kvpacked_func": ["q", "kv", *_FA2_OPTIONS],
+    "flash_attn_qkvpacked_func": ["qkv", *_FA2_OPTIONS],
+    "flash_attn_varlen_func": [
+        "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", *_FA2_OPTIONS,
+        "block_table",
+    ],
+    "flash_attn_varlen_kvpacked_func": [
+        "q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", *_FA2_OPTIONS,
+    ],
+    "flash_attn_varlen_qkvpacked_func": ["qkv", "cu_seqlens", "max_seqlen", *_FA2_OPTIONS],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FA2_FORMS))
+def test_every_form_takes_flash_attns_arguments_in_flash_attns_order(name):
+    """A positional call written for flash-attn means the same here. A packed form passes what
+    follows its own arguments on to the unpacked call after that call's tensors and lengths."""
+    want = FA2_FORMS[name]
+    params = list(inspect.signature(getattr(rf, name)).parameters.values())
+    names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        target, head = (rf.flash_attn_varlen_func, 7) if "varlen" in name else (rf.flash_attn_func, 3)
+        names += list(inspect.signature(target).parameters)[head:]
+    assert names[: len(want)] == want
+    for fn in (rf.flash_attn_func, rf.flash_attn_varlen_func):
+        defaults = inspect.signature(fn).parameters
+        assert defaults["window_size"].default == (-1, -1) and defaults["softcap"].default == 0.0
+
+
+def test_positional_options_mean_flash_attns_in_the_packed_forms():
+    """``(dropout_p, softmax_scale, causal, window_size)`` given by position, as flash-attn's
+    callers may: the same call as by name."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 9, 2, 8) for _ in range(3))
+    want = rf.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, window_size=(2, 0))
+    got = rf.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), 0.0, 0.3, True, (2, 0))
+    torch.testing.assert_close(got, want)
+    got = rf.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), 0.0, 0.3, True, (2, 0))
+    torch.testing.assert_close(got, want)
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    qkv = torch.stack([q[0], k[0], v[0]], 1)
+    got = rf.flash_attn_varlen_qkvpacked_func(qkv, cu, 9, 0.0, 0.3, True, (2, 0))
+    torch.testing.assert_close(got, want[0])
+
+
 def test_varlen_packed_forms_match_the_unpacked_call():
     torch.manual_seed(0)
     cu = torch.tensor([0, 4, 11, 12], dtype=torch.int32)
