@@ -151,6 +151,50 @@ def test_llama_packed_documents_match_each_document_alone(layout, method, marks)
     spawn(_packed_worker, 2, layout, method, marks, timeout=240)
 
 
+def _reused_positions_worker(rank, world):
+    """Two batches whose documents differ; rank 1 passes one position-id tensor refreshed in place
+    where torch keeps no version (as a collective into a reused buffer writes), rank 0 new tensors:
+    the second batch's logits must follow its own documents (no stale documents, no rank gathering
+    alone)."""
+    import torch.distributed as dist
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import doc_positions, shard
+
+    model = _tiny_llama(rt.register(dist.group.WORLD, layout="contiguous"))
+    ref = _tiny_llama("eager")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 61, (1, 28), generator=torch.Generator().manual_seed(6))
+    reused = None
+    for docs in ([0, 5, 17, 28], [0, 11, 14, 28]):
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(docs[:-1], docs[1:], strict=True)])[None]
+        mine = shard(pos, dim=1, layout="contiguous")
+        if rank == 1:
+            if reused is None:
+                reused = mine.clone()
+            else:
+                reused.data.copy_(mine)  # no version bump
+            mine = reused
+        with torch.no_grad(), use_backend("torch"):
+            logits = model(
+                input_ids=shard(ids, dim=1, layout="contiguous"), position_ids=mine, use_cache=False
+            ).logits
+            want = torch.cat(
+                [
+                    ref(input_ids=ids[:, a:b], use_cache=False).logits
+                    for a, b in zip(docs[:-1], docs[1:], strict=True)
+                ],
+                1,
+            )
+        rows = doc_positions("contiguous", tuple(docs), rank, world)
+        err = (logits[0] - want[0, rows]).abs().max().item()
+        assert err < 1e-4, f"rank {rank}, documents {docs}: logits differ by {err:.3g}"
+
+
+def test_position_ids_refreshed_in_place_on_one_rank_give_the_new_documents():
+    spawn(_reused_positions_worker, 2, timeout=120, pg_timeout=30)
+
+
 def _packed_without_cu(rank, world, layout):
     import torch.distributed as dist
 

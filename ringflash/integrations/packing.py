@@ -40,7 +40,14 @@ def _stream(parts: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def global_cu_seqlens(
-    group, rank: int, world: int, layout: str, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None
+    group,
+    rank: int,
+    world: int,
+    layout: str,
+    position_ids=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    refresh: bool = False,
 ) -> torch.Tensor | None:
     """The packed stream's global ``cu_seqlens`` (int32), or None when each batch row is one
     sequence (no documents marked). Every rank of ``group`` must call it alike.
@@ -48,6 +55,12 @@ def global_cu_seqlens(
     Args:
         position_ids: this rank's ``[B, S_local]`` position ids (B must be 1 for a packed stream).
         cu_seq_lens_q, cu_seq_lens_k: the global documents, when the data pipeline gives them.
+        refresh: gather the position ids even when this very tensor, unmodified as far as torch
+            knows, was gathered by the last call. The cache serves a model's later layers, which
+            all get the same tensor; its hit is decided on each rank alone, so the first layer of
+            every forward refreshes on every rank alike: a tensor reused across steps and written
+            where torch keeps no version (a collective into it, ``.data``, NumPy) is then neither
+            stale nor the cause of one rank gathering while another does not (a hang).
     """
     if cu_seq_lens_q is not None:
         return _check_cu(cu_seq_lens_q, cu_seq_lens_k)
@@ -56,7 +69,12 @@ def global_cu_seqlens(
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
     key = (id(position_ids), position_ids._version, id(group), layout, world)
-    hit = _last.get("key") == key and _last.get("ref") is not None and _last["ref"]() is position_ids
+    hit = (
+        not refresh
+        and _last.get("key") == key
+        and _last.get("ref") is not None
+        and _last["ref"]() is position_ids
+    )
     if hit:
         return _last["cu"]
     pos = position_ids.reshape(-1)

@@ -177,7 +177,10 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (query, key, value))
         opts = (0.0, scaling, window, softcap or 0.0, None, causal)
         g, rank, world = group_rank_world(group) if method != "local" else (None, 0, 1)
-        cu = global_cu_seqlens(g, rank, world, layout, position_ids, cu_seq_lens_q, cu_seq_lens_k)
+        first_layer = getattr(module, "layer_idx", None) in (0, None)  # every rank alike: see its docs
+        cu = global_cu_seqlens(
+            g, rank, world, layout, position_ids, cu_seq_lens_q, cu_seq_lens_k, refresh=first_layer
+        )
         if cu is not None and isinstance(q, torch.Tensor) and q.shape[0] != 1:
             error = error or f"a packed batch is one row of documents, got {q.shape[0]} rows"
         if world == 1:  # one process: the local kernel (a torch.library op, so torch.compile traces it)
