@@ -230,3 +230,39 @@ def _packed_worker(rank, world, hq, hk, marks):
 )
 def test_dropin_takes_packed_batches(hq, hk, marks):
     spawn(_packed_worker, 2, hq, hk, marks, timeout=120)
+
+
+def _reused_positions_worker(rank, world):
+    """Two "layers" (drop-in modules) over two packed batches whose documents differ; rank 1 passes
+    one position-id tensor refreshed in place where torch keeps no version (as a collective into a
+    reused buffer writes), rank 0 new tensors: every call follows its batch's documents, and no
+    rank gathers alone (the first module built refreshes on every rank)."""
+    import itertools
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import doc_positions
+    from ringflash.reference import attention_varlen_ref
+
+    layers = [DistributedAttention(None, None) for _ in range(2)]
+    reused = None
+    for lens in ([5, 1, 9, 9], [11, 3, 4, 6]):
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        q, k, v = (torch.randn(24, h, 16, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
+        mine = shard(torch.cat([torch.arange(n) for n in lens]), dim=0, layout="contiguous")[None]
+        if rank == 1:
+            if reused is None:
+                reused = mine.clone()
+            else:
+                reused.data.copy_(mine)  # no version bump
+            mine = reused
+        ref, _ = attention_varlen_ref(q.double(), k.double(), v.double(), cu, cu, causal=True)
+        idx = doc_positions("contiguous", tuple(cu.tolist()), rank, world)
+        for n, layer in enumerate(layers):
+            ql, kl, vl = (shard(x, dim=0, layout="contiguous")[None] for x in (q, k, v))
+            with use_backend("torch"):
+                out = layer(ql, kl, vl, 0, causal=True, position_ids=mine)
+            assert_matches(f"rank {rank} documents {lens} layer {n}", out[0], ref[idx], None, 2)
+
+
+def test_dropin_position_ids_refreshed_in_place_on_one_rank_give_the_new_documents():
+    spawn(_reused_positions_worker, 2, timeout=120, pg_timeout=30)

@@ -33,6 +33,8 @@ This module needs no DeepSpeed to import; DeepSpeed's process groups are torch p
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Any
 
 import torch.distributed as dist
@@ -109,6 +111,12 @@ def local_attention(batch_dim_idx: int = 0, **defaults: Any):
     return attn
 
 
+# Creation order of the drop-in's modules: the first one built over a group (a model's first layer)
+# gathers a packed batch's position ids anew on every rank (``global_cu_seqlens``'s ``refresh``).
+_BUILT = itertools.count()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
 class DistributedAttention(nn.Module):
     """Drop-in for ``deepspeed.sequence.layer.DistributedAttention`` that goes past the head-count limit.
 
@@ -165,6 +173,13 @@ class DistributedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layout = layout
         self._grids: dict[tuple[int, int], tuple] = {}
+        self._order = next(_BUILT)
+        _LIVE.add(self)
+
+    def _first_of_its_group(self) -> bool:
+        """Whether no live module over this group was built before this one: every rank builds its
+        model's layers in the same order, so the ranks agree on it without a message."""
+        return self._order == min(m._order for m in list(_LIVE) if m.spg is self.spg)
 
     def _ours(self) -> bool:
         return self.local_attn is None or self.local_attn is flash_attn_func
@@ -233,7 +248,10 @@ class DistributedAttention(nn.Module):
                     {"packed batch marked by position_ids": True},
                     "the sequence-parallel group",
                 )
-            cu = global_cu_seqlens(g, rank, world, self.layout, *marks.values()) if marked else None
+            cu = None
+            if marked:
+                refresh = self._first_of_its_group()
+                cu = global_cu_seqlens(g, rank, world, self.layout, *marks.values(), refresh=refresh)
             if cu is not None:
                 out = self._packed(query, key, value, cu, algo, opts)
             elif algo == "ulysses":
