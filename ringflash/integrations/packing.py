@@ -26,12 +26,20 @@ _last: dict = {}
 
 
 def _check_cu(cu_q, cu_k) -> torch.Tensor:
-    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.cpu(), cu_q.cpu()):
+    if cu_k is not None and cu_k is not cu_q and not _same_values(cu_q, cu_k):
         raise ValueError(
             "cu_seq_lens_q and cu_seq_lens_k differ: sequence-parallel self-attention needs one set of "
             "documents for queries and keys"
         )
     return cu_q
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values; compared where they are when on one device (one read of the
+    verdict instead of two copies to the host)."""
+    if a.device != b.device:
+        a, b = a.cpu(), b.cpu()
+    return torch.equal(a, b)
 
 
 def _stream(parts: torch.Tensor, layout: str) -> torch.Tensor:
