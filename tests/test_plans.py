@@ -294,9 +294,9 @@ def prefill_plans_vs_full(p: dict, backend: str = "triton", device: str = "cpu")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefill_calls_without_the_lse_on_many_streams_and_in_a_graph_gpu():
-    """A planned prefill call that takes no LSE writes it to its stream's buffer: calls on two
-    streams, in a graph capture, and on more new streams than the plan keeps buffers for all give
-    the full path's output."""
+    """A planned prefill call that takes no LSE writes it to its stream's buffer, which plans of
+    other shapes share: calls of two shapes in turn, on many streams (more than buffers are kept
+    for), and in a graph capture all give the full path's output."""
     from dist_utils import SMALL_HEAD_TILES, one_triton_config, restore_triton_configs
 
     from ringflash.kernels.launch import SCRATCH_STREAMS
@@ -307,8 +307,16 @@ def test_prefill_calls_without_the_lse_on_many_streams_and_in_a_graph_gpu():
     try:
         want, _, _ = flash_attn_func(q.requires_grad_(), k, v, causal=True, return_attn_probs=True)
         q = q.detach()
+        short = [x[:, :24].contiguous() for x in (q, k, v)]
+        want_short, _, _ = flash_attn_func(
+            short[0].requires_grad_(), *short[1:], causal=True, return_attn_probs=True
+        )
+        short[0] = short[0].detach()
         with torch.no_grad():
-            outs = [flash_attn_func(q, k, v, causal=True) for _ in range(3)]  # plans, then replays
+            outs = []
+            for _ in range(3):  # plans, then replays; the two shapes share the stream's buffer
+                outs.append(flash_attn_func(q, k, v, causal=True))
+                assert torch.equal(flash_attn_func(*short, causal=True), want_short.detach())
             streams = [torch.cuda.Stream() for _ in range(SCRATCH_STREAMS + 4)]
             for s in streams:
                 s.wait_stream(torch.cuda.current_stream())

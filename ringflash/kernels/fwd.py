@@ -13,6 +13,8 @@ pass over memory. Variants (causal/window, softcap, varlen, diag offsets) are co
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -415,15 +417,23 @@ class FwdPlan:
     """The launch of an ``attn_fwd`` call that allocates its results (padded, or packed with the
     given lengths), fixed for every later call of the same signature: ``run_fwd_plan`` then
     allocates, binds the tensors and launches. ``lse``: whether the caller takes the LSE; if not,
-    the launch writes it to a buffer of the plan's (``stream_scratch``) and a call allocates only
-    its output."""
+    and it is small (a short call, where an allocation's host time shows), the launch writes it
+    to the stream's scratch that all plans share (``_LSE_SCRATCH``) and a call allocates only its
+    output."""
 
-    __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape", "lse", "scratch")
+    __slots__ = ("static", "slot", "shape", "out_shape", "lse_shape", "lse", "scratch_lse")
 
     def __init__(self, static, slot, shape, out_shape, lse_shape, lse=True):
         self.static, self.slot, self.shape = static, slot, shape
         self.out_shape, self.lse_shape, self.lse = out_shape, lse_shape, lse
-        self.scratch: dict = {}
+        self.scratch_lse = not lse and math.prod(lse_shape) <= _SCRATCH_LSE_MAX
+
+
+# The untaken LSEs of planned calls, one float32 buffer per stream that every plan shares (the
+# largest one asked for); LSEs of more elements (long calls) are allocated per call instead, so
+# that no buffer bigger than this outlives its call.
+_LSE_SCRATCH: dict = {}
+_SCRATCH_LSE_MAX = 1 << 20
 
 
 def plan_fwd(
@@ -471,10 +481,10 @@ def run_fwd_plan(q, plan: FwdPlan, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
     ``cu_seqlens``, bounded in the kernel if the plan's call was); ``lse`` None unless
     ``plan.lse``."""
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
-    if plan.lse:
-        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
+    if plan.scratch_lse:
+        lse = stream_scratch(_LSE_SCRATCH, "LSE", plan.lse_shape, q.device)
     else:
-        lse = stream_scratch(plan.scratch, "LSE", plan.lse_shape, q.device)
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
     B, Sq, Hq, longest = plan.shape
     per_call = call_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, None, B)
     per_call.update(O=out, LSE=lse, TMA=tma_applies(q, k, v, seqlen=longest))

@@ -16,6 +16,7 @@ takes Triton's own path.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from triton.runtime.autotuner import Autotuner, Heuristics
@@ -95,10 +96,11 @@ def current_raw_stream(index: int) -> int:
 
 
 def stream_scratch(store: dict, name: str, shape: tuple, dev: torch.device) -> torch.Tensor:
-    """A float32 buffer ``shape`` kept in ``store`` (one launch's or plan's dict) for the eager
-    calls of the current CUDA stream, ``name`` telling a call's buffers apart: for what a call
-    writes and only the same launch reads (a split decoding step's partials) or nothing reads (an
-    LSE the caller does not take).
+    """A float32 buffer ``shape`` kept in ``store`` (one launch's dict, or one that calls of many
+    shapes share) for the eager calls of the current CUDA stream, ``name`` telling a call's
+    buffers apart: for what a call writes and only the same launch reads (a split decoding step's
+    partials) or nothing reads (an LSE the caller does not take). A shared store keeps one buffer
+    per stream, the largest asked for, and hands out views of it.
 
     Launches on one stream run in order, so the previous call's launch is done with the buffer
     before this one writes, and a short call allocates only its results (each allocation is host
@@ -109,12 +111,16 @@ def stream_scratch(store: dict, name: str, shape: tuple, dev: torch.device) -> t
         return torch.empty(shape, dtype=torch.float32, device=dev)
     key = (name, dev.index, current_raw_stream(dev.index))
     buf = store.get(key)
-    if buf is None:
-        if len(store) >= SCRATCH_STREAMS:
-            # Calls on ever new streams start over rather than growing. A dropped buffer goes back
-            # to the allocator for its own stream, after the work queued there, as any temporary.
-            store.clear()
-        buf = store[key] = torch.empty(shape, dtype=torch.float32, device=dev)
+    if buf is not None and buf.shape == shape:
+        return buf
+    n = math.prod(shape)
+    if buf is not None and buf.numel() >= n:
+        return buf.view(-1)[:n].view(shape)
+    if buf is None and len(store) >= SCRATCH_STREAMS:
+        # Calls on ever new streams start over rather than growing. A dropped buffer goes back to
+        # the allocator for its own stream, after the work queued there, as any temporary.
+        store.clear()
+    buf = store[key] = torch.empty(shape, dtype=torch.float32, device=dev)
     return buf
 
 
