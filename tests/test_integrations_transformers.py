@@ -191,6 +191,24 @@ def _reused_positions_worker(rank, world):
         assert err < 1e-4, f"rank {rank}, documents {docs}: logits differ by {err:.3g}"
 
 
+def test_global_documents_are_read_once_per_forward_onto_the_cpu():
+    """``cu_seq_lens_q`` is read on the first layer (``refresh``) and copied to the CPU, where the
+    parallel calls read it without a device sync; later layers get that copy for the same tensor,
+    and a write torch tracks (a version bump) or the next forward's first layer reads it again."""
+    from ringflash.integrations.packing import global_cu_seqlens
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    first = global_cu_seqlens(None, 0, 2, "zigzag", cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), refresh=True)
+    assert first.device.type == "cpu" and first.tolist() == [0, 3, 8]
+    cu.data[1] = 4  # a write torch keeps no version of: later layers keep the first layer's copy
+    assert global_cu_seqlens(None, 0, 2, "zigzag", cu_seq_lens_q=cu) is first
+    assert global_cu_seqlens(None, 0, 2, "zigzag", cu_seq_lens_q=cu, refresh=True).tolist() == [0, 4, 8]
+    cu[1] = 5  # tracked
+    assert global_cu_seqlens(None, 0, 2, "zigzag", cu_seq_lens_q=cu).tolist() == [0, 5, 8]
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        global_cu_seqlens(None, 0, 2, "zigzag", cu_seq_lens_q=cu, cu_seq_lens_k=cu.flip(0), refresh=True)
+
+
 def test_position_ids_refreshed_in_place_on_one_rank_give_the_new_documents():
     spawn(_reused_positions_worker, 2, timeout=120, pg_timeout=30)
 

@@ -57,34 +57,45 @@ def global_cu_seqlens(
     cu_seq_lens_k=None,
     refresh: bool = False,
 ) -> torch.Tensor | None:
-    """The packed stream's global ``cu_seqlens`` (int32), or None when each batch row is one
-    sequence (no documents marked). Every rank of ``group`` must call it alike.
+    """The packed stream's global ``cu_seqlens`` (int32, on the CPU), or None when each batch row
+    is one sequence (no documents marked). Every rank of ``group`` must call it alike.
 
     Args:
         position_ids: this rank's ``[B, S_local]`` position ids (B must be 1 for a packed stream).
-        cu_seq_lens_q, cu_seq_lens_k: the global documents, when the data pipeline gives them.
-        refresh: gather the position ids even when this very tensor, unmodified as far as torch
-            knows, was gathered by the last call. The cache serves a model's later layers, which
-            all get the same tensor; its hit is decided on each rank alone, so the first layer of
-            every forward refreshes on every rank alike: a tensor reused across steps and written
-            where torch keeps no version (a collective into it, ``.data``, NumPy) is then neither
-            stale nor the cause of one rank gathering while another does not (a hang).
+        cu_seq_lens_q, cu_seq_lens_k: the global documents, when the data pipeline gives them;
+            copied to the CPU, where the parallel calls read them without a device sync.
+        refresh: gather the position ids (or copy ``cu_seq_lens_q``) even when this very tensor,
+            unmodified as far as torch knows, was read by the last call. The cache serves a model's
+            later layers, which all get the same tensor; its hit is decided on each rank alone, so
+            the first layer of every forward refreshes on every rank alike: a tensor reused across
+            steps and written where torch keeps no version (a collective into it, ``.data``,
+            NumPy) is then neither stale nor the cause of one rank gathering while another does
+            not (a hang).
     """
     if cu_seq_lens_q is not None:
-        return _check_cu(cu_seq_lens_q, cu_seq_lens_k)
+        return _cached(cu_seq_lens_q, refresh, lambda: _check_cu(cu_seq_lens_q, cu_seq_lens_k).cpu())
     if world == 1:
         return _local_cu(position_ids)
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
-    key = (id(position_ids), position_ids._version, id(group), layout, world)
-    hit = (
-        not refresh
-        and _last.get("key") == key
-        and _last.get("ref") is not None
-        and _last["ref"]() is position_ids
-    )
-    if hit:
+    gather = lambda: _gathered_cu(group, world, layout, position_ids)  # noqa: E731
+    return _cached(position_ids, refresh, gather, group, layout)
+
+
+def _cached(t: torch.Tensor, refresh: bool, compute, *context):
+    """``compute()``, or what it gave the last call for this very tensor ``t`` (alive, the same
+    torch version, the same ``context``) unless ``refresh``."""
+    key = (id(t), t._version, *(id(c) if not isinstance(c, str) else c for c in context))
+    if not refresh and _last.get("key") == key and _last.get("ref") is not None and _last["ref"]() is t:
         return _last["cu"]
+    cu = compute()
+    _last.update(key=key, ref=weakref.ref(t), cu=cu)
+    return cu
+
+
+def _gathered_cu(group, world: int, layout: str, position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The documents of a stream sharded contiguously or in stripes, from every rank's position
+    ids (one all-gather)."""
     pos = position_ids.reshape(-1)
     parts = all_gather_flat(pos, world, group).cpu()  # [W, S_local]
     if layout in ("zigzag", "balanced"):
@@ -94,11 +105,8 @@ def global_cu_seqlens(
                 "(e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True), before sharding), or shard "
                 "the stream contiguously or in stripes, whose position ids rebuild it"
             )
-        cu = None
-    else:
-        cu = _starts(_stream(parts, layout))
-    _last.update(key=key, ref=weakref.ref(position_ids), cu=cu)
-    return cu
+        return None
+    return _starts(_stream(parts, layout))
 
 
 def _one_sequence_zigzag(parts: torch.Tensor, world: int) -> bool:
