@@ -134,6 +134,16 @@ def _fresh_tuners():
     return fwd._attn_fwd_tuned, bwd._dkdv_tuned, bwd._dq_tuned
 
 
+def refreshed_untracked(buf, values):
+    """``values`` as a caller that reuses one tensor passes them: a copy the first time (``buf``
+    None), after that written into ``buf`` where torch keeps no version, as a collective into a
+    reused buffer writes. Returns the tensor to pass (and keep as ``buf``)."""
+    if buf is None:
+        return values.clone()
+    buf.data.copy_(values)  # no version bump
+    return buf
+
+
 # Tiles (forward, dK/dV, dQ) that Triton 3.6's ptxas compiles at small head dims (16, 32) in float32,
 # float16 and bfloat16: the pinned head-dim-256 forward tile of ``RINGFLASH_TEST_CONFIGS=one``
 # (64 x 32 keys, 2 stages) crashes it there (float32 at head dim 16, float16 at 32).

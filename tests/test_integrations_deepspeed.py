@@ -13,7 +13,7 @@ import importlib.util
 
 import pytest
 import torch
-from dist_utils import spawn
+from dist_utils import refreshed_untracked, spawn
 from oracle import assert_matches
 
 from ringflash.integrations.deepspeed import DistributedAttention, local_attention
@@ -250,11 +250,7 @@ def _reused_positions_worker(rank, world):
         q, k, v = (torch.randn(24, h, 16, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
         mine = shard(torch.cat([torch.arange(n) for n in lens]), dim=0, layout="contiguous")[None]
         if rank == 1:
-            if reused is None:
-                reused = mine.clone()
-            else:
-                reused.data.copy_(mine)  # no version bump
-            mine = reused
+            reused = mine = refreshed_untracked(reused, mine)
         ref, _ = attention_varlen_ref(q.double(), k.double(), v.double(), cu, cu, causal=True)
         idx = doc_positions("contiguous", tuple(cu.tolist()), rank, world)
         for n, layer in enumerate(layers):

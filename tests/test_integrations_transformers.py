@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from dist_utils import spawn
+from dist_utils import refreshed_untracked, spawn
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,11 +170,7 @@ def _reused_positions_worker(rank, world):
         pos = torch.cat([torch.arange(b - a) for a, b in zip(docs[:-1], docs[1:], strict=True)])[None]
         mine = shard(pos, dim=1, layout="contiguous")
         if rank == 1:
-            if reused is None:
-                reused = mine.clone()
-            else:
-                reused.data.copy_(mine)  # no version bump
-            mine = reused
+            reused = mine = refreshed_untracked(reused, mine)
         with torch.no_grad(), use_backend("torch"):
             logits = model(
                 input_ids=shard(ids, dim=1, layout="contiguous"), position_ids=mine, use_cache=False
