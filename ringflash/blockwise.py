@@ -170,6 +170,13 @@ def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G, cf
     if out is None:
         out = qb.new_zeros(B, Hk, rows, vh.shape[-1])
         lse = qb.new_full((B, Hk, rows, 1), -math.inf)
+    elif not all(masked for _, _, masked in spans):
+        # The fused kernel turns a query row holding a NaN into zeros with an LSE of 0: give it what
+        # the explicit path and the GPU kernels give (NaN out, LSE -inf), so a NaN is never hidden.
+        nan_rows = torch.isnan(qb).any(-1, keepdim=True)
+        if bool(nan_rows.any()):
+            out.masked_fill_(nan_rows, math.nan)
+            lse.masked_fill_(nan_rows, -math.inf)
     return out, lse
 
 

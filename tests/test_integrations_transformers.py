@@ -246,19 +246,22 @@ def test_local_backend_and_errors(monkeypatch):
     got = model(input_ids=ids, position_ids=pos).logits
     want = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in zip(DOCS[:-1], DOCS[1:], strict=True)], 1)
     assert (got - want).abs().max().item() < 1e-4
-    # A padding mask given to the model reaches the attention (transformers would drop it for a name
-    # without a mask builder) and raises; a mask without padding is no mask.
+    # A mask without padding is no mask. A padding mask reaches the attention (transformers would
+    # drop it for a name without a mask builder): one process attends each row's tokens alone.
     ids = torch.randint(0, 61, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     full = model(input_ids=ids).logits
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, full)
-    mask[1, :5] = 0
-    with pytest.raises(ValueError, match="pack the batch instead"):
-        model(input_ids=ids, attention_mask=mask)
+    mask[1, :5] = 0  # left padding
+    got, want = (m(input_ids=ids, attention_mask=mask).logits for m in (model, ref))
+    assert (got - want)[mask.bool()].abs().max().item() < 1e-4
+    assert (got[1, 5:] - full[1, 5:]).abs().max().item() > 1e-2  # the padded tokens were not read
     fn = rt.make_attention()
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="pack the batch instead"):
+    with pytest.raises(ValueError, match="pack the batch instead"):  # a 4-D mask: a model's own pattern
         fn(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="2-D attention_mask must be"):
+        fn(torch.nn.Module(), q, q, q, torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="flash"):
         rt.register(name="ringflash_ring")
     with pytest.raises(ValueError, match="layout"):
@@ -270,3 +273,82 @@ def test_local_backend_and_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", fake)
     with pytest.raises(ImportError, match="AttentionInterface"):
         rt.register()
+
+
+def test_local_generate_with_padding_and_a_static_cache_matches_eager():
+    """Greedy generation through the local backend equals transformers' eager attention: a left-padded
+    batch, and a static cache, whose unfilled slots (keys past the mask) must not be read."""
+    model, ref = _tiny_llama(rt.register()), _tiny_llama("eager")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    for cache in (None, "static"):
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache)
+        for args in ((ids, mask), (ids[:1], None)):
+            got, want = (m.generate(args[0], attention_mask=args[1], **kw) for m in (model, ref))
+            assert torch.equal(got, want), (cache, got[:, 9:].tolist(), want[:, 9:].tolist())
+
+
+def _tiny_gpt_oss(attn: str):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = GptOssForCausalLM._from_config(cfg, attn_implementation=attn).float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    return model
+
+
+def _sinks_worker(rank, world, method):
+    """gpt-oss's learnable sinks (``s_aux``) through the sequence-parallel backend: logits and the
+    sinks' gradients equal the eager model's."""
+    import torch.distributed as dist
+
+    from ringflash.backends import use_backend
+    from ringflash.parallel import shard
+
+    group = dist.group.WORLD if world > 1 else None
+    model, ref = _tiny_gpt_oss(rt.register(group, method=method)), _tiny_gpt_oss("eager")
+    ref.load_state_dict(model.state_dict())
+    S = 8 * world
+    ids = torch.randint(0, 61, (1, S), generator=torch.Generator().manual_seed(4))
+    sh = (lambda x: shard(x, dim=1, layout="contiguous")) if world > 1 else (lambda x: x)  # noqa: E731
+    with use_backend("torch"):
+        logits = model(input_ids=sh(ids), position_ids=sh(torch.arange(S)[None]), use_cache=False).logits
+        logits.square().sum().backward()
+    ref_logits = ref(input_ids=ids, use_cache=False).logits
+    sh(ref_logits).square().sum().backward()  # this rank's share of the same loss
+    err = (logits - sh(ref_logits)).abs().max().item()
+    assert err < 1e-4, f"rank {rank} {method}: logits differ by {err:.3g}"
+    for layer, ref_layer in zip(model.model.layers, ref.model.layers, strict=True):
+        got, want = layer.self_attn.sinks.grad.clone(), ref_layer.self_attn.sinks.grad.clone()
+        if world > 1:
+            dist.all_reduce(got)
+            dist.all_reduce(want)
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item() + 1e-6, (got, want)
+    return True
+
+
+@pytest.mark.parametrize("world,method", [(1, "ring"), (2, "ring"), (2, "ulysses")])
+def test_gpt_oss_sinks_match_eager(world, method):
+    if world == 1:
+        assert _sinks_worker(0, 1, method)
+    else:
+        assert spawn(_sinks_worker, world, method, timeout=240) == [True] * world

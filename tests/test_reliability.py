@@ -32,6 +32,23 @@ def test_inf_in_one_key_stays_out_of_rows_that_cannot_see_it(fused):
     assert_matches("lse[:j]", lse[..., :j], ref_lse, None, 0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "explicit"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_in_one_query_row_is_a_nan_row_on_every_path(fused, causal):
+    """A query row holding a NaN gives a NaN output row with an LSE of -inf, the other rows exact
+    (PyTorch's fused CPU kernel once turned it into zeros with an LSE of 0, hiding the NaN)."""
+    q, k, v = (torch.randn(1, 24, 2, 16) for _ in range(3))
+    q[0, 17, 1, 5] = math.nan
+    with use_config(BlockwiseConfig(block_q=16, block_k=8, fused_cpu=fused)):
+        out, lse, _ = rf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert torch.isnan(out[0, 17, 1]).all() and lse[0, 1, 17] == -math.inf
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal)
+    ok = torch.ones(24, 2, dtype=torch.bool)
+    ok[17, 1] = False
+    assert_matches("other rows", out[0][ok], ref[0][ok], None, 0)
+    assert torch.allclose(lse[0].transpose(0, 1)[ok], ref_lse[0].transpose(0, 1)[ok].float(), atol=1e-5)
+
+
 def test_inf_in_one_key_stays_out_of_the_cache_rows_that_cannot_see_it():
     k_cache, v_cache = torch.randn(2, 30, 1, 8), torch.randn(2, 30, 1, 8)
     k_cache[0, 20, 0, 0] = math.inf  # past row 0's length: never attended

@@ -26,9 +26,11 @@ with ``query [B, Hq, S_local, D]`` and ``key``/``value [B, Hk, S_local, D]`` and
 implementation name with "flash" in it as a flash-attn kernel to load from its hub. The name is not
 in transformers' mask registry either, so no 4-D mask is built (the mask would describe the local
 shard, not the global sequence): the causal mask comes from ``module.is_causal`` and sliding
-windows from ``sliding_window``, both on global positions. A padding ``attention_mask`` (or a
-model's own mask pattern) is an error that says how to pack the batch instead: the name's entry in
-transformers' mask registry hands such a mask on to the attention, which raises on every rank.
+windows from ``sliding_window``, both on global positions. gpt-oss's learnable sinks (``s_aux``)
+join every path as ``learnable_sink``. The name's entry in transformers' mask registry hands on a
+2-D token mask when some key slot holds no token (a padded batch, a static cache): one process
+attends the tokens alone, as transformers' flash-attn path does; a sequence-parallel group raises
+on every rank with how to pack the batch instead, and so does a model's own mask pattern.
 """
 
 from __future__ import annotations
@@ -59,22 +61,67 @@ _PACK_HINT = (
 
 
 def _mask_for_this_backend(
-    *, batch_size=1, kv_length=0, attention_mask=None, use_vmap=False, device=None, **_
+    *,
+    batch_size=1,
+    q_length=0,
+    kv_length=0,
+    q_offset=0,
+    kv_offset=0,
+    attention_mask=None,
+    use_vmap=False,
+    device=None,
+    **_,
 ):
     """transformers' mask builder for a ringflash implementation name (``AttentionMaskInterface``).
 
-    The kernels make the causal and window masks themselves, so no mask is built: None. Without an
-    entry, though, transformers drops a padding ``attention_mask`` without a word. So a 2-D mask
-    with a padded position, or a model's own mask pattern (``or_mask_function``/``and_mask_function``,
-    which transformers builds with ``use_vmap``), is handed on as a mask: the attention then raises
-    on every rank of the group (``make_attention``), never on one rank alone."""
+    The kernels make the causal and window masks themselves, so no mask is built when every key
+    slot holds a token: None. Otherwise the 2-D mask of the tokens is handed on, as transformers
+    does for flash-attn: a padded batch, or a static cache whose first slots alone are filled (the
+    mask is then shorter than the keys). One process attends those tokens alone
+    (``_unpadded``); with a sequence-parallel group the attention raises on every rank. Without an
+    entry transformers would drop the mask without a word. A model's own mask pattern
+    (``or_mask_function``/``and_mask_function``, which transformers builds with ``use_vmap``) is
+    handed on as a 4-D mask, which the attention refuses."""
     if use_vmap:
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
-        return attention_mask
-    if attention_mask is None or bool(attention_mask.all()):
+        return attention_mask.view(batch_size, 1, 1, -1)
+    if attention_mask is None:
+        seen = int(q_offset) + q_length  # tokens so far: fewer than a static cache's slots
+        if kv_offset or seen >= kv_length:
+            return None
+        attention_mask = torch.ones(batch_size, seen, dtype=torch.bool, device=device)
+    attention_mask = attention_mask[:, -kv_length:]  # a sliding cache keeps the last kv_length
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _unpadded(q, k, v, mask: torch.Tensor, kw: dict) -> torch.Tensor:
+    """One process's attention under a 2-D token mask ``[B, L]`` of the keys' first ``L`` slots (a
+    padded batch, or a static cache's filled slots), as transformers runs flash-attn: each row's
+    tokens form one sequence, its queries the mask's last ``Sq`` positions, aligned to its keys'
+    end under a causal mask. Queries of padded positions get zeros. ``q [B, Sq, Hq, D]``,
+    ``k``/``v [B, Sk, Hk, D]``; returns ``[B, Sq, Hq, Dv]``."""
+    b, sq = q.shape[:2]
+    if mask.dim() != 2 or mask.shape[0] != b or not sq <= mask.shape[1] <= k.shape[1]:
+        raise ValueError(
+            f"a 2-D attention_mask must be [batch={b}, tokens] with {sq} <= tokens <= {k.shape[1]} (the "
+            f"queries, then the keys), got shape {tuple(mask.shape)}"
+        )
+    mask = mask.to(device=q.device, dtype=torch.bool)
+    n = mask.shape[1]
+    k, v = k[:, :n], v[:, :n]
+    if bool(mask.all()):  # a static cache's filled slots: no padding
+        return flash_attn_func(q, k, v, **kw)
+    q_mask = mask[:, n - sq :]
+    lens_q, lens_k = q_mask.sum(1, dtype=torch.int32), mask.sum(1, dtype=torch.int32)
+    cu_q = torch.nn.functional.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = torch.nn.functional.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(
+        q[q_mask], k[mask], v[mask], cu_q, cu_k, int(lens_q.max()), int(lens_k.max()), **kw
+    )
+    return out.new_zeros(*q.shape[:3], out.shape[-1]).index_put((q_mask,), out)
 
 
 def _register_mask(name: str) -> None:
@@ -107,7 +154,8 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
     Returns:
         ``fn(module, query [B, Hq, S, D], key [B, Hk, S, D], value, attention_mask, scaling=None,
         dropout=0.0, sliding_window=None, softcap=None, is_causal=None, position_ids=None,
-        cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs)`` returning ``(out [B, S, Hq, D], None)``.
+        cu_seq_lens_q=None, cu_seq_lens_k=None, s_aux=None, **kwargs)`` returning
+        ``(out [B, S, Hq, D], None)``; ``s_aux``: learnable sinks ``[Hq]`` (gpt-oss).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
@@ -117,7 +165,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         raise ValueError(f"{method} shards the sequence contiguously: use layout='contiguous'")
     grids: dict[tuple[int, int], tuple] = {}  # (U, R) -> (ulysses, ring) groups, built on first use
 
-    def hybrid(q, k, v, opts, g, rank, world, error):
+    def hybrid(q, k, v, opts, g, rank, world, error, sink):
         """Ulysses over U = gcd(Hq, W) consecutive ranks x the ring over W / U (one sequence per row)."""
         plan, err = None, error
         if not err:
@@ -127,11 +175,21 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 err = "query must be a [B, S, H, D] tensor"
         if plan is not None and plan[1] == 1:  # Ulysses over the whole group
             return sp_attention(
-                "ulysses_attn_func", q, k, v, opts, False, False, (g, rank, world), None, "contiguous"
+                "ulysses_attn_func",
+                q,
+                k,
+                v,
+                opts,
+                False,
+                False,
+                (g, rank, world),
+                None,
+                "contiguous",
+                sink=sink,
             )
         if plan is not None and plan[0] == 1:  # no head to split: the ring
             return ring_attention(
-                RING_FUNCS["contiguous"].__name__, q, k, v, "contiguous", opts, False, group
+                RING_FUNCS["contiguous"].__name__, q, k, v, "contiguous", opts, False, group, sink=sink
             )
         # The grid follows the head count, so the ranks agree on it (and on any error found here)
         # over the whole group before its groups are built; a rank that planned Ulysses or the ring
@@ -144,7 +202,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         if plan not in grids:  # only this group's ranks take part (local synchronisation)
             grids[plan] = tuple(build_usp_groups(*plan, group, local_sync=True))
         uly, ring = (group_rank_world(x) for x in grids[plan])
-        return sp_attention("usp_attn_func", q, k, v, opts, False, False, uly, ring, "contiguous")
+        return sp_attention("usp_attn_func", q, k, v, opts, False, False, uly, ring, "contiguous", sink=sink)
 
     def attention(
         module,
@@ -160,23 +218,28 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         position_ids=None,
         cu_seq_lens_q=None,
         cu_seq_lens_k=None,
+        s_aux=None,
         **kwargs,
     ):
         # Problems found here travel with the call, so a bad input on one rank is an error on every
         # rank of the group (the functions below agree on their arguments before any data moves).
         error = None
-        if attention_mask is not None:
+        g, rank, world = group_rank_world(group) if method != "local" else (None, 0, 1)
+        token_mask = world == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        if attention_mask is not None and not token_mask:
             what = "padding, or a model's mask pattern"
+            if world == 1:
+                what = "a model's own mask pattern: only a 2-D mask of padded tokens is taken"
             error = f"ringflash's attention takes no attention_mask ({what}): {_PACK_HINT}"
         elif dropout:
             error = f"attention dropout ({dropout}) is not supported: set attention_dropout=0.0"
+        sink = s_aux  # gpt-oss's learnable sinks, one logit per query head
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         window = (-1, -1)
         if sliding_window is not None and sliding_window > 0:
             window = (sliding_window - 1, 0 if causal else sliding_window - 1)
         q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (query, key, value))
         opts = (0.0, scaling, window, softcap or 0.0, None, causal)
-        g, rank, world = group_rank_world(group) if method != "local" else (None, 0, 1)
         first_layer = getattr(module, "layer_idx", None) in (0, None)  # every rank alike: see its docs
         cu = global_cu_seqlens(
             g, rank, world, layout, position_ids, cu_seq_lens_q, cu_seq_lens_k, refresh=first_layer
@@ -187,6 +250,11 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             if error:
                 raise ValueError(error)
             kw = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+            kw["learnable_sink"] = sink
+            if token_mask:
+                if cu is not None:
+                    raise ValueError(f"a packed batch takes no attention_mask: {_PACK_HINT}")
+                return _unpadded(q, k, v, attention_mask, kw), None
             if cu is None:
                 return flash_attn_func(q, k, v, **kw), None
             cud, n = cu.to(q.device), longest_document(cu)
@@ -200,7 +268,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 )
                 row_layout = "contiguous"  # the error is raised on every rank through the ring's checks
             if method == "hybrid":
-                return hybrid(q, k, v, opts, g, rank, world, error), None
+                return hybrid(q, k, v, opts, g, rank, world, error, sink), None
             if method == "ulysses":
                 out = sp_attention(
                     "ulysses_attn_func",
@@ -210,14 +278,24 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                     opts,
                     False,
                     False,
-                    (g, 0, world),
+                    (g, rank, world),
                     None,
                     "contiguous",
                     error=error,
+                    sink=sink,
                 )
             else:
                 out = ring_attention(
-                    RING_FUNCS[row_layout].__name__, q, k, v, row_layout, opts, False, group, error=error
+                    RING_FUNCS[row_layout].__name__,
+                    q,
+                    k,
+                    v,
+                    row_layout,
+                    opts,
+                    False,
+                    group,
+                    error=error,
+                    sink=sink,
                 )
             return out, None
         q, k, v = (x[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
@@ -230,12 +308,13 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 opts,
                 False,
                 False,
-                (g, 0, world),
+                (g, rank, world),
                 None,
                 "contiguous",
                 error=error,
                 cu_seqlens=cu,
                 max_seqlen=longest_document(cu),
+                sink=sink,
             )
         else:
             out = ring_attention(
@@ -251,6 +330,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
                 longest_document(cu),
                 error=error,
                 method="ring" if method == "hybrid" else method,  # the hybrid takes no documents
+                sink=sink,
             )
         return out.unsqueeze(0), None
 
