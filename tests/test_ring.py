@@ -344,6 +344,11 @@ def test_shard_says_what_it_takes():
         rp.shard(torch.randn(4), dim=2, layout="contiguous")
     with pytest.raises(ValueError, match="is not a dim"):
         rp.unshard(torch.tensor(1.0), dim=0, layout="contiguous")
+    # No default layout: the ring functions' layouts differ, and shards in another layout than the
+    # attention's would give a wrong result without an error.
+    for fn in (rp.shard, rp.unshard, lambda x: rp.shard_for(x, 0, 2)):
+        with pytest.raises(ValueError, match="layout is required.*ring_flash_attn_func: 'contiguous'"):
+            fn(torch.randn(1, 8, 2, 4))
 
 
 def test_single_process_fallback():

@@ -107,12 +107,19 @@ class Plan:
         return self.holds(t) and t + 1 <= self.reach[(self.rank - t) % self.world]
 
 
-def check_layout(layout: str, packed: bool = False) -> None:
+def check_layout(layout: str | None, packed: bool = False) -> None:
     """Raise ``ValueError`` unless ``layout`` is one of ``LAYOUTS`` (of ``DOC_LAYOUTS`` for a packed
     stream, which adds ``"balanced"``)."""
     allowed = DOC_LAYOUTS if packed else LAYOUTS
     if layout in allowed:
         return
+    if layout is None:
+        raise ValueError(
+            "layout is required: the one the attention function takes its shards in (ring_flash_attn_func: "
+            "'contiguous', zigzag_ring_flash_attn_func: 'zigzag', stripe_flash_attn_func: 'stripe'; "
+            "ring_flash_attn_varlen_func and the transformers backend: their own layout argument, "
+            f"'contiguous' by default); one of {allowed}"
+        )
     if layout in DOC_LAYOUTS:
         raise ValueError(
             f"layout {layout!r} places whole documents on ranks: it is for packed streams (pass "

@@ -51,7 +51,7 @@ def _local_index(n: int, world: int, rank: int, dim: int, layout: str, cu_seqlen
 
 
 def shard_for(
-    x: torch.Tensor, rank: int, world: int, dim: int = 1, layout: str = "zigzag", cu_seqlens=None
+    x: torch.Tensor, rank: int, world: int, dim: int = 1, layout: str | None = None, cu_seqlens=None
 ) -> torch.Tensor:
     """Rank ``rank``'s tokens of the full ``x`` (length along ``dim`` divisible by ``world``), contiguous."""
     _check_tensor(x, dim, "sequence to shard")
@@ -60,7 +60,7 @@ def shard_for(
 
 
 def unshard_from(
-    shards: list[torch.Tensor], dim: int = 1, layout: str = "zigzag", cu_seqlens=None
+    shards: list[torch.Tensor], dim: int = 1, layout: str | None = None, cu_seqlens=None
 ) -> torch.Tensor:
     """The full tensor from every rank's shard (``shards[r]`` of rank ``r``)."""
     world = len(shards)
@@ -74,7 +74,7 @@ def shard(
     x: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     dim: int = 1,
-    layout: str = "zigzag",
+    layout: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's shard of the full sequence ``x`` (the same on every rank) in ``layout``.
@@ -84,7 +84,10 @@ def shard(
             ``[B, S]`` or a packed stream ``[T, H, D]`` / ``[T]`` (dim 0).
         group: the sequence-parallel group (None: default group, or one rank when not initialised).
         layout: ``"contiguous"``, ``"zigzag"`` or ``"stripe"``; for a packed stream also
-            ``"balanced"`` (whole documents per rank, long ones cut in zigzag pieces).
+            ``"balanced"`` (whole documents per rank, long ones cut in zigzag pieces). Required:
+            the layout of the attention function the shards go to (``ring_flash_attn_func``
+            takes contiguous shards, ``zigzag_ring_flash_attn_func`` zigzag ones), since shards
+            in another layout would give a wrong result without an error.
         cu_seqlens: int32 ``[N + 1]``, the documents of a packed stream (the global ones, the same
             on every rank). With it the layout applies per document (``doc_layouts``): zigzag cuts
             every document into ``2W`` nearly equal pieces, rank ``r`` holding pieces ``r`` and
@@ -107,7 +110,7 @@ def unshard(
     x: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     dim: int = 1,
-    layout: str = "zigzag",
+    layout: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full sequence from every rank's shard ``x`` (all-gather over ``group``); not differentiable.
