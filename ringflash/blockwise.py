@@ -130,9 +130,9 @@ def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape
         acc.mul_(alpha).add_(torch.matmul(p, vh1[:, :, j0:j1]))
         m = m_new
     acc, l = acc[..., :Dv], acc[..., Dv:]
-    has_key = l > 0
-    lse = torch.where(has_key, m + torch.log(l), torch.full_like(l, -math.inf))
-    return acc / torch.where(has_key, l, torch.ones_like(l)), lse
+    no_key = l == 0  # a NaN in the inputs gives l NaN: its LSE stays NaN, and so does every merge
+    lse = torch.where(no_key, torch.full_like(l, -math.inf), m + torch.log(l))
+    return acc / torch.where(no_key, torch.ones_like(l), l), lse
 
 
 def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G, cfg):
@@ -170,13 +170,6 @@ def _fwd_tile_fused(op, qb, kh, vh, scale, lo, hi, i0, i1, j_start, j_end, G, cf
     if out is None:
         out = qb.new_zeros(B, Hk, rows, vh.shape[-1])
         lse = qb.new_full((B, Hk, rows, 1), -math.inf)
-    elif not all(masked for _, _, masked in spans):
-        # The fused kernel turns a query row holding a NaN into zeros with an LSE of 0: give it what
-        # the explicit path and the GPU kernels give (NaN out, LSE -inf), so a NaN is never hidden.
-        nan_rows = torch.isnan(qb).any(-1, keepdim=True)
-        if bool(nan_rows.any()):
-            out.masked_fill_(nan_rows, math.nan)
-            lse.masked_fill_(nan_rows, -math.inf)
     return out, lse
 
 
@@ -193,7 +186,12 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
     # PyTorch's fused CPU kernel computes each tile fastest; softcap needs the explicit path.
+    # The fused kernel turns a row whose scores are all NaN (a NaN in its query, or in the one key
+    # of a span) into zeros with an LSE of 0, which a merge then weighs as a finite partial: inputs
+    # holding a NaN take the explicit path, whose NaN reaches every row that sees it.
     op = _fused_cpu_op() if cfg.fused_cpu and q.device.type == "cpu" and softcap == 0 else None
+    if op is not None and (bool(torch.isnan(q).any()) or bool(torch.isnan(k).any())):
+        op = None
     kh = k.permute(0, 2, 1, 3).float()  # [B, Hk, Sk, D]
     if op is not None:
         vh = v.permute(0, 2, 1, 3).float()

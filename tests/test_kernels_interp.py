@@ -163,7 +163,7 @@ def test_kernels_interpreter_tma(interp, case):
 
 _OPS_SCRIPT = """
 import torch
-from ringflash import flash_attn_func, flash_attn_varlen_func, use_backend
+from ringflash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, use_backend
 torch.manual_seed(0)
 q, k, v, do = (torch.randn(2, 37, h, 32, dtype=torch.float64).float() for h in (4, 2, 2, 4))
 cu = torch.tensor([0, 5, 30, 41], dtype=torch.int32)
@@ -181,6 +181,17 @@ ref, got = grads("torch"), grads("triton")
 for i, (a, b) in enumerate(zip(ref, got)):
     err = (a - b).abs().max().item()
     assert err < 1e-4 * max(1.0, a.abs().max().item()), (i, err)
+# A NaN key (seen by every row of its batch row under the causal mask) gives NaN rows and LSEs
+# there, forward and decoding, so a merge of the partial carries it; the other batch row is finite.
+kn = k.clone()
+kn[0, 0, 0, 0] = float("nan")
+lens = torch.full((2,), 37, dtype=torch.int32)
+with use_backend("triton"):
+    out, lse, _ = flash_attn_func(q, kn, v, causal=True, return_attn_probs=True)
+    q1 = q[:, :1].contiguous()
+    o1, l1 = flash_attn_with_kvcache(q1, kn, v, cache_seqlens=lens, return_softmax_lse=True)
+for o, l in ((out, lse), (o1, l1)):
+    assert o[0, :, :2].isnan().all() and l[0, :2].isnan().all() and o[1].isfinite().all(), "NaN key"
 print("same")
 """
 

@@ -35,18 +35,60 @@ def test_inf_in_one_key_stays_out_of_rows_that_cannot_see_it(fused):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "explicit"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_nan_in_one_query_row_is_a_nan_row_on_every_path(fused, causal):
-    """A query row holding a NaN gives a NaN output row with an LSE of -inf, the other rows exact
+    """A query row holding a NaN gives a NaN output row and LSE, the other rows exact
     (PyTorch's fused CPU kernel once turned it into zeros with an LSE of 0, hiding the NaN)."""
     q, k, v = (torch.randn(1, 24, 2, 16) for _ in range(3))
     q[0, 17, 1, 5] = math.nan
     with use_config(BlockwiseConfig(block_q=16, block_k=8, fused_cpu=fused)):
         out, lse, _ = rf.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
-    assert torch.isnan(out[0, 17, 1]).all() and lse[0, 1, 17] == -math.inf
+    assert torch.isnan(out[0, 17, 1]).all() and torch.isnan(lse[0, 1, 17])
     ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=causal)
     ok = torch.ones(24, 2, dtype=torch.bool)
     ok[17, 1] = False
     assert_matches("other rows", out[0][ok], ref[0][ok], None, 0)
     assert torch.allclose(lse[0].transpose(0, 1)[ok], ref_lse[0].transpose(0, 1)[ok].float(), atol=1e-5)
+
+
+NAN_DOCS = [0, 5, 12, 16]
+
+
+def _nan_key_rows(rank, world, layout, method):
+    """Rows of the packed ring's result that hold a NaN, for a NaN in key 6 (document [5, 12))."""
+    from ringflash.parallel import shard, unshard
+
+    torch.manual_seed(0)
+    cu = torch.tensor(NAN_DOCS, dtype=torch.int32)
+    q, k, v = (torch.randn(16, 2, 16) for _ in range(3))
+    k[6, 0, 0] = math.nan
+    sh = lambda x: shard(x, dim=0, layout=layout, cu_seqlens=cu)  # noqa: E731
+    out, lse, _ = rf.ring_flash_attn_varlen_func(
+        sh(q), sh(k), sh(v), cu, 7, causal=True, layout=layout, method=method, return_attn_probs=True
+    )
+    out = unshard(out, dim=0, layout=layout, cu_seqlens=cu)
+    lse = unshard(lse.transpose(0, 1), dim=0, layout=layout, cu_seqlens=cu)
+    return torch.isnan(out[:, 0]).any(-1).nonzero().flatten().tolist(), torch.isnan(
+        lse[:, 0]
+    ).nonzero().flatten().tolist()
+
+
+def test_nan_in_a_key_reaches_every_row_that_sees_it():
+    """A NaN in one key makes every row that sees it NaN, output and LSE, and no other row, on one
+    device (where the key is the first of its sequence: a span of one key that PyTorch's fused CPU
+    kernel once turned into a finite partial) and through the packed ring in layouts that put the
+    key in another piece than most of its rows (a partial with a NaN was once merged as empty)."""
+    from dist_utils import spawn
+
+    torch.manual_seed(0)
+    cu = torch.tensor(NAN_DOCS, dtype=torch.int32)
+    q, k, v = (torch.randn(16, 2, 16) for _ in range(3))
+    k[5, 0, 0] = math.nan  # the first key of document [5, 12)
+    out, lse, _ = rf.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True, return_attn_probs=True)
+    assert torch.isnan(out[:, 0]).any(-1).nonzero().flatten().tolist() == list(range(5, 12))
+    assert torch.isnan(lse[0]).nonzero().flatten().tolist() == list(range(5, 12))
+    assert torch.isfinite(out[:, 1]).all() and torch.isfinite(lse[1]).all()
+    for layout, method in (("zigzag", "ring"), ("stripe", "ring"), ("stripe", "allgather")):
+        for rows in spawn(_nan_key_rows, 2, layout, method, timeout=120):
+            assert rows == (list(range(6, 12)), list(range(6, 12))), (layout, method, rows)
 
 
 def test_inf_in_one_key_stays_out_of_the_cache_rows_that_cannot_see_it():

@@ -172,11 +172,13 @@ def _attn_fwd_kernel(
         HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, DOT_PREC, DOT_F32, TMA, BLOCK_N,
     )  # fmt: skip
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
+    # No key: l == 0. A NaN in the inputs makes l NaN, and its LSE stays NaN, so that every merge
+    # of this partial carries the NaN instead of weighing the partial as empty.
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
     o = acc / l_safe[:, None]
     # m_i is in log2 units; the LSE is stored as a natural log.
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     row_ok = offs_m < seqlen_q
     o_ptrs = (

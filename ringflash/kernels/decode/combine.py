@@ -64,7 +64,7 @@ def _combine_rows(
             m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
-        lse = tl.where(tot > 0.0, m_safe + tl.log(tot), float("-inf"))
+        lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tot))  # NaN stays NaN
         o_ptrs = (
             O + b.to(tl.int64) * stride_ob + t[:, None] * stride_os + h[:, None] * stride_oh + offs_d[None, :]
         )
@@ -111,7 +111,7 @@ def _decode_combine_kernel(
         tot += tl.sum(w, 0)
         acc += tl.sum(o * w[:, None], 0)
     inv = tl.where(tot > 0.0, 1.0 / tot, 0.0)
-    lse = tl.where(tot > 0.0, m_safe + tl.log(tot), float("-inf"))
+    lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tot))  # NaN stays NaN
     o_ptrs = O + b.to(tl.int64) * stride_ob + t * stride_os + h * stride_oh + offs_d
     tl.store(o_ptrs, (acc * inv).to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + t * stride_ls, lse)

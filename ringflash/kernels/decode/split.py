@@ -270,10 +270,12 @@ def _decode_split_kernel(
                 tl.store(k_head + k_rows[:, None] + offs_d[None, :], kn, mask=n_mask)
                 tl.store(v_head + v_rows[:, None] + offs_d[None, :], vn, mask=n_mask)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
+    # No key: l == 0. A NaN in the inputs makes l NaN, and its LSE stays NaN, so that every merge
+    # of this partial carries the NaN instead of weighing the partial as empty.
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     out_ok = row_ok[:, None] & d_ok[None, :]
     write_final = False
     if FUSE_COMBINE:
