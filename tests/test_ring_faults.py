@@ -37,6 +37,10 @@ def _bad_inputs(rank: int, world: int, device: str = "cpu") -> dict:
     q_bad = q.double() if rank == 1 else q
     msgs["one_rank_dtype"] = _expect_value_error(rp.ring_flash_attn_func, q_bad, k, v)
     msgs["causal_mismatch"] = _expect_value_error(rp.ring_flash_attn_func, q, k, v, causal=rank == 0)
+    # Only rank 0 records the call for a backward: its backward's collectives would wait forever.
+    qg = q.clone().requires_grad_(rank == 0)
+    msgs["grad_mismatch"] = _expect_value_error(rp.zigzag_ring_flash_attn_func, qg, k, v, causal=True)
+    msgs["grad_mismatch_ulysses"] = _expect_value_error(rp.ulysses_attn_func, qg, k, v, causal=True)
     msgs["gqa"] = _expect_value_error(rp.ring_flash_attn_func, q[:, :, :3], k, v)
     msgs["kvpacked"] = _expect_value_error(rp.ring_flash_attn_kvpacked_func, q, torch.stack([k, v, v], 2))
     msgs["shard"] = _expect_value_error(rp.shard, torch.randn(1, 2 * world + 1, 2), None, 1, "contiguous")
@@ -84,6 +88,9 @@ def test_bad_input_raises_on_every_rank(device):
         # Every rank reads the failing rank's own error.
         assert "rank 1: q has dtype torch.float64" in msgs["one_rank_dtype"], msgs["one_rank_dtype"]
         assert "disagree on causal" in msgs["causal_mismatch"], msgs["causal_mismatch"]
+        for key in ("grad_mismatch", "grad_mismatch_ulysses"):
+            want = "disagree on gradients (rank 0: True, rank 1: False) (every rank must call with gradients"
+            assert want in msgs[key], msgs[key]
         assert "must be a multiple of nheads of k/v" in msgs["gqa"], msgs["gqa"]
         assert "with 2 at dim 2" in msgs["kvpacked"], msgs["kvpacked"]
         assert "divide by the world size" in msgs["shard"], msgs["shard"]

@@ -155,6 +155,12 @@ def _bad_inputs(rank, world, dev="cpu"):
         bad = torch.randn(1, 4, world, 8, device=dev)
         _expect(lambda: ulysses_attn_func(bad, bad, bad, dropout_p=0.1), "dropout")
         _expect(lambda: build_usp_groups(3, world), "does not tile")
+        # A packed stream whose cu_seqlens are this rank's own, not the global stream's.
+        from ringflash import ulysses_attn_varlen_func
+
+        p = torch.randn(6, world, 8, device=dev)
+        cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=dev)
+        _expect(lambda: ulysses_attn_varlen_func(p, p, p, cu, 4), f"world_size * local tokens = {world} * 6")
         return None
     except Exception:  # noqa: BLE001
         return traceback.format_exc()

@@ -78,6 +78,19 @@ def _gather_objects(obj, group, members: list[int]) -> list:
     return out
 
 
+def records_graph(*tensors) -> bool:
+    """Whether autograd records a call on these inputs (grad mode on, one of them requiring grad): a
+    field every rank must share, since only the ranks that record it run the backward's
+    collectives (the others would leave them waiting)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+GRAPH_HINT = (
+    " (every rank must call with gradients alike: requires_grad on some of q/k/v and grad mode on, "
+    "or on none, since the backward's collectives need every rank)"
+)
+
+
 def code(value) -> int:
     """An int64 code of a field value: equal values, equal codes (floats by their bits, anything
     else by the CRC of its ``repr``)."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..backends import backend_for
 from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, check_sink, resolve_scale
-from ..comm.agree import agree
+from ..comm.agree import GRAPH_HINT, agree, records_graph
 from ..comm.copy_engine import copy_engine_available
 from ..comm.groups import group_rank_world
 from ..comm.ring import RingComm, run_on_group
@@ -48,6 +48,7 @@ _HINTS = {
     "ring prefetch": " (every rank must choose the same use_ring_prefetch)",
     "cu_seqlens": " (every rank passes the global cu_seqlens of the whole packed stream)",
     "heads_k_stride": " (its default follows each GPU's multiprocessors: pass one heads_k_stride)",
+    "gradients": GRAPH_HINT,
 }
 
 
@@ -63,10 +64,6 @@ def _node_id() -> int:
 @functools.lru_cache(maxsize=256)
 def _cached_plan(layout, rank, world, n_local, causal, window) -> Plan:
     return build_plan(layout, rank, world, n_local, causal, window)
-
-
-def _grads(q, k, v) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,8 +207,8 @@ def ring_attention(
             "ring prefetch": prefetch,
             "learnable_sink given": sink is not None,
             "heads_k_stride": stride,
-            # "auto" prices a backward when one follows: the ranks must pick alike
-            "gradients": _grads(q, k, v) if method == "auto" else None,
+            # only the ranks that record the call run its backward (and "auto" prices it)
+            "gradients": records_graph(q, k, v),
         }
     except (ValueError, TypeError) as e:
         err = e
@@ -221,7 +218,7 @@ def ring_attention(
     if packed:
         plan = _cached_doc_plan(layout, tuple(cu_list), rank, world, causal, window)
         if method == "auto":
-            grads = _grads(q, k, v)
+            grads = records_graph(q, k, v)
             pieces = k.shape[-2] // stride
             cu = tuple(cu_list)
             link = functools.partial(link_bandwidth, g, world, q.device)

@@ -30,14 +30,14 @@ import torch
 
 from ..backends import backend_for
 from ..checks import check_cu_seqlens, check_max_seqlen, check_options, check_qkv, check_sink
-from ..comm.agree import agree
+from ..comm.agree import GRAPH_HINT, agree, records_graph
 from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
 from .layouts import LAYOUTS, local_len_error
 from .ring_funcs import RING_FUNCS
 
-_HINTS = {"q shape": " (every rank needs a shard of equal length, batch and heads)"}
+_HINTS = {"q shape": " (every rank needs a shard of equal length, batch and heads)", "gradients": GRAPH_HINT}
 
 
 def kv_replication(hq: int, hk: int, ulysses_degree: int) -> int:
@@ -56,9 +56,14 @@ def _validate(q, k, v, opts, u, r, layout, cu_seqlens=None, max_seqlen=0):
     if packed:
         if r > 1 or layout != "contiguous":
             raise ValueError("a packed stream goes through Ulysses alone, sharded contiguously")
-        total = u * q.shape[0]
-        cu = check_cu_seqlens(cu_seqlens, total, "cu_seqlens (the global stream's)", q.device, allow_cpu=True)
+        cu = check_cu_seqlens(cu_seqlens, None, "cu_seqlens (the global stream's)", q.device, allow_cpu=True)
         cu = tuple(cu if cu is not None else cu_seqlens.tolist())
+        if cu[-1] != u * q.shape[0]:
+            raise ValueError(
+                f"cu_seqlens must describe the whole packed stream across the group (global cu_seqlens): "
+                f"its total is {cu[-1]}, but world_size * local tokens = {u} * {q.shape[0]} = "
+                f"{u * q.shape[0]}. Pass the global cu_seqlens, not the cu_seqlens of this rank's shard."
+            )
         check_max_seqlen(cu_seqlens, max_seqlen, "max_seqlen", list(cu))
     hq = q.shape[-2]
     if hq % u:
@@ -121,6 +126,7 @@ def sp_attention(
             "softmax_scale": scale,
             "layout": layout,
             "learnable_sink given": sink is not None,
+            "gradients": records_graph(q, k, v),
         }
     except (ValueError, TypeError) as e:
         err = e
