@@ -154,3 +154,48 @@ def test_sharded_decode_nccl(world):
     for name in results[0]:
         for r in range(1, world):
             assert results[r][name] == results[0][name], f"{name}: rank {r} differs from rank 0"
+
+
+def _bad_step_worker(rank, world, case):
+    """One rank passes a bad ``step`` (``case``), then every rank a good one."""
+    from ringflash.decode import flash_attn_with_kvcache
+
+    L, B, Snew = 3, 2, 2
+    g = torch.Generator().manual_seed(7)  # the same global inputs on every rank
+    k_all = torch.randn(B, L * world + Snew, Hk, D, generator=g)
+    v_all = torch.randn(B, L * world + Snew, Hk, D, generator=g)
+    q = torch.randn(B, Snew, Hq, D, generator=g)
+    mine = slice(rank * L, (rank + 1) * L)
+    cache = ShardedKVCache.from_prefill(k_all[:, mine], v_all[:, mine], max_new_tokens=4)
+    k_new, v_new = k_all[:, L * world :], v_all[:, L * world :]
+    bad_k, bad_v = k_new, v_new
+    if rank == 1:
+        if case == "kv-heads":
+            bad_k = bad_v = torch.randn(B, Snew, Hk + 1, D)
+        elif case == "k-on-one-rank":
+            bad_k = bad_v = None
+        elif case == "snew":
+            bad_k, bad_v = k_new[:, :1], v_new[:, :1]
+    tables = [t.clone() for t in (cache.k, cache.v, cache.seqlens, cache.key_offsets, cache.global_seqlens)]
+    lengths = [row[:] for row in cache.lengths]
+    with pytest.raises(ValueError, match="every rank raises|disagree"):
+        cache.step(q, bad_k, bad_v, causal=True)
+    now = (cache.k, cache.v, cache.seqlens, cache.key_offsets, cache.global_seqlens)
+    assert all(torch.equal(a, b) for a, b in zip(tables, now, strict=True)), "a refused step wrote"
+    assert cache.lengths == lengths, "a refused step changed the length table"
+
+    out = cache.step(q, k_new, v_new, causal=True)
+    full_k, full_v = k_all.clone(), v_all.clone()  # one process: the whole cache, then the append
+    ref = flash_attn_with_kvcache(q, full_k, full_v, k_new, v_new, cache_seqlens=L * world, causal=True)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max().item()
+    assert cache.total_length(0) == L * world + Snew
+    return out.tolist()
+
+
+@pytest.mark.parametrize("case", ["kv-heads", "k-on-one-rank", "snew"])
+def test_sharded_cache_bad_step_on_one_rank(case):
+    """A bad ``k``/``v`` on one rank, or ranks that differ in whether or how much they append:
+    every rank raises ValueError (no hang), nothing is written anywhere, and the next good step
+    matches one process."""
+    outs = spawn(_bad_step_worker, 2, case, timeout=60, pg_timeout=15)
+    assert outs[0] == outs[1]

@@ -128,8 +128,15 @@ def _one_rank_differs_worker(rank, world):
 
     q, kv = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8)
     seen = {}
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     with use_backend("torch"):
-        cases = (("option", {"bogus": 1}), ("position_ids", {"position_ids": torch.arange(6)[None]}))
+        cases = (
+            ("option", {"bogus": 1}),
+            ("position_ids", {"position_ids": torch.arange(6)[None]}),
+            ("probs", {"return_attn_probs": True}),
+            ("short_positions", {"position_ids": torch.arange(5)[None]}),
+            ("cu_k", {"cu_seq_lens_q": cu, "cu_seq_lens_k": torch.tensor([0, 6, 12], dtype=torch.int32)}),
+        )
         for case, extra in cases:
             try:
                 DistributedAttention(None, None)(q, kv, kv, 0, causal=True, **(extra if rank == 0 else {}))
@@ -142,7 +149,52 @@ def _one_rank_differs_worker(rank, world):
 def test_dropin_option_on_one_rank_fails_every_rank():
     for seen in spawn(_one_rank_differs_worker, 2, timeout=120):
         assert "bogus" in seen["option"], seen
-        assert "position_ids" in seen["position_ids"], seen
+        assert (
+            "disagree on packed batch marked by (rank 0: 'position_ids', rank 1: None)"
+            in seen["position_ids"]
+        )
+        assert "rank 0: return_attn_probs is not supported" in seen["probs"], seen
+        assert (
+            "rank 0: position_ids must be this rank's [B=1, S_local=6], got (1, 5)" in seen["short_positions"]
+        )
+        assert "rank 0: cu_seq_lens_q and cu_seq_lens_k differ" in seen["cu_k"], seen
+
+
+def _one_document_worker(rank, world, hq, layout, sharding):
+    """One sequence marked by its position ids, sharded as the docs say for each path: a packed row
+    of one document (``shard(..., cu_seqlens=cu)``), or a plain sequence in the hybrid's order
+    (``usp_shard``). Both must equal the oracle (a one-document stripe row was once taken for a
+    plain sequence and run through Ulysses in the wrong order)."""
+    from ringflash.backends import use_backend
+    from ringflash.parallel import positions
+    from ringflash.parallel.hybrid import usp_positions_for
+
+    torch.manual_seed(5)
+    n = 4 * world
+    q, k, v = (torch.randn(1, n, h, 8, dtype=torch.float64).float() for h in (hq, 2, 2))
+    attn = DistributedAttention(None, None, layout=layout)
+    algo, u, r = attn.plan(hq)
+    if sharding == "packed":
+        idx = positions(layout, rank, world, n // world)  # one document: the plain layout
+    else:
+        idx = usp_positions_for(rank % u, rank // u, u, r, n // world, layout if r > 1 else "contiguous")
+    with use_backend("torch"):
+        out = attn(q[:, idx], k[:, idx], v[:, idx], 0, causal=True, position_ids=idx[None])
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), causal=True)
+    assert_matches(f"rank {rank} {algo} {layout} {sharding}", out, ref[:, idx], None, 2)
+
+
+@pytest.mark.parametrize(
+    "world, hq, layout, sharding",
+    [
+        (2, 4, "stripe", "packed"),
+        (2, 4, "zigzag", "packed"),
+        (4, 6, "stripe", "packed"),
+        (4, 6, "stripe", "usp"),
+    ],
+)
+def test_dropin_one_sequence_marked_by_position_ids(world, hq, layout, sharding):
+    spawn(_one_document_worker, world, hq, layout, sharding, timeout=180)
 
 
 def test_dropin_layout_is_checked():

@@ -37,6 +37,7 @@ import itertools
 import weakref
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -49,7 +50,7 @@ from ..parallel.hybrid import usp_attn_func, usp_degrees
 from ..parallel.layouts import DOC_LAYOUTS
 from ..parallel.ring_funcs import ring_flash_attn_func, ring_flash_attn_varlen_func
 from ..parallel.ulysses import kv_replication, ulysses_attn_func, ulysses_attn_varlen_func
-from .packing import global_cu_seqlens, longest_document
+from .packing import check_cu_pair, global_cu_seqlens, longest_document
 
 # Keyword arguments that mark a packed batch, as transformers passes them (see ``.packing``).
 _PACKED_MARKS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
@@ -78,6 +79,28 @@ def _flash_kwargs(args: tuple, kwargs: dict) -> dict:
             raise ValueError(f"attention option {key!r} given twice")
         out[key] = val
     return out
+
+
+_HINTS = {"position_ids shape": " (every rank passes the position ids of its own shard: [B, S / P])"}
+
+
+def _check_marks(marks: dict, marked_by: str | None, query, batch_dim_idx: int) -> None:
+    """Raise ``ValueError`` unless the packed-batch marks fit ``query``: ``cu_seq_lens_q`` with one
+    row and the same documents as ``cu_seq_lens_k``; ``position_ids`` ``[B or 1, S_local]``."""
+    b, s = (query.shape[0], query.shape[1]) if batch_dim_idx == 0 else (query.shape[1], query.shape[0])
+    if marked_by == "cu_seq_lens_q":
+        if b != 1:
+            raise ValueError(f"a packed batch (cu_seq_lens_q) is one row of documents, got {b} rows")
+        check_cu_pair(marks["cu_seq_lens_q"], marks["cu_seq_lens_k"])
+    elif marks["cu_seq_lens_k"] is not None:
+        raise ValueError("cu_seq_lens_k given without cu_seq_lens_q: pass both (the same documents)")
+    pos = marks["position_ids"]
+    if pos is not None and (
+        not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] not in (1, b) or pos.shape[1] != s
+    ):
+        got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+        rows = f"{b} (or 1)" if b != 1 else "1"
+        raise ValueError(f"position_ids must be this rank's [B={rows}, S_local={s}], got {got}")
 
 
 def local_attention(batch_dim_idx: int = 0, **defaults: Any):
@@ -200,7 +223,8 @@ class DistributedAttention(nn.Module):
     def forward(self, query, key, value, batch_dim_idx: int = 0, rotary_pos_emb=None, *args, **kwargs):
         g, rank, world = group_rank_world(self.spg)
         marks = {n: kwargs.pop(n, None) for n in _PACKED_MARKS}
-        plan, err = None, None
+        plan, err, opts = None, None, None
+        marked_by = next((n for n in ("cu_seq_lens_q", "position_ids") if marks[n] is not None), None)
         try:
             if batch_dim_idx not in (0, 1):
                 raise ValueError(f"batch_dim_idx must be 0 or 1, got {batch_dim_idx}")
@@ -212,46 +236,53 @@ class DistributedAttention(nn.Module):
             check_tensor(query, "query", 4, "[B, S/P, H, D] or [S/P, B, H, D]")
             if not self._ours():  # the user's kernel runs inside Ulysses: check what it needs
                 self._check_custom(query, key, value, world)
+            else:  # the kernels' own checks, so a rank's bad tensors are reported as such
+                check_qkv(*(x.transpose(0, 1) if batch_dim_idx else x for x in (query, key, value)))
             plan = self.plan(query.shape[2])
-            if self.layout == "balanced" and all(m is None for m in marks.values()):
+            if self.layout == "balanced" and marked_by is None:
                 raise ValueError(
                     "the balanced layout places whole documents: it takes a packed batch (position_ids= or "
                     "cu_seq_lens_q=); shard single sequences with layout 'contiguous', 'zigzag' or 'stripe'"
                 )
             # Parsed before any collective: a bad option on one rank is an error on every rank.
             opts = _flash_kwargs(args, kwargs) if self._ours() else None
+            if opts and opts.get("return_attn_probs"):
+                raise ValueError("return_attn_probs is not supported through DistributedAttention")
+            _check_marks(marks, marked_by, query, batch_dim_idx)
         except (ValueError, TypeError) as e:
             err = e
-        # The algorithm follows the head count, so ranks that disagree on it would run different
-        # collectives. Ulysses and the ring agree over this group first thing; the hybrid agrees
-        # over its two sub-groups, so before it (or when this rank could not even pick) the ranks
-        # agree here: a mismatch then meets the same single gather on every rank.
-        if err is not None or plan[0] == "hybrid" or not self._ours():
-            fields = {}
-            if plan:
-                shapes = (tuple(query.shape), tuple(key.shape), str(query.dtype))
-                fields = {"DistributedAttention plan": plan, "batch_dim_idx": batch_dim_idx, "shapes": shapes}
-            agree([(g, world)], err, fields, "the sequence-parallel group")
+        # One agreement over the whole group before anything moves: the algorithm follows the head
+        # count and the packed path the marks, so ranks that differ in either (or in the position
+        # ids gathered next) would run different collectives.
+        fields = {}
+        if plan:
+            pos = marks["position_ids"]
+            fields = {
+                "DistributedAttention plan": plan,
+                "batch_dim_idx": batch_dim_idx,
+                "shapes": (tuple(query.shape), tuple(key.shape), str(query.dtype)),
+                "packed batch marked by": marked_by,
+                "position_ids shape": tuple(pos.shape) if marked_by == "position_ids" else None,
+            }
+        agree([(g, world)], err, fields, "the sequence-parallel group", _HINTS)
         algo, u, r = plan
         if batch_dim_idx == 1:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         if not self._ours():
             out = self._custom_ulysses(query, key, value, batch_dim_idx, args, kwargs)
         else:
-            marked = any(m is not None for m in marks.values())
-            if marked and marks["cu_seq_lens_q"] is None and world > 1:
-                # The position ids are gathered next; a rank that passed none is in its attention's
-                # own agreement by now, which meets this one and fails on every rank.
-                agree(
-                    [(g, world)],
-                    None,
-                    {"packed batch marked by position_ids": True},
-                    "the sequence-parallel group",
-                )
             cu = None
-            if marked:
+            if marked_by is not None:
                 refresh = self._first_of_its_group()
-                cu = global_cu_seqlens(g, rank, world, self.layout, *marks.values(), refresh=refresh)
+                cu = global_cu_seqlens(
+                    g,
+                    rank,
+                    world,
+                    self.layout,
+                    *marks.values(),
+                    refresh=refresh,
+                    unpacked=self._usp_grid(plan),
+                )
             if cu is not None:
                 out = self._packed(query, key, value, cu, algo, opts)
             elif algo == "ulysses":
@@ -263,9 +294,19 @@ class DistributedAttention(nn.Module):
                 out = usp_attn_func(
                     query, key, value, ulysses_group=uly, ring_group=ring, layout=self.layout, **opts
                 )
-        if isinstance(out, tuple):
-            raise ValueError("return_attn_probs is not supported through DistributedAttention")
         return out.transpose(0, 1) if batch_dim_idx == 1 else out
+
+    def _usp_grid(self, plan) -> tuple | None:
+        """How the unpacked path takes one sequence's shards, as ``global_cu_seqlens``'s
+        ``unpacked``: ``(U, R, layout)`` of ``usp_shard`` (Ulysses alone and the contiguous ring
+        take contiguous shards: ``(W, 1, "contiguous")``); None for the balanced layout, which
+        places documents only."""
+        algo, u, r = plan
+        if self.layout == "balanced":
+            return None
+        if algo == "ulysses" or self.layout == "contiguous":
+            return (u * r, 1, "contiguous")
+        return (u, r, self.layout)
 
     def _packed(self, q, k, v, cu, algo, opts):
         """A packed batch (one row of documents, ``cu`` the global ones): Ulysses when the heads

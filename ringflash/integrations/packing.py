@@ -19,13 +19,16 @@ import weakref
 
 import torch
 
+from ..comm.agree import agree
 from ..comm.gather import all_gather_flat
+from ..parallel.hybrid import usp_positions_for
 from ..parallel.layouts import positions
 
 _last: dict = {}
+_HINTS = {"position_ids shape": " (every rank passes the position ids of its own shard: [1, S / W])"}
 
 
-def _check_cu(cu_q, cu_k) -> torch.Tensor:
+def check_cu_pair(cu_q, cu_k) -> torch.Tensor:
     if cu_k is not None and cu_k is not cu_q and not _same_values(cu_q, cu_k):
         raise ValueError(
             "cu_seq_lens_q and cu_seq_lens_k differ: sequence-parallel self-attention needs one set of "
@@ -56,6 +59,7 @@ def global_cu_seqlens(
     cu_seq_lens_q=None,
     cu_seq_lens_k=None,
     refresh: bool = False,
+    unpacked=None,
 ) -> torch.Tensor | None:
     """The packed stream's global ``cu_seqlens`` (int32, on the CPU), or None when each batch row
     is one sequence (no documents marked). Every rank of ``group`` must call it alike.
@@ -71,21 +75,26 @@ def global_cu_seqlens(
             steps and written where torch keeps no version (a collective into it, ``.data``,
             NumPy) is then neither stale nor the cause of one rank gathering while another does
             not (a hang).
+        unpacked: for a caller whose single sequences are sharded otherwise than ``layout`` places
+            a packed stream, ``(U, R, ring_layout)``: they are in ``usp_shard``'s order over a
+            ``U x R`` grid. Position ids in that order are one sequence (None); any other stream
+            is packed in ``layout``, a single document included, whose ``cu_seqlens`` is then
+            ``[0, T]``.
     """
     if cu_seq_lens_q is not None:
-        return _cached(cu_seq_lens_q, refresh, lambda: _check_cu(cu_seq_lens_q, cu_seq_lens_k).cpu())
+        return _cached(cu_seq_lens_q, refresh, lambda: check_cu_pair(cu_seq_lens_q, cu_seq_lens_k).cpu())
     if world == 1:
         return _local_cu(position_ids)
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
-    gather = lambda: _gathered_cu(group, world, layout, position_ids)  # noqa: E731
-    return _cached(position_ids, refresh, gather, group, layout)
+    gather = lambda: _gathered_cu(group, world, layout, position_ids, unpacked)  # noqa: E731
+    return _cached(position_ids, refresh, gather, group, layout, unpacked)
 
 
 def _cached(t: torch.Tensor, refresh: bool, compute, *context):
     """``compute()``, or what it gave the last call for this very tensor ``t`` (alive, the same
     torch version, the same ``context``) unless ``refresh``."""
-    key = (id(t), t._version, *(id(c) if not isinstance(c, str) else c for c in context))
+    key = (id(t), t._version, *(c if isinstance(c, (str, tuple, type(None))) else id(c) for c in context))
     if not refresh and _last.get("key") == key and _last.get("ref") is not None and _last["ref"]() is t:
         return _last["cu"]
     cu = compute()
@@ -93,11 +102,19 @@ def _cached(t: torch.Tensor, refresh: bool, compute, *context):
     return cu
 
 
-def _gathered_cu(group, world: int, layout: str, position_ids: torch.Tensor) -> torch.Tensor | None:
+def _gathered_cu(group, world: int, layout: str, position_ids: torch.Tensor, unpacked=None):
     """The documents of a stream sharded contiguously or in stripes, from every rank's position
-    ids (one all-gather)."""
+    ids (one all-gather, after the ranks agree on their shape: a gather of unequal shapes would
+    abort gloo or hang NCCL instead of raising)."""
+    agree([(group, world)], None, {"position_ids shape": tuple(position_ids.shape)}, "the group", _HINTS)
     pos = position_ids.reshape(-1)
     parts = all_gather_flat(pos, world, group).cpu()  # [W, S_local]
+    n, p0 = parts.shape[1], int(parts.min())
+    if unpacked is not None and all(
+        torch.equal(parts[r], _usp_positions(unpacked, r, n) + p0) for r in range(world)
+    ):
+        return None
+    whole = None if unpacked is None else torch.tensor([0, world * n], dtype=torch.int32)
     if layout in ("zigzag", "balanced"):
         if layout == "balanced" or not _one_sequence_zigzag(parts, world):
             raise ValueError(
@@ -105,8 +122,16 @@ def _gathered_cu(group, world: int, layout: str, position_ids: torch.Tensor) -> 
                 "(e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True), before sharding), or shard "
                 "the stream contiguously or in stripes, whose position ids rebuild it"
             )
-        return None
-    return _starts(_stream(parts, layout))
+        return whole
+    starts = _starts(_stream(parts, layout))
+    return whole if starts is None else starts
+
+
+def _usp_positions(grid: tuple, rank: int, n: int) -> torch.Tensor:
+    """Positions of group rank ``rank``'s ``n`` tokens of one sequence in ``usp_shard``'s order over
+    the grid ``(U, R, ring_layout)`` (Ulysses groups of ``U`` consecutive ranks)."""
+    u, r, ring_layout = grid
+    return usp_positions_for(rank % u, rank // u, u, r, n, ring_layout if r > 1 else "contiguous")
 
 
 def _one_sequence_zigzag(parts: torch.Tensor, world: int) -> bool:

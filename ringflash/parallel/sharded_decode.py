@@ -32,6 +32,8 @@ go to the next rank, and so on. This keeps the runs contiguous and in rank order
 tail are empty), so positions stay implicit. After a prefill every rank holds L tokens and the
 last rank takes the new ones: give it room (``max_new_tokens``). Appending is host-side
 bookkeeping (replicated, no communication); the attention itself syncs nothing with the host.
+In ``ShardedKVCache.step`` the append's checks go into the step's one agreement and the ranks
+write only once every rank has passed them, so one rank's bad append cannot part the tables.
 
 With no process group, or a group of one rank, everything runs locally.
 """
@@ -50,6 +52,19 @@ from ..kv_checks import KVCacheArgs
 from ..merge import merge_sink
 
 __all__ = ["ShardedKVCache", "sharded_flash_attn_with_kvcache"]
+
+# The keyword arguments of ``ShardedKVCache.step`` (the cache supplies the rest).
+_STEP_OPTIONS = frozenset(
+    (
+        "softmax_scale",
+        "causal",
+        "window_size",
+        "softcap",
+        "num_splits",
+        "return_softmax_lse",
+        "learnable_sink",
+    )
+)
 
 
 def _validate(
@@ -129,9 +144,69 @@ def sharded_flash_attn_with_kvcache(
     Example:
         >>> out = sharded_flash_attn_with_kvcache(q, k_shard, v_shard, cache_seqlens=local_lens)
     """
+    return _attend_sharded(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        cache_batch_idx,
+        block_table,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        num_splits,
+        return_softmax_lse,
+        key_offsets,
+        global_seqlens,
+        group,
+        learnable_sink,
+    )
+
+
+def _attend_sharded(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=0,
+    return_softmax_lse=False,
+    key_offsets=None,
+    global_seqlens=None,
+    group=None,
+    learnable_sink=None,
+    *,
+    err=None,
+    extra_fields=None,
+    before_attend=None,
+):
+    """The body of :func:`sharded_flash_attn_with_kvcache`, with hooks for a caller that has work
+    of its own to check and do inside the same step (``ShardedKVCache.step``).
+
+    ``err``: an error the caller found on this rank (an exception, or None); ``extra_fields``:
+    more name -> value pairs the ranks must share. Both go into the step's one agreement, so a
+    caller's bad input raises ``ValueError`` on every rank without a second collective.
+    ``before_attend``: called once the ranks agree and before anything is attended (or gathered);
+    it returns the ``(cache_seqlens, key_offsets, global_seqlens)`` to attend with, of the same
+    shapes, dtypes and devices as those passed in (they were checked in their place).
+    """
     g, rank, world = group_rank_world(group)
     opts = (0.0, softmax_scale, window_size, softcap, None, causal)
     if world == 1:
+        if err is not None:
+            raise err
+        if before_attend is not None:
+            cache_seqlens, key_offsets, global_seqlens = before_attend()
         return flash_attn_with_kvcache(
             q,
             k_cache,
@@ -149,37 +224,42 @@ def sharded_flash_attn_with_kvcache(
             return_softmax_lse=return_softmax_lse,
             learnable_sink=learnable_sink,
         )
-    err, fields = None, {}
-    try:
-        a, causal, window, softcap, scale = _validate(
-            q,
-            k_cache,
-            v_cache,
-            k,
-            v,
-            cache_seqlens,
-            cache_batch_idx,
-            block_table,
-            opts,
-            num_splits,
-            key_offsets,
-            global_seqlens,
-            learnable_sink,
-        )
-        fields = {
-            "function": "sharded_flash_attn_with_kvcache",
-            "q shape": tuple(q.shape),
-            "dtype": str(q.dtype),
-            "causal": causal,
-            "window_size": window,
-            "softcap": softcap,
-            "softmax_scale": scale,
-            "key_offsets given": key_offsets is not None,
-            "learnable_sink given": learnable_sink is not None,
-        }
-    except (ValueError, TypeError) as e:
-        err = e
+    fields = {}
+    if err is None:
+        try:
+            a, causal, window, softcap, scale = _validate(
+                q,
+                k_cache,
+                v_cache,
+                k,
+                v,
+                cache_seqlens,
+                cache_batch_idx,
+                block_table,
+                opts,
+                num_splits,
+                key_offsets,
+                global_seqlens,
+                learnable_sink,
+            )
+            fields = {
+                "function": "sharded_flash_attn_with_kvcache",
+                "q shape": tuple(q.shape),
+                "dtype": str(q.dtype),
+                "causal": causal,
+                "window_size": window,
+                "softcap": softcap,
+                "softmax_scale": scale,
+                "key_offsets given": key_offsets is not None,
+                "learnable_sink given": learnable_sink is not None,
+                **(extra_fields or {}),
+            }
+        except (ValueError, TypeError) as e:
+            err = e
     agree([(g, world)], err, fields, "the group")
+    if before_attend is not None:
+        cache_seqlens, key_offsets, global_seqlens = before_attend()
+        a.cache_seqlens = cache_seqlens  # same shape, dtype and device as the one checked
     scale = resolve_scale(scale, q.shape[-1])
     Sq = q.shape[1]
     with torch.no_grad():
@@ -292,16 +372,27 @@ class ShardedKVCache:
             plan.append(pieces)
         return plan
 
-    def append(self, k, v):
-        """Append ``k``/``v`` ``[B, Snew, Hk, D]`` (the same on every rank) to their owner ranks."""
+    def _plan_append(self, k, v):
+        """Check ``k``/``v`` against the cache and place them (``placement``), writing nothing."""
+        if (k is None) != (v is None):
+            raise ValueError("pass both k and v to append, or neither")
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            raise TypeError(f"k and v must be torch.Tensors, got {type(k).__name__} and {type(v).__name__}")
         if (
             k.shape != v.shape
             or k.dim() != 4
             or k.shape[0] != self.k.shape[0]
             or k.shape[2:] != self.k.shape[2:]
         ):
-            raise ValueError(f"k/v must be [B, Snew, Hk, D] matching the cache, got {tuple(k.shape)}")
-        plan = self.placement(k.shape[1])  # raises before anything is written
+            want = (self.k.shape[0], "Snew", *self.k.shape[2:])
+            raise ValueError(
+                f"k/v must be [B, Snew, Hk, D] = {want} matching the cache, got {tuple(k.shape)} "
+                f"and {tuple(v.shape)}"
+            )
+        return self.placement(k.shape[1])
+
+    def _write(self, k, v, plan):
+        """Write this rank's pieces of a ``placement`` plan and update the (replicated) table."""
         for b, pieces in enumerate(plan):
             for r, t, n in pieces:
                 if r == self.rank:
@@ -311,17 +402,42 @@ class ShardedKVCache:
                 self.lengths[b][r] += n
         self._sync_device()
 
+    def append(self, k, v):
+        """Append ``k``/``v`` ``[B, Snew, Hk, D]`` (the same on every rank) to their owner ranks.
+
+        Local (no communication): every rank must call it with the same shapes, or the length
+        tables part. ``step`` appends with the ranks' agreement instead."""
+        self._write(k, v, self._plan_append(k, v))  # raises before anything is written
+
     def step(self, q, k=None, v=None, **kw):
         """Append ``k``/``v`` (if given), then attend ``q [B, Sq, Hq, D]`` to the whole sharded cache.
 
         Keyword arguments go to :func:`sharded_flash_attn_with_kvcache` (causal, window_size, ...).
+        When any rank's ``k``/``v`` is bad, or the ranks differ in whether they append or how many
+        tokens, every rank raises ``ValueError`` and no rank's cache or ``lengths`` changes.
         """
-        if k is not None:
-            self.append(k, v)
+        # Everything this rank could fail on is found before the step's one agreement and goes
+        # into it: a rank that raised alone would leave the others waiting in the agreement.
+        err, plan = None, None
+        try:
+            bad = sorted(set(kw) - _STEP_OPTIONS)
+            if bad:
+                raise TypeError(f"step() got unexpected keyword arguments {bad}")
+            if k is not None or v is not None:
+                plan = self._plan_append(k, v)
+        except (ValueError, TypeError) as e:
+            err = e
+        fields = {"k/v given": plan is not None, "k/v new tokens (Snew)": 0 if plan is None else k.shape[1]}
+
+        def append():  # after the ranks agree, so that all of them write or none does
+            if plan is not None:
+                self._write(k, v, plan)
+            return self.seqlens, self.key_offsets, self.global_seqlens
+
         # The lengths come from this cache's own table (checked by ``placement``): reading them
         # back to check them again would cost a device sync per step.
         with skip_value_checks():
-            return sharded_flash_attn_with_kvcache(
+            return _attend_sharded(
                 q,
                 self.k,
                 self.v,
@@ -329,7 +445,10 @@ class ShardedKVCache:
                 key_offsets=self.key_offsets,
                 global_seqlens=self.global_seqlens,
                 group=self.group,
-                **kw,
+                err=err,
+                extra_fields=fields,
+                before_attend=append,
+                **{n: x for n, x in kw.items() if n in _STEP_OPTIONS},
             )
 
     def total_length(self, b: int) -> int:
