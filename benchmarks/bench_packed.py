@@ -219,7 +219,7 @@ def run(
         t_bwd = _time(lambda: torch.autograd.grad(out, qg, dout, retain_graph=True), reps)
         if breakdown:
             one = kernel_ms(lambda: (base_fwd(), torch.autograd.grad(out, qg, dout, retain_graph=True)))
-    rows = []
+    rows, done = [], set()
     for layout, method, *piece in variants:
         qs, ks, vs, ds = (
             [shard_for(x, r, world, 0, layout, cu) for r in range(world)] for x in (q, k, v, dout)
@@ -227,6 +227,9 @@ def run(
         stride = default_heads_k_stride(qs[0], ks[0])
         if piece:
             stride = kv_heads if piece[0] == "all" else int(piece[0])
+        if (layout, method, stride if method != "ring" else None) in done:
+            continue  # the default stride is the whole exchange here: one run, one row
+        done.add((layout, method, stride if method != "ring" else None))
         sim = dict(layout=layout, method=method, heads_k_stride=stride, ahead=True)
         fwd, bwd = [], []
         for rep in range(reps + 1):  # the first pass compiles and autotunes the calls' kernels
