@@ -251,20 +251,29 @@ class DistributedAttention(nn.Module):
             _check_marks(marks, marked_by, query, batch_dim_idx)
         except (ValueError, TypeError) as e:
             err = e
-        # One agreement over the whole group before anything moves: the algorithm follows the head
-        # count and the packed path the marks, so ranks that differ in either (or in the position
-        # ids gathered next) would run different collectives.
-        fields = {}
-        if plan:
-            pos = marks["position_ids"]
-            fields = {
-                "DistributedAttention plan": plan,
-                "batch_dim_idx": batch_dim_idx,
-                "shapes": (tuple(query.shape), tuple(key.shape), str(query.dtype)),
-                "packed batch marked by": marked_by,
-                "position_ids shape": tuple(pos.shape) if marked_by == "position_ids" else None,
-            }
-        agree([(g, world)], err, fields, "the sequence-parallel group", _HINTS)
+        # The algorithm follows the head count and the packed path the marks, so ranks that differ
+        # in either would run different collectives: they agree over the whole group before
+        # anything moves. A call whose every next collective is an agreement over this same group
+        # (Ulysses and the contiguous ring agree first thing, and so does the position ids' gather)
+        # lets that one decide, since any two agreements over a group meet; an error found here,
+        # the hybrid's sub-groups and a custom kernel need this one.
+        if (
+            err is not None
+            or not self._ours()
+            or plan[0] == "hybrid"
+            or (plan[0] == "ring" and self.layout != "contiguous")
+        ):
+            fields = {}
+            if plan:
+                pos = marks["position_ids"]
+                fields = {
+                    "DistributedAttention plan": plan,
+                    "batch_dim_idx": batch_dim_idx,
+                    "shapes": (tuple(query.shape), tuple(key.shape), str(query.dtype)),
+                    "packed batch marked by": marked_by,
+                    "position_ids shape": tuple(pos.shape) if marked_by == "position_ids" else None,
+                }
+            agree([(g, world)], err, fields, "the sequence-parallel group", _HINTS)
         algo, u, r = plan
         if batch_dim_idx == 1:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
