@@ -165,6 +165,16 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
         raise ValueError(f"{method} shards the sequence contiguously: use layout='contiguous'")
     grids: dict[tuple[int, int], tuple] = {}  # (U, R) -> (ulysses, ring) groups, built on first use
 
+    def ulysses(q, k, v, opts, grw, error, sink, cu=None):
+        """Ulysses over the whole group ``grw = (group, rank, world)``: rows of one sequence, or
+        with ``cu`` a packed stream (its global documents)."""
+        name, packed = "ulysses_attn_func", {}
+        if cu is not None:
+            name, packed = "ulysses_attn_varlen_func", dict(cu_seqlens=cu, max_seqlen=longest_document(cu))
+        return sp_attention(
+            name, q, k, v, opts, False, False, grw, None, "contiguous", error=error, sink=sink, **packed
+        )
+
     def hybrid(q, k, v, opts, g, rank, world, error, sink):
         """Ulysses over U = gcd(Hq, W) consecutive ranks x the ring over W / U (one sequence per row)."""
         plan, err = None, error
@@ -174,19 +184,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             else:
                 err = "query must be a [B, S, H, D] tensor"
         if plan is not None and plan[1] == 1:  # Ulysses over the whole group
-            return sp_attention(
-                "ulysses_attn_func",
-                q,
-                k,
-                v,
-                opts,
-                False,
-                False,
-                (g, rank, world),
-                None,
-                "contiguous",
-                sink=sink,
-            )
+            return ulysses(q, k, v, opts, (g, rank, world), err, sink)
         if plan is not None and plan[0] == 1:  # no head to split: the ring
             return ring_attention(
                 RING_FUNCS["contiguous"].__name__, q, k, v, "contiguous", opts, False, group, sink=sink
@@ -270,20 +268,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             if method == "hybrid":
                 return hybrid(q, k, v, opts, g, rank, world, error, sink), None
             if method == "ulysses":
-                out = sp_attention(
-                    "ulysses_attn_func",
-                    q,
-                    k,
-                    v,
-                    opts,
-                    False,
-                    False,
-                    (g, rank, world),
-                    None,
-                    "contiguous",
-                    error=error,
-                    sink=sink,
-                )
+                out = ulysses(q, k, v, opts, (g, rank, world), error, sink)
             else:
                 out = ring_attention(
                     RING_FUNCS[row_layout].__name__,
@@ -300,22 +285,7 @@ def make_attention(group: dist.ProcessGroup | None = None, layout: str = "contig
             return out, None
         q, k, v = (x[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
         if method == "ulysses":
-            out = sp_attention(
-                "ulysses_attn_varlen_func",
-                q,
-                k,
-                v,
-                opts,
-                False,
-                False,
-                (g, rank, world),
-                None,
-                "contiguous",
-                error=error,
-                cu_seqlens=cu,
-                max_seqlen=longest_document(cu),
-                sink=sink,
-            )
+            out = ulysses(q, k, v, opts, (g, rank, world), error, sink, cu)
         else:
             out = ring_attention(
                 "ring_flash_attn_varlen_func",

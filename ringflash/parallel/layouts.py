@@ -149,6 +149,18 @@ def local_len_error(layout: str, world: int, n_local: int) -> str | None:
     return None
 
 
+def check_global_total(total: int, world: int, n_local: int, across: str) -> None:
+    """Raise ``ValueError`` unless a packed call's ``cu_seqlens`` (ending at ``total``) describe the
+    whole stream of ``world`` ranks holding ``n_local`` tokens each (``across``: "the ring", ...):
+    the mistake it catches is passing the cu_seqlens of this rank's shard."""
+    if total != world * n_local:
+        raise ValueError(
+            f"cu_seqlens must describe the whole packed stream across {across} (global cu_seqlens): "
+            f"its total is {total}, but world_size * local tokens = {world} * {n_local} = "
+            f"{world * n_local}. Pass the global cu_seqlens, not the cu_seqlens of this rank's shard."
+        )
+
+
 def positions(layout: str, rank: int, world: int, n_local: int) -> torch.Tensor:
     """Global positions (int64) of rank ``rank``'s local tokens, in local order."""
     parts = [

@@ -36,7 +36,7 @@ from ..comm.ring import RingComm, run_on_group
 from ..merge import merge_sink
 from .allgather import METHODS, allgather_attention, check_heads_k_stride, default_heads_k_stride
 from .doc_layouts import build_doc_plan, padded_layout, total_error
-from .layouts import Plan, build_plan, check_layout, local_len_error
+from .layouts import Plan, build_plan, check_global_total, check_layout, local_len_error
 from .method_cost import choose_method, link_bandwidth
 from .options import forward_prefetch, ring_transport
 from .ring_loop import TAG_DKV, TAG_KV, ring_bwd_loop, ring_fwd_loop
@@ -130,12 +130,7 @@ def _validate(q, k, v, layout, opts, world, group, cu_seqlens, max_seqlen, trans
         cu_list = check_cu_seqlens(cu_seqlens, None, "cu_seqlens", q.device, allow_cpu=True)
         if cu_list is None:  # value checks skipped: the plan needs the values all the same
             cu_list = cu_seqlens.tolist()
-        if cu_list[-1] != world * n_local:
-            raise ValueError(
-                f"cu_seqlens must describe the whole packed stream across the ring (global cu_seqlens): "
-                f"its total is {cu_list[-1]}, but world_size * local tokens = {world} * {n_local} = "
-                f"{world * n_local}. Pass the global cu_seqlens, not the cu_seqlens of this rank's shard."
-            )
+        check_global_total(cu_list[-1], world, n_local, "the ring")
         err = total_error(world, cu_list[-1], layout)
         if err:
             raise ValueError(err)

@@ -34,7 +34,7 @@ from ..comm.agree import GRAPH_HINT, agree, records_graph
 from ..comm.alltoall import seq_all_to_all
 from ..comm.groups import group_rank_world
 from ..ops import flash_attn_func, flash_attn_varlen_func
-from .layouts import LAYOUTS, local_len_error
+from .layouts import LAYOUTS, check_global_total, local_len_error
 from .ring_funcs import RING_FUNCS
 
 _HINTS = {"q shape": " (every rank needs a shard of equal length, batch and heads)", "gradients": GRAPH_HINT}
@@ -58,12 +58,7 @@ def _validate(q, k, v, opts, u, r, layout, cu_seqlens=None, max_seqlen=0):
             raise ValueError("a packed stream goes through Ulysses alone, sharded contiguously")
         cu = check_cu_seqlens(cu_seqlens, None, "cu_seqlens (the global stream's)", q.device, allow_cpu=True)
         cu = tuple(cu if cu is not None else cu_seqlens.tolist())
-        if cu[-1] != u * q.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must describe the whole packed stream across the group (global cu_seqlens): "
-                f"its total is {cu[-1]}, but world_size * local tokens = {u} * {q.shape[0]} = "
-                f"{u * q.shape[0]}. Pass the global cu_seqlens, not the cu_seqlens of this rank's shard."
-            )
+        check_global_total(cu[-1], u, q.shape[0], "the group")
         check_max_seqlen(cu_seqlens, max_seqlen, "max_seqlen", list(cu))
     hq = q.shape[-2]
     if hq % u:
