@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import struct
+import weakref
 import zlib
 from collections.abc import Sequence
 
@@ -53,9 +54,21 @@ def host_group(group, members: list[int]):
     return _HOST_GROUPS[key]
 
 
+# Per group (held weakly: a destroyed group must not be kept alive, with its threads): its
+# members by world size.
+_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def members_of(group, world: int) -> list[int]:
-    """Global ranks of the ``world`` ranks of ``group``."""
-    return [dist.get_global_rank(group, r) for r in range(world)]
+    """Global ranks of the ``world`` ranks of ``group`` (kept per group: asked on every call)."""
+    try:
+        known = _MEMBERS.setdefault(group, {})
+    except TypeError:  # not weakly referable: asked anew
+        known = {}
+    members = known.get(world)
+    if members is None:
+        members = known[world] = [dist.get_global_rank(group, r) for r in range(world)]
+    return members
 
 
 def gather_rows(row: torch.Tensor, group, members: list[int]) -> torch.Tensor:
@@ -143,12 +156,15 @@ def agree(
     row = [1 if err else 0, 0, code(tuple(fields))] + codes
     row = torch.tensor(row + [0] * (_MAX_FIELDS - len(row)), dtype=torch.int64)
     for g, _, members in real:
-        table = gather_rows(row, g, members)
-        ok = table[table[:, 0] == 0]
-        differ = bool(table[:, 1].any()) or (len(ok) > 1 and bool((ok[:, 2:] != ok[0, 2:]).any()))
+        # Compared as Python lists: a few tiny tensor operations would cost more host time than
+        # the gather itself on a fast network.
+        table = gather_rows(row, g, members).tolist()
+        ok = [r[2:] for r in table if r[0] == 0]
+        failed = any(r[0] for r in table)
+        differ = any(r[1] for r in table) or any(r != ok[0] for r in ok[1:])
         row = row.clone()
-        row[0], row[1] = int(table[:, 0].any()), int(differ)
-    if not (row[0] or row[1]):
+        row[0], row[1] = int(failed), int(differ)
+    if not (failed or differ):
         return
     reports = [(dist.get_rank(), err, {k: short_repr(v) for k, v in fields.items()})]
     for g, _, members in real:
