@@ -483,3 +483,33 @@ def test_varlen_key_follows_the_signature_and_takes_some_calls_to_the_full_path(
     assert key(max_q=torch.tensor(5)) is None and key(max_k=5.0) is None
     assert key(q=q.clone().requires_grad_()) is None  # autograd records it
     assert key(options=(0.0, None, True, [-1, -1], 0.0)) is None
+
+
+def _offset_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values in a tensor of the same strides whose data starts 2 bytes past a 16-byte
+    boundary (a kernel compiled for aligned pointers must not get it)."""
+    flat = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)
+    y = flat[1 : 1 + x.numel()].view(x.shape)
+    y.copy_(x)
+    assert y.data_ptr() % 16 != 0 and y.stride() == x.stride()
+    return y
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_planned_eager_calls_follow_each_calls_alignment_gpu():
+    """A plan's eager calls on one stream launch the kernel compiled for each call's own pointer
+    alignment: aligned and misaligned queries of one signature, in turn, each equal the call
+    recorded by autograd (prefill) or the host-checked full path (decoding)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 40, h, 64, generator=g).to("cuda", torch.bfloat16) for h in (4, 2, 2))
+    want, _, _ = flash_attn_func(q.clone().requires_grad_(), k, v, causal=True, return_attn_probs=True)
+    p = dict(lens=[200], Hq=4, Hk=2, D=64, dtype="bf16", Snew=0, cap=256, device="cuda")
+    dq, _, _, k_cache, v_cache, kw = build(p, g)
+    with use_value_checks("host"):
+        want_dec = flash_attn_with_kvcache(dq, k_cache, v_cache, **kw, num_splits=4)
+    with torch.no_grad():
+        for x in (q, _offset_copy(q), q, _offset_copy(q)):
+            assert torch.equal(flash_attn_func(x, k, v, causal=True), want.detach())
+        for x in (dq, _offset_copy(dq), dq, _offset_copy(dq)):
+            assert torch.equal(flash_attn_with_kvcache(x, k_cache, v_cache, **kw, num_splits=4), want_dec)
+    check_device_errors()

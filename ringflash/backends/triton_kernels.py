@@ -46,27 +46,27 @@ class TritonBackend(Backend):
         return {**kw, "bound_cu": True, "flag": flag}
 
     def attn_plan(self, q, k, v, lse=True, **kw):
-        from ..kernels import decode, fwd
+        from ..kernels import decode, fwd_plan
 
         if wide_float32(q, v) or _split_kv_suits(q, k, v, decode):
             return None
-        plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), lse=lse, **kw)
+        plan = fwd_plan.plan_fwd(q, k, v, config=current_config(AttnConfig), lse=lse, **kw)
         if plan is None:
             return None
-        return lambda q, k, v: fwd.run_fwd_plan(q, plan, k, v)
+        return lambda q, k, v: fwd_plan.run_fwd_plan(q, plan, k, v)
 
     def varlen_plan(self, q, k, v, cu_bounds=None, lse=True, **kw):
-        from ..kernels import fwd
+        from ..kernels import fwd_plan
 
         if wide_float32(q, v):
             return None
         kw = self._bounds(q, k, kw, cu_bounds)
         if "bound_cu" not in kw and cu_bounds is not None:
             return None  # bounded by torch operations: every call takes attn_fwd
-        plan = fwd.plan_fwd(q, k, v, config=current_config(AttnConfig), lse=lse, **kw)
+        plan = fwd_plan.plan_fwd(q, k, v, config=current_config(AttnConfig), lse=lse, **kw)
         if plan is None:
             return None
-        return lambda q, k, v, cu_q, cu_k: fwd.run_fwd_plan(q, plan, k, v, cu_q, cu_k)
+        return lambda q, k, v, cu_q, cu_k: fwd_plan.run_fwd_plan(q, plan, k, v, cu_q, cu_k)
 
     def _split_kv(
         self,

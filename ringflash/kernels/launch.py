@@ -169,8 +169,53 @@ def launch_cached(
     ordered = list(bound.template)
     for i, name in bound.open:
         ordered[i] = per_call[name]
+    _run(bound, ordered, _stream())
+
+
+class StreamLaunch:
+    """Eager launches of one ``launch_cached`` slot on one CUDA stream, where part of the per-call
+    arguments is the same on every call (``fixed``: the stream's scratch buffers, an error flag)
+    and the rest (``names``) changes: the fixed part is bound once, and a call passes only the
+    changing values, in ``names``' order.
+
+    The compiled kernel, grid and ordered arguments are kept per alignment of the changing values
+    (what the kernel specializes on), so a repeated call finds the stream, its scratch and its
+    launch in one lookup. Held by a plan per stream: never used inside a graph capture (a capture
+    gets buffers of its own). Without direct launches (interpreter, older Triton) every call goes
+    through ``launch_cached``.
+    """
+
+    __slots__ = ("fn", "grid", "static", "slot", "fixed", "names", "stream", "by_key")
+
+    def __init__(self, fn, grid, static: dict, slot: dict, fixed: dict, names: tuple, stream: int):
+        self.fn, self.grid, self.static, self.slot = fn, grid, static, slot
+        self.fixed, self.names, self.stream = fixed, names, stream
+        self.by_key: dict = {}
+
+    def __call__(self, *changing) -> None:
+        key = tuple([v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v for v in changing])
+        hit = self.by_key.get(key)
+        if hit is None:
+            per_call = dict(zip(self.names, changing, strict=True))
+            per_call.update(self.fixed)
+            launch_cached(self.fn, self.grid, self.static, per_call, self.slot)
+            bound = self.slot.get(_key(per_call))
+            if bound is not None and _knobs is not None:
+                ordered = list(bound.template)
+                where = {name: i for i, name in bound.open}
+                for name, value in self.fixed.items():
+                    ordered[where[name]] = value
+                self.by_key[key] = (bound, ordered, tuple(where[n] for n in self.names))
+            return
+        bound, template, places = hit
+        ordered = template.copy()
+        for i, v in zip(places, changing, strict=True):
+            ordered[i] = v
+        _run(bound, ordered, self.stream)
+
+
+def _run(bound: _Bound, ordered: list, stream: int) -> None:
     kernel, (g0, g1, g2) = bound.kernel, bound.grid
-    stream = _stream()
     rt = _knobs.runtime
     enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
     # The launch hooks and their metadata as Triton passes them (profilers read them).
@@ -178,4 +223,21 @@ def launch_cached(
     kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *ordered)
 
 
-__all__ = ["SCRATCH_STREAMS", "SignatureTable", "current_raw_stream", "launch_cached", "stream_scratch"]
+def eager_stream(dev: torch.device) -> int | None:
+    """The raw handle of the current stream of CUDA device ``dev`` for an eager call, or None for a
+    call being captured in a CUDA graph (or on another device): the key of a plan's
+    :class:`StreamLaunch`."""
+    if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return current_raw_stream(dev.index)
+
+
+__all__ = [
+    "SCRATCH_STREAMS",
+    "SignatureTable",
+    "StreamLaunch",
+    "current_raw_stream",
+    "eager_stream",
+    "launch_cached",
+    "stream_scratch",
+]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..device import on_tensor_device
-from ..launch import launch_cached
+from ..launch import SCRATCH_STREAMS, StreamLaunch, eager_stream, launch_cached
 from ..options import DecodeConfig
 from . import _bind, _Launch, _launch_for, scratch
 from .combine import combine_partials
+from .counters import default_arenas
 from .split import _decode_split_kernel
 
 __all__ = ["DecodePlan", "plan_decode", "run_plan"]
@@ -23,11 +24,12 @@ class DecodePlan:
     and launches. ``lse``: whether the caller takes the LSE; if not, the launch writes it to a
     scratch buffer (``scratch``) and the call allocates only ``out``."""
 
-    __slots__ = ("launch", "out_shape", "out_dtype", "lse_shape", "combine", "lse")
+    __slots__ = ("launch", "out_shape", "out_dtype", "lse_shape", "combine", "lse", "eager")
 
     def __init__(self, launch: _Launch, out_shape, out_dtype, lse_shape, combine: bool, lse: bool):
         self.launch, self.out_shape, self.out_dtype = launch, out_shape, out_dtype
         self.lse_shape, self.combine, self.lse = lse_shape, combine, lse
+        self.eager: dict[int, StreamLaunch] = {}  # the eager calls' launch per CUDA stream
 
 
 def plan_decode(
@@ -90,6 +92,28 @@ def run_plan(
     dev = q.device
     launch = plan.launch
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
+    stream = None if plan.combine else eager_stream(dev)
+    if stream is not None:  # an eager call: its stream's scratch and launch in one lookup
+        run = plan.eager.get(stream)
+        if run is None:
+            run = _stream_launch(plan, q, k_cache, v_cache, cache_seqlens, check_flag, stream)
+        if launch.sem_rows:  # headroom for calls captured later (``semaphore_buffer``)
+            default_arenas().reserve(dev, launch.sem_rows)
+        fused = launch.static["FUSE_APPEND"]
+        tensors = (
+            q, k_cache, v_cache, k_new if fused else None, v_new if fused else None, out, cache_seqlens,
+            block_table, cache_batch_idx, cache_leftpad,
+        )  # fmt: skip
+        if launch.parts is None:  # one split: it writes out / lse itself (``_bind``)
+            tensors += (out, out)
+        if not launch.sem_rows:
+            tensors += (cache_seqlens,)
+        if plan.lse:
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=dev)
+            run(*tensors, lse)
+            return out, lse
+        run(*tensors)
+        return out, None
     if plan.lse:
         lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=dev)
     else:
@@ -102,3 +126,33 @@ def run_plan(
     if plan.combine:
         combine_partials(per_call["OP"], per_call["LSEP"], out, lse)
     return out, lse if plan.lse else None
+
+
+# The arguments that an eager call of a plan binds anew, in ``run_plan``'s order; the others (the
+# stream's partials, its counters and untaken LSE, the error flag) stay the same for every call of
+# the plan on a stream. With one split, the partials' places take ``out`` and the counters' the
+# lengths, as ``_bind`` binds them.
+_CHANGING = ("Q", "K", "V", "KN", "VN", "O", "SEQLENS", "BT", "CBI", "LEFTPAD")
+
+
+def _stream_launch(plan: DecodePlan, q, k_cache, v_cache, cache_seqlens, check_flag, stream: int):
+    """``plan``'s :class:`StreamLaunch` for eager calls on ``stream``, made and kept."""
+    launch = plan.launch
+    dev = q.device
+    lse = None if plan.lse else scratch(launch, "LSE", plan.lse_shape, dev)
+    per_call = _bind(
+        launch, q, k_cache, v_cache, cache_seqlens, q, lse, None, None, None, None, None, None, check_flag
+    )  # fmt: skip
+    names = (
+        _CHANGING
+        + (("OP", "LSEP") if launch.parts is None else ())
+        + (() if launch.sem_rows else ("SEM",))
+        + (("LSE",) if plan.lse else ())
+    )
+    fixed = {name: value for name, value in per_call.items() if name not in names}
+    if len(plan.eager) >= SCRATCH_STREAMS:
+        plan.eager.clear()  # calls on ever new streams start over rather than growing
+    run = plan.eager[stream] = StreamLaunch(
+        _decode_split_kernel, launch.grid, launch.static, launch.compiled, fixed, names, stream
+    )
+    return run
