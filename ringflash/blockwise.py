@@ -7,6 +7,10 @@ O(seqlen * block), never ``seqlen_q x seqlen_k``. Half-precision inputs are comp
 Internally a query tile is laid out ``[B, Hk, G, bq, D]`` (G = query heads per KV head) and viewed
 as ``[B, Hk, G*bq, D]`` for the matrix products, so GQA/MQA never repeats K or V and the dK/dV
 products sum over the head group for free.
+
+On CPU tensors a dense call whose mask PyTorch's fused CPU kernels can express (no mask, or a
+causal band with no left window; no softcap; finite inputs) runs whole through them instead
+(``blockwise_fused``), forward and backward; the tiles serve the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .blockwise_fused import fused_bwd, fused_fwd, usable
 from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
 from .merge import merge_into_, merge_rows_
 
@@ -32,8 +37,10 @@ class BlockwiseConfig:
         score_budget: bytes of float32 scores per (query tile x key block): key blocks grow up to
             this budget, so a tile needs few, large matrix products (fewer Python-level ops) while
             memory stays O(seqlen * block), never seqlen_q x seqlen_k for long inputs.
-        fused_cpu: compute unmasked tiles on CPU tensors with PyTorch's fused flash-attention
-            kernel (the fastest there); False: explicit products everywhere, as on other devices.
+        fused_cpu: on CPU tensors, compute with PyTorch's fused flash-attention kernels (the
+            fastest there): whole calls whose mask they can express (``blockwise_fused``), else
+            the unmasked part of each tile; False: explicit products everywhere, as on other
+            devices.
     """
 
     block_q: int = 256
@@ -185,6 +192,14 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
         return
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
+    if cfg.fused_cpu and usable(lo, softcap, q, k, v):  # the whole call in PyTorch's fused kernels
+        out_b, lse_b = fused_fwd(q, k, v, scale, hi)
+        if out_acc.accumulate:
+            merge_into_(out_acc.t, lse_acc, out_b, lse_b)
+        else:
+            out_acc.t.copy_(out_b)
+            lse_acc.copy_(lse_b)
+        return
     # PyTorch's fused CPU kernel computes each tile fastest; softcap needs the explicit path.
     # The fused kernel turns a row whose scores are all NaN (a NaN in its query, or in the one key
     # of a span) into zeros with an LSE of 0, which a merge then weighs as a finite partial: inputs
@@ -227,6 +242,9 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
         return
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
+    if cfg.fused_cpu and usable(lo, softcap, q, k, v, do):
+        fused_bwd(do, q, k, v, lse, delta, scale, hi, dq, dk, dv)
+        return
     kh = k.permute(0, 2, 1, 3)
     vh = v.permute(0, 2, 1, 3)
     dkh = dk.permute(0, 2, 1, 3)

@@ -21,7 +21,7 @@ LAYERS = [
         "ringflash.paged",
         "ringflash.rotary",
     ),
-    ("ringflash.blockwise", "ringflash.blockwise_cache", "ringflash.cudnn"),
+    ("ringflash.blockwise", "ringflash.blockwise_cache", "ringflash.blockwise_fused", "ringflash.cudnn"),
     ("ringflash.backends",),
     ("ringflash.ops", "ringflash.decode", "ringflash.forms"),
     ("ringflash.comm",),
