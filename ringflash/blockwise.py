@@ -234,8 +234,9 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
             lse_acc[:, :, i0:i1].copy_(lse_b)
 
 
-def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv, cfg):
-    """Gradients of padded attention, recomputed from the saved LSE; adds into float32 dq/dk/dv."""
+def _bwd_dense(do, q, k, v, out, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv, cfg):
+    """Gradients of padded attention, recomputed from the saved LSE; adds into float32 dq/dk/dv.
+    ``out``: the forward's output rows (or None), which the fused path may read."""
     B, Sq, Hq, _ = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     if B == 0 or Sq == 0 or Sk == 0:
@@ -243,7 +244,7 @@ def _bwd_dense(do, q, k, v, lse, delta, scale, causal, window_size, softcap, dia
     G = Hq // Hk
     lo, hi = diag_bounds(diag, causal, window_size)
     if cfg.fused_cpu and usable(lo, softcap, q, k, v, do):
-        fused_bwd(do, q, k, v, lse, delta, scale, hi, dq, dk, dv)
+        fused_bwd(do, q, k, v, out, lse, delta, scale, hi, dq, dk, dv)
         return
     kh = k.permute(0, 2, 1, 3)
     vh = v.permute(0, 2, 1, 3)
@@ -456,6 +457,7 @@ def attn_bwd(
             _rows(q, qr),
             _rows(k, kr),
             _rows(v, kr),
+            None if out is None else _rows(out, qr),
             _lse_rows(lse, qr),
             _lse_rows(delta, qr),
             *p.mask(),

@@ -10,12 +10,12 @@ and V repeated for their query heads under GQA), so a plain causal call costs wh
 CPU call does, where the tiles of ``blockwise`` pay Python and merges per tile.
 
 The backward kernel takes ``rowsum(dout * out)`` from the ``out`` it is given, where a call here
-has ``delta`` (which may include the LSE's gradient, and for a ring step comes from the merged
-output): every head dim gets one more column, zero in q, k, v and ``out``, one in ``dout`` and
-``delta`` in ``out``'s, so the kernel's row sum is exactly ``delta`` while the scores and ``dout @
-v^T`` are unchanged. The masked entries of both kernels are filled, never added to, so a key that
-a row cannot see never reaches it; inputs that are not all finite take the tiles, whose explicit
-products carry a NaN to exactly the rows that see it.
+has ``delta``, which may include the LSE's gradient: when it does, every head dim gets one more
+column, zero in q, k, v and ``out``, one in ``dout`` and ``delta`` in ``out``'s, so the kernel's
+row sum is exactly ``delta`` while the scores and ``dout @ v^T`` are unchanged. The masked entries
+of both kernels are filled, never added to, so a key that a row cannot see never reaches it;
+inputs that are not all finite take the tiles, whose explicit products carry a NaN to exactly the
+rows that see it.
 """
 
 from __future__ import annotations
@@ -108,19 +108,26 @@ def fused_fwd(q, k, v, scale: float, hi: float) -> tuple[torch.Tensor, torch.Ten
     return out.transpose(1, 2), lse
 
 
-def fused_bwd(do, q, k, v, lse, delta, scale: float, hi: float, dq, dk, dv) -> None:
+def fused_bwd(do, q, k, v, out, lse, delta, scale: float, hi: float, dq, dk, dv) -> None:
     """Add the gradients of ``fused_fwd``'s call into float32 ``dq [B, Sq, Hq, D]`` and ``dk``,
     ``dv [B, Sk, Hk, D]``, recomputed from the saved ``lse`` and ``delta`` (``[B, Hq, Sq]``: the
-    final forward's LSE, and ``rowsum(dout * out)`` less the LSE's gradient)."""
+    final forward's LSE, and ``rowsum(dout * out)`` less the LSE's gradient). ``out``: the final
+    forward's output (or None): where ``delta`` is exactly its row sums with ``do`` (no LSE
+    gradient), the kernel takes the tensors as they are; otherwise it takes them with the column
+    that carries ``delta``."""
     op = _bwd_op()
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    g, w = hq // hk, d + 1
-    qp, dop = _heads(q, w), _heads(do, w)
-    kp, vp = (_heads(x, w).repeat_interleave(g, dim=1) if g > 1 else _heads(x, w) for x in (k, v))
-    dop[..., d] = 1.0
-    outp = torch.zeros_like(dop)
-    outp[..., d] = delta
+    g = hq // hk
+    if out is not None and torch.equal(delta, (do.float() * out.float()).sum(-1).transpose(1, 2)):
+        qp, dop, outp, kp, vp = _heads(q), _heads(do), _heads(out), _kv(k, g), _kv(v, g)
+    else:
+        w = d + 1
+        qp, dop = _heads(q, w), _heads(do, w)
+        kp, vp = (_heads(x, w).repeat_interleave(g, dim=1) if g > 1 else _heads(x, w) for x in (k, v))
+        dop[..., d] = 1.0
+        outp = torch.zeros_like(dop)
+        outp[..., d] = delta
     # A row that saw no key has lse = -inf; +inf makes its probabilities exactly 0.
     lse = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse.float())
     for row0, key0, key1, causal in _parts(hi, sq, sk):

@@ -40,18 +40,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("lse_grad", [True, False], ids=["lse-grad", "out-grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"Sq{c[0]}-Sk{c[1]}-H{c[2]}:{c[3]}-{c[4]}-{c[5]}")
-def test_whole_call_matches_oracle_forward_and_backward(case, dtype):
-    """Output, LSE and gradients (the LSE's own gradient included, which the backward passes in
-    ``delta``) against the float64 oracle, for calls that the fused whole-call path takes."""
+def test_whole_call_matches_oracle_forward_and_backward(case, dtype, lse_grad):
+    """Output, LSE and gradients against the float64 oracle, for calls that the fused whole-call
+    path takes: with a gradient into the LSE (which the backward passes in ``delta``: the padded
+    column) and without one (the kernel reads the output itself)."""
     sq, sk, hq, hk, causal, window = case
     q, k, v = (torch.randn(2, s, h, 32).to(dtype) for s, h in ((sq, hq), (sk, hk), (sk, hk)))
     lo, _ = diag_bounds(sk - sq, causal, window)
     assert usable(lo, 0.0, q, k, v)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse, _ = rf.flash_attn_func(*leaves, causal=causal, window_size=window, return_attn_probs=True)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse) * lse_grad
     grads = torch.autograd.grad([out, lse], leaves, [dout, dlse])
 
     leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
