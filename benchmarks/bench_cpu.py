@@ -1,9 +1,11 @@
 """CPU benchmark of the blockwise backend against torch's own scaled_dot_product_attention.
 
 Prints (1) forward and forward+backward time of a float32 causal call, ringflash / SDPA as a
-ratio (medians over interleaved repeats, so machine noise hits both alike), and (2) the peak
-memory a call adds on top of its inputs at growing sequence lengths, each length measured in a
-fresh process from its peak resident set size. FLOPs: fwd 4*b*h*s*s*d, halved for causal.
+ratio (medians over interleaved repeats, so machine noise hits both alike), (2) one decoding
+step (``flash_attn_with_kvcache``, one query token over a full cache, Llama-3-8B's 32 query / 8
+KV heads of 128) against SDPA with ``enable_gqa``, likewise, and (3) the peak memory a call adds
+on top of its inputs at growing sequence lengths, each length measured in a fresh process from
+its peak resident set size. FLOPs: fwd 4*b*h*s*s*d, halved for causal.
 
 Writes ``cpu.csv`` and ``cpu.png`` (peak memory against the sequence length) into ``--out``.
 
@@ -66,6 +68,40 @@ def time_ratio(b, s, h, d, repeats):
     return rows
 
 
+DECODE_SHAPES = ((1, 4096), (1, 32768), (8, 4096))  # (batch, cache tokens)
+
+
+def _decode_calls(b, s):
+    """SDPA's and our decoding step over a full cache of ``s`` tokens per row, batch ``b``."""
+    import ringflash
+
+    q = torch.randn(b, 1, 32, 128)
+    k_cache, v_cache = torch.randn(b, s, 8, 128), torch.randn(b, s, 8, 128)
+    lens = torch.full((b,), s, dtype=torch.int32)
+    qh, kh, vh = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    return {
+        "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True),
+        "ours": lambda: ringflash.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens),
+    }
+
+
+def decode_ratio(shapes, repeats):
+    """Median seconds of one decoding step, SDPA's and ours, per ``(batch, cache tokens)``."""
+    rows = []
+    for b, s in shapes:
+        calls = _decode_calls(b, s)
+        for fn in calls.values():  # warm-up
+            fn()
+        ts = {n: [] for n in calls}
+        for _ in range(repeats):
+            for n, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                ts[n].append(time.perf_counter() - t0)
+        rows.append((b, s, statistics.median(ts["sdpa"]), statistics.median(ts["ours"])))
+    return rows
+
+
 def _peak_child(which, b, s, h, d, backward):
     """Run in a fresh process: peak resident memory added by one call, in MiB (Linux)."""
     q, k, v = _inputs(b, s, h, d, grad=backward)
@@ -116,13 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--memory-seqlens", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--memory-heads", type=int, default=1)
+    ap.add_argument("--no-decode", action="store_true", help="skip the decoding steps")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    decode_shapes = () if args.no_decode else DECODE_SHAPES
     if args.tiny:
         args.seqlen, args.repeats, args.memory_seqlens = 512, 2, [512]
+        decode_shapes = () if args.no_decode else ((1, 512),)
     info = run_info("cpu")
     b, s, h, d = 1, args.seqlen, args.heads, args.headdim
     title = f"blockwise backend vs SDPA on CPU, float32, causal; B={b} S={s} H={h} D={d}"
@@ -135,6 +174,16 @@ def main(argv=None) -> int:
     cols = [("pass", "pass_", ""), ("sdpa s", "sdpa_s", ".3f"), ("ours s", "ours_s", ".3f")]
     cols += [("ours/sdpa", "ours_per_sdpa", ".2f"), ("ours GFLOP/s", "ours_gflops", ".1f")]
     print(format_table(rows, cols))
+    steps = []
+    for bd, sd, t_sdpa, t_ours in decode_ratio(decode_shapes, args.repeats):
+        row = dict(kind="decode", batch=bd, seqlen=sd, heads=32, sdpa_s=t_sdpa, ours_s=t_ours)
+        steps.append(dict(row, ours_per_sdpa=t_ours / t_sdpa))
+    if steps:
+        print(f"\none decoding step, 32 q / 8 KV heads of 128, one query token (median of {args.repeats}):")
+        cols = [("B", "batch", ""), ("cache", "seqlen", ""), ("sdpa ms", "sdpa_ms", ".2f")]
+        cols += [("ours ms", "ours_ms", ".2f"), ("ours/sdpa", "ours_per_sdpa", ".2f")]
+        in_ms = [dict(r, sdpa_ms=r["sdpa_s"] * 1e3, ours_ms=r["ours_s"] * 1e3) for r in steps]
+        print(format_table(in_ms, cols))
     passes = [(w, t) for w in ("ours", "sdpa") for t in ("fwd", "fwd_bwd")]
     mem = []
     hm = args.memory_heads
@@ -149,7 +198,7 @@ def main(argv=None) -> int:
         cols += [(f"{w} {t.replace('_', '+')}", f"{w}_{t}_mib", ".1f") for w, t in passes]
         print(format_table(mem, cols))
     os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "cpu.csv"), rows + mem, info)
+    write_csv(os.path.join(args.out, "cpu.csv"), rows + steps + mem, info)
     if mem:
         xs = [r["seqlen"] for r in mem]
         series = {f"{w} {t.replace('_', '+')}": (xs, [r[f"{w}_{t}_mib"] for r in mem]) for w, t in passes}

@@ -5,9 +5,9 @@ hi`` (no mask, or a causal band at any diagonal, a right window included), with 
 and no softcap, splits into at most two parts that those kernels compute exactly: the keys that
 every row sees (no mask), and the diagonal square (their top-left causal mask), merged by LSE.
 The forward takes ``_scaled_dot_product_flash_attention_for_cpu`` and the backward
-``_scaled_dot_product_flash_attention_for_cpu_backward``, one call per part over every head (K
-and V repeated for their query heads under GQA), so a plain causal call costs what SDPA's own
-CPU call does, where the tiles of ``blockwise`` pay Python and merges per tile.
+``_scaled_dot_product_flash_attention_for_cpu_backward``, one call per part over every head, so
+a plain causal call costs what SDPA's own CPU call does, where the tiles of ``blockwise`` pay
+Python and merges per tile.
 
 The backward kernel takes ``rowsum(dout * out)`` from the ``out`` it is given, where a call here
 has ``delta``, which may include the LSE's gradient: when it does, every head dim gets one more
@@ -81,29 +81,49 @@ def _heads(x: torch.Tensor, width: int | None = None) -> torch.Tensor:
     return y
 
 
-def _kv(x: torch.Tensor, g: int) -> torch.Tensor:
-    """K or V as float32 ``[B, H, S, D]`` with each KV head repeated for its ``g`` query heads (a
-    view when ``g`` is 1): one kernel call then takes every head."""
-    x = _heads(x)
-    return x if g == 1 else x.repeat_interleave(g, dim=1)
+def _fold(x: torch.Tensor, hk: int) -> torch.Tensor:
+    """``[B, Hq, R, ...]`` -> ``[B, Hk, G * R, ...]``: each KV head's query heads as one run of rows
+    (for a part whose rows all see the same keys, where one call then takes K and V unrepeated)."""
+    return x.reshape(x.shape[0], hk, -1, *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """The inverse of ``_fold``: ``[B, Hk, G * R, ...]`` -> ``[B, Hq, R, ...]``."""
+    return x.reshape(x.shape[0], hq, -1, *x.shape[3:])
 
 
 def fused_fwd(q, k, v, scale: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Sq, Hq, D], lse [B, Hq, Sq])`` float32 of ``q [B, Sq, Hq, D]`` over ``k, v
-    [B, Sk, Hk, D]`` where row ``i`` sees keys ``j <= i + hi`` (``usable`` holds)."""
+    [B, Sk, Hk, D]`` where row ``i`` sees keys ``j <= i + hi`` (``usable`` holds).
+
+    Under GQA a part without a mask takes each KV head's query heads as rows of one call
+    (``_fold``); a causal part repeats its keys for the query heads (a decoding step's square is
+    its few new keys)."""
     op = _fwd_op()
-    sq, hq, sk = q.shape[1], q.shape[2], k.shape[1]
-    g = hq // k.shape[2]
-    qh, kh, vh = _heads(q), _kv(k, g), _kv(v, g)
-    parts = _parts(hi, sq, sk)
-    if len(parts) == 1 and parts[0][0] == 0:  # one part over every row: its result as it is
-        _, key0, key1, causal = parts[0]
-        out, lse = op(qh, kh[:, :, key0:key1], vh[:, :, key0:key1], 0.0, causal, scale=scale)
-        return out.transpose(1, 2), lse
+    sq, hq, sk, hk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    g = hq // hk
+    qh, kh, vh = _heads(q), _heads(k), _heads(v)
+    results = []
+    for row0, key0, key1, causal in _parts(hi, sq, sk):
+        ks, vs = kh[:, :, key0:key1], vh[:, :, key0:key1]
+        if causal and g > 1:
+            o, m = op(
+                qh[:, :, row0:],
+                ks.repeat_interleave(g, 1),
+                vs.repeat_interleave(g, 1),
+                0.0,
+                True,
+                scale=scale,
+            )
+        else:
+            o, m = op(_fold(qh[:, :, row0:], hk), ks, vs, 0.0, causal, scale=scale)
+            o, m = _unfold(o, hq), _unfold(m, hq)
+        results.append((row0, o, m))
+    if len(results) == 1 and results[0][0] == 0:  # one part over every row: its result as it is
+        return results[0][1].transpose(1, 2), results[0][2]
     out = qh.new_zeros(qh.shape)
     lse = qh.new_full(qh.shape[:-1], -math.inf)
-    for row0, key0, key1, causal in parts:
-        o, m = op(qh[:, :, row0:], kh[:, :, key0:key1], vh[:, :, key0:key1], 0.0, causal, scale=scale)
+    for row0, o, m in results:
         merge_rows_(out[:, :, row0:], lse[:, :, row0:].unsqueeze(-1), o, m.unsqueeze(-1))
     return out.transpose(1, 2), lse
 
@@ -114,28 +134,33 @@ def fused_bwd(do, q, k, v, out, lse, delta, scale: float, hi: float, dq, dk, dv)
     final forward's LSE, and ``rowsum(dout * out)`` less the LSE's gradient). ``out``: the final
     forward's output (or None): where ``delta`` is exactly its row sums with ``do`` (no LSE
     gradient), the kernel takes the tensors as they are; otherwise it takes them with the column
-    that carries ``delta``."""
+    that carries ``delta``. GQA as in ``fused_fwd``."""
     op = _bwd_op()
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = hq // hk
     if out is not None and torch.equal(delta, (do.float() * out.float()).sum(-1).transpose(1, 2)):
-        qp, dop, outp, kp, vp = _heads(q), _heads(do), _heads(out), _kv(k, g), _kv(v, g)
+        qp, dop, outp, kp, vp = _heads(q), _heads(do), _heads(out), _heads(k), _heads(v)
     else:
         w = d + 1
-        qp, dop = _heads(q, w), _heads(do, w)
-        kp, vp = (_heads(x, w).repeat_interleave(g, dim=1) if g > 1 else _heads(x, w) for x in (k, v))
+        qp, dop, kp, vp = _heads(q, w), _heads(do, w), _heads(k, w), _heads(v, w)
         dop[..., d] = 1.0
         outp = torch.zeros_like(dop)
         outp[..., d] = delta
     # A row that saw no key has lse = -inf; +inf makes its probabilities exactly 0.
     lse = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse.float())
     for row0, key0, key1, causal in _parts(hi, sq, sk):
-        keys = (kp[:, :, key0:key1], vp[:, :, key0:key1])
+        ks, vs = kp[:, :, key0:key1], vp[:, :, key0:key1]
         rows = (dop[:, :, row0:], qp[:, :, row0:])
-        gq, gk, gv = op(*rows, *keys, outp[:, :, row0:], lse[:, :, row0:], 0.0, causal, scale=scale)
-        dq[:, row0:] += gq[..., :d].transpose(1, 2)
-        if g > 1:  # each KV head's gradient is the sum over its query heads
+        outs, lses = outp[:, :, row0:], lse[:, :, row0:]
+        if causal and g > 1:
+            ks, vs = ks.repeat_interleave(g, 1), vs.repeat_interleave(g, 1)
+            gq, gk, gv = op(*rows, ks, vs, outs, lses, 0.0, True, scale=scale)
             gk, gv = (x.unflatten(1, (hk, g)).sum(2) for x in (gk, gv))
+        else:
+            rows = tuple(_fold(x, hk) for x in rows)
+            gq, gk, gv = op(*rows, ks, vs, _fold(outs, hk), _fold(lses, hk), 0.0, causal, scale=scale)
+            gq = _unfold(gq, hq)
+        dq[:, row0:] += gq[..., :d].transpose(1, 2)
         dk[:, key0:key1] += gk[..., :d].transpose(1, 2)
         dv[:, key0:key1] += gv[..., :d].transpose(1, 2)
