@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise_fused import fused_bwd, fused_fwd, usable
+from .blockwise_fused import fused_bwd, fused_cpu_op, fused_fwd, usable
 from .masking import diag_bounds, is_fully_masked, is_masked_free, visible
 from .merge import merge_into_, merge_rows_
 
@@ -104,11 +104,6 @@ def _q_tile(x: torch.Tensor, i0: int, i1: int, Hk: int) -> torch.Tensor:
     """``[B, S, Hq, D]`` rows i0:i1 -> float32 ``[B, Hk, G, bq, D]``."""
     B, _, Hq, D = x.shape
     return x[:, i0:i1].float().view(B, i1 - i0, Hk, Hq // Hk, D).permute(0, 2, 3, 1, 4)
-
-
-def _fused_cpu_op():
-    """PyTorch's fused CPU flash-attention kernel, which returns the LSE too (None if absent)."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _fwd_tile_matmul(qb, kh, vh1, lo, hi, softcap, i0, i1, j_start, j_end, shape5, cfg):
@@ -204,7 +199,7 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
     # The fused kernel turns a row whose scores are all NaN (a NaN in its query, or in the one key
     # of a span) into zeros with an LSE of 0, which a merge then weighs as a finite partial: inputs
     # holding a NaN take the explicit path, whose NaN reaches every row that sees it.
-    op = _fused_cpu_op() if cfg.fused_cpu and q.device.type == "cpu" and softcap == 0 else None
+    op = fused_cpu_op() if cfg.fused_cpu and q.device.type == "cpu" and softcap == 0 else None
     if op is not None and (bool(torch.isnan(q).any()) or bool(torch.isnan(k).any())):
         op = None
     kh = k.permute(0, 2, 1, 3).float()  # [B, Hk, Sk, D]
@@ -236,7 +231,8 @@ def _fwd_dense(q, k, v, scale, causal, window_size, softcap, diag, out_acc, lse_
 
 def _bwd_dense(do, q, k, v, out, lse, delta, scale, causal, window_size, softcap, diag, dq, dk, dv, cfg):
     """Gradients of padded attention, recomputed from the saved LSE; adds into float32 dq/dk/dv.
-    ``out``: the forward's output rows (or None), which the fused path may read."""
+    ``out``: the forward's output rows when ``delta`` is exactly their row sums with ``do`` (the
+    fused path then hands them to its kernel), else None."""
     B, Sq, Hq, _ = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     if B == 0 or Sq == 0 or Sk == 0:
@@ -443,8 +439,14 @@ def attn_bwd(
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     given = dq is not None
     add_q, add_kv = accumulate if given else (False, False)
+    # The fused CPU path reads ``out`` where ``delta`` is its row sums with ``dout`` (no gradient
+    # into the LSE): known when computed here, else checked once for the whole call.
+    plain = cfg.fused_cpu and q.device.type == "cpu" and out is not None
     if delta is None:
         delta = attn_bwd_delta(dout, out, packed=p.packed)
+    elif plain:
+        plain = torch.equal(delta, attn_bwd_delta(dout, out, packed=p.packed))
+    plain_out = out if plain else None
 
     def work(x, buf, add):  # where the gradient is summed: the buffer itself, or float32 zeros
         return buf if add else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -457,7 +459,7 @@ def attn_bwd(
             _rows(q, qr),
             _rows(k, kr),
             _rows(v, kr),
-            None if out is None else _rows(out, qr),
+            None if plain_out is None else _rows(plain_out, qr),
             _lse_rows(lse, qr),
             _lse_rows(delta, qr),
             *p.mask(),

@@ -26,10 +26,11 @@ import torch
 
 from .merge import merge_rows_
 
-__all__ = ["fused_bwd", "fused_fwd", "usable"]
+__all__ = ["fused_bwd", "fused_cpu_op", "fused_fwd", "usable"]
 
 
-def _fwd_op():
+def fused_cpu_op():
+    """PyTorch's fused CPU flash-attention kernel, which returns the LSE too (None if absent)."""
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -41,7 +42,7 @@ def usable(lo: float, softcap: float, *tensors: torch.Tensor) -> bool:
     """Whether a dense call with these bounds (``masking.diag_bounds``) and tensors runs here: CPU
     tensors, PyTorch's fused CPU kernels present, no left bound, no softcap, one head dim for q, k,
     v (and dout), and every entry finite."""
-    if lo != -math.inf or softcap != 0 or _fwd_op() is None or _bwd_op() is None:
+    if lo != -math.inf or softcap != 0 or fused_cpu_op() is None or _bwd_op() is None:
         return False
     if any(t.device.type != "cpu" or t.shape[-1] != tensors[0].shape[-1] for t in tensors):
         return False
@@ -99,7 +100,7 @@ def fused_fwd(q, k, v, scale: float, hi: float) -> tuple[torch.Tensor, torch.Ten
     Under GQA a part without a mask takes each KV head's query heads as rows of one call
     (``_fold``); a causal part repeats its keys for the query heads (a decoding step's square is
     its few new keys)."""
-    op = _fwd_op()
+    op = fused_cpu_op()
     sq, hq, sk, hk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     g = hq // hk
     qh, kh, vh = _heads(q), _heads(k), _heads(v)
@@ -132,14 +133,14 @@ def fused_bwd(do, q, k, v, out, lse, delta, scale: float, hi: float, dq, dk, dv)
     """Add the gradients of ``fused_fwd``'s call into float32 ``dq [B, Sq, Hq, D]`` and ``dk``,
     ``dv [B, Sk, Hk, D]``, recomputed from the saved ``lse`` and ``delta`` (``[B, Hq, Sq]``: the
     final forward's LSE, and ``rowsum(dout * out)`` less the LSE's gradient). ``out``: the final
-    forward's output (or None): where ``delta`` is exactly its row sums with ``do`` (no LSE
-    gradient), the kernel takes the tensors as they are; otherwise it takes them with the column
-    that carries ``delta``. GQA as in ``fused_fwd``."""
+    forward's output when ``delta`` is exactly its row sums with ``do`` (no LSE gradient): the
+    kernel then takes the tensors as they are; None otherwise, and the kernel takes them with the
+    column that carries ``delta``. GQA as in ``fused_fwd``."""
     op = _bwd_op()
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = hq // hk
-    if out is not None and torch.equal(delta, (do.float() * out.float()).sum(-1).transpose(1, 2)):
+    if out is not None:
         qp, dop, outp, kp, vp = _heads(q), _heads(do), _heads(out), _heads(k), _heads(v)
     else:
         w = d + 1
